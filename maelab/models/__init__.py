@@ -1,0 +1,1 @@
+"""Models: the MAE itself (`mae`), its position embeddings, presets, the ViT encoder and heads."""

@@ -1,0 +1,271 @@
+"""The Masked Autoencoder, as in section 3 of He et al., "Masked Autoencoders Are Scalable Vision
+Learners" (2021). Read top to bottom: patchify -> random masking -> encoder on the visible patches
+only -> lightweight decoder with a shared mask token -> MSE on the masked patches.
+
+Parameter names follow the official release (encoder = timm ``VisionTransformer`` names, decoder =
+``mask_token``, ``decoder_embed``, ``decoder_pos_embed``, ``decoder_blocks``, ``decoder_norm``,
+``decoder_pred``), so official checkpoints load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+
+from maelab.errors import MaelabError
+from maelab.models.pos_embed import sincos_2d
+
+
+def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    size = tuple(int(s) for s in size)
+    if len(size) != 2:
+        raise MaelabError(f"image size must be one number or (height, width), got {size}")
+    return size
+
+
+# --- 1. Patches -----------------------------------------------------------------------------------
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, L, p*p*C): patches row-major; inside a patch (row, column, channel),
+    channel fastest. This is the layout ``decoder_pred`` predicts (official weights rely on it)."""
+    n, c, h, w = imgs.shape
+    p = patch_size
+    if h % p or w % p:
+        raise MaelabError(f"image size {h}x{w} is not divisible by the patch size {p}")
+    x = imgs.reshape(n, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, grid: tuple[int, int], channels: int = 3) -> torch.Tensor:
+    """(N, L, p*p*C) -> (N, C, H, W), the inverse of :func:`patchify` for a (rows, cols) grid."""
+    n, length, _ = x.shape
+    rows, cols = grid
+    p = patch_size
+    if rows * cols != length:
+        raise MaelabError(f"{length} patches do not form a {rows}x{cols} grid")
+    x = x.reshape(n, rows, cols, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(n, channels, rows * p, cols * p)
+
+
+# --- 2. Random masking ----------------------------------------------------------------------------
+def num_visible(num_patches: int, mask_ratio: float) -> int:
+    """Patches kept per sample: ``int(L * (1 - r))``, the same for every sample so batches stay dense."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise MaelabError(f"mask ratio must be in [0, 1), got {mask_ratio}")
+    return max(1, int(num_patches * (1 - mask_ratio)))
+
+
+def random_masking(
+    x: torch.Tensor,
+    mask_ratio: float,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep a uniformly random subset of tokens per sample (noise + argsort, no replacement).
+
+    Returns ``(x_visible, mask, ids_restore, ids_shuffle)``: ``mask`` is (N, L) in the original order
+    with 1 = removed; ``ids_restore`` un-shuffles; ``ids_shuffle[:, keep:]`` are the removed patches.
+    Pass ``noise`` (N, L) or a ``generator`` to make the mask reproducible.
+    """
+    n, length, dim = x.shape
+    keep = num_visible(length, mask_ratio)
+    if noise is None:
+        noise = torch.rand(n, length, device=x.device, generator=generator)
+    elif noise.shape != (n, length):
+        raise MaelabError(f"noise must have shape {(n, length)}, got {tuple(noise.shape)}")
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascending: small noise is kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    ids_keep = ids_shuffle[:, :keep]
+    x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+    mask = torch.ones(n, length, device=x.device, dtype=x.dtype)
+    mask[:, :keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    return x_visible, mask, ids_restore, ids_shuffle
+
+
+# --- 3. The model ---------------------------------------------------------------------------------
+class MaskedAutoencoder(nn.Module):
+    """ViT encoder on visible patches + lightweight Transformer decoder that predicts masked pixels."""
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_pix_loss: bool = False,
+        mask_ratio: float = 0.75,
+    ):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
+            raise MaelabError(
+                f"image size {self.img_size[0]}x{self.img_size[1]} is not divisible by the patch size {patch_size}"
+            )
+        num_visible(1, mask_ratio)  # validates the ratio
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.norm_pix_loss = norm_pix_loss
+        self.mask_ratio = mask_ratio
+        self.embed_dim, self.decoder_embed_dim = embed_dim, decoder_embed_dim
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        block = partial(Block, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+
+        # Encoder: a plain ViT (timm names). Position embeddings are fixed sin-cos, not learned.
+        self.patch_embed = PatchEmbed(self.img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.grid[0] * self.grid[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList([block(embed_dim, num_heads) for _ in range(depth)])
+        self.norm = norm_layer(embed_dim)
+
+        # Decoder: narrower and shallower; sees every position (visible tokens + shared mask token).
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(
+            torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False
+        )
+        self.decoder_blocks = nn.ModuleList(
+            [block(decoder_embed_dim, decoder_num_heads) for _ in range(decoder_depth)]
+        )
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        self.initialize_weights()
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def initialize_weights(self) -> None:
+        """The reference initialisation: sin-cos tables, xavier-uniform Linear/patch-embed, N(0, .02)
+        tokens, LayerNorm 1/0."""
+        self.pos_embed.data.copy_(sincos_2d(self.embed_dim, self.grid).unsqueeze(0))
+        self.decoder_pos_embed.data.copy_(sincos_2d(self.decoder_embed_dim, self.grid).unsqueeze(0))
+        w = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear on the flattened patch
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(self._init_module)
+
+    @staticmethod
+    def _init_module(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def _check_input(self, imgs: torch.Tensor) -> None:
+        if imgs.ndim != 4 or tuple(imgs.shape[1:]) != (self.in_chans, *self.img_size):
+            raise MaelabError(
+                f"this model takes images of shape (N, {self.in_chans}, {self.img_size[0]}, "
+                f"{self.img_size[1]}), got {tuple(imgs.shape)}"
+            )
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        return patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        return unpatchify(x, self.patch_size, self.grid, self.in_chans)
+
+    # Encoder: embed patches, add position, drop the masked ones, prepend cls, Transformer, norm.
+    def forward_encoder(
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        x, mask, ids_restore, ids_shuffle = random_masking(x, mask_ratio, noise, generator)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x), mask, ids_restore, ids_shuffle
+
+    # Decoder: embed, append mask tokens, un-shuffle, add decoder position, Transformer, norm.
+    def forward_decoder_tokens(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(latent)
+        n, length = ids_restore.shape
+        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_norm(x)[:, 1:, :]  # drop cls
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Pixel predictions (N, L, p*p*C) for every patch."""
+        return self.decoder_pred(self.forward_decoder_tokens(latent, ids_restore))
+
+    # Objective: MSE on masked patches only, optionally against per-patch normalised pixels.
+    def target(self, imgs: torch.Tensor) -> torch.Tensor:
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)  # unbiased, as the reference
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return target
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        loss = (pred.float() - self.target(imgs).float()) ** 2
+        loss = loss.mean(dim=-1)  # per-patch MSE
+        return (loss * mask).sum() / mask.sum()  # masked patches only
+
+    def forward(
+        self,
+        imgs: torch.Tensor,
+        mask_ratio: float | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        return_pred: bool = True,
+    ):
+        """Returns ``(loss, pred, mask)``. With ``return_pred=False`` (training) only the masked
+        tokens are projected to pixels -- the loss ignores the rest -- and ``pred`` is ``None``."""
+        self._check_input(imgs)
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        latent, mask, ids_restore, ids_shuffle = self.forward_encoder(imgs, ratio, noise, generator)
+        if return_pred:
+            pred = self.forward_decoder(latent, ids_restore)
+            return self.forward_loss(imgs, pred, mask), pred, mask
+        tokens = self.forward_decoder_tokens(latent, ids_restore)
+        ids_masked = ids_shuffle[:, latent.shape[1] - 1 :]  # same count for every sample
+        tokens = torch.gather(tokens, 1, ids_masked.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        pred = self.decoder_pred(tokens).float()
+        target = self.target(imgs).float()
+        target = torch.gather(target, 1, ids_masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
+        return ((pred - target) ** 2).mean(), None, mask
+
+    # Downstream use: every patch, never masked.
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, 1 + L, D) encoder tokens after the final norm, with **no masking** (cls first)."""
+        self._check_input(imgs)
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """The encoder's weights under timm ``VisionTransformer`` names (what downstream tasks load)."""
+        prefixes = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+        return {k: v for k, v in self.state_dict().items() if k.startswith(prefixes)}
