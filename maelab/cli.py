@@ -1,0 +1,133 @@
+"""`maelab <command>`: parse flags into a typed config and call one run function. No training logic."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from maelab.errors import MaelabError
+
+
+def _pretrain_parser(sub) -> None:
+    from maelab.config import PretrainConfig, add_config_args
+
+    p = sub.add_parser("pretrain", help="MAE pre-training on a folder of images",
+                       description="Masked Autoencoder pre-training. Every flag is a config field; "
+                                   "--config loads a YAML preset first (flags override it).")
+    add_config_args(p, PretrainConfig)
+    p.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from maelab.config import PretrainConfig, config_from_args
+    from maelab.pretrain import run_pretrain
+
+    run_pretrain(config_from_args(PretrainConfig, args))
+    return 0
+
+
+def _visualize_parser(sub) -> None:
+    p = sub.add_parser("visualize", help="reconstruction pictures from a run or checkpoint",
+                       description="Per image a row: original | masked | reconstruction | reconstruction with "
+                                   "the visible patches pasted in, for each mask ratio.")
+    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder, .safetensors or official .pth")
+    p.add_argument("--images", nargs="+", help="image files (default: 8 images of the run's data)")
+    p.add_argument("--mask-ratio", nargs="+", type=float, default=[0.75], help="one or more mask ratios")
+    p.add_argument("--seed", type=int, default=0, help="masking seed (same seed, same picture)")
+    p.add_argument("--out", default="reconstruction.png", help="output PNG")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
+    p.set_defaults(func=_run_visualize)
+
+
+def _run_visualize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from maelab.models.mae import num_visible
+    from maelab.models.loading import load_mae
+    from maelab.train.distributed import pick_device
+
+    for r in args.mask_ratio:
+        num_visible(1, r)
+    model, _ = load_mae(args.checkpoint, pick_device(args.device))
+    images = args.images
+    if not images:
+        images = _run_images(Path(args.checkpoint))
+    from maelab.viz import save_reconstruction_grid
+
+    out = save_reconstruction_grid(model, images, args.mask_ratio, args.out, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_images(path) -> list[str]:
+    """Images of the run's own data, when visualize is pointed at a run folder without --images."""
+    from maelab.config import PretrainConfig, build_config
+    from maelab.data.folders import scan_images
+    from maelab.pretrain import pick_vis_images
+
+    for folder in (path, *path.parents[:3]):
+        if (folder / "config.yaml").is_file():
+            cfg = build_config(PretrainConfig, yaml_path=str(folder / "config.yaml"))
+            found = scan_images(cfg.data.data)
+            return pick_vis_images(found.paths, found.labels)
+    raise MaelabError("--images is required unless --checkpoint is a run folder whose data is still there")
+
+
+def _models_parser(sub) -> None:
+    p = sub.add_parser("models", help="list model presets")
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from maelab.models.presets import PRESETS
+
+    for name, kw in PRESETS.items():
+        size = kw["img_size"]
+        print(f"{name:24s} img {size}  patch {kw['patch_size']:2d}  encoder {kw['embed_dim']}x{kw['depth']} "
+              f"({kw['num_heads']} heads)  decoder {kw['decoder_embed_dim']}x{kw['decoder_depth']} "
+              f"({kw['decoder_num_heads']} heads)")
+    return 0
+
+
+COMMANDS: list[Callable] = [_pretrain_parser, _visualize_parser, _models_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from maelab import __version__
+
+    parser = argparse.ArgumentParser(prog="maelab", description="Masked Autoencoder pre-training and evaluation")
+    parser.add_argument("--version", action="version", version=f"maelab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    msg = str(err).strip()
+    if msg.startswith("Caught ") and "\n" in msg:  # re-raised from a DataLoader worker
+        msg = msg.splitlines()[-1].split(": ", 1)[-1]
+    return msg.splitlines()[0] if msg else type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from maelab.train.loop import RunInterrupted
+
+    try:
+        return args.func(args)
+    except RunInterrupted as e:
+        print(f"maelab: {_one_line(e)}", file=sys.stderr)
+        return 130
+    except MaelabError as e:
+        print(f"maelab: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("maelab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Typed configuration: dataclass sections, YAML presets, and command-line flags generated from them.
+
+Precedence: dataclass defaults < ``--config file.yaml`` < explicit ``--flag value``. Field names are
+unique across sections, so a YAML file may be flat (``epochs: 10``) or sectioned (``optim: {epochs:
+10}``), and every field is one ``--flag``. Help texts live next to the fields, in ``metadata``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from maelab.errors import MaelabError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    model: str = _f("mae_vit_tiny_patch4", "model preset (see `maelab models`)")
+    img_size: list[int] | None = _f(None, "input size: one number (square) or two (height width); default: the preset's")
+    mask_ratio: float = _f(0.75, "fraction of patches removed, in [0, 1)")
+    norm_pix_loss: bool = _f(True, "regress per-patch normalised pixels (better representations)")
+    decoder_embed_dim: int | None = _f(None, "decoder width (default: the preset's)")
+    decoder_depth: int | None = _f(None, "decoder blocks (default: the preset's)")
+    decoder_num_heads: int | None = _f(None, "decoder attention heads (default: the preset's)")
+
+
+@dataclass
+class DataConfig:
+    data: str = _f("", "image folder: an ImageFolder tree (<class>/<image>) or a flat folder of images")
+    batch_size: int = _f(128, "images per process per micro-step")
+    num_workers: int = _f(-1, "data-loading processes; -1 = one per CPU core, at most 8")
+    in_memory: str = _f("auto", "decode the dataset once into RAM and augment whole batches: auto | yes | no", choices=("auto", "yes", "no"))
+    min_crop_scale: float = _f(0.2, "RandomResizedCrop minimum area fraction")
+    hflip: bool = _f(True, "random horizontal flip")
+    bad_files: str = _f("error", "unreadable image: stop with its path (error) or leave it out (skip)", choices=("error", "skip"))
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = _f(10, "training epochs")
+    warmup_epochs: float = _f(1.0, "linear warm-up length in epochs (per-iteration schedule)")
+    base_lr: float = _f(1.5e-4, "learning rate per 256 images: lr = base_lr * effective batch / 256")
+    lr: float | None = _f(None, "absolute learning rate (overrides base_lr)")
+    min_lr: float = _f(0.0, "learning rate at the end of the cosine")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not applied to biases, norms, tokens, position embeddings)")
+    betas: list[float] = _f([0.9, 0.95], "AdamW betas")
+    accum_iter: int = _f(1, "micro-steps accumulated per optimizer step")
+    clip_grad: float | None = _f(None, "clip the gradient norm to this value")
+
+
+@dataclass
+class RunConfig:
+    out: str = _f("runs/pretrain", "run folder (config, checkpoints, logs, pictures); an existing run resumes")
+    seed: int = _f(0, "seed for initialisation, data order, augmentation and masking")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
+    precision: str = _f("fp32", "fp32 | bf16 | fp16 (autocast; fp16 uses a GradScaler)", choices=("fp32", "bf16", "fp16"))
+    resume: str = _f("auto", "auto (continue a run found in --out) | never | PATH of a checkpoint")
+    log_every: int = _f(20, "optimizer steps between log lines / host syncs")
+    save_every: int = _f(5, "keep a checkpoint every N epochs (the latest is always saved)")
+    keep: int = _f(3, "periodic checkpoints to keep (0 = all)")
+    vis_every: int = _f(5, "reconstruction grid every N epochs (0 = only at the end)")
+    compile: bool = _f(False, "torch.compile the model")
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --- generic machinery ----------------------------------------------------------------------------
+def _leaf_fields(cls: type) -> dict[str, tuple[str | None, dataclasses.Field]]:
+    """Field name -> (section name or None, field) for a config made of sections or flat fields."""
+    out: dict[str, tuple[str | None, dataclasses.Field]] = {}
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            for sub in fields(hints[f.name]):
+                out[sub.name] = (f.name, sub)
+        else:
+            out[f.name] = (None, f)
+    return out
+
+
+def _field_type(cls: type, section: str | None, name: str) -> Any:
+    owner = typing.get_type_hints(cls)[section] if section else cls
+    return typing.get_type_hints(owner)[name]
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    inner, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise MaelabError(f"{name} needs a value")
+    try:
+        if typing.get_origin(inner) is list:
+            (item,) = typing.get_args(inner)
+            seq = value if isinstance(value, (list, tuple)) else [value]
+            return [item(v) for v in seq]
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if inner is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return inner(value)
+    except (TypeError, ValueError):
+        raise MaelabError(f"{name}: cannot read {value!r} as {getattr(inner, '__name__', inner)}") from None
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--flag`` per config field (defaults suppressed so only explicit flags override)."""
+    parser.add_argument("--config", metavar="YAML", help="YAML preset (a path, or a name in configs/)")
+    for name, (section, f) in _leaf_fields(cls).items():
+        tp, _ = _unwrap_optional(_field_type(cls, section, name))
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = f"{f.metadata.get('help', '')} [default: {default}]"
+        flag = "--" + name.replace("_", "-")
+        kw: dict[str, Any] = dict(dest=name, default=argparse.SUPPRESS, help=help_text)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(tp) is list:
+            parser.add_argument(flag, nargs="+", metavar=name.upper(), **kw)
+        else:
+            parser.add_argument(flag, metavar=name.upper(), **kw)
+
+
+def resolve_preset(path_or_name: str) -> Path:
+    p = Path(path_or_name)
+    candidates = [p, CONFIG_DIR / p, CONFIG_DIR / f"{path_or_name}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    names = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise MaelabError(f"config {path_or_name!r} not found (presets: {', '.join(names) or 'none'})")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise MaelabError(f"cannot read config {path}: {e}".splitlines()[0]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MaelabError(f"config {path} must be a mapping of field: value")
+    return data
+
+
+def _flatten(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    leaves = _leaf_fields(cls)
+    sections = {s for s, _ in leaves.values() if s}
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key in sections and isinstance(value, dict):
+            flat.update(_flatten(cls, value, source))
+        elif key in leaves:
+            flat[key] = value
+        else:
+            raise MaelabError(f"unknown config field {key!r} in {source}; valid fields: {', '.join(leaves)}")
+    return flat
+
+
+def build_config(cls: type, overrides: dict[str, Any] | None = None, yaml_path: str | None = None):
+    """Defaults, then the YAML preset, then explicit overrides; every value type-checked."""
+    flat: dict[str, Any] = {}
+    if yaml_path:
+        path = resolve_preset(yaml_path)
+        flat.update(_flatten(cls, load_yaml(path), str(path)))
+    flat.update(_flatten(cls, overrides or {}, "the command line"))
+    leaves = _leaf_fields(cls)
+    hints = typing.get_type_hints(cls)
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for name, value in flat.items():
+        section, _ = leaves[name]
+        value = _coerce(value, _field_type(cls, section, name), name)
+        (sections.setdefault(section, {}) if section else top)[name] = value
+    for f in fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            top[f.name] = hints[f.name](**sections.get(f.name, {}))
+    return cls(**top)
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    leaves = _leaf_fields(cls)
+    overrides = {k: v for k, v in vars(args).items() if k in leaves}
+    return build_config(cls, overrides, getattr(args, "config", None))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    from maelab.train.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())

@@ -1,0 +1,101 @@
+"""Image folders: an ImageFolder tree (``root/<class>/**/<image>``) or a flat folder of images.
+
+Every image is converted to 3-channel RGB (grayscale, 16-bit, RGBA, palette and CMYK included). An
+unreadable file raises ``MaelabError`` naming it, or is left out under ``bad_files="skip"``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from maelab.errors import MaelabError
+
+IMAGE_EXTENSIONS = tuple(sorted(set(IMG_EXTENSIONS) | {".jpeg", ".tif", ".tiff", ".webp"}))
+
+
+@dataclass
+class ImageList:
+    """Sorted image paths with class indices (-1 for images outside a class folder)."""
+
+    root: str
+    paths: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, keep: list[int]) -> "ImageList":
+        return ImageList(self.root, [self.paths[i] for i in keep], [self.labels[i] for i in keep], self.classes)
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def scan_images(root: str | os.PathLike) -> ImageList:
+    """List the images under ``root``; class = first-level sub-folder (sorted), as torchvision does."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise MaelabError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise MaelabError(f"data path {root} is not a folder")
+    paths: list[str] = []
+    tops: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = Path(dirpath).relative_to(root)
+        top = rel.parts[0] if rel.parts else ""
+        for name in sorted(filenames):
+            if _is_image(name):
+                paths.append(os.path.join(dirpath, name))
+                tops.append(top)
+    if not paths:
+        raise MaelabError(f"no images found under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    classes = sorted({t for t in tops if t})
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[t] if t else -1 for t in tops]
+    return ImageList(str(root), paths, labels, classes)
+
+
+def open_rgb(path: str) -> Image.Image:
+    """Decode an image fully and convert it to RGB; a clear error names a bad file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                peak = 65535.0 if arr.max() > 255 else 255.0
+                img = Image.fromarray((arr / peak * 255.0).clip(0, 255).astype(np.uint8), mode="L")
+            elif img.mode == "F":
+                arr = np.asarray(img, dtype=np.float64)
+                img = Image.fromarray((arr.clip(0, 1) * 255).astype(np.uint8), mode="L")
+            if img.mode == "P":
+                img = img.convert("RGBA")  # palette transparency is resolved first
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise MaelabError(f"image {path} does not exist") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise MaelabError(f"cannot read image {path}: {e}") from None
+
+
+def check_readable(paths: list[str]) -> list[int]:
+    """Indices of the paths that decode; used by ``bad_files="skip"``."""
+    good = []
+    for i, p in enumerate(paths):
+        try:
+            open_rgb(p)
+            good.append(i)
+        except MaelabError as e:
+            warnings.warn(f"skipping unreadable image: {e}", stacklevel=2)
+    return good
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey pixels

@@ -1,0 +1,229 @@
+"""Feeding batches to the training loop, identically for 1 or N processes and across resumes.
+
+Each optimizer step consumes one *global batch* of ``G = batch_size x accum_iter x world_size``
+images: positions ``[step*G, (step+1)*G)`` of a permutation seeded by (seed, epoch). Micro-batch ``m``
+of rank ``r`` takes the slice at offset ``(m*world + r) * batch_size``. All randomness (order,
+augmentation, masking) is derived from (seed, epoch, step), so a run resumed at any step, or split over
+more processes with the same global batch, sees exactly the same images and masks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from maelab.data.folders import ImageList, check_readable, open_rgb
+from maelab.data.memory import augment_batch, decode_all, fits_in_memory
+from maelab.errors import MaelabError
+
+_MIX = 0x9E3779B97F4A7C15
+
+
+def mix_seed(*keys: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), so (seed, epoch, step) streams never collide."""
+    h = 0
+    for k in keys:
+        h = (h ^ (int(k) + _MIX + (h << 6) + (h >> 2))) & ((1 << 64) - 1)
+        h = (h * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+        h ^= h >> 31
+    return h & ((1 << 63) - 1)
+
+
+def make_generator(*keys: int, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(mix_seed(*keys))
+    return g
+
+
+def default_workers(requested: int) -> int:
+    if requested >= 0:
+        return requested
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+@dataclass
+class Batch:
+    """One micro-batch for this process."""
+
+    epoch: int
+    step: int  # optimizer step within the epoch
+    micro: int  # accumulation index within the step
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    offset: int  # first row of this micro-batch inside the global batch
+    global_size: int
+
+
+class StepPlan:
+    """Which dataset indices every (epoch, step, micro, rank) gets."""
+
+    def __init__(self, num_items: int, batch_size: int, accum_iter: int, world: int, rank: int, seed: int, shuffle: bool = True):
+        self.n, self.batch_size, self.accum, self.world, self.rank = num_items, batch_size, accum_iter, world, rank
+        self.seed, self.shuffle = seed, shuffle
+        self.global_size = batch_size * accum_iter * world
+        self.steps_per_epoch = num_items // self.global_size
+        if self.steps_per_epoch == 0:
+            raise MaelabError(
+                f"the dataset has {num_items} images, fewer than one global batch of {self.global_size} "
+                f"(batch size {batch_size} x accumulation {accum_iter} x {world} processes); lower --batch-size"
+            )
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=make_generator(self.seed, 1, epoch))
+
+    def offset(self, micro: int) -> int:
+        return (micro * self.world + self.rank) * self.batch_size
+
+    def indices(self, order: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        start = step * self.global_size + self.offset(micro)
+        return order[start : start + self.batch_size]
+
+
+class _BatchSampler(Sampler):
+    """Yields this rank's micro-batches of (index, sample seed) from a start position."""
+
+    def __init__(self, plan: StepPlan):
+        self.plan, self.epoch, self.start_step = plan, 0, 0
+
+    def set_position(self, epoch: int, start_step: int) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return (self.plan.steps_per_epoch - self.start_step) * self.plan.accum
+
+    def __iter__(self):
+        order = self.plan.order(self.epoch)
+        for step in range(self.start_step, self.plan.steps_per_epoch):
+            for micro in range(self.plan.accum):
+                idx = self.plan.indices(order, step, micro).tolist()
+                yield [(i, mix_seed(self.plan.seed, 2, self.epoch, i)) for i in idx]
+
+
+class FolderDataset(Dataset):
+    """Images from an ``ImageList``, each transformed with a generator seeded per (epoch, image)."""
+
+    def __init__(self, images: ImageList, transform: Callable, bad_files: str = "error"):
+        self.images, self.transform, self.bad_files = images, transform, bad_files
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, index_seed(key))
+        try:
+            img = open_rgb(self.images.paths[index])
+        except MaelabError:
+            if self.bad_files == "error":
+                raise
+            # "skip" policy for a file that went bad after the scan: a deterministic stand-in
+            index = (index + 1) % len(self.images)
+            img = open_rgb(self.images.paths[index])
+        g = torch.Generator()
+        g.manual_seed(seed)
+        return self.transform(img, g), self.images.labels[index]
+
+
+def index_seed(index: int) -> int:
+    return mix_seed(0, 3, index)
+
+
+class Feeder:
+    """Iterates this process's micro-batches for an epoch, from any step, on ``device``."""
+
+    def __init__(
+        self,
+        images: ImageList,
+        plan: StepPlan,
+        device: torch.device,
+        out_size: tuple[int, int],
+        in_memory: bool,
+        transform: Callable | None = None,
+        min_scale: float = 0.2,
+        hflip: bool = True,
+        num_workers: int = 0,
+        bad_files: str = "error",
+        progress: bool = False,
+    ):
+        self.images, self.plan, self.device = images, plan, device
+        self.out_size, self.in_memory = tuple(out_size), in_memory
+        self.min_scale, self.hflip = min_scale, hflip
+        self.labels = torch.tensor(images.labels)
+        if in_memory:
+            data, bad = decode_all(images.paths, self.out_size, num_workers, progress=progress)
+            if bad:
+                raise MaelabError(f"{len(bad)} unreadable image(s), e.g. {images.paths[bad[0]]} "
+                                  f"(use --bad-files skip to leave them out)")
+            self.data = data.to(device) if device.type == "cuda" else data
+        else:
+            self.sampler = _BatchSampler(plan)
+            self.loader = DataLoader(
+                FolderDataset(images, transform, bad_files),
+                batch_sampler=self.sampler,
+                num_workers=num_workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=num_workers > 0,
+                prefetch_factor=4 if num_workers > 0 else None,
+            )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        plan = self.plan
+        if self.in_memory:
+            order = plan.order(epoch)
+            for step in range(start_step, plan.steps_per_epoch):
+                g = make_generator(plan.seed, 4, epoch, step)
+                for micro in range(plan.accum):
+                    idx = plan.indices(order, step, micro)
+                    raw = self.data[idx.to(self.data.device)]
+                    imgs = augment_batch(raw.to(self.device, non_blocking=True), self.out_size, _clone(g),
+                                         self.min_scale, self.hflip, plan.global_size, plan.offset(micro))
+                    yield Batch(epoch, step, micro, imgs, self.labels[idx].to(self.device), plan.offset(micro), plan.global_size)
+        else:
+            self.sampler.set_position(epoch, start_step)
+            step, micro = start_step, 0
+            for imgs, labels in self.loader:
+                yield Batch(epoch, step, micro, imgs.to(self.device, non_blocking=True),
+                            labels.to(self.device, non_blocking=True), plan.offset(micro), plan.global_size)
+                micro += 1
+                if micro == plan.accum:
+                    step, micro = step + 1, 0
+
+
+def _clone(g: torch.Generator) -> torch.Generator:
+    c = torch.Generator(device=g.device)
+    c.set_state(g.get_state())
+    return c
+
+
+def prepare_images(root: str, bad_files: str) -> ImageList:
+    from maelab.data.folders import scan_images
+
+    images = scan_images(root)
+    if bad_files == "skip":
+        keep = check_readable(images.paths)
+        if not keep:
+            raise MaelabError(f"none of the {len(images)} images under {root} could be read")
+        images = images.subset(keep)
+    return images
+
+
+def choose_in_memory(setting: str, images: ImageList, size: tuple[int, int]) -> bool:
+    """``auto``: RAM path when the images already have the training size (no resize distortion)
+    and the uint8 tensor takes under a quarter of RAM."""
+    if setting == "yes":
+        return True
+    if setting == "no":
+        return False
+    if not fits_in_memory(len(images), size):
+        return False
+    first = open_rgb(images.paths[0])
+    return (first.height, first.width) == tuple(size)

@@ -1,0 +1,2 @@
+"""Training infrastructure shared by every command: loop, optimizer/schedule, distributed,
+checkpoints, logs."""

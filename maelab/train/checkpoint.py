@@ -1,0 +1,206 @@
+"""Checkpoints that survive a kill at any instant, and load without executing pickled code.
+
+A checkpoint is a folder ``checkpoints/<name>/`` holding ``model.safetensors`` (weights, with the
+model's constructor arguments in the header), ``state.pt`` (optimizer, scaler, schedule position,
+RNG states; read with ``weights_only=True``) and ``meta.json``, written last. The folder is written
+under a temporary name, fsynced and renamed into place; ``checkpoints/latest`` (a one-line file
+replaced atomically) names the newest. An incomplete folder is never taken for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from maelab.errors import MaelabError
+
+WEIGHTS, STATE, META, LATEST = "model.safetensors", "state.pt", "meta.json", "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file beside ``path``, fsync, rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
+    """Weights as safetensors, atomically; ``metadata`` (JSON-able) goes into the header."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    header = {"maelab": json.dumps(metadata)} if metadata else None
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, maelab metadata) from a safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MaelabError(f"cannot read weights {path}: {e}") from None
+    info = json.loads(meta["maelab"]) if "maelab" in meta else {}
+    return tensors, info
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    name: str,
+    state_dict: dict[str, torch.Tensor],
+    train_state: dict[str, Any],
+    meta: dict[str, Any],
+) -> Path:
+    """Write ``checkpoints/<name>/`` atomically and point ``latest`` at it."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}."))
+    try:
+        save_weights(tmp / WEIGHTS, state_dict, meta.get("model"))
+        buf = tmp / STATE
+        with open(buf, "wb") as f:
+            torch.save(train_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        atomic_write_bytes(tmp / META, json.dumps(meta, indent=1).encode())
+        final = ckpt_root / name
+        if final.exists():
+            trash = ckpt_root / f".old-{name}-{os.getpid()}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_bytes(ckpt_root / LATEST, (name + "\n").encode())
+    return final
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / META).is_file() and (folder / WEIGHTS).is_file() and (folder / STATE).is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first (by the global step in their meta)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        if d.is_dir() and not d.name.startswith(".") and _complete(d):
+            try:
+                step = json.loads((d / META).read_text()).get("global_step", -1)
+            except (OSError, json.JSONDecodeError):
+                continue
+            found.append((step, d.name, d))
+    return [d for _, _, d in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The folder ``latest`` names, or the newest complete one if that pointer is missing/stale."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / LATEST
+    if pointer.is_file():
+        target = root / pointer.read_text().strip()
+        if target.is_dir() and _complete(target):
+            return target
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune(run_dir: str | Path, keep_names: set[str], periodic_pattern: str, keep: int) -> None:
+    """Delete non-periodic checkpoints except ``keep_names``; keep the newest ``keep`` periodic ones."""
+    ckpts = list_checkpoints(run_dir)
+    periodic = [d for d in ckpts if re.fullmatch(periodic_pattern, d.name)]
+    doomed = [d for d in ckpts if d not in periodic and d.name not in keep_names]
+    if keep > 0:
+        doomed += [d for d in periodic[:-keep] if d.name not in keep_names]
+    for d in doomed:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def load_train_state(folder: Path) -> dict[str, Any]:
+    try:
+        return torch.load(folder / STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable state is the same user error
+        raise MaelabError(f"cannot read training state {folder / STATE}: {e}".splitlines()[0]) from None
+
+
+def resolve_weights_path(path: str | Path) -> Path:
+    """A run folder, a checkpoint folder or a weights file -> the weights file to read."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise MaelabError(f"checkpoint {p} does not exist")
+    if p.is_file():
+        return p
+    if (p / WEIGHTS).is_file():
+        return p / WEIGHTS
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise MaelabError(f"{p} holds no checkpoint (expected a run folder, a checkpoint folder or a file)")
+    return latest / WEIGHTS
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Strict key/shape comparison with a readable message instead of a wall of text."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {', '.join(unexpected[:3])}")
+        if shapes:
+            parts.append(f"shape mismatch e.g. {'; '.join(shapes[:2])}")
+        raise MaelabError(f"{source} does not fit this model ({'; '.join(parts)})")

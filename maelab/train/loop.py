@@ -1,0 +1,304 @@
+"""ONE training loop for every task (pre-training, fine-tuning, linear probing).
+
+It owns what is the same everywhere: micro-steps with gradient accumulation (DDP ``no_sync``),
+precision (autocast fp32/bf16/fp16 + GradScaler), clipping, the per-iteration schedule, the non-finite
+guard, logging, checkpoints, resume and clean interruption. A ``Task`` says what differs: how a batch
+becomes a loss, what to save, what to do after an epoch.
+
+Host syncs happen only at log intervals and epoch ends; the non-finite guard keeps the first bad step
+on the device and checks it there, and nothing non-finite is ever written to a checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from maelab.config import OptimConfig, RunConfig
+from maelab.data.loader import Batch, Feeder
+from maelab.errors import MaelabError
+from maelab.train import checkpoint as ckpt
+from maelab.train.distributed import DistInfo, any_flag, barrier, no_sync, wrap_ddp
+from maelab.train.logs import RunLogger
+from maelab.train.optim import cosine_lr, set_lr
+
+
+class RunInterrupted(MaelabError):
+    """The run was stopped by a signal after saving a resumable checkpoint."""
+
+
+class NonFiniteLoss(MaelabError):
+    """The loss became NaN/inf; the last good checkpoint is left untouched."""
+
+
+class Task(Protocol):
+    model: torch.nn.Module
+
+    def forward(self, runner: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def param_groups(self) -> list[dict]: ...
+
+    def meta(self) -> dict[str, Any]: ...
+
+    def on_epoch_end(self, epoch: int, last: bool) -> dict[str, float]: ...
+
+
+@dataclass
+class LoopResult:
+    run_dir: Path
+    epochs_done: int
+    global_step: int
+    history: list[dict] = field(default_factory=list)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextmanager
+def _stop_signals():
+    """SIGINT/SIGTERM ask for a clean stop at the next step boundary; a second SIGINT aborts."""
+    flag = {"stop": False}
+    old = {}
+
+    def handler(signum, frame):
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: no signal handling
+        old = {}
+    try:
+        yield flag
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _all_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class Trainer:
+    """Runs ``task`` over ``feeder`` for ``optim.epochs`` epochs, resuming if a checkpoint exists."""
+
+    def __init__(self, task: Task, feeder: Feeder, optim: OptimConfig, run: RunConfig, run_dir: Path,
+                 info: DistInfo, device: torch.device, logger: RunLogger, optimizer_factory):
+        self.task, self.feeder, self.optim_cfg, self.run_cfg = task, feeder, optim, run
+        self.run_dir, self.info, self.device, self.log = Path(run_dir), info, device, logger
+        self.optimizer = optimizer_factory(task.param_groups())
+        self.scaler = torch.amp.GradScaler(device.type) if run.precision == "fp16" else None
+        runner = wrap_ddp(task.model, info, device)
+        self.runner = torch.compile(runner) if run.compile else runner
+        self.ddp = runner
+        self.epoch, self.step, self.global_step = 0, 0, 0
+        self.steps_per_epoch = feeder.steps_per_epoch
+        self.global_batch = feeder.plan.global_size
+
+    # --- schedule ----------------------------------------------------------------------------------
+    @property
+    def peak_lr(self) -> float:
+        return self.optimizer.defaults["lr"]
+
+    def lr_at(self, epoch: int, step: int) -> float:
+        it = epoch * self.steps_per_epoch + step
+        total = self.optim_cfg.epochs * self.steps_per_epoch
+        warmup = self.optim_cfg.warmup_epochs * self.steps_per_epoch
+        return cosine_lr(it, total, warmup, self.peak_lr, self.optim_cfg.min_lr)
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def _train_state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else {},
+            "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
+            "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
+            "rng": rng_state(),
+        }
+
+    def save(self, name: str, extra_meta: dict[str, Any] | None = None) -> Path | None:
+        path = None
+        if self.info.is_main:
+            if not _all_finite(self.task.model):
+                raise NonFiniteLoss(f"weights became non-finite by step {self.global_step}; nothing saved "
+                                    f"(the last good checkpoint is kept)")
+            meta = {"name": name, "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
+                    "model": self.task.meta(), **(extra_meta or {})}
+            path = ckpt.save_checkpoint(self.run_dir, name, self.task.model.state_dict(), self._train_state(), meta)
+        barrier(self.info)
+        return path
+
+    def resume_from(self, folder: Path) -> None:
+        weights, _ = ckpt.read_weights(folder / ckpt.WEIGHTS)
+        ckpt.check_state_dict(self.task.model, weights, f"checkpoint {folder}")
+        self.task.model.load_state_dict(weights)
+        state = ckpt.load_train_state(folder)
+        if state["global_batch"] != self.global_batch:
+            raise MaelabError(
+                f"checkpoint {folder} was trained with a global batch of {state['global_batch']}, this run "
+                f"has {self.global_batch} (batch size x accumulation x processes must stay the same to resume)")
+        if state["steps_per_epoch"] != self.steps_per_epoch:
+            raise MaelabError(f"checkpoint {folder} had {state['steps_per_epoch']} steps per epoch, this data "
+                              f"gives {self.steps_per_epoch}: is it the same dataset?")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        set_rng_state(state["rng"])
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> LoopResult:
+        cfg, run = self.optim_cfg, self.run_cfg
+        accum = self.feeder.plan.accum
+        history: list[dict] = []
+        params = [p for p in self.task.model.parameters() if p.requires_grad]
+        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        with _stop_signals() as stop:
+            while self.epoch < cfg.epochs:
+                epoch = self.epoch
+                self.log.start_epoch(epoch, cfg.epochs, self.step, self.steps_per_epoch)
+                loss_sum = torch.zeros((), device=self.device)
+                epoch_sum = torch.zeros((), device=self.device)
+                n_log, n_epoch, t_log = 0, 0, time.perf_counter()
+                grad_norm = None
+                for batch in self.feeder.epoch(epoch, self.step):
+                    if batch.micro == 0:
+                        lr = self.lr_at(epoch, batch.step)
+                        set_lr(self.optimizer, lr)
+                    last_micro = batch.micro == accum - 1
+                    with no_sync(self.ddp, not last_micro), autocast(self.device, run.precision):
+                        loss, _ = self.task.forward(self.runner, batch)
+                    scaled = loss / accum
+                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+                    loss = loss.detach().float()
+                    loss_sum += loss / accum
+                    epoch_sum += loss / accum
+                    if not last_micro:
+                        continue
+                    bad_step = torch.where(torch.isfinite(loss) | (bad_step >= 0), bad_step, self.global_step)
+                    if self.scaler:
+                        self.scaler.unscale_(self.optimizer)
+                    self.step, self.global_step = batch.step + 1, self.global_step + 1
+                    log_now = self.step % run.log_every == 0 or self.step == self.steps_per_epoch
+                    if cfg.clip_grad:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                    elif log_now:
+                        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                    if self.scaler:
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                    else:
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    n_log += 1
+                    n_epoch += 1
+                    metrics = None
+                    if log_now:
+                        metrics = self._sync_metrics(loss_sum, n_log, lr, grad_norm, t_log, bad_step)
+                        history.append(metrics)
+                        self.log.scalars(metrics, self.global_step)
+                        loss_sum.zero_()
+                        n_log, t_log = 0, time.perf_counter()
+                    self.log.step(self.step, metrics)
+                    stop_now = stop["stop"] if not self.info.enabled else (log_now and any_flag(stop["stop"], self.info, self.device))
+                    if stop_now and self.step < self.steps_per_epoch:
+                        self.log.end_epoch()
+                        path = self.save(f"step_{self.global_step:08d}")
+                        raise RunInterrupted(f"interrupted at epoch {epoch + 1} step {self.step}; checkpoint saved "
+                                             f"to {path or self.run_dir}; run the same command again to resume")
+                self.log.end_epoch()
+                self._check_finite(bad_step)
+                self.epoch, self.step = epoch + 1, 0
+                epoch_loss = self._mean(epoch_sum, max(n_epoch, 1))
+                last = self.epoch == cfg.epochs
+                extra = self.task.on_epoch_end(epoch, last)
+                summary = {"epoch": self.epoch, "epoch_loss": epoch_loss, **extra}
+                self.log.scalars(summary, self.global_step, prefix="epoch")
+                self.log.info(f"epoch {self.epoch}/{cfg.epochs}  loss {epoch_loss:.4f}"
+                              + "".join(f"  {k} {v:.4g}" for k, v in extra.items() if isinstance(v, float)))
+                history.append(summary)
+                name = f"epoch_{self.epoch:04d}"
+                self.save(name, {"epoch_loss": epoch_loss})
+                if self.info.is_main:
+                    periodic = r"epoch_\d{4}"
+                    keepers = {name} | {f"epoch_{e:04d}" for e in range(1, cfg.epochs + 1)
+                                        if e % max(run.save_every, 1) == 0 or e == cfg.epochs}
+                    self._prune(keepers, periodic)
+                if stop["stop"] and not last:
+                    raise RunInterrupted(f"interrupted after epoch {self.epoch}; run the same command again to resume")
+        return LoopResult(self.run_dir, self.epoch, self.global_step, history)
+
+    def _prune(self, keepers: set[str], periodic: str) -> None:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        all_ckpts = ckpt.list_checkpoints(self.run_dir)
+        periodic_done = [d.name for d in all_ckpts if d.name in keepers]
+        keep_periodic = set(periodic_done[-self.run_cfg.keep:]) if self.run_cfg.keep > 0 else set(periodic_done)
+        keep = keep_periodic | ({latest.name} if latest else set())
+        ckpt.prune(self.run_dir, keep, r"(?!)", 0)
+
+    def _mean(self, total: torch.Tensor, count: int) -> float:
+        value = total / count
+        if self.info.enabled:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.info.world
+        return float(value.item())
+
+    def _check_finite(self, bad_step: torch.Tensor) -> None:
+        bad = bad_step.clone()
+        if self.info.enabled:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if int(bad.item()) >= 0:
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            where = f"the last good checkpoint is {latest}" if latest else "no checkpoint had been written yet"
+            raise NonFiniteLoss(
+                f"loss became non-finite at step {int(bad.item()) + 1} (epoch {self.epoch + 1}); {where}. "
+                f"Try --precision bf16 instead of fp16, a lower --base-lr, or --clip-grad 1.0")
+
+    def _sync_metrics(self, loss_sum, n, lr, grad_norm, t0, bad_step) -> dict[str, float]:
+        self._check_finite(bad_step)
+        elapsed = time.perf_counter() - t0
+        images = n * self.global_batch
+        metrics = {"epoch": self.epoch, "loss": self._mean(loss_sum, n), "lr": lr,
+                   "img_per_s": images / max(elapsed, 1e-9)}
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm.float().item())
+        return metrics

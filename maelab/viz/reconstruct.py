@@ -1,0 +1,334 @@
+"""MAE reconstructions, drawn like Figs. 2-4 of He et al. (2021).
+
+For each image and mask ratio: the masked input (removed patches in grey), the decoder's prediction
+for every patch, and the prediction with the visible patches pasted back in (what the paper shows).
+
+Masks are drawn from a ``torch.Generator`` seeded by ``seed`` on the model's device, so a picture is
+reproducible; because every ratio uses the same noise, the visible set at a higher ratio is a subset
+of the visible set at a lower one.
+
+A ``norm_pix_loss`` model predicts each patch normalised by its own mean and variance. To show
+pixels we de-normalise every predicted patch with the **true** mean/std of the target patch (same
+unbiased variance + 1e-6 as the loss). That hands the model the low-frequency content of each masked
+patch, so such pictures look better than the model is: the figure says so in a caption.
+
+Figures are bare :class:`matplotlib.figure.Figure` objects (Agg canvas), never pyplot, so no display
+is needed and the global backend is untouched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image, ImageOps
+
+from maelab.errors import MaelabError
+from maelab.viz.curves import save_figure_atomic
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MASK_GREY = 0.5
+NORM_PIX_CAPTION = (
+    "norm-pix model: predicted patches shown de-normalised with the true patch mean/std "
+    "(this leaks the patch statistics)"
+)
+PANELS = ("masked", "reconstruction", "reconstruction_visible")
+_PANEL_TITLES = {"reconstruction": "reconstruction", "reconstruction_visible": "reconstruction + visible"}
+
+
+# --- pixels ---------------------------------------------------------------------------------------
+def _stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(IMAGENET_MEAN, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
+    return mean, std
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised (N, 3, H, W) -> pixels in [0, 1] (clamped)."""
+    mean, std = _stats(x)
+    return (x * std + mean).clamp(0.0, 1.0)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] (N, 3, H, W) -> ImageNet-normalised."""
+    mean, std = _stats(x)
+    return (x - mean) / std
+
+
+def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        return p.device, (p.dtype if p.dtype.is_floating_point else torch.float32)
+    return torch.device("cpu"), torch.float32
+
+
+# --- reconstruction -------------------------------------------------------------------------------
+def reconstruct(model, images: torch.Tensor, mask_ratio: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Mask ``images`` (ImageNet-normalised, (N, 3, H, W) or (3, H, W)) with ``mask_ratio`` and run
+    the MAE. Returns CPU float32 tensors in [0, 1] pixel space:
+
+    - ``original``, ``masked`` (removed patches grey), ``reconstruction`` (prediction for every
+      patch), ``reconstruction_visible`` (prediction on removed patches, the original on visible
+      ones — exactly equal to ``original`` there): each (N, 3, H, W);
+    - ``mask``: (N, 1, H, W), 1 where the patch was removed.
+
+    Deterministic for a given ``seed``. Runs under ``torch.no_grad()`` in eval mode and restores the
+    model's previous mode. For a ``norm_pix_loss`` model predicted patches are de-normalised with the
+    true per-patch mean/std of the target (see the module docstring).
+    """
+    if not isinstance(images, torch.Tensor):
+        raise MaelabError(f"images must be a tensor of shape (N, 3, H, W), got {type(images).__name__}")
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    device, dtype = _model_device_dtype(model)
+    imgs = images.detach().to(device=device, dtype=torch.float32)  # full precision for display
+    images = imgs.to(dtype)
+    model._check_input(images)
+    n, length = images.shape[0], model.num_patches
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed))
+    noise = torch.rand(n, length, generator=gen, device=device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _, pred, mask = model(images, mask_ratio=mask_ratio, noise=noise, return_pred=True)
+            pred = pred.float()
+            if model.norm_pix_loss:
+                target = model.patchify(imgs)
+                mean = target.mean(dim=-1, keepdim=True)
+                var = target.var(dim=-1, keepdim=True)  # unbiased, as the loss
+                pred = pred * (var + 1.0e-6) ** 0.5 + mean
+            recon = model.unpatchify(pred)
+            p = model.patch_size
+            mask_px = model.unpatchify(mask.float().unsqueeze(-1).expand(-1, -1, p * p * model.in_chans))
+            mask_px = mask_px[:, :1] > 0.5  # (N, 1, H, W), True = removed
+    finally:
+        model.train(was_training)
+
+    original = denormalize(imgs).cpu()
+    recon_px = denormalize(recon).cpu()
+    mask_px = mask_px.cpu()
+    grey = torch.full_like(original, MASK_GREY)
+    return {
+        "original": original,
+        "masked": torch.where(mask_px, grey, original),
+        "reconstruction": recon_px,
+        "reconstruction_visible": torch.where(mask_px, recon_px, original),
+        "mask": mask_px.float(),
+    }
+
+
+# --- figures --------------------------------------------------------------------------------------
+def _ratio_label(r: float) -> str:
+    return f"{r * 100:.4g}%"
+
+
+def _prepare(model, images, titles):
+    if isinstance(images, torch.Tensor):
+        if images.ndim == 3:
+            images = images.unsqueeze(0)
+    elif isinstance(images, (str, os.PathLike)) or (
+        isinstance(images, Sequence) and images and all(isinstance(p, (str, os.PathLike)) for p in images)
+    ):
+        paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
+        if titles is None:
+            titles = [Path(p).name for p in paths]
+        images = load_images_for_model(paths, model.img_size)
+    else:
+        raise MaelabError("images must be a (N, 3, H, W) tensor or a list of image paths")
+    if titles is not None:
+        titles = [str(t) for t in titles]
+        if len(titles) != images.shape[0]:
+            raise MaelabError(f"got {len(titles)} titles for {images.shape[0]} images")
+    return images, titles
+
+
+def reconstruction_grid(
+    model,
+    images,
+    mask_ratios: Sequence[float] | float,
+    seed: int = 0,
+    titles: Sequence[str] | None = None,
+    panel_height: float = 1.6,
+) -> Figure:
+    """A figure with one row per image: ``original | masked (r%) | reconstruction |
+    reconstruction + visible`` for each mask ratio ``r`` (the original shown once per row).
+
+    ``images``: ImageNet-normalised (N, 3, H, W) tensor, or a list of image paths (loaded with
+    :func:`load_images_for_model`; titles default to the file names). ``titles``: one label per row.
+    ``panel_height``: inches per panel; the width follows the image aspect ratio (non-square works).
+    A norm-pix model gets :data:`NORM_PIX_CAPTION` under the grid.
+    """
+    if isinstance(mask_ratios, (int, float)):
+        mask_ratios = [mask_ratios]
+    mask_ratios = [float(r) for r in mask_ratios]
+    if not mask_ratios:
+        raise MaelabError("give at least one mask ratio")
+    images, titles = _prepare(model, images, titles)
+    results = [reconstruct(model, images, r, seed=seed) for r in mask_ratios]
+    n = images.shape[0]
+    height, width = model.img_size
+
+    gap = 0.15  # spacer column between ratio groups, in panel widths
+    width_ratios = [1.0]
+    for _ in mask_ratios:
+        width_ratios += [gap, 1.0, 1.0, 1.0]
+    ncols = len(width_ratios)
+    panel_h = float(panel_height)
+    panel_w = panel_h * width / height
+    space = 0.04  # between panels, fraction of a panel
+    left = 0.35 if titles else 0.1
+    right, top = 0.1, 0.45
+    caption = NORM_PIX_CAPTION if model.norm_pix_loss else None
+    bottom = 0.4 if caption else 0.1
+    grid_w = panel_w * (sum(width_ratios) + space * (ncols - 1))
+    grid_h = panel_h * (n + space * (n - 1))
+    fig_w, fig_h = left + grid_w + right, top + grid_h + bottom
+    if caption:  # make sure the one-line caption fits
+        fig_w = max(fig_w, 0.075 * len(caption) + 0.4)
+        extra = fig_w - (left + grid_w + right)
+        left, right = left + extra / 2, right + extra / 2
+
+    fig = Figure(figsize=(fig_w, fig_h))
+    gs = fig.add_gridspec(
+        n,
+        ncols,
+        width_ratios=width_ratios,
+        left=left / fig_w,
+        right=1 - right / fig_w,
+        bottom=bottom / fig_h,
+        top=1 - top / fig_h,
+        wspace=space * len(width_ratios) / sum(width_ratios),
+        hspace=space,
+    )
+
+    def show(ax, img: torch.Tensor, title: str | None):
+        ax.imshow(img.permute(1, 2, 0).numpy(), aspect="equal")  # default: antialiased down, nearest up
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        if title:
+            ax.set_title(title, fontsize=9)
+
+    for i in range(n):
+        ax = fig.add_subplot(gs[i, 0])
+        show(ax, results[0]["original"][i], "original" if i == 0 else None)
+        if titles:
+            ax.set_ylabel(titles[i], fontsize=8)
+        for k, (r, res) in enumerate(zip(mask_ratios, results)):
+            for j, key in enumerate(PANELS):
+                title = None
+                if i == 0:
+                    title = f"masked {_ratio_label(r)}" if key == "masked" else _PANEL_TITLES[key]
+                show(fig.add_subplot(gs[i, 1 + 4 * k + 1 + j]), res[key][i], title)
+
+    if caption:
+        fig.text(0.5, 0.12 / fig_h, caption, ha="center", va="bottom", fontsize=8, style="italic")
+    return fig
+
+
+def save_reconstruction_grid(
+    model,
+    images,
+    mask_ratios: Sequence[float] | float,
+    path: str | os.PathLike,
+    seed: int = 0,
+    titles: Sequence[str] | None = None,
+    panel_height: float = 1.6,
+    dpi: int = 100,
+) -> Path:
+    """:func:`reconstruction_grid` written as a PNG to ``path`` atomically (temp file in the same
+    folder, then ``os.replace``). Returns the path."""
+    fig = reconstruction_grid(model, images, mask_ratios, seed=seed, titles=titles, panel_height=panel_height)
+    return save_figure_atomic(fig, path, dpi=dpi)
+
+
+# --- loading images -------------------------------------------------------------------------------
+def _size_pair(img_size) -> tuple[int, int]:
+    if isinstance(img_size, int):
+        return img_size, img_size
+    try:
+        h, w = (int(s) for s in img_size)
+    except (TypeError, ValueError):
+        raise MaelabError(f"image size must be one number or (height, width), got {img_size!r}") from None
+    if h <= 0 or w <= 0:
+        raise MaelabError(f"image size must be positive, got {h}x{w}")
+    return h, w
+
+
+def _over_white(im: Image.Image) -> Image.Image:
+    rgba = im.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Transparency is composited over white; 16-bit / int / float
+    grayscale is scaled to 8 bits rather than clipped."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 257.0
+        elif mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
+            arr = arr * 255.0
+        elif arr.size and np.nanmax(arr) > 255:
+            arr = arr / 257.0
+        arr = np.nan_to_num(arr, nan=0.0).clip(0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        return _over_white(im)
+    return im.convert("RGB")  # RGB, L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def _resize_center_crop(im: Image.Image, height: int, width: int) -> Image.Image:
+    """Scale (bicubic) so the image covers height x width -- for a square target, the shorter side
+    becomes the target size -- then crop the centre."""
+    w, h = im.size
+    scale = max(height / h, width / w)
+    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - width) // 2, (nh - height) // 2
+    return im.crop((left, top, left + width, top + height))
+
+
+def _load_one(path: Path, height: int, width: int) -> torch.Tensor:
+    if not path.exists():
+        raise MaelabError(f"image file not found: {path}")
+    if not path.is_file():
+        raise MaelabError(f"not an image file: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im) or im
+            rgb = _to_rgb(im)
+    except Exception as e:  # corrupt/truncated/unsupported data surfaces as many exception types
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MaelabError(f"cannot read image {path}: {detail}") from None
+    rgb = _resize_center_crop(rgb, height, width)
+    arr = np.asarray(rgb, dtype=np.uint8).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
+
+
+def load_images_for_model(paths, img_size) -> torch.Tensor:
+    """Load image files as a model input batch: RGB (grayscale, RGBA, palette, CMYK, 16-bit all
+    accepted), bicubic resize so the image covers ``img_size`` then centre crop, ImageNet mean/std
+    normalisation. ``img_size``: int or (H, W), e.g. ``model.img_size``. Returns (N, 3, H, W) float32.
+    A missing or unreadable file raises :class:`MaelabError` naming it."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise MaelabError("no image paths given")
+    height, width = _size_pair(img_size)
+    batch = torch.stack([_load_one(p, height, width) for p in paths])
+    return normalize(batch)
