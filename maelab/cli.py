@@ -74,6 +74,28 @@ def _run_images(path) -> list[str]:
     raise MaelabError("--images is required unless --checkpoint is a run folder whose data is still there")
 
 
+def _convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert weights between maelab, official MAE, timm and Hugging Face",
+                       description="SRC: maelab run folder / checkpoint / .safetensors, official MAE .pth, or a "
+                                   "Hugging Face ViTMAE folder. OUT: file (maelab, official, timm) or folder (hf).")
+    p.add_argument("src", help="weights to read")
+    p.add_argument("out", help="where to write")
+    p.add_argument("--to", required=True, choices=("maelab", "official", "timm", "hf"), help="output format")
+    p.add_argument("--global-pool", default="token", choices=("token", "avg"),
+                   help="timm export: head pooling the checkpoint is meant for")
+    p.add_argument("--hf-naming", default="v5", choices=("v5", "v4"), help="transformers parameter names")
+    p.add_argument("--encoder-only", action="store_true", help="official export: drop the decoder")
+    p.set_defaults(func=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from maelab.convert import convert
+
+    out = convert(args.src, args.out, args.to, args.global_pool, args.hf_naming, not args.encoder_only)
+    print(f"wrote {out}")
+    return 0
+
+
 def _models_parser(sub) -> None:
     p = sub.add_parser("models", help="list model presets")
     p.set_defaults(func=_run_models)
@@ -90,7 +112,7 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable] = [_pretrain_parser, _visualize_parser, _models_parser]
+COMMANDS: list[Callable] = [_pretrain_parser, _visualize_parser, _convert_parser, _models_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

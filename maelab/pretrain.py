@@ -107,12 +107,6 @@ def run_pretrain(cfg: PretrainConfig) -> LoopResult:
                         min_scale=cfg.data.min_crop_scale, hflip=cfg.data.hflip, num_workers=workers,
                         bad_files=cfg.data.bad_files, progress=info.is_main)
         model.to(device)
-        logger = RunLogger(run_dir, enabled=info.is_main)
-        if info.is_main:
-            save_yaml(cfg, run_dir / "config.yaml")
-            logger.info(f"maelab pretrain: {len(images)} images ({'in RAM' if in_memory else 'streamed'}), "
-                        f"{cfg.model.model} {kwargs['img_size']} on {device} x{info.world}, global batch "
-                        f"{plan.global_size}, {plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
         vis_paths = pick_vis_images(images.paths, images.labels)
 
         def epoch_hook(epoch: int, last: bool) -> dict[str, float]:
@@ -127,11 +121,22 @@ def run_pretrain(cfg: PretrainConfig) -> LoopResult:
         meta = model_meta(cfg.model.model, kwargs)
         task = PretrainTask(model, meta, cfg.run.seed, cfg.optim.weight_decay, epoch_hook)
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
-        trainer = Trainer(task, feeder, cfg.optim, cfg.run, run_dir, info, device, logger,
+        trainer = Trainer(task, feeder, cfg.optim, cfg.run, run_dir, info, device,
                           lambda groups: adamw(groups, lr, tuple(cfg.optim.betas), device))
         if resume is not None:
-            trainer.resume_from(resume)
-            logger.info(f"resumed from {resume} (epoch {trainer.epoch + 1}, step {trainer.step})")
+            trainer.resume_from(resume)  # checks the architecture before anything is written
+        # Only now, with every input checked, does the run folder get written.
+        logger = RunLogger(run_dir, enabled=info.is_main)
+        trainer.log = logger
+        if info.is_main:
+            save_yaml(cfg, run_dir / "config.yaml")
+            logger.info(f"maelab pretrain: {len(images)} images ({'in RAM' if in_memory else 'streamed'}), "
+                        f"{cfg.model.model} {tuple(model.img_size)} on {device} x{info.world}, global batch "
+                        f"{plan.global_size}, lr {lr:.3g}, {plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
+            if resume is not None:
+                done = trainer.epoch >= cfg.optim.epochs
+                logger.info(f"resumed from {resume}: " + ("all epochs already done" if done else
+                            f"continuing at epoch {trainer.epoch + 1}, step {trainer.step}"))
         try:
             result = trainer.fit()
         finally:

@@ -52,7 +52,7 @@ def decode_all(
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(loader, desc="decoding images into RAM", unit="batch", leave=False)
+        it = tqdm(loader, desc="decoding images into RAM", unit="batch", leave=False, disable=None)
     for images, ok in it:
         out[start : start + len(images)] = images
         bad.extend(start + int(i) for i in torch.nonzero(~ok).flatten())

@@ -110,6 +110,12 @@ class MaskedAutoencoder(nn.Module):
         mask_ratio: float = 0.75,
     ):
         super().__init__()
+        self.init_kwargs = dict(
+            img_size=list(_pair(img_size)), patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+            depth=depth, num_heads=num_heads, decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
+            decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, norm_pix_loss=norm_pix_loss,
+            mask_ratio=mask_ratio,
+        )  # recorded in every weights file, so a checkpoint rebuilds its own model
         self.img_size = _pair(img_size)
         if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
             raise MaelabError(

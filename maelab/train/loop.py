@@ -121,9 +121,10 @@ class Trainer:
     """Runs ``task`` over ``feeder`` for ``optim.epochs`` epochs, resuming if a checkpoint exists."""
 
     def __init__(self, task: Task, feeder: Feeder, optim: OptimConfig, run: RunConfig, run_dir: Path,
-                 info: DistInfo, device: torch.device, logger: RunLogger, optimizer_factory):
+                 info: DistInfo, device: torch.device, optimizer_factory, logger: RunLogger | None = None):
         self.task, self.feeder, self.optim_cfg, self.run_cfg = task, feeder, optim, run
-        self.run_dir, self.info, self.device, self.log = Path(run_dir), info, device, logger
+        self.run_dir, self.info, self.device = Path(run_dir), info, device
+        self.log = logger or RunLogger(None, enabled=False)
         self.optimizer = optimizer_factory(task.param_groups())
         self.scaler = torch.amp.GradScaler(device.type) if run.precision == "fp16" else None
         runner = wrap_ddp(task.model, info, device)

@@ -1,0 +1,380 @@
+"""Hugging Face ``transformers`` ViTMAE (``ViTMAEForPreTraining`` / ``ViTMAEModel``) <-> maelab.
+
+Key maps only. HF keeps q, k, v as three Linear layers; maelab (timm/official) fuses them into one
+``qkv`` Linear whose output rows are ``[q; k; v]``. Two HF namings exist:
+
+* ``v5`` (transformers 5.x): ``vit.layers.{i}.attention.{q,k,v,o}_proj``, ``layernorm_before/after``,
+  ``mlp.fc1/fc2``;
+* ``v4`` (4.x, and the checkpoints on the hub): ``vit.encoder.layer.{i}.attention.attention.{query,key,
+  value}``, ``attention.output.dense``, ``intermediate.dense``, ``output.dense``.
+
+The decoder (``decoder.decoder_layers.{i}.*``) uses the same per-layer names. ``ViTMAEModel`` state
+dicts are the encoder without the ``vit.`` prefix. ``transformers`` is imported lazily: the pure key
+maps work without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from maelab.errors import MaelabError
+
+NAMINGS = ("v5", "v4")
+
+# maelab per-block suffix -> HF per-layer suffix (module level; ".weight"/".bias" appended).
+_LAYER_MAP = {
+    "v5": {
+        "attn.proj": "attention.o_proj",
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    },
+    "v4": {
+        "attn.proj": "attention.output.dense",
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+        "mlp.fc1": "intermediate.dense",
+        "mlp.fc2": "output.dense",
+    },
+}
+_QKV = {
+    "v5": ("attention.q_proj", "attention.k_proj", "attention.v_proj"),
+    "v4": ("attention.attention.query", "attention.attention.key", "attention.attention.value"),
+}
+_ENCODER_LAYER_PREFIX = {"v5": "layers.", "v4": "encoder.layer."}
+_DECODER_LAYER_PREFIX = "decoder.decoder_layers."
+
+# Non-layer keys (maelab -> HF), HF side relative to the encoder prefix ("vit." or "").
+_ENCODER_MISC = {
+    "cls_token": "embeddings.cls_token",
+    "pos_embed": "embeddings.position_embeddings",
+    "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
+    "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
+    "norm.weight": "layernorm.weight",
+    "norm.bias": "layernorm.bias",
+}
+_DECODER_MISC = {
+    "mask_token": "decoder.mask_token",
+    "decoder_pos_embed": "decoder.decoder_pos_embed",
+    "decoder_embed.weight": "decoder.decoder_embed.weight",
+    "decoder_embed.bias": "decoder.decoder_embed.bias",
+    "decoder_norm.weight": "decoder.decoder_norm.weight",
+    "decoder_norm.bias": "decoder.decoder_norm.bias",
+    "decoder_pred.weight": "decoder.decoder_pred.weight",
+    "decoder_pred.bias": "decoder.decoder_pred.bias",
+}
+
+_BLOCK_RE = re.compile(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def _few(keys, n: int = 4) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def _check_naming(naming: str) -> None:
+    if naming not in NAMINGS:
+        raise MaelabError(f"naming must be one of {', '.join(NAMINGS)}, got {naming!r}")
+
+
+def detect_hf_naming(state_dict: Mapping[str, Any]) -> str:
+    """``"v5"`` or ``"v4"`` for a ViTMAE state dict (raises if it is neither)."""
+    keys = list(state_dict)
+    v5 = any(re.search(r"(^|\.)(layers|decoder_layers)\.\d+\.attention\.[qkvo]_proj\.", k) for k in keys)
+    v4 = any(re.search(r"(^|\.)(encoder\.layer|decoder_layers)\.\d+\.attention\.(attention|output)\.", k) for k in keys)
+    if v5 and v4:
+        raise MaelabError("state dict mixes transformers 4.x and 5.x ViTMAE names")
+    if v5:
+        return "v5"
+    if v4:
+        return "v4"
+    raise MaelabError(f"not a Hugging Face ViTMAE state dict (keys start: {_few(keys)})")
+
+
+def _encoder_prefix(state_dict: Mapping[str, Any]) -> str:
+    """``"vit."`` for ViTMAEForPreTraining, ``""`` for ViTMAEModel."""
+    if "vit.embeddings.patch_embeddings.projection.weight" in state_dict:
+        return "vit."
+    if "embeddings.patch_embeddings.projection.weight" in state_dict:
+        return ""
+    raise MaelabError("Hugging Face ViTMAE state dict has no embeddings.patch_embeddings.projection.weight")
+
+
+def hf_to_mae_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF ViTMAE (``ViTMAEForPreTraining`` or ``ViTMAEModel``, 4.x or 5.x names) -> maelab names.
+
+    q, k, v are concatenated into ``qkv``; every HF key must be used (else :class:`MaelabError`)."""
+    naming = detect_hf_naming(state_dict)
+    enc = _encoder_prefix(state_dict)
+    hf_to_mae: dict[str, str] = {enc + v: k for k, v in _ENCODER_MISC.items()}
+    if enc:
+        hf_to_mae.update({v: k for k, v in _DECODER_MISC.items()})
+    layer_map = {v: k for k, v in _LAYER_MAP[naming].items()}
+    qkv_index = {name: i for i, name in enumerate(_QKV[naming])}
+    layer_re = re.compile(
+        r"^(?:(?P<enc>" + re.escape(enc + _ENCODER_LAYER_PREFIX[naming]) + r")|(?P<dec>"
+        + re.escape(_DECODER_LAYER_PREFIX) + r"))(?P<i>\d+)\.(?P<mod>.+)\.(?P<param>weight|bias)$"
+    )
+    out: dict[str, torch.Tensor] = {}
+    qkv_parts: dict[str, list] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        if key in hf_to_mae:
+            out[hf_to_mae[key]] = value
+            continue
+        m = layer_re.match(key)
+        if not m or (m.group("dec") and not enc):
+            unknown.append(key)
+            continue
+        block = ("blocks." if m.group("enc") else "decoder_blocks.") + m.group("i")
+        mod, param = m.group("mod"), m.group("param")
+        if mod in layer_map:
+            out[f"{block}.{layer_map[mod]}.{param}"] = value
+        elif mod in qkv_index:
+            qkv_parts.setdefault(f"{block}.attn.qkv.{param}", [None, None, None])[qkv_index[mod]] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise MaelabError(f"unknown Hugging Face ViTMAE keys ({naming} names): {_few(unknown)}")
+    for key, parts in qkv_parts.items():
+        if any(p is None for p in parts):
+            absent = [n for n, p in zip("qkv", parts) if p is None]
+            raise MaelabError(f"{key}: the {', '.join(absent)} part(s) are missing from the HF state dict")
+        out[key] = torch.cat(parts, dim=0)
+    return out
+
+
+def mae_to_hf_state_dict(
+    state_dict: Mapping[str, torch.Tensor] | nn.Module, naming: str = "v5", target: str = "pretraining"
+) -> dict[str, torch.Tensor]:
+    """maelab -> HF names. ``target="pretraining"`` gives ``ViTMAEForPreTraining`` keys (``vit.`` prefix,
+    decoder included when present); ``target="encoder"`` gives ``ViTMAEModel`` keys (decoder dropped).
+    ``qkv`` is split into q, k, v. Keys maelab does not know (e.g. ``head.*``) raise :class:`MaelabError`."""
+    _check_naming(naming)
+    if target not in ("pretraining", "encoder"):
+        raise MaelabError(f"target must be 'pretraining' or 'encoder', got {target!r}")
+    if isinstance(state_dict, nn.Module):
+        state_dict = state_dict.state_dict()
+    enc = "vit." if target == "pretraining" else ""
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        if key in _ENCODER_MISC:
+            out[enc + _ENCODER_MISC[key]] = value
+            continue
+        if key in _DECODER_MISC:
+            if target == "pretraining":
+                out[_DECODER_MISC[key]] = value
+            continue
+        m = _BLOCK_RE.match(key)
+        if not m:
+            unknown.append(key)
+            continue
+        group, i, mod, param = m.groups()
+        if group == "blocks":
+            prefix = f"{enc}{_ENCODER_LAYER_PREFIX[naming]}{i}."
+        elif target == "pretraining":
+            prefix = f"{_DECODER_LAYER_PREFIX}{i}."
+        else:
+            continue
+        if mod == "attn.qkv":
+            if value.shape[0] % 3:
+                raise MaelabError(f"{key} has {value.shape[0]} rows, not divisible into q, k, v")
+            for name, part in zip(_QKV[naming], value.chunk(3, dim=0)):
+                out[f"{prefix}{name}.{param}"] = part.clone()
+        elif mod in _LAYER_MAP[naming]:
+            out[f"{prefix}{_LAYER_MAP[naming][mod]}.{param}"] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise MaelabError(f"keys with no Hugging Face ViTMAE equivalent: {_few(unknown)}")
+    return out
+
+
+# --- configs ----------------------------------------------------------------------------------------
+def _mae_dims(model: nn.Module) -> dict[str, Any]:
+    if not hasattr(model, "decoder_blocks") or not hasattr(model, "blocks"):
+        raise MaelabError("expected a maelab MaskedAutoencoder")
+    enc_blk = model.blocks[0]
+    dims = dict(
+        embed_dim=int(model.embed_dim),
+        depth=len(model.blocks),
+        num_heads=int(enc_blk.attn.num_heads),
+        intermediate=int(enc_blk.mlp.fc1.out_features),
+        decoder_embed_dim=int(model.decoder_embed_dim),
+        decoder_depth=len(model.decoder_blocks),
+        decoder_num_heads=int(model.decoder_blocks[0].attn.num_heads) if len(model.decoder_blocks) else 16,
+        decoder_intermediate=int(model.decoder_blocks[0].mlp.fc1.out_features)
+        if len(model.decoder_blocks)
+        else 4 * int(model.decoder_embed_dim),
+    )
+    return dims
+
+
+def hf_config_from_mae(model: nn.Module):
+    """A ``transformers.ViTMAEConfig`` for ``model``: sizes, ``image_size``, ``patch_size``,
+    ``mask_ratio``, ``norm_pix_loss``, decoder sizes, ``layer_norm_eps=1e-6``, ``hidden_act="gelu"``
+    (exact GELU), no dropout. HF ViTMAE supports square images only."""
+    from transformers import ViTMAEConfig
+
+    h, w = model.img_size
+    if h != w:
+        raise MaelabError(
+            f"Hugging Face ViTMAE supports square images only (its sin-cos tables and patchify assume a "
+            f"square grid); this model takes {h}x{w}"
+        )
+    d = _mae_dims(model)
+    return ViTMAEConfig(
+        hidden_size=d["embed_dim"],
+        num_hidden_layers=d["depth"],
+        num_attention_heads=d["num_heads"],
+        intermediate_size=d["intermediate"],
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        layer_norm_eps=1e-6,
+        image_size=int(h),
+        patch_size=int(model.patch_size),
+        num_channels=int(model.in_chans),
+        qkv_bias=True,
+        decoder_num_attention_heads=d["decoder_num_heads"],
+        decoder_hidden_size=d["decoder_embed_dim"],
+        decoder_num_hidden_layers=d["decoder_depth"],
+        decoder_intermediate_size=d["decoder_intermediate"],
+        mask_ratio=float(model.mask_ratio),
+        norm_pix_loss=bool(model.norm_pix_loss),
+        architectures=["ViTMAEForPreTraining"],
+    )
+
+
+def mae_kwargs_from_hf_config(config: Mapping[str, Any] | Any) -> dict[str, Any]:
+    """:class:`MaskedAutoencoder` kwargs from a ViTMAE config (``ViTMAEConfig`` or its ``config.json`` dict).
+
+    ``layer_norm_eps`` is not carried over: maelab always uses 1e-6 like the official model (hub
+    configs say 1e-12, a conversion artefact). Activations other than exact ``gelu`` are refused."""
+    cfg = config if isinstance(config, Mapping) else config.to_dict()
+    if cfg.get("model_type", "vit_mae") != "vit_mae":
+        raise MaelabError(f"not a ViTMAE config (model_type={cfg.get('model_type')!r})")
+    get = lambda k, default: cfg.get(k, default)  # noqa: E731 - HF defaults below
+    act = get("hidden_act", "gelu")
+    if act != "gelu":
+        raise MaelabError(f"hidden_act={act!r} is not supported; maelab blocks use exact GELU ('gelu')")
+    if not get("qkv_bias", True):
+        raise MaelabError("qkv_bias=False is not supported; MAE uses a qkv bias")
+    hidden, dec_hidden = int(get("hidden_size", 768)), int(get("decoder_hidden_size", 512))
+    ratio = int(get("intermediate_size", 3072)) / hidden
+    dec_ratio = int(get("decoder_intermediate_size", 2048)) / dec_hidden
+    if ratio != dec_ratio:
+        raise MaelabError(f"encoder MLP ratio {ratio} differs from decoder MLP ratio {dec_ratio}; maelab uses one")
+    image_size = get("image_size", 224)
+    image_size = tuple(int(s) for s in image_size) if isinstance(image_size, (list, tuple)) else int(image_size)
+    patch = get("patch_size", 16)
+    if isinstance(patch, (list, tuple)):
+        if len(set(patch)) != 1:
+            raise MaelabError(f"non-square patches {patch} are not supported")
+        patch = patch[0]
+    return dict(
+        img_size=image_size,
+        patch_size=int(patch),
+        in_chans=int(get("num_channels", 3)),
+        embed_dim=hidden,
+        depth=int(get("num_hidden_layers", 12)),
+        num_heads=int(get("num_attention_heads", 12)),
+        decoder_embed_dim=dec_hidden,
+        decoder_depth=int(get("decoder_num_hidden_layers", 8)),
+        decoder_num_heads=int(get("decoder_num_attention_heads", 16)),
+        mlp_ratio=ratio,
+        norm_pix_loss=bool(get("norm_pix_loss", False)),
+        mask_ratio=float(get("mask_ratio", 0.75)),
+    )
+
+
+# --- folders ----------------------------------------------------------------------------------------
+def _read_hf_weights(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    st, st_index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    pt, pt_index = os.path.join(path, "pytorch_model.bin"), os.path.join(path, "pytorch_model.bin.index.json")
+
+    def load_pt(file: str) -> dict[str, torch.Tensor]:
+        try:
+            return dict(torch.load(file, map_location="cpu", weights_only=True))
+        except Exception as exc:
+            raise MaelabError(f"cannot read {file} as weights-only: {str(exc).strip().splitlines()[0]}") from None
+
+    if os.path.isfile(st):
+        return load_file(st, device="cpu")
+    for index, loader in ((st_index, lambda f: load_file(f, device="cpu")), (pt_index, load_pt)):
+        if os.path.isfile(index):
+            with open(index) as fh:
+                shards = sorted(set(json.load(fh)["weight_map"].values()))
+            sd: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                sd.update(loader(os.path.join(path, shard)))
+            return sd
+    if os.path.isfile(pt):
+        return load_pt(pt)
+    raise MaelabError(f"{path} has no model.safetensors or pytorch_model.bin")
+
+
+def load_hf_pretrained_dir(path: str | os.PathLike, **overrides: Any) -> nn.Module:
+    """A maelab :class:`MaskedAutoencoder` from a local HF ViTMAE folder (``config.json`` +
+    ``model.safetensors`` / ``pytorch_model.bin``, sharded or not; 4.x or 5.x names).
+
+    A ``ViTMAEModel`` folder (encoder only) loads into the encoder; the decoder keeps its fresh init.
+    Position tables missing from the file keep maelab's own sin-cos tables (the same numbers).
+    ``overrides`` go to the constructor (e.g. ``norm_pix_loss=True``)."""
+    from maelab.interop.official import load_into_mae
+    from maelab.models.mae import MaskedAutoencoder
+
+    path = os.fspath(path)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise MaelabError(f"{path} is not a Hugging Face model folder (no config.json)")
+    with open(cfg_file) as fh:
+        kwargs = mae_kwargs_from_hf_config(json.load(fh))
+    kwargs.update(overrides)
+    model = MaskedAutoencoder(**kwargs)
+    sd = hf_to_mae_state_dict(_read_hf_weights(path))
+    own = model.state_dict()
+    for table in ("pos_embed", "decoder_pos_embed"):
+        if table not in sd and (table == "pos_embed" or "decoder_embed.weight" in sd):
+            sd[table] = own[table].clone()
+    load_into_mae(model, sd)
+    return model
+
+
+def save_hf_pretrained(model: nn.Module, directory: str | os.PathLike, naming: str = "v5") -> str:
+    """Write ``config.json`` + ``model.safetensors`` that ``ViTMAEForPreTraining.from_pretrained``
+    loads (``naming="v4"`` writes the 4.x hub names, which transformers 5.x renames on load)."""
+    from safetensors.torch import save_file
+
+    _check_naming(naming)
+    config = hf_config_from_mae(model)
+    sd = mae_to_hf_state_dict(model.state_dict(), naming=naming)
+    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    config.save_pretrained(directory)
+    save_file(sd, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def hf_model_from_mae(model: nn.Module, encoder_only: bool = False) -> nn.Module:
+    """An in-memory ``ViTMAEForPreTraining`` (or ``ViTMAEModel`` with ``encoder_only``) holding
+    ``model``'s weights, loaded strictly."""
+    from transformers import ViTMAEForPreTraining, ViTMAEModel
+
+    config = hf_config_from_mae(model)
+    hf = (ViTMAEModel if encoder_only else ViTMAEForPreTraining)(config)
+    naming = detect_hf_naming(hf.state_dict())  # whichever major version is installed
+    sd = mae_to_hf_state_dict(model.state_dict(), naming=naming, target="encoder" if encoder_only else "pretraining")
+    hf.load_state_dict(sd, strict=True)
+    return hf.eval()

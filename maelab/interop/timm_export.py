@@ -1,0 +1,102 @@
+"""maelab encoder -> timm ``VisionTransformer`` weights.
+
+The encoder already uses timm's names, so the map is the identity for ``global_pool="token"``. For
+``global_pool="avg"`` timm (like the MAE fine-tuning recipe) moves the final LayerNorm after pooling
+and calls it ``fc_norm``; the encoder's ``norm.*`` is exported under that name. The decoder and
+``mask_token`` are never exported (a ``mask_token`` key would also make timm treat the file as DINOv2).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from maelab.errors import MaelabError
+from maelab.interop.official import ENCODER_PREFIXES
+
+_POOLS = ("token", "avg")
+
+
+def _check_pool(global_pool: str) -> None:
+    if global_pool not in _POOLS:
+        raise MaelabError(f"global_pool must be one of {', '.join(_POOLS)}, got {global_pool!r}")
+
+
+def to_timm_state_dict(
+    mae_model_or_encoder_sd: nn.Module | Mapping[str, torch.Tensor], global_pool: str = "token"
+) -> dict[str, torch.Tensor]:
+    """Encoder weights under timm ``VisionTransformer`` names (no head: build timm with ``num_classes=0``).
+
+    Accepts a :class:`MaskedAutoencoder` or an encoder / full MAE state dict (decoder keys dropped).
+    ``global_pool="avg"`` renames ``norm.*`` to ``fc_norm.*`` (timm's layout for average pooling)."""
+    _check_pool(global_pool)
+    if isinstance(mae_model_or_encoder_sd, nn.Module):
+        sd = mae_model_or_encoder_sd.state_dict()
+    elif isinstance(mae_model_or_encoder_sd, Mapping):
+        sd = mae_model_or_encoder_sd
+    else:
+        raise MaelabError(f"expected a MaskedAutoencoder or a state dict, got {type(mae_model_or_encoder_sd).__name__}")
+    out = {k: v.detach() for k, v in sd.items() if k.startswith(ENCODER_PREFIXES)}
+    for required in ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight"):
+        if required not in out:
+            raise MaelabError(f"encoder weights lack {required!r}; not a maelab/official MAE encoder")
+    if global_pool == "avg":
+        out = {("fc_norm." + k[len("norm."):] if k.startswith("norm.") else k): v for k, v in out.items()}
+    return out
+
+
+def timm_kwargs(model: nn.Module, global_pool: str = "token") -> dict[str, Any]:
+    """``VisionTransformer`` constructor kwargs matching a :class:`MaskedAutoencoder`'s encoder."""
+    _check_pool(global_pool)
+    blk = model.blocks[0]
+    embed_dim = int(model.embed_dim)
+    return dict(
+        img_size=tuple(model.img_size),
+        patch_size=int(model.patch_size),
+        in_chans=int(model.in_chans),
+        embed_dim=embed_dim,
+        depth=len(model.blocks),
+        num_heads=int(blk.attn.num_heads),
+        mlp_ratio=blk.mlp.fc1.out_features / embed_dim,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        num_classes=0,
+        global_pool=global_pool,
+    )
+
+
+def create_timm_encoder(model: nn.Module, global_pool: str = "token") -> nn.Module:
+    """A timm ``VisionTransformer`` (no head) with the encoder's weights loaded strictly. Works for
+    non-square ``img_size``. ``forward_features`` equals ``model.forward_features`` for ``"token"``."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(**timm_kwargs(model, global_pool))
+    sd = to_timm_state_dict(model, global_pool)
+    vit_sd = vit.state_dict()
+    missing, unexpected = set(vit_sd) - set(sd), set(sd) - set(vit_sd)
+    if missing or unexpected:
+        raise MaelabError(
+            f"timm VisionTransformer keys differ: missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
+        )
+    vit.load_state_dict(sd, strict=True)
+    return vit.eval()
+
+
+def save_timm_checkpoint(
+    model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike, global_pool: str = "token"
+) -> str:
+    """Write the encoder as a timm ``.safetensors`` file, loadable with
+    ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=0)``
+    or ``timm.create_model(name, checkpoint_path=path, num_classes=0)``. Returns the path."""
+    from safetensors.torch import save_file
+
+    sd = to_timm_state_dict(model, global_pool)
+    sd = {k: v.to("cpu").contiguous().clone() for k, v in sd.items()}
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(sd, path, metadata={"format": "pt", "global_pool": global_pool})
+    return path

@@ -1,0 +1,204 @@
+"""Official MAE checkpoint layout <-> maelab (synthetic checkpoints, offline)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maelab.errors import MaelabError
+from maelab.interop import (
+    classify_official,
+    export_official,
+    infer_mae_architecture,
+    load_into_mae,
+    load_official_state_dict,
+    mae_from_official,
+)
+from maelab.models.mae import MaskedAutoencoder
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+
+
+def official_layout(
+    embed_dim=64, depth=2, patch=8, grid=(4, 4), dec_dim=32, dec_depth=1, decoder=True, chans=3,
+    device=None, generator=None,
+) -> dict[str, torch.Tensor]:
+    """Key names and shapes written out from the reference's description of the official release
+    (deliberately not derived from maelab's own state dict)."""
+    length = grid[0] * grid[1]
+
+    def t(*shape):
+        if device == "meta":
+            return torch.empty(*shape, device="meta")
+        return torch.randn(*shape, generator=generator)
+
+    def block(prefix, d):
+        return {
+            f"{prefix}.norm1.weight": t(d), f"{prefix}.norm1.bias": t(d),
+            f"{prefix}.attn.qkv.weight": t(3 * d, d), f"{prefix}.attn.qkv.bias": t(3 * d),
+            f"{prefix}.attn.proj.weight": t(d, d), f"{prefix}.attn.proj.bias": t(d),
+            f"{prefix}.norm2.weight": t(d), f"{prefix}.norm2.bias": t(d),
+            f"{prefix}.mlp.fc1.weight": t(4 * d, d), f"{prefix}.mlp.fc1.bias": t(4 * d),
+            f"{prefix}.mlp.fc2.weight": t(d, 4 * d), f"{prefix}.mlp.fc2.bias": t(d),
+        }
+
+    sd = {
+        "cls_token": t(1, 1, embed_dim),
+        "pos_embed": t(1, 1 + length, embed_dim),
+        "patch_embed.proj.weight": t(embed_dim, chans, patch, patch),
+        "patch_embed.proj.bias": t(embed_dim),
+    }
+    for i in range(depth):
+        sd.update(block(f"blocks.{i}", embed_dim))
+    sd.update({"norm.weight": t(embed_dim), "norm.bias": t(embed_dim)})
+    if decoder:
+        sd.update({
+            "mask_token": t(1, 1, dec_dim),
+            "decoder_embed.weight": t(dec_dim, embed_dim), "decoder_embed.bias": t(dec_dim),
+            "decoder_pos_embed": t(1, 1 + length, dec_dim),
+        })
+        for i in range(dec_depth):
+            sd.update(block(f"decoder_blocks.{i}", dec_dim))
+        sd.update({
+            "decoder_norm.weight": t(dec_dim), "decoder_norm.bias": t(dec_dim),
+            "decoder_pred.weight": t(patch * patch * chans, dec_dim), "decoder_pred.bias": t(patch * patch * chans),
+        })
+    return sd
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_full_official_layout_loads_strict_and_every_tensor_arrives():
+    sd = official_layout(generator=_gen())
+    assert classify_official(sd) == "full"
+    model = MaskedAutoencoder(**TINY)
+    assert set(sd) == set(model.state_dict())  # the official names are exactly maelab's names
+    report = load_into_mae(model, sd)
+    assert report == {"kind": "full", "missing": [], "ignored": []}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+
+
+def test_encoder_only_official_layout_loads_into_encoder_and_leaves_decoder():
+    sd = official_layout(decoder=False, generator=_gen(1))
+    assert classify_official(sd) == "encoder"
+    model = MaskedAutoencoder(**TINY)
+    decoder_before = {k: v.clone() for k, v in model.state_dict().items() if k not in sd}
+    report = load_into_mae(model, sd)
+    assert report["kind"] == "encoder" and report["missing"] == []
+    after = model.state_dict()
+    assert set(sd) == set(model.encoder_state_dict())
+    for k, v in sd.items():
+        assert torch.equal(after[k], v), k
+    for k, v in decoder_before.items():
+        assert torch.equal(after[k], v), k
+
+
+def test_official_pth_file_loads_wrapped_and_bare_with_weights_only(tmp_path):
+    sd = official_layout(generator=_gen(2))
+    wrapped, bare = tmp_path / "mae_visualize_vit_tiny.pth", tmp_path / "bare.pth"
+    torch.save({"model": sd, "epoch": 3}, wrapped)
+    torch.save(sd, bare)
+    for path in (wrapped, bare):
+        loaded = load_official_state_dict(path)
+        assert set(loaded) == set(sd) and all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def test_export_official_round_trips_full_and_encoder_only(tmp_path):
+    model = MaskedAutoencoder(**TINY)
+    full = export_official(model, tmp_path / "full.pth")
+    enc = export_official(model, tmp_path / "enc.pth", include_decoder=False)
+    raw = torch.load(full, map_location="cpu", weights_only=True)
+    assert set(raw) == {"model"}
+    assert classify_official(load_official_state_dict(full)) == "full"
+    enc_sd = load_official_state_dict(enc)
+    assert classify_official(enc_sd) == "encoder" and set(enc_sd) == set(model.encoder_state_dict())
+    clone = mae_from_official(full, num_heads=2, decoder_num_heads=2)
+    x = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 16)
+    with torch.no_grad():
+        assert torch.equal(clone(x, noise=noise)[1], model(x, noise=noise)[1])
+
+
+def test_infer_architecture_reads_paper_sizes_from_shapes():
+    # ViT-L/16 + reference decoder, shapes only (meta tensors: nothing allocated).
+    sd = official_layout(embed_dim=1024, depth=24, patch=16, grid=(14, 14), dec_dim=512, dec_depth=8, device="meta")
+    kw = infer_mae_architecture(sd)
+    assert kw == dict(patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0,
+                      img_size=224, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+    enc = official_layout(embed_dim=1280, depth=32, patch=14, grid=(16, 16), decoder=False, device="meta")
+    kw = infer_mae_architecture(enc)
+    assert (kw["embed_dim"], kw["depth"], kw["num_heads"], kw["patch_size"], kw["img_size"]) == (1280, 32, 16, 14, 224)
+    assert "decoder_embed_dim" not in kw
+
+
+def test_infer_architecture_builds_a_model_that_loads_strict_incl_non_square():
+    sd = official_layout(generator=_gen(3))
+    model = MaskedAutoencoder(**infer_mae_architecture(sd, num_heads=2, decoder_num_heads=2))
+    assert load_into_mae(model, sd)["kind"] == "full"
+    rect = official_layout(grid=(2, 4), generator=_gen(4))
+    with pytest.raises(MaelabError, match="not a square grid"):
+        infer_mae_architecture(rect)
+    model = MaskedAutoencoder(**infer_mae_architecture(rect, img_size=(16, 32), num_heads=2, decoder_num_heads=2))
+    load_into_mae(model, rect)
+    assert model.grid == (2, 4)
+
+
+def test_finetuned_checkpoint_drops_head_and_strictness_governs_missing_norm():
+    sd = official_layout(decoder=False, generator=_gen(5))
+    sd.update({"head.weight": torch.randn(10, 64), "head.bias": torch.randn(10),
+               "fc_norm.weight": torch.randn(64), "fc_norm.bias": torch.randn(64)})
+    assert classify_official(sd) == "finetuned"
+    model = MaskedAutoencoder(**TINY)
+    report = load_into_mae(model, sd)
+    assert report["kind"] == "finetuned"
+    assert report["ignored"] == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    # Global-pool fine-tunes delete `norm`: strict refuses and names it, non-strict reports it.
+    del sd["norm.weight"], sd["norm.bias"]
+    with pytest.raises(MaelabError, match=r"missing 2: norm\.bias, norm\.weight"):
+        load_into_mae(MaskedAutoencoder(**TINY), sd)
+    report = load_into_mae(MaskedAutoencoder(**TINY), sd, strict_encoder_only=False)
+    assert report["missing"] == ["norm.bias", "norm.weight"]
+
+
+def test_wrong_architecture_checkpoint_raises_maelab_error_naming_keys_and_shapes():
+    model = MaskedAutoencoder(**TINY)
+    deeper = official_layout(depth=3, generator=_gen(6))
+    with pytest.raises(MaelabError, match=r"unexpected 12: blocks\.2\.") as err:
+        load_into_mae(model, deeper)
+    assert "\n" not in str(err.value)
+    shallower = official_layout(depth=1, generator=_gen(7))
+    with pytest.raises(MaelabError, match=r"missing 12: blocks\.1\."):
+        load_into_mae(model, shallower)
+    wider = official_layout(embed_dim=96, generator=_gen(8))
+    with pytest.raises(MaelabError, match=r"shape mismatch .*blocks\.0\.attn\.proj\.bias \(96,\) vs model \(64,\)"):
+        load_into_mae(model, wider)
+    enc_extra = official_layout(decoder=False, generator=_gen(9))
+    enc_extra["blocks.0.attn.q_norm.weight"] = torch.ones(32)
+    with pytest.raises(MaelabError, match=r"encoder checkpoint .*unexpected 1: blocks\.0\.attn\.q_norm\.weight"):
+        load_into_mae(model, enc_extra)
+    enc_wrong = official_layout(decoder=False, patch=4, grid=(8, 8), generator=_gen(10))
+    with pytest.raises(MaelabError, match=r"pos_embed \(1, 65, 64\) vs model \(1, 17, 64\)"):
+        load_into_mae(model, enc_wrong)
+
+
+def test_unreadable_or_foreign_files_raise_maelab_error(tmp_path):
+    with pytest.raises(MaelabError, match="not found"):
+        load_official_state_dict(tmp_path / "nope.pth")
+    evil = tmp_path / "code.pth"
+    torch.save({"model": official_layout(decoder=False), "obj": _Custom()}, evil)
+    with pytest.raises(MaelabError, match="weights-only"):
+        load_official_state_dict(evil)
+    junk = tmp_path / "junk.pth"
+    torch.save({"epoch": 1}, junk)
+    with pytest.raises(MaelabError, match="no state dict"):
+        load_official_state_dict(junk)
+    with pytest.raises(MaelabError, match="not an MAE/ViT checkpoint"):
+        classify_official({"fc.weight": torch.zeros(2, 2)})
+
+
+class _Custom:
+    pass
