@@ -183,6 +183,8 @@ def resolve_weights_path(path: str | Path) -> Path:
     if (p / WEIGHTS).is_file():
         return p / WEIGHTS
     latest = latest_checkpoint(p)
+    if latest is None and (p / LATEST).is_file():  # the checkpoints/ folder itself
+        latest = latest_checkpoint(p.parent)
     if latest is None:
         raise MaelabError(f"{p} holds no checkpoint (expected a run folder, a checkpoint folder or a file)")
     return latest / WEIGHTS

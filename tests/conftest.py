@@ -1,0 +1,47 @@
+"""Shared fixtures: small real CIFAR-10 subsets (symlinked, never copied) and tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR = Path(os.environ.get("MAELAB_CIFAR10", REPO.parent / "shared" / "datasets" / "cifar10"))
+
+TINY_MAE = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+
+
+def make_subset(dest: Path, per_class: int, classes: int = 10, split: str = "train") -> Path:
+    """An ImageFolder of ``per_class`` CIFAR-10 images per class (symlinks); synthetic if CIFAR is absent."""
+    src = CIFAR / split
+    if src.is_dir():
+        for cls in sorted(os.listdir(src))[:classes]:
+            (dest / cls).mkdir(parents=True, exist_ok=True)
+            for name in sorted(os.listdir(src / cls))[:per_class]:
+                (dest / cls / name).symlink_to(src / cls / name)
+    else:
+        rng = np.random.default_rng(0)
+        for c in range(classes):
+            (dest / f"class{c}").mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                arr[..., c % 3] = 40 + 20 * c
+                Image.fromarray(arr).save(dest / f"class{c}" / f"{i:04d}.png")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def cifar_small(tmp_path_factory) -> Path:
+    """300 training images, 30 per class."""
+    return make_subset(tmp_path_factory.mktemp("cifar_small"), 30)
+
+
+@pytest.fixture(scope="session")
+def cifar_tiny(tmp_path_factory) -> Path:
+    """64 images from 4 classes."""
+    return make_subset(tmp_path_factory.mktemp("cifar_tiny"), 16, classes=4)

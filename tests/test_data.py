@@ -1,0 +1,162 @@
+"""Data: folders, RGB conversion, bad files, augmentation, step sharding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from maelab import MaelabError
+from maelab.data.folders import open_rgb, scan_images
+from maelab.data.loader import Feeder, StepPlan, prepare_images
+from maelab.data.memory import augment_batch, crop_flip_resize
+from maelab.data.transforms import PretrainTransform, normalize, sample_crop_boxes
+
+
+def _save(path, mode, size=(20, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", size, (200, 30, 60))
+    if mode == "P":
+        img = img.convert("P", palette=Image.ADAPTIVE)
+    elif mode != "RGB":
+        img = img.convert(mode)
+    img.save(path)
+    return path
+
+
+def test_imagefolder_tree_gives_sorted_classes_and_labels(tmp_path):
+    for cls in ("dog", "cat"):
+        for i in range(3):
+            _save(tmp_path / cls / f"{i}.png", "RGB")
+    found = scan_images(tmp_path)
+    assert found.classes == ["cat", "dog"] and len(found) == 6
+    assert found.labels == [0, 0, 0, 1, 1, 1]
+
+
+def test_flat_folder_is_read_without_classes(tmp_path):
+    for i in range(4):
+        _save(tmp_path / f"{i}.jpg", "RGB")
+    (tmp_path / "notes.txt").write_text("not an image")
+    found = scan_images(tmp_path)
+    assert len(found) == 4 and found.classes == [] and set(found.labels) == {-1}
+
+
+@pytest.mark.parametrize("mode,ext", [("L", "png"), ("RGBA", "png"), ("P", "png"), ("CMYK", "jpg"),
+                                      ("I;16", "png"), ("1", "png"), ("LA", "png")])
+def test_every_image_mode_becomes_rgb(tmp_path, mode, ext):
+    p = _save(tmp_path / f"x.{ext}", mode)
+    img = open_rgb(str(p))
+    assert img.mode == "RGB" and img.size == (20, 16)
+
+
+def test_missing_and_empty_folders_are_clear_errors(tmp_path):
+    with pytest.raises(MaelabError, match="does not exist"):
+        scan_images(tmp_path / "nope")
+    with pytest.raises(MaelabError, match="no images found"):
+        scan_images(tmp_path)
+
+
+def test_corrupt_image_is_named_or_skipped(tmp_path):
+    for i in range(3):
+        _save(tmp_path / "a" / f"{i}.png", "RGB")
+    bad = tmp_path / "a" / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    with pytest.raises(MaelabError, match="bad.jpg"):
+        open_rgb(str(bad))
+    with pytest.warns(UserWarning, match="bad.jpg"):
+        kept = prepare_images(str(tmp_path), "skip")
+    assert len(kept) == 3 and all("bad" not in p for p in kept.paths)
+
+
+def test_truncated_image_is_an_error_not_grey_pixels(tmp_path):
+    p = tmp_path / "t.jpg"
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(p, quality=95)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MaelabError, match="t.jpg"):
+        open_rgb(str(p))
+
+
+def test_crop_boxes_follow_the_scale_and_ratio_rule():
+    g = torch.Generator().manual_seed(0)
+    boxes = sample_crop_boxes(5000, 32, 48, (0.2, 1.0), generator=g)
+    top, left, h, w = boxes.T
+    assert torch.all(top >= 0) and torch.all(left >= 0)
+    assert torch.all(top + h <= 32) and torch.all(left + w <= 48) and torch.all(h > 0) and torch.all(w > 0)
+    area = (h * w).float() / (32 * 48)
+    assert area.min() > 0.15 and area.max() <= 1.0
+    ratio = w.float() / h.float()
+    assert ratio.min() > 0.6 and ratio.max() < 1.6
+
+
+def test_full_box_without_flip_reproduces_the_image():
+    imgs = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    boxes = torch.tensor([[0, 0, 32, 32]] * 3)
+    out = crop_flip_resize(imgs, boxes, torch.zeros(3, dtype=torch.bool), (32, 32))
+    torch.testing.assert_close(out, imgs.float() / 255, atol=1e-5, rtol=0)
+    flipped = crop_flip_resize(imgs, boxes, torch.ones(3, dtype=torch.bool), (32, 32))
+    torch.testing.assert_close(flipped, imgs.float().flip(-1) / 255, atol=1e-5, rtol=0)
+
+
+def test_batch_crop_matches_a_direct_crop_and_resize():
+    imgs = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    box = torch.tensor([[8, 4, 16, 16]])  # an exact 2x upsampling of a 16x16 window
+    out = crop_flip_resize(imgs, box, torch.zeros(1, dtype=torch.bool), (32, 32))
+    window = imgs[:, :, 8:24, 4:20].float() / 255
+    ref = torch.nn.functional.interpolate(window, size=(32, 32), mode="bicubic", align_corners=False)
+    # grid_sample at the window border reads real neighbouring pixels, interpolate replicates the
+    # edge: compare away from the border
+    torch.testing.assert_close(out[..., 4:-4, 4:-4], ref.clamp(0, 1)[..., 4:-4, 4:-4], atol=2e-3, rtol=0)
+
+
+def test_global_batch_augmentation_is_split_identically_across_processes():
+    imgs = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    whole = augment_batch(imgs, (32, 32), torch.Generator().manual_seed(5))
+    part = augment_batch(imgs[4:], (32, 32), torch.Generator().manual_seed(5), global_n=8, offset=4)
+    assert torch.equal(whole[4:], part)
+
+
+def test_per_sample_transform_is_a_function_of_its_seed(tmp_path):
+    img = Image.new("RGB", (40, 30), (1, 2, 3))
+    img.putpixel((5, 5), (255, 255, 255))
+    t = PretrainTransform((32, 32))
+    a = t(img, torch.Generator().manual_seed(1))
+    b = t(img, torch.Generator().manual_seed(1))
+    assert a.shape == (3, 32, 32) and torch.equal(a, b)
+
+
+def test_step_plan_partitions_each_global_batch_over_ranks_and_micro_steps():
+    plans = [StepPlan(103, 4, 2, 3, r, seed=0) for r in range(3)]
+    assert plans[0].global_size == 24 and plans[0].steps_per_epoch == 4
+    order = plans[0].order(1)
+    for step in range(4):
+        got = torch.cat([p.indices(order, step, m) for m in range(2) for p in plans])
+        assert torch.equal(got.sort().values, order[step * 24:(step + 1) * 24].sort().values)
+    assert not torch.equal(plans[0].order(0), plans[0].order(1))
+
+
+def test_too_small_dataset_for_one_global_batch_is_a_clear_error():
+    with pytest.raises(MaelabError, match="fewer than one global batch"):
+        StepPlan(10, 8, 1, 2, 0, seed=0)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_both_feeding_paths_give_normalised_batches_of_the_model_size(cifar_tiny, in_memory):
+    images = prepare_images(str(cifar_tiny), "error")
+    plan = StepPlan(len(images), 8, 1, 1, 0, seed=0)
+    from maelab.data.transforms import PretrainTransform
+
+    feeder = Feeder(images, plan, torch.device("cpu"), (32, 32), in_memory,
+                    transform=PretrainTransform((32, 32)), num_workers=0)
+    batches = list(feeder.epoch(0, start_step=5))
+    assert len(batches) == plan.steps_per_epoch - 5
+    x = batches[0].images
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
+    assert -2.2 < x.min() < 0 < x.max() < 2.7  # ImageNet-normalised range
+    again = list(feeder.epoch(0, start_step=5))[0].images
+    assert torch.equal(x, again)  # a resumed epoch sees the same pixels
+
+
+def test_normalize_uses_imagenet_statistics():
+    x = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    assert torch.allclose(normalize(x), torch.zeros(1, 3, 2, 2), atol=1e-6)

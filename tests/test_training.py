@@ -1,0 +1,182 @@
+"""The engine: a real short pre-training learns; interrupted, crashed, killed and multi-process runs
+end with exactly the weights of one uninterrupted single-process run; bad numerics stop cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from maelab.config import PretrainConfig, build_config
+from maelab.pretrain import run_pretrain
+from maelab.train import checkpoint as ckpt
+from maelab.train.loop import NonFiniteLoss, RunInterrupted
+from maelab.train.tasks import PretrainTask
+
+SMALL = dict(model="mae_vit_tiny_patch4", decoder_depth=1, epochs=2, warmup_epochs=1, base_lr=1.5e-3,
+             vis_every=0, log_every=1, device="cpu", num_workers=0, seed=3)
+
+
+def cfg_for(data, out, **kw) -> PretrainConfig:
+    return build_config(PretrainConfig, {**SMALL, "data": str(data), "out": str(out), "batch_size": 16, **kw})
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return ckpt.read_weights(ckpt.latest_checkpoint(run_dir) / ckpt.WEIGHTS)[0]
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by {worst}"
+
+
+@pytest.fixture(scope="module")
+def reference_run(cifar_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    run_pretrain(cfg_for(cifar_tiny, out))
+    return out
+
+
+def test_short_cifar_pretraining_lowers_the_loss(cifar_small, tmp_path):
+    cfg = cfg_for(cifar_small, tmp_path, batch_size=32, epochs=4, log_every=3, vis_every=2)
+    result = run_pretrain(cfg)
+    epochs = [h for h in result.history if "epoch_loss" in h]
+    assert len(epochs) == 4
+    assert epochs[-1]["epoch_loss"] < 0.85 * epochs[0]["epoch_loss"], epochs
+    for name in ("config.yaml", "metrics.jsonl", "loss_curve.png", "reconstruction.png",
+                 "reconstructions/epoch_0002.png", "reconstructions/epoch_0004.png"):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "tensorboard").iterdir())
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "img_per_s", "grad_norm"} <= set(lines[0])
+
+
+def test_resume_after_a_signal_reproduces_the_uninterrupted_weights(cifar_tiny, tmp_path, monkeypatch, reference_run):
+    original = PretrainTask.forward
+
+    def forward(self, runner, batch):
+        if batch.epoch == 1 and batch.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # like a scheduler pre-empting the job
+        return original(self, runner, batch)
+
+    monkeypatch.setattr(PretrainTask, "forward", forward)
+    with pytest.raises(RunInterrupted, match="epoch 2 step 2"):
+        run_pretrain(cfg_for(cifar_tiny, tmp_path))
+    monkeypatch.setattr(PretrainTask, "forward", original)
+    assert ckpt.latest_checkpoint(tmp_path).name.startswith("step_")
+    run_pretrain(cfg_for(cifar_tiny, tmp_path))  # same command again: resumes mid-epoch
+    assert_same_weights(final_weights(tmp_path), final_weights(reference_run))
+
+
+def test_resume_after_a_crash_restarts_from_the_last_checkpoint_exactly(cifar_tiny, tmp_path, monkeypatch, reference_run):
+    original = PretrainTask.forward
+
+    def forward(self, runner, batch):
+        if batch.epoch == 1 and batch.step == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, runner, batch)
+
+    monkeypatch.setattr(PretrainTask, "forward", forward)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_pretrain(cfg_for(cifar_tiny, tmp_path))
+    monkeypatch.setattr(PretrainTask, "forward", original)
+    assert ckpt.latest_checkpoint(tmp_path).name == "epoch_0001"
+    run_pretrain(cfg_for(cifar_tiny, tmp_path))
+    assert_same_weights(final_weights(tmp_path), final_weights(reference_run))
+
+
+def test_gradient_accumulation_matches_one_big_batch(cifar_tiny, tmp_path, reference_run):
+    run_pretrain(cfg_for(cifar_tiny, tmp_path, batch_size=8, accum_iter=2))
+    assert_same_weights(final_weights(tmp_path), final_weights(reference_run), atol=3e-5)
+
+
+def _cli(*args, threads: int | None = None, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return subprocess.Popen([*args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _flags(data, out, batch):
+    flags = []
+    for k, v in {**SMALL, "data": str(data), "out": str(out), "batch_size": batch}.items():
+        flags += [f"--{k.replace('_', '-')}", str(v)]
+    return flags
+
+
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(cifar_tiny, tmp_path, reference_run):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "29517"]
+    proc = _cli(*torchrun, "-m", "maelab.cli", "pretrain", *_flags(cifar_tiny, tmp_path, 8), threads=1)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    # same global batch (2 x 8 = 16), same data, same masks: same weights up to all-reduce rounding
+    assert_same_weights(final_weights(tmp_path), final_weights(reference_run), atol=3e-5)
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_weights(cifar_tiny, tmp_path, reference_run):
+    flags = _flags(cifar_tiny, tmp_path, 16)
+    proc = _cli(sys.executable, "-m", "maelab.cli", "pretrain", *flags)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "checkpoints" / "epoch_0001").is_dir():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no handler, no chance to save: only the atomic files survive
+    proc.communicate()
+    # same thread count as the in-process reference, so float reductions run in the same order
+    proc = _cli(sys.executable, "-m", "maelab.cli", "pretrain", *flags)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert_same_weights(final_weights(tmp_path), final_weights(reference_run))
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(cifar_tiny, tmp_path, monkeypatch):
+    original = PretrainTask.forward
+
+    def forward(self, runner, batch):
+        loss, extra = original(self, runner, batch)
+        if batch.epoch == 1 and batch.step == 1:
+            loss = loss * float("nan")
+        return loss, extra
+
+    monkeypatch.setattr(PretrainTask, "forward", forward)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite at step 6 \(epoch 2\).*epoch_0001"):
+        run_pretrain(cfg_for(cifar_tiny, tmp_path))
+    good = ckpt.latest_checkpoint(tmp_path)
+    assert good.name == "epoch_0001"
+    weights, _ = ckpt.read_weights(good / ckpt.WEIGHTS)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_on_cpu(cifar_tiny, tmp_path, precision):
+    result = run_pretrain(cfg_for(cifar_tiny, tmp_path, precision=precision, epochs=1))
+    assert result.epochs_done == 1
+    assert all(torch.isfinite(v).all() for v in final_weights(tmp_path).values())
+
+
+def test_incomplete_checkpoint_folders_are_never_taken(tmp_path, reference_run):
+    shutil.copytree(reference_run / "checkpoints", tmp_path / "checkpoints")
+    half = tmp_path / "checkpoints" / "epoch_0009"
+    half.mkdir()
+    (half / ckpt.WEIGHTS).write_bytes(b"partial")  # no meta.json: a save that was cut short
+    (tmp_path / "checkpoints" / ckpt.LATEST).write_text("epoch_0009\n")
+    assert ckpt.latest_checkpoint(tmp_path).name == "epoch_0002"
+
+
+def test_checkpoint_holds_safetensors_weights_and_a_weights_only_state(reference_run):
+    folder = ckpt.latest_checkpoint(reference_run)
+    state = torch.load(folder / ckpt.STATE, weights_only=True)
+    assert {"optimizer", "scaler", "epoch", "step", "global_step", "rng"} <= set(state)
+    weights, meta = ckpt.read_weights(folder / ckpt.WEIGHTS)
+    assert meta["arch"] == "mae" and meta["kwargs"]["decoder_depth"] == 1
+    assert "decoder_pred.weight" in weights
