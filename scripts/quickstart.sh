@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# README command 1: set up maelab in .venv and run a short real MAE pre-training on CIFAR-10 (ViT-Tiny/4,
+# 32 px), ending with reconstruction pictures and a loss curve in runs/quickstart/.
+# Uses ../shared/datasets/cifar10/train when present, else downloads CIFAR-10 with torchvision.
+# Override the data with DATA=/path/to/images; extra arguments go to `maelab pretrain`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e .
+DATA=${DATA:-../shared/datasets/cifar10/train}
+if [ ! -d "$DATA" ]; then
+  "$VENV/bin/python" -m maelab.data.cifar data/cifar10
+  DATA=data/cifar10/train
+fi
+"$VENV/bin/maelab" pretrain --config pretrain_cifar10_tiny --data "$DATA" \
+  --limit-images 10000 --epochs 4 --warmup-epochs 1 --batch-size 128 --base-lr 1.5e-3 \
+  --vis-every 2 --save-every 2 --out runs/quickstart "$@"
