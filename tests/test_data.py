@@ -160,3 +160,20 @@ def test_both_feeding_paths_give_normalised_batches_of_the_model_size(cifar_tiny
 def test_normalize_uses_imagenet_statistics():
     x = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
     assert torch.allclose(normalize(x), torch.zeros(1, 3, 2, 2), atol=1e-6)
+
+
+def test_symlink_cycles_do_not_hang_the_scan(tmp_path):
+    _save(tmp_path / "a" / "0.png", "RGB")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path / "a", target_is_directory=True)
+    assert len(scan_images(tmp_path)) == 1
+
+
+def test_images_of_mixed_sizes_stream_at_the_model_size(tmp_path):
+    for i, size in enumerate([(50, 40), (33, 97), (300, 200), (32, 32)]):
+        _save(tmp_path / "c" / f"{i}.png", "RGB", size=size)
+    images = prepare_images(str(tmp_path), "error")
+    plan = StepPlan(len(images), 2, 1, 1, 0, seed=0)
+    feeder = Feeder(images, plan, torch.device("cpu"), (32, 48), in_memory=False,
+                    transform=PretrainTransform((32, 48)), num_workers=0)
+    shapes = {tuple(b.images.shape) for b in feeder.epoch(0)}
+    assert shapes == {(2, 3, 32, 48)}

@@ -246,3 +246,8 @@ def test_features_never_mask():
     latent, _, _, _ = model.forward_encoder(imgs, 0.0, noise)
     torch.testing.assert_close(feats, latent)
     torch.testing.assert_close(model.forward_features(imgs), feats)  # deterministic, no random mask
+
+
+def test_image_smaller_than_a_patch_is_a_clear_error():
+    with pytest.raises(MaelabError, match="at least the patch size"):
+        tiny(img_size=0)

@@ -60,6 +60,29 @@ def test_short_cifar_pretraining_lowers_the_loss(cifar_small, tmp_path):
     assert {"loss", "lr", "img_per_s", "grad_norm"} <= set(lines[0])
 
 
+@pytest.fixture(scope="module")
+def reference_stream(cifar_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref_stream")
+    run_pretrain(cfg_for(cifar_tiny, out, in_memory="no"))
+    return out
+
+
+def test_streamed_data_path_resumes_exactly_too(cifar_tiny, tmp_path, monkeypatch, reference_stream):
+    original = PretrainTask.forward
+
+    def forward(self, runner, batch):
+        if batch.epoch == 1 and batch.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+        return original(self, runner, batch)
+
+    monkeypatch.setattr(PretrainTask, "forward", forward)
+    with pytest.raises(RunInterrupted):
+        run_pretrain(cfg_for(cifar_tiny, tmp_path, in_memory="no"))
+    monkeypatch.setattr(PretrainTask, "forward", original)
+    run_pretrain(cfg_for(cifar_tiny, tmp_path, in_memory="no"))
+    assert_same_weights(final_weights(tmp_path), final_weights(reference_stream))
+
+
 def test_resume_after_a_signal_reproduces_the_uninterrupted_weights(cifar_tiny, tmp_path, monkeypatch, reference_run):
     original = PretrainTask.forward
 

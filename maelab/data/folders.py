@@ -49,7 +49,13 @@ def scan_images(root: str | os.PathLike) -> ImageList:
         raise MaelabError(f"data path {root} is not a folder")
     paths: list[str] = []
     tops: list[str] = []
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink cycle: do not walk forever
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = Path(dirpath).relative_to(root)
         top = rel.parts[0] if rel.parts else ""

@@ -117,6 +117,8 @@ class MaskedAutoencoder(nn.Module):
             mask_ratio=mask_ratio,
         )  # recorded in every weights file, so a checkpoint rebuilds its own model
         self.img_size = _pair(img_size)
+        if patch_size < 1 or min(self.img_size) < patch_size:
+            raise MaelabError(f"image size {self.img_size[0]}x{self.img_size[1]} must be at least the patch size {patch_size}")
         if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
             raise MaelabError(
                 f"image size {self.img_size[0]}x{self.img_size[1]} is not divisible by the patch size {patch_size}"
