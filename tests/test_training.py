@@ -203,3 +203,9 @@ def test_checkpoint_holds_safetensors_weights_and_a_weights_only_state(reference
     weights, meta = ckpt.read_weights(folder / ckpt.WEIGHTS)
     assert meta["arch"] == "mae" and meta["kwargs"]["decoder_depth"] == 1
     assert "decoder_pred.weight" in weights
+
+
+def test_keeps_the_latest_and_the_last_k_periodic_checkpoints(cifar_tiny, tmp_path):
+    run_pretrain(cfg_for(cifar_tiny, tmp_path, epochs=5, save_every=2, keep=2, log_every=4))
+    names = sorted(d.name for d in ckpt.list_checkpoints(tmp_path))
+    assert names == ["epoch_0004", "epoch_0005"]  # periodic: 2, 4 and the final 5; keep the last 2

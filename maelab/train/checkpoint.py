@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -155,15 +154,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def prune(run_dir: str | Path, keep_names: set[str], periodic_pattern: str, keep: int) -> None:
-    """Delete non-periodic checkpoints except ``keep_names``; keep the newest ``keep`` periodic ones."""
-    ckpts = list_checkpoints(run_dir)
-    periodic = [d for d in ckpts if re.fullmatch(periodic_pattern, d.name)]
-    doomed = [d for d in ckpts if d not in periodic and d.name not in keep_names]
-    if keep > 0:
-        doomed += [d for d in periodic[:-keep] if d.name not in keep_names]
-    for d in doomed:
-        shutil.rmtree(d, ignore_errors=True)
+def prune(run_dir: str | Path, keep_names: set[str]) -> None:
+    """Delete every complete checkpoint folder whose name is not in ``keep_names``."""
+    for d in list_checkpoints(run_dir):
+        if d.name not in keep_names:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def load_train_state(folder: Path) -> dict[str, Any]:

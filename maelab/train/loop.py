@@ -259,21 +259,21 @@ class Trainer:
                 name = f"epoch_{self.epoch:04d}"
                 self.save(name, {"epoch_loss": epoch_loss})
                 if self.info.is_main:
-                    periodic = r"epoch_\d{4}"
-                    keepers = {name} | {f"epoch_{e:04d}" for e in range(1, cfg.epochs + 1)
-                                        if e % max(run.save_every, 1) == 0 or e == cfg.epochs}
-                    self._prune(keepers, periodic)
+                    self._prune(name)
                 if stop["stop"] and not last:
                     raise RunInterrupted(f"interrupted after epoch {self.epoch}; run the same command again to resume")
         return LoopResult(self.run_dir, self.epoch, self.global_step, history)
 
-    def _prune(self, keepers: set[str], periodic: str) -> None:
-        latest = ckpt.latest_checkpoint(self.run_dir)
-        all_ckpts = ckpt.list_checkpoints(self.run_dir)
-        periodic_done = [d.name for d in all_ckpts if d.name in keepers]
-        keep_periodic = set(periodic_done[-self.run_cfg.keep:]) if self.run_cfg.keep > 0 else set(periodic_done)
-        keep = keep_periodic | ({latest.name} if latest else set())
-        ckpt.prune(self.run_dir, keep, r"(?!)", 0)
+    def _prune(self, newest: str) -> None:
+        """Keep the newest checkpoint and the last ``keep`` periodic ones (every ``save_every``
+        epochs and the final epoch); delete the rest."""
+        every, epochs = max(self.run_cfg.save_every, 1), self.optim_cfg.epochs
+        periodic = [d.name for d in ckpt.list_checkpoints(self.run_dir)
+                    if d.name.startswith("epoch_") and d.name[6:].isdigit()
+                    and (int(d.name[6:]) % every == 0 or int(d.name[6:]) == epochs)]
+        if self.run_cfg.keep > 0:
+            periodic = periodic[-self.run_cfg.keep:]
+        ckpt.prune(self.run_dir, set(periodic) | {newest})
 
     def _mean(self, total: torch.Tensor, count: int) -> float:
         value = total / count
