@@ -112,7 +112,58 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable] = [_pretrain_parser, _visualize_parser, _convert_parser, _models_parser]
+def _config_command(name: str, config: str, run: str, help: str, description: str) -> Callable:
+    """A subcommand whose flags are the fields of ``maelab.config.<config>`` and which calls
+    ``maelab.<module>.<function>`` (``run`` = "module:function") with the built config."""
+
+    def add(sub) -> None:
+        import maelab.config as config_module
+
+        p = sub.add_parser(name, help=help, description=description + " Every flag is a config field; --config "
+                                                                       "loads a YAML preset first (flags override it).")
+        config_module.add_config_args(p, getattr(config_module, config))
+        p.set_defaults(func=lambda args: _run_config_command(args, config, run))
+
+    add.__name__ = f"_{name}_parser"
+    return add
+
+
+def _run_config_command(args: argparse.Namespace, config: str, run: str) -> int:
+    import importlib
+
+    import maelab.config as config_module
+
+    module, function = run.split(":")
+    cfg = config_module.config_from_args(getattr(config_module, config), args)
+    getattr(importlib.import_module(module), function)(cfg)
+    return 0
+
+
+_finetune_parser = _config_command(
+    "finetune", "FinetuneConfig", "maelab.finetune:run_finetune",
+    "fine-tune the encoder as a classifier (or train it from scratch with --init none)",
+    "End-to-end fine-tuning with the official MAE recipe (global-average-pool + fc_norm head, layer-wise lr "
+    "decay, drop path, RandAugment, mixup / cutmix, label smoothing, random erasing, AdamW, warm-up + cosine); "
+    "top-1 / top-5 on the validation split after every epoch; the headline is the final epoch.")
+_linprobe_parser = _config_command(
+    "linprobe", "LinprobeConfig", "maelab.linprobe:run_linprobe",
+    "linear probe: BatchNorm + Linear head on frozen features, LARS",
+    "Linear probing as in the paper: frozen encoder in eval mode, cls-token features after the final norm, "
+    "BatchNorm1d(affine=False) + Linear head, LARS. --no-augment caches the features once (fast on a CPU).")
+_knn_parser = _config_command(
+    "knn", "KnnConfig", "maelab.knn:run_knn",
+    "weighted kNN accuracy of frozen features (k=20, T=0.07)",
+    "Weighted k-nearest-neighbour classification on L2-normalised features: the training split is the "
+    "memory bank, the validation split the queries.")
+_features_parser = _config_command(
+    "features", "FeaturesConfig", "maelab.features:run_features",
+    "embeddings of a folder of images to .npy / .safetensors, with the image paths",
+    "Encoder features (cls token or mean of the patch tokens after the final norm; never masked) for every "
+    "image of a folder, in a fixed order.")
+
+
+COMMANDS: list[Callable] = [_pretrain_parser, _visualize_parser, _convert_parser, _models_parser,
+                            _finetune_parser, _linprobe_parser, _knn_parser, _features_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

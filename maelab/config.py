@@ -48,6 +48,7 @@ class DataConfig:
     min_crop_scale: float = _f(0.2, "RandomResizedCrop minimum area fraction")
     hflip: bool = _f(True, "random horizontal flip")
     bad_files: str = _f("error", "unreadable image: stop with its path (error) or leave it out (skip)", choices=("error", "skip"))
+    limit_images: int = _f(0, "train on a fixed seeded random subset of N images (0 = all); for quick runs")
 
 
 @dataclass
@@ -78,11 +79,20 @@ class RunConfig:
 
 
 @dataclass
+class MonitorConfig:
+    knn_every: int = _f(0, "weighted kNN accuracy of the encoder's features every N epochs and at the end "
+                           "(0 = off); needs class folders in --data")
+    knn_data: str = _f("", "labelled held-out images for the kNN monitor (default: a sibling val / test folder of --data)")
+    knn_max: int = _f(5000, "images of each split the kNN monitor uses (a fixed seeded subsample; 0 = all)")
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 # --- generic machinery ----------------------------------------------------------------------------
@@ -228,3 +238,174 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
     from maelab.train.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+
+
+# --- downstream commands: finetune, linprobe, knn, features -----------------------------------------
+# Defaults follow the official ViT-B recipes (fine-tune: AdamW, layer decay 0.65, drop path 0.1,
+# RandAugment, mixup 0.8 / cutmix 1.0, smoothing 0.1, erasing 0.25, 100 epochs, 5 warm-up; linear
+# probe: LARS, base lr 0.1, no weight decay, 90 epochs, 10 warm-up). Presets: configs/*.yaml.
+POOLS = ("token", "avg")
+
+
+@dataclass
+class EncoderConfig:
+    init: str = _f("", "encoder weights: a maelab run / checkpoint folder / .safetensors, an official MAE .pth, a "
+                       "timm checkpoint, a Hugging Face ViTMAE folder, or `none` (random init, the baseline)")
+    model: str | None = _f(None, "model preset: the architecture for --init none; with a checkpoint it must "
+                                 "match (default: the checkpoint's)")
+    img_size: list[int] | None = _f(None, "input size, one or two numbers (default: the checkpoint's); position "
+                                          "embeddings are resized bicubically when it differs")
+    global_pool: str = _f("token", "features: the cls token after the final norm (token) or the mean of the "
+                                   "patch tokens after it (avg)", choices=POOLS)
+    num_heads: int | None = _f(None, "encoder attention heads, for files that do not record them (official .pth, "
+                                     "timm); default: the paper's table (192: 3, 384: 6, 768: 12, 1024/1280: 16)")
+
+
+@dataclass
+class FinetuneModelConfig(EncoderConfig):
+    global_pool: str = _f("avg", "head input: mean of the patch tokens + a new fc_norm (avg, the recipe) or the "
+                                 "cls token after the final norm (token)", choices=POOLS)
+    drop_path: float = _f(0.1, "stochastic depth rate (recipe: ViT-B 0.1, L 0.2, H 0.3)")
+
+
+@dataclass
+class ImagesConfig:
+    data: str = _f("", "image folder: an ImageFolder tree (<class>/<image>) or a flat folder of images")
+    batch_size: int = _f(128, "images per process per (micro-)batch")
+    num_workers: int = _f(-1, "data-loading processes; -1 = one per CPU core, at most 8")
+    in_memory: str = _f("auto", "decode images once into RAM: auto (when they fit and already have the input "
+                                "size) | yes | no", choices=("auto", "yes", "no"))
+    crop_pct: float = _f(0.875, "evaluation view: resize to size / crop_pct and centre-crop (images already at "
+                                "the input size are used as they are)")
+    bad_files: str = _f("error", "unreadable image: stop with its path (error) or leave it out (skip)",
+                        choices=("error", "skip"))
+
+
+@dataclass
+class ClassDataConfig(ImagesConfig):
+    data: str = _f("", "training split: an ImageFolder tree (<class>/<image>)")
+    val_data: str = _f("", "validation split, same class folders (default: a sibling val / validation / test "
+                           "folder when --data is called train)")
+    num_classes: int | None = _f(None, "expected number of classes, checked against the class folders")
+    limit_images: int = _f(0, "use a fixed seeded random subset of N images of each split (0 = all); for quick runs")
+
+
+@dataclass
+class AugmentConfig:
+    min_crop_scale: float = _f(0.08, "RandomResizedCrop minimum area fraction")
+    hflip: bool = _f(True, "random horizontal flip")
+    auto_augment: str | None = _f("rand-m9-mstd0.5-inc1", "RandAugment policy in timm syntax; none = off")
+    reprob: float = _f(0.25, "random erasing probability (pixel mode)")
+    mixup: float = _f(0.8, "mixup alpha (0 = off)")
+    cutmix: float = _f(1.0, "cutmix alpha (0 = off)")
+    mixup_prob: float = _f(1.0, "probability of mixing a batch")
+    mixup_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup when both are on")
+    smoothing: float = _f(0.1, "label smoothing")
+
+
+@dataclass
+class FinetuneOptimConfig:
+    epochs: int = _f(100, "training epochs (recipe: ViT-B 100, L/H 50)")
+    warmup_epochs: float = _f(5.0, "linear warm-up length in epochs (per-iteration schedule)")
+    base_lr: float = _f(5e-4, "learning rate per 256 images: lr = base_lr * effective batch / 256 (ViT-B 5e-4, L/H 1e-3)")
+    lr: float | None = _f(None, "absolute learning rate (overrides base_lr)")
+    min_lr: float = _f(1e-6, "learning rate at the end of the cosine")
+    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens, position embeddings)")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    layer_decay: float = _f(0.65, "layer-wise lr decay: block i of d gets layer_decay^(d - i) (ViT-B 0.65, L/H 0.75; 1 = off)")
+    accum_iter: int = _f(1, "micro-steps accumulated per optimizer step")
+    clip_grad: float | None = _f(None, "clip the gradient norm to this value")
+
+
+@dataclass
+class TrainRunConfig:
+    out: str = _f("runs/finetune", "run folder (config, checkpoints, logs, results.json); an existing run resumes")
+    seed: int = _f(0, "seed for initialisation, data order, augmentation and mixup")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
+    precision: str = _f("fp32", "fp32 | bf16 | fp16 (autocast; fp16 uses a GradScaler)", choices=("fp32", "bf16", "fp16"))
+    resume: str = _f("auto", "auto (continue a run found in --out) | never | PATH of a checkpoint")
+    log_every: int = _f(20, "optimizer steps between log lines / host syncs")
+    save_every: int = _f(5, "keep a checkpoint every N epochs (the latest is always saved)")
+    keep: int = _f(3, "periodic checkpoints to keep (0 = all)")
+    compile: bool = _f(False, "torch.compile the model")
+
+
+@dataclass
+class FinetuneConfig:
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    data: ClassDataConfig = field(default_factory=ClassDataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    run: TrainRunConfig = field(default_factory=TrainRunConfig)
+
+
+@dataclass
+class ProbeAugmentConfig:
+    augment: bool = _f(True, "RandomResizedCrop + flip on the training split (the paper); --no-augment trains "
+                             "on the evaluation view")
+    min_crop_scale: float = _f(0.08, "RandomResizedCrop minimum area fraction")
+    hflip: bool = _f(True, "random horizontal flip")
+    cache_features: bool = _f(True, "with --no-augment: extract the features once and train the head on the "
+                                    "cached tensor (minutes instead of hours on a CPU; same result)")
+
+
+@dataclass
+class ProbeOptimConfig:
+    epochs: int = _f(90, "training epochs (recipe: 90 for ViT-B, 50 for L/H)")
+    warmup_epochs: float = _f(10.0, "linear warm-up length in epochs (per-iteration schedule)")
+    base_lr: float = _f(0.1, "learning rate per 256 images: lr = base_lr * effective batch / 256")
+    lr: float | None = _f(None, "absolute learning rate (overrides base_lr)")
+    min_lr: float = _f(0.0, "learning rate at the end of the cosine")
+    weight_decay: float = _f(0.0, "LARS weight decay on the Linear weight (never on 1-D parameters)")
+    momentum: float = _f(0.9, "LARS momentum")
+    accum_iter: int = _f(1, "micro-steps accumulated per optimizer step")
+    clip_grad: float | None = _f(None, "clip the gradient norm to this value")
+
+
+@dataclass
+class ProbeRunConfig(TrainRunConfig):
+    out: str = _f("runs/linprobe", "run folder (config, head checkpoints, logs, results.json); an existing run resumes")
+
+
+@dataclass
+class LinprobeConfig:
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    data: ClassDataConfig = field(default_factory=ClassDataConfig)
+    augment: ProbeAugmentConfig = field(default_factory=ProbeAugmentConfig)
+    optim: ProbeOptimConfig = field(default_factory=ProbeOptimConfig)
+    run: ProbeRunConfig = field(default_factory=ProbeRunConfig)
+
+
+@dataclass
+class KnnParams:
+    k: int = _f(20, "neighbours that vote")
+    temperature: float = _f(0.07, "vote weight exp(cosine similarity / temperature)")
+
+
+@dataclass
+class EvalRunConfig:
+    out: str = _f("", "also write the results as JSON to this file")
+    seed: int = _f(0, "seed for --limit-images subsets and --init none")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
+    precision: str = _f("fp32", "fp32 | bf16 | fp16 (autocast)", choices=("fp32", "bf16", "fp16"))
+
+
+@dataclass
+class KnnConfig:
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    data: ClassDataConfig = field(default_factory=ClassDataConfig)
+    knn: KnnParams = field(default_factory=KnnParams)
+    run: EvalRunConfig = field(default_factory=EvalRunConfig)
+
+
+@dataclass
+class FeaturesRunConfig(EvalRunConfig):
+    out: str = _f("features.npy", "output: .npy (+ .paths.txt, and .labels.npy for class folders) or .safetensors "
+                                  "(features, labels; paths in the header, and .paths.txt)")
+
+
+@dataclass
+class FeaturesConfig:
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    data: ImagesConfig = field(default_factory=ImagesConfig)
+    run: FeaturesRunConfig = field(default_factory=FeaturesRunConfig)

@@ -96,7 +96,7 @@ def run_pretrain(cfg: PretrainConfig) -> LoopResult:
     try:
         run_dir = Path(cfg.run.out).expanduser()
         resume = find_resume(cfg, run_dir)
-        images = prepare_images(cfg.data.data, cfg.data.bad_files)
+        images = prepare_images(cfg.data.data, cfg.data.bad_files, cfg.data.limit_images, cfg.run.seed)
         workers = default_workers(cfg.data.num_workers)
         in_memory = choose_in_memory(cfg.data.in_memory, images, model.img_size)
         plan = StepPlan(len(images), cfg.data.batch_size, cfg.optim.accum_iter, info.world, info.rank, cfg.run.seed)
@@ -108,6 +108,9 @@ def run_pretrain(cfg: PretrainConfig) -> LoopResult:
                         bad_files=cfg.data.bad_files, progress=info.is_main)
         model.to(device)
         vis_paths = pick_vis_images(images.paths, images.labels)
+        from maelab.evaluate.knn import pretrain_knn_monitor
+
+        knn_monitor = pretrain_knn_monitor(cfg, images, model.img_size, device, workers)
 
         def epoch_hook(epoch: int, last: bool) -> dict[str, float]:
             every = cfg.run.vis_every
@@ -116,6 +119,8 @@ def run_pretrain(cfg: PretrainConfig) -> LoopResult:
 
                 save_reconstruction_grid(model, vis_paths, [cfg.model.mask_ratio],
                                          run_dir / "reconstructions" / f"epoch_{epoch + 1:04d}.png", seed=cfg.run.seed)
+            if knn_monitor is not None and info.is_main and (last or (epoch + 1) % cfg.monitor.knn_every == 0):
+                return knn_monitor(model)  # rank 0 only; the others wait at the checkpoint barrier
             return {}
 
         meta = model_meta(cfg.model.model, kwargs)

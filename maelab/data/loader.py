@@ -204,10 +204,16 @@ def _clone(g: torch.Generator) -> torch.Generator:
     return c
 
 
-def prepare_images(root: str, bad_files: str) -> ImageList:
+def prepare_images(root: str, bad_files: str, limit: int = 0, seed: int = 0) -> ImageList:
+    """Scan ``root``; optionally keep a fixed seeded subset of ``limit`` images; apply the bad-file policy."""
     from maelab.data.folders import scan_images
 
     images = scan_images(root)
+    if limit < 0:
+        raise MaelabError(f"--limit-images must be 0 (all) or positive, got {limit}")
+    if 0 < limit < len(images):
+        keep = torch.randperm(len(images), generator=make_generator(seed, 6))[:limit].sort().values
+        images = images.subset(keep.tolist())
     if bad_files == "skip":
         keep = check_readable(images.paths)
         if not keep:

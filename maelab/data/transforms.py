@@ -104,3 +104,62 @@ class EvalTransform:
             img = TF.center_crop(img, list(self.size))
         x = TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
         return normalize(x.unsqueeze(0))[0]
+
+
+class SeededTransform:
+    """Runs a transform that draws from the global RNGs (torch, ``random``, NumPy -- as timm's and
+    torchvision's do) under a seed taken from the per-sample ``generator``, then restores the caller's
+    RNG states. The result is a pure function of (image, seed), in any worker and after a resume."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, img: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        import random
+
+        import numpy as np
+
+        seed = int(torch.randint(0, 1 << 62, (1,), generator=generator))
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % (1 << 32))
+            try:
+                return self.transform(img)
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+    def __repr__(self) -> str:
+        return f"SeededTransform({self.transform!r})"
+
+
+def finetune_transform(size: tuple[int, int], min_scale: float = 0.08, hflip: bool = True,
+                       auto_augment: str | None = "rand-m9-mstd0.5-inc1", reprob: float = 0.25) -> SeededTransform:
+    """The official fine-tuning augmentation through timm's ``create_transform``: RandomResizedCrop
+    (bicubic, scale ``(min_scale, 1)``) + flip + RandAugment + normalisation + random erasing (pixel
+    mode). ``auto_augment=None`` turns RandAugment off (timm then adds no colour jitter either)."""
+    from timm.data import create_transform
+
+    t = create_transform(input_size=tuple(size), is_training=True, scale=(min_scale, 1.0),
+                         hflip=0.5 if hflip else 0.0, color_jitter=None, auto_augment=auto_augment,
+                         interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1,
+                         mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    for step in getattr(t, "transforms", []):  # this transform's RandAugment ops only, nothing global
+        for op in getattr(step, "ops", []):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = posterize
+    return SeededTransform(t)
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize op, also for 0 bits: RandAugment's ``PosterizeIncreasing`` reaches 0 bits at
+    high magnitudes, which Pillow >= 12 refuses; older Pillow returned a black image, as here."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, int(bits_to_keep))

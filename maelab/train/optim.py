@@ -44,3 +44,36 @@ def cosine_lr(it: float, total: float, warmup: float, lr: float, min_lr: float) 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# --- fine-tuning and linear probing ----------------------------------------------------------------
+def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Layer-wise lr decay (BEiT / MAE fine-tuning) with timm's ``param_groups_layer_decay``: block
+    ``i`` of ``depth`` gets ``lr_scale = layer_decay ** (depth - i)``, the embeddings
+    ``layer_decay ** (depth + 1)``, the head and its norm 1. ``set_lr`` applies ``lr_scale``. No weight
+    decay on 1-D parameters, tokens and position embeddings."""
+    from timm.optim import param_groups_layer_decay
+
+    no_decay = set(NO_DECAY) | set(getattr(model, "no_weight_decay", lambda: ())())
+    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
+
+
+def lars_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """LARS groups as in the MAE / MoCo v3 linear probe: matrices get weight decay and the trust-ratio
+    adaptation; 1-D parameters (biases, norms) get neither -- plain SGD with momentum."""
+    matrices = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    vectors = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": matrices, "weight_decay": weight_decay, "always_adapt": True}]
+    if vectors:
+        groups.append({"params": vectors, "weight_decay": 0.0, "always_adapt": False})
+    return groups
+
+
+def lars(groups: list[dict], lr: float, momentum: float = 0.9, trust_coeff: float = 0.001) -> torch.optim.Optimizer:
+    """timm's ``Lars`` (SGD + momentum; update of an adapted parameter scaled by
+    ``trust_coeff * |w| / (|g| + wd |w|)``). With zero weight decay, as in the paper's linear probe,
+    this equals the official LARS exactly; with decay the denominator is NVIDIA's ``|g| + wd |w|``
+    rather than the official ``|g + wd w|``."""
+    from timm.optim import Lars
+
+    return Lars(groups, lr=lr, momentum=momentum, trust_coeff=trust_coeff)

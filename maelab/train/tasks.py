@@ -1,5 +1,6 @@
-"""What differs per task inside the one training loop. Pre-training lives here; fine-tuning and
-linear probing add their own task classes with the same four methods."""
+"""What differs per task inside the one training loop: pre-training (:class:`PretrainTask`),
+fine-tuning (:class:`FinetuneTask`) and linear probing (:class:`LinprobeTask`), each with the same four
+methods (``forward``, ``param_groups``, ``meta``, ``on_epoch_end``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from maelab.data.loader import Batch, make_generator
+from maelab.data.loader import Batch, make_generator, mix_seed
 from maelab.models.mae import MaskedAutoencoder
 from maelab.train.optim import param_groups
 
@@ -40,3 +41,83 @@ class PretrainTask:
 
     def on_epoch_end(self, epoch: int, last: bool) -> dict[str, float]:
         return self.epoch_hook(epoch, last) if self.epoch_hook else {}
+
+
+class ClassifyTask:
+    """Supervised classification of ``batch.labels``: cross-entropy (label smoothing, or soft targets
+    with mixup / cutmix); after every epoch ``evaluate()`` gives top-1 / top-5 on the validation split.
+
+    Mixup / cutmix use timm's ``Mixup``, which draws from NumPy's global generator: it is seeded per
+    (seed, epoch, step, micro-step, rank) and the caller's NumPy state is restored, so a resumed run
+    mixes exactly as an uninterrupted one."""
+
+    def __init__(self, model: torch.nn.Module, model_meta: dict[str, Any], groups: list[dict],
+                 evaluate: Callable[[], dict[str, float]], seed: int = 0, rank: int = 0,
+                 mixup: Callable | None = None, smoothing: float = 0.0):
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        self.model, self._meta, self._groups, self.evaluate = model, model_meta, groups, evaluate
+        self.seed, self.rank, self.mixup = seed, rank, mixup
+        if mixup is not None:
+            self.criterion = SoftTargetCrossEntropy()  # mixup already smooths the targets
+        elif smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(smoothing)
+        else:
+            self.criterion = torch.nn.CrossEntropyLoss()
+        self.model.train()
+
+    def inputs(self, batch: Batch) -> torch.Tensor:
+        return batch.images
+
+    def forward(self, runner: torch.nn.Module, batch: Batch):
+        x, y = self.inputs(batch), batch.labels
+        if self.mixup is not None:
+            import numpy as np
+
+            state = np.random.get_state()
+            np.random.seed(mix_seed(self.seed, 6, batch.epoch, batch.step, batch.micro, self.rank) % (1 << 32))
+            try:
+                x, y = self.mixup(x, y)
+            finally:
+                np.random.set_state(state)
+        return self.criterion(runner(x).float(), y), {}
+
+    def param_groups(self) -> list[dict]:
+        return self._groups
+
+    def meta(self) -> dict[str, Any]:
+        return self._meta
+
+    def on_epoch_end(self, epoch: int, last: bool) -> dict[str, float]:
+        try:
+            return self.evaluate()
+        finally:
+            self.model.train()
+
+
+class FinetuneTask(ClassifyTask):
+    """End-to-end fine-tuning of a timm ViT (layer-decay AdamW groups, mixup / cutmix, smoothing)."""
+
+
+class LinprobeTask(ClassifyTask):
+    """Linear probe: ``model`` is the head only (BatchNorm without affine + Linear); the frozen
+    ``encoder`` (eval mode, no grad) turns images into features inside ``forward``. With
+    ``encoder=None`` the batches already hold cached features."""
+
+    def __init__(self, head: torch.nn.Module, encoder: torch.nn.Module | None, global_pool: str,
+                 model_meta: dict[str, Any], groups: list[dict], evaluate: Callable[[], dict[str, float]],
+                 seed: int = 0, rank: int = 0):
+        super().__init__(head, model_meta, groups, evaluate, seed, rank)
+        self.encoder, self.global_pool = encoder, global_pool
+        if encoder is not None:
+            for p in encoder.parameters():
+                p.requires_grad_(False)
+            encoder.eval()
+
+    def inputs(self, batch: Batch) -> torch.Tensor:
+        if self.encoder is None:
+            return batch.images
+        from maelab.evaluate.features import encode
+
+        with torch.no_grad():
+            return encode(self.encoder, batch.images, self.global_pool)

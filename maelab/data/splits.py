@@ -1,0 +1,76 @@
+"""Labelled splits for classification (fine-tuning, linear probing, kNN): ImageFolder trees whose
+first-level folders are the classes. The training and validation splits must have the same classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from maelab.data.folders import ImageList
+from maelab.errors import MaelabError
+
+VAL_NAMES = ("val", "validation", "test")
+
+
+def default_val_dir(train: str | Path) -> Path | None:
+    """A sibling ``val`` / ``validation`` / ``test`` folder when the training folder is called ``train``."""
+    p = Path(train).expanduser()
+    if p.name.lower() not in ("train", "training"):
+        return None
+    for name in VAL_NAMES:
+        if (p.parent / name).is_dir():
+            return p.parent / name
+    return None
+
+
+def labelled_split(root: str | Path, bad_files: str = "error", what: str = "training split") -> ImageList:
+    """The images of an ImageFolder tree; every image must sit inside a class folder."""
+    from maelab.data.loader import prepare_images
+
+    if not str(root):
+        raise MaelabError(f"no {what} given")
+    images = prepare_images(str(root), bad_files)
+    outside = [p for p, y in zip(images.paths, images.labels) if y < 0]
+    if outside:
+        raise MaelabError(f"the {what} {root} must be an ImageFolder tree (<class>/<image>), but "
+                          f"{len(outside)} image(s) are outside a class folder, e.g. {outside[0]}")
+    if len(images.classes) < 2:
+        raise MaelabError(f"the {what} {root} has {len(images.classes)} class folder(s); classification needs at least 2")
+    return images
+
+
+def check_same_classes(train: ImageList, val: ImageList, train_name: str = "training split",
+                       val_name: str = "validation split") -> None:
+    if train.classes == val.classes:
+        return
+    only_train = sorted(set(train.classes) - set(val.classes))
+    only_val = sorted(set(val.classes) - set(train.classes))
+    detail = []
+    if only_train:
+        detail.append(f"only in the {train_name}: {', '.join(only_train[:5])}")
+    if only_val:
+        detail.append(f"only in the {val_name}: {', '.join(only_val[:5])}")
+    raise MaelabError(f"the {train_name} ({len(train.classes)} classes) and the {val_name} ({len(val.classes)} "
+                      f"classes) must have the same class folders ({'; '.join(detail)})")
+
+
+def check_num_classes(expected: int | None, images: ImageList, where: str) -> int:
+    found = len(images.classes)
+    if expected is not None and expected != found:
+        raise MaelabError(f"--num-classes {expected} does not match the {found} class folders of {where}")
+    return found
+
+
+def classification_splits(data: str, val_data: str, bad_files: str = "error",
+                          num_classes: int | None = None) -> tuple[ImageList, ImageList]:
+    """(training split, validation split), checked: labelled, same classes, expected class count."""
+    if not data:
+        raise MaelabError("--data is required: the training split, an ImageFolder tree (<class>/<image>)")
+    val = val_data or default_val_dir(data)
+    if not val:
+        raise MaelabError(f"no validation split: pass --val-data (no sibling {'/'.join(VAL_NAMES)} folder "
+                          f"next to {data})")
+    train_images = labelled_split(data, bad_files, "training split")
+    val_images = labelled_split(val, bad_files, "validation split")
+    check_same_classes(train_images, val_images)
+    check_num_classes(num_classes, train_images, str(data))
+    return train_images, val_images

@@ -1,0 +1,139 @@
+"""Features without masking: read a split in a fixed order, run the encoder (eval mode, no grad),
+take the cls token or the mean of the patch tokens after the final norm.
+
+Works with any model whose ``forward_features`` returns ``(N, 1 + L, D)`` tokens after the final norm:
+a timm ``VisionTransformer`` built by :func:`maelab.models.vit.build_vit` or a
+:class:`~maelab.models.mae.MaskedAutoencoder` (whose ``forward_features`` never masks).
+
+Under torchrun every process reads its shard (every ``world``-th image starting at ``rank``);
+:func:`gather_rows` puts the rows of all processes together.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from maelab.data.folders import ImageList
+from maelab.data.loader import FolderDataset
+from maelab.data.memory import decode_all
+from maelab.data.transforms import EvalTransform, normalize
+from maelab.errors import MaelabError
+
+POOLS = ("token", "avg")
+
+
+class EvalSplit:
+    """A split read in a fixed order (no augmentation): this process's shard, decoded once into RAM
+    (``in_memory``) or streamed through :class:`~maelab.data.transforms.EvalTransform` each pass."""
+
+    def __init__(self, images: ImageList, size: tuple[int, int], batch_size: int, in_memory: bool,
+                 num_workers: int = 0, crop_pct: float = 0.875, bad_files: str = "error",
+                 rank: int = 0, world: int = 1, progress: bool = False):
+        self.images, self.size, self.batch_size = images, tuple(size), batch_size
+        self.index = torch.arange(len(images))[rank::world]
+        self.labels = torch.tensor(images.labels, dtype=torch.long)[self.index]
+        mine = images.subset(self.index.tolist())
+        self.in_memory = in_memory
+        if in_memory:
+            self.data, bad = decode_all(mine.paths, self.size, num_workers, progress=progress)
+            if bad:
+                raise MaelabError(f"{len(bad)} unreadable image(s), e.g. {mine.paths[bad[0]]} "
+                                  f"(use --bad-files skip to leave them out)")
+        else:
+            self.loader = DataLoader(
+                FolderDataset(mine, EvalTransform(self.size, crop_pct), bad_files),
+                batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batches(self, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(normalised images on ``device``, labels, dataset indices) in order."""
+        if self.in_memory:
+            for start in range(0, len(self), self.batch_size):
+                raw = self.data[start : start + self.batch_size].to(device, non_blocking=True)
+                stop = start + raw.shape[0]
+                yield normalize(raw.float().div_(255.0)), self.labels[start:stop], self.index[start:stop]
+        else:
+            start = 0
+            for imgs, _ in self.loader:
+                stop = start + imgs.shape[0]
+                yield imgs.to(device, non_blocking=True), self.labels[start:stop], self.index[start:stop]
+                start = stop
+
+
+def encode(model: nn.Module, images: torch.Tensor, global_pool: str = "token") -> torch.Tensor:
+    """(N, D) features: the cls token after the final norm (``token``) or the mean of the patch tokens
+    after it (``avg``). Never masks."""
+    if global_pool not in POOLS:
+        raise MaelabError(f"global pool must be one of {', '.join(POOLS)}, got {global_pool!r}")
+    tokens = model.forward_features(images)
+    return tokens[:, 0] if global_pool == "token" else tokens[:, 1:].mean(dim=1)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, split: EvalSplit, device: torch.device, global_pool: str = "token",
+                     precision: str = "fp32", progress: bool = False,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(features float32 on the CPU, labels, dataset indices) of this process's shard, in eval mode
+    (the model's mode is restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    feats, labels, index = [], [], []
+    it = split.batches(device)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, total=-(-len(split) // split.batch_size), desc="features", unit="batch", leave=False,
+                  disable=None)
+    try:
+        for x, y, i in it:
+            with _autocast(device, precision):
+                f = encode(model, x, global_pool)
+            feats.append(f.float().cpu())
+            labels.append(y)
+            index.append(i)
+    finally:
+        model.train(was_training)
+    if not feats:
+        dim = getattr(model, "embed_dim", 0)
+        return torch.zeros(0, dim), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(feats), torch.cat(labels), torch.cat(index)
+
+
+def gather_rows(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Concatenate the rows of ``t`` from every process (rank order); a no-op in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    world = dist.get_world_size()
+    comm = device if device.type == "cuda" else torch.device("cpu")
+    n = torch.tensor([t.shape[0]], device=comm)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s.item()) for s in sizes]
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=comm)
+    padded[: t.shape[0]] = t.to(comm)
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:s] for o, s in zip(out, sizes)]).to(t.device)
+
+
+def gather_split(feats: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, device: torch.device,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every process's shard put together, in dataset order."""
+    feats, labels, index = (gather_rows(t, device) for t in (feats, labels, index))
+    order = torch.argsort(index)
+    return feats[order], labels[order], index[order]

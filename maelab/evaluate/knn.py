@@ -1,0 +1,125 @@
+"""Weighted k-nearest-neighbour classification on L2-normalised features (Wu et al. 2018, as used by
+DINO): each query takes its ``k`` most cosine-similar training features; neighbour ``j`` votes for its
+class with weight ``exp(sim_j / T)``; the class with the largest summed vote wins. Defaults k = 20,
+T = 0.07. Similarities are computed for a chunk of queries at a time, so a 50k-image bank and 10k
+queries never need the full 10k x 50k matrix.
+
+:class:`KnnMonitor` runs this during pre-training on a fixed subsample, so the representation quality
+can be watched while the loss falls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from maelab.data.folders import ImageList
+from maelab.errors import MaelabError
+from maelab.evaluate.features import EvalSplit, extract_features
+from maelab.evaluate.metrics import topk_correct
+
+
+@torch.no_grad()
+def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
+               num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 512) -> torch.Tensor:
+    """(Q, num_classes) summed votes ``sum_j exp(cos(q, x_j) / T)`` over the ``k`` nearest ``x_j``."""
+    if train_feats.shape[0] == 0:
+        raise MaelabError("kNN needs at least one training feature")
+    if k < 1 or temperature <= 0:
+        raise MaelabError(f"kNN needs k >= 1 and a positive temperature, got k={k}, T={temperature}")
+    k = min(k, train_feats.shape[0])
+    bank = F.normalize(train_feats.float(), dim=1)
+    labels = train_labels.to(bank.device)
+    out = []
+    for start in range(0, query_feats.shape[0], chunk):
+        q = F.normalize(query_feats[start : start + chunk].float().to(bank.device), dim=1)
+        sims, idx = (q @ bank.T).topk(k, dim=1)
+        weights = (sims / temperature).exp()
+        votes = torch.zeros(q.shape[0], num_classes, device=bank.device)
+        votes.scatter_add_(1, labels[idx], weights)
+        out.append(votes)
+    return torch.cat(out) if out else torch.zeros(0, num_classes, device=bank.device)
+
+
+def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
+                 query_labels: torch.Tensor, num_classes: int, k: int = 20, temperature: float = 0.07,
+                 chunk: int = 512) -> dict[str, float]:
+    """Top-1 / top-5 (percent) of weighted kNN; top-5 is capped by the number of classes."""
+    if query_feats.shape[0] == 0:
+        raise MaelabError("kNN needs at least one query image")
+    scores = knn_scores(train_feats, train_labels, query_feats, num_classes, k, temperature, chunk)
+    correct = topk_correct(scores, query_labels.to(scores.device), (1, 5))
+    n = query_feats.shape[0]
+    return {"knn_top1": 100.0 * float(correct[1]) / n, "knn_top5": 100.0 * float(correct[5]) / n}
+
+
+def subsample(images: ImageList, max_images: int | None, seed: int) -> ImageList:
+    """At most ``max_images`` images, a fixed seeded choice kept in folder order (all if None/0)."""
+    if not max_images or max_images >= len(images):
+        return images
+    g = torch.Generator().manual_seed(seed)
+    keep = sorted(torch.randperm(len(images), generator=g)[:max_images].tolist())
+    return images.subset(keep)
+
+
+class KnnMonitor:
+    """kNN accuracy of a model's features on fixed subsamples of a labelled bank and query set.
+
+    Images are decoded once (into RAM when they fit at the model's input size) and reused at every
+    call; one process computes it (call it on rank 0)."""
+
+    def __init__(self, bank: ImageList, queries: ImageList, size: tuple[int, int], device: torch.device,
+                 max_images: int = 5000, batch_size: int = 256, num_workers: int = 0, seed: int = 0,
+                 k: int = 20, temperature: float = 0.07, precision: str = "fp32", in_memory: str = "auto"):
+        from maelab.data.loader import choose_in_memory
+        from maelab.data.splits import check_same_classes
+
+        check_same_classes(bank, queries, "pre-training data", "kNN data")
+        self.bank = subsample(bank, max_images, seed)
+        self.queries = subsample(queries, max_images, seed + 1)
+        self.num_classes = len(bank.classes)
+        self.size, self.device, self.batch_size, self.workers = tuple(size), device, batch_size, num_workers
+        self.k, self.temperature, self.precision, self.in_memory = k, temperature, precision, in_memory
+        self._choose = choose_in_memory
+        self._splits: tuple[EvalSplit, EvalSplit] | None = None
+
+    def splits(self) -> tuple[EvalSplit, EvalSplit]:
+        if self._splits is None:
+            self._splits = tuple(
+                EvalSplit(im, self.size, self.batch_size, self._choose(self.in_memory, im, self.size), self.workers)
+                for im in (self.bank, self.queries))
+        return self._splits
+
+    def __call__(self, model: nn.Module) -> dict[str, Any]:
+        bank, queries = self.splits()
+        fb, lb, _ = extract_features(model, bank, self.device, "token", self.precision)
+        fq, lq, _ = extract_features(model, queries, self.device, "token", self.precision)
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        return knn_accuracy(fb.to(dev), lb.to(dev), fq.to(dev), lq.to(dev), self.num_classes, self.k, self.temperature)
+
+
+def pretrain_knn_monitor(cfg, images: ImageList, size: tuple[int, int], device: torch.device,
+                         num_workers: int = 0) -> KnnMonitor | None:
+    """The ``--knn-every`` monitor of `maelab pretrain` (None when off), checked before training starts:
+    the bank is the (labelled) pre-training data, the queries ``--knn-data`` or a sibling val / test
+    folder, each subsampled to ``--knn-max`` images."""
+    from maelab.data.splits import default_val_dir, labelled_split
+
+    m = cfg.monitor
+    if m.knn_every < 0 or m.knn_max < 0:
+        raise MaelabError(f"--knn-every and --knn-max must be >= 0, got {m.knn_every}, {m.knn_max}")
+    if m.knn_every == 0:
+        return None
+    if not images.classes or any(y < 0 for y in images.labels):
+        raise MaelabError("--knn-every needs class folders in --data (an ImageFolder tree): the kNN memory "
+                          "bank is the labelled pre-training data")
+    queries_root = m.knn_data or default_val_dir(cfg.data.data)
+    if not queries_root:
+        raise MaelabError(f"--knn-every needs labelled held-out images: pass --knn-data (no sibling val / test "
+                          f"folder next to {cfg.data.data})")
+    queries = labelled_split(queries_root, cfg.data.bad_files, "kNN data")
+    return KnnMonitor(images, queries, size, device, m.knn_max, cfg.data.batch_size, num_workers,
+                      cfg.run.seed, precision=cfg.run.precision, in_memory=cfg.data.in_memory)

@@ -1,0 +1,45 @@
+"""Top-k accuracy, and a classifier's top-1 / top-5 on a validation split (summed over processes)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def topk_correct(scores: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, torch.Tensor]:
+    """Number of rows whose target is among the ``k`` highest scores, per ``k`` (capped by the number
+    of classes, so top-5 of a 3-class problem is top-3)."""
+    num_classes = scores.shape[1]
+    top = scores.topk(min(max(ks), num_classes), dim=1).indices
+    hit = top.eq(targets.view(-1, 1))
+    return {k: hit[:, : min(k, num_classes)].any(dim=1).sum() for k in ks}
+
+
+@torch.no_grad()
+def evaluate_classifier(forward: Callable[[torch.Tensor], torch.Tensor],
+                        batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                        precision: str = "fp32", prefix: str = "val") -> dict[str, float]:
+    """``{prefix}_top1``, ``{prefix}_top5`` (percent) and ``{prefix}_loss`` (cross-entropy) of
+    ``forward`` over ``batches`` of (inputs, labels). Under torchrun each process passes its own shard
+    and the counts are summed, so every image counts exactly once."""
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, n
+    ctx = nullcontext() if precision == "fp32" else torch.autocast(
+        device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    for x, y in batches:
+        y = y.to(device)
+        with ctx:
+            logits = forward(x.to(device))
+        logits = logits.float()
+        correct = topk_correct(logits, y, (1, 5))
+        sums += torch.stack([correct[1].double(), correct[5].double(),
+                             F.cross_entropy(logits, y, reduction="sum").double(),
+                             torch.tensor(float(y.shape[0]), dtype=torch.float64, device=device)])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    top1, top5, loss, n = sums.tolist()
+    n = max(n, 1.0)
+    return {f"{prefix}_top1": 100.0 * top1 / n, f"{prefix}_top5": 100.0 * top5 / n, f"{prefix}_loss": loss / n}

@@ -1,0 +1,514 @@
+"""Downstream evaluation: features, kNN, linear probe, fine-tuning (tiny models, synthetic images, CPU)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maelab.cli import main
+from maelab.errors import MaelabError
+from maelab.models.loading import model_meta
+from maelab.models.mae import MaskedAutoencoder
+from maelab.train.checkpoint import save_weights
+
+TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+            decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
+QUIET = ["--num-workers", "0", "--log-every", "100"]
+
+
+def tiny_mae(seed: int = 0, **overrides) -> MaskedAutoencoder:
+    torch.manual_seed(seed)
+    return MaskedAutoencoder(**{**TINY, **overrides})
+
+
+def save_mae(model: MaskedAutoencoder, path: Path) -> Path:
+    kwargs = {**TINY, "img_size": list(model.img_size)}
+    save_weights(path, model.state_dict(), model_meta(None, kwargs))
+    return path
+
+
+def make_folder(root: Path, classes: int, per_class: int, size: int = 16, seed: int = 0) -> Path:
+    """An ImageFolder whose classes differ in one colour channel (easy to separate)."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 120, (size, size, 3), dtype=np.uint8)
+            arr[..., c % 3] = 200 + 15 * (c // 3)
+            Image.fromarray(arr).save(root / f"class{c}" / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("imagefolder")
+    make_folder(root / "train", 3, 8, seed=0)
+    make_folder(root / "test", 3, 4, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mae_ckpt(tmp_path_factory) -> Path:
+    return save_mae(tiny_mae(), tmp_path_factory.mktemp("ckpt") / "mae.safetensors")
+
+
+# --- features -------------------------------------------------------------------------------------
+def test_features_never_mask_and_equal_mae_forward_features(mae_ckpt):
+    from maelab.evaluate.features import encode
+    from maelab.models.vit import features_model, read_encoder
+
+    mae = tiny_mae()
+    enc = read_encoder(mae_ckpt)
+    vit = features_model(enc, enc.arch)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = mae.forward_features(x)
+        assert tokens.shape == (3, 1 + 16, 32)  # every patch, nothing removed
+        torch.testing.assert_close(encode(vit, x, "token"), tokens[:, 0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(encode(vit, x, "avg"), tokens[:, 1:].mean(1), rtol=0, atol=1e-5)
+        torch.testing.assert_close(encode(mae, x, "token"), tokens[:, 0])
+    assert not vit.training and not any(p.requires_grad for p in vit.parameters())
+
+
+def test_extract_features_restores_mode_and_keeps_dataset_order(dataset):
+    from maelab.data.folders import scan_images
+    from maelab.evaluate.features import EvalSplit, extract_features
+
+    mae = tiny_mae().train()
+    images = scan_images(dataset / "test")
+    streamed = EvalSplit(images, (16, 16), 5, in_memory=False)
+    in_ram = EvalSplit(images, (16, 16), 7, in_memory=True)
+    f1, y1, i1 = extract_features(mae, streamed, torch.device("cpu"))
+    f2, y2, i2 = extract_features(mae, in_ram, torch.device("cpu"))
+    assert mae.training
+    assert torch.equal(i1, torch.arange(len(images))) and torch.equal(i1, i2)
+    assert y1.tolist() == images.labels == y2.tolist()
+    torch.testing.assert_close(f1, f2, rtol=0, atol=1e-5)
+
+
+# --- kNN ------------------------------------------------------------------------------------------
+def test_weighted_knn_on_separable_toy_problem_is_perfect():
+    from maelab.evaluate.knn import knn_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.eye(4, 16) * 10
+    train_y = torch.arange(4).repeat_interleave(30)
+    test_y = torch.arange(4).repeat_interleave(10)
+    train = centres[train_y] + torch.randn(120, 16, generator=g)
+    test = centres[test_y] + torch.randn(40, 16, generator=g)
+    acc = knn_accuracy(train, train_y, test, test_y, num_classes=4, k=20, temperature=0.07, chunk=7)
+    assert acc["knn_top1"] == 100.0 and acc["knn_top5"] == 100.0
+
+
+def test_knn_vote_weighting_matches_hand_computation():
+    from maelab.evaluate.knn import knn_scores
+
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 0])
+    query = torch.tensor([[2.0, 1.0]])  # unnormalised on purpose
+    t = 0.5
+    scores = knn_scores(bank, labels, query, num_classes=2, k=3, temperature=t)
+    q = query[0] / query[0].norm()
+    sims = [float(q @ (b / b.norm())) for b in bank]  # 0.894, 0.447, 0.949, -0.894
+    nearest = sorted(range(4), key=lambda j: -sims[j])[:3]  # 2, 0, 1 -- the last one does not vote
+    expected = [0.0, 0.0]
+    for j in nearest:
+        expected[int(labels[j])] += float(np.exp(sims[j] / t))
+    torch.testing.assert_close(scores[0], torch.tensor(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_knn_chunking_does_not_change_scores():
+    from maelab.evaluate.knn import knn_scores
+
+    g = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(50, 8, generator=g), torch.randn(23, 8, generator=g)
+    labels = torch.randint(0, 5, (50,), generator=g)
+    a = knn_scores(bank, labels, queries, 5, chunk=4)
+    b = knn_scores(bank, labels, queries, 5, chunk=1000)
+    torch.testing.assert_close(a, b)
+
+
+# --- linear probe ---------------------------------------------------------------------------------
+def test_linear_probe_head_is_batchnorm_without_affine_then_linear():
+    from maelab.models.heads import LinearProbeHead
+
+    torch.manual_seed(0)
+    head = LinearProbeHead(384, 10)
+    assert isinstance(head.bn, torch.nn.BatchNorm1d) and not head.bn.affine
+    assert isinstance(head.linear, torch.nn.Linear) and head.linear.weight.shape == (10, 384)
+    assert [n for n, _ in head.named_parameters()] == ["linear.weight", "linear.bias"]
+    assert abs(float(head.linear.weight.detach().std()) - 0.01) < 0.001  # trunc_normal(std=0.01), as official
+    assert torch.equal(head.linear.bias, torch.zeros(10))
+
+
+def test_linprobe_encoder_stays_frozen_in_eval_mode_after_a_step(mae_ckpt):
+    from maelab.data.loader import Batch
+    from maelab.models.heads import LinearProbeHead
+    from maelab.models.vit import features_model, read_encoder
+    from maelab.train.optim import lars, lars_param_groups
+    from maelab.train.tasks import LinprobeTask
+
+    enc = read_encoder(mae_ckpt)
+    encoder = features_model(enc, enc.arch)
+    encoder.blocks[0].drop_path = torch.nn.Dropout(0.5)  # a stochastic layer: only harmless in eval mode
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    head = LinearProbeHead(32, 3)
+    head_before = head.linear.weight.detach().clone()
+    task = LinprobeTask(head, encoder, "token", {}, lars_param_groups(head, 0.0), lambda: {})
+    opt = lars(task.param_groups(), lr=1.0)
+    batch = Batch(0, 0, 0, torch.randn(6, 3, 16, 16), torch.tensor([0, 1, 2, 0, 1, 2]), 0, 6)
+    loss, _ = task.forward(task.model, batch)
+    loss.backward()
+    opt.step()
+    assert not encoder.training and head.training
+    assert all(p.grad is None for p in encoder.parameters())
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    assert not torch.equal(head.linear.weight, head_before)
+    with torch.no_grad():  # deterministic features: eval mode really is on
+        x = torch.randn(2, 3, 16, 16)
+        assert torch.equal(encoder.forward_features(x), encoder.forward_features(x))
+
+
+def test_lars_adapts_matrices_and_skips_1d_params():
+    from maelab.train.optim import lars, lars_param_groups
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 3)
+    w0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    opt = lars(lars_param_groups(layer, weight_decay=0.0), lr=0.5, momentum=0.9)
+    layer(torch.randn(4, 5)).pow(2).sum().backward()
+    gw, gb = layer.weight.grad.clone(), layer.bias.grad.clone()
+    opt.step()
+    trust = 0.001 * w0.norm() / gw.norm()
+    torch.testing.assert_close(layer.weight.detach(), w0 - 0.5 * trust * gw)
+    torch.testing.assert_close(layer.bias.detach(), b0 - 0.5 * gb)  # plain SGD: no trust ratio
+    groups = {len(g["params"][0].shape): g for g in opt.param_groups}
+    assert groups[2]["always_adapt"] and not groups[1]["always_adapt"] and groups[1]["weight_decay"] == 0.0
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["trust_coeff"] == 0.001
+
+
+def test_cached_feature_probe_equals_running_the_encoder(dataset, mae_ckpt, tmp_path):
+    from maelab.train.checkpoint import latest_checkpoint, read_weights
+
+    common = ["linprobe", "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--epochs", "2",
+              "--warmup-epochs", "1", "--batch-size", "6", "--base-lr", "20", "--no-augment", *QUIET]
+    assert main([*common, "--out", str(tmp_path / "cached")]) == 0
+    assert main([*common, "--no-cache-features", "--out", str(tmp_path / "encoder")]) == 0
+    a, _ = read_weights(latest_checkpoint(tmp_path / "cached") / "model.safetensors")
+    b, _ = read_weights(latest_checkpoint(tmp_path / "encoder") / "model.safetensors")
+    assert set(a) == set(b) == {"bn.running_mean", "bn.running_var", "bn.num_batches_tracked",
+                                "linear.weight", "linear.bias"}
+    assert not torch.equal(a["linear.weight"], torch.zeros_like(a["linear.weight"]))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    ra = json.loads((tmp_path / "cached" / "results.json").read_text())
+    rb = json.loads((tmp_path / "encoder" / "results.json").read_text())
+    assert ra["cached_features"] and not rb["cached_features"]
+    assert ra["per_epoch_val_top1"] == rb["per_epoch_val_top1"]
+
+
+# --- fine-tuning ----------------------------------------------------------------------------------
+def test_layer_decay_scales_follow_the_official_rule():
+    from maelab.models.vit import build_vit, vit_arch
+    from maelab.train.optim import layer_decay_groups
+
+    model = build_vit(vit_arch(TINY), num_classes=5, global_pool="avg")
+    scale, decay = {}, {}
+    for g in layer_decay_groups(model, 0.05, 0.5):
+        for p in g["params"]:
+            scale[p], decay[p] = g["lr_scale"], g["weight_decay"]
+    named = dict(model.named_parameters())
+    depth = TINY["depth"]
+    assert scale[named["patch_embed.proj.weight"]] == scale[named["cls_token"]] == 0.5 ** (depth + 1)
+    assert scale[named["pos_embed"]] == 0.5 ** (depth + 1)
+    for i in range(depth):
+        assert scale[named[f"blocks.{i}.attn.qkv.weight"]] == 0.5 ** (depth - i)
+    assert scale[named["head.weight"]] == scale[named["fc_norm.weight"]] == 1.0
+    assert decay[named["head.weight"]] == 0.05 and decay[named["blocks.0.mlp.fc1.weight"]] == 0.05
+    for name in ("head.bias", "fc_norm.weight", "blocks.1.norm1.bias", "cls_token", "pos_embed"):
+        assert decay[named[name]] == 0.0, name
+
+
+def _finetune_cfg(init: str, **kw):
+    from maelab.config import FinetuneConfig, build_config
+
+    return build_config(FinetuneConfig, {"init": init, **kw})
+
+
+@pytest.mark.parametrize("pool", ["avg", "token"])
+def test_finetune_from_a_maelab_checkpoint_loads_the_encoder_weights(mae_ckpt, pool):
+    from maelab.finetune import build_model
+
+    mae = tiny_mae()
+    model, *_ = build_model(_finetune_cfg(str(mae_ckpt), global_pool=pool), num_classes=4)
+    own = model.state_dict()
+    for k, v in mae.encoder_state_dict().items():
+        if k.startswith("norm."):
+            if pool == "token":
+                assert torch.equal(own[k], v)
+            continue
+        assert torch.equal(own[k], v), k
+    if pool == "avg":  # official recipe: the encoder's norm is dropped, fc_norm starts fresh
+        assert isinstance(model.norm, torch.nn.Identity)
+        assert torch.equal(own["fc_norm.weight"], torch.ones(32)) and torch.equal(own["fc_norm.bias"], torch.zeros(32))
+    assert model.head.weight.shape == (4, 32) and float(model.head.weight.detach().abs().max()) < 1e-4
+
+
+def test_position_embeddings_are_resized_when_the_finetune_size_differs(mae_ckpt):
+    from maelab.finetune import build_model
+    from maelab.models.pos_embed import resize_pos_embed
+
+    mae = tiny_mae()
+    model, _, size, _, notes = build_model(_finetune_cfg(str(mae_ckpt), img_size=[32]), num_classes=3)
+    assert size == (32, 32) and model.pos_embed.shape == (1, 1 + 64, 32)
+    torch.testing.assert_close(model.pos_embed.detach(), resize_pos_embed(mae.pos_embed.detach(), (4, 4), (8, 8)))
+    assert any("resized 4x4 -> 8x8" in n for n in notes)
+    assert torch.equal(model.pos_embed.detach()[0, 0], mae.pos_embed.detach()[0, 0])  # the cls slot is kept
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_official_timm_and_hugging_face_files_give_the_same_encoder(tmp_path, mae_ckpt):
+    from maelab.interop.huggingface import save_hf_pretrained
+    from maelab.interop.official import export_official
+    from maelab.evaluate.features import encode
+    from maelab.interop.timm_export import save_timm_checkpoint
+    from maelab.models.vit import features_model, read_encoder
+
+    mae = tiny_mae()
+    want = mae.encoder_state_dict()
+    sources = {
+        "maelab": mae_ckpt,
+        "official": export_official(mae, tmp_path / "official.pth", include_decoder=True),
+        "timm": save_timm_checkpoint(mae, tmp_path / "timm.safetensors", global_pool="token"),
+        "timm-avg": save_timm_checkpoint(mae, tmp_path / "timm_avg.safetensors", global_pool="avg"),
+        "huggingface": save_hf_pretrained(mae, tmp_path / "hf"),
+    }
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = mae.forward_features(x)[:, 0]
+    for name, path in sources.items():
+        enc = read_encoder(path, num_heads=2)  # official / timm files do not record the head count
+        assert enc.arch["embed_dim"] == 32 and enc.arch["depth"] == 2 and tuple(enc.arch["img_size"]) == (16, 16)
+        for k, v in want.items():
+            assert torch.equal(enc.state_dict[k], v), (name, k)
+        with torch.no_grad():
+            torch.testing.assert_close(encode(features_model(enc, enc.arch), x), expected, rtol=0, atol=1e-5)
+    assert read_encoder(sources["official"]).arch["num_heads"] == 1  # width 32 is not in the paper's table
+    with pytest.raises(MaelabError, match="records 2 attention heads"):
+        read_encoder(mae_ckpt, num_heads=4)
+
+
+@pytest.mark.parametrize("name,kind", [("finetune_vit_base", "FinetuneConfig"), ("finetune_cifar_tiny", "FinetuneConfig"),
+                                       ("linprobe_cifar_tiny", "LinprobeConfig"), ("linprobe_vit_base", "LinprobeConfig")])
+def test_downstream_presets_load(name, kind):
+    import maelab.config as config
+
+    cfg = config.build_config(getattr(config, kind), yaml_path=name)
+    if kind == "FinetuneConfig":
+        assert cfg.optim.betas == [0.9, 0.999] and cfg.augment.mixup == 0.8 and cfg.model.global_pool == "avg"
+    else:
+        assert cfg.optim.base_lr == 0.1 and cfg.optim.weight_decay == 0.0 and cfg.model.global_pool == "token"
+
+
+def test_init_none_is_a_random_vit_with_sincos_position_embeddings():
+    from maelab.finetune import build_model
+    from maelab.models.pos_embed import sincos_2d
+
+    model, arch, size, enc, _ = build_model(_finetune_cfg("none", model="mae_vit_tiny_patch4"), num_classes=10)
+    assert enc is None and size == (32, 32) and arch["embed_dim"] == 192
+    torch.testing.assert_close(model.pos_embed.detach()[0], sincos_2d(192, (8, 8)))
+    assert model.pos_embed.requires_grad
+
+
+def test_seeded_transform_depends_only_on_the_seed_and_leaves_global_rngs_alone():
+    from maelab.data.transforms import finetune_transform
+
+    t = finetune_transform((16, 16))
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8))
+    torch.manual_seed(5)
+    random.seed(5)
+    expect_torch, expect_py = torch.rand(1), random.random()
+    torch.manual_seed(5)
+    random.seed(5)
+    a = t(img, torch.Generator().manual_seed(1))
+    assert torch.rand(1) == expect_torch and random.random() == expect_py
+    b = t(img, torch.Generator().manual_seed(1))
+    c = t(img, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_randaugment_posterize_to_zero_bits_gives_black_instead_of_failing():
+    from maelab.data.transforms import finetune_transform
+
+    ops = [op for step in finetune_transform((16, 16)).transform.transforms for op in getattr(step, "ops", [])]
+    posterize = [op for op in ops if op.name.startswith("Posterize")]
+    assert posterize
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    for op in posterize:
+        assert np.asarray(op.aug_fn(img, 0)).max() == 0
+        assert np.asarray(op.aug_fn(img, 4))[0, 0].tolist() == [192, 96, 48]
+
+
+# --- errors: one clear line, exit status 2 ---------------------------------------------------------
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("maelab: error:")]
+    assert len(lines) == 1
+    return lines[0]
+
+
+def test_class_count_mismatch_is_one_clear_error(capsys, dataset, mae_ckpt, tmp_path):
+    msg = _error(capsys, ["finetune", "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--num-classes",
+                          "10", "--out", str(tmp_path / "r"), *QUIET])
+    assert "--num-classes 10" in msg and "3 class folders" in msg
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_and_val_class_folders_must_match(capsys, dataset, mae_ckpt, tmp_path):
+    make_folder(tmp_path / "val", 4, 2)
+    msg = _error(capsys, ["knn", "--init", str(mae_ckpt), "--data", str(dataset / "train"),
+                          "--val-data", str(tmp_path / "val"), *QUIET[:2]])
+    assert "same class folders" in msg and "class3" in msg
+
+
+def test_empty_split_is_one_clear_error(capsys, dataset, mae_ckpt, tmp_path):
+    (tmp_path / "empty" / "class0").mkdir(parents=True)
+    msg = _error(capsys, ["linprobe", "--init", str(mae_ckpt), "--data", str(dataset / "train"),
+                          "--val-data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), *QUIET])
+    assert "no images found" in msg
+
+
+def test_checkpoint_of_another_size_is_one_clear_error(capsys, dataset, mae_ckpt, tmp_path):
+    msg = _error(capsys, ["finetune", "--init", str(mae_ckpt), "--model", "mae_vit_base_patch16",
+                          "--data", str(dataset / "train"), "--out", str(tmp_path / "r"), *QUIET])
+    assert "width 32" in msg and "width 768" in msg
+    # resuming a run with a checkpoint of another size
+    args = ["linprobe", "--data", str(dataset / "train"), "--epochs", "1", "--batch-size", "6", "--no-augment",
+            "--out", str(tmp_path / "p"), *QUIET]
+    assert main([*args, "--init", str(mae_ckpt)]) == 0
+    big = save_mae(tiny_mae(embed_dim=64), tmp_path / "big.safetensors")
+    msg = _error(capsys, [*args, "--init", str(big), "--epochs", "2"])
+    assert "does not fit" in msg
+
+
+def test_missing_init_and_unlabelled_data_are_clear_errors(capsys, dataset, mae_ckpt, tmp_path):
+    assert "--init is required" in _error(capsys, ["knn", "--data", str(dataset / "train"), *QUIET[:2]])
+    assert "--init none needs --model" in _error(capsys, ["knn", "--init", "none", "--data", str(dataset / "train")])
+    flat = tmp_path / "flat" / "train"
+    flat.mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(flat / "a.png")
+    (tmp_path / "flat" / "test").mkdir()
+    assert "ImageFolder tree" in _error(capsys, ["knn", "--init", str(mae_ckpt), "--data", str(flat)])
+    assert "cannot read weights" in _error(capsys, ["features", "--init", str(dataset / "train" / "class0" / "000.png"),
+                                                    "--data", str(dataset / "test"), "--out", str(tmp_path / "f.npy")])
+
+
+# --- end to end through the CLI -------------------------------------------------------------------
+def test_finetune_end_to_end_writes_results_and_resumes(dataset, mae_ckpt, tmp_path, capsys):
+    out = tmp_path / "ft"
+    args = ["finetune", "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--batch-size", "6",
+            "--warmup-epochs", "1", "--out", str(out), *QUIET]
+    assert main([*args, "--epochs", "1"]) == 0
+    assert main([*args, "--epochs", "2"]) == 0  # resumes the same run folder for one more epoch
+    res = json.loads((out / "results.json").read_text())
+    assert res["final_epoch"] == 2 and len(res["per_epoch_val_top1"]) == 2
+    assert 0 <= res["val_top1"] <= 100 and res["val_top5"] == 100.0  # 3 classes: top-5 is certain
+    assert "selected on the validation split" in res["best_epoch_note"]
+    assert "final epoch 2: val top-1" in capsys.readouterr().out
+    # the fine-tuned run is itself an encoder source
+    assert main(["knn", "--init", str(out), "--data", str(dataset / "train"), "--out", str(tmp_path / "k.json"),
+                 *QUIET[:2]]) == 0
+
+
+def test_finetune_from_scratch_end_to_end(dataset, tmp_path):
+    assert main(["finetune", "--init", "none", "--model", "mae_vit_tiny_patch4", "--img-size", "16",
+                 "--data", str(dataset / "train"), "--val-data", str(dataset / "test"), "--epochs", "1",
+                 "--batch-size", "12", "--out", str(tmp_path / "scratch"), *QUIET]) == 0
+    assert json.loads((tmp_path / "scratch" / "results.json").read_text())["source"] == "none"
+
+
+def test_linprobe_with_augmentation_end_to_end(dataset, mae_ckpt, tmp_path):
+    out = tmp_path / "lp"
+    assert main(["linprobe", "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--epochs", "1",
+                 "--batch-size", "6", "--out", str(out), *QUIET]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["augment"] and not res["cached_features"] and res["final_epoch"] == 1
+    assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
+
+
+def test_knn_end_to_end_separates_coloured_classes(dataset, mae_ckpt, tmp_path):
+    out = tmp_path / "knn.json"
+    assert main(["knn", "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--global-pool", "avg",
+                 "--out", str(out), *QUIET[:2]]) == 0
+    res = json.loads(out.read_text())
+    assert res["k"] == 20 and res["temperature"] == 0.07 and res["val_images"] == 12
+    assert res["knn_top1"] > 80  # the classes differ in colour: even random-ish features separate them
+    assert main(["knn", "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--limit-images", "5",
+                 "--out", str(out), *QUIET[:2]]) == 0
+    res = json.loads(out.read_text())
+    assert res["train_images"] == 5 and res["val_images"] == 5
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_features_end_to_end_with_paths(dataset, mae_ckpt, tmp_path, suffix):
+    from maelab.evaluate.features import encode
+    from maelab.features import read_features
+
+    out = tmp_path / f"emb{suffix}"
+    assert main(["features", "--init", str(mae_ckpt), "--data", str(dataset / "test"), "--out", str(out),
+                 "--batch-size", "5", *QUIET[:2]]) == 0
+    got = read_features(out)
+    assert got["features"].shape == (12, 32) and len(got["paths"]) == 12
+    assert got["classes"] == ["class0", "class1", "class2"] and got["labels"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    first = np.asarray(Image.open(got["paths"][0]), dtype=np.float32) / 255.0
+    from maelab.data.transforms import normalize
+
+    x = normalize(torch.from_numpy(first).permute(2, 0, 1)[None])
+    with torch.no_grad():
+        torch.testing.assert_close(got["features"][0], encode(tiny_mae(), x)[0], rtol=0, atol=1e-4)
+
+
+def test_pretrain_knn_monitor_logs_knn_accuracy(dataset, tmp_path):
+    out = tmp_path / "pt"
+    assert main(["pretrain", "--data", str(dataset / "train"), "--model", "mae_vit_tiny_patch4", "--img-size", "16",
+                 "--epochs", "1", "--batch-size", "12", "--knn-every", "1", "--knn-max", "10", "--vis-every", "0",
+                 "--out", str(out), *QUIET]) == 0
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = [r for r in rows if "knn_top1" in r]
+    assert len(summary) == 1 and summary[0]["epoch"] == 1 and 0 <= summary[0]["knn_top1"] <= 100
+
+
+def test_pretrain_knn_monitor_needs_labelled_held_out_data(capsys, tmp_path):
+    make_folder(tmp_path / "images", 2, 4)
+    msg = _error(capsys, ["pretrain", "--data", str(tmp_path / "images"), "--img-size", "16", "--epochs", "1",
+                          "--batch-size", "4", "--knn-every", "1", "--out", str(tmp_path / "pt"), *QUIET])
+    assert "--knn-data" in msg
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_the_same_features_and_train(dataset, mae_ckpt, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "maelab.cli"]
+    single, double = tmp_path / "one.npy", tmp_path / "two.npy"
+    args = ["features", "--init", str(mae_ckpt), "--data", str(dataset / "test"), "--batch-size", "5", *QUIET[:2]]
+    assert main([*args, "--out", str(single)]) == 0
+    subprocess.run([*torchrun, *args, "--out", str(double)], check=True, env=env, capture_output=True)
+    assert np.array_equal(np.load(single), np.load(double))
+    assert (tmp_path / "one.paths.txt").read_text() == (tmp_path / "two.paths.txt").read_text()
+    for cmd in (["finetune", "--batch-size", "4"], ["linprobe", "--batch-size", "4", "--no-augment"]):
+        out = tmp_path / cmd[0]
+        subprocess.run([*torchrun, *cmd, "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--epochs", "1",
+                        "--out", str(out), *QUIET], check=True, env=env, capture_output=True)
+        res = json.loads((out / "results.json").read_text())
+        assert res["processes"] == 2 and res["global_batch"] == 8 and res["val_images"] == 12
