@@ -177,3 +177,23 @@ def test_images_of_mixed_sizes_stream_at_the_model_size(tmp_path):
                     transform=PretrainTransform((32, 48)), num_workers=0)
     shapes = {tuple(b.images.shape) for b in feeder.epoch(0)}
     assert shapes == {(2, 3, 32, 48)}
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_skip_policy_replaces_a_file_that_only_fails_at_decode_time(tmp_path, in_memory, monkeypatch):
+    import maelab.data.folders as folders
+
+    monkeypatch.setattr(folders, "_probe", lambda path: None)  # a file the quick probe lets through
+    for i in range(4):
+        _save(tmp_path / "c" / f"{i}.jpg", "RGB", size=(32, 32))
+    p = tmp_path / "c" / "1.jpg"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    images = prepare_images(str(tmp_path), "skip")
+    assert len(images) == 4
+    plan = StepPlan(len(images), 4, 1, 1, 0, seed=0, shuffle=False)
+    with pytest.warns(UserWarning, match="1.jpg"):
+        feeder = Feeder(images, plan, torch.device("cpu"), (32, 32), in_memory,
+                        transform=PretrainTransform((32, 32)), num_workers=0, bad_files="skip")
+        batch = next(iter(feeder.epoch(0)))
+    assert torch.isfinite(batch.images).all() and batch.images.shape == (4, 3, 32, 32)

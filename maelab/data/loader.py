@@ -10,6 +10,7 @@ more processes with the same global batch, sees exactly the same images and mask
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -121,9 +122,18 @@ class FolderDataset(Dataset):
         except MaelabError:
             if self.bad_files == "error":
                 raise
-            # "skip" policy for a file that went bad after the scan: a deterministic stand-in
-            index = (index + 1) % len(self.images)
-            img = open_rgb(self.images.paths[index])
+            # "skip" policy for a file that passed the quick probe but does not decode: a deterministic
+            # stand-in (the next readable image)
+            warnings.warn(f"replacing unreadable image {self.images.paths[index]}", stacklevel=2)
+            for step in range(1, len(self.images)):
+                try:
+                    index = (index + step) % len(self.images)
+                    img = open_rgb(self.images.paths[index])
+                    break
+                except MaelabError:
+                    continue
+            else:
+                raise
         g = torch.Generator()
         g.manual_seed(seed)
         return self.transform(img, g), self.images.labels[index]
@@ -156,7 +166,13 @@ class Feeder:
         self.labels = torch.tensor(images.labels)
         if in_memory:
             data, bad = decode_all(images.paths, self.out_size, num_workers, progress=progress)
-            if bad:
+            if bad and bad_files == "skip" and len(bad) < len(images):
+                good = sorted(set(range(len(images))) - set(bad))
+                for i in bad:  # a deterministic stand-in, as the streamed path does
+                    data[i] = data[next((g for g in good if g > i), good[0])]
+                warnings.warn(f"{len(bad)} image(s) failed to decode and were replaced, e.g. {images.paths[bad[0]]}",
+                              stacklevel=2)
+            elif bad:
                 raise MaelabError(f"{len(bad)} unreadable image(s), e.g. {images.paths[bad[0]]} "
                                   f"(use --bad-files skip to leave them out)")
             self.data = data.to(device) if device.type == "cuda" else data
