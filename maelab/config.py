@@ -65,17 +65,23 @@ class OptimConfig:
 
 
 @dataclass
-class RunConfig:
-    out: str = _f("runs/pretrain", "run folder (config, checkpoints, logs, pictures); an existing run resumes")
-    seed: int = _f(0, "seed for initialisation, data order, augmentation and masking")
+class TrainRunConfig:
+    out: str = _f("runs/finetune", "run folder (config, checkpoints, logs, results.json); an existing run resumes")
+    seed: int = _f(0, "seed for initialisation, data order, augmentation and mixup")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
     precision: str = _f("fp32", "fp32 | bf16 | fp16 (autocast; fp16 uses a GradScaler)", choices=("fp32", "bf16", "fp16"))
     resume: str = _f("auto", "auto (continue a run found in --out) | never | PATH of a checkpoint")
     log_every: int = _f(20, "optimizer steps between log lines / host syncs")
     save_every: int = _f(5, "keep a checkpoint every N epochs (the latest is always saved)")
     keep: int = _f(3, "periodic checkpoints to keep (0 = all)")
-    vis_every: int = _f(5, "reconstruction grid every N epochs (0 = only at the end)")
     compile: bool = _f(False, "torch.compile the model")
+
+
+@dataclass
+class RunConfig(TrainRunConfig):
+    out: str = _f("runs/pretrain", "run folder (config, checkpoints, logs, pictures); an existing run resumes")
+    seed: int = _f(0, "seed for initialisation, data order, augmentation and masking")
+    vis_every: int = _f(5, "reconstruction grid every N epochs (0 = only at the end)")
 
 
 @dataclass
@@ -304,30 +310,13 @@ class AugmentConfig:
 
 
 @dataclass
-class FinetuneOptimConfig:
+class FinetuneOptimConfig(OptimConfig):
     epochs: int = _f(100, "training epochs (recipe: ViT-B 100, L/H 50)")
     warmup_epochs: float = _f(5.0, "linear warm-up length in epochs (per-iteration schedule)")
     base_lr: float = _f(5e-4, "learning rate per 256 images: lr = base_lr * effective batch / 256 (ViT-B 5e-4, L/H 1e-3)")
-    lr: float | None = _f(None, "absolute learning rate (overrides base_lr)")
     min_lr: float = _f(1e-6, "learning rate at the end of the cosine")
-    weight_decay: float = _f(0.05, "AdamW weight decay (not on biases, norms, tokens, position embeddings)")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas")
     layer_decay: float = _f(0.65, "layer-wise lr decay: block i of d gets layer_decay^(d - i) (ViT-B 0.65, L/H 0.75; 1 = off)")
-    accum_iter: int = _f(1, "micro-steps accumulated per optimizer step")
-    clip_grad: float | None = _f(None, "clip the gradient norm to this value")
-
-
-@dataclass
-class TrainRunConfig:
-    out: str = _f("runs/finetune", "run folder (config, checkpoints, logs, results.json); an existing run resumes")
-    seed: int = _f(0, "seed for initialisation, data order, augmentation and mixup")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
-    precision: str = _f("fp32", "fp32 | bf16 | fp16 (autocast; fp16 uses a GradScaler)", choices=("fp32", "bf16", "fp16"))
-    resume: str = _f("auto", "auto (continue a run found in --out) | never | PATH of a checkpoint")
-    log_every: int = _f(20, "optimizer steps between log lines / host syncs")
-    save_every: int = _f(5, "keep a checkpoint every N epochs (the latest is always saved)")
-    keep: int = _f(3, "periodic checkpoints to keep (0 = all)")
-    compile: bool = _f(False, "torch.compile the model")
 
 
 @dataclass
