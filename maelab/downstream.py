@@ -29,6 +29,16 @@ def img_size_arg(img_size: list[int] | None) -> tuple[int, int] | None:
     return (img_size[0], img_size[0]) if len(img_size) == 1 else (img_size[0], img_size[1])
 
 
+def resolve_encoder(model_cfg):
+    """(encoder weights or None, architecture, input size) for an ``EncoderConfig``: what every
+    downstream command starts from."""
+    from maelab.models.vit import arch_for, encoder_for
+
+    enc = encoder_for(model_cfg.init, model_cfg.model, model_cfg.num_heads)
+    arch = arch_for(enc, model_cfg.model, model_cfg.num_heads)
+    return enc, arch, img_size_arg(model_cfg.img_size) or tuple(arch["img_size"])
+
+
 def at_least(**values: Any) -> None:
     """``name=(value, minimum)`` pairs: each value must be >= its minimum."""
     for name, (value, low) in values.items():

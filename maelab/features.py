@@ -17,10 +17,10 @@ import torch
 
 from maelab.config import FeaturesConfig
 from maelab.data.loader import choose_in_memory, default_workers, prepare_images
-from maelab.downstream import check_data_numbers, img_size_arg
+from maelab.downstream import check_data_numbers, resolve_encoder
 from maelab.errors import MaelabError
 from maelab.evaluate.features import EvalSplit, extract_features, gather_split
-from maelab.models.vit import arch_for, describe, encoder_for, features_model
+from maelab.models.vit import describe, features_model
 from maelab.train.checkpoint import atomic_write_bytes
 from maelab.train.distributed import cleanup, init_distributed
 
@@ -87,9 +87,7 @@ def run_features(cfg: FeaturesConfig) -> dict[str, Any]:
     try:
         images = prepare_images(cfg.data.data, cfg.data.bad_files)
         torch.manual_seed(cfg.run.seed)
-        enc = encoder_for(cfg.model.init, cfg.model.model, cfg.model.num_heads)
-        arch = arch_for(enc, cfg.model.model, cfg.model.num_heads)
-        size = img_size_arg(cfg.model.img_size) or tuple(arch["img_size"])
+        enc, arch, size = resolve_encoder(cfg.model)
         encoder = features_model(enc, arch, size).to(device)
         d = cfg.data
         split = EvalSplit(images, size, d.batch_size, choose_in_memory(d.in_memory, images, size),

@@ -16,12 +16,12 @@ import torch
 from maelab.config import FinetuneConfig, save_yaml
 from maelab.data.loader import Feeder, StepPlan, choose_in_memory, default_workers
 from maelab.data.transforms import finetune_transform
-from maelab.downstream import (at_least, check_data_numbers, device_name, img_size_arg, load_splits, report,
-                               run_header, summarize, write_json)
+from maelab.downstream import (at_least, check_data_numbers, device_name, load_splits, report,
+                               resolve_encoder, run_header, summarize, write_json)
 from maelab.errors import MaelabError
 from maelab.evaluate.features import EvalSplit
 from maelab.evaluate.metrics import evaluate_classifier
-from maelab.models.vit import arch_for, build_vit, encoder_for, init_head, load_encoder_into, vit_meta
+from maelab.models.vit import build_vit, init_head, load_encoder_into, vit_meta
 from maelab.train.distributed import cleanup, init_distributed
 from maelab.train.logs import RunLogger
 from maelab.train.loop import Trainer
@@ -71,9 +71,7 @@ def make_mixup(cfg: FinetuneConfig, num_classes: int):
 
 def build_model(cfg: FinetuneConfig, num_classes: int):
     """(model, architecture, input size, encoder weights or None, notes)."""
-    enc = encoder_for(cfg.model.init, cfg.model.model, cfg.model.num_heads)
-    arch = arch_for(enc, cfg.model.model, cfg.model.num_heads)
-    size = img_size_arg(cfg.model.img_size) or tuple(arch["img_size"])
+    enc, arch, size = resolve_encoder(cfg.model)
     model = build_vit(arch, num_classes, cfg.model.global_pool, cfg.model.drop_path, size)
     notes: list[str] = []
     if enc is not None:

@@ -11,11 +11,11 @@ import torch
 
 from maelab.config import KnnConfig
 from maelab.data.loader import choose_in_memory, default_workers
-from maelab.downstream import check_data_numbers, device_name, img_size_arg, load_splits, write_json
+from maelab.downstream import check_data_numbers, device_name, load_splits, resolve_encoder, write_json
 from maelab.errors import MaelabError
 from maelab.evaluate.features import EvalSplit, extract_features, gather_split
 from maelab.evaluate.knn import knn_accuracy
-from maelab.models.vit import arch_for, describe, encoder_for, features_model
+from maelab.models.vit import describe, features_model
 from maelab.train.distributed import cleanup, init_distributed
 
 
@@ -27,9 +27,7 @@ def run_knn(cfg: KnnConfig) -> dict[str, Any]:
     try:
         train, val = load_splits(cfg.data, cfg.run.seed)
         torch.manual_seed(cfg.run.seed)
-        enc = encoder_for(cfg.model.init, cfg.model.model, cfg.model.num_heads)
-        arch = arch_for(enc, cfg.model.model, cfg.model.num_heads)
-        size = img_size_arg(cfg.model.img_size) or tuple(arch["img_size"])
+        enc, arch, size = resolve_encoder(cfg.model)
         encoder = features_model(enc, arch, size).to(device)
         d = cfg.data
         workers = default_workers(d.num_workers)

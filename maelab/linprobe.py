@@ -24,13 +24,13 @@ import torch
 from maelab.config import LinprobeConfig, save_yaml
 from maelab.data.loader import Batch, Feeder, StepPlan, choose_in_memory, default_workers
 from maelab.data.transforms import EvalTransform, PretrainTransform
-from maelab.downstream import (at_least, check_data_numbers, device_name, img_size_arg, load_splits, report,
-                               run_header, summarize, write_json)
+from maelab.downstream import (at_least, check_data_numbers, device_name, load_splits, report,
+                               resolve_encoder, run_header, summarize, write_json)
 from maelab.errors import MaelabError
 from maelab.evaluate.features import EvalSplit, extract_features, gather_split
 from maelab.evaluate.metrics import evaluate_classifier
 from maelab.models.heads import LinearProbeHead
-from maelab.models.vit import arch_for, describe, encoder_for, features_model
+from maelab.models.vit import describe, features_model
 from maelab.train.distributed import cleanup, init_distributed
 from maelab.train.logs import RunLogger
 from maelab.train.loop import Trainer
@@ -85,9 +85,7 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
         train, val = load_splits(cfg.data, cfg.run.seed)
         num_classes = len(train.classes)
         torch.manual_seed(cfg.run.seed)
-        enc = encoder_for(cfg.model.init, cfg.model.model, cfg.model.num_heads)
-        arch = arch_for(enc, cfg.model.model, cfg.model.num_heads)
-        size = img_size_arg(cfg.model.img_size) or tuple(arch["img_size"])
+        enc, arch, size = resolve_encoder(cfg.model)
         encoder = features_model(enc, arch, size).to(device)
         head = LinearProbeHead(arch["embed_dim"], num_classes).to(device)
         run_dir = Path(cfg.run.out).expanduser()
