@@ -251,3 +251,17 @@ def test_features_never_mask():
 def test_image_smaller_than_a_patch_is_a_clear_error():
     with pytest.raises(MaelabError, match="at least the patch size"):
         tiny(img_size=0)
+
+
+def test_math_and_fused_attention_give_the_same_loss():
+    from maelab.train.loop import choose_attention_kernel
+
+    model = tiny()
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, model.num_patches)
+    assert choose_attention_kernel(model, torch.device("cpu"), "fp32") == "sdpa"
+    loss_fused, pred_fused, _ = model(imgs, noise=noise)
+    assert choose_attention_kernel(model, torch.device("cpu"), "bf16") == "math"
+    assert all(not b.attn.fused_attn for b in model.blocks)
+    loss_math, pred_math, _ = model(imgs, noise=noise)
+    torch.testing.assert_close(loss_math, loss_fused, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pred_math, pred_fused, rtol=1e-4, atol=1e-5)

@@ -67,6 +67,17 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def choose_attention_kernel(model: torch.nn.Module, device: torch.device, precision: str) -> str:
+    """Pick timm's attention path per block: ``F.scaled_dot_product_attention`` everywhere except bf16
+    on a CPU, where PyTorch's fused CPU kernel is markedly slower than the explicit
+    ``softmax(q k^T) v`` (measured in benchmarks/bench_step.py). Same maths, either way."""
+    fused = not (device.type == "cpu" and precision == "bf16")
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+    return "sdpa" if fused else "math"
+
+
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
@@ -127,6 +138,7 @@ class Trainer:
         self.log = logger or RunLogger(None, enabled=False)
         self.optimizer = optimizer_factory(task.param_groups())
         self.scaler = torch.amp.GradScaler(device.type) if run.precision == "fp16" else None
+        self.attention = choose_attention_kernel(task.model, device, run.precision)
         runner = wrap_ddp(task.model, info, device)
         self.runner = torch.compile(runner) if run.compile else runner
         self.ddp = runner
