@@ -265,3 +265,13 @@ def test_math_and_fused_attention_give_the_same_loss():
     loss_math, pred_math, _ = model(imgs, noise=noise)
     torch.testing.assert_close(loss_math, loss_fused, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pred_math, pred_fused, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_on_cpu_switches_to_the_math_attention_path_and_back():
+    model = tiny()
+    imgs = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(imgs)
+    assert all(not b.attn.fused_attn for b in (*model.blocks, *model.decoder_blocks))
+    model(imgs)
+    assert all(b.attn.fused_attn for b in (*model.blocks, *model.decoder_blocks))

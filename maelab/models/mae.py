@@ -179,6 +179,14 @@ class MaskedAutoencoder(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    def _select_attention(self, imgs: torch.Tensor) -> None:
+        """bf16 autocast on a CPU: use timm's explicit softmax(q k^T) v path, which is 2-6x faster there
+        than PyTorch's fused CPU attention kernel (benchmarks/bench_step.py); elsewhere the fused one."""
+        math = (imgs.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        for blk in (*self.blocks, *self.decoder_blocks):
+            blk.attn.fused_attn = not math
+
     def _check_input(self, imgs: torch.Tensor) -> None:
         if imgs.ndim != 4 or tuple(imgs.shape[1:]) != (self.in_chans, *self.img_size):
             raise MaelabError(
@@ -249,6 +257,7 @@ class MaskedAutoencoder(nn.Module):
         """Returns ``(loss, pred, mask)``. With ``return_pred=False`` (training) only the masked
         tokens are projected to pixels -- the loss ignores the rest -- and ``pred`` is ``None``."""
         self._check_input(imgs)
+        self._select_attention(imgs)
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         latent, mask, ids_restore, ids_shuffle = self.forward_encoder(imgs, ratio, noise, generator)
         if return_pred:
@@ -266,6 +275,7 @@ class MaskedAutoencoder(nn.Module):
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, 1 + L, D) encoder tokens after the final norm, with **no masking** (cls first)."""
         self._check_input(imgs)
+        self._select_attention(imgs)
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
