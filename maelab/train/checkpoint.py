@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,32 +39,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file beside ``path``, fsync, rename over it."""
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temp path beside ``path`` to write to; on success fsync it and rename it over
+    ``path`` (then fsync the folder); on any failure remove it. Readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
-    """Weights as safetensors, atomically; ``metadata`` (JSON-able) goes into the header."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    header = {"maelab": json.dumps(metadata)} if metadata else None
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=header)
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -71,6 +56,19 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
+    """Weights as safetensors, atomically; ``metadata`` (JSON-able) goes into the header."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    header = {"maelab": json.dumps(metadata)} if metadata else None
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=header)
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -100,11 +98,8 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}."))
     try:
         save_weights(tmp / WEIGHTS, state_dict, meta.get("model"))
-        buf = tmp / STATE
-        with open(buf, "wb") as f:
-            torch.save(train_state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        with atomic_path(tmp / STATE) as state_tmp:
+            torch.save(train_state, state_tmp)
         atomic_write_bytes(tmp / META, json.dumps(meta, indent=1).encode())
         final = ckpt_root / name
         if final.exists():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -26,32 +25,16 @@ _NOT_METRICS = {"step", "epoch", "loss", "lr", "time", "timestamp", "wall_time",
 
 
 def save_figure_atomic(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
-    """Write ``fig`` as a PNG to ``path`` atomically: render to a temporary file in the same folder,
-    then ``os.replace`` it over the destination (readers never see a half-written file)."""
+    """Write ``fig`` as a PNG to ``path`` atomically (readers never see a half-written file)."""
+    from maelab.train.checkpoint import atomic_path
+
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
     except OSError as e:
         raise MaelabError(f"cannot write {path}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise MaelabError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
     return path
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 def _number(v) -> float | None:
