@@ -52,16 +52,22 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
+class ScheduleConfig:
+    """What every optimizer shares: length, per-iteration warm-up + cosine, decay, accumulation."""
+
     epochs: int = _f(10, "training epochs")
     warmup_epochs: float = _f(1.0, "linear warm-up length in epochs (per-iteration schedule)")
     base_lr: float = _f(1.5e-4, "learning rate per 256 images: lr = base_lr * effective batch / 256")
     lr: float | None = _f(None, "absolute learning rate (overrides base_lr)")
     min_lr: float = _f(0.0, "learning rate at the end of the cosine")
     weight_decay: float = _f(0.05, "AdamW weight decay (not applied to biases, norms, tokens, position embeddings)")
-    betas: list[float] = _f([0.9, 0.95], "AdamW betas")
     accum_iter: int = _f(1, "micro-steps accumulated per optimizer step")
     clip_grad: float | None = _f(None, "clip the gradient norm to this value")
+
+
+@dataclass
+class OptimConfig(ScheduleConfig):
+    betas: list[float] = _f([0.9, 0.95], "AdamW betas")
 
 
 @dataclass
@@ -339,16 +345,12 @@ class ProbeAugmentConfig:
 
 
 @dataclass
-class ProbeOptimConfig:
+class ProbeOptimConfig(ScheduleConfig):
     epochs: int = _f(90, "training epochs (recipe: 90 for ViT-B, 50 for L/H)")
     warmup_epochs: float = _f(10.0, "linear warm-up length in epochs (per-iteration schedule)")
     base_lr: float = _f(0.1, "learning rate per 256 images: lr = base_lr * effective batch / 256")
-    lr: float | None = _f(None, "absolute learning rate (overrides base_lr)")
-    min_lr: float = _f(0.0, "learning rate at the end of the cosine")
     weight_decay: float = _f(0.0, "LARS weight decay on the Linear weight (never on 1-D parameters)")
     momentum: float = _f(0.9, "LARS momentum")
-    accum_iter: int = _f(1, "micro-steps accumulated per optimizer step")
-    clip_grad: float | None = _f(None, "clip the gradient norm to this value")
 
 
 @dataclass

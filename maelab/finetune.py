@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from maelab.config import FinetuneConfig, save_yaml
+from maelab.config import FinetuneConfig
 from maelab.data.loader import Feeder, StepPlan, choose_in_memory, default_workers
 from maelab.data.transforms import finetune_transform
 from maelab.downstream import (at_least, check_data_numbers, device_name, load_splits, report,
@@ -23,7 +23,6 @@ from maelab.evaluate.features import EvalSplit
 from maelab.evaluate.metrics import evaluate_classifier
 from maelab.models.vit import build_vit, init_head, load_encoder_into, vit_meta
 from maelab.train.distributed import cleanup, init_distributed
-from maelab.train.logs import RunLogger
 from maelab.train.loop import Trainer
 from maelab.train.optim import adamw, layer_decay_groups, scaled_lr
 from maelab.train.tasks import FinetuneTask
@@ -117,12 +116,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
         trainer = Trainer(task=task, feeder=feeder, optim=cfg.optim, run=cfg.run, run_dir=run_dir, info=info,
                           device=device, optimizer_factory=lambda g: adamw(g, lr, tuple(cfg.optim.betas), device))
-        if resume is not None:
-            trainer.resume_from(resume)  # checks the model before anything is written
-        logger = RunLogger(run_dir, enabled=info.is_main)
-        trainer.log = logger
+        logger = trainer.open_run(cfg, resume)  # checks a resumed checkpoint before writing
         if info.is_main:
-            save_yaml(cfg, run_dir / "config.yaml")
             logger.info(f"maelab finetune: {run_header(cfg.model.init, enc, arch, size)}; "
                         + "".join(f"{n}; " for n in notes)
                         + f"{num_classes} classes, {len(train)} train / {len(val)} val images, on {device} "

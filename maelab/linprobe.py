@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from maelab.config import LinprobeConfig, save_yaml
+from maelab.config import LinprobeConfig
 from maelab.data.loader import Batch, Feeder, StepPlan, choose_in_memory, default_workers
 from maelab.data.transforms import EvalTransform, PretrainTransform
 from maelab.downstream import (at_least, check_data_numbers, device_name, load_splits, report,
@@ -32,7 +32,6 @@ from maelab.evaluate.metrics import evaluate_classifier
 from maelab.models.heads import LinearProbeHead
 from maelab.models.vit import describe, features_model
 from maelab.train.distributed import cleanup, init_distributed
-from maelab.train.logs import RunLogger
 from maelab.train.loop import Trainer
 from maelab.train.optim import lars, lars_param_groups, scaled_lr
 from maelab.train.tasks import LinprobeTask
@@ -127,12 +126,8 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
         trainer = Trainer(task=task, feeder=feeder, optim=cfg.optim, run=cfg.run, run_dir=run_dir, info=info,
                           device=device, optimizer_factory=lambda g: lars(g, lr, cfg.optim.momentum))
-        if resume is not None:
-            trainer.resume_from(resume)
-        logger = RunLogger(run_dir, enabled=info.is_main)
-        trainer.log = logger
+        logger = trainer.open_run(cfg, resume)  # checks a resumed checkpoint before writing
         if info.is_main:
-            save_yaml(cfg, run_dir / "config.yaml")
             mode = ("cached features (--no-augment)" if cached else
                     "RandomResizedCrop + flip, encoder every step" if aug.augment else "no augmentation, encoder every step")
             logger.info(f"maelab linprobe: {run_header(cfg.model.init, enc, arch, size)}; {pool} features; "

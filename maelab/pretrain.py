@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from maelab.config import PretrainConfig, save_yaml
+from maelab.config import PretrainConfig
 from maelab.data.loader import Feeder, StepPlan, choose_in_memory, default_workers, prepare_images
 from maelab.errors import MaelabError
 from maelab.models.loading import model_meta
@@ -14,7 +14,6 @@ from maelab.models.mae import MaskedAutoencoder, num_visible
 from maelab.models.presets import preset_kwargs
 from maelab.train import checkpoint as ckpt
 from maelab.train.distributed import cleanup, init_distributed
-from maelab.train.logs import RunLogger
 from maelab.train.loop import LoopResult, Trainer
 from maelab.train.optim import adamw, scaled_lr
 from maelab.train.tasks import PretrainTask
@@ -128,13 +127,8 @@ def run_pretrain(cfg: PretrainConfig) -> LoopResult:
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
         trainer = Trainer(task, feeder, cfg.optim, cfg.run, run_dir, info, device,
                           lambda groups: adamw(groups, lr, tuple(cfg.optim.betas), device))
-        if resume is not None:
-            trainer.resume_from(resume)  # checks the architecture before anything is written
-        # Only now, with every input checked, does the run folder get written.
-        logger = RunLogger(run_dir, enabled=info.is_main)
-        trainer.log = logger
+        logger = trainer.open_run(cfg, resume)  # checks a resumed checkpoint before writing
         if info.is_main:
-            save_yaml(cfg, run_dir / "config.yaml")
             logger.info(f"maelab pretrain: {len(images)} images ({'in RAM' if in_memory else 'streamed'}), "
                         f"{cfg.model.model} {tuple(model.img_size)} on {device} x{info.world}, global batch "
                         f"{plan.global_size}, lr {lr:.3g}, {plan.steps_per_epoch} steps/epoch, run folder {run_dir}")

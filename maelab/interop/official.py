@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from maelab.errors import MaelabError
+from maelab.train.checkpoint import state_dict_mismatch
 
 # Heads per encoder width in the paper's model table (ViT-Ti/S/B/L/H). Widths outside the table
 # fall back to 64-dim heads; the decoder to 32-dim heads (the reference decoder: 512 wide, 16 heads).
@@ -155,24 +156,9 @@ def infer_mae_architecture(
 
 
 def _check_keys(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], what: str) -> None:
-    missing = set(expected) - set(given)
-    unexpected = set(given) - set(expected)
-    shapes = [
-        f"{k} {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(given))
-        if tuple(given[k].shape) != tuple(expected[k].shape)
-    ]
-    if not (missing or unexpected or shapes):
-        return
-    parts = []
-    if missing:
-        parts.append(f"missing {len(missing)}: {_few(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {len(unexpected)}: {_few(unexpected)}")
-    if shapes:
-        more = f" (+{len(shapes) - _MAX_NAMED} more)" if len(shapes) > _MAX_NAMED else ""
-        parts.append(f"shape mismatch {len(shapes)}: {'; '.join(shapes[:_MAX_NAMED])}{more}")
-    raise MaelabError(f"{what} does not fit the model: " + "; ".join(parts))
+    problem = state_dict_mismatch(dict(expected), dict(given), named=_MAX_NAMED)
+    if problem:
+        raise MaelabError(f"{what} does not fit the model: {problem}")
 
 
 def load_into_mae(

@@ -29,6 +29,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from maelab.errors import MaelabError
 from maelab.models.pos_embed import resize_pos_embed, sincos_2d
+from maelab.train.checkpoint import state_dict_mismatch
 
 ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
@@ -233,16 +234,9 @@ def load_encoder_into(model: VisionTransformer, enc: EncoderWeights) -> list[str
                      "encoder norm dropped, fresh fc_norm after pooling (official recipe)")
     else:
         sd = {k: v for k, v in sd.items() if not k.startswith("fc_norm.")}
-    own = model.state_dict()
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
-              if k in own and tuple(sd[k].shape) != tuple(own[k].shape)]
-    missing = [k for k in own if k not in sd and not k.startswith(("head.", "fc_norm."))]
-    if unexpected or shapes or missing:
-        parts = ([f"unexpected {', '.join(unexpected[:3])}"] if unexpected else []) + \
-                ([f"shape mismatch {'; '.join(shapes[:2])}"] if shapes else []) + \
-                ([f"missing {', '.join(missing[:3])}"] if missing else [])
-        raise MaelabError(f"{enc.path} does not fit this ViT ({'; '.join(parts)})")
+    problem = state_dict_mismatch(model.state_dict(), sd, optional=("head.", "fc_norm."))
+    if problem:
+        raise MaelabError(f"{enc.path} does not fit this ViT ({problem})")
     model.load_state_dict(sd, strict=False)
     return notes
 

@@ -180,19 +180,31 @@ def resolve_weights_path(path: str | Path) -> Path:
     return latest / WEIGHTS
 
 
+def state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor],
+                        optional: tuple[str, ...] = (), named: int = 4) -> str:
+    """How ``given`` differs from ``expected`` in keys and shapes, as one readable phrase naming the first
+    few of each (empty when they fit). Expected keys starting with ``optional`` may be missing."""
+    def few(keys):
+        keys = sorted(keys)
+        return ", ".join(keys[:named]) + (f" (+{len(keys) - named} more)" if len(keys) > named else "")
+
+    missing = [k for k in expected if k not in given and not k.startswith(optional)]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}" for k in sorted(expected)
+              if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)}: {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)}: {few(unexpected)}")
+    if shapes:
+        more = f" (+{len(shapes) - named} more)" if len(shapes) > named else ""
+        parts.append(f"shape mismatch {len(shapes)}: {'; '.join(shapes[:named])}{more}")
+    return "; ".join(parts)
+
+
 def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Strict key/shape comparison with a readable message instead of a wall of text."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {', '.join(unexpected[:3])}")
-        if shapes:
-            parts.append(f"shape mismatch e.g. {'; '.join(shapes[:2])}")
-        raise MaelabError(f"{source} does not fit this model ({'; '.join(parts)})")
+    problem = state_dict_mismatch(model.state_dict(), state_dict)
+    if problem:
+        raise MaelabError(f"{source} does not fit this model ({problem})")

@@ -179,6 +179,18 @@ class Trainer:
         barrier(self.info)
         return path
 
+    def open_run(self, config: Any, resume: Path | None) -> RunLogger:
+        """Resume (which checks the checkpoint fits) and only then write the run folder: logs and
+        ``config.yaml``. Nothing is written for a run that cannot start."""
+        if resume is not None:
+            self.resume_from(resume)
+        self.log = RunLogger(self.run_dir, enabled=self.info.is_main)
+        if self.info.is_main:
+            from maelab.config import save_yaml
+
+            save_yaml(config, self.run_dir / "config.yaml")
+        return self.log
+
     def resume_from(self, folder: Path) -> None:
         weights, _ = ckpt.read_weights(folder / ckpt.WEIGHTS)
         ckpt.check_state_dict(self.task.model, weights, f"checkpoint {folder}")
