@@ -275,3 +275,34 @@ def test_bf16_autocast_on_cpu_switches_to_the_math_attention_path_and_back():
     assert all(not b.attn.fused_attn for b in (*model.blocks, *model.decoder_blocks))
     model(imgs)
     assert all(b.attn.fused_attn for b in (*model.blocks, *model.decoder_blocks))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_block_for_queries_equals_the_full_block_on_those_tokens(fused):
+    from maelab.models.mae import block_for_queries
+
+    blk = tiny().decoder_blocks[-1]
+    blk.attn.fused_attn = fused
+    x = torch.randn(2, 17, blk.attn.attn_dim)
+    torch.testing.assert_close(block_for_queries(blk, x, 5), blk(x)[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+def test_fast_path_matches_plain_path_under_cpu_bf16_autocast():
+    model = tiny(norm_pix_loss=True)
+    imgs, noise = torch.randn(4, 3, 32, 32), torch.rand(4, model.num_patches)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_a, _, _ = model(imgs, noise=noise, return_pred=True)
+        loss_b, _, _ = model(imgs, noise=noise, return_pred=False)
+    torch.testing.assert_close(loss_a, loss_b, rtol=2e-2, atol=0)
+
+
+def test_a_mask_ratio_that_masks_nothing_is_refused():
+    model = tiny()
+    with pytest.raises(MaelabError, match="masks none"):
+        model(torch.randn(1, 3, 32, 32), mask_ratio=0.0)
+
+
+def test_a_model_without_decoder_blocks_is_refused():
+    with pytest.raises(MaelabError, match="at least one block"):
+        MaskedAutoencoder(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                          decoder_embed_dim=16, decoder_depth=0, decoder_num_heads=2)

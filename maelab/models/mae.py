@@ -90,6 +90,33 @@ def random_masking(
     return x_visible, mask, ids_restore, ids_shuffle
 
 
+def block_for_queries(blk: Block, x: torch.Tensor, start: int) -> torch.Tensor:
+    """A timm ``Block`` evaluated for the tokens ``x[:, start:]`` only, attending to every token of ``x``.
+
+    Equals ``blk(x)[:, start:]`` while skipping the query, projection and MLP work of the first
+    ``start`` tokens. Used for the decoder's last block, whose visible-token outputs the loss never reads.
+    """
+    attn = blk.attn
+    if getattr(attn, "gate", None) is not None:  # a timm variant this shortcut does not mirror
+        return blk(x)[:, start:]
+    n, length, dim = x.shape
+    h = blk.norm1(x)
+    heads, head_dim = attn.num_heads, attn.head_dim
+    w, b = attn.qkv.weight, attn.qkv.bias
+    q = nn.functional.linear(h[:, start:], w[: attn.attn_dim], None if b is None else b[: attn.attn_dim])
+    kv = nn.functional.linear(h, w[attn.attn_dim :], None if b is None else b[attn.attn_dim :])
+    q = attn.q_norm(q.reshape(n, length - start, heads, head_dim).transpose(1, 2))
+    k, v = kv.reshape(n, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    k = attn.k_norm(k)
+    if attn.fused_attn:
+        o = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        o = attn.attn_drop((q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    o = attn.proj_drop(attn.proj(attn.norm(o.transpose(1, 2).reshape(n, length - start, attn.attn_dim))))
+    x = x[:, start:] + blk.drop_path1(blk.ls1(o))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
 # --- 3. The model ---------------------------------------------------------------------------------
 class MaskedAutoencoder(nn.Module):
     """ViT encoder on visible patches + lightweight Transformer decoder that predicts masked pixels."""
@@ -119,6 +146,8 @@ class MaskedAutoencoder(nn.Module):
         self.img_size = _pair(img_size)
         if patch_size < 1 or min(self.img_size) < patch_size:
             raise MaelabError(f"image size {self.img_size[0]}x{self.img_size[1]} must be at least the patch size {patch_size}")
+        if depth < 1 or decoder_depth < 1:
+            raise MaelabError(f"encoder and decoder need at least one block, got depth={depth}, decoder_depth={decoder_depth}")
         if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
             raise MaelabError(
                 f"image size {self.img_size[0]}x{self.img_size[1]} is not divisible by the patch size {patch_size}"
@@ -228,6 +257,25 @@ class MaskedAutoencoder(nn.Module):
             x = blk(x)
         return self.decoder_norm(x)[:, 1:, :]  # drop cls
 
+    def forward_decoder_masked(self, latent: torch.Tensor, ids_shuffle: torch.Tensor) -> torch.Tensor:
+        """Decoder outputs (N, L - n_visible, D) of the masked patches only, in ``ids_shuffle`` order.
+
+        The training fast path. Self-attention does not care about token order, so the decoder runs on
+        [cls, visible tokens, mask tokens] in shuffled order, each token carrying its own position
+        embedding: the same outputs as the un-shuffled decoder, permuted. No un-shuffle is needed, and
+        the last block computes queries, projection and MLP for the masked tokens only (the loss never
+        reads the others); keys and values still come from every token."""
+        x = self.decoder_embed(latent)
+        n, start = x.shape[0], x.shape[1]
+        mask_tokens = self.mask_token.expand(n, ids_shuffle.shape[1] + 1 - start, -1)
+        pos = self.decoder_pos_embed[0]
+        pos = torch.cat([pos[:1].expand(n, 1, -1), pos[1:][ids_shuffle]], dim=1)
+        x = torch.cat([x, mask_tokens], dim=1) + pos
+        *blocks, last = self.decoder_blocks
+        for blk in blocks:
+            x = blk(x)
+        return self.decoder_norm(block_for_queries(last, x, start))
+
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """Pixel predictions (N, L, p*p*C) for every patch."""
         return self.decoder_pred(self.forward_decoder_tokens(latent, ids_restore))
@@ -259,14 +307,16 @@ class MaskedAutoencoder(nn.Module):
         self._check_input(imgs)
         self._select_attention(imgs)
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        if num_visible(self.num_patches, ratio) == self.num_patches:
+            raise MaelabError(
+                f"mask ratio {ratio} masks none of the {self.num_patches} patches: there is nothing to reconstruct"
+            )
         latent, mask, ids_restore, ids_shuffle = self.forward_encoder(imgs, ratio, noise, generator)
         if return_pred:
             pred = self.forward_decoder(latent, ids_restore)
             return self.forward_loss(imgs, pred, mask), pred, mask
-        tokens = self.forward_decoder_tokens(latent, ids_restore)
+        pred = self.decoder_pred(self.forward_decoder_masked(latent, ids_shuffle)).float()
         ids_masked = ids_shuffle[:, latent.shape[1] - 1 :]  # same count for every sample
-        tokens = torch.gather(tokens, 1, ids_masked.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-        pred = self.decoder_pred(tokens).float()
         target = self.target(imgs).float()
         target = torch.gather(target, 1, ids_masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
         return ((pred - target) ** 2).mean(), None, mask
