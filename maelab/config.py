@@ -75,7 +75,8 @@ class TrainRunConfig:
     out: str = _f("runs/finetune", "run folder (config, checkpoints, logs, results.json); an existing run resumes")
     seed: int = _f(0, "seed for initialisation, data order, augmentation and mixup")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
-    precision: str = _f("fp32", "fp32 | bf16 | fp16 (autocast; fp16 uses a GradScaler)", choices=("fp32", "bf16", "fp16"))
+    precision: str = _f("auto", "auto | fp32 | bf16 | fp16 (autocast; fp16 uses a GradScaler). auto = bf16 on a CUDA "
+                                "GPU that has it, fp32 elsewhere", choices=("auto", "fp32", "bf16", "fp16"))
     resume: str = _f("auto", "auto (continue a run found in --out) | never | PATH of a checkpoint")
     log_every: int = _f(20, "optimizer steps between log lines / host syncs")
     save_every: int = _f(5, "keep a checkpoint every N epochs (the latest is always saved)")
@@ -378,7 +379,8 @@ class EvalRunConfig:
     out: str = _f("", "also write the results as JSON to this file")
     seed: int = _f(0, "seed for --limit-images subsets and --init none")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N | mps")
-    precision: str = _f("fp32", "fp32 | bf16 | fp16 (autocast)", choices=("fp32", "bf16", "fp16"))
+    precision: str = _f("auto", "auto | fp32 | bf16 | fp16 (autocast). auto = bf16 on a CUDA GPU that has it, fp32 "
+                                "elsewhere", choices=("auto", "fp32", "bf16", "fp16"))
 
 
 @dataclass

@@ -23,6 +23,7 @@ from maelab.evaluate.features import EvalSplit, extract_features, gather_split
 from maelab.models.vit import describe, features_model
 from maelab.train.checkpoint import atomic_write_bytes
 from maelab.train.distributed import cleanup, init_distributed
+from maelab.train.precision import resolve_precision
 
 FORMATS = (".npy", ".safetensors")
 
@@ -84,6 +85,7 @@ def run_features(cfg: FeaturesConfig) -> dict[str, Any]:
     if not cfg.data.data:
         raise MaelabError("--data is required: a folder of images (ImageFolder tree or flat)")
     info, device = init_distributed(cfg.run.device)
+    cfg.run.precision = resolve_precision(cfg.run.precision, device)
     try:
         images = prepare_images(cfg.data.data, cfg.data.bad_files)
         torch.manual_seed(cfg.run.seed)

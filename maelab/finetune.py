@@ -23,7 +23,7 @@ from maelab.evaluate.features import EvalSplit
 from maelab.evaluate.metrics import evaluate_classifier
 from maelab.models.vit import build_vit, init_head, load_encoder_into, vit_meta
 from maelab.train.distributed import cleanup, init_distributed
-from maelab.train.loop import Trainer
+from maelab.train.loop import Trainer, resolve_precision
 from maelab.train.optim import adamw, layer_decay_groups, scaled_lr
 from maelab.train.tasks import FinetuneTask
 
@@ -84,6 +84,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     validate(cfg)
     info, device = init_distributed(cfg.run.device)
+    cfg.run.precision = resolve_precision(cfg.run.precision, device)
     try:
         train, val = load_splits(cfg.data, cfg.run.seed)
         num_classes = len(train.classes)

@@ -17,6 +17,7 @@ from maelab.evaluate.features import EvalSplit, extract_features, gather_split
 from maelab.evaluate.knn import knn_accuracy
 from maelab.models.vit import describe, features_model
 from maelab.train.distributed import cleanup, init_distributed
+from maelab.train.precision import resolve_precision
 
 
 def run_knn(cfg: KnnConfig) -> dict[str, Any]:
@@ -24,6 +25,7 @@ def run_knn(cfg: KnnConfig) -> dict[str, Any]:
     if cfg.knn.k < 1 or cfg.knn.temperature <= 0:
         raise MaelabError(f"--k must be >= 1 and --temperature > 0, got {cfg.knn.k}, {cfg.knn.temperature}")
     info, device = init_distributed(cfg.run.device)
+    cfg.run.precision = resolve_precision(cfg.run.precision, device)
     try:
         train, val = load_splits(cfg.data, cfg.run.seed)
         torch.manual_seed(cfg.run.seed)

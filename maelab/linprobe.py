@@ -32,7 +32,7 @@ from maelab.evaluate.metrics import evaluate_classifier
 from maelab.models.heads import LinearProbeHead
 from maelab.models.vit import describe, features_model
 from maelab.train.distributed import cleanup, init_distributed
-from maelab.train.loop import Trainer
+from maelab.train.loop import Trainer, resolve_precision
 from maelab.train.optim import lars, lars_param_groups, scaled_lr
 from maelab.train.tasks import LinprobeTask
 
@@ -80,6 +80,7 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
 
     validate(cfg)
     info, device = init_distributed(cfg.run.device)
+    cfg.run.precision = resolve_precision(cfg.run.precision, device)
     try:
         train, val = load_splits(cfg.data, cfg.run.seed)
         num_classes = len(train.classes)

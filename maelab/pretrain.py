@@ -14,7 +14,7 @@ from maelab.models.mae import MaskedAutoencoder, num_visible
 from maelab.models.presets import preset_kwargs
 from maelab.train import checkpoint as ckpt
 from maelab.train.distributed import cleanup, init_distributed
-from maelab.train.loop import LoopResult, Trainer
+from maelab.train.loop import LoopResult, Trainer, resolve_precision
 from maelab.train.optim import adamw, scaled_lr
 from maelab.train.tasks import PretrainTask
 
@@ -92,6 +92,7 @@ def run_pretrain(cfg: PretrainConfig) -> LoopResult:
     torch.manual_seed(cfg.run.seed)
     model = MaskedAutoencoder(**kwargs)  # validates sizes before any file is written
     info, device = init_distributed(cfg.run.device)
+    cfg.run.precision = resolve_precision(cfg.run.precision, device)
     try:
         run_dir = Path(cfg.run.out).expanduser()
         resume = find_resume(cfg, run_dir)

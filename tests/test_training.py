@@ -209,3 +209,17 @@ def test_keeps_the_latest_and_the_last_k_periodic_checkpoints(cifar_tiny, tmp_pa
     run_pretrain(cfg_for(cifar_tiny, tmp_path, epochs=5, save_every=2, keep=2, log_every=4))
     names = sorted(d.name for d in ckpt.list_checkpoints(tmp_path))
     assert names == ["epoch_0004", "epoch_0005"]  # periodic: 2, 4 and the final 5; keep the last 2
+
+
+def test_auto_precision_is_fp32_on_cpu_and_explicit_choices_are_kept():
+    from maelab.train.precision import autocast, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert [resolve_precision(p, cpu) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    with autocast(cpu, "auto"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast(cpu, "bf16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown precision"):
+        autocast(cpu, "fp8")

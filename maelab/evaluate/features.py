@@ -11,7 +11,6 @@ Under torchrun every process reads its shard (every ``world``-th image starting 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Iterator
 
 import torch
@@ -24,6 +23,7 @@ from maelab.data.loader import FolderDataset
 from maelab.data.memory import decode_all
 from maelab.data.transforms import EvalTransform, normalize
 from maelab.errors import MaelabError
+from maelab.train.precision import autocast
 
 POOLS = ("token", "avg")
 
@@ -78,13 +78,6 @@ def encode(model: nn.Module, images: torch.Tensor, global_pool: str = "token") -
     return tokens[:, 0] if global_pool == "token" else tokens[:, 1:].mean(dim=1)
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-@torch.no_grad()
 def extract_features(model: nn.Module, split: EvalSplit, device: torch.device, global_pool: str = "token",
                      precision: str = "fp32", progress: bool = False,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,7 +94,7 @@ def extract_features(model: nn.Module, split: EvalSplit, device: torch.device, g
                   disable=None)
     try:
         for x, y, i in it:
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 f = encode(model, x, global_pool)
             feats.append(f.float().cpu())
             labels.append(y)

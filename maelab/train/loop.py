@@ -30,6 +30,7 @@ from maelab.train import checkpoint as ckpt
 from maelab.train.distributed import DistInfo, any_flag, barrier, no_sync, wrap_ddp
 from maelab.train.logs import RunLogger
 from maelab.train.optim import cosine_lr, set_lr
+from maelab.train.precision import autocast, resolve_precision  # noqa: F401 (re-exported)
 
 
 class RunInterrupted(MaelabError):
@@ -58,13 +59,6 @@ class LoopResult:
     epochs_done: int
     global_step: int
     history: list[dict] = field(default_factory=list)
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def choose_attention_kernel(model: torch.nn.Module, device: torch.device, precision: str) -> str:
