@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from benchmarks import common, peers  # noqa: E402
-from maelab.models.mae import MaskedAutoencoder, num_visible  # noqa: E402
+from maelab.models.mae import MaskedAutoencoder, block_for_queries, num_visible  # noqa: E402
 
 PAPER = {"MAE, 8-block decoder": 2.8, "MAE, 1-block decoder": 3.7}
 BASELINE = "encoder w/ mask tokens, 8-block decoder"
@@ -68,11 +68,15 @@ class SymmetricMAE(nn.Module):
             x = blk(x)
         x = m.norm(x)
         x = m.decoder_embed(x) + m.decoder_pos_embed
-        for blk in m.decoder_blocks:
+        # The same decoder shortcut as maelab's training path: tokens in shuffled order (attention does
+        # not care), last block computed for the masked tokens only.
+        x_ = torch.gather(x[:, 1:], 1, ids_shuffle.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :1], x_], dim=1)
+        *blocks, last = m.decoder_blocks
+        for blk in blocks:
             x = blk(x)
-        x = m.decoder_norm(x)[:, 1:, :]
+        x = m.decoder_norm(block_for_queries(last, x, 1 + keep))
         ids_masked = ids_shuffle[:, keep:]
-        x = torch.gather(x, 1, ids_masked.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         pred = m.decoder_pred(x).float()
         target = m.target(imgs).float()
         target = torch.gather(target, 1, ids_masked.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
@@ -83,8 +87,8 @@ def build_models(model_name: str, with_sym1: bool):
     import maelab
 
     mae8 = maelab.create_model(model_name, norm_pix_loss=True, decoder_depth=8)
-    # depth=0: no encoder blocks of its own -- they are taken from mae8 below.
-    mae1 = maelab.create_model(model_name, norm_pix_loss=True, decoder_depth=1, depth=0)
+    # One encoder block of its own, replaced by mae8's encoder below (both variants share it).
+    mae1 = maelab.create_model(model_name, norm_pix_loss=True, decoder_depth=1, depth=1)
     for name in ("patch_embed", "cls_token", "pos_embed", "blocks", "norm"):
         setattr(mae1, name, getattr(mae8, name))
     models = {
