@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -32,7 +33,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class ModelConfig:
     model: str = _f("mae_vit_tiny_patch4", "model preset (see `maelab models`)")
     img_size: list[int] | None = _f(None, "input size: one number (square) or two (height width); default: the preset's")
-    mask_ratio: float = _f(0.75, "fraction of patches removed, in [0, 1)")
+    mask_ratio: float = _f(0.75, "fraction of patches removed, in (0, 1): at least one patch must be masked and "
+                                 "one stay visible")
     norm_pix_loss: bool = _f(True, "regress per-patch normalised pixels (better representations)")
     decoder_embed_dim: int | None = _f(None, "decoder width (default: the preset's)")
     decoder_depth: int | None = _f(None, "decoder blocks (default: the preset's)")
@@ -62,12 +64,12 @@ class ScheduleConfig:
     min_lr: float = _f(0.0, "learning rate at the end of the cosine")
     weight_decay: float = _f(0.05, "AdamW weight decay (not applied to biases, norms, tokens, position embeddings)")
     accum_iter: int = _f(1, "micro-steps accumulated per optimizer step")
-    clip_grad: float | None = _f(None, "clip the gradient norm to this value")
+    clip_grad: float | None = _f(None, "clip the gradient norm to this value (> 0; none = no clipping)")
 
 
 @dataclass
 class OptimConfig(ScheduleConfig):
-    betas: list[float] = _f([0.9, 0.95], "AdamW betas")
+    betas: list[float] = _f([0.9, 0.95], "AdamW betas, two numbers in [0, 1)")
 
 
 @dataclass
@@ -307,7 +309,8 @@ class ClassDataConfig(ImagesConfig):
 class AugmentConfig:
     min_crop_scale: float = _f(0.08, "RandomResizedCrop minimum area fraction")
     hflip: bool = _f(True, "random horizontal flip")
-    auto_augment: str | None = _f("rand-m9-mstd0.5-inc1", "RandAugment policy in timm syntax; none = off")
+    auto_augment: str | None = _f("rand-m9-mstd0.5-inc1", "RandAugment policy in timm syntax (rand-m9-mstd0.5-inc1, "
+                                                          "augmix-m5-w4-d2, original, v0, ...); none = off")
     reprob: float = _f(0.25, "random erasing probability (pixel mode)")
     mixup: float = _f(0.8, "mixup alpha (0 = off)")
     cutmix: float = _f(1.0, "cutmix alpha (0 = off)")
@@ -322,7 +325,7 @@ class FinetuneOptimConfig(OptimConfig):
     warmup_epochs: float = _f(5.0, "linear warm-up length in epochs (per-iteration schedule)")
     base_lr: float = _f(5e-4, "learning rate per 256 images: lr = base_lr * effective batch / 256 (ViT-B 5e-4, L/H 1e-3)")
     min_lr: float = _f(1e-6, "learning rate at the end of the cosine")
-    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas, two numbers in [0, 1)")
     layer_decay: float = _f(0.65, "layer-wise lr decay: block i of d gets layer_decay^(d - i) (ViT-B 0.65, L/H 0.75; 1 = off)")
 
 
@@ -393,6 +396,7 @@ class KnnConfig:
 
 @dataclass
 class FeaturesRunConfig(EvalRunConfig):
+    seed: int = _f(0, "seed for the random encoder of --init none")
     out: str = _f("features.npy", "output: .npy (+ .paths.txt, and .labels.npy for class folders) or .safetensors "
                                   "(features, labels; paths in the header, and .paths.txt)")
 
@@ -402,3 +406,87 @@ class FeaturesConfig:
     model: EncoderConfig = field(default_factory=EncoderConfig)
     data: ImagesConfig = field(default_factory=ImagesConfig)
     run: FeaturesRunConfig = field(default_factory=FeaturesRunConfig)
+
+
+# --- checks the commands' validate() share ---------------------------------------------------------
+def _finite(flag: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise MaelabError(f"{flag} must be a finite number, got {value}")
+    return value
+
+
+def check_schedule(optim: ScheduleConfig, batch_size: int | None = None) -> None:
+    """The numbers of an optimizer section (``ScheduleConfig`` and its subclasses: ``OptimConfig``,
+    ``FinetuneOptimConfig``, ``ProbeOptimConfig``), each refused with its flag: epochs, accumulation,
+    warm-up, learning rates, weight decay, gradient clipping, and AdamW betas / LARS momentum where the
+    section has them. ``batch_size`` (images per process per micro-step), when given, also checks
+    ``--min-lr`` against the learning rate that ``--base-lr`` scales to (x accumulation x processes
+    (WORLD_SIZE) / 256); an explicit ``--lr`` is always checked."""
+    o = optim
+    for flag, value in (("--epochs", o.epochs), ("--accum-iter", o.accum_iter)):
+        if value < 1:
+            raise MaelabError(f"{flag} must be at least 1, got {value}")
+    if _finite("--warmup-epochs", o.warmup_epochs) < 0:
+        raise MaelabError(f"--warmup-epochs must be >= 0, got {o.warmup_epochs}")
+    if _finite("--base-lr", o.base_lr) <= 0:
+        raise MaelabError(f"--base-lr must be positive, got {o.base_lr}")
+    if o.lr is not None and _finite("--lr", o.lr) <= 0:
+        raise MaelabError(f"--lr must be positive, got {o.lr} (leave it out to scale --base-lr)")
+    if _finite("--min-lr", o.min_lr) < 0:
+        raise MaelabError(f"--min-lr must be >= 0, got {o.min_lr}")
+    peak, how = o.lr, f"--lr {o.lr}"
+    if peak is None and batch_size is not None:
+        import os
+
+        world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+        batch = batch_size * o.accum_iter * world
+        peak, how = o.base_lr * batch / 256, f"--base-lr {o.base_lr} x {batch} images per step / 256"
+    if peak is not None and o.min_lr > peak:
+        raise MaelabError(f"--min-lr {o.min_lr} is larger than the learning rate {peak:.4g} ({how}); the cosine "
+                          f"decays from the learning rate down to --min-lr")
+    if _finite("--weight-decay", o.weight_decay) < 0:
+        raise MaelabError(f"--weight-decay must be >= 0, got {o.weight_decay}")
+    if o.clip_grad is not None and _finite("--clip-grad", o.clip_grad) <= 0:
+        raise MaelabError(f"--clip-grad must be positive, got {o.clip_grad} (leave it out, or `none`, for no clipping)")
+    betas = getattr(o, "betas", None)
+    if betas is not None:
+        if len(betas) != 2:
+            raise MaelabError(f"--betas takes two numbers, got {betas}")
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
+            raise MaelabError(f"--betas must both be in [0, 1), got {betas}")
+    momentum = getattr(o, "momentum", None)
+    if momentum is not None and not (math.isfinite(momentum) and 0 <= momentum < 1):
+        raise MaelabError(f"--momentum must be in [0, 1), got {momentum}")
+
+
+AUTO_AUGMENT_EXAMPLES = "rand-m9-mstd0.5-inc1, rand-m7-n2, augmix-m5-w4-d2, original, originalr, v0, v0r, 3a, none"
+_AA_POLICIES = ("original", "originalr", "v0", "v0r", "3a")
+
+
+def check_augment(augment: AugmentConfig) -> None:
+    """``--auto-augment``: a policy timm can build (RandAugment ``rand-...``, AugMix ``augmix-...`` or an
+    AutoAugment policy name), or none. The transform is built once here, so a typo fails before the run
+    starts instead of as an assertion inside timm."""
+    policy = augment.auto_augment
+    if not policy or policy.lower() == "none":
+        return
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    head = policy.split("-")[0]
+    hparams = dict(translate_const=100, img_mean=(124, 116, 104))
+    if head == "rand":
+        build = rand_augment_transform
+    elif head == "augmix":
+        build = augment_and_mix_transform
+        hparams["translate_pct"] = 0.3
+    elif head in _AA_POLICIES:
+        build = auto_augment_transform
+    else:
+        build = None
+    try:
+        ok = build is not None and build(policy, hparams) is not None
+    except (AssertionError, KeyError, ValueError, IndexError, TypeError, ZeroDivisionError):
+        ok = False
+    if not ok:
+        raise MaelabError(f"--auto-augment {policy!r} is not a timm augmentation policy; examples: "
+                          f"{AUTO_AUGMENT_EXAMPLES}")

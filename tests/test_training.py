@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from maelab.config import PretrainConfig, build_config
+from maelab.errors import MaelabError
 from maelab.pretrain import run_pretrain
 from maelab.train import checkpoint as ckpt
 from maelab.train.loop import NonFiniteLoss, RunInterrupted
@@ -92,12 +94,16 @@ def test_resume_after_a_signal_reproduces_the_uninterrupted_weights(cifar_tiny, 
         return original(self, runner, batch)
 
     monkeypatch.setattr(PretrainTask, "forward", forward)
-    with pytest.raises(RunInterrupted, match="epoch 2 step 2"):
+    with pytest.raises(RunInterrupted, match="epoch 2 step 2") as stopped:
         run_pretrain(cfg_for(cifar_tiny, tmp_path))
+    assert stopped.value.exit_code == 128 + signal.SIGTERM
     monkeypatch.setattr(PretrainTask, "forward", original)
     assert ckpt.latest_checkpoint(tmp_path).name.startswith("step_")
     run_pretrain(cfg_for(cifar_tiny, tmp_path))  # same command again: resumes mid-epoch
     assert_same_weights(final_weights(tmp_path), final_weights(reference_run))
+    # the resumed epoch's mean loss covers the steps before the interruption too
+    meta = [json.loads((d / "checkpoints" / "epoch_0002" / ckpt.META).read_text()) for d in (tmp_path, reference_run)]
+    assert meta[0]["epoch_loss"] == pytest.approx(meta[1]["epoch_loss"], rel=1e-6)
 
 
 def test_resume_after_a_crash_restarts_from_the_last_checkpoint_exactly(cifar_tiny, tmp_path, monkeypatch, reference_run):
@@ -223,3 +229,45 @@ def test_auto_precision_is_fp32_on_cpu_and_explicit_choices_are_kept():
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     with pytest.raises(ValueError, match="unknown precision"):
         autocast(cpu, "fp8")
+
+
+def test_resume_refuses_changed_settings_and_keeps_the_recorded_config(cifar_tiny, tmp_path):
+    run_pretrain(cfg_for(cifar_tiny, tmp_path, epochs=1))
+    recorded = (tmp_path / "config.yaml").read_text()
+    assert str(Path(cifar_tiny).resolve()) in recorded  # absolute data path: same meaning from any folder
+    with pytest.raises(MaelabError, match=r"changed settings: --base-lr 0\.01 \(the run has 0\.0015\)"):
+        run_pretrain(cfg_for(cifar_tiny, tmp_path, epochs=2, base_lr=1e-2))
+    with pytest.raises(MaelabError, match="--mask-ratio"):
+        run_pretrain(cfg_for(cifar_tiny, tmp_path, epochs=2, mask_ratio=0.5))
+    assert (tmp_path / "config.yaml").read_text() == recorded
+    result = run_pretrain(cfg_for(cifar_tiny, tmp_path, epochs=2))  # more epochs: allowed
+    assert result.epochs_done == 2 and "epochs: 2" in (tmp_path / "config.yaml").read_text()
+
+
+def test_a_run_folder_of_another_command_is_refused(tmp_path):
+    from maelab.config import FinetuneConfig, to_dict
+    from maelab.train.run_config import check_resume, recorded
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(recorded(to_dict(build_config(PretrainConfig)))))
+    with pytest.raises(MaelabError, match="another kind"):
+        check_resume(saved, to_dict(build_config(FinetuneConfig)))
+    assert check_resume(saved, to_dict(build_config(PretrainConfig, {"epochs": 9}))) == ["optim.epochs: 10 -> 9"]
+
+
+def test_run_files_get_the_usual_permissions(cifar_tiny, tmp_path):
+    old = os.umask(0o022)
+    try:
+        run_pretrain(cfg_for(cifar_tiny, tmp_path, epochs=1))
+    finally:
+        os.umask(old)
+    folder = ckpt.latest_checkpoint(tmp_path)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    for f in [tmp_path / "config.yaml", folder / ckpt.WEIGHTS, folder / ckpt.STATE, folder / ckpt.META]:
+        assert f.stat().st_mode & 0o777 == 0o644, f
+
+
+def test_an_out_path_that_is_a_file_is_refused_before_anything_runs(cifar_tiny, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(MaelabError, match="not a folder"):
+        run_pretrain(cfg_for(cifar_tiny, tmp_path / "afile"))

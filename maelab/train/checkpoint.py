@@ -39,6 +39,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _default_mode(directory: bool = False) -> int:
+    """The permissions a plain ``open`` / ``mkdir`` would give under the current umask (temp files are
+    created owner-only, which would hide runs from other users of a shared machine)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temp path beside ``path`` to write to; on success fsync it and rename it over
@@ -51,6 +59,7 @@ def atomic_path(path: str | Path):
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -97,6 +106,7 @@ def save_checkpoint(
     ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}."))
     try:
+        os.chmod(tmp, _default_mode(directory=True))
         save_weights(tmp / WEIGHTS, state_dict, meta.get("model"))
         with atomic_path(tmp / STATE) as state_tmp:
             torch.save(train_state, state_tmp)

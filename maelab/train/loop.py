@@ -31,10 +31,16 @@ from maelab.train.distributed import DistInfo, any_flag, barrier, no_sync, wrap_
 from maelab.train.logs import RunLogger
 from maelab.train.optim import cosine_lr, set_lr
 from maelab.train.precision import autocast, resolve_precision  # noqa: F401 (re-exported)
+from maelab.train.run_config import check_resume, recorded
 
 
 class RunInterrupted(MaelabError):
-    """The run was stopped by a signal after saving a resumable checkpoint."""
+    """The run was stopped by a signal after saving a resumable checkpoint; ``exit_code`` is the
+    shell convention for that signal (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
 
 
 class NonFiniteLoss(MaelabError):
@@ -98,13 +104,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 @contextmanager
 def _stop_signals():
     """SIGINT/SIGTERM ask for a clean stop at the next step boundary; a second SIGINT aborts."""
-    flag = {"stop": False}
+    flag = {"stop": False, "signum": signal.SIGINT}
     old = {}
 
     def handler(signum, frame):
         if flag["stop"] and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        flag["stop"] = True
+        flag["stop"], flag["signum"] = True, signum
 
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -137,6 +143,7 @@ class Trainer:
         self.runner = torch.compile(runner) if run.compile else runner
         self.ddp = runner
         self.epoch, self.step, self.global_step = 0, 0, 0
+        self.epoch_partial = (0.0, 0)  # (loss sum, optimizer steps) of the epoch so far, for mid-epoch saves
         self.steps_per_epoch = feeder.steps_per_epoch
         self.global_batch = feeder.plan.global_size
 
@@ -158,7 +165,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
             "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
-            "rng": rng_state(),
+            "rng": rng_state(), "epoch_loss_sum": self.epoch_partial[0], "epoch_steps": self.epoch_partial[1],
         }
 
     def save(self, name: str, extra_meta: dict[str, Any] | None = None) -> Path | None:
@@ -176,13 +183,21 @@ class Trainer:
     def open_run(self, config: Any, resume: Path | None) -> RunLogger:
         """Resume (which checks the checkpoint fits) and only then write the run folder: logs and
         ``config.yaml``. Nothing is written for a run that cannot start."""
+        import dataclasses
+
+        import yaml
+
+        settings = dataclasses.asdict(config)
+        changes: list[str] = []
         if resume is not None:
+            changes = check_resume(Path(resume).parent.parent / "config.yaml", settings)
             self.resume_from(resume)
         self.log = RunLogger(self.run_dir, enabled=self.info.is_main)
         if self.info.is_main:
-            from maelab.config import save_yaml
-
-            save_yaml(config, self.run_dir / "config.yaml")
+            ckpt.atomic_write_bytes(self.run_dir / "config.yaml",
+                                    yaml.safe_dump(recorded(settings), sort_keys=False).encode())
+        if changes:
+            self.log.info("resumed with changed settings: " + ", ".join(changes))
         return self.log
 
     def resume_from(self, folder: Path) -> None:
@@ -201,6 +216,8 @@ class Trainer:
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
+        if self.step:  # a mid-epoch checkpoint: the epoch's loss so far, so the epoch mean stays whole
+            self.epoch_partial = (float(state.get("epoch_loss_sum", 0.0)), int(state.get("epoch_steps", 0)))
         set_rng_state(state["rng"])
 
     # --- the loop ----------------------------------------------------------------------------------
@@ -215,8 +232,9 @@ class Trainer:
                 epoch = self.epoch
                 self.log.start_epoch(epoch, cfg.epochs, self.step, self.steps_per_epoch)
                 loss_sum = torch.zeros((), device=self.device)
-                epoch_sum = torch.zeros((), device=self.device)
-                n_log, n_epoch, t_log = 0, 0, time.perf_counter()
+                epoch_sum = torch.full((), self.epoch_partial[0], device=self.device)
+                n_log, n_epoch, t_log = 0, self.epoch_partial[1], time.perf_counter()
+                self.epoch_partial = (0.0, 0)
                 grad_norm = None
                 for batch in self.feeder.epoch(epoch, self.step):
                     if batch.micro == 0:
@@ -260,9 +278,10 @@ class Trainer:
                     stop_now = stop["stop"] if not self.info.enabled else (log_now and any_flag(stop["stop"], self.info, self.device))
                     if stop_now and self.step < self.steps_per_epoch:
                         self.log.end_epoch()
+                        self.epoch_partial = (self._mean(epoch_sum, 1), n_epoch)
                         path = self.save(f"step_{self.global_step:08d}")
                         raise RunInterrupted(f"interrupted at epoch {epoch + 1} step {self.step}; checkpoint saved "
-                                             f"to {path or self.run_dir}; run the same command again to resume")
+                                             f"to {path or self.run_dir}; run the same command again to resume", stop["signum"])
                 self.log.end_epoch()
                 self._check_finite(bad_step)
                 self.epoch, self.step = epoch + 1, 0
@@ -279,7 +298,8 @@ class Trainer:
                 if self.info.is_main:
                     self._prune(name)
                 if stop["stop"] and not last:
-                    raise RunInterrupted(f"interrupted after epoch {self.epoch}; run the same command again to resume")
+                    raise RunInterrupted(f"interrupted after epoch {self.epoch}; run the same command again to resume",
+                                         stop["signum"])
         return LoopResult(self.run_dir, self.epoch, self.global_step, history)
 
     def _prune(self, newest: str) -> None:

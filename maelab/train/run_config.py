@@ -1,0 +1,74 @@
+"""The settings a run folder records, and which of them a resumed run may change.
+
+Resuming must continue *the same experiment*: a changed learning rate, mask ratio, seed, init or
+dataset would silently mix two runs under one name (and ``config.yaml`` would no longer say how the
+weights were made). Operational settings -- where it runs, how often it logs or saves, how many epochs
+in total -- may change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from maelab.errors import MaelabError
+
+MAY_CHANGE = frozenset({
+    "run.out", "run.resume", "run.device", "run.precision", "run.log_every", "run.save_every", "run.keep",
+    "run.compile", "run.vis_every", "data.num_workers", "data.in_memory", "data.bad_files", "optim.epochs",
+    "monitor.knn_every", "monitor.knn_data", "monitor.knn_max",
+})
+PATH_KEYS = frozenset({"data.data", "data.val_data", "monitor.knn_data", "model.init", "run.out"})
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def recorded(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` as ``config.yaml`` stores it: plain YAML types, existing paths made absolute (so the
+    file still means the same data when read from another working directory)."""
+    out = yaml.safe_load(yaml.safe_dump(config, sort_keys=False))
+    for section, values in out.items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            if f"{section}.{key}" in PATH_KEYS and isinstance(value, str) and value:
+                p = Path(value).expanduser()
+                if key == "out" or p.exists():
+                    values[key] = str(p.resolve())
+    return out
+
+
+def check_resume(saved_file: Path, config: dict[str, Any]) -> list[str]:
+    """Compare this run's settings with the ones recorded beside the checkpoint it resumes.
+
+    Returns the allowed changes (``"optim.epochs: 4 -> 8"``) for the log; raises on any other change."""
+    if not saved_file.is_file():
+        return []
+    try:
+        saved = _flat(recorded(yaml.safe_load(saved_file.read_text()) or {}))
+    except (OSError, yaml.YAMLError, AttributeError) as e:
+        raise MaelabError(f"cannot read {saved_file} to check the resumed run's settings: {e}") from None
+    now = _flat(recorded(config))
+    if len(set(saved) - set(now)) >= 2:  # settings this command does not have: another command's run
+        raise MaelabError(f"{saved_file.parent} holds a run of another kind (its config.yaml has other settings "
+                          f"than this command's); choose another --out")
+    changed = [(k, saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]]
+    refused = [c for c in changed if c[0] not in MAY_CHANGE]
+    if refused:
+        listed = "; ".join(f"--{k.split('.', 1)[1].replace('_', '-')} {new!r} (the run has {old!r})"
+                           for k, old, new in refused[:4])
+        more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
+        raise MaelabError(
+            f"cannot resume {saved_file.parent} with changed settings: {listed}{more}. Resume with the run's "
+            f"own settings (see {saved_file}), or start a new run with another --out")
+    return [f"{k}: {old!r} -> {new!r}" for k, old, new in changed]
