@@ -49,7 +49,8 @@ class EvalSplit:
             self.loader = DataLoader(
                 FolderDataset(mine, EvalTransform(self.size, crop_pct), bad_files),
                 batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+                persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+                generator=torch.Generator())  # its own: starting workers must not draw from the global RNG
 
     def __len__(self) -> int:
         return len(self.index)
