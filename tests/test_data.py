@@ -197,3 +197,90 @@ def test_skip_policy_replaces_a_file_that_only_fails_at_decode_time(tmp_path, in
                         transform=PretrainTransform((32, 32)), num_workers=0, bad_files="skip")
         batch = next(iter(feeder.epoch(0)))
     assert torch.isfinite(batch.images).all() and batch.images.shape == (4, 3, 32, 32)
+
+
+def _save_pixels(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_auto_in_memory_needs_every_image_at_the_training_size(tmp_path):
+    import numpy as np
+
+    from maelab.data.loader import choose_in_memory
+    from maelab.evaluate.features import EvalSplit
+
+    rng = np.random.default_rng(0)
+    _save_pixels(tmp_path / "c" / "0.png", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))  # sorts first
+    for i, (h, w) in enumerate([(40, 70), (90, 50), (64, 48)], 1):
+        _save_pixels(tmp_path / "c" / f"{i}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    mixed = scan_images(tmp_path)
+    assert not choose_in_memory("auto", mixed, (32, 32))
+    auto = EvalSplit(mixed, (32, 32), 4, choose_in_memory("auto", mixed, (32, 32)))
+    streamed = EvalSplit(mixed, (32, 32), 4, in_memory=False)
+    assert torch.equal(next(auto.batches(torch.device("cpu")))[0], next(streamed.batches(torch.device("cpu")))[0])
+    with pytest.raises(MaelabError, match="3 of 4 are not"):  # "yes" never silently distorts
+        EvalSplit(mixed, (32, 32), 4, in_memory=True)
+    plan = StepPlan(len(mixed), 2, 1, 1, 0, seed=0)
+    with pytest.raises(MaelabError, match="--in-memory auto or no"):
+        Feeder(mixed, plan, torch.device("cpu"), (32, 32), in_memory=True)
+
+    uniform = mixed.subset([0, 0, 0])
+    assert choose_in_memory("auto", uniform, (32, 32))
+    ram = next(EvalSplit(uniform, (32, 32), 3, in_memory=True).batches(torch.device("cpu")))[0]
+    stream = next(EvalSplit(uniform, (32, 32), 3, in_memory=False).batches(torch.device("cpu")))[0]
+    torch.testing.assert_close(ram, stream, rtol=0, atol=1e-6)
+
+
+def test_image_sizes_read_headers_in_parallel_for_long_lists(tmp_path):
+    from maelab.data.folders import image_sizes
+
+    paths = [str(_save(tmp_path / "a.png", "RGB", size=(20, 16))), str(_save(tmp_path / "b.jpg", "RGB", size=(7, 9)))]
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    paths.append(str(tmp_path / "bad.png"))
+    assert image_sizes(paths * 2000) == [(16, 20), (9, 7), None] * 2000  # 6000 paths: the forked pool
+
+
+def test_16_bit_images_are_scaled_by_bit_depth_not_by_their_values(tmp_path):
+    import numpy as np
+
+    flat = np.full((8, 8), 200, dtype=np.uint16)
+    spike = flat.copy()
+    spike[0, 0] = 300  # crossing 255 used to switch the whole image to the 16-bit scale
+    for ext in ("png", "tif"):
+        a = np.asarray(open_rgb(str(_save_pixels(tmp_path / f"flat.{ext}", flat))), dtype=int)
+        b = np.asarray(open_rgb(str(_save_pixels(tmp_path / f"spike.{ext}", spike))), dtype=int)
+        assert np.abs(a - b).max() <= 1 and a[1, 1, 0] == round(200 / 257)
+    full = np.array([[0, 65535]], dtype=np.uint16)
+    assert np.asarray(open_rgb(str(_save_pixels(tmp_path / "full.png", full))))[0, :, 0].tolist() == [0, 255]
+    # 16-bit PGM opens as mode "I" in Pillow: still the 16-bit scale
+    for name, arr in (("flat", flat), ("spike", spike)):
+        (tmp_path / f"{name}.pgm").write_bytes(b"P5\n8 8\n65535\n" + arr.astype(">u2").tobytes())
+    assert Image.open(tmp_path / "flat.pgm").mode in ("I", "I;16", "I;16B")
+    a = np.asarray(open_rgb(str(tmp_path / "flat.pgm")), dtype=int)
+    b = np.asarray(open_rgb(str(tmp_path / "spike.pgm")), dtype=int)
+    assert np.abs(a - b).max() <= 1 and a.max() <= 1
+
+
+def test_streamed_feeder_with_workers_keeps_the_global_rng_and_resumes_exactly(cifar_tiny):
+    from maelab.data.transforms import finetune_transform
+
+    images = prepare_images(str(cifar_tiny), "error")
+    plan = StepPlan(len(images), 8, 1, 1, 0, seed=0)
+
+    def feeder(workers):
+        return Feeder(images, plan, torch.device("cpu"), (32, 32), in_memory=False,
+                      transform=finetune_transform((32, 32)), num_workers=workers)
+
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    whole = feeder(2)
+    run = [b.images for e in (0, 1) for b in whole.epoch(e)]
+    assert torch.equal(torch.get_rng_state(), state)  # drop path / mixup see the same global stream
+    resumed = [b.images for b in feeder(2).epoch(1, start_step=3)]  # its workers start at epoch 1
+    assert len(resumed) == plan.steps_per_epoch - 3
+    assert all(torch.equal(x, y) for x, y in zip(run[plan.steps_per_epoch + 3:], resumed, strict=True))
+    serial = [b.images for b in feeder(0).epoch(1, start_step=3)]  # worker identity never matters
+    assert all(torch.equal(x, y) for x, y in zip(serial, resumed, strict=True))
+    assert torch.equal(torch.get_rng_state(), state)

@@ -76,10 +76,10 @@ def open_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            if img.mode == "I" or img.mode.startswith("I;16"):
                 arr = np.asarray(img, dtype=np.float64)
-                peak = 65535.0 if arr.max() > 255 else 255.0
-                img = Image.fromarray((arr / peak * 255.0).clip(0, 255).astype(np.uint8), mode="L")
+                peak = float(2 ** _bit_depth(img) - 1)
+                img = Image.fromarray(np.rint(arr * (255.0 / peak)).clip(0, 255).astype(np.uint8), mode="L")
             elif img.mode == "F":
                 arr = np.asarray(img, dtype=np.float64)
                 img = Image.fromarray((arr.clip(0, 1) * 255).astype(np.uint8), mode="L")
@@ -92,6 +92,19 @@ def open_rgb(path: str) -> Image.Image:
         raise MaelabError(f"cannot read image {path}: {e}") from None
 
 
+def _bit_depth(img: Image.Image) -> int:
+    """Bits per sample of an integer grayscale image, from its mode or header, never from its values: a
+    guess from the pixels decoded two nearly identical 16-bit images to very different RGB."""
+    if img.mode.startswith("I;16"):
+        return 16
+    bits = getattr(img, "tag_v2", {}).get(258)  # TIFF BitsPerSample: "I" for 32-bit samples
+    if bits:
+        return int(bits[0] if isinstance(bits, (tuple, list)) else bits)
+    # other "I" images hold 16-bit samples: PGM/PPM with maxval > 255 (Pillow rescales them to 16 bits)
+    # and 16-bit grayscale PNG in Pillow < 10
+    return 16
+
+
 def _probe(path: str) -> str | None:
     """Cheap readability check (header + structure, no full decode); the reason if it fails."""
     try:
@@ -102,16 +115,42 @@ def _probe(path: str) -> str | None:
         return f"cannot read image {path}: {e}"
 
 
-def check_readable(paths: list[str]) -> list[int]:
-    """Indices of the paths that pass a quick probe, in parallel threads; used by ``bad_files="skip"``.
-    A file that passes but fails to decode later is replaced by a neighbour at load time."""
-    from concurrent.futures import ThreadPoolExecutor
+def _header_size(path: str) -> tuple[int, int] | None:
+    """(height, width) from the file header, without decoding the pixels; None if it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except Exception:  # noqa: BLE001 - the decode that follows names the file
+        return None
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        reasons = list(pool.map(_probe, paths, chunksize=256))
+
+def _map_files(fn, paths: list[str]) -> list:
+    """``[fn(p) for p in paths]`` for cheap per-file probes. Header parsing is Python code, so threads
+    fight over the GIL (measured 2-3x slower than one loop on 50 000 cached CIFAR files); forked
+    processes use every core and still overlap the disk reads. Short lists stay in this process."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(8, cores)
+    if len(paths) < 4096 or workers < 2 or "fork" not in mp.get_all_start_methods():
+        return [fn(p) for p in paths]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        return list(pool.map(fn, paths, chunksize=-(-len(paths) // (4 * workers))))
+
+
+def check_readable(paths: list[str]) -> list[int]:
+    """Indices of the paths that pass a quick probe, in parallel; used by ``bad_files="skip"``.
+    A file that passes but fails to decode later is replaced by a neighbour at load time."""
+    reasons = _map_files(_probe, paths)
     for reason in filter(None, reasons):
         warnings.warn(f"skipping unreadable image: {reason}", stacklevel=2)
     return [i for i, r in enumerate(reasons) if r is None]
+
+
+def image_sizes(paths: list[str]) -> list[tuple[int, int] | None]:
+    """(height, width) of every image from its header (no decoding), in parallel; None where unreadable."""
+    return _map_files(_header_size, paths)
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey pixels

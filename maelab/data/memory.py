@@ -28,35 +28,50 @@ class _DecodeDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
+        """(uint8 image, readable, has the target size); rows that are not both are zeros."""
+        blank = torch.zeros(3, *self.size, dtype=torch.uint8)
         try:
             img = open_rgb(self.paths[i])
         except MaelabError:
-            return torch.zeros(3, *self.size, dtype=torch.uint8), False
+            return blank, False, True
         if (img.height, img.width) != self.size:
-            img = img.resize((self.size[1], self.size[0]), Image.BICUBIC)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), True
+            return blank, True, False
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), True, True
 
 
 def decode_all(
     paths: list[str], size: tuple[int, int], num_workers: int = 0, progress: bool = False
 ) -> tuple[torch.Tensor, list[int]]:
-    """(N, 3, H, W) uint8 tensor of every image (resized to ``size`` if it differs) and the indices
-    of the files that could not be read (their rows are zeros)."""
-    loader = DataLoader(
-        _DecodeDataset(paths, tuple(size)), batch_size=512, num_workers=num_workers, shuffle=False
-    )
+    """(N, 3, H, W) uint8 tensor of every image and the indices of the files that could not be read
+    (their rows are zeros).
+
+    Every image must already have ``size``: resizing here would ignore the aspect ratio, and the
+    streamed path's views (random crops of the whole image, or resize + centre crop) cannot be taken
+    from a fixed-size copy, so other sizes are an error rather than a silent distortion."""
+    size = tuple(size)
+    loader = DataLoader(_DecodeDataset(paths, size), batch_size=512, num_workers=num_workers, shuffle=False,
+                        generator=torch.Generator())  # its seed draw must not move the global RNG
     out = torch.empty(len(paths), 3, *size, dtype=torch.uint8)
     bad: list[int] = []
+    other: list[int] = []
     start = 0
     it = loader
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(loader, desc="decoding images into RAM", unit="batch", leave=False, disable=None)
-    for images, ok in it:
+    for images, ok, fits in it:
         out[start : start + len(images)] = images
         bad.extend(start + int(i) for i in torch.nonzero(~ok).flatten())
+        other.extend(start + int(i) for i in torch.nonzero(~fits).flatten())
         start += len(images)
+    if other:
+        with Image.open(paths[other[0]]) as img:
+            example = f"{paths[other[0]]} is {img.height}x{img.width}"
+        raise MaelabError(
+            f"decoding into RAM (--in-memory yes) needs every image at the input size {size[0]}x{size[1]} "
+            f"(height x width), but {len(other)} of {len(paths)} are not ({example}); use --in-memory auto "
+            f"or no, which resize and crop them as the streamed path does")
     return out, bad
 
 
