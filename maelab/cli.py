@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from maelab.errors import MaelabError
@@ -23,7 +25,9 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from maelab.config import PretrainConfig, config_from_args
     from maelab.pretrain import run_pretrain
 
-    run_pretrain(config_from_args(PretrainConfig, args))
+    cfg = config_from_args(PretrainConfig, args)
+    args.out = cfg.run.out  # named by the OSError line in main()
+    run_pretrain(cfg)
     return 0
 
 
@@ -35,27 +39,41 @@ def _visualize_parser(sub) -> None:
     p.add_argument("--images", nargs="+", help="image files (default: 8 images of the run's data)")
     p.add_argument("--mask-ratio", nargs="+", type=float, default=[0.75], help="one or more mask ratios")
     p.add_argument("--seed", type=int, default=0, help="masking seed (same seed, same picture)")
-    p.add_argument("--out", default="reconstruction.png", help="output PNG")
+    p.add_argument("--out", default="reconstruction.png",
+                   help="output PNG; a folder (existing, or written with a trailing /) gets reconstruction.png")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
     p.set_defaults(func=_run_visualize)
 
 
-def _run_visualize(args: argparse.Namespace) -> int:
-    from pathlib import Path
+VIS_NAME = "reconstruction.png"
 
-    from maelab.models.mae import num_visible
-    from maelab.models.loading import load_mae
+
+def _visualize_out(out: str) -> Path:
+    """``--out``: a file, or a folder (existing, or named with a trailing slash) that gets ``reconstruction.png``."""
+    path = Path(out).expanduser()
+    if out.endswith(("/", os.sep)) or path.is_dir():
+        return path / VIS_NAME
+    return path
+
+
+def _run_visualize(args: argparse.Namespace) -> int:
+    from maelab.models.loading import load_mae, require_decoder
+    from maelab.models.mae import check_masks_something, num_visible
     from maelab.train.distributed import pick_device
 
+    out = _visualize_out(args.out)
     for r in args.mask_ratio:
-        num_visible(1, r)
-    model, _ = load_mae(args.checkpoint, pick_device(args.device))
+        num_visible(1, r)  # the range, before the checkpoint is read
+    model, meta = load_mae(args.checkpoint, pick_device(args.device))
+    require_decoder(meta, args.checkpoint, "a reconstruction")
+    for r in args.mask_ratio:
+        check_masks_something(model.num_patches, r)
     images = args.images
     if not images:
         images = _run_images(Path(args.checkpoint))
     from maelab.viz import save_reconstruction_grid
 
-    out = save_reconstruction_grid(model, images, args.mask_ratio, args.out, seed=args.seed)
+    out = save_reconstruction_grid(model, images, args.mask_ratio, out, seed=args.seed)
     print(f"wrote {out}")
     return 0
 
@@ -75,14 +93,21 @@ def _run_images(path) -> list[str]:
 
 
 def _convert_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert weights between maelab, official MAE, timm and Hugging Face",
-                       description="SRC: maelab run folder / checkpoint / .safetensors, official MAE .pth, or a "
-                                   "Hugging Face ViTMAE folder. OUT: file (maelab, official, timm) or folder (hf).")
+    p = sub.add_parser("convert", help="convert MAE weights between maelab, official MAE and Hugging Face, "
+                                       "and export them to timm",
+                       description="SRC (recognised by content): a maelab pre-training run / checkpoint folder / "
+                                   ".safetensors, an official MAE .pth, or a Hugging Face ViTMAE folder; with --to "
+                                   "timm also a maelab fine-tune run (its classifier). timm is a write-only target: "
+                                   "timm and other encoder-only files have no decoder, so they cannot become MAE "
+                                   "checkpoints (use them with --init of finetune / linprobe / knn / features). "
+                                   "OUT: a file (maelab, official, timm; .safetensors / .pth is added when it has "
+                                   "no suffix) or a folder (hf).")
     p.add_argument("src", help="weights to read")
     p.add_argument("out", help="where to write")
     p.add_argument("--to", required=True, choices=("maelab", "official", "timm", "hf"), help="output format")
-    p.add_argument("--global-pool", default="token", choices=("token", "avg"),
-                   help="timm export: head pooling the checkpoint is meant for")
+    p.add_argument("--global-pool", default=None, choices=("token", "avg"),
+                   help="timm export: head pooling the checkpoint is meant for (default: token; a fine-tuned "
+                        "classifier keeps its own)")
     p.add_argument("--hf-naming", default="v5", choices=("v5", "v4"), help="transformers parameter names")
     p.add_argument("--encoder-only", action="store_true", help="official export: drop the decoder")
     p.set_defaults(func=_run_convert)
@@ -92,7 +117,8 @@ def _run_convert(args: argparse.Namespace) -> int:
     from maelab.convert import convert
 
     out = convert(args.src, args.out, args.to, args.global_pool, args.hf_naming, not args.encoder_only)
-    print(f"wrote {out}")
+    added = out.name != Path(args.out).expanduser().name
+    print(f"wrote {out}" + (f" ({out.suffix} added: {args.out} had no file extension)" if added else ""))
     return 0
 
 
@@ -135,6 +161,7 @@ def _run_config_command(args: argparse.Namespace, config: str, run: str) -> int:
 
     module, function = run.split(":")
     cfg = config_module.config_from_args(getattr(config_module, config), args)
+    args.out = cfg.run.out  # named by the OSError line in main()
     getattr(importlib.import_module(module), function)(cfg)
     return 0
 
@@ -184,6 +211,26 @@ def _one_line(err: BaseException) -> str:
     return msg.splitlines()[0] if msg else type(err).__name__
 
 
+def _os_error_line(err: OSError, out: str | None) -> str:
+    """One line for a file-system error that escaped a command: the path, what went wrong, and, when the
+    path is (inside) the command's output, that it could not be written."""
+    reason = err.strerror or _one_line(err)
+    if err.filename is None:
+        return reason
+    path = Path(os.fsdecode(err.filename))
+    writing = False
+    if out:
+        target, where = Path(out).expanduser(), path.absolute()
+        writing = where == target.absolute() or target.absolute() in where.parents
+        temp_of_target = where.parent == target.absolute().parent and where.name.startswith(f".{target.name}.")
+        if where in target.absolute().parents or temp_of_target:  # on the way to --out: name --out itself
+            path, writing = target, True
+    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if isinstance(err, (FileExistsError, NotADirectoryError)) and blocked is not None:
+        reason = f"{blocked} is a file, not a folder"
+    return f"cannot {'write' if writing else 'use'} {path}: {reason}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -193,9 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except RunInterrupted as e:
         print(f"maelab: {_one_line(e)}", file=sys.stderr)
-        return 130
+        return e.exit_code
     except MaelabError as e:
         print(f"maelab: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the system refused (exists as a file, no such folder, permission): no traceback
+        print(f"maelab: error: {_os_error_line(e, getattr(args, 'out', None))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("maelab: interrupted", file=sys.stderr)

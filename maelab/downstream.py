@@ -115,7 +115,8 @@ def report(results: dict[str, Any]) -> None:
     if "val_top1" not in results:
         return
     print(f"{results['command']}: final epoch {results['final_epoch']}: val top-1 {results['val_top1']:.2f}  "
-          f"top-5 {results['val_top5']:.2f}  (best epoch {results['best_epoch']}: top-1 "
+          + (f"top-5 {results['val_top5']:.2f}  " if results.get("val_top5") is not None else "")
+          + f"(best epoch {results['best_epoch']}: top-1 "
           f"{results['best_epoch_val_top1']:.2f}, selected on the validation split)", file=sys.stdout, flush=True)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from maelab.config import FinetuneConfig
+from maelab.config import FinetuneConfig, check_augment, check_schedule
 from maelab.data.loader import Feeder, StepPlan, choose_in_memory, default_workers
 from maelab.data.transforms import finetune_transform
 from maelab.downstream import (at_least, check_data_numbers, device_name, load_splits, report,
@@ -33,11 +33,11 @@ HEAD_INIT_STD = 2e-5  # official fine-tuning: trunc_normal(head.weight, std=2e-5
 def validate(cfg: FinetuneConfig) -> None:
     check_data_numbers(cfg.data)
     o, a = cfg.optim, cfg.augment
-    at_least(epochs=(o.epochs, 1), accum_iter=(o.accum_iter, 1), log_every=(cfg.run.log_every, 1))
+    check_schedule(o, cfg.data.batch_size)
+    check_augment(a)
+    at_least(log_every=(cfg.run.log_every, 1))
     if not 0 < o.layer_decay <= 1:
         raise MaelabError(f"--layer-decay must be in (0, 1], got {o.layer_decay}")
-    if len(o.betas) != 2:
-        raise MaelabError(f"--betas takes two numbers, got {o.betas}")
     if not 0 < a.min_crop_scale <= 1:
         raise MaelabError(f"--min-crop-scale must be in (0, 1], got {a.min_crop_scale}")
     for name, v in (("mixup", a.mixup), ("cutmix", a.cutmix)):

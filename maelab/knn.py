@@ -50,7 +50,8 @@ def run_knn(cfg: KnnConfig) -> dict[str, Any]:
                            encoder=describe(dict(arch, img_size=size)), num_classes=len(train.classes),
                            train_images=len(train), val_images=len(val), processes=info.world,
                            device=device_name(device))
-            print(f"knn: top-1 {results['knn_top1']:.2f}  top-5 {results['knn_top5']:.2f}  (k={cfg.knn.k}, "
+            top5 = f"top-5 {results['knn_top5']:.2f}  " if results.get("knn_top5") is not None else ""
+            print(f"knn: top-1 {results['knn_top1']:.2f}  {top5}(k={cfg.knn.k}, "
                   f"T={cfg.knn.temperature}, {len(train)} bank / {len(val)} query images, {cfg.model.global_pool} "
                   f"features)", flush=True)
             if cfg.run.out:

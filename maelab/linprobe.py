@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from maelab.config import LinprobeConfig
+from maelab.config import LinprobeConfig, check_schedule
 from maelab.data.loader import Batch, Feeder, StepPlan, choose_in_memory, default_workers
 from maelab.data.transforms import EvalTransform, PretrainTransform
 from maelab.downstream import (at_least, check_data_numbers, device_name, load_splits, report,
@@ -65,14 +65,12 @@ class TensorFeeder:
 
 def validate(cfg: LinprobeConfig) -> None:
     check_data_numbers(cfg.data)
-    o = cfg.optim
-    at_least(epochs=(o.epochs, 1), accum_iter=(o.accum_iter, 1), log_every=(cfg.run.log_every, 1))
+    check_schedule(cfg.optim, cfg.data.batch_size)
+    at_least(log_every=(cfg.run.log_every, 1))
     if cfg.data.batch_size < 2:
         raise MaelabError("--batch-size must be at least 2 (the head's BatchNorm needs a batch)")
     if not 0 < cfg.augment.min_crop_scale <= 1:
         raise MaelabError(f"--min-crop-scale must be in (0, 1], got {cfg.augment.min_crop_scale}")
-    if o.weight_decay < 0 or not 0 <= o.momentum < 1:
-        raise MaelabError(f"LARS needs --weight-decay >= 0 and --momentum in [0, 1), got {o.weight_decay}, {o.momentum}")
 
 
 def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:

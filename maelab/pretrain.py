@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from maelab.config import PretrainConfig
+from maelab.config import PretrainConfig, check_schedule
 from maelab.data.loader import Feeder, StepPlan, choose_in_memory, default_workers, prepare_images
 from maelab.errors import MaelabError
 from maelab.models.loading import model_meta
@@ -39,14 +39,12 @@ def validate(cfg: PretrainConfig) -> None:
     if not cfg.data.data:
         raise MaelabError("--data is required: a folder of images (ImageFolder tree or flat)")
     num_visible(1, cfg.model.mask_ratio)
-    for name, value in [("batch-size", cfg.data.batch_size), ("epochs", cfg.optim.epochs),
-                        ("accum-iter", cfg.optim.accum_iter), ("log-every", cfg.run.log_every)]:
+    for name, value in [("batch-size", cfg.data.batch_size), ("log-every", cfg.run.log_every)]:
         if value < 1:
             raise MaelabError(f"--{name} must be at least 1, got {value}")
+    check_schedule(cfg.optim, cfg.data.batch_size)
     if not 0 < cfg.data.min_crop_scale <= 1:
         raise MaelabError(f"--min-crop-scale must be in (0, 1], got {cfg.data.min_crop_scale}")
-    if len(cfg.optim.betas) != 2:
-        raise MaelabError(f"--betas takes two numbers, got {cfg.optim.betas}")
 
 
 def find_resume(cfg: PretrainConfig, run_dir: Path) -> Path | None:

@@ -30,6 +30,11 @@ def _one_clear_line(err: str):
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--epochs", "ten"], "epochs: cannot read 'ten'"),
     (["--batch-size", "1000"], "fewer than one global batch"),
+    (["--mask-ratio", "0"], "mask ratio 0.0 masks none of the 64 patches"),
+    (["--decoder-num-heads", "5"], "decoder_embed_dim=128 is not divisible by decoder_num_heads=5"),
+    (["--decoder-embed-dim", "130"], "decoder_embed_dim=130 is not divisible by decoder_num_heads=4"),
+    (["--decoder-embed-dim", "0"], "decoder_embed_dim must be a positive whole number, got 0"),
+    (["--decoder-embed-dim", "6", "--decoder-num-heads", "2"], "decoder_embed_dim=6 must be a multiple of 4"),
 ])
 def test_bad_values_are_one_clear_line_and_nothing_is_written(capsys, tmp_path, cifar_tiny, extra, message):
     out = tmp_path / "run"
@@ -72,7 +77,7 @@ def test_resuming_a_run_with_another_architecture_is_refused_and_the_run_untouch
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     code, _, err = run(capsys, "pretrain", "--data", str(cifar_tiny), "--out", str(out), *FAST,
                        "--model", "mae_vit_tiny_patch2", "--epochs", "2")
-    assert code == 2 and "does not fit this model" in _one_clear_line(err)
+    assert code == 2 and "changed settings: --model 'mae_vit_tiny_patch2'" in _one_clear_line(err)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
     code, _, err = run(capsys, "pretrain", "--data", str(cifar_tiny), "--out", str(out), *FAST, "--resume", "never")
     assert code == 2 and "already holds checkpoints" in _one_clear_line(err)
@@ -113,3 +118,149 @@ def test_corrupt_image_in_the_data_names_the_file(capsys, tmp_path, cifar_tiny):
     code, _, err = run(capsys, "pretrain", "--data", str(data), "--out", str(tmp_path / "r2"), *FAST,
                        "--bad-files", "skip", "--in-memory", "no")
     assert code == 0
+
+
+# --- file-system errors, visualize --out, convert ---------------------------------------------------
+import torch  # noqa: E402
+
+from conftest import TINY_MAE  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mae_file(tmp_path_factory):
+    from maelab.models.loading import save_mae
+    from maelab.models.mae import MaskedAutoencoder
+
+    torch.manual_seed(0)
+    return save_mae(MaskedAutoencoder(**TINY_MAE), tmp_path_factory.mktemp("mae") / "mae.safetensors")
+
+
+def _finetune_run(run_dir, num_classes=3, pool="avg"):
+    """A maelab fine-tune run folder, as `maelab finetune` leaves it (checkpoints/epoch_0001/...)."""
+    from maelab.models.vit import build_vit, vit_arch, vit_meta
+    from maelab.train.checkpoint import save_checkpoint
+
+    arch = vit_arch(TINY_MAE)
+    torch.manual_seed(1)
+    vit = build_vit(arch, num_classes, pool)
+    meta = vit_meta(arch, arch["img_size"], num_classes=num_classes, global_pool=pool,
+                    classes=[f"c{i}" for i in range(num_classes)], init="mae.safetensors")
+    save_checkpoint(run_dir, "epoch_0001", vit.state_dict(), {"epoch": 1}, {"model": meta, "global_step": 1})
+    return vit.eval()
+
+
+def test_file_system_errors_are_one_line_naming_the_path(capsys, tmp_path, mae_file):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = run(capsys, "convert", str(mae_file), str(afile), "--to", "hf")  # a folder where a file is
+    assert code == 2 and _one_clear_line(err) == f"maelab: error: cannot write {afile}: {afile} is a file, not a folder"
+    code, _, err = run(capsys, "convert", str(mae_file), str(afile / "x.safetensors"), "--to", "timm")
+    assert code == 2 and f"cannot write {afile / 'x.safetensors'}: {afile} is a file" in _one_clear_line(err)
+    code, _, err = run(capsys, "convert", str(mae_file), "/proc/maelab-nope/out", "--to", "hf")
+    assert code == 2 and "cannot write /proc/maelab-nope/out: No such file or directory" in _one_clear_line(err)
+
+
+def test_permission_errors_are_one_line_and_real_bugs_keep_their_traceback(capsys, tmp_path, monkeypatch, mae_file):
+    import maelab.convert
+
+    out = tmp_path / "locked" / "out.safetensors"
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", str(out))
+
+    monkeypatch.setattr(maelab.convert, "convert", denied)
+    code, _, err = run(capsys, "convert", str(mae_file), str(out), "--to", "timm")
+    assert code == 2 and _one_clear_line(err) == f"maelab: error: cannot write {out}: Permission denied"
+
+    def bug(*a, **k):
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(maelab.convert, "convert", bug)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        main(["convert", str(mae_file), str(out), "--to", "timm"])
+
+
+def test_visualize_into_a_folder_writes_reconstruction_png_inside(capsys, tmp_path, mae_file, cifar_tiny):
+    one = str(next(cifar_tiny.rglob("*.jpg")))
+    code, out, _ = run(capsys, "visualize", "--checkpoint", str(mae_file), "--images", one,
+                       "--out", str(tmp_path / "vis") + "/")
+    assert code == 0 and (tmp_path / "vis" / "reconstruction.png").is_file()
+    assert f"wrote {tmp_path / 'vis' / 'reconstruction.png'}" in out
+    (tmp_path / "existing").mkdir()
+    code, _, _ = run(capsys, "visualize", "--checkpoint", str(mae_file), "--images", one, "--out", str(tmp_path / "existing"))
+    assert code == 0 and (tmp_path / "existing" / "reconstruction.png").is_file()
+    code, _, err = run(capsys, "visualize", "--checkpoint", str(mae_file), "--images", one, "--mask-ratio", "0",
+                       "--out", str(tmp_path / "z.png"))
+    assert code == 2 and "masks none of the 16 patches" in _one_clear_line(err)
+
+
+def test_convert_explains_a_fine_tune_run_and_exports_it_to_timm(capsys, tmp_path):
+    run_dir = tmp_path / "ft1"
+    _finetune_run(run_dir)
+    code, _, err = run(capsys, "convert", str(run_dir), str(tmp_path / "o.pth"), "--to", "official")
+    line = _one_clear_line(err)
+    assert code == 2 and f"{run_dir} is a fine-tuned maelab classifier" in line and "3 classes" in line
+    assert "--init of finetune / linprobe / knn / features" in line and "--to timm" in line
+    assert "use `maelab convert` for foreign weights" not in line
+    code, _, err = run(capsys, "visualize", "--checkpoint", str(run_dir), "--images", "x.png",
+                       "--out", str(tmp_path / "v.png"))
+    assert code == 2 and "is a fine-tuned maelab classifier" in _one_clear_line(err)
+    code, out, _ = run(capsys, "convert", str(run_dir), str(tmp_path / "ft_timm"), "--to", "timm")
+    assert code == 0 and (tmp_path / "ft_timm.safetensors").is_file()
+    assert ".safetensors added" in out  # the output had no extension: timm picks its loader by it
+    code, _, err = run(capsys, "convert", str(run_dir), str(tmp_path / "t.safetensors"), "--to", "timm",
+                       "--global-pool", "token")
+    assert code == 2 and "fine-tuned with global pool 'avg'" in _one_clear_line(err)
+
+
+def test_convert_explains_encoder_only_and_non_checkpoint_files(capsys, tmp_path, mae_file):
+    enc = tmp_path / "enc.safetensors"
+    assert run(capsys, "convert", str(mae_file), str(enc), "--to", "timm")[0] == 0
+    code, _, err = run(capsys, "convert", str(enc), str(tmp_path / "back.safetensors"), "--to", "maelab")
+    line = _one_clear_line(err)
+    assert code == 2 and "encoder-only ViT weights" in line and "cannot become an MAE checkpoint" in line
+    assert "--init of finetune" in line and "use `maelab convert`" not in line
+    enc_pth = tmp_path / "enc.pth"
+    assert run(capsys, "convert", str(mae_file), str(enc_pth), "--to", "official", "--encoder-only")[0] == 0
+    code, _, err = run(capsys, "convert", str(enc_pth), str(tmp_path / "b2"), "--to", "hf")
+    assert code == 2 and "encoder-only checkpoint" in _one_clear_line(err) and "--to timm" in _one_clear_line(err)
+    text = tmp_path / "notes.pth"
+    text.write_text("epochs: 3\n")
+    for cmd in (["convert", str(text), str(tmp_path / "t.safetensors"), "--to", "timm"],
+                ["visualize", "--checkpoint", str(text), "--images", "x.png", "--out", str(tmp_path / "v.png")]):
+        code, _, err = run(capsys, *cmd)
+        assert code == 2 and "it is a text file, not a PyTorch (.pth / .pt / .bin) or safetensors checkpoint" \
+            in _one_clear_line(err)
+    code, _, err = run(capsys, "convert", str(mae_file), str(tmp_path / "x.pth"), "--to", "timm")
+    assert code == 2 and "name the output x.pth.safetensors or x.safetensors" in _one_clear_line(err)
+
+
+def test_convert_reads_formats_by_content_and_adds_missing_suffixes(capsys, tmp_path, mae_file):
+    from maelab.models.loading import load_mae
+
+    misnamed = tmp_path / "really_safetensors.pth"  # a maelab file under an official-looking name
+    misnamed.write_bytes(mae_file.read_bytes())
+    code, out, _ = run(capsys, "convert", str(misnamed), str(tmp_path / "official"), "--to", "official")
+    assert code == 0 and "official.pth (.pth added" in out
+    pth_as_st = tmp_path / "official_as.safetensors"  # and an official .pth under a safetensors name
+    pth_as_st.write_bytes((tmp_path / "official.pth").read_bytes())
+    code, out, _ = run(capsys, "convert", str(pth_as_st), str(tmp_path / "again"), "--to", "maelab")
+    assert code == 0 and (tmp_path / "again.safetensors").is_file()
+    a, _ = load_mae(mae_file)
+    b, _ = load_mae(tmp_path / "again.safetensors")
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+
+
+@pytest.mark.parametrize("cmd,flags,expected", [
+    ("pretrain", ["--clip-grad", "-1"], "--clip-grad"),
+    ("pretrain", ["--weight-decay", "-1"], "--weight-decay"),
+    ("pretrain", ["--lr", "-1"], "--lr"),
+    ("finetune", ["--auto-augment", "bogus"], "--auto-augment"),
+    ("linprobe", ["--momentum", "1.5"], "--momentum"),
+])
+def test_bad_optimisation_settings_are_refused_before_anything_runs(capsys, tmp_path, cifar_tiny, cmd, flags, expected):
+    out = tmp_path / "run"
+    extra = FAST if cmd == "pretrain" else ["--init", "none", "--model", "mae_vit_tiny_patch4", "--device", "cpu"]
+    code, _, err = run(capsys, cmd, "--data", str(cifar_tiny), "--out", str(out), *extra, *flags)
+    assert code == 2 and expected in _one_clear_line(err)
+    assert not out.exists()

@@ -50,3 +50,79 @@ def test_shipped_presets_load():
     for name in ("pretrain_cifar10_tiny", "pretrain_vit_base"):
         cfg = build_config(PretrainConfig, yaml_path=name)
         assert cfg.model.model.startswith("mae_vit")
+
+
+# --- check_schedule / check_augment: the optimizer and augmentation numbers every command shares -------
+from maelab.config import (AugmentConfig, FeaturesConfig, FinetuneOptimConfig, OptimConfig,  # noqa: E402
+                           ProbeOptimConfig, check_augment, check_schedule)
+
+
+@pytest.mark.parametrize("section", [OptimConfig, FinetuneOptimConfig, ProbeOptimConfig])
+def test_default_optimizer_sections_pass_the_schedule_check(section):
+    check_schedule(section())
+    check_schedule(section(), batch_size=128)
+
+
+@pytest.mark.parametrize("section,kw,message", [
+    (OptimConfig, dict(clip_grad=-1.0), "--clip-grad must be positive, got -1.0"),
+    (OptimConfig, dict(clip_grad=0.0), "--clip-grad must be positive"),
+    (OptimConfig, dict(weight_decay=-1.0), "--weight-decay must be >= 0, got -1.0"),
+    (OptimConfig, dict(warmup_epochs=-1.0), "--warmup-epochs must be >= 0, got -1.0"),
+    (OptimConfig, dict(lr=-1.0), "--lr must be positive, got -1.0"),
+    (OptimConfig, dict(lr=0.0), "--lr must be positive"),
+    (OptimConfig, dict(base_lr=0.0), "--base-lr must be positive, got 0.0"),
+    (OptimConfig, dict(base_lr=-1e-3), "--base-lr must be positive"),
+    (OptimConfig, dict(min_lr=-1e-6), "--min-lr must be >= 0"),
+    (OptimConfig, dict(lr=1e-4, min_lr=1e-3), "--min-lr 0.001 is larger than the learning rate 0.0001"),
+    (OptimConfig, dict(betas=[0.9, 1.0]), "--betas must both be in [0, 1), got [0.9, 1.0]"),
+    (OptimConfig, dict(betas=[-0.1, 0.9]), "--betas must both be in [0, 1)"),
+    (OptimConfig, dict(betas=[0.9]), "--betas takes two numbers"),
+    (OptimConfig, dict(epochs=0), "--epochs must be at least 1, got 0"),
+    (OptimConfig, dict(accum_iter=0), "--accum-iter must be at least 1, got 0"),
+    (OptimConfig, dict(lr=float("nan")), "--lr must be a finite number"),
+    (FinetuneOptimConfig, dict(betas=[0.9, 1.5]), "--betas must both be in [0, 1)"),
+    (ProbeOptimConfig, dict(momentum=1.0), "--momentum must be in [0, 1), got 1.0"),
+    (ProbeOptimConfig, dict(weight_decay=-0.1), "--weight-decay must be >= 0"),
+])
+def test_bad_optimizer_settings_name_their_flag(section, kw, message):
+    with pytest.raises(MaelabError) as e:
+        check_schedule(section(**kw))
+    assert message in str(e.value)
+
+
+def test_min_lr_is_checked_against_the_scaled_base_lr_when_the_batch_is_known(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = OptimConfig(base_lr=1e-3, min_lr=1e-3, accum_iter=2)
+    check_schedule(cfg)  # the learning rate is not known without the batch
+    check_schedule(cfg, batch_size=128)  # lr = 1e-3 x 256 / 256 = min_lr: a constant schedule is fine
+    with pytest.raises(MaelabError, match=r"--min-lr 0.001 is larger than the learning rate 0.0005 \(--base-lr "
+                                          r"0.001 x 128 images per step / 256\)"):
+        check_schedule(cfg, batch_size=64)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun: every process adds its batch
+    check_schedule(cfg, batch_size=64)
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "rand-m7-n2", "augmix-m5-w4-d2", "original",
+                                    "v0r", "original-mstd0.5", "none", "None", None, ""])
+def test_timm_augmentation_policies_pass(policy):
+    check_augment(AugmentConfig(auto_augment=policy))
+
+
+@pytest.mark.parametrize("policy", ["bogus", "random", "rand-x9", "rand-m9x", "augmix-q3", "original-q1"])
+def test_unknown_augmentation_policy_is_a_clear_error_with_examples(policy):
+    with pytest.raises(MaelabError) as e:
+        check_augment(AugmentConfig(auto_augment=policy))
+    msg = str(e.value)
+    assert f"--auto-augment {policy!r} is not a timm augmentation policy" in msg and "rand-m9-mstd0.5-inc1" in msg
+
+
+def _help(cls) -> str:
+    p = argparse.ArgumentParser()
+    add_config_args(p, cls)
+    return " ".join(p.format_help().split())
+
+
+def test_help_texts_say_what_is_accepted():
+    text = _help(PretrainConfig)
+    assert "fraction of patches removed, in (0, 1)" in text  # --mask-ratio 0 masks nothing: refused
+    assert "--limit-images" not in _help(FeaturesConfig)  # features has no subsets to seed

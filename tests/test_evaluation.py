@@ -103,7 +103,24 @@ def test_weighted_knn_on_separable_toy_problem_is_perfect():
     train = centres[train_y] + torch.randn(120, 16, generator=g)
     test = centres[test_y] + torch.randn(40, 16, generator=g)
     acc = knn_accuracy(train, train_y, test, test_y, num_classes=4, k=20, temperature=0.07, chunk=7)
-    assert acc["knn_top1"] == 100.0 and acc["knn_top5"] == 100.0
+    assert acc["knn_top1"] == 100.0 and acc["knn_top5"] is None  # 4 classes: top-5 would always be 100
+
+
+def test_top5_is_reported_only_with_more_than_five_classes():
+    from maelab.evaluate.knn import knn_accuracy
+    from maelab.evaluate.metrics import evaluate_classifier
+
+    g = torch.Generator().manual_seed(0)
+    for classes, top5 in ((5, None), (6, 50.0)):
+        logits = torch.zeros(4, classes)
+        logits[:, 0] = 3.0  # class 0 first; the rest tie
+        logits[:, 1:5] = torch.arange(4, 0, -1, dtype=torch.float)  # classes 1..4 ranked 2nd..5th
+        labels = torch.tensor([0, 4, 5, 5]) % classes  # with 6 classes: top-1 25 %, top-5 50 %
+        res = evaluate_classifier(lambda x: x, [(logits, labels)], torch.device("cpu"))
+        assert res["val_top5"] == top5
+        feats = torch.randn(12, 8, generator=g)
+        acc = knn_accuracy(feats, torch.arange(12) % classes, feats[:3], torch.arange(3), classes, k=3)
+        assert (acc["knn_top5"] is None) == (top5 is None)
 
 
 def test_knn_vote_weighting_matches_hand_computation():
@@ -419,7 +436,7 @@ def test_finetune_end_to_end_writes_results_and_resumes(dataset, mae_ckpt, tmp_p
     assert main([*args, "--epochs", "2"]) == 0  # resumes the same run folder for one more epoch
     res = json.loads((out / "results.json").read_text())
     assert res["final_epoch"] == 2 and len(res["per_epoch_val_top1"]) == 2
-    assert 0 <= res["val_top1"] <= 100 and res["val_top5"] == 100.0  # 3 classes: top-5 is certain
+    assert 0 <= res["val_top1"] <= 100 and res["val_top5"] is None  # 3 classes: top-5 would always be 100
     assert "selected on the validation split" in res["best_epoch_note"]
     assert "final epoch 2: val top-1" in capsys.readouterr().out
     # the fine-tuned run is itself an encoder source

@@ -196,8 +196,8 @@ def test_load_hf_dir_reads_hub_style_v4_pytorch_bin(tmp_path):
 
 
 def test_vitmae_model_encoder_matches_forward_features_both_directions():
-    mae = randomize(MaskedAutoencoder(**TINY, mask_ratio=0.0), seed=9)
-    hf = hf_model_from_mae(mae, encoder_only=True)
+    mae = randomize(MaskedAutoencoder(**TINY), seed=9)
+    hf = hf_model_from_mae(mae, encoder_only=True, mask_ratio=0.0)  # HF masks nothing; maelab's default must
     x, _ = inputs(10, n=2)
     ordered = torch.arange(L, dtype=torch.float32).expand(2, L)  # identity shuffle: HF keeps order
     with torch.no_grad():
@@ -235,3 +235,12 @@ def test_foreign_or_unmappable_keys_raise_maelab_error():
         hf_config_from_mae(MaskedAutoencoder(**{**TINY, "img_size": (32, 64)}))
     with pytest.raises(MaelabError, match="hidden_act"):
         mae_kwargs_from_hf_config({**hf_config(False).to_dict(), "hidden_act": "relu"})
+
+
+def test_hf_config_with_mask_ratio_zero_loads_with_the_papers_ratio(tmp_path):
+    mae = randomize(MaskedAutoencoder(**TINY), seed=12)
+    save_hf_pretrained(mae, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "mask_ratio": 0.0}))  # a features-only HF config
+    back = load_hf_pretrained_dir(tmp_path)
+    assert back.mask_ratio == 0.75

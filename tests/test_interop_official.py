@@ -202,3 +202,26 @@ def test_unreadable_or_foreign_files_raise_maelab_error(tmp_path):
 
 class _Custom:
     pass
+
+
+def test_files_are_recognised_by_content_not_by_name(tmp_path):
+    from safetensors.torch import save_file
+
+    from maelab.models.loading import weights_format
+
+    text = tmp_path / "weights.pth"
+    text.write_text("epochs: 3\n")
+    with pytest.raises(MaelabError, match="it is a text file, not a PyTorch .* or safetensors checkpoint"):
+        load_official_state_dict(text)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(MaelabError, match="it is an empty file"):
+        load_official_state_dict(tmp_path / "empty.pth")
+    sd = official_layout(decoder=False)
+    st = tmp_path / "mae_pretrain.pth"  # safetensors content under a .pth name
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(st))
+    assert weights_format(st) == "safetensors"
+    loaded = load_official_state_dict(st)
+    assert set(loaded) == set(sd) and all(torch.equal(loaded[k], v) for k, v in sd.items())
+    pth = tmp_path / "official.safetensors"  # torch.save content under a .safetensors name
+    torch.save({"model": sd}, pth)
+    assert weights_format(pth) == "torch" and set(load_official_state_dict(pth)) == set(sd)

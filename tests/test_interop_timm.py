@@ -97,3 +97,30 @@ def test_timm_export_holds_encoder_only_and_rejects_unknown_pool():
     assert not any(k.startswith(("decoder", "mask_token")) for k in sd)
     with pytest.raises(MaelabError, match="global_pool"):
         to_timm_state_dict(mae, global_pool="map")
+
+
+@pytest.mark.parametrize("pool", ["avg", "token"])
+def test_fine_tuned_classifier_exports_to_timm_with_its_head(tmp_path, pool):
+    from timm.models import load_checkpoint
+    from timm.models.vision_transformer import VisionTransformer
+
+    from maelab.convert import convert
+    from maelab.interop.timm_export import save_timm_classifier
+    from maelab.models.vit import build_vit, vit_arch, vit_meta
+    from maelab.train.checkpoint import save_checkpoint
+
+    arch = vit_arch(dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2))
+    torch.manual_seed(0)
+    vit = _randomize(build_vit(arch, 7, pool))
+    meta = vit_meta(arch, (32, 32), num_classes=7, global_pool=pool, classes=list("abcdefg"), init="x")
+    save_checkpoint(tmp_path / "ft", "epoch_0001", vit.state_dict(), {}, {"model": meta, "global_step": 1})
+    path = convert(tmp_path / "ft", tmp_path / "ft_timm", "timm")
+    assert path == tmp_path / "ft_timm.safetensors"
+    timm_vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=7,
+                                 global_pool=pool)
+    load_checkpoint(timm_vit, str(path), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(timm_vit.eval()(x), vit(x))
+    with pytest.raises(MaelabError, match="fine-tuned with global pool"):
+        save_timm_classifier(vit.state_dict(), meta, tmp_path / "x.safetensors",
+                             global_pool="token" if pool == "avg" else "avg")

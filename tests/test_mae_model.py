@@ -306,3 +306,41 @@ def test_a_model_without_decoder_blocks_is_refused():
     with pytest.raises(MaelabError, match="at least one block"):
         MaskedAutoencoder(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
                           decoder_embed_dim=16, decoder_depth=0, decoder_num_heads=2)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(decoder_num_heads=5), "decoder_embed_dim=32 is not divisible by decoder_num_heads=5"),
+    (dict(decoder_embed_dim=130, decoder_num_heads=4), "decoder_embed_dim=130 is not divisible by decoder_num_heads=4"),
+    (dict(decoder_embed_dim=6, decoder_num_heads=2), "decoder_embed_dim=6 must be a multiple of 4"),
+    (dict(decoder_embed_dim=0), "decoder_embed_dim must be a positive whole number, got 0"),
+    (dict(decoder_num_heads=0), "decoder_num_heads must be a positive whole number, got 0"),
+    (dict(embed_dim=66, num_heads=3), "embed_dim=66 must be a multiple of 4"),
+    (dict(embed_dim=64, num_heads=3), "embed_dim=64 is not divisible by num_heads=3"),
+    (dict(embed_dim=-8), "embed_dim must be a positive whole number"),
+    (dict(num_heads=0), "num_heads must be a positive whole number"),
+])
+def test_widths_and_head_counts_are_checked_before_timm_sees_them(kw, message):
+    with pytest.raises(MaelabError) as e:
+        tiny(**kw)
+    assert message in str(e.value)
+
+
+def test_the_default_mask_ratio_must_mask_something_at_construction():
+    with pytest.raises(MaelabError, match="mask ratio 0.0 masks none of the 16 patches"):
+        tiny(mask_ratio=0.0)
+    tiny(mask_ratio=0.01)  # 16 patches: int(16 * 0.99) = 15 visible, one masked
+    with pytest.raises(MaelabError, match="single patch"):
+        MaskedAutoencoder(**{**TINY_MAE, "img_size": 8})
+
+
+def test_finetuning_vit_checks_its_widths_and_heads():
+    from maelab.models.vit import arch_for, build_vit, vit_arch
+
+    arch = vit_arch(TINY_MAE)
+    build_vit(arch, num_classes=3)
+    with pytest.raises(MaelabError, match="embed_dim=64 is not divisible by num_heads=3"):
+        build_vit({**arch, "num_heads": 3})
+    with pytest.raises(MaelabError, match="embed_dim=66 must be a multiple of 4"):
+        build_vit({**arch, "embed_dim": 66, "num_heads": 2})
+    with pytest.raises(MaelabError, match="--num-heads must be at least 1, got -3"):
+        arch_for(None, "mae_vit_tiny_patch4", num_heads=-3)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 def topk_correct(scores: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, torch.Tensor]:
     """Number of rows whose target is among the ``k`` highest scores, per ``k`` (capped by the number
-    of classes, so top-5 of a 3-class problem is top-3)."""
+    of classes, so top-5 of a 3-class problem is top-3; reports leave top-k out when ``k`` >= the number
+    of classes, see :func:`top5_percent`)."""
     num_classes = scores.shape[1]
     top = scores.topk(min(max(ks), num_classes), dim=1).indices
     hit = top.eq(targets.view(-1, 1))
@@ -25,8 +26,10 @@ def evaluate_classifier(forward: Callable[[torch.Tensor], torch.Tensor],
                         precision: str = "fp32", prefix: str = "val") -> dict[str, float]:
     """``{prefix}_top1``, ``{prefix}_top5`` (percent) and ``{prefix}_loss`` (cross-entropy) of
     ``forward`` over ``batches`` of (inputs, labels). Under torchrun each process passes its own shard
-    and the counts are summed, so every image counts exactly once."""
+    and the counts are summed, so every image counts exactly once. ``{prefix}_top5`` is None when there
+    are 5 classes or fewer (every label is then among the top 5: the number says nothing)."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, n
+    num_classes = 0
     ctx = nullcontext() if precision == "fp32" else torch.autocast(
         device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     for x, y in batches:
@@ -34,6 +37,7 @@ def evaluate_classifier(forward: Callable[[torch.Tensor], torch.Tensor],
         with ctx:
             logits = forward(x.to(device))
         logits = logits.float()
+        num_classes = logits.shape[1]
         correct = topk_correct(logits, y, (1, 5))
         sums += torch.stack([correct[1].double(), correct[5].double(),
                              F.cross_entropy(logits, y, reduction="sum").double(),
@@ -42,4 +46,10 @@ def evaluate_classifier(forward: Callable[[torch.Tensor], torch.Tensor],
         dist.all_reduce(sums)
     top1, top5, loss, n = sums.tolist()
     n = max(n, 1.0)
-    return {f"{prefix}_top1": 100.0 * top1 / n, f"{prefix}_top5": 100.0 * top5 / n, f"{prefix}_loss": loss / n}
+    return {f"{prefix}_top1": 100.0 * top1 / n, f"{prefix}_top5": top5_percent(top5, n, num_classes),
+            f"{prefix}_loss": loss / n}
+
+
+def top5_percent(correct: float, n: float, num_classes: int) -> float | None:
+    """Top-5 accuracy in percent, or None when it is meaningless (5 classes or fewer: always 100)."""
+    return 100.0 * correct / n if num_classes > 5 else None

@@ -1,7 +1,8 @@
 """Converters between maelab and foreign weight formats (key maps only).
 
 * :mod:`~maelab.interop.official` -- the official MAE ``.pth`` release (same names as maelab);
-* :mod:`~maelab.interop.timm_export` -- encoder -> timm ``VisionTransformer``;
+* :mod:`~maelab.interop.timm_export` -- encoder (or a fine-tuned classifier) -> timm ``VisionTransformer``
+  (export only: timm files have no decoder);
 * :mod:`~maelab.interop.huggingface` -- ``transformers`` ViTMAE, 4.x and 5.x names (``transformers`` is
   imported only when a function needs it).
 """
@@ -24,7 +25,13 @@ from maelab.interop.official import (
     load_official_state_dict,
     mae_from_official,
 )
-from maelab.interop.timm_export import create_timm_encoder, save_timm_checkpoint, timm_kwargs, to_timm_state_dict
+from maelab.interop.timm_export import (
+    create_timm_encoder,
+    save_timm_checkpoint,
+    save_timm_classifier,
+    timm_kwargs,
+    to_timm_state_dict,
+)
 
 __all__ = [
     "classify_official",
@@ -43,6 +50,7 @@ __all__ = [
     "mae_to_hf_state_dict",
     "save_hf_pretrained",
     "save_timm_checkpoint",
+    "save_timm_classifier",
     "timm_kwargs",
     "to_timm_state_dict",
 ]

@@ -218,10 +218,12 @@ def _mae_dims(model: nn.Module) -> dict[str, Any]:
     return dims
 
 
-def hf_config_from_mae(model: nn.Module):
+def hf_config_from_mae(model: nn.Module, mask_ratio: float | None = None):
     """A ``transformers.ViTMAEConfig`` for ``model``: sizes, ``image_size``, ``patch_size``,
     ``mask_ratio``, ``norm_pix_loss``, decoder sizes, ``layer_norm_eps=1e-6``, ``hidden_act="gelu"``
-    (exact GELU), no dropout. HF ViTMAE supports square images only."""
+    (exact GELU), no dropout. HF ViTMAE supports square images only. ``mask_ratio`` overrides the
+    model's (e.g. 0.0: a ``ViTMAEModel`` that returns every patch, which a maelab model refuses as its
+    default ratio)."""
     from transformers import ViTMAEConfig
 
     h, w = model.img_size
@@ -248,7 +250,7 @@ def hf_config_from_mae(model: nn.Module):
         decoder_hidden_size=d["decoder_embed_dim"],
         decoder_num_hidden_layers=d["decoder_depth"],
         decoder_intermediate_size=d["decoder_intermediate"],
-        mask_ratio=float(model.mask_ratio),
+        mask_ratio=float(model.mask_ratio if mask_ratio is None else mask_ratio),
         norm_pix_loss=bool(model.norm_pix_loss),
         architectures=["ViTMAEForPreTraining"],
     )
@@ -258,7 +260,8 @@ def mae_kwargs_from_hf_config(config: Mapping[str, Any] | Any) -> dict[str, Any]
     """:class:`MaskedAutoencoder` kwargs from a ViTMAE config (``ViTMAEConfig`` or its ``config.json`` dict).
 
     ``layer_norm_eps`` is not carried over: maelab always uses 1e-6 like the official model (hub
-    configs say 1e-12, a conversion artefact). Activations other than exact ``gelu`` are refused."""
+    configs say 1e-12, a conversion artefact). Activations other than exact ``gelu`` are refused.
+    ``mask_ratio=0`` (masks nothing) becomes 0.75, the paper's ratio."""
     cfg = config if isinstance(config, Mapping) else config.to_dict()
     if cfg.get("model_type", "vit_mae") != "vit_mae":
         raise MaelabError(f"not a ViTMAE config (model_type={cfg.get('model_type')!r})")
@@ -292,7 +295,9 @@ def mae_kwargs_from_hf_config(config: Mapping[str, Any] | Any) -> dict[str, Any]
         decoder_num_heads=int(get("decoder_num_attention_heads", 16)),
         mlp_ratio=ratio,
         norm_pix_loss=bool(get("norm_pix_loss", False)),
-        mask_ratio=float(get("mask_ratio", 0.75)),
+        # mask_ratio 0 is a common way to get unmasked features out of a transformers ViTMAEModel; maelab has
+        # forward_features for that, and its default ratio must mask something, so it falls back to the paper's
+        mask_ratio=float(get("mask_ratio", 0.75)) if float(get("mask_ratio", 0.75)) > 0 else 0.75,
     )
 
 
@@ -304,8 +309,13 @@ def _read_hf_weights(path: str) -> dict[str, torch.Tensor]:
     pt, pt_index = os.path.join(path, "pytorch_model.bin"), os.path.join(path, "pytorch_model.bin.index.json")
 
     def load_pt(file: str) -> dict[str, torch.Tensor]:
+        from maelab.models.loading import SAFETENSORS, check_weights_file
+
+        if check_weights_file(file) == SAFETENSORS:
+            return load_file(file, device="cpu")
         try:
-            return dict(torch.load(file, map_location="cpu", weights_only=True))
+            with open(file, "rb") as fh:  # a file object: torch.load would pick its reader by the name
+                return dict(torch.load(fh, map_location="cpu", weights_only=True))
         except Exception as exc:
             raise MaelabError(f"cannot read {file} as weights-only: {str(exc).strip().splitlines()[0]}") from None
 
@@ -367,12 +377,12 @@ def save_hf_pretrained(model: nn.Module, directory: str | os.PathLike, naming: s
     return directory
 
 
-def hf_model_from_mae(model: nn.Module, encoder_only: bool = False) -> nn.Module:
+def hf_model_from_mae(model: nn.Module, encoder_only: bool = False, mask_ratio: float | None = None) -> nn.Module:
     """An in-memory ``ViTMAEForPreTraining`` (or ``ViTMAEModel`` with ``encoder_only``) holding
-    ``model``'s weights, loaded strictly."""
+    ``model``'s weights, loaded strictly (``mask_ratio``: see :func:`hf_config_from_mae`)."""
     from transformers import ViTMAEForPreTraining, ViTMAEModel
 
-    config = hf_config_from_mae(model)
+    config = hf_config_from_mae(model, mask_ratio)
     hf = (ViTMAEModel if encoder_only else ViTMAEForPreTraining)(config)
     naming = detect_hf_naming(hf.state_dict())  # whichever major version is installed
     sd = mae_to_hf_state_dict(model.state_dict(), naming=naming, target="encoder" if encoder_only else "pretraining")

@@ -59,12 +59,20 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
 
 
 def load_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read an official MAE ``.pth`` (``{"model": state_dict}`` or a bare state dict) on the CPU."""
+    """Read an official MAE ``.pth`` (``{"model": state_dict}`` or a bare state dict) on the CPU. The format
+    is judged by content: a safetensors file is read as one, anything else is a one-line error."""
+    from maelab.models.loading import SAFETENSORS, check_weights_file
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise MaelabError(f"checkpoint not found: {path}")
+    if check_weights_file(path) == SAFETENSORS:  # judged by content: the same weights saved as safetensors
+        from maelab.train.checkpoint import read_weights
+
+        return unwrap_state_dict(read_weights(path)[0], source=path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:  # a file object: torch.load would pick its reader by the name
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated files, disallowed globals
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MaelabError(f"cannot read {path} as a weights-only PyTorch checkpoint: {msg}") from None

@@ -100,3 +100,32 @@ def save_timm_checkpoint(
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(sd, path, metadata={"format": "pt", "global_pool": global_pool})
     return path
+
+
+def save_timm_classifier(
+    state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any], path: str | os.PathLike,
+    global_pool: str | None = None,
+) -> str:
+    """Write a maelab fine-tuned classifier (``meta["arch"] == "vit"``: a timm ``VisionTransformer``
+    state dict, head included) as a timm ``.safetensors`` file, after checking that it loads strictly
+    into ``VisionTransformer(num_classes=meta["num_classes"], global_pool=meta["global_pool"])``. The
+    pooling is the one it was fine-tuned with; ``global_pool`` may only repeat it. Returns the path."""
+    from safetensors.torch import save_file
+
+    from maelab.models.vit import build_vit, vit_arch
+    from maelab.train.checkpoint import state_dict_mismatch
+
+    pool = meta.get("global_pool", "token")
+    if global_pool is not None and global_pool != pool:
+        raise MaelabError(f"this classifier was fine-tuned with global pool {pool!r}: its head and norm only "
+                          f"work that way; leave --global-pool out (or pass {pool})")
+    arch = vit_arch(meta["vit"])
+    num_classes = int(meta.get("num_classes") or 0)
+    problem = state_dict_mismatch(build_vit(arch, num_classes, pool).state_dict(), dict(state_dict))
+    if problem:
+        raise MaelabError(f"the fine-tuned weights do not fit a timm VisionTransformer ({problem})")
+    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(sd, path, metadata={"format": "pt", "global_pool": pool, "num_classes": str(num_classes)})
+    return path

@@ -1,9 +1,11 @@
 """Build a model from anything a user may point at: a run folder, a checkpoint folder, a maelab
-safetensors file (self-describing: the constructor arguments are in its header), or an official
-MAE ``.pth``."""
+safetensors file (self-describing: the constructor arguments are in its header), an official
+MAE ``.pth`` or a Hugging Face ViTMAE folder. Files are recognised by their first bytes, not their
+names; anything that holds no MAE is refused with a line saying what it is and what it can be used for."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,137 @@ def model_meta(preset: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"arch": "mae", "preset": preset, "kwargs": clean}
 
 
-def _is_torch_file(path: Path) -> bool:
-    """torch.save output (zip or legacy pickle), whatever the file is called."""
-    with open(path, "rb") as f:
-        head = f.read(2)
-    return head == b"PK" or head[:1] == b"\x80"
+TORCH, SAFETENSORS = "torch", "safetensors"
+_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors reader's own limit
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"\x93NUMPY", "a NumPy .npy array"), (b"\x1f\x8b", "a gzip archive"), (b"\x89HDF", "an HDF5 file"),
+          (b"%PDF", "a PDF document"))
+_TEXT_BYTES = set(b"\t\n\r\f") | set(range(32, 127)) | set(range(128, 256))
+
+
+def weights_format(path: str | Path) -> str:
+    """What a file holds, judged by its first bytes and never by its name: ``"torch"`` (``torch.save``
+    output: zip or legacy pickle), ``"safetensors"`` (8-byte little-endian header length, then a JSON
+    header), or a few words saying what else it is ("a text file", "a PNG image", "an empty file", ...)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+        size = path.stat().st_size
+    except OSError as e:
+        raise MaelabError(f"cannot read weights {path}: {e.strerror or e}") from None
+    if not head:
+        return "an empty file"
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 9 else -1
+    looks_safetensors = head[8:9] == b"{" and 2 <= header_len <= _MAX_SAFETENSORS_HEADER
+    if looks_safetensors and 8 + header_len <= size:
+        return SAFETENSORS
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return TORCH
+    if looks_safetensors:
+        return SAFETENSORS  # truncated: the safetensors reader says so
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    if all(b in _TEXT_BYTES for b in head):
+        return "a text file"
+    return "a file of an unknown format"
+
+
+def check_weights_file(path: str | Path) -> str:
+    """``"torch"`` or ``"safetensors"`` (see :func:`weights_format`); any other file is a one-line error."""
+    fmt = weights_format(path)
+    if fmt not in (TORCH, SAFETENSORS):
+        raise MaelabError(f"cannot read weights {path}: it is {fmt}, not a PyTorch (.pth / .pt / .bin) or "
+                          f"safetensors checkpoint")
+    return fmt
+
+
+def weights_header(path: str | Path) -> dict[str, Any]:
+    """The maelab description in a safetensors file's header (``{}`` for foreign files), tensors unread."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MaelabError(f"cannot read weights {path}: {e}") from None
+    try:
+        return json.loads(meta["maelab"]) if "maelab" in meta else {}
+    except json.JSONDecodeError:
+        raise MaelabError(f"cannot read weights {path}: its maelab header is not valid JSON") from None
+
+
+def maelab_file(path: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """(weights file, its maelab header) when ``path`` is a maelab run / checkpoint folder or a
+    safetensors file; None for an official / timm ``.pth`` or a Hugging Face folder."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "config.json").is_file():
+        return None
+    if p.is_file() and check_weights_file(p) != SAFETENSORS:
+        return None
+    weights_path = ckpt.resolve_weights_path(p)
+    return weights_path, weights_header(weights_path)
+
+
+USE_AS_INIT = "use it with --init of finetune / linprobe / knn / features"
+NEEDS_MAE = ("reconstructions and the maelab / official / hf formats need an MAE pre-training checkpoint (a "
+             "`maelab pretrain` run, an official MAE .pth, a Hugging Face ViTMAE folder)")
+
+
+def not_an_mae(path: str | Path, meta: dict[str, Any], weights: dict[str, torch.Tensor] | None = None) -> MaelabError:
+    """The error for a weights file that holds no Masked Autoencoder: what it is and what it is good for."""
+    arch = meta.get("arch")
+    if arch == "vit":
+        from maelab.models.vit import describe, vit_arch
+
+        try:
+            what = f"{describe(vit_arch(meta['vit']))}, {meta.get('num_classes', '?')} classes"
+        except (KeyError, TypeError, MaelabError):
+            what = "a ViT classifier"
+        return MaelabError(f"{path} is a fine-tuned maelab classifier ({what}), not an MAE pre-training checkpoint: "
+                           f"it has no decoder. Use it with --init of finetune / linprobe / knn / features, or export it with "
+                           f"`maelab convert {path} OUT.safetensors --to timm`; {NEEDS_MAE}")
+    if arch == "linprobe":
+        return MaelabError(f"{path} is a linear-probe head (BatchNorm + Linear on frozen features), not an MAE: it "
+                           f"holds no encoder or decoder; point at the encoder it probed "
+                           f"({meta.get('init') or 'see its config.yaml'})")
+    if arch is not None:
+        return MaelabError(f"{path} holds a maelab {arch!r} model, not an MAE; {NEEDS_MAE}")
+    keys = sorted(weights or {})
+    if any(k.startswith("blocks.") for k in keys) and "patch_embed.proj.weight" in keys:
+        return MaelabError(f"{path} holds encoder-only ViT weights (a timm export or an encoder checkpoint, no "
+                           f"decoder): with no decoder it cannot become an MAE checkpoint or draw reconstructions; "
+                           f"{USE_AS_INIT}")
+    if weights:
+        from maelab.interop.huggingface import detect_hf_naming
+
+        try:
+            detect_hf_naming(weights)
+            return MaelabError(f"{path} holds Hugging Face ViTMAE weights without their config: point at the folder "
+                               f"that holds it together with config.json")
+        except MaelabError:
+            pass
+    shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+    return MaelabError(f"{path} holds no MAE weights (no maelab model description in its header and no MAE/ViT "
+                       f"parameter names{': ' + shown if shown else ''})")
+
+
+def _mae_from_state_dict(sd: dict[str, torch.Tensor]) -> tuple[MaskedAutoencoder, str]:
+    """An official-layout state dict -> (model shaped like it, loaded strictly; "full" / "encoder" / "finetuned")."""
+    from maelab.interop.official import classify_official, infer_mae_architecture, load_into_mae
+
+    kind = classify_official(sd)
+    model = MaskedAutoencoder(**infer_mae_architecture(sd))
+    load_into_mae(model, sd)
+    return model, kind
+
+
+def require_decoder(meta: dict[str, Any], path: str | Path, what: str, hint: str = USE_AS_INIT) -> None:
+    """Refuse ``what`` for a model whose decoder did not come from the file (an encoder-only official .pth)."""
+    if meta.get("kind") in ("encoder", "finetuned"):
+        raise MaelabError(f"{path} is an encoder-only checkpoint ({meta['kind']} layout, no decoder weights): "
+                          f"{what} needs the decoder; {hint}")
 
 
 def save_mae(model: MaskedAutoencoder, path: str | Path, preset: str | None = None) -> Path:
@@ -36,13 +164,16 @@ def save_mae(model: MaskedAutoencoder, path: str | Path, preset: str | None = No
 
 
 def load_mae(path: str | Path, device: str | torch.device = "cpu") -> tuple[MaskedAutoencoder, dict[str, Any]]:
-    """(model in eval mode, its metadata) from a run folder, checkpoint folder or weights file."""
+    """(model in eval mode, its metadata) from a run folder, checkpoint folder, weights file (maelab
+    safetensors, or an official-layout ``.pth`` / safetensors), or a Hugging Face ViTMAE folder. The
+    file format is recognised by content, not by name. Official files that lack the decoder load into
+    the encoder (``meta["kind"]`` is then ``"encoder"`` or ``"finetuned"``; see :func:`require_decoder`)."""
     p = Path(path).expanduser()
-    if p.is_file() and _is_torch_file(p):
-        from maelab.interop.official import mae_from_official
+    if p.is_file() and check_weights_file(p) == TORCH:
+        from maelab.interop.official import load_official_state_dict
 
-        model = mae_from_official(p)
-        return model.to(device).eval(), {"arch": "mae", "preset": None, "source": "official"}
+        model, kind = _mae_from_state_dict(load_official_state_dict(p))
+        return model.to(device).eval(), {"arch": "mae", "preset": None, "source": "official", "kind": kind}
     if p.is_dir() and (p / "config.json").is_file():
         from maelab.interop.huggingface import load_hf_pretrained_dir
 
@@ -50,11 +181,12 @@ def load_mae(path: str | Path, device: str | torch.device = "cpu") -> tuple[Mask
         return model.to(device).eval(), {"arch": "mae", "preset": None, "source": "huggingface"}
     weights_path = ckpt.resolve_weights_path(p)
     weights, meta = ckpt.read_weights(weights_path)
-    if meta.get("arch") != "mae" or "kwargs" not in meta:
-        raise MaelabError(f"{weights_path} is not a maelab MAE checkpoint (no model description in its header); "
-                          f"use `maelab convert` for foreign weights")
-    kwargs = dict(meta["kwargs"])
-    model = MaskedAutoencoder(**kwargs)
-    ckpt.check_state_dict(model, weights, str(weights_path))
-    model.load_state_dict(weights)
-    return model.to(device).eval(), meta
+    if meta.get("arch") == "mae" and "kwargs" in meta:
+        model = MaskedAutoencoder(**dict(meta["kwargs"]))
+        ckpt.check_state_dict(model, weights, str(weights_path))
+        model.load_state_dict(weights)
+        return model.to(device).eval(), meta
+    if not meta and any(k.startswith("decoder_blocks.") for k in weights):  # official layout saved as safetensors
+        model, kind = _mae_from_state_dict(weights)
+        return model.to(device).eval(), {"arch": "mae", "preset": None, "source": "official", "kind": kind}
+    raise not_an_mae(p, meta, weights)

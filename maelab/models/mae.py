@@ -9,6 +9,7 @@ Parameter names follow the official release (encoder = timm ``VisionTransformer`
 
 from __future__ import annotations
 
+import numbers
 from functools import partial
 
 import torch
@@ -60,6 +61,35 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     if not 0.0 <= mask_ratio < 1.0:
         raise MaelabError(f"mask ratio must be in [0, 1), got {mask_ratio}")
     return max(1, int(num_patches * (1 - mask_ratio)))
+
+
+def check_masks_something(num_patches: int, mask_ratio: float) -> None:
+    """The ratio is in [0, 1) and removes at least one of ``num_patches`` (else the loss has no target)."""
+    if num_visible(num_patches, mask_ratio) == num_patches:
+        raise MaelabError(
+            f"mask ratio {mask_ratio} masks none of the {num_patches} patches: there is nothing to reconstruct"
+            + (" (use a ratio above 0)" if num_patches > 1 else " (the image is a single patch)")
+        )
+
+
+def check_dims(embed_dim: int, num_heads: int, decoder_embed_dim: int | None = None,
+               decoder_num_heads: int | None = None) -> None:
+    """Widths and head counts a ViT with fixed 2-D sin-cos position embeddings can have: positive,
+    the width divisible by the heads (each head gets width / heads channels) and by 4 (the sin-cos
+    table gives a quarter of the channels to each of sin / cos of the column / row index)."""
+    parts = [("embed_dim", embed_dim, "num_heads", num_heads)]
+    if decoder_embed_dim is not None or decoder_num_heads is not None:
+        parts.append(("decoder_embed_dim", decoder_embed_dim, "decoder_num_heads", decoder_num_heads))
+    for dim_name, dim, heads_name, heads in parts:
+        for name, value in ((dim_name, dim), (heads_name, heads)):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise MaelabError(f"{name} must be a positive whole number, got {value!r}")
+        if dim % heads:
+            raise MaelabError(f"{dim_name}={dim} is not divisible by {heads_name}={heads}: every attention head "
+                              f"gets {dim_name} / {heads_name} channels")
+        if dim % 4:
+            raise MaelabError(f"{dim_name}={dim} must be a multiple of 4: the 2-D sin-cos position embedding "
+                              f"splits the width into sin / cos of the column and row index")
 
 
 def random_masking(
@@ -152,10 +182,11 @@ class MaskedAutoencoder(nn.Module):
             raise MaelabError(
                 f"image size {self.img_size[0]}x{self.img_size[1]} is not divisible by the patch size {patch_size}"
             )
-        num_visible(1, mask_ratio)  # validates the ratio
+        check_dims(embed_dim, num_heads, decoder_embed_dim, decoder_num_heads)
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        check_masks_something(self.grid[0] * self.grid[1], mask_ratio)  # the default ratio, before any run starts
         self.norm_pix_loss = norm_pix_loss
         self.mask_ratio = mask_ratio
         self.embed_dim, self.decoder_embed_dim = embed_dim, decoder_embed_dim
@@ -307,10 +338,7 @@ class MaskedAutoencoder(nn.Module):
         self._check_input(imgs)
         self._select_attention(imgs)
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
-        if num_visible(self.num_patches, ratio) == self.num_patches:
-            raise MaelabError(
-                f"mask ratio {ratio} masks none of the {self.num_patches} patches: there is nothing to reconstruct"
-            )
+        check_masks_something(self.num_patches, ratio)
         latent, mask, ids_restore, ids_shuffle = self.forward_encoder(imgs, ratio, noise, generator)
         if return_pred:
             pred = self.forward_decoder(latent, ids_restore)

@@ -87,7 +87,15 @@ def build_vit(
         raise MaelabError(f"global pool must be one of {', '.join(POOLS)}, got {global_pool!r}")
     if not 0.0 <= drop_path_rate < 1.0:
         raise MaelabError(f"drop path rate must be in [0, 1), got {drop_path_rate}")
+    from maelab.models.mae import check_dims
+
+    check_dims(arch["embed_dim"], arch["num_heads"])
+    if arch["depth"] < 1 or arch["patch_size"] < 1:
+        raise MaelabError(f"a ViT needs depth >= 1 and patch_size >= 1, got depth={arch['depth']}, "
+                          f"patch_size={arch['patch_size']}")
     size = _pair(img_size) if img_size is not None else tuple(arch["img_size"])
+    if min(size) < arch["patch_size"]:
+        raise MaelabError(f"image size {size[0]}x{size[1]} must be at least the patch size {arch['patch_size']}")
     grid = grid_of(arch, size)
     model = VisionTransformer(
         img_size=size, patch_size=arch["patch_size"], in_chans=arch["in_chans"], embed_dim=arch["embed_dim"],
@@ -157,6 +165,7 @@ def read_encoder(path: str | Path, num_heads: int | None = None) -> EncoderWeigh
     Official and timm files do not record the number of attention heads: ``num_heads`` gives it, else
     the paper's table decides (width 192: 3, 384: 6, 768: 12, 1024 / 1280: 16; otherwise 64-dim heads).
     Self-describing sources must agree with ``num_heads`` when it is given."""
+    _check_num_heads(num_heads)
     enc = _read_encoder(Path(path).expanduser(), num_heads)
     if num_heads is not None and int(enc.arch["num_heads"]) != int(num_heads):
         raise MaelabError(f"{enc.path} records {enc.arch['num_heads']} attention heads; --num-heads {num_heads} "
@@ -164,6 +173,11 @@ def read_encoder(path: str | Path, num_heads: int | None = None) -> EncoderWeigh
     if enc.arch["embed_dim"] % enc.arch["num_heads"]:
         raise MaelabError(f"width {enc.arch['embed_dim']} is not divisible by {enc.arch['num_heads']} heads")
     return enc
+
+
+def _check_num_heads(num_heads: int | None) -> None:
+    if num_heads is not None and num_heads < 1:
+        raise MaelabError(f"--num-heads must be at least 1, got {num_heads}")
 
 
 def _read_encoder(p: Path, num_heads: int | None) -> EncoderWeights:
@@ -175,7 +189,9 @@ def _read_encoder(p: Path, num_heads: int | None) -> EncoderWeights:
         from maelab.interop.huggingface import load_hf_pretrained_dir
 
         return _from_mae_model(load_hf_pretrained_dir(p), "huggingface", str(p), None)
-    if p.is_file() and p.suffix in (".pth", ".pt", ".bin"):
+    from maelab.models.loading import TORCH, check_weights_file
+
+    if p.is_file() and check_weights_file(p) == TORCH:  # by content, whatever the file is called
         from maelab.interop.official import classify_official, load_official_state_dict
 
         sd = load_official_state_dict(p)
@@ -270,6 +286,7 @@ def arch_for(enc: EncoderWeights | None, preset: str | None, num_heads: int | No
         return dict(enc.arch)
     from maelab.models.presets import preset_kwargs
 
+    _check_num_heads(num_heads)
     arch = vit_arch(preset_kwargs(preset))
     if num_heads:
         if arch["embed_dim"] % num_heads:
