@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except RunInterrupted as e:
-        print(f"maelab: {_one_line(e)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+            print(f"maelab: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except MaelabError as e:
         print(f"maelab: error: {_one_line(e)}", file=sys.stderr)

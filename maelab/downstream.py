@@ -9,6 +9,7 @@ you report overstates the result.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,18 @@ def summarize(run_dir: Path, command: str, history: list[dict] | None, extra: di
         "per_epoch_val_top1": [r["val_top1"] for r in epochs],
         **extra,
     }
+
+
+def check_output_file(path: str | Path, flag: str = "--out") -> None:
+    """Refuse an output file path that cannot be written *before* the work that fills it."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise MaelabError(f"{flag} {p} is a folder; give a file name")
+    parent = p.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise MaelabError(f"{flag} {p}: cannot create or write in {parent}")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from maelab.config import FeaturesConfig
 from maelab.data.loader import choose_in_memory, default_workers, prepare_images
-from maelab.downstream import check_data_numbers, resolve_encoder
+from maelab.downstream import check_data_numbers, check_output_file, resolve_encoder
 from maelab.errors import MaelabError
 from maelab.evaluate.features import EvalSplit, extract_features, gather_split
 from maelab.models.vit import describe, features_model
@@ -82,6 +82,7 @@ def run_features(cfg: FeaturesConfig) -> dict[str, Any]:
     out = Path(cfg.run.out).expanduser()
     if out.suffix not in FORMATS:
         raise MaelabError(f"--out must end in {' or '.join(FORMATS)}, got {out}")
+    check_output_file(out)
     if not cfg.data.data:
         raise MaelabError("--data is required: a folder of images (ImageFolder tree or flat)")
     info, device = init_distributed(cfg.run.device)

@@ -11,7 +11,7 @@ import torch
 
 from maelab.config import KnnConfig
 from maelab.data.loader import choose_in_memory, default_workers
-from maelab.downstream import check_data_numbers, device_name, load_splits, resolve_encoder, write_json
+from maelab.downstream import check_data_numbers, check_output_file, device_name, load_splits, resolve_encoder, write_json
 from maelab.errors import MaelabError
 from maelab.evaluate.features import EvalSplit, extract_features, gather_split
 from maelab.evaluate.knn import knn_accuracy
@@ -24,6 +24,8 @@ def run_knn(cfg: KnnConfig) -> dict[str, Any]:
     check_data_numbers(cfg.data)
     if cfg.knn.k < 1 or cfg.knn.temperature <= 0:
         raise MaelabError(f"--k must be >= 1 and --temperature > 0, got {cfg.knn.k}, {cfg.knn.temperature}")
+    if cfg.run.out:
+        check_output_file(cfg.run.out)
     info, device = init_distributed(cfg.run.device)
     cfg.run.precision = resolve_precision(cfg.run.precision, device)
     try:

@@ -264,3 +264,11 @@ def test_bad_optimisation_settings_are_refused_before_anything_runs(capsys, tmp_
     code, _, err = run(capsys, cmd, "--data", str(cifar_tiny), "--out", str(out), *extra, *flags)
     assert code == 2 and expected in _one_clear_line(err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("cmd", ["knn", "features"])
+def test_an_output_file_that_is_a_folder_is_refused_before_the_work(capsys, tmp_path, cifar_tiny, cmd):
+    (tmp_path / "adir.npy").mkdir()
+    code, out, err = run(capsys, cmd, "--init", "none", "--model", "mae_vit_tiny_patch4", "--device", "cpu",
+                         "--data", str(cifar_tiny), "--out", str(tmp_path / "adir.npy"))
+    assert code == 2 and "is a folder" in _one_clear_line(err) and "top-1" not in out

@@ -124,3 +124,20 @@ def test_fine_tuned_classifier_exports_to_timm_with_its_head(tmp_path, pool):
     with pytest.raises(MaelabError, match="fine-tuned with global pool"):
         save_timm_classifier(vit.state_dict(), meta, tmp_path / "x.safetensors",
                              global_pool="token" if pool == "avg" else "avg")
+
+
+def test_exported_files_are_whole_and_get_the_umask_permissions(tmp_path):
+    import os
+
+    from maelab.interop import save_hf_pretrained
+
+    model = create_model("mae_vit_tiny_patch4")
+    old = os.umask(0o022)
+    try:
+        timm_file = save_timm_checkpoint(model, tmp_path / "enc.safetensors")
+        hf_dir = save_hf_pretrained(model, tmp_path / "hf")
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "enc.safetensors", tmp_path / "hf" / "model.safetensors"):
+        assert f.stat().st_mode & 0o777 == 0o644, f
+    assert not [p for p in tmp_path.rglob("*.tmp")] and timm_file and hf_dir

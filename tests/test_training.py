@@ -121,6 +121,9 @@ def test_resume_after_a_crash_restarts_from_the_last_checkpoint_exactly(cifar_ti
     assert ckpt.latest_checkpoint(tmp_path).name == "epoch_0001"
     run_pretrain(cfg_for(cifar_tiny, tmp_path))
     assert_same_weights(final_weights(tmp_path), final_weights(reference_run))
+    # the steps logged after the checkpoint by the crashed run are dropped, not logged twice
+    steps = [[json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()] for d in (tmp_path, reference_run)]
+    assert steps[0] == steps[1]
 
 
 def test_gradient_accumulation_matches_one_big_batch(cifar_tiny, tmp_path, reference_run):
@@ -271,3 +274,20 @@ def test_an_out_path_that_is_a_file_is_refused_before_anything_runs(cifar_tiny, 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(MaelabError, match="not a folder"):
         run_pretrain(cfg_for(cifar_tiny, tmp_path / "afile"))
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers_still_saves(cifar_small, tmp_path):
+    """Slurm / `timeout` signal every process of the job: the DataLoader workers must not die of it
+    before the main process has saved."""
+    flags = _flags(cifar_small, tmp_path, 16) + ["--num-workers", "2", "--in-memory", "no", "--epochs", "3"]
+    proc = _cli(sys.executable, "-m", "maelab.cli", "pretrain", *flags, threads=1, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "step 3/" in line:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    text = "".join(seen) + out
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert "Traceback" not in text and ckpt.latest_checkpoint(tmp_path) is not None, text

@@ -78,7 +78,7 @@ def open_rgb(path: str) -> Image.Image:
             img.load()
             if img.mode == "I" or img.mode.startswith("I;16"):
                 arr = np.asarray(img, dtype=np.float64)
-                peak = float(2 ** _bit_depth(img) - 1)
+                peak = float(2 ** bit_depth(img) - 1)
                 img = Image.fromarray(np.rint(arr * (255.0 / peak)).clip(0, 255).astype(np.uint8), mode="L")
             elif img.mode == "F":
                 arr = np.asarray(img, dtype=np.float64)
@@ -92,7 +92,7 @@ def open_rgb(path: str) -> Image.Image:
         raise MaelabError(f"cannot read image {path}: {e}") from None
 
 
-def _bit_depth(img: Image.Image) -> int:
+def bit_depth(img: Image.Image) -> int:
     """Bits per sample of an integer grayscale image, from its mode or header, never from its values: a
     guess from the pixels decoded two nearly identical 16-bit images to very different RGB."""
     if img.mode.startswith("I;16"):

@@ -40,6 +40,16 @@ def make_generator(*keys: int, device: str | torch.device = "cpu") -> torch.Gene
     return g
 
 
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT/SIGTERM. Schedulers (Slurm, ``timeout``,
+    ``kill -TERM -PGID``) signal the whole process group; a worker dying of it would crash the main
+    process before it can save. The main process stops at the next step, saves, and shuts them down."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def default_workers(requested: int) -> int:
     if requested >= 0:
         return requested
@@ -186,6 +196,7 @@ class Feeder:
                 FolderDataset(images, transform, bad_files),
                 batch_sampler=self.sampler,
                 generator=self.generator,
+                worker_init_fn=ignore_stop_signals,
                 num_workers=num_workers,
                 pin_memory=device.type == "cuda",
                 persistent_workers=num_workers > 0,

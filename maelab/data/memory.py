@@ -49,7 +49,10 @@ def decode_all(
     streamed path's views (random crops of the whole image, or resize + centre crop) cannot be taken
     from a fixed-size copy, so other sizes are an error rather than a silent distortion."""
     size = tuple(size)
+    from maelab.data.loader import ignore_stop_signals
+
     loader = DataLoader(_DecodeDataset(paths, size), batch_size=512, num_workers=num_workers, shuffle=False,
+                        worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator())  # its seed draw must not move the global RNG
     out = torch.empty(len(paths), 3, *size, dtype=torch.uint8)
     bad: list[int] = []

@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from maelab.data.folders import ImageList
-from maelab.data.loader import FolderDataset
+from maelab.data.loader import FolderDataset, ignore_stop_signals
 from maelab.data.memory import decode_all
 from maelab.data.transforms import EvalTransform, normalize
 from maelab.errors import MaelabError
@@ -50,7 +50,8 @@ class EvalSplit:
                 FolderDataset(mine, EvalTransform(self.size, crop_pct), bad_files),
                 batch_size=batch_size, shuffle=False, num_workers=num_workers,
                 persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
-                generator=torch.Generator())  # its own: starting workers must not draw from the global RNG
+                generator=torch.Generator(),  # its own: starting workers must not draw from the global RNG
+                worker_init_fn=ignore_stop_signals)
 
     def __len__(self) -> int:
         return len(self.index)

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from maelab.errors import MaelabError
+from maelab.train.checkpoint import atomic_path
 
 NAMINGS = ("v5", "v4")
 
@@ -373,7 +374,8 @@ def save_hf_pretrained(model: nn.Module, directory: str | os.PathLike, naming: s
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     config.save_pretrained(directory)
-    save_file(sd, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:  # whole file, umask permissions
+        save_file(sd, tmp, metadata={"format": "pt"})
     return directory
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from maelab.errors import MaelabError
+from maelab.train.checkpoint import atomic_path
 from maelab.interop.official import ENCODER_PREFIXES
 
 _POOLS = ("token", "avg")
@@ -98,7 +99,8 @@ def save_timm_checkpoint(
     sd = {k: v.to("cpu").contiguous().clone() for k, v in sd.items()}
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(sd, path, metadata={"format": "pt", "global_pool": global_pool})
+    with atomic_path(path) as tmp:  # never a half-written file; the umask's permissions
+        save_file(sd, tmp, metadata={"format": "pt", "global_pool": global_pool})
     return path
 
 
@@ -127,5 +129,6 @@ def save_timm_classifier(
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(sd, path, metadata={"format": "pt", "global_pool": pool, "num_classes": str(num_classes)})
+    with atomic_path(path) as tmp:
+        save_file(sd, tmp, metadata={"format": "pt", "global_pool": pool, "num_classes": str(num_classes)})
     return path

@@ -15,8 +15,25 @@ from typing import Any
 from tqdm.auto import tqdm
 
 
+def trim_metrics(path: Path, last_step: int) -> None:
+    """Drop ``metrics.jsonl`` lines past ``last_step``: a run that restarts from an older checkpoint
+    (or from scratch after dying before its first one) would otherwise log those steps twice."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            continue  # a line torn by a kill
+    from maelab.train.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, "".join(x + "\n" for x in kept).encode())
+
+
 class RunLogger:
-    def __init__(self, run_dir: Path | None, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: Path | None, enabled: bool = True, tensorboard: bool = True, start_step: int = 0):
         self.enabled = enabled and run_dir is not None
         self.run_dir = run_dir
         self.tty = sys.stderr.isatty()
@@ -25,12 +42,13 @@ class RunLogger:
         self._jsonl = None
         if self.enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
+            trim_metrics(run_dir / "metrics.jsonl", start_step)
             self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
 
-                    self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                    self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
                 except ImportError:  # tensorboard is a dependency; tolerate a broken install
                     self.tb = None
 

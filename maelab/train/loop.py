@@ -192,7 +192,7 @@ class Trainer:
         if resume is not None:
             changes = check_resume(Path(resume).parent.parent / "config.yaml", settings)
             self.resume_from(resume)
-        self.log = RunLogger(self.run_dir, enabled=self.info.is_main)
+        self.log = RunLogger(self.run_dir, enabled=self.info.is_main, start_step=self.global_step)
         if self.info.is_main:
             ckpt.atomic_write_bytes(self.run_dir / "config.yaml",
                                     yaml.safe_dump(recorded(settings), sort_keys=False).encode())

@@ -27,6 +27,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps
 
+from maelab.data.folders import bit_depth
 from maelab.errors import MaelabError
 from maelab.viz.curves import save_figure_atomic
 
@@ -276,12 +277,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     mode = im.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         arr = np.asarray(im, dtype=np.float64)
-        if mode.startswith("I;16"):
-            arr = arr / 257.0
-        elif mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
-            arr = arr * 255.0
-        elif arr.size and np.nanmax(arr) > 255:
-            arr = arr / 257.0
+        if mode == "F":
+            if arr.size and np.nanmax(arr) <= 1.0:
+                arr = arr * 255.0
+        else:  # by bit depth, never by the pixel values (as the training path, maelab.data.folders)
+            arr = arr * (255.0 / (2 ** bit_depth(im) - 1))
         arr = np.nan_to_num(arr, nan=0.0).clip(0, 255).round().astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
