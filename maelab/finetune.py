@@ -122,7 +122,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             logger.info(f"maelab finetune: {run_header(cfg.model.init, enc, arch, size)}; "
                         + "".join(f"{n}; " for n in notes)
                         + f"{num_classes} classes, {len(train)} train / {len(val)} val images, on {device} "
-                          f"x{info.world}, global batch {plan.global_size}, lr {lr:.3g}, layer decay "
+                          f"x{info.world} ({cfg.run.precision}), global batch {plan.global_size}, lr {lr:.3g}, layer decay "
                           f"{cfg.optim.layer_decay}, {plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
             if resume is not None:
                 logger.info(f"resumed from {resume} (epoch {trainer.epoch + 1}, step {trainer.step})")

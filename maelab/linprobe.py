@@ -131,7 +131,7 @@ def run_linprobe(cfg: LinprobeConfig) -> dict[str, Any]:
                     "RandomResizedCrop + flip, encoder every step" if aug.augment else "no augmentation, encoder every step")
             logger.info(f"maelab linprobe: {run_header(cfg.model.init, enc, arch, size)}; {pool} features; "
                         f"{mode}; {num_classes} classes, {len(train)} train / {len(val)} val images, on {device} "
-                        f"x{info.world}, global batch {plan.global_size}, LARS lr {lr:.3g}, "
+                        f"x{info.world} ({cfg.run.precision}), global batch {plan.global_size}, LARS lr {lr:.3g}, "
                         f"{plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
         try:
             result = trainer.fit()

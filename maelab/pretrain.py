@@ -138,7 +138,7 @@ def run_pretrain(cfg: PretrainConfig) -> LoopResult:
         logger = trainer.open_run(cfg, resume)  # checks a resumed checkpoint before writing
         if info.is_main:
             logger.info(f"maelab pretrain: {len(images)} images ({'in RAM' if in_memory else 'streamed'}), "
-                        f"{cfg.model.model} {tuple(model.img_size)} on {device} x{info.world}, global batch "
+                        f"{cfg.model.model} {tuple(model.img_size)} on {device} x{info.world} ({cfg.run.precision}), global batch "
                         f"{plan.global_size}, lr {lr:.3g}, {plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
             if resume is not None:
                 done = trainer.epoch >= cfg.optim.epochs
