@@ -242,5 +242,6 @@ def test_hf_config_with_mask_ratio_zero_loads_with_the_papers_ratio(tmp_path):
     save_hf_pretrained(mae, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "mask_ratio": 0.0}))  # a features-only HF config
-    back = load_hf_pretrained_dir(tmp_path)
+    with pytest.warns(UserWarning, match="mask_ratio=0.0"):
+        back = load_hf_pretrained_dir(tmp_path)
     assert back.mask_ratio == 0.75

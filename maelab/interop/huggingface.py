@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -284,6 +285,13 @@ def mae_kwargs_from_hf_config(config: Mapping[str, Any] | Any) -> dict[str, Any]
         if len(set(patch)) != 1:
             raise MaelabError(f"non-square patches {patch} are not supported")
         patch = patch[0]
+    mask_ratio = float(get("mask_ratio", 0.75))
+    if mask_ratio <= 0:
+        # a common way to get unmasked features out of a transformers ViTMAEModel; maelab has
+        # forward_features for that, and its default ratio must mask something
+        warnings.warn(f"the Hugging Face config has mask_ratio={mask_ratio} (masks nothing); the maelab model "
+                      f"gets the paper's 0.75 as its default ratio (forward_features never masks)", stacklevel=2)
+        mask_ratio = 0.75
     return dict(
         img_size=image_size,
         patch_size=int(patch),
@@ -296,9 +304,7 @@ def mae_kwargs_from_hf_config(config: Mapping[str, Any] | Any) -> dict[str, Any]
         decoder_num_heads=int(get("decoder_num_attention_heads", 16)),
         mlp_ratio=ratio,
         norm_pix_loss=bool(get("norm_pix_loss", False)),
-        # mask_ratio 0 is a common way to get unmasked features out of a transformers ViTMAEModel; maelab has
-        # forward_features for that, and its default ratio must mask something, so it falls back to the paper's
-        mask_ratio=float(get("mask_ratio", 0.75)) if float(get("mask_ratio", 0.75)) > 0 else 0.75,
+        mask_ratio=mask_ratio,
     )
 
 
