@@ -87,6 +87,8 @@ def test_extract_features_restores_mode_and_keeps_dataset_order(dataset):
     f1, y1, i1 = extract_features(mae, streamed, torch.device("cpu"))
     f2, y2, i2 = extract_features(mae, in_ram, torch.device("cpu"))
     assert mae.training
+    # no autograd graph is kept, although the model's weights are trainable (the pre-training kNN monitor)
+    assert any(p.requires_grad for p in mae.parameters()) and not f1.requires_grad and not f2.requires_grad
     assert torch.equal(i1, torch.arange(len(images))) and torch.equal(i1, i2)
     assert y1.tolist() == images.labels == y2.tolist()
     torch.testing.assert_close(f1, f2, rtol=0, atol=1e-5)

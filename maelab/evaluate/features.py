@@ -80,6 +80,7 @@ def encode(model: nn.Module, images: torch.Tensor, global_pool: str = "token") -
     return tokens[:, 0] if global_pool == "token" else tokens[:, 1:].mean(dim=1)
 
 
+@torch.no_grad()  # also for the pre-training kNN monitor, whose model has trainable weights
 def extract_features(model: nn.Module, split: EvalSplit, device: torch.device, global_pool: str = "token",
                      precision: str = "fp32", progress: bool = False,
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
