@@ -9,7 +9,6 @@ you report overstates the result.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -110,11 +109,9 @@ def check_output_file(path: str | Path, flag: str = "--out") -> None:
     p = Path(path).expanduser()
     if p.is_dir():
         raise MaelabError(f"{flag} {p} is a folder; give a file name")
-    parent = p.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise MaelabError(f"{flag} {p}: cannot create or write in {parent}")
+    from maelab.train.checkpoint import check_writable_folder
+
+    check_writable_folder(p.parent, flag, p)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

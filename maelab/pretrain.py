@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -51,11 +50,7 @@ def find_resume(cfg: PretrainConfig, run_dir: Path) -> Path | None:
     """The checkpoint this run continues from (``--resume``), checking ``--out`` can hold a run."""
     if run_dir.exists() and not run_dir.is_dir():
         raise MaelabError(f"--out {run_dir} exists and is not a folder; choose a folder for the run")
-    parent = run_dir.resolve()
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise MaelabError(f"--out {run_dir}: cannot create or write in {parent}")
+    ckpt.check_writable_folder(run_dir, "--out", run_dir)
     existing = ckpt.latest_checkpoint(run_dir)
     mode = cfg.run.resume
     if mode == "never":

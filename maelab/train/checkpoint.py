@@ -47,6 +47,16 @@ def _default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def check_writable_folder(folder: str | Path, flag: str, shown: str | Path) -> None:
+    """Refuse an output whose folder (or its nearest existing ancestor) cannot be written, *before*
+    the work that fills it; ``shown`` is the path the user gave."""
+    existing = Path(folder).expanduser().resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise MaelabError(f"{flag} {shown}: cannot create or write in {existing}")
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temp path beside ``path`` to write to; on success fsync it and rename it over

@@ -11,6 +11,7 @@ on the device and checks it there, and nothing non-finite is ever written to a c
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 import time
@@ -22,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 from maelab.config import OptimConfig, RunConfig
 from maelab.data.loader import Batch, Feeder
@@ -183,10 +185,6 @@ class Trainer:
     def open_run(self, config: Any, resume: Path | None) -> RunLogger:
         """Resume (which checks the checkpoint fits) and only then write the run folder: logs and
         ``config.yaml``. Nothing is written for a run that cannot start."""
-        import dataclasses
-
-        import yaml
-
         settings = dataclasses.asdict(config)
         changes: list[str] = []
         if resume is not None:
