@@ -29,7 +29,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from benchmarks import common, peers  # noqa: E402
-from maelab.models.mae import MaskedAutoencoder, block_for_queries, num_visible  # noqa: E402
+from maelab.models.checks import num_visible  # noqa: E402
+from maelab.models.fast_path import block_for_queries  # noqa: E402
+from maelab.models.mae import MaskedAutoencoder  # noqa: E402
 
 PAPER = {"MAE, 8-block decoder": 2.8, "MAE, 1-block decoder": 3.7}
 BASELINE = "encoder w/ mask tokens, 8-block decoder"

@@ -23,7 +23,9 @@ from torchvision import datasets, transforms
 
 from common import REPO, md_table, pick_device, stamp, synchronize, write_section  # noqa: E402
 
-from maelab.data.loader import Feeder, StepPlan, default_workers, prepare_images
+from maelab.data.folders import prepare_images  # noqa: E402
+from maelab.data.loader import Feeder, StepPlan  # noqa: E402
+from maelab.data.workers import default_workers
 from maelab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from maelab.models.presets import create_model
 from maelab.train.optim import adamw, param_groups

@@ -128,7 +128,7 @@ from conftest import TINY_MAE  # noqa: E402
 
 @pytest.fixture(scope="module")
 def mae_file(tmp_path_factory):
-    from maelab.models.loading import save_mae
+    from maelab.interop.mae_weights import save_mae
     from maelab.models.mae import MaskedAutoencoder
 
     torch.manual_seed(0)
@@ -161,21 +161,21 @@ def test_file_system_errors_are_one_line_naming_the_path(capsys, tmp_path, mae_f
 
 
 def test_permission_errors_are_one_line_and_real_bugs_keep_their_traceback(capsys, tmp_path, monkeypatch, mae_file):
-    import maelab.convert
+    import maelab.commands.convert
 
     out = tmp_path / "locked" / "out.safetensors"
 
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied", str(out))
 
-    monkeypatch.setattr(maelab.convert, "convert", denied)
+    monkeypatch.setattr(maelab.commands.convert, "convert", denied)
     code, _, err = run(capsys, "convert", str(mae_file), str(out), "--to", "timm")
     assert code == 2 and _one_clear_line(err) == f"maelab: error: cannot write {out}: Permission denied"
 
     def bug(*a, **k):
         raise RuntimeError("a real bug")
 
-    monkeypatch.setattr(maelab.convert, "convert", bug)
+    monkeypatch.setattr(maelab.commands.convert, "convert", bug)
     with pytest.raises(RuntimeError, match="a real bug"):
         main(["convert", str(mae_file), str(out), "--to", "timm"])
 
@@ -236,7 +236,7 @@ def test_convert_explains_encoder_only_and_non_checkpoint_files(capsys, tmp_path
 
 
 def test_convert_reads_formats_by_content_and_adds_missing_suffixes(capsys, tmp_path, mae_file):
-    from maelab.models.loading import load_mae
+    from maelab.interop.mae_weights import load_mae
 
     misnamed = tmp_path / "really_safetensors.pth"  # a maelab file under an official-looking name
     misnamed.write_bytes(mae_file.read_bytes())

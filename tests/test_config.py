@@ -7,7 +7,8 @@ import argparse
 import pytest
 
 from maelab import MaelabError
-from maelab.config import PretrainConfig, add_config_args, build_config, config_from_args, resolve_preset
+from maelab.commands.pretrain import PretrainConfig
+from maelab.config import add_config_args, build_config, config_from_args, resolve_preset
 
 
 def _parse(argv):
@@ -53,8 +54,10 @@ def test_shipped_presets_load():
 
 
 # --- check_schedule / check_augment: the optimizer and augmentation numbers every command shares -------
-from maelab.config import (AugmentConfig, FeaturesConfig, FinetuneOptimConfig, OptimConfig,  # noqa: E402
-                           ProbeOptimConfig, check_augment, check_schedule)
+from maelab.commands.features import FeaturesConfig  # noqa: E402
+from maelab.commands.finetune import AugmentConfig, FinetuneOptimConfig, check_augment  # noqa: E402
+from maelab.commands.linprobe import ProbeOptimConfig  # noqa: E402
+from maelab.commands.sections import OptimConfig, check_schedule  # noqa: E402
 
 
 @pytest.mark.parametrize("section", [OptimConfig, FinetuneOptimConfig, ProbeOptimConfig])

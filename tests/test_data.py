@@ -8,7 +8,8 @@ from PIL import Image
 
 from maelab import MaelabError
 from maelab.data.folders import open_rgb, scan_images
-from maelab.data.loader import Feeder, StepPlan, prepare_images
+from maelab.data.folders import prepare_images
+from maelab.data.loader import Feeder, StepPlan
 from maelab.data.memory import augment_batch, crop_flip_resize
 from maelab.data.transforms import PretrainTransform, normalize, sample_crop_boxes
 

@@ -13,9 +13,9 @@ from PIL import Image
 
 from maelab.cli import main
 from maelab.errors import MaelabError
-from maelab.models.loading import model_meta
+from maelab.interop.mae_weights import model_meta
 from maelab.models.mae import MaskedAutoencoder
-from maelab.train.checkpoint import save_weights
+from maelab.io import save_weights
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -61,7 +61,8 @@ def mae_ckpt(tmp_path_factory) -> Path:
 # --- features -------------------------------------------------------------------------------------
 def test_features_never_mask_and_equal_mae_forward_features(mae_ckpt):
     from maelab.evaluate.features import encode
-    from maelab.models.vit import features_model, read_encoder
+    from maelab.interop.encoders import read_encoder
+    from maelab.models.vit import features_model
 
     mae = tiny_mae()
     enc = read_encoder(mae_ckpt)
@@ -169,7 +170,8 @@ def test_linear_probe_head_is_batchnorm_without_affine_then_linear():
 def test_linprobe_encoder_stays_frozen_in_eval_mode_after_a_step(mae_ckpt):
     from maelab.data.loader import Batch
     from maelab.models.heads import LinearProbeHead
-    from maelab.models.vit import features_model, read_encoder
+    from maelab.interop.encoders import read_encoder
+    from maelab.models.vit import features_model
     from maelab.train.optim import lars, lars_param_groups
     from maelab.train.tasks import LinprobeTask
 
@@ -213,7 +215,8 @@ def test_lars_adapts_matrices_and_skips_1d_params():
 
 
 def test_cached_feature_probe_equals_running_the_encoder(dataset, mae_ckpt, tmp_path):
-    from maelab.train.checkpoint import latest_checkpoint, read_weights
+    from maelab.io import read_weights
+    from maelab.train.checkpoint import latest_checkpoint
 
     common = ["linprobe", "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--epochs", "2",
               "--warmup-epochs", "1", "--batch-size", "6", "--base-lr", "20", "--no-augment", *QUIET]
@@ -255,14 +258,15 @@ def test_layer_decay_scales_follow_the_official_rule():
 
 
 def _finetune_cfg(init: str, **kw):
-    from maelab.config import FinetuneConfig, build_config
+    from maelab.commands.finetune import FinetuneConfig
+    from maelab.config import build_config
 
     return build_config(FinetuneConfig, {"init": init, **kw})
 
 
 @pytest.mark.parametrize("pool", ["avg", "token"])
 def test_finetune_from_a_maelab_checkpoint_loads_the_encoder_weights(mae_ckpt, pool):
-    from maelab.finetune import build_model
+    from maelab.commands.finetune import build_model
 
     mae = tiny_mae()
     model, *_ = build_model(_finetune_cfg(str(mae_ckpt), global_pool=pool), num_classes=4)
@@ -280,7 +284,7 @@ def test_finetune_from_a_maelab_checkpoint_loads_the_encoder_weights(mae_ckpt, p
 
 
 def test_position_embeddings_are_resized_when_the_finetune_size_differs(mae_ckpt):
-    from maelab.finetune import build_model
+    from maelab.commands.finetune import build_model
     from maelab.models.pos_embed import resize_pos_embed
 
     mae = tiny_mae()
@@ -298,7 +302,8 @@ def test_official_timm_and_hugging_face_files_give_the_same_encoder(tmp_path, ma
     from maelab.interop.official import export_official
     from maelab.evaluate.features import encode
     from maelab.interop.timm_export import save_timm_checkpoint
-    from maelab.models.vit import features_model, read_encoder
+    from maelab.interop.encoders import read_encoder
+    from maelab.models.vit import features_model
 
     mae = tiny_mae()
     want = mae.encoder_state_dict()
@@ -327,9 +332,11 @@ def test_official_timm_and_hugging_face_files_give_the_same_encoder(tmp_path, ma
 @pytest.mark.parametrize("name,kind", [("finetune_vit_base", "FinetuneConfig"), ("finetune_cifar_tiny", "FinetuneConfig"),
                                        ("linprobe_cifar_tiny", "LinprobeConfig"), ("linprobe_vit_base", "LinprobeConfig")])
 def test_downstream_presets_load(name, kind):
-    import maelab.config as config
+    import maelab.commands.finetune as finetune
+    import maelab.commands.linprobe as linprobe
+    from maelab.config import build_config
 
-    cfg = config.build_config(getattr(config, kind), yaml_path=name)
+    cfg = build_config(getattr(finetune if kind == "FinetuneConfig" else linprobe, kind), yaml_path=name)
     if kind == "FinetuneConfig":
         assert cfg.optim.betas == [0.9, 0.999] and cfg.augment.mixup == 0.8 and cfg.model.global_pool == "avg"
     else:
@@ -337,7 +344,7 @@ def test_downstream_presets_load(name, kind):
 
 
 def test_init_none_is_a_random_vit_with_sincos_position_embeddings():
-    from maelab.finetune import build_model
+    from maelab.commands.finetune import build_model
     from maelab.models.pos_embed import sincos_2d
 
     model, arch, size, enc, _ = build_model(_finetune_cfg("none", model="mae_vit_tiny_patch4"), num_classes=10)
@@ -478,7 +485,7 @@ def test_knn_end_to_end_separates_coloured_classes(dataset, mae_ckpt, tmp_path):
 @pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
 def test_features_end_to_end_with_paths(dataset, mae_ckpt, tmp_path, suffix):
     from maelab.evaluate.features import encode
-    from maelab.features import read_features
+    from maelab.commands.features import read_features
 
     out = tmp_path / f"emb{suffix}"
     assert main(["features", "--init", str(mae_ckpt), "--data", str(dataset / "test"), "--out", str(out),

@@ -207,7 +207,7 @@ class _Custom:
 def test_files_are_recognised_by_content_not_by_name(tmp_path):
     from safetensors.torch import save_file
 
-    from maelab.models.loading import weights_format
+    from maelab.interop.formats import weights_format
 
     text = tmp_path / "weights.pth"
     text.write_text("epochs: 3\n")

@@ -95,7 +95,7 @@ def test_timm_export_holds_encoder_only_and_rejects_unknown_pool():
     sd = to_timm_state_dict(mae.state_dict())
     assert set(sd) == set(mae.encoder_state_dict())
     assert not any(k.startswith(("decoder", "mask_token")) for k in sd)
-    with pytest.raises(MaelabError, match="global_pool"):
+    with pytest.raises(MaelabError, match="global.pool must be one of"):
         to_timm_state_dict(mae, global_pool="map")
 
 
@@ -104,7 +104,7 @@ def test_fine_tuned_classifier_exports_to_timm_with_its_head(tmp_path, pool):
     from timm.models import load_checkpoint
     from timm.models.vision_transformer import VisionTransformer
 
-    from maelab.convert import convert
+    from maelab.commands.convert import convert
     from maelab.interop.timm_export import save_timm_classifier
     from maelab.models.vit import build_vit, vit_arch, vit_meta
     from maelab.train.checkpoint import save_checkpoint

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maelab import MaelabError, MaskedAutoencoder, create_model, patchify, random_masking, unpatchify
-from maelab.models.mae import num_visible
+from maelab.models.checks import num_visible
 from maelab.models.pos_embed import sincos_2d
 from maelab.models.presets import PRESETS
 
@@ -253,18 +253,19 @@ def test_image_smaller_than_a_patch_is_a_clear_error():
         tiny(img_size=0)
 
 
-def test_math_and_fused_attention_give_the_same_loss():
-    from maelab.train.loop import choose_attention_kernel
+def test_math_and_fused_attention_give_the_same_features():
+    from maelab.models.attention import fused_attention_wanted, set_attention_kernel
+    from maelab.models.vit import build_vit, vit_arch
 
-    model = tiny()
-    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, model.num_patches)
-    assert choose_attention_kernel(model, torch.device("cpu"), "fp32") == "sdpa"
-    loss_fused, pred_fused, _ = model(imgs, noise=noise)
-    assert choose_attention_kernel(model, torch.device("cpu"), "bf16") == "math"
-    assert all(not b.attn.fused_attn for b in model.blocks)
-    loss_math, pred_math, _ = model(imgs, noise=noise)
-    torch.testing.assert_close(loss_math, loss_fused, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(pred_math, pred_fused, rtol=1e-4, atol=1e-5)
+    assert fused_attention_wanted("cpu", False) and fused_attention_wanted("cuda", True)
+    assert not fused_attention_wanted("cpu", True)  # the fused CPU kernel is slow under bf16
+    vit = build_vit(vit_arch(tiny().init_kwargs), num_classes=0, global_pool="token").eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    assert set_attention_kernel(vit, True) == "sdpa"
+    fused = vit.forward_features(imgs)
+    assert set_attention_kernel(vit, False) == "math"
+    assert all(not b.attn.fused_attn for b in vit.blocks)
+    torch.testing.assert_close(vit.forward_features(imgs), fused, rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_autocast_on_cpu_switches_to_the_math_attention_path_and_back():
@@ -279,7 +280,7 @@ def test_bf16_autocast_on_cpu_switches_to_the_math_attention_path_and_back():
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_block_for_queries_equals_the_full_block_on_those_tokens(fused):
-    from maelab.models.mae import block_for_queries
+    from maelab.models.fast_path import block_for_queries
 
     blk = tiny().decoder_blocks[-1]
     blk.attn.fused_attn = fused
@@ -334,7 +335,8 @@ def test_the_default_mask_ratio_must_mask_something_at_construction():
 
 
 def test_finetuning_vit_checks_its_widths_and_heads():
-    from maelab.models.vit import arch_for, build_vit, vit_arch
+    from maelab.interop.encoders import arch_for
+    from maelab.models.vit import build_vit, vit_arch
 
     arch = vit_arch(TINY_MAE)
     build_vit(arch, num_classes=3)

@@ -16,9 +16,11 @@ import pytest
 import torch
 import yaml
 
-from maelab.config import PretrainConfig, build_config
+from maelab.commands.pretrain import PretrainConfig
+from maelab.config import build_config
 from maelab.errors import MaelabError
-from maelab.pretrain import run_pretrain
+from maelab.commands.pretrain import run as run_pretrain
+from maelab.io import read_weights
 from maelab.train import checkpoint as ckpt
 from maelab.train.loop import NonFiniteLoss, RunInterrupted
 from maelab.train.tasks import PretrainTask
@@ -32,7 +34,7 @@ def cfg_for(data, out, **kw) -> PretrainConfig:
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:
-    return ckpt.read_weights(ckpt.latest_checkpoint(run_dir) / ckpt.WEIGHTS)[0]
+    return read_weights(ckpt.latest_checkpoint(run_dir) / ckpt.WEIGHTS)[0]
 
 
 def assert_same_weights(a, b, atol=0.0):
@@ -185,7 +187,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
         run_pretrain(cfg_for(cifar_tiny, tmp_path))
     good = ckpt.latest_checkpoint(tmp_path)
     assert good.name == "epoch_0001"
-    weights, _ = ckpt.read_weights(good / ckpt.WEIGHTS)
+    weights, _ = read_weights(good / ckpt.WEIGHTS)
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
@@ -209,7 +211,7 @@ def test_checkpoint_holds_safetensors_weights_and_a_weights_only_state(reference
     folder = ckpt.latest_checkpoint(reference_run)
     state = torch.load(folder / ckpt.STATE, weights_only=True)
     assert {"optimizer", "scaler", "epoch", "step", "global_step", "rng"} <= set(state)
-    weights, meta = ckpt.read_weights(folder / ckpt.WEIGHTS)
+    weights, meta = read_weights(folder / ckpt.WEIGHTS)
     assert meta["arch"] == "mae" and meta["kwargs"]["decoder_depth"] == 1
     assert "decoder_pred.weight" in weights
 
@@ -248,7 +250,8 @@ def test_resume_refuses_changed_settings_and_keeps_the_recorded_config(cifar_tin
 
 
 def test_a_run_folder_of_another_command_is_refused(tmp_path):
-    from maelab.config import FinetuneConfig, to_dict
+    from maelab.commands.finetune import FinetuneConfig
+    from maelab.config import to_dict
     from maelab.train.run_config import check_resume, recorded
 
     saved = tmp_path / "config.yaml"

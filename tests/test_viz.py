@@ -281,7 +281,7 @@ def test_curves_errors(tmp_path):
 
 def test_16_bit_pgm_is_scaled_by_bit_depth_like_the_training_path(tmp_path):
     from maelab.data.folders import open_rgb
-    from maelab.viz.reconstruct import _to_rgb
+    from maelab.data.folders import to_rgb as _to_rgb
 
     path = tmp_path / "dim.pgm"
     path.write_bytes(b"P5\n8 8\n65535\n" + np.full((8, 8), 150, dtype=">u2").tobytes())  # 150 of 65535: near black

@@ -9,12 +9,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from torchvision.datasets import CIFAR10
+
 from maelab.errors import MaelabError
 
 
 def export_cifar10(dest: str | Path) -> Path:
-    from torchvision.datasets import CIFAR10
-
     dest = Path(dest)
     for split, train in (("train", True), ("test", False)):
         done = dest / split / ".complete"

@@ -6,15 +6,21 @@ unreadable file raises ``MaelabError`` naming it, or is left out under ``bad_fil
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+import torch
+from PIL import Image, ImageFile, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from maelab.data.seeding import make_generator
+from maelab.data.transforms import EvalTransform
+from maelab.data.workers import cpu_cores
 from maelab.errors import MaelabError
 
 IMAGE_EXTENSIONS = tuple(sorted(set(IMG_EXTENSIONS) | {".jpeg", ".tif", ".tiff", ".webp"}))
@@ -71,23 +77,40 @@ def scan_images(root: str | os.PathLike) -> ImageList:
     return ImageList(str(root), paths, labels, classes)
 
 
-def open_rgb(path: str) -> Image.Image:
-    """Decode an image fully and convert it to RGB; a clear error names a bad file."""
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16-bit / 32-bit integer grayscale is scaled by its bit depth (never
+    by its values), float images in [0, 1] by 255; transparency (RGBA, LA, palette or ``transparency``
+    info) is composited over white; everything else (L, 1, P, CMYK, YCbCr, ...) is converted."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode == "F":
+            if arr.size and np.nanmax(arr) <= 1.0:
+                arr = arr * 255.0
+        else:
+            arr = arr * (255.0 / (2 ** bit_depth(img) - 1))
+        arr = np.nan_to_num(arr, nan=0.0).clip(0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """The one image decoder of maelab (training, evaluation, pictures): decode fully, apply the EXIF
+    orientation (photos from phones), convert to RGB (:func:`to_rgb`). A missing or unreadable file
+    raises :class:`MaelabError` naming it."""
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode == "I" or img.mode.startswith("I;16"):
-                arr = np.asarray(img, dtype=np.float64)
-                peak = float(2 ** bit_depth(img) - 1)
-                img = Image.fromarray(np.rint(arr * (255.0 / peak)).clip(0, 255).astype(np.uint8), mode="L")
-            elif img.mode == "F":
-                arr = np.asarray(img, dtype=np.float64)
-                img = Image.fromarray((arr.clip(0, 1) * 255).astype(np.uint8), mode="L")
-            if img.mode == "P":
-                img = img.convert("RGBA")  # palette transparency is resolved first
-            return img.convert("RGB")
+            img = ImageOps.exif_transpose(img) or img
+            return to_rgb(img)
     except FileNotFoundError:
         raise MaelabError(f"image {path} does not exist") from None
+    except IsADirectoryError:
+        raise MaelabError(f"not an image file: {path} is a folder") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise MaelabError(f"cannot read image {path}: {e}") from None
 
@@ -115,10 +138,16 @@ def _probe(path: str) -> str | None:
         return f"cannot read image {path}: {e}"
 
 
+_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap height and width
+
+
 def _header_size(path: str) -> tuple[int, int] | None:
-    """(height, width) from the file header, without decoding the pixels; None if it cannot be read."""
+    """(height, width) after the EXIF orientation, from the file header without decoding the pixels;
+    None if it cannot be read."""
     try:
         with Image.open(path) as img:
+            if img.getexif().get(0x0112) in _ROTATED:
+                return img.width, img.height
             return img.height, img.width
     except Exception:  # noqa: BLE001 - the decode that follows names the file
         return None
@@ -128,11 +157,7 @@ def _map_files(fn, paths: list[str]) -> list:
     """``[fn(p) for p in paths]`` for cheap per-file probes. Header parsing is Python code, so threads
     fight over the GIL (measured 2-3x slower than one loop on 50 000 cached CIFAR files); forked
     processes use every core and still overlap the disk reads. Short lists stay in this process."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(8, cores)
+    workers = min(8, cpu_cores())
     if len(paths) < 4096 or workers < 2 or "fork" not in mp.get_all_start_methods():
         return [fn(p) for p in paths]
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
@@ -151,6 +176,66 @@ def check_readable(paths: list[str]) -> list[int]:
 def image_sizes(paths: list[str]) -> list[tuple[int, int] | None]:
     """(height, width) of every image from its header (no decoding), in parallel; None where unreadable."""
     return _map_files(_header_size, paths)
+
+
+def load_images(paths, size: int | tuple[int, int]) -> torch.Tensor:
+    """Image files as one model input batch (N, 3, H, W): decoded by :func:`maelab.data.folders.open_rgb`,
+    resized (bicubic) to cover ``size`` and centre-cropped, ImageNet-normalised."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise MaelabError("no image paths given")
+    try:
+        size = (int(size), int(size)) if not isinstance(size, (tuple, list)) else tuple(int(s) for s in size)
+    except (TypeError, ValueError):
+        raise MaelabError(f"image size must be one number or (height, width), got {size!r}") from None
+    if len(size) != 2 or min(size) <= 0:
+        raise MaelabError(f"image size must be one or two positive numbers, got {size}")
+    view = EvalTransform(size, 1.0)
+    return torch.stack([view(open_rgb(p)) for p in paths])
+
+
+def prepare_images(root: str, bad_files: str, limit: int = 0, seed: int = 0) -> ImageList:
+    """Scan ``root``; optionally keep a fixed seeded subset of ``limit`` images; apply the bad-file policy."""
+    images = scan_images(root)
+    if limit < 0:
+        raise MaelabError(f"--limit-images must be 0 (all) or positive, got {limit}")
+    if 0 < limit < len(images):
+        keep = torch.randperm(len(images), generator=make_generator(seed, 6))[:limit].sort().values
+        images = images.subset(keep.tolist())
+    if bad_files == "skip":
+        keep = check_readable(images.paths)
+        if not keep:
+            raise MaelabError(f"none of the {len(images)} images under {root} could be read")
+        images = images.subset(keep)
+    return images
+
+
+def subsample(images: ImageList, max_images: int | None, seed: int) -> ImageList:
+    """At most ``max_images`` images, a fixed seeded choice kept in folder order (all if None/0)."""
+    if not max_images or max_images >= len(images):
+        return images
+    g = torch.Generator().manual_seed(seed)
+    keep = sorted(torch.randperm(len(images), generator=g)[:max_images].tolist())
+    return images.subset(keep)
+
+
+def spread_sample(images: ImageList, k: int) -> list[str]:
+    """A fixed, spread-out sample of ``k`` paths (one per class first), so every run draws the same pictures."""
+    chosen, seen = [], set()
+    for p, y in zip(images.paths, images.labels):
+        if y not in seen:
+            seen.add(y)
+            chosen.append(p)
+        if len(chosen) == k:
+            return chosen
+    step = max(1, len(images.paths) // k)
+    for p in images.paths[::step]:
+        if p not in chosen:
+            chosen.append(p)
+        if len(chosen) == k:
+            break
+    return chosen
 
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently grey pixels

@@ -9,7 +9,6 @@ more processes with the same global batch, sees exactly the same images and mask
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -17,44 +16,11 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from maelab.data.folders import ImageList, check_readable, image_sizes, open_rgb
+from maelab.data.folders import ImageList, image_sizes, open_rgb
 from maelab.data.memory import augment_batch, decode_all, fits_in_memory
+from maelab.data.seeding import clone_generator, make_generator, mix_seed
+from maelab.data.workers import ignore_stop_signals
 from maelab.errors import MaelabError
-
-_MIX = 0x9E3779B97F4A7C15
-
-
-def mix_seed(*keys: int) -> int:
-    """A 63-bit seed from integers (splitmix-style), so (seed, epoch, step) streams never collide."""
-    h = 0
-    for k in keys:
-        h = (h ^ (int(k) + _MIX + (h << 6) + (h >> 2))) & ((1 << 64) - 1)
-        h = (h * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-        h ^= h >> 31
-    return h & ((1 << 63) - 1)
-
-
-def make_generator(*keys: int, device: str | torch.device = "cpu") -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(mix_seed(*keys))
-    return g
-
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGINT/SIGTERM. Schedulers (Slurm, ``timeout``,
-    ``kill -TERM -PGID``) signal the whole process group; a worker dying of it would crash the main
-    process before it can save. The main process stops at the next step, saves, and shuts them down."""
-    import signal
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def default_workers(requested: int) -> int:
-    if requested >= 0:
-        return requested
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
 
 @dataclass
 class Batch:
@@ -216,7 +182,7 @@ class Feeder:
                 for micro in range(plan.accum):
                     idx = plan.indices(order, step, micro)
                     raw = self.data[idx.to(self.data.device)]
-                    imgs = augment_batch(raw.to(self.device, non_blocking=True), self.out_size, _clone(g),
+                    imgs = augment_batch(raw.to(self.device, non_blocking=True), self.out_size, clone_generator(g),
                                          self.min_scale, self.hflip, plan.global_size, plan.offset(micro))
                     yield Batch(epoch, step, micro, imgs, self.labels[idx].to(self.device), plan.offset(micro), plan.global_size)
         else:
@@ -229,30 +195,6 @@ class Feeder:
                 micro += 1
                 if micro == plan.accum:
                     step, micro = step + 1, 0
-
-
-def _clone(g: torch.Generator) -> torch.Generator:
-    c = torch.Generator(device=g.device)
-    c.set_state(g.get_state())
-    return c
-
-
-def prepare_images(root: str, bad_files: str, limit: int = 0, seed: int = 0) -> ImageList:
-    """Scan ``root``; optionally keep a fixed seeded subset of ``limit`` images; apply the bad-file policy."""
-    from maelab.data.folders import scan_images
-
-    images = scan_images(root)
-    if limit < 0:
-        raise MaelabError(f"--limit-images must be 0 (all) or positive, got {limit}")
-    if 0 < limit < len(images):
-        keep = torch.randperm(len(images), generator=make_generator(seed, 6))[:limit].sort().values
-        images = images.subset(keep.tolist())
-    if bad_files == "skip":
-        keep = check_readable(images.paths)
-        if not keep:
-            raise MaelabError(f"none of the {len(images)} images under {root} could be read")
-        images = images.subset(keep)
-    return images
 
 
 def choose_in_memory(setting: str, images: ImageList, size: tuple[int, int]) -> bool:

@@ -14,9 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from maelab.data.folders import open_rgb
 from maelab.data.transforms import normalize, sample_crop_boxes
+from maelab.data.workers import ignore_stop_signals
 from maelab.errors import MaelabError
 
 
@@ -49,8 +51,6 @@ def decode_all(
     streamed path's views (random crops of the whole image, or resize + centre crop) cannot be taken
     from a fixed-size copy, so other sizes are an error rather than a silent distortion."""
     size = tuple(size)
-    from maelab.data.loader import ignore_stop_signals
-
     loader = DataLoader(_DecodeDataset(paths, size), batch_size=512, num_workers=num_workers, shuffle=False,
                         worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator())  # its seed draw must not move the global RNG
@@ -60,8 +60,6 @@ def decode_all(
     start = 0
     it = loader
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(loader, desc="decoding images into RAM", unit="batch", leave=False, disable=None)
     for images, ok, fits in it:
         out[start : start + len(images)] = images

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from maelab.data.folders import ImageList
+from maelab.data.folders import ImageList, prepare_images, subsample
 from maelab.errors import MaelabError
 
 VAL_NAMES = ("val", "validation", "test")
@@ -24,8 +24,6 @@ def default_val_dir(train: str | Path) -> Path | None:
 
 def labelled_split(root: str | Path, bad_files: str = "error", what: str = "training split") -> ImageList:
     """The images of an ImageFolder tree; every image must sit inside a class folder."""
-    from maelab.data.loader import prepare_images
-
     if not str(root):
         raise MaelabError(f"no {what} given")
     images = prepare_images(str(root), bad_files)
@@ -74,3 +72,10 @@ def classification_splits(data: str, val_data: str, bad_files: str = "error",
     check_same_classes(train_images, val_images)
     check_num_classes(num_classes, train_images, str(data))
     return train_images, val_images
+
+
+def load_splits(data, seed: int) -> tuple[ImageList, ImageList]:
+    """Checked training / validation splits of a class-data config section (``data``, ``val_data``,
+    ``bad_files``, ``num_classes``, ``limit_images``), each subsampled to ``limit_images``."""
+    train, val = classification_splits(data.data, data.val_data, data.bad_files, data.num_classes)
+    return subsample(train, data.limit_images, seed), subsample(val, data.limit_images, seed + 1)

@@ -7,10 +7,13 @@ multi-process run sees exactly the same pixels as an uninterrupted single-proces
 from __future__ import annotations
 
 import math
+import random
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
+from PIL import Image, ImageOps
+from timm.data import create_transform
 from torchvision.transforms import InterpolationMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -60,17 +63,27 @@ def sample_crop_boxes(
     return torch.stack([top, left, h, w], dim=1).long()
 
 
+def _stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(IMAGENET_MEAN, device=like.device, dtype=like.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=like.device, dtype=like.dtype).view(1, 3, 1, 1)
+    return mean, std
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Float images in [0, 1] -> ImageNet-normalised."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    """Float images (N, 3, H, W) in [0, 1] -> ImageNet-normalised model input."""
+    mean, std = _stats(x)
     return (x - mean) / std
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return x * std + mean
+    """ImageNet-normalised (N, 3, H, W) -> pixels in [0, 1] (clamped), for pictures."""
+    mean, std = _stats(x)
+    return (x * std + mean).clamp(0.0, 1.0)
+
+
+def from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) -> ImageNet-normalised float model input."""
+    return normalize(x.float().div_(255.0))
 
 
 class PretrainTransform:
@@ -115,10 +128,6 @@ class SeededTransform:
         self.transform = transform
 
     def __call__(self, img: Image.Image, generator: torch.Generator) -> torch.Tensor:
-        import random
-
-        import numpy as np
-
         seed = int(torch.randint(0, 1 << 62, (1,), generator=generator))
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
@@ -140,8 +149,6 @@ def finetune_transform(size: tuple[int, int], min_scale: float = 0.08, hflip: bo
     """The official fine-tuning augmentation through timm's ``create_transform``: RandomResizedCrop
     (bicubic, scale ``(min_scale, 1)``) + flip + RandAugment + normalisation + random erasing (pixel
     mode). ``auto_augment=None`` turns RandAugment off (timm then adds no colour jitter either)."""
-    from timm.data import create_transform
-
     t = create_transform(input_size=tuple(size), is_training=True, scale=(min_scale, 1.0),
                          hflip=0.5 if hflip else 0.0, color_jitter=None, auto_augment=auto_augment,
                          interpolation="bicubic", re_prob=reprob, re_mode="pixel", re_count=1,
@@ -156,8 +163,6 @@ def finetune_transform(size: tuple[int, int], min_scale: float = 0.08, hflip: bo
 def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     """timm's posterize op, also for 0 bits: RandAugment's ``PosterizeIncreasing`` reaches 0 bits at
     high magnitudes, which Pillow >= 12 refuses; older Pillow returned a black image, as here."""
-    from PIL import ImageOps
-
     if bits_to_keep >= 8:
         return img
     if bits_to_keep <= 0:

@@ -17,15 +17,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from maelab.data.folders import ImageList
-from maelab.data.loader import FolderDataset, ignore_stop_signals
+from maelab.data.loader import FolderDataset
 from maelab.data.memory import decode_all
-from maelab.data.transforms import EvalTransform, normalize
+from maelab.data.transforms import EvalTransform, from_uint8
+from maelab.data.workers import ignore_stop_signals
 from maelab.errors import MaelabError
+from maelab.models.vit import encode
 from maelab.train.precision import autocast
-
-POOLS = ("token", "avg")
 
 
 class EvalSplit:
@@ -62,22 +63,13 @@ class EvalSplit:
             for start in range(0, len(self), self.batch_size):
                 raw = self.data[start : start + self.batch_size].to(device, non_blocking=True)
                 stop = start + raw.shape[0]
-                yield normalize(raw.float().div_(255.0)), self.labels[start:stop], self.index[start:stop]
+                yield from_uint8(raw), self.labels[start:stop], self.index[start:stop]
         else:
             start = 0
             for imgs, _ in self.loader:
                 stop = start + imgs.shape[0]
                 yield imgs.to(device, non_blocking=True), self.labels[start:stop], self.index[start:stop]
                 start = stop
-
-
-def encode(model: nn.Module, images: torch.Tensor, global_pool: str = "token") -> torch.Tensor:
-    """(N, D) features: the cls token after the final norm (``token``) or the mean of the patch tokens
-    after it (``avg``). Never masks."""
-    if global_pool not in POOLS:
-        raise MaelabError(f"global pool must be one of {', '.join(POOLS)}, got {global_pool!r}")
-    tokens = model.forward_features(images)
-    return tokens[:, 0] if global_pool == "token" else tokens[:, 1:].mean(dim=1)
 
 
 @torch.no_grad()  # also for the pre-training kNN monitor, whose model has trainable weights
@@ -91,8 +83,6 @@ def extract_features(model: nn.Module, split: EvalSplit, device: torch.device, g
     feats, labels, index = [], [], []
     it = split.batches(device)
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(it, total=-(-len(split) // split.batch_size), desc="features", unit="batch", leave=False,
                   disable=None)
     try:

@@ -16,7 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from maelab.data.folders import ImageList
+from maelab.data.folders import ImageList, subsample
+from maelab.data.loader import choose_in_memory
+from maelab.data.splits import check_same_classes, default_val_dir, labelled_split
 from maelab.errors import MaelabError
 from maelab.evaluate.features import EvalSplit, extract_features
 from maelab.evaluate.metrics import top5_percent, topk_correct
@@ -56,15 +58,6 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fe
     return {"knn_top1": 100.0 * float(correct[1]) / n, "knn_top5": top5_percent(float(correct[5]), n, num_classes)}
 
 
-def subsample(images: ImageList, max_images: int | None, seed: int) -> ImageList:
-    """At most ``max_images`` images, a fixed seeded choice kept in folder order (all if None/0)."""
-    if not max_images or max_images >= len(images):
-        return images
-    g = torch.Generator().manual_seed(seed)
-    keep = sorted(torch.randperm(len(images), generator=g)[:max_images].tolist())
-    return images.subset(keep)
-
-
 class KnnMonitor:
     """kNN accuracy of a model's features on fixed subsamples of a labelled bank and query set.
 
@@ -74,9 +67,6 @@ class KnnMonitor:
     def __init__(self, bank: ImageList, queries: ImageList, size: tuple[int, int], device: torch.device,
                  max_images: int = 5000, batch_size: int = 256, num_workers: int = 0, seed: int = 0,
                  k: int = 20, temperature: float = 0.07, precision: str = "fp32", in_memory: str = "auto"):
-        from maelab.data.loader import choose_in_memory
-        from maelab.data.splits import check_same_classes
-
         check_same_classes(bank, queries, "pre-training data", "kNN data")
         self.bank = subsample(bank, max_images, seed)
         self.queries = subsample(queries, max_images, seed + 1)
@@ -102,12 +92,10 @@ class KnnMonitor:
 
 
 def pretrain_knn_monitor(cfg, images: ImageList, size: tuple[int, int], device: torch.device,
-                         num_workers: int = 0) -> KnnMonitor | None:
+                         num_workers: int = 0, precision: str = "fp32") -> KnnMonitor | None:
     """The ``--knn-every`` monitor of `maelab pretrain` (None when off), checked before training starts:
     the bank is the (labelled) pre-training data, the queries ``--knn-data`` or a sibling val / test
     folder, each subsampled to ``--knn-max`` images."""
-    from maelab.data.splits import default_val_dir, labelled_split
-
     m = cfg.monitor
     if m.knn_every < 0 or m.knn_max < 0:
         raise MaelabError(f"--knn-every and --knn-max must be >= 0, got {m.knn_every}, {m.knn_max}")
@@ -122,4 +110,4 @@ def pretrain_knn_monitor(cfg, images: ImageList, size: tuple[int, int], device: 
                           f"folder next to {cfg.data.data})")
     queries = labelled_split(queries_root, cfg.data.bad_files, "kNN data")
     return KnnMonitor(images, queries, size, device, m.knn_max, cfg.data.batch_size, num_workers,
-                      cfg.run.seed, precision=cfg.run.precision, in_memory=cfg.data.in_memory)
+                      cfg.run.seed, precision=precision, in_memory=cfg.data.in_memory)

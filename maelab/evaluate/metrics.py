@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from maelab.train.precision import autocast
 
 
 def topk_correct(scores: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, torch.Tensor]:
@@ -30,11 +31,9 @@ def evaluate_classifier(forward: Callable[[torch.Tensor], torch.Tensor],
     are 5 classes or fewer (every label is then among the top 5: the number says nothing)."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss, n
     num_classes = 0
-    ctx = nullcontext() if precision == "fp32" else torch.autocast(
-        device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     for x, y in batches:
         y = y.to(device)
-        with ctx:
+        with autocast(device, precision):
             logits = forward(x.to(device))
         logits = logits.float()
         num_classes = logits.shape[1]

@@ -23,9 +23,14 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
 from maelab.errors import MaelabError
-from maelab.train.checkpoint import atomic_path
+from maelab.interop.formats import SAFETENSORS, check_weights_file
+from maelab.interop.official import load_into_mae
+from maelab.io import atomic_path
+from maelab.models.mae import MaskedAutoencoder
+from maelab.models.state_dicts import few
 
 NAMINGS = ("v5", "v4")
 
@@ -76,11 +81,6 @@ _DECODER_MISC = {
 _BLOCK_RE = re.compile(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def _few(keys, n: int = 4) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
 def _check_naming(naming: str) -> None:
     if naming not in NAMINGS:
         raise MaelabError(f"naming must be one of {', '.join(NAMINGS)}, got {naming!r}")
@@ -97,7 +97,7 @@ def detect_hf_naming(state_dict: Mapping[str, Any]) -> str:
         return "v5"
     if v4:
         return "v4"
-    raise MaelabError(f"not a Hugging Face ViTMAE state dict (keys start: {_few(keys)})")
+    raise MaelabError(f"not a Hugging Face ViTMAE state dict (keys start: {few(keys)})")
 
 
 def _encoder_prefix(state_dict: Mapping[str, Any]) -> str:
@@ -144,7 +144,7 @@ def hf_to_mae_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
         else:
             unknown.append(key)
     if unknown:
-        raise MaelabError(f"unknown Hugging Face ViTMAE keys ({naming} names): {_few(unknown)}")
+        raise MaelabError(f"unknown Hugging Face ViTMAE keys ({naming} names): {few(unknown)}")
     for key, parts in qkv_parts.items():
         if any(p is None for p in parts):
             absent = [n for n, p in zip("qkv", parts) if p is None]
@@ -196,7 +196,7 @@ def mae_to_hf_state_dict(
         else:
             unknown.append(key)
     if unknown:
-        raise MaelabError(f"keys with no Hugging Face ViTMAE equivalent: {_few(unknown)}")
+        raise MaelabError(f"keys with no Hugging Face ViTMAE equivalent: {few(unknown)}")
     return out
 
 
@@ -310,14 +310,10 @@ def mae_kwargs_from_hf_config(config: Mapping[str, Any] | Any) -> dict[str, Any]
 
 # --- folders ----------------------------------------------------------------------------------------
 def _read_hf_weights(path: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     st, st_index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     pt, pt_index = os.path.join(path, "pytorch_model.bin"), os.path.join(path, "pytorch_model.bin.index.json")
 
     def load_pt(file: str) -> dict[str, torch.Tensor]:
-        from maelab.models.loading import SAFETENSORS, check_weights_file
-
         if check_weights_file(file) == SAFETENSORS:
             return load_file(file, device="cpu")
         try:
@@ -348,9 +344,6 @@ def load_hf_pretrained_dir(path: str | os.PathLike, **overrides: Any) -> nn.Modu
     A ``ViTMAEModel`` folder (encoder only) loads into the encoder; the decoder keeps its fresh init.
     Position tables missing from the file keep maelab's own sin-cos tables (the same numbers).
     ``overrides`` go to the constructor (e.g. ``norm_pix_loss=True``)."""
-    from maelab.interop.official import load_into_mae
-    from maelab.models.mae import MaskedAutoencoder
-
     path = os.fspath(path)
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
@@ -371,8 +364,6 @@ def load_hf_pretrained_dir(path: str | os.PathLike, **overrides: Any) -> nn.Modu
 def save_hf_pretrained(model: nn.Module, directory: str | os.PathLike, naming: str = "v5") -> str:
     """Write ``config.json`` + ``model.safetensors`` that ``ViTMAEForPreTraining.from_pretrained``
     loads (``naming="v4"`` writes the 4.x hub names, which transformers 5.x renames on load)."""
-    from safetensors.torch import save_file
-
     _check_naming(naming)
     config = hf_config_from_mae(model)
     sd = mae_to_hf_state_dict(model.state_dict(), naming=naming)

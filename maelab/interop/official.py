@@ -16,24 +16,17 @@ from typing import Any, Mapping
 import torch
 
 from maelab.errors import MaelabError
-from maelab.train.checkpoint import state_dict_mismatch
+from maelab.interop.formats import SAFETENSORS, check_weights_file
+from maelab.io import read_weights
+from maelab.models.mae import MaskedAutoencoder
+from maelab.models.state_dicts import DECODER_PREFIXES, ENCODER_PREFIXES, HEAD_PREFIXES, few, state_dict_mismatch
 
 # Heads per encoder width in the paper's model table (ViT-Ti/S/B/L/H). Widths outside the table
 # fall back to 64-dim heads; the decoder to 32-dim heads (the reference decoder: 512 wide, 16 heads).
 _ENCODER_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
 _DECODER_HEADS = {512: 16, 128: 4}
 
-ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
-DECODER_PREFIXES = ("mask_token", "decoder_embed.", "decoder_pos_embed", "decoder_blocks.", "decoder_norm.", "decoder_pred.")
-HEAD_PREFIXES = ("head.", "fc_norm.")
-
 _MAX_NAMED = 4
-
-
-def _few(keys) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:_MAX_NAMED])
-    return shown + (f" (+{len(keys) - _MAX_NAMED} more)" if len(keys) > _MAX_NAMED else "")
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -61,14 +54,10 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
 def load_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read an official MAE ``.pth`` (``{"model": state_dict}`` or a bare state dict) on the CPU. The format
     is judged by content: a safetensors file is read as one, anything else is a one-line error."""
-    from maelab.models.loading import SAFETENSORS, check_weights_file
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise MaelabError(f"checkpoint not found: {path}")
     if check_weights_file(path) == SAFETENSORS:  # judged by content: the same weights saved as safetensors
-        from maelab.train.checkpoint import read_weights
-
         return unwrap_state_dict(read_weights(path)[0], source=path)
     try:
         with open(path, "rb") as f:  # a file object: torch.load would pick its reader by the name
@@ -84,7 +73,7 @@ def classify_official(state_dict: Mapping[str, torch.Tensor]) -> str:
     keys = set(state_dict)
     if "patch_embed.proj.weight" not in keys or not any(k.startswith("blocks.") for k in keys):
         raise MaelabError(
-            f"not an MAE/ViT checkpoint: no patch_embed.proj.weight or blocks.* (keys start: {_few(keys)})"
+            f"not an MAE/ViT checkpoint: no patch_embed.proj.weight or blocks.* (keys start: {few(keys)})"
         )
     if any(k.startswith(DECODER_PREFIXES) for k in keys):
         return "full"
@@ -207,7 +196,7 @@ def load_into_mae(
         _check_keys({k: v for k, v in encoder_sd.items() if k in sd}, sd, f"{kind} checkpoint")
     result = model.load_state_dict(sd, strict=False)
     if result.unexpected_keys:  # cannot happen after the check; keep the guarantee explicit
-        raise MaelabError(f"unexpected keys: {_few(result.unexpected_keys)}")
+        raise MaelabError(f"unexpected keys: {few(result.unexpected_keys)}")
     return {"kind": kind, "missing": missing, "ignored": ignored}
 
 
@@ -216,8 +205,6 @@ def mae_from_official(path: str | os.PathLike, **overrides: Any) -> torch.nn.Mod
 
     ``overrides`` go to the constructor (e.g. ``num_heads=``, ``norm_pix_loss=True``, decoder sizes for
     encoder-only checkpoints, whose decoder keeps its fresh initialisation)."""
-    from maelab.models.mae import MaskedAutoencoder
-
     sd = load_official_state_dict(path)
     kwargs = infer_mae_architecture(
         sd,

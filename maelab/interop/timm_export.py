@@ -14,17 +14,13 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
 
 from maelab.errors import MaelabError
-from maelab.train.checkpoint import atomic_path
-from maelab.interop.official import ENCODER_PREFIXES
-
-_POOLS = ("token", "avg")
-
-
-def _check_pool(global_pool: str) -> None:
-    if global_pool not in _POOLS:
-        raise MaelabError(f"global_pool must be one of {', '.join(_POOLS)}, got {global_pool!r}")
+from maelab.io import atomic_path
+from maelab.models.state_dicts import ENCODER_PREFIXES, state_dict_mismatch
+from maelab.models.vit import build_vit, check_pool, vit_arch
 
 
 def to_timm_state_dict(
@@ -34,7 +30,7 @@ def to_timm_state_dict(
 
     Accepts a :class:`MaskedAutoencoder` or an encoder / full MAE state dict (decoder keys dropped).
     ``global_pool="avg"`` renames ``norm.*`` to ``fc_norm.*`` (timm's layout for average pooling)."""
-    _check_pool(global_pool)
+    check_pool(global_pool)
     if isinstance(mae_model_or_encoder_sd, nn.Module):
         sd = mae_model_or_encoder_sd.state_dict()
     elif isinstance(mae_model_or_encoder_sd, Mapping):
@@ -52,7 +48,7 @@ def to_timm_state_dict(
 
 def timm_kwargs(model: nn.Module, global_pool: str = "token") -> dict[str, Any]:
     """``VisionTransformer`` constructor kwargs matching a :class:`MaskedAutoencoder`'s encoder."""
-    _check_pool(global_pool)
+    check_pool(global_pool)
     blk = model.blocks[0]
     embed_dim = int(model.embed_dim)
     return dict(
@@ -73,8 +69,6 @@ def timm_kwargs(model: nn.Module, global_pool: str = "token") -> dict[str, Any]:
 def create_timm_encoder(model: nn.Module, global_pool: str = "token") -> nn.Module:
     """A timm ``VisionTransformer`` (no head) with the encoder's weights loaded strictly. Works for
     non-square ``img_size``. ``forward_features`` equals ``model.forward_features`` for ``"token"``."""
-    from timm.models.vision_transformer import VisionTransformer
-
     vit = VisionTransformer(**timm_kwargs(model, global_pool))
     sd = to_timm_state_dict(model, global_pool)
     vit_sd = vit.state_dict()
@@ -93,8 +87,6 @@ def save_timm_checkpoint(
     """Write the encoder as a timm ``.safetensors`` file, loadable with
     ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=0)``
     or ``timm.create_model(name, checkpoint_path=path, num_classes=0)``. Returns the path."""
-    from safetensors.torch import save_file
-
     sd = to_timm_state_dict(model, global_pool)
     sd = {k: v.to("cpu").contiguous().clone() for k, v in sd.items()}
     path = os.fspath(path)
@@ -112,11 +104,6 @@ def save_timm_classifier(
     state dict, head included) as a timm ``.safetensors`` file, after checking that it loads strictly
     into ``VisionTransformer(num_classes=meta["num_classes"], global_pool=meta["global_pool"])``. The
     pooling is the one it was fine-tuned with; ``global_pool`` may only repeat it. Returns the path."""
-    from safetensors.torch import save_file
-
-    from maelab.models.vit import build_vit, vit_arch
-    from maelab.train.checkpoint import state_dict_mismatch
-
     pool = meta.get("global_pool", "token")
     if global_pool is not None and global_pool != pool:
         raise MaelabError(f"this classifier was fine-tuned with global pool {pool!r}: its head and norm only "

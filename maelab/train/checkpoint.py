@@ -13,95 +13,15 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from maelab.errors import MaelabError
+from maelab.io import atomic_path, atomic_write_bytes, default_mode, fsync_dir, save_weights
 
 WEIGHTS, STATE, META, LATEST = "model.safetensors", "state.pt", "meta.json", "latest"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _default_mode(directory: bool = False) -> int:
-    """The permissions a plain ``open`` / ``mkdir`` would give under the current umask (temp files are
-    created owner-only, which would hide runs from other users of a shared machine)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if directory else 0o666) & ~umask
-
-
-def check_writable_folder(folder: str | Path, flag: str, shown: str | Path) -> None:
-    """Refuse an output whose folder (or its nearest existing ancestor) cannot be written, *before*
-    the work that fills it; ``shown`` is the path the user gave."""
-    existing = Path(folder).expanduser().resolve()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise MaelabError(f"{flag} {shown}: cannot create or write in {existing}")
-
-
-@contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temp path beside ``path`` to write to; on success fsync it and rename it over
-    ``path`` (then fsync the folder); on any failure remove it. Readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_bytes(data)
-
-
-def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
-    """Weights as safetensors, atomically; ``metadata`` (JSON-able) goes into the header."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    header = {"maelab": json.dumps(metadata)} if metadata else None
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=header)
-
-
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, maelab metadata) from a safetensors file."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise MaelabError(f"cannot read weights {path}: {e}") from None
-    info = json.loads(meta["maelab"]) if "maelab" in meta else {}
-    return tensors, info
 
 
 def save_checkpoint(
@@ -116,7 +36,7 @@ def save_checkpoint(
     ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}."))
     try:
-        os.chmod(tmp, _default_mode(directory=True))
+        os.chmod(tmp, default_mode(directory=True))
         save_weights(tmp / WEIGHTS, state_dict, meta.get("model"))
         with atomic_path(tmp / STATE) as state_tmp:
             torch.save(train_state, state_tmp)
@@ -129,7 +49,7 @@ def save_checkpoint(
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        fsync_dir(ckpt_root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -198,33 +118,3 @@ def resolve_weights_path(path: str | Path) -> Path:
     if latest is None:
         raise MaelabError(f"{p} holds no checkpoint (expected a run folder, a checkpoint folder or a file)")
     return latest / WEIGHTS
-
-
-def state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor],
-                        optional: tuple[str, ...] = (), named: int = 4) -> str:
-    """How ``given`` differs from ``expected`` in keys and shapes, as one readable phrase naming the first
-    few of each (empty when they fit). Expected keys starting with ``optional`` may be missing."""
-    def few(keys):
-        keys = sorted(keys)
-        return ", ".join(keys[:named]) + (f" (+{len(keys) - named} more)" if len(keys) > named else "")
-
-    missing = [k for k in expected if k not in given and not k.startswith(optional)]
-    unexpected = [k for k in given if k not in expected]
-    shapes = [f"{k} {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}" for k in sorted(expected)
-              if k in given and tuple(given[k].shape) != tuple(expected[k].shape)]
-    parts = []
-    if missing:
-        parts.append(f"missing {len(missing)}: {few(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {len(unexpected)}: {few(unexpected)}")
-    if shapes:
-        more = f" (+{len(shapes) - named} more)" if len(shapes) > named else ""
-        parts.append(f"shape mismatch {len(shapes)}: {'; '.join(shapes[:named])}{more}")
-    return "; ".join(parts)
-
-
-def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Strict key/shape comparison with a readable message instead of a wall of text."""
-    problem = state_dict_mismatch(model.state_dict(), state_dict)
-    if problem:
-        raise MaelabError(f"{source} does not fit this model ({problem})")

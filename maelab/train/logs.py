@@ -14,6 +14,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from maelab.io import atomic_write_bytes
+
 
 def trim_metrics(path: Path, last_step: int) -> None:
     """Drop ``metrics.jsonl`` lines past ``last_step``: a run that restarts from an older checkpoint
@@ -27,8 +29,6 @@ def trim_metrics(path: Path, last_step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, AttributeError):
             continue  # a line torn by a kill
-    from maelab.train.checkpoint import atomic_write_bytes
-
     atomic_write_bytes(path, "".join(x + "\n" for x in kept).encode())
 
 

@@ -25,14 +25,16 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from maelab.config import OptimConfig, RunConfig
 from maelab.data.loader import Batch, Feeder
 from maelab.errors import MaelabError
+from maelab.io import atomic_write_bytes, read_weights
+from maelab.models.attention import fused_attention_wanted, set_attention_kernel
+from maelab.models.state_dicts import check_state_dict
 from maelab.train import checkpoint as ckpt
 from maelab.train.distributed import DistInfo, any_flag, barrier, no_sync, wrap_ddp
 from maelab.train.logs import RunLogger
 from maelab.train.optim import cosine_lr, set_lr
-from maelab.train.precision import autocast, resolve_precision  # noqa: F401 (re-exported)
+from maelab.train.precision import autocast, resolve_precision
 from maelab.train.run_config import check_resume, recorded
 
 
@@ -67,17 +69,6 @@ class LoopResult:
     epochs_done: int
     global_step: int
     history: list[dict] = field(default_factory=list)
-
-
-def choose_attention_kernel(model: torch.nn.Module, device: torch.device, precision: str) -> str:
-    """Pick timm's attention path per block: ``F.scaled_dot_product_attention`` everywhere except bf16
-    on a CPU, where PyTorch's fused CPU kernel is markedly slower than the explicit
-    ``softmax(q k^T) v`` (measured in benchmarks/bench_step.py). Same maths, either way."""
-    fused = not (device.type == "cpu" and precision == "bf16")
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = fused
-    return "sdpa" if fused else "math"
 
 
 def rng_state() -> dict[str, Any]:
@@ -133,14 +124,18 @@ def _all_finite(model: torch.nn.Module) -> bool:
 class Trainer:
     """Runs ``task`` over ``feeder`` for ``optim.epochs`` epochs, resuming if a checkpoint exists."""
 
-    def __init__(self, task: Task, feeder: Feeder, optim: OptimConfig, run: RunConfig, run_dir: Path,
+    def __init__(self, task: Task, feeder: Feeder, optim: Any, run: Any, run_dir: Path,
                  info: DistInfo, device: torch.device, optimizer_factory, logger: RunLogger | None = None):
+        """``optim``: a schedule config section (``epochs``, ``warmup_epochs``, ``min_lr``, ``accum_iter``,
+        ``clip_grad``); ``run``: a run section (``precision``, ``compile``, ``log_every``, ``save_every``,
+        ``keep``). ``precision="auto"`` is resolved here for ``device``."""
         self.task, self.feeder, self.optim_cfg, self.run_cfg = task, feeder, optim, run
         self.run_dir, self.info, self.device = Path(run_dir), info, device
         self.log = logger or RunLogger(None, enabled=False)
         self.optimizer = optimizer_factory(task.param_groups())
-        self.scaler = torch.amp.GradScaler(device.type) if run.precision == "fp16" else None
-        self.attention = choose_attention_kernel(task.model, device, run.precision)
+        self.precision = resolve_precision(run.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        self.attention = set_attention_kernel(task.model, fused_attention_wanted(device.type, self.precision == "bf16"))
         runner = wrap_ddp(task.model, info, device)
         self.runner = torch.compile(runner) if run.compile else runner
         self.ddp = runner
@@ -192,15 +187,15 @@ class Trainer:
             self.resume_from(resume)
         self.log = RunLogger(self.run_dir, enabled=self.info.is_main, start_step=self.global_step)
         if self.info.is_main:
-            ckpt.atomic_write_bytes(self.run_dir / "config.yaml",
+            atomic_write_bytes(self.run_dir / "config.yaml",
                                     yaml.safe_dump(recorded(settings), sort_keys=False).encode())
         if changes:
             self.log.info("resumed with changed settings: " + ", ".join(changes))
         return self.log
 
     def resume_from(self, folder: Path) -> None:
-        weights, _ = ckpt.read_weights(folder / ckpt.WEIGHTS)
-        ckpt.check_state_dict(self.task.model, weights, f"checkpoint {folder}")
+        weights, _ = read_weights(folder / ckpt.WEIGHTS)
+        check_state_dict(self.task.model, weights, f"checkpoint {folder}")
         self.task.model.load_state_dict(weights)
         state = ckpt.load_train_state(folder)
         if state["global_batch"] != self.global_batch:
@@ -239,7 +234,7 @@ class Trainer:
                         lr = self.lr_at(epoch, batch.step)
                         set_lr(self.optimizer, lr)
                     last_micro = batch.micro == accum - 1
-                    with no_sync(self.ddp, not last_micro), autocast(self.device, run.precision):
+                    with no_sync(self.ddp, not last_micro), autocast(self.device, self.precision):
                         loss, _ = self.task.forward(self.runner, batch)
                     scaled = loss / accum
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 
 NO_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed", "dist_token", "reg_token")
 
@@ -52,8 +52,6 @@ def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay:
     ``i`` of ``depth`` gets ``lr_scale = layer_decay ** (depth - i)``, the embeddings
     ``layer_decay ** (depth + 1)``, the head and its norm 1. ``set_lr`` applies ``lr_scale``. No weight
     decay on 1-D parameters, tokens and position embeddings."""
-    from timm.optim import param_groups_layer_decay
-
     no_decay = set(NO_DECAY) | set(getattr(model, "no_weight_decay", lambda: ())())
     return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
 
@@ -74,6 +72,4 @@ def lars(groups: list[dict], lr: float, momentum: float = 0.9, trust_coeff: floa
     ``trust_coeff * |w| / (|g| + wd |w|)``). With zero weight decay, as in the paper's linear probe,
     this equals the official LARS exactly; with decay the denominator is NVIDIA's ``|g| + wd |w|``
     rather than the official ``|g + wd w|``."""
-    from timm.optim import Lars
-
     return Lars(groups, lr=lr, momentum=momentum, trust_coeff=trust_coeff)

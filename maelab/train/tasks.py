@@ -4,13 +4,16 @@ methods (``forward``, ``param_groups``, ``meta``, ``on_epoch_end``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from maelab.data.loader import Batch, make_generator, mix_seed
+from maelab.data.loader import Batch
+from maelab.data.seeding import make_generator, mix_seed
 from maelab.models.mae import MaskedAutoencoder
+from maelab.models.vit import encode
 from maelab.train.optim import param_groups
 
 
@@ -54,8 +57,6 @@ class ClassifyTask:
     def __init__(self, model: torch.nn.Module, model_meta: dict[str, Any], groups: list[dict],
                  evaluate: Callable[[], dict[str, float]], seed: int = 0, rank: int = 0,
                  mixup: Callable | None = None, smoothing: float = 0.0):
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
         self.model, self._meta, self._groups, self.evaluate = model, model_meta, groups, evaluate
         self.seed, self.rank, self.mixup = seed, rank, mixup
         if mixup is not None:
@@ -72,8 +73,6 @@ class ClassifyTask:
     def forward(self, runner: torch.nn.Module, batch: Batch):
         x, y = self.inputs(batch), batch.labels
         if self.mixup is not None:
-            import numpy as np
-
             state = np.random.get_state()
             np.random.seed(mix_seed(self.seed, 6, batch.epoch, batch.step, batch.micro, self.rank) % (1 << 32))
             try:
@@ -117,7 +116,5 @@ class LinprobeTask(ClassifyTask):
     def inputs(self, batch: Batch) -> torch.Tensor:
         if self.encoder is None:
             return batch.images
-        from maelab.evaluate.features import encode
-
         with torch.no_grad():
             return encode(self.encoder, batch.images, self.global_pool)

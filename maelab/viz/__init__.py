@@ -4,14 +4,12 @@ Everything draws on bare ``matplotlib.figure.Figure`` objects (Agg canvas), so n
 and importing this package does not touch pyplot or the global backend. PNGs are written atomically.
 """
 
+from maelab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
 from maelab.viz.curves import plot_curves, read_metrics, save_figure_atomic
 from maelab.viz.reconstruct import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     NORM_PIX_CAPTION,
-    denormalize,
+    PICTURE_IMAGES,
     load_images_for_model,
-    normalize,
     reconstruct,
     reconstruction_grid,
     save_reconstruction_grid,
@@ -21,6 +19,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "NORM_PIX_CAPTION",
+    "PICTURE_IMAGES",
     "denormalize",
     "load_images_for_model",
     "normalize",

@@ -19,6 +19,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from maelab.errors import MaelabError
+from maelab.io import atomic_path
 
 # Keys that are bookkeeping, not metrics, on evaluation lines.
 _NOT_METRICS = {"step", "epoch", "loss", "lr", "time", "timestamp", "wall_time", "elapsed", "iter"}
@@ -26,8 +27,6 @@ _NOT_METRICS = {"step", "epoch", "loss", "lr", "time", "timestamp", "wall_time",
 
 def save_figure_atomic(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Write ``fig`` as a PNG to ``path`` atomically (readers never see a half-written file)."""
-    from maelab.train.checkpoint import atomic_path
-
     path = Path(path)
     try:
         with atomic_path(path) as tmp:

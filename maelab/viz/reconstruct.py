@@ -22,43 +22,22 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from matplotlib.figure import Figure
-from PIL import Image, ImageOps
 
-from maelab.data.folders import bit_depth
+from maelab.data.folders import load_images
+from maelab.data.transforms import denormalize
 from maelab.errors import MaelabError
 from maelab.viz.curves import save_figure_atomic
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MASK_GREY = 0.5
+PICTURE_IMAGES = 8  # rows of the pictures a run draws of its own data
 NORM_PIX_CAPTION = (
     "norm-pix model: predicted patches shown de-normalised with the true patch mean/std "
     "(this leaks the patch statistics)"
 )
 PANELS = ("masked", "reconstruction", "reconstruction_visible")
 _PANEL_TITLES = {"reconstruction": "reconstruction", "reconstruction_visible": "reconstruction + visible"}
-
-
-# --- pixels ---------------------------------------------------------------------------------------
-def _stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(IMAGENET_MEAN, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
-    return mean, std
-
-
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalised (N, 3, H, W) -> pixels in [0, 1] (clamped)."""
-    mean, std = _stats(x)
-    return (x * std + mean).clamp(0.0, 1.0)
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Pixels in [0, 1] (N, 3, H, W) -> ImageNet-normalised."""
-    mean, std = _stats(x)
-    return (x - mean) / std
 
 
 def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -252,83 +231,4 @@ def save_reconstruction_grid(
     return save_figure_atomic(fig, path, dpi=dpi)
 
 
-# --- loading images -------------------------------------------------------------------------------
-def _size_pair(img_size) -> tuple[int, int]:
-    if isinstance(img_size, int):
-        return img_size, img_size
-    try:
-        h, w = (int(s) for s in img_size)
-    except (TypeError, ValueError):
-        raise MaelabError(f"image size must be one number or (height, width), got {img_size!r}") from None
-    if h <= 0 or w <= 0:
-        raise MaelabError(f"image size must be positive, got {h}x{w}")
-    return h, w
-
-
-def _over_white(im: Image.Image) -> Image.Image:
-    rgba = im.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. Transparency is composited over white; 16-bit / int / float
-    grayscale is scaled to 8 bits rather than clipped."""
-    mode = im.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        if mode == "F":
-            if arr.size and np.nanmax(arr) <= 1.0:
-                arr = arr * 255.0
-        else:  # by bit depth, never by the pixel values (as the training path, maelab.data.folders)
-            arr = arr * (255.0 / (2 ** bit_depth(im) - 1))
-        arr = np.nan_to_num(arr, nan=0.0).clip(0, 255).round().astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
-        return _over_white(im)
-    return im.convert("RGB")  # RGB, L, 1, P, CMYK, YCbCr, LAB, HSV
-
-
-def _resize_center_crop(im: Image.Image, height: int, width: int) -> Image.Image:
-    """Scale (bicubic) so the image covers height x width -- for a square target, the shorter side
-    becomes the target size -- then crop the centre."""
-    w, h = im.size
-    scale = max(height / h, width / w)
-    nw, nh = max(width, round(w * scale)), max(height, round(h * scale))
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - width) // 2, (nh - height) // 2
-    return im.crop((left, top, left + width, top + height))
-
-
-def _load_one(path: Path, height: int, width: int) -> torch.Tensor:
-    if not path.exists():
-        raise MaelabError(f"image file not found: {path}")
-    if not path.is_file():
-        raise MaelabError(f"not an image file: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im) or im
-            rgb = _to_rgb(im)
-    except Exception as e:  # corrupt/truncated/unsupported data surfaces as many exception types
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MaelabError(f"cannot read image {path}: {detail}") from None
-    rgb = _resize_center_crop(rgb, height, width)
-    arr = np.asarray(rgb, dtype=np.uint8).copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
-
-
-def load_images_for_model(paths, img_size) -> torch.Tensor:
-    """Load image files as a model input batch: RGB (grayscale, RGBA, palette, CMYK, 16-bit all
-    accepted), bicubic resize so the image covers ``img_size`` then centre crop, ImageNet mean/std
-    normalisation. ``img_size``: int or (H, W), e.g. ``model.img_size``. Returns (N, 3, H, W) float32.
-    A missing or unreadable file raises :class:`MaelabError` naming it."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    paths = [Path(p) for p in paths]
-    if not paths:
-        raise MaelabError("no image paths given")
-    height, width = _size_pair(img_size)
-    batch = torch.stack([_load_one(p, height, width) for p in paths])
-    return normalize(batch)
+load_images_for_model = load_images  # the name viz has always exported

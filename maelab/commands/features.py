@@ -9,21 +9,39 @@ fixed order, written with the image paths.
 
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from maelab.config import FeaturesConfig
-from maelab.data.loader import choose_in_memory, default_workers, prepare_images
-from maelab.downstream import check_data_numbers, check_output_file, resolve_encoder
+from maelab.commands.sections import EncoderConfig, EvalRunConfig, ImagesConfig, check_data_numbers
+from maelab.commands.session import Session
+from maelab.config import command_config, option
+from maelab.data.folders import prepare_images
 from maelab.errors import MaelabError
-from maelab.evaluate.features import EvalSplit, extract_features, gather_split
+from maelab.evaluate.features import extract_features, gather_split
+from maelab.interop.encoders import resolve_encoder
+from maelab.io import atomic_write_bytes, check_output_file, read_weights, save_weights
 from maelab.models.vit import describe, features_model
-from maelab.train.checkpoint import atomic_write_bytes
-from maelab.train.distributed import cleanup, init_distributed
-from maelab.train.precision import resolve_precision
+
+NAME = "features"
+HELP = "embeddings of a folder of images to .npy / .safetensors, with the image paths"
+DESCRIPTION = ("Encoder features (cls token or mean of the patch tokens after the final norm; never masked) for "
+               "every image of a folder, in a fixed order.")
+
+
+@dataclass
+class FeaturesRunConfig(EvalRunConfig):
+    seed: int = option(0, "seed for the random encoder of --init none")
+    out: str = option("features.npy", "output: .npy (+ .paths.txt, and .labels.npy for class folders) or .safetensors "
+                                  "(features, labels; paths in the header, and .paths.txt)")
+
+
+FeaturesConfig = Config = command_config(
+    "FeaturesConfig", __name__, model=EncoderConfig, data=ImagesConfig, run=FeaturesRunConfig)
 
 FORMATS = (".npy", ".safetensors")
 
@@ -37,8 +55,6 @@ def write_features(out: Path, feats: torch.Tensor, labels: torch.Tensor | None, 
     out.parent.mkdir(parents=True, exist_ok=True)
     written = [out]
     if out.suffix == ".npy":
-        import io
-
         buf = io.BytesIO()
         np.save(buf, feats.numpy().astype(np.float32))
         atomic_write_bytes(out, buf.getvalue())
@@ -49,8 +65,6 @@ def write_features(out: Path, feats: torch.Tensor, labels: torch.Tensor | None, 
             atomic_write_bytes(_sidecar(out, ".classes.txt"), ("\n".join(classes) + "\n").encode())
             written += [_sidecar(out, ".labels.npy"), _sidecar(out, ".classes.txt")]
     else:
-        from maelab.train.checkpoint import save_weights
-
         tensors = {"features": feats.float().contiguous()}
         if labels is not None:
             tensors["labels"] = labels.long().contiguous()
@@ -70,14 +84,12 @@ def read_features(path: str | Path) -> dict[str, Any]:
         return {"features": torch.from_numpy(np.load(p)), "paths": paths,
                 "labels": torch.from_numpy(np.load(labels_file)) if labels_file.is_file() else None,
                 "classes": classes_file.read_text().splitlines() if classes_file.is_file() else []}
-    from maelab.train.checkpoint import read_weights
-
     tensors, meta = read_weights(p)
     return {"features": tensors["features"], "labels": tensors.get("labels"), "paths": meta.get("paths", paths),
             "classes": meta.get("classes", []), "meta": meta}
 
 
-def run_features(cfg: FeaturesConfig) -> dict[str, Any]:
+def run(cfg: FeaturesConfig) -> dict[str, Any]:
     check_data_numbers(cfg.data)
     out = Path(cfg.run.out).expanduser()
     if out.suffix not in FORMATS:
@@ -85,21 +97,15 @@ def run_features(cfg: FeaturesConfig) -> dict[str, Any]:
     check_output_file(out)
     if not cfg.data.data:
         raise MaelabError("--data is required: a folder of images (ImageFolder tree or flat)")
-    info, device = init_distributed(cfg.run.device)
-    cfg.run.precision = resolve_precision(cfg.run.precision, device)
-    try:
+    with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
         images = prepare_images(cfg.data.data, cfg.data.bad_files)
-        torch.manual_seed(cfg.run.seed)
         enc, arch, size = resolve_encoder(cfg.model)
-        encoder = features_model(enc, arch, size).to(device)
-        d = cfg.data
-        split = EvalSplit(images, size, d.batch_size, choose_in_memory(d.in_memory, images, size),
-                          default_workers(d.num_workers), d.crop_pct, d.bad_files, info.rank, info.world,
-                          progress=info.is_main)
-        feats, labels, index = gather_split(*extract_features(encoder, split, device, cfg.model.global_pool,
-                                                              cfg.run.precision, info.is_main), device)
+        encoder = features_model(enc, arch, size).to(s.device)
+        split = s.eval_split(images, size, cfg.data)
+        feats, labels, index = gather_split(*extract_features(encoder, split, s.device, cfg.model.global_pool,
+                                                              s.precision, s.is_main), s.device)
         result = {"out": str(out), "images": len(images), "dim": int(feats.shape[1])}
-        if info.is_main:
+        if s.is_main:
             paths = [images.paths[i] for i in index.tolist()]
             meta = {"init": cfg.model.init, "source": enc.source if enc else "none", "global_pool": cfg.model.global_pool,
                     "encoder": describe(dict(arch, img_size=size)), "root": images.root}
@@ -108,5 +114,3 @@ def run_features(cfg: FeaturesConfig) -> dict[str, Any]:
                   flush=True)
             result["files"] = [str(w) for w in written]
         return result
-    finally:
-        cleanup(info)

@@ -1,98 +1,33 @@
-"""Build a model from anything a user may point at: a run folder, a checkpoint folder, a maelab
-safetensors file (self-describing: the constructor arguments are in its header), an official
-MAE ``.pth`` or a Hugging Face ViTMAE folder. Files are recognised by their first bytes, not their
-names; anything that holds no MAE is refused with a line saying what it is and what it can be used for."""
+"""MAE models from anything a user may point at, and maelab's own weights file.
+
+Sources: a run folder, a checkpoint folder, a maelab safetensors file (self-describing: the
+constructor arguments are in its header), an official MAE ``.pth`` (or the same weights as
+safetensors) or a Hugging Face ViTMAE folder -- recognised by content (:mod:`maelab.interop.formats`).
+Anything that holds no MAE is refused with a line saying what it is and what it can be used for.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from maelab.errors import MaelabError
+from maelab.interop.formats import TORCH, check_weights_file
+from maelab.interop.huggingface import detect_hf_naming, load_hf_pretrained_dir
+from maelab.interop.official import classify_official, infer_mae_architecture, load_into_mae, load_official_state_dict
+from maelab.io import read_weights, save_weights
 from maelab.models.mae import MaskedAutoencoder
-from maelab.train import checkpoint as ckpt
+from maelab.models.state_dicts import check_state_dict
+from maelab.models.vit import describe, vit_arch
+from maelab.train.checkpoint import resolve_weights_path
 
 
 def model_meta(preset: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
     """What a weights file records about its model (JSON in the safetensors header)."""
     clean = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kwargs.items()}
     return {"arch": "mae", "preset": preset, "kwargs": clean}
-
-
-TORCH, SAFETENSORS = "torch", "safetensors"
-_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors reader's own limit
-_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
-          (b"\x93NUMPY", "a NumPy .npy array"), (b"\x1f\x8b", "a gzip archive"), (b"\x89HDF", "an HDF5 file"),
-          (b"%PDF", "a PDF document"))
-_TEXT_BYTES = set(b"\t\n\r\f") | set(range(32, 127)) | set(range(128, 256))
-
-
-def weights_format(path: str | Path) -> str:
-    """What a file holds, judged by its first bytes and never by its name: ``"torch"`` (``torch.save``
-    output: zip or legacy pickle), ``"safetensors"`` (8-byte little-endian header length, then a JSON
-    header), or a few words saying what else it is ("a text file", "a PNG image", "an empty file", ...)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-        size = path.stat().st_size
-    except OSError as e:
-        raise MaelabError(f"cannot read weights {path}: {e.strerror or e}") from None
-    if not head:
-        return "an empty file"
-    header_len = int.from_bytes(head[:8], "little") if len(head) >= 9 else -1
-    looks_safetensors = head[8:9] == b"{" and 2 <= header_len <= _MAX_SAFETENSORS_HEADER
-    if looks_safetensors and 8 + header_len <= size:
-        return SAFETENSORS
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return TORCH
-    if looks_safetensors:
-        return SAFETENSORS  # truncated: the safetensors reader says so
-    for magic, what in _MAGIC:
-        if head.startswith(magic):
-            return what
-    if all(b in _TEXT_BYTES for b in head):
-        return "a text file"
-    return "a file of an unknown format"
-
-
-def check_weights_file(path: str | Path) -> str:
-    """``"torch"`` or ``"safetensors"`` (see :func:`weights_format`); any other file is a one-line error."""
-    fmt = weights_format(path)
-    if fmt not in (TORCH, SAFETENSORS):
-        raise MaelabError(f"cannot read weights {path}: it is {fmt}, not a PyTorch (.pth / .pt / .bin) or "
-                          f"safetensors checkpoint")
-    return fmt
-
-
-def weights_header(path: str | Path) -> dict[str, Any]:
-    """The maelab description in a safetensors file's header (``{}`` for foreign files), tensors unread."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise MaelabError(f"cannot read weights {path}: {e}") from None
-    try:
-        return json.loads(meta["maelab"]) if "maelab" in meta else {}
-    except json.JSONDecodeError:
-        raise MaelabError(f"cannot read weights {path}: its maelab header is not valid JSON") from None
-
-
-def maelab_file(path: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """(weights file, its maelab header) when ``path`` is a maelab run / checkpoint folder or a
-    safetensors file; None for an official / timm ``.pth`` or a Hugging Face folder."""
-    p = Path(path).expanduser()
-    if p.is_dir() and (p / "config.json").is_file():
-        return None
-    if p.is_file() and check_weights_file(p) != SAFETENSORS:
-        return None
-    weights_path = ckpt.resolve_weights_path(p)
-    return weights_path, weights_header(weights_path)
 
 
 USE_AS_INIT = "use it with --init of finetune / linprobe / knn / features"
@@ -104,8 +39,6 @@ def not_an_mae(path: str | Path, meta: dict[str, Any], weights: dict[str, torch.
     """The error for a weights file that holds no Masked Autoencoder: what it is and what it is good for."""
     arch = meta.get("arch")
     if arch == "vit":
-        from maelab.models.vit import describe, vit_arch
-
         try:
             what = f"{describe(vit_arch(meta['vit']))}, {meta.get('num_classes', '?')} classes"
         except (KeyError, TypeError, MaelabError):
@@ -125,8 +58,6 @@ def not_an_mae(path: str | Path, meta: dict[str, Any], weights: dict[str, torch.
                            f"decoder): with no decoder it cannot become an MAE checkpoint or draw reconstructions; "
                            f"{USE_AS_INIT}")
     if weights:
-        from maelab.interop.huggingface import detect_hf_naming
-
         try:
             detect_hf_naming(weights)
             return MaelabError(f"{path} holds Hugging Face ViTMAE weights without their config: point at the folder "
@@ -140,8 +71,6 @@ def not_an_mae(path: str | Path, meta: dict[str, Any], weights: dict[str, torch.
 
 def _mae_from_state_dict(sd: dict[str, torch.Tensor]) -> tuple[MaskedAutoencoder, str]:
     """An official-layout state dict -> (model shaped like it, loaded strictly; "full" / "encoder" / "finetuned")."""
-    from maelab.interop.official import classify_official, infer_mae_architecture, load_into_mae
-
     kind = classify_official(sd)
     model = MaskedAutoencoder(**infer_mae_architecture(sd))
     load_into_mae(model, sd)
@@ -159,7 +88,7 @@ def save_mae(model: MaskedAutoencoder, path: str | Path, preset: str | None = No
     """A self-describing maelab weights file (safetensors + constructor arguments in the header)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.save_weights(path, model.state_dict(), model_meta(preset, model.init_kwargs))
+    save_weights(path, model.state_dict(), model_meta(preset, model.init_kwargs))
     return path
 
 
@@ -170,20 +99,16 @@ def load_mae(path: str | Path, device: str | torch.device = "cpu") -> tuple[Mask
     the encoder (``meta["kind"]`` is then ``"encoder"`` or ``"finetuned"``; see :func:`require_decoder`)."""
     p = Path(path).expanduser()
     if p.is_file() and check_weights_file(p) == TORCH:
-        from maelab.interop.official import load_official_state_dict
-
         model, kind = _mae_from_state_dict(load_official_state_dict(p))
         return model.to(device).eval(), {"arch": "mae", "preset": None, "source": "official", "kind": kind}
     if p.is_dir() and (p / "config.json").is_file():
-        from maelab.interop.huggingface import load_hf_pretrained_dir
-
         model = load_hf_pretrained_dir(p)
         return model.to(device).eval(), {"arch": "mae", "preset": None, "source": "huggingface"}
-    weights_path = ckpt.resolve_weights_path(p)
-    weights, meta = ckpt.read_weights(weights_path)
+    weights_path = resolve_weights_path(p)
+    weights, meta = read_weights(weights_path)
     if meta.get("arch") == "mae" and "kwargs" in meta:
         model = MaskedAutoencoder(**dict(meta["kwargs"]))
-        ckpt.check_state_dict(model, weights, str(weights_path))
+        check_state_dict(model, weights, str(weights_path))
         model.load_state_dict(weights)
         return model.to(device).eval(), meta
     if not meta and any(k.startswith("decoder_blocks.") for k in weights):  # official layout saved as safetensors

@@ -9,10 +9,44 @@ All key mapping lives in ``maelab.interop``; this module only reads the source a
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from maelab.errors import MaelabError
-from maelab.models.loading import load_mae, maelab_file, require_decoder, save_mae
+from maelab.interop.formats import maelab_file
+from maelab.interop.huggingface import save_hf_pretrained
+from maelab.interop.mae_weights import load_mae, require_decoder, save_mae
+from maelab.interop.official import export_official
+from maelab.interop.timm_export import save_timm_checkpoint, save_timm_classifier
+from maelab.io import read_weights
+
+NAME = "convert"
+HELP = "convert MAE weights between maelab, official MAE and Hugging Face, and export them to timm"
+DESCRIPTION = ("SRC (recognised by content): a maelab pre-training run / checkpoint folder / .safetensors, an "
+               "official MAE .pth, or a Hugging Face ViTMAE folder; with --to timm also a maelab fine-tune run (its "
+               "classifier). timm is a write-only target: timm and other encoder-only files have no decoder, so they "
+               "cannot become MAE checkpoints (use them with --init of finetune / linprobe / knn / features). OUT: a "
+               "file (maelab, official, timm; .safetensors / .pth is added when it has no suffix) or a folder (hf).")
+Config = None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="weights to read")
+    p.add_argument("out", help="where to write")
+    p.add_argument("--to", required=True, choices=("maelab", "official", "timm", "hf"), help="output format")
+    p.add_argument("--global-pool", default=None, choices=("token", "avg"),
+                   help="timm export: head pooling the checkpoint is meant for (default: token; a fine-tuned "
+                        "classifier keeps its own)")
+    p.add_argument("--hf-naming", default="v5", choices=("v5", "v4"), help="transformers parameter names")
+    p.add_argument("--encoder-only", action="store_true", help="official export: drop the decoder")
+
+
+def run(args: argparse.Namespace) -> Path:
+    out = convert(args.src, args.out, args.to, args.global_pool, args.hf_naming, not args.encoder_only)
+    added = out.name != Path(args.out).expanduser().name
+    print(f"wrote {out}" + (f" ({out.suffix} added: {args.out} had no file extension)" if added else ""))
+    return out
+
 
 TARGETS = ("maelab", "official", "timm", "hf")
 SUFFIX = {"maelab": ".safetensors", "official": ".pth", "timm": ".safetensors"}
@@ -43,9 +77,6 @@ def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None =
     out = output_path(out, to)
     found = maelab_file(src)
     if found is not None and found[1].get("arch") == "vit" and to == "timm":
-        from maelab.interop.timm_export import save_timm_classifier
-        from maelab.train.checkpoint import read_weights
-
         weights, meta = read_weights(found[0])
         return Path(save_timm_classifier(weights, meta, out, global_pool=global_pool))
     model, meta = load_mae(src)
@@ -54,15 +85,9 @@ def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None =
     if to == "maelab":
         return save_mae(model, out, meta.get("preset"))
     if to == "official":
-        from maelab.interop.official import export_official
-
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(export_official(model, out, include_decoder=include_decoder))
     if to == "timm":
-        from maelab.interop.timm_export import save_timm_checkpoint
-
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(save_timm_checkpoint(model, out, global_pool=global_pool or "token"))
-    from maelab.interop.huggingface import save_hf_pretrained
-
     return Path(save_hf_pretrained(model, out, naming=hf_naming))

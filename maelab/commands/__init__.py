@@ -1,0 +1,12 @@
+"""One module per `maelab` subcommand. Each has ``NAME``, ``HELP``, ``DESCRIPTION``, ``Config`` (its
+config dataclass, whose fields become the flags; ``None`` for commands with hand-written arguments and
+an ``add_arguments(parser)``) and ``run(cfg_or_args)``. What they all do around their work is
+:mod:`maelab.commands.session`; the config sections several of them share are
+:mod:`maelab.commands.sections`. A command never imports another command.
+"""
+
+from maelab.commands import convert, features, finetune, knn, linprobe, models, pretrain, visualize
+
+COMMANDS = (pretrain, visualize, convert, models, finetune, linprobe, knn, features)
+
+__all__ = ["COMMANDS"]

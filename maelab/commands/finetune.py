@@ -1,0 +1,195 @@
+"""`maelab finetune`: end-to-end fine-tuning of the encoder as a timm ViT classifier (the official
+recipe: global average pool + fc_norm head, layer-wise lr decay, drop path, RandAugment, mixup /
+cutmix, label smoothing, random erasing, AdamW, warm-up + cosine), evaluated on the validation split
+after every epoch. ``--init none`` trains the same ViT from scratch: the baseline MAE is measured
+against. Runs in the one training loop (:class:`maelab.train.loop.Trainer`) with a
+:class:`~maelab.train.tasks.FinetuneTask`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from timm.data import Mixup
+from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+from maelab.commands.sections import (ClassDataConfig, EncoderConfig, OptimConfig, TrainRunConfig, at_least,
+                                      check_crop_scale, check_data_numbers, check_schedule)
+from maelab.commands.session import Session, encoder_header
+from maelab.config import command_config, option, redefault
+from maelab.data.loader import Feeder, StepPlan
+from maelab.data.splits import load_splits
+from maelab.data.transforms import finetune_transform
+from maelab.data.workers import default_workers
+from maelab.errors import MaelabError
+from maelab.evaluate.metrics import evaluate_classifier
+from maelab.interop.encoders import resolve_encoder
+from maelab.models.vit import POOLS, build_vit, init_head, load_encoder_into, vit_meta
+from maelab.train.loop import Trainer
+from maelab.train.optim import adamw, layer_decay_groups, scaled_lr
+from maelab.train.tasks import FinetuneTask
+
+NAME = "finetune"
+HELP = "fine-tune the encoder as a classifier (or train it from scratch with --init none)"
+DESCRIPTION = ("End-to-end fine-tuning with the official MAE recipe (global-average-pool + fc_norm head, layer-wise lr "
+               "decay, drop path, RandAugment, mixup / cutmix, label smoothing, random erasing, AdamW, warm-up + "
+               "cosine); top-1 / top-5 on the validation split after every epoch; the headline is the final epoch.")
+HEAD_INIT_STD = 2e-5  # official fine-tuning: trunc_normal(head.weight, std=2e-5) on a pre-trained encoder
+
+
+@dataclass
+class FinetuneModelConfig(EncoderConfig):
+    global_pool: str = option("avg", "head input: mean of the patch tokens + a new fc_norm (avg, the recipe) or the "
+                                 "cls token after the final norm (token)", choices=POOLS)
+    drop_path: float = option(0.1, "stochastic depth rate (recipe: ViT-B 0.1, L 0.2, H 0.3)")
+
+
+@dataclass
+class AugmentConfig:
+    """The official fine-tuning augmentation (timm): crop + flip, RandAugment, random erasing, mixup / cutmix."""
+
+    min_crop_scale: float = option(0.08, "RandomResizedCrop minimum area fraction")
+    hflip: bool = option(True, "random horizontal flip")
+    auto_augment: str | None = option("rand-m9-mstd0.5-inc1", "RandAugment policy in timm syntax (rand-m9-mstd0.5-inc1, "
+                                                          "augmix-m5-w4-d2, original, v0, ...); none = off")
+    reprob: float = option(0.25, "random erasing probability (pixel mode)")
+    mixup: float = option(0.8, "mixup alpha (0 = off)")
+    cutmix: float = option(1.0, "cutmix alpha (0 = off)")
+    mixup_prob: float = option(1.0, "probability of mixing a batch")
+    mixup_switch_prob: float = option(0.5, "probability of cutmix instead of mixup when both are on")
+    smoothing: float = option(0.1, "label smoothing")
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """The official fine-tuning recipe: AdamW (0.9, 0.999), layer-wise lr decay, warm-up + cosine."""
+
+    epochs: int = option(100, "training epochs (recipe: ViT-B 100, L/H 50)")
+    warmup_epochs: float = redefault(OptimConfig, "warmup_epochs", 5.0)
+    base_lr: float = option(5e-4, "learning rate per 256 images: lr = base_lr * effective batch / 256 (ViT-B 5e-4, L/H 1e-3)")
+    min_lr: float = option(1e-6, "learning rate at the end of the cosine")
+    betas: list[float] = option([0.9, 0.999], "AdamW betas, two numbers in [0, 1)")
+    layer_decay: float = option(0.65, "layer-wise lr decay: block i of d gets layer_decay^(d - i) (ViT-B 0.65, L/H 0.75; 1 = off)")
+
+
+FinetuneConfig = Config = command_config(
+    "FinetuneConfig", __name__, model=FinetuneModelConfig, data=ClassDataConfig, augment=AugmentConfig,
+    optim=FinetuneOptimConfig, run=TrainRunConfig)
+
+AUTO_AUGMENT_EXAMPLES = "rand-m9-mstd0.5-inc1, rand-m7-n2, augmix-m5-w4-d2, original, originalr, v0, v0r, 3a, none"
+_AA_POLICIES = ("original", "originalr", "v0", "v0r", "3a")
+
+
+def check_augment(augment: AugmentConfig) -> None:
+    """``--auto-augment``: a policy timm can build (RandAugment ``rand-...``, AugMix ``augmix-...`` or an
+    AutoAugment policy name), or none. The transform is built once here, so a typo fails before the run
+    starts instead of as an assertion inside timm."""
+    policy = augment.auto_augment
+    if not policy or policy.lower() == "none":
+        return
+    head = policy.split("-")[0]
+    hparams = dict(translate_const=100, img_mean=(124, 116, 104))
+    if head == "rand":
+        build = rand_augment_transform
+    elif head == "augmix":
+        build = augment_and_mix_transform
+        hparams["translate_pct"] = 0.3
+    elif head in _AA_POLICIES:
+        build = auto_augment_transform
+    else:
+        build = None
+    try:
+        ok = build is not None and build(policy, hparams) is not None
+    except (AssertionError, KeyError, ValueError, IndexError, TypeError, ZeroDivisionError):
+        ok = False
+    if not ok:
+        raise MaelabError(f"--auto-augment {policy!r} is not a timm augmentation policy; examples: "
+                          f"{AUTO_AUGMENT_EXAMPLES}")
+
+
+def validate(cfg: FinetuneConfig) -> None:
+    check_data_numbers(cfg.data)
+    o, a = cfg.optim, cfg.augment
+    check_schedule(o, cfg.data.batch_size)
+    check_augment(a)
+    at_least(log_every=(cfg.run.log_every, 1))
+    if not 0 < o.layer_decay <= 1:
+        raise MaelabError(f"--layer-decay must be in (0, 1], got {o.layer_decay}")
+    check_crop_scale(a.min_crop_scale)
+    for name, v in (("mixup", a.mixup), ("cutmix", a.cutmix)):
+        if v < 0:
+            raise MaelabError(f"--{name} must be >= 0, got {v}")
+    for name, v in (("reprob", a.reprob), ("mixup-prob", a.mixup_prob), ("mixup-switch-prob", a.mixup_switch_prob)):
+        if not 0 <= v <= 1:
+            raise MaelabError(f"--{name} must be in [0, 1], got {v}")
+    if not 0 <= a.smoothing < 1:
+        raise MaelabError(f"--smoothing must be in [0, 1), got {a.smoothing}")
+    if uses_mixup(cfg) and cfg.data.batch_size % 2:
+        raise MaelabError(f"mixup / cutmix pair images within a batch: --batch-size must be even, got "
+                          f"{cfg.data.batch_size} (or turn them off with --mixup 0 --cutmix 0)")
+
+
+def uses_mixup(cfg: FinetuneConfig) -> bool:
+    a = cfg.augment
+    return (a.mixup > 0 or a.cutmix > 0) and a.mixup_prob > 0
+
+
+def make_mixup(cfg: FinetuneConfig, num_classes: int):
+    if not uses_mixup(cfg):
+        return None
+    a = cfg.augment
+    return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
+                 mode="batch", label_smoothing=a.smoothing, num_classes=num_classes)
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int):
+    """(model, architecture, input size, encoder weights or None, notes)."""
+    enc, arch, size = resolve_encoder(cfg.model)
+    model = build_vit(arch, num_classes, cfg.model.global_pool, cfg.model.drop_path, size)
+    notes: list[str] = []
+    if enc is not None:
+        notes = load_encoder_into(model, enc)
+        init_head(model, HEAD_INIT_STD)
+    return model, arch, size, enc, notes
+
+
+def run(cfg: FinetuneConfig) -> dict[str, Any]:
+    validate(cfg)
+    with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
+        run_dir, resume = s.run_folder(cfg.run)
+        train, val = load_splits(cfg.data, cfg.run.seed)
+        num_classes = len(train.classes)
+        model, arch, size, enc, notes = build_model(cfg, num_classes)
+        plan = StepPlan(len(train), cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank,
+                        cfg.run.seed)
+        a = cfg.augment
+        aa = a.auto_augment if a.auto_augment and a.auto_augment.lower() != "none" else None
+        feeder = Feeder(train, plan, s.device, size, in_memory=False,
+                        transform=finetune_transform(size, a.min_crop_scale, a.hflip, aa, a.reprob),
+                        num_workers=default_workers(cfg.data.num_workers), bad_files=cfg.data.bad_files)
+        val_split = s.eval_split(val, size, cfg.data)
+        model.to(s.device)
+
+        def evaluate() -> dict[str, float]:
+            model.eval()
+            return evaluate_classifier(model, ((x, y) for x, y, _ in val_split.batches(s.device)), s.device,
+                                       s.precision)
+
+        meta = vit_meta(arch, size, num_classes=num_classes, global_pool=cfg.model.global_pool,
+                        classes=train.classes, init=cfg.model.init)
+        groups = layer_decay_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
+        task = FinetuneTask(model, meta, groups, evaluate, cfg.run.seed, s.info.rank,
+                            make_mixup(cfg, num_classes), cfg.augment.smoothing)
+        lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
+        trainer = Trainer(task=task, feeder=feeder, optim=cfg.optim, run=cfg.run, run_dir=run_dir, info=s.info,
+                          device=s.device, optimizer_factory=lambda g: adamw(g, lr, tuple(cfg.optim.betas), s.device))
+        header = (f"maelab finetune: {encoder_header(enc, arch, size)}; " + "".join(f"{n}; " for n in notes)
+                  + f"{num_classes} classes, {len(train)} train / {len(val)} val images, on {s.where}, global batch "
+                    f"{plan.global_size}, lr {lr:.3g}, layer decay {cfg.optim.layer_decay}, "
+                    f"{plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
+        result = s.fit(trainer, cfg, resume, header)
+        return s.finish(run_dir, "finetune", result, {
+            "init": cfg.model.init, "source": enc.source if enc else "none", "img_size": list(size),
+            "global_pool": cfg.model.global_pool, "num_classes": num_classes, "train_images": len(train),
+            "val_images": len(val), "global_batch": plan.global_size})

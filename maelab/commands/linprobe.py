@@ -1,0 +1,169 @@
+"""`maelab linprobe`: a linear classifier on frozen features, as in the paper (appendix A.2).
+
+The encoder stays frozen and in eval mode; features are the cls token after the final norm
+(``--global-pool avg``: the mean of the patch tokens after it); the head is
+``BatchNorm1d(affine=False)`` + ``Linear`` trained with LARS (momentum 0.9, trust coefficient 0.001,
+no weight decay or adaptation for 1-D parameters), warm-up + cosine.
+
+Two paths through the same training loop:
+
+* augmentation on (the paper: RandomResizedCrop + flip): the encoder runs on every training batch;
+* ``--no-augment``: the training features are extracted once and the head trains on the cached
+  tensor -- minutes instead of hours on a CPU, with the same result as running the encoder every step.
+
+The validation features never change (frozen encoder, fixed view), so they are always extracted once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from maelab.commands.sections import (ClassDataConfig, EncoderConfig, ScheduleConfig, TrainRunConfig, at_least,
+                                      check_crop_scale, check_data_numbers, check_schedule)
+from maelab.commands.session import Session, encoder_header
+from maelab.config import command_config, option, redefault
+from maelab.data.loader import Batch, Feeder, StepPlan, choose_in_memory
+from maelab.data.splits import load_splits
+from maelab.data.transforms import EvalTransform, PretrainTransform
+from maelab.data.workers import default_workers
+from maelab.errors import MaelabError
+from maelab.evaluate.features import extract_features, gather_split
+from maelab.evaluate.metrics import evaluate_classifier
+from maelab.interop.encoders import resolve_encoder
+from maelab.models.heads import LinearProbeHead
+from maelab.models.vit import describe, features_model
+from maelab.train.loop import Trainer
+from maelab.train.optim import lars, lars_param_groups, scaled_lr
+from maelab.train.tasks import LinprobeTask
+
+NAME = "linprobe"
+HELP = "linear probe: BatchNorm + Linear head on frozen features, LARS"
+DESCRIPTION = ("Linear probing as in the paper: frozen encoder in eval mode, cls-token features after the final "
+               "norm, BatchNorm1d(affine=False) + Linear head, LARS. --no-augment caches the features once (fast "
+               "on a CPU).")
+
+
+@dataclass
+class ProbeAugmentConfig:
+    """RandomResizedCrop + flip as in the paper, or the fixed evaluation view with cached features."""
+
+    augment: bool = option(True, "RandomResizedCrop + flip on the training split (the paper); --no-augment trains "
+                             "on the evaluation view")
+    min_crop_scale: float = option(0.08, "RandomResizedCrop minimum area fraction")
+    hflip: bool = option(True, "random horizontal flip")
+    cache_features: bool = option(True, "with --no-augment: extract the features once and train the head on the "
+                                    "cached tensor (minutes instead of hours on a CPU; same result)")
+
+
+@dataclass
+class ProbeOptimConfig(ScheduleConfig):
+    """The paper's linear-probe recipe (appendix A.2): LARS, no weight decay, warm-up + cosine."""
+
+    epochs: int = option(90, "training epochs (recipe: 90 for ViT-B, 50 for L/H)")
+    warmup_epochs: float = redefault(ScheduleConfig, "warmup_epochs", 10.0)
+    base_lr: float = redefault(ScheduleConfig, "base_lr", 0.1)
+    weight_decay: float = option(0.0, "LARS weight decay on the Linear weight (never on 1-D parameters)")
+    momentum: float = option(0.9, "LARS momentum")
+
+
+@dataclass
+class ProbeRunConfig(TrainRunConfig):
+    out: str = option("runs/linprobe", "run folder (config, head checkpoints, logs, results.json); an existing run resumes")
+
+
+LinprobeConfig = Config = command_config(
+    "LinprobeConfig", __name__, model=EncoderConfig, data=ClassDataConfig, augment=ProbeAugmentConfig,
+    optim=ProbeOptimConfig, run=ProbeRunConfig)
+
+
+class TensorFeeder:
+    """The Feeder interface over tensors already in memory (cached features): the same
+    :class:`~maelab.data.loader.StepPlan`, so step ``s`` of epoch ``e`` holds the same images as the
+    image Feeder would give."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, plan: StepPlan, device: torch.device):
+        if features.shape[0] != plan.n:
+            raise MaelabError(f"{features.shape[0]} cached features for a plan of {plan.n} images")
+        self.plan, self.device = plan, device
+        self.features = features.to(device) if device.type == "cuda" else features
+        self.labels = labels.to(self.features.device)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        plan = self.plan
+        order = plan.order(epoch).to(self.features.device)
+        for step in range(start_step, plan.steps_per_epoch):
+            for micro in range(plan.accum):
+                idx = plan.indices(order, step, micro)
+                yield Batch(epoch, step, micro, self.features[idx].to(self.device, non_blocking=True),
+                            self.labels[idx].to(self.device, non_blocking=True), plan.offset(micro), plan.global_size)
+
+
+def validate(cfg: LinprobeConfig) -> None:
+    check_data_numbers(cfg.data)
+    check_schedule(cfg.optim, cfg.data.batch_size)
+    at_least(log_every=(cfg.run.log_every, 1))
+    if cfg.data.batch_size < 2:
+        raise MaelabError("--batch-size must be at least 2 (the head's BatchNorm needs a batch)")
+    check_crop_scale(cfg.augment.min_crop_scale)
+
+
+def run(cfg: LinprobeConfig) -> dict[str, Any]:
+    validate(cfg)
+    with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
+        enc, arch, size = resolve_encoder(cfg.model)
+        encoder = features_model(enc, arch, size).to(s.device)
+        train, val = load_splits(cfg.data, cfg.run.seed)
+        num_classes = len(train.classes)
+        head = LinearProbeHead(arch["embed_dim"], num_classes).to(s.device)
+        run_dir, resume = s.run_folder(cfg.run)
+        workers = default_workers(cfg.data.num_workers)
+        d, aug, pool = cfg.data, cfg.augment, cfg.model.global_pool
+        cached = not aug.augment and aug.cache_features
+
+        def features(images):
+            return extract_features(encoder, s.eval_split(images, size, d), s.device, pool, s.precision, s.is_main)
+
+        val_feats, val_labels, _ = features(val)
+        plan = StepPlan(len(train), d.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank, cfg.run.seed)
+        if cached:
+            feats, labels, _ = gather_split(*features(train), s.device)
+            feeder = TensorFeeder(feats, labels, plan, s.device)
+        elif aug.augment:
+            feeder = Feeder(train, plan, s.device, size, choose_in_memory(d.in_memory, train, size),
+                            transform=PretrainTransform(size, aug.min_crop_scale, aug.hflip),
+                            min_scale=aug.min_crop_scale, hflip=aug.hflip, num_workers=workers,
+                            bad_files=d.bad_files, progress=s.is_main)
+        else:
+            feeder = Feeder(train, plan, s.device, size, in_memory=False, transform=EvalTransform(size, d.crop_pct),
+                            num_workers=workers, bad_files=d.bad_files)
+
+        def evaluate() -> dict[str, float]:
+            head.eval()
+            bs = max(d.batch_size, 256)
+            chunks = ((val_feats[i : i + bs], val_labels[i : i + bs]) for i in range(0, len(val_feats), bs))
+            return evaluate_classifier(head, chunks, s.device, s.precision)
+
+        meta = {"arch": "linprobe", "dim": arch["embed_dim"], "num_classes": num_classes, "classes": train.classes,
+                "global_pool": pool, "init": cfg.model.init, "encoder": describe(dict(arch, img_size=size))}
+        task = LinprobeTask(head, None if cached else encoder, pool, meta,
+                            lars_param_groups(head, cfg.optim.weight_decay), evaluate, cfg.run.seed, s.info.rank)
+        lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
+        trainer = Trainer(task=task, feeder=feeder, optim=cfg.optim, run=cfg.run, run_dir=run_dir, info=s.info,
+                          device=s.device, optimizer_factory=lambda g: lars(g, lr, cfg.optim.momentum))
+        mode = ("cached features (--no-augment)" if cached else
+                "RandomResizedCrop + flip, encoder every step" if aug.augment else "no augmentation, encoder every step")
+        header = (f"maelab linprobe: {encoder_header(enc, arch, size)}; {pool} features; {mode}; {num_classes} "
+                  f"classes, {len(train)} train / {len(val)} val images, on {s.where}, global batch "
+                  f"{plan.global_size}, LARS lr {lr:.3g}, {plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
+        result = s.fit(trainer, cfg, resume, header)
+        return s.finish(run_dir, "linprobe", result, {
+            "init": cfg.model.init, "source": enc.source if enc else "none", "img_size": list(size),
+            "global_pool": pool, "cached_features": cached, "augment": aug.augment, "num_classes": num_classes,
+            "train_images": len(train), "val_images": len(val), "global_batch": plan.global_size})

@@ -1,0 +1,152 @@
+"""`maelab pretrain`: MAE pre-training on a folder of images -- data, model, task and the training
+loop wired together, then reconstruction pictures and a loss curve."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from maelab.commands.sections import OptimConfig, TrainRunConfig, check_crop_scale, check_schedule
+from maelab.commands.session import Session
+from maelab.config import command_config, option
+from maelab.data.folders import prepare_images, spread_sample
+from maelab.data.loader import Feeder, StepPlan, choose_in_memory
+from maelab.data.transforms import PretrainTransform
+from maelab.data.workers import default_workers
+from maelab.errors import MaelabError
+from maelab.evaluate.knn import pretrain_knn_monitor
+from maelab.interop.mae_weights import model_meta
+from maelab.models.checks import num_visible
+from maelab.models.mae import MaskedAutoencoder
+from maelab.models.presets import preset_kwargs
+from maelab.train.loop import LoopResult, Trainer
+from maelab.train.optim import adamw, scaled_lr
+from maelab.train.tasks import PretrainTask
+from maelab.viz import PICTURE_IMAGES, plot_curves, save_reconstruction_grid
+
+NAME = "pretrain"
+HELP = "MAE pre-training on a folder of images"
+DESCRIPTION = "Masked Autoencoder pre-training."
+
+
+@dataclass
+class ModelConfig:
+    model: str = option("mae_vit_tiny_patch4", "model preset (see `maelab models`)")
+    img_size: list[int] | None = option(None, "input size: one number (square) or two (height width); default: the preset's")
+    mask_ratio: float = option(0.75, "fraction of patches removed, in (0, 1): at least one patch must be masked and "
+                                 "one stay visible")
+    norm_pix_loss: bool = option(True, "regress per-patch normalised pixels (better representations)")
+    decoder_embed_dim: int | None = option(None, "decoder width (default: the preset's)")
+    decoder_depth: int | None = option(None, "decoder blocks (default: the preset's)")
+    decoder_num_heads: int | None = option(None, "decoder attention heads (default: the preset's)")
+
+
+@dataclass
+class DataConfig:
+    data: str = option("", "image folder: an ImageFolder tree (<class>/<image>) or a flat folder of images")
+    batch_size: int = option(128, "images per process per micro-step")
+    num_workers: int = option(-1, "data-loading processes; -1 = one per CPU core, at most 8")
+    in_memory: str = option("auto", "decode the dataset once into RAM and augment whole batches: auto | yes | no", choices=("auto", "yes", "no"))
+    min_crop_scale: float = option(0.2, "RandomResizedCrop minimum area fraction")
+    hflip: bool = option(True, "random horizontal flip")
+    bad_files: str = option("error", "unreadable image: stop with its path (error) or leave it out (skip)", choices=("error", "skip"))
+    limit_images: int = option(0, "train on a fixed seeded random subset of N images (0 = all); for quick runs")
+
+
+@dataclass
+class RunConfig(TrainRunConfig):
+    out: str = option("runs/pretrain", "run folder (config, checkpoints, logs, pictures); an existing run resumes")
+    seed: int = option(0, "seed for initialisation, data order, augmentation and masking")
+    vis_every: int = option(5, "reconstruction grid every N epochs (0 = only at the end)")
+
+
+@dataclass
+class MonitorConfig:
+    knn_every: int = option(0, "weighted kNN accuracy of the encoder's features every N epochs and at the end "
+                           "(0 = off); needs class folders in --data")
+    knn_data: str = option("", "labelled held-out images for the kNN monitor (default: a sibling val / test folder of --data)")
+    knn_max: int = option(5000, "images of each split the kNN monitor uses (a fixed seeded subsample; 0 = all)")
+
+
+PretrainConfig = Config = command_config(
+    "PretrainConfig", __name__, model=ModelConfig, data=DataConfig,
+    optim=OptimConfig, run=RunConfig, monitor=MonitorConfig)
+
+
+def model_kwargs(cfg: PretrainConfig) -> dict:
+    m = cfg.model
+    img = None
+    if m.img_size:
+        if len(m.img_size) not in (1, 2):
+            raise MaelabError(f"--img-size takes one or two numbers, got {m.img_size}")
+        img = tuple(m.img_size) if len(m.img_size) == 2 else (m.img_size[0], m.img_size[0])
+    return preset_kwargs(m.model, img_size=img, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss,
+                         decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
+                         decoder_num_heads=m.decoder_num_heads)
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Cheap checks before anything is read or written."""
+    if not cfg.data.data:
+        raise MaelabError("--data is required: a folder of images (ImageFolder tree or flat)")
+    num_visible(1, cfg.model.mask_ratio)
+    for name, value in [("batch-size", cfg.data.batch_size), ("log-every", cfg.run.log_every)]:
+        if value < 1:
+            raise MaelabError(f"--{name} must be at least 1, got {value}")
+    check_schedule(cfg.optim, cfg.data.batch_size)
+    check_crop_scale(cfg.data.min_crop_scale)
+
+
+def run(cfg: PretrainConfig) -> LoopResult:
+    validate(cfg)
+    kwargs = model_kwargs(cfg)
+    torch.manual_seed(cfg.run.seed)
+    model = MaskedAutoencoder(**kwargs)  # validates sizes before any file is written
+    with Session(cfg.run.device, cfg.run.precision) as s:
+        run_dir, resume = s.run_folder(cfg.run)
+        images = prepare_images(cfg.data.data, cfg.data.bad_files, cfg.data.limit_images, cfg.run.seed)
+        workers = default_workers(cfg.data.num_workers)
+        in_memory = choose_in_memory(cfg.data.in_memory, images, model.img_size)
+        plan = StepPlan(len(images), cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank,
+                        cfg.run.seed)
+        feeder = Feeder(images, plan, s.device, model.img_size, in_memory,
+                        transform=PretrainTransform(model.img_size, cfg.data.min_crop_scale, cfg.data.hflip),
+                        min_scale=cfg.data.min_crop_scale, hflip=cfg.data.hflip, num_workers=workers,
+                        bad_files=cfg.data.bad_files, progress=s.is_main)
+        model.to(s.device)
+        vis_paths = spread_sample(images, PICTURE_IMAGES)
+        knn_monitor = pretrain_knn_monitor(cfg, images, model.img_size, s.device, workers, s.precision)
+
+        def epoch_hook(epoch: int, last: bool) -> dict[str, float]:
+            every = cfg.run.vis_every
+            if s.is_main and (last or (every > 0 and (epoch + 1) % every == 0)):
+                save_reconstruction_grid(model, vis_paths, [cfg.model.mask_ratio],
+                                         run_dir / "reconstructions" / f"epoch_{epoch + 1:04d}.png", seed=cfg.run.seed)
+            if knn_monitor is not None and s.is_main and (last or (epoch + 1) % cfg.monitor.knn_every == 0):
+                return knn_monitor(model)  # rank 0 only; the others wait at the checkpoint barrier
+            return {}
+
+        task = PretrainTask(model, model_meta(cfg.model.model, kwargs), cfg.run.seed, cfg.optim.weight_decay,
+                            epoch_hook)
+        lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
+        trainer = Trainer(task, feeder, cfg.optim, cfg.run, run_dir, s.info, s.device,
+                          lambda groups: adamw(groups, lr, tuple(cfg.optim.betas), s.device))
+        header = (f"maelab pretrain: {len(images)} images ({'in RAM' if in_memory else 'streamed'}), "
+                  f"{cfg.model.model} {tuple(model.img_size)} on {s.where}, global batch "
+                  f"{plan.global_size}, lr {lr:.3g}, {plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
+        result = s.fit(trainer, cfg, resume, header)
+        if s.is_main:
+            finish_pictures(model, run_dir, vis_paths, cfg)
+        return result
+
+
+def finish_pictures(model: MaskedAutoencoder, run_dir, vis_paths: list[str], cfg: PretrainConfig) -> None:
+    ratios = sorted({cfg.model.mask_ratio, 0.75, 0.9})
+    out = save_reconstruction_grid(model, vis_paths, ratios, run_dir / "reconstruction.png", seed=cfg.run.seed)
+    curve = run_dir / "loss_curve.png"
+    try:
+        plot_curves(run_dir / "metrics.jsonl", curve)
+    except MaelabError:
+        curve = None
+    print(f"reconstructions: {out}" + (f"\nloss curve: {curve}" if curve else ""), flush=True)

@@ -1,0 +1,186 @@
+"""What every command does around its own work, written once.
+
+A :class:`Session` joins torchrun's process group (or runs alone), picks the device, resolves the
+precision, finds the run folder and the checkpoint it resumes from, builds evaluation splits, runs
+the training loop with its log, writes the results, and always tears the process group down::
+
+    with Session(cfg.run.device, cfg.run.precision) as s:
+        run_dir, resume = s.run_folder(cfg.run)
+        ...
+        result = s.fit(trainer, cfg, resume, header)
+
+The headline of a training run is the **final-epoch** validation accuracy. The best epoch is also
+reported, labelled as selected on the validation split: picking the maximum over epochs on the split
+you report overstates the result.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maelab.data.folders import ImageList
+from maelab.data.loader import choose_in_memory
+from maelab.data.workers import default_workers
+from maelab.errors import MaelabError
+from maelab.evaluate.features import EvalSplit
+from maelab.io import check_writable_folder, write_json
+from maelab.models.vit import EncoderWeights, describe
+from maelab.train import checkpoint as ckpt
+from maelab.train.distributed import cleanup, init_distributed
+from maelab.train.loop import LoopResult, Trainer
+from maelab.train.precision import resolve_precision
+
+BEST_NOTE = "best epoch selected on the validation split itself (optimistic); the headline is the final epoch"
+
+
+def find_resume(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint a run in ``run_dir`` continues from (``--resume auto | never | PATH``), checking
+    that ``--out`` can hold a run."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MaelabError(f"--out {run_dir} exists and is not a folder; choose a folder for the run")
+    check_writable_folder(run_dir, "--out", run_dir)
+    existing = ckpt.latest_checkpoint(run_dir)
+    if resume == "never":
+        if existing:
+            raise MaelabError(f"{run_dir} already holds checkpoints; choose another --out or use --resume auto")
+        return None
+    if resume == "auto":
+        return existing
+    p = Path(resume).expanduser()
+    if not p.exists():
+        raise MaelabError(f"--resume {p} does not exist")
+    if (p / ckpt.META).is_file():
+        return p
+    found = ckpt.latest_checkpoint(p)
+    if found is None:
+        raise MaelabError(f"--resume {p} holds no complete checkpoint")
+    return found
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def encoder_header(enc: EncoderWeights | None, arch: dict[str, Any], size: tuple[int, int]) -> str:
+    """"ViT width ..., from <source> weights <path>" for a command's first log line."""
+    src = "random init (--init none)" if enc is None else f"{enc.source} weights {enc.path}"
+    return f"{describe(dict(arch, img_size=size))} from {src}"
+
+
+def epoch_results(run_dir: Path, history: list[dict] | None = None, key: str = "val_top1") -> list[dict]:
+    """Per-epoch summaries holding ``key``, from the run's metrics.jsonl (all epochs, also those of an
+    earlier, resumed process) or from ``history``."""
+    rows: dict[int, dict] = {}
+    path = run_dir / "metrics.jsonl"
+    source = history or []
+    if path.is_file():
+        source = []
+        for line in path.read_text().splitlines():
+            try:
+                source.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    for row in source:
+        if key in row and "epoch" in row:
+            rows[int(row["epoch"])] = row
+    return [rows[e] for e in sorted(rows)]
+
+
+def summarize(run_dir: Path, command: str, history: list[dict] | None, extra: dict[str, Any]) -> dict[str, Any]:
+    """Final-epoch accuracy (the headline) and the best epoch (labelled as selected on the split)."""
+    epochs = epoch_results(run_dir, history)
+    if not epochs:
+        return {"command": command, **extra}
+    final, best = epochs[-1], max(epochs, key=lambda r: r["val_top1"])
+    return {
+        "command": command,
+        "final_epoch": int(final["epoch"]),
+        "val_top1": final["val_top1"],
+        "val_top5": final.get("val_top5"),
+        "val_loss": final.get("val_loss"),
+        "best_epoch": int(best["epoch"]),
+        "best_epoch_val_top1": best["val_top1"],
+        "best_epoch_note": BEST_NOTE,
+        "per_epoch_val_top1": [r["val_top1"] for r in epochs],
+        **extra,
+    }
+
+
+def report(results: dict[str, Any]) -> None:
+    """One line on stdout with the headline numbers."""
+    if "val_top1" not in results:
+        return
+    print(f"{results['command']}: final epoch {results['final_epoch']}: val top-1 {results['val_top1']:.2f}  "
+          + (f"top-5 {results['val_top5']:.2f}  " if results.get("val_top5") is not None else "")
+          + f"(best epoch {results['best_epoch']}: top-1 "
+          f"{results['best_epoch_val_top1']:.2f}, selected on the validation split)", file=sys.stdout, flush=True)
+
+
+class Session:
+    """One command's process-level set-up and tear-down (see the module docstring)."""
+
+    def __init__(self, device: str, precision: str, seed: int | None = None):
+        """``seed`` seeds torch's global generator (random initialisation) once the process has started."""
+        self.info, self.device = init_distributed(device)
+        self.precision = resolve_precision(precision, self.device)
+        if seed is not None:
+            torch.manual_seed(seed)
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        cleanup(self.info)
+
+    @property
+    def is_main(self) -> bool:
+        return self.info.is_main
+
+    @property
+    def where(self) -> str:
+        """"cpu x2 (fp32)" for the first log line."""
+        return f"{self.device} x{self.info.world} ({self.precision})"
+
+    def run_folder(self, run_cfg) -> tuple[Path, Path | None]:
+        """(run folder, checkpoint to resume from or None) for a run section (``out``, ``resume``)."""
+        run_dir = Path(run_cfg.out).expanduser()
+        return run_dir, find_resume(run_cfg.resume, run_dir)
+
+    def eval_split(self, images: ImageList, size: tuple[int, int], data) -> EvalSplit:
+        """This process's shard of ``images`` in the evaluation view, read as an images section says
+        (``batch_size``, ``in_memory``, ``num_workers``, ``crop_pct``, ``bad_files``)."""
+        return EvalSplit(images, size, data.batch_size, choose_in_memory(data.in_memory, images, size),
+                         num_workers=default_workers(data.num_workers), crop_pct=data.crop_pct,
+                         bad_files=data.bad_files, rank=self.info.rank, world=self.info.world,
+                         progress=self.is_main)
+
+    def fit(self, trainer: Trainer, cfg: Any, resume: Path | None, header: str) -> LoopResult:
+        """Resume (refusing changed settings), write the run folder, log ``header``, train, close the log."""
+        logger = trainer.open_run(cfg, resume)  # checks a resumed checkpoint before writing
+        if self.is_main:
+            logger.info(header)
+            if resume is not None:
+                done = trainer.epoch >= trainer.optim_cfg.epochs
+                logger.info(f"resumed from {resume}: " + ("all epochs already done" if done else
+                            f"continuing at epoch {trainer.epoch + 1}, step {trainer.step}"))
+        try:
+            return trainer.fit()
+        finally:
+            logger.close()
+
+    def finish(self, run_dir: Path, command: str, result: LoopResult, extra: dict[str, Any]) -> dict[str, Any]:
+        """The results of a classification run: ``results.json`` in the run folder and the headline line."""
+        extra = {**extra, "processes": self.info.world, "device": device_name(self.device),
+                 "checkpoint": str(run_dir / "checkpoints")}
+        results = summarize(run_dir, command, None if self.is_main else result.history, extra)
+        if self.is_main:
+            write_json(run_dir / "results.json", results)
+            report(results)
+        return results

@@ -1,0 +1,64 @@
+"""`maelab visualize`: reconstruction pictures (Figs. 2-4 of the paper) from a run or a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from maelab.config import load_yaml
+from maelab.data.folders import scan_images, spread_sample
+from maelab.errors import MaelabError
+from maelab.interop.mae_weights import load_mae, require_decoder
+from maelab.models.checks import check_masks_something, num_visible
+from maelab.train.distributed import pick_device
+from maelab.viz import PICTURE_IMAGES, save_reconstruction_grid
+
+NAME = "visualize"
+HELP = "reconstruction pictures from a run or checkpoint"
+DESCRIPTION = ("Per image a row: original | masked | reconstruction | reconstruction with the visible patches "
+               "pasted in, for each mask ratio.")
+Config = None
+VIS_NAME = "reconstruction.png"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder, .safetensors or official .pth")
+    p.add_argument("--images", nargs="+", help=f"image files (default: {PICTURE_IMAGES} images of the run's data)")
+    p.add_argument("--mask-ratio", nargs="+", type=float, default=[0.75], help="one or more mask ratios")
+    p.add_argument("--seed", type=int, default=0, help="masking seed (same seed, same picture)")
+    p.add_argument("--out", default=VIS_NAME,
+                   help=f"output PNG; a folder (existing, or written with a trailing /) gets {VIS_NAME}")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
+
+
+def output_path(out: str) -> Path:
+    """``--out``: a file, or a folder (existing, or named with a trailing slash) that gets ``reconstruction.png``."""
+    path = Path(out).expanduser()
+    if out.endswith(("/", os.sep)) or path.is_dir():
+        return path / VIS_NAME
+    return path
+
+
+def run_images(path: Path) -> list[str]:
+    """Images of the run's own data (the ones its pictures show), when pointed at a run folder without --images."""
+    for folder in (path, *path.parents[:3]):
+        if (folder / "config.yaml").is_file():
+            data = (load_yaml(folder / "config.yaml").get("data") or {}).get("data")
+            if data:
+                return spread_sample(scan_images(data), PICTURE_IMAGES)
+    raise MaelabError("--images is required unless --checkpoint is a run folder whose data is still there")
+
+
+def run(args: argparse.Namespace) -> Path:
+    out = output_path(args.out)
+    for r in args.mask_ratio:
+        num_visible(1, r)  # the range, before the checkpoint is read
+    model, meta = load_mae(args.checkpoint, pick_device(args.device))
+    require_decoder(meta, args.checkpoint, "a reconstruction")
+    for r in args.mask_ratio:
+        check_masks_something(model.num_patches, r)
+    images = args.images or run_images(Path(args.checkpoint))
+    out = save_reconstruction_grid(model, images, args.mask_ratio, out, seed=args.seed)
+    print(f"wrote {out}")
+    return out

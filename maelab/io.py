@@ -1,0 +1,122 @@
+"""The ground every layer may stand on: writes that a kill cannot leave half done, and weights files.
+
+* :func:`atomic_path` / :func:`atomic_write_bytes` write beside the target, fsync, then rename over it:
+  a reader sees the old file or the new one, never a torn one. Files get the umask's permissions.
+* :func:`save_weights` / :func:`read_weights`: safetensors with an optional maelab description (JSON)
+  in the header, so a weights file says which model it belongs to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from maelab.errors import MaelabError
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (best effort: some file systems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain ``open`` / ``mkdir`` would give under the current umask (temp files are
+    created owner-only, which would hide runs from other users of a shared machine)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def check_writable_folder(folder: str | Path, flag: str, shown: str | Path) -> None:
+    """Refuse an output whose folder (or its nearest existing ancestor) cannot be written, *before*
+    the work that fills it; ``shown`` is the path the user gave."""
+    existing = Path(folder).expanduser().resolve()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise MaelabError(f"{flag} {shown}: cannot create or write in {existing}")
+
+
+def check_output_file(path: str | Path, flag: str = "--out") -> None:
+    """Refuse an output file path that cannot be written *before* the work that fills it."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise MaelabError(f"{flag} {p} is a folder; give a file name")
+    check_writable_folder(p.parent, flag, p)
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temp path beside ``path`` to write to; on success fsync it and rename it over
+    ``path`` (then fsync the folder); on any failure remove it. Readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(data, indent=1) + "\n").encode())
+
+
+def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
+    """Weights as safetensors, atomically; ``metadata`` (JSON-able) goes into the header under ``maelab``."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    header = {"maelab": json.dumps(metadata)} if metadata else None
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=header)
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The maelab description in a safetensors file's header (``{}`` for foreign files), tensors unread."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MaelabError(f"cannot read weights {path}: {e}") from None
+    try:
+        return json.loads(meta["maelab"]) if "maelab" in meta else {}
+    except json.JSONDecodeError:
+        raise MaelabError(f"cannot read weights {path}: its maelab header is not valid JSON") from None
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, maelab metadata) from a safetensors file."""
+    info = read_header(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MaelabError(f"cannot read weights {path}: {e}") from None
+    return tensors, info
