@@ -42,12 +42,15 @@ def test_the_wheel_is_used_not_the_source_tree(installed, tmp_path):
     assert Path(out.stdout.strip()).is_relative_to(installed)
 
 
-def test_installed_models_and_pretrain_help_work(installed, tmp_path):
-    out = run_installed(installed, tmp_path, "-m", "maelab.cli", "models")
-    assert out.returncode == 0 and "mae_vit_tiny_patch4" in out.stdout, out.stderr
-    out = run_installed(installed, tmp_path, "-m", "maelab.cli", "pretrain", "--config", "pretrain_cifar10_tiny",
-                        "--help")
-    assert out.returncode == 0 and "--mask-ratio" in out.stdout, out.stderr
+def test_installed_console_script_lists_models_and_pretrain_help(installed, tmp_path):
+    script = installed / "bin" / "maelab"  # the console script the wheel installs
+    assert script.is_file()
+    env = {**os.environ, "PYTHONPATH": str(installed)}
+    for argv, expect in ((["models"], "mae_vit_tiny_patch4"),
+                         (["pretrain", "--config", "pretrain_cifar10_tiny", "--help"], "--mask-ratio")):
+        out = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, cwd=tmp_path,
+                             env=env, timeout=300)
+        assert out.returncode == 0 and expect in out.stdout, out.stderr
 
 
 def test_installed_presets_ship_inside_the_package(installed, tmp_path):
