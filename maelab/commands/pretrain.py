@@ -115,7 +115,7 @@ def run(cfg: PretrainConfig) -> LoopResult:
                         min_scale=cfg.data.min_crop_scale, hflip=cfg.data.hflip, num_workers=workers,
                         bad_files=cfg.data.bad_files, progress=s.is_main)
         model.to(s.device)
-        vis_paths = spread_sample(images, PICTURE_IMAGES)
+        vis_paths = spread_sample(images, PICTURE_IMAGES, cfg.data.bad_files)
         knn_monitor = pretrain_knn_monitor(cfg, images, model.img_size, s.device, workers, s.precision)
 
         def epoch_hook(epoch: int, last: bool) -> dict[str, float]:

@@ -220,19 +220,33 @@ def subsample(images: ImageList, max_images: int | None, seed: int) -> ImageList
     return images.subset(keep)
 
 
-def spread_sample(images: ImageList, k: int) -> list[str]:
-    """A fixed, spread-out sample of ``k`` paths (one per class first), so every run draws the same pictures."""
-    chosen, seen = [], set()
+def _spread_order(images: ImageList, k: int):
+    """Every path once: the first image of each class, then a stride through the rest, then the others."""
+    seen_classes, seen = set(), set()
     for p, y in zip(images.paths, images.labels):
-        if y not in seen:
-            seen.add(y)
-            chosen.append(p)
-        if len(chosen) == k:
-            return chosen
+        if y not in seen_classes:
+            seen_classes.add(y)
+            seen.add(p)
+            yield p
     step = max(1, len(images.paths) // k)
-    for p in images.paths[::step]:
-        if p not in chosen:
-            chosen.append(p)
+    for p in (*images.paths[::step], *images.paths):
+        if p not in seen:
+            seen.add(p)
+            yield p
+
+
+def spread_sample(images: ImageList, k: int, bad_files: str = "error") -> list[str]:
+    """A fixed, spread-out sample of ``k`` paths (one per class first), so every run draws the same pictures.
+    Under ``bad_files="skip"`` a file that does not decode is named once and the next one takes its place."""
+    chosen = []
+    for p in _spread_order(images, k):
+        if bad_files == "skip":
+            try:
+                open_rgb(p)
+            except MaelabError as e:
+                warnings.warn(f"leaving out unreadable image: {e}", stacklevel=2)
+                continue
+        chosen.append(p)
         if len(chosen) == k:
             break
     return chosen

@@ -11,16 +11,16 @@ Under torchrun every process reads its shard (every ``world``-th image starting 
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from maelab.data.folders import ImageList
-from maelab.data.loader import FolderDataset
+from maelab.data.folders import ImageList, open_rgb
 from maelab.data.memory import decode_all
 from maelab.data.transforms import EvalTransform, from_uint8
 from maelab.data.workers import ignore_stop_signals
@@ -29,9 +29,30 @@ from maelab.models.vit import encode
 from maelab.train.precision import autocast
 
 
+class _EvalImages(Dataset):
+    """(evaluation view, decoded) per image; under ``bad_files="skip"`` a file that fails to decode is
+    named once and marked, and :meth:`EvalSplit.batches` leaves it out."""
+
+    def __init__(self, images: ImageList, view: EvalTransform, bad_files: str):
+        self.images, self.view, self.bad_files = images, view, bad_files
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
+        try:
+            return self.view(open_rgb(self.images.paths[i])), True
+        except MaelabError as e:
+            if self.bad_files == "error":
+                raise
+            warnings.warn(f"leaving out unreadable image: {e}", stacklevel=2)
+            return torch.zeros(3, *self.view.size), False
+
+
 class EvalSplit:
     """A split read in a fixed order (no augmentation): this process's shard, decoded once into RAM
-    (``in_memory``) or streamed through :class:`~maelab.data.transforms.EvalTransform` each pass."""
+    (``in_memory``) or streamed through :class:`~maelab.data.transforms.EvalTransform` each pass.
+    Under ``bad_files="skip"`` images that fail to decode are named and left out of every batch."""
 
     def __init__(self, images: ImageList, size: tuple[int, int], batch_size: int, in_memory: bool,
                  num_workers: int = 0, crop_pct: float = 0.875, bad_files: str = "error",
@@ -43,12 +64,16 @@ class EvalSplit:
         self.in_memory = in_memory
         if in_memory:
             self.data, bad = decode_all(mine.paths, self.size, num_workers, progress=progress)
-            if bad:
+            if bad and bad_files == "error":
                 raise MaelabError(f"{len(bad)} unreadable image(s), e.g. {mine.paths[bad[0]]} "
                                   f"(use --bad-files skip to leave them out)")
+            if bad:
+                warnings.warn(f"leaving out {len(bad)} unreadable image(s), e.g. {mine.paths[bad[0]]}", stacklevel=2)
+                keep = torch.tensor(sorted(set(range(len(mine))) - set(bad)), dtype=torch.long)
+                self.data, self.labels, self.index = self.data[keep], self.labels[keep], self.index[keep]
         else:
             self.loader = DataLoader(
-                FolderDataset(mine, EvalTransform(self.size, crop_pct), bad_files),
+                _EvalImages(mine, EvalTransform(self.size, crop_pct), bad_files),
                 batch_size=batch_size, shuffle=False, num_workers=num_workers,
                 persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
                 generator=torch.Generator(),  # its own: starting workers must not draw from the global RNG
@@ -66,9 +91,12 @@ class EvalSplit:
                 yield from_uint8(raw), self.labels[start:stop], self.index[start:stop]
         else:
             start = 0
-            for imgs, _ in self.loader:
+            for imgs, ok in self.loader:
                 stop = start + imgs.shape[0]
-                yield imgs.to(device, non_blocking=True), self.labels[start:stop], self.index[start:stop]
+                labels, index = self.labels[start:stop], self.index[start:stop]
+                if not ok.all():  # left out under bad_files="skip"
+                    imgs, labels, index = imgs[ok], labels[ok], index[ok]
+                yield imgs.to(device, non_blocking=True), labels, index
                 start = stop
 
 

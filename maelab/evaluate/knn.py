@@ -66,20 +66,22 @@ class KnnMonitor:
 
     def __init__(self, bank: ImageList, queries: ImageList, size: tuple[int, int], device: torch.device,
                  max_images: int = 5000, batch_size: int = 256, num_workers: int = 0, seed: int = 0,
-                 k: int = 20, temperature: float = 0.07, precision: str = "fp32", in_memory: str = "auto"):
+                 k: int = 20, temperature: float = 0.07, precision: str = "fp32", in_memory: str = "auto",
+                 bad_files: str = "error"):
         check_same_classes(bank, queries, "pre-training data", "kNN data")
         self.bank = subsample(bank, max_images, seed)
         self.queries = subsample(queries, max_images, seed + 1)
         self.num_classes = len(bank.classes)
         self.size, self.device, self.batch_size, self.workers = tuple(size), device, batch_size, num_workers
         self.k, self.temperature, self.precision, self.in_memory = k, temperature, precision, in_memory
-        self._choose = choose_in_memory
+        self._choose, self.bad_files = choose_in_memory, bad_files
         self._splits: tuple[EvalSplit, EvalSplit] | None = None
 
     def splits(self) -> tuple[EvalSplit, EvalSplit]:
         if self._splits is None:
             self._splits = tuple(
-                EvalSplit(im, self.size, self.batch_size, self._choose(self.in_memory, im, self.size), self.workers)
+                EvalSplit(im, self.size, self.batch_size, self._choose(self.in_memory, im, self.size), self.workers,
+                          bad_files=self.bad_files)
                 for im in (self.bank, self.queries))
         return self._splits
 
@@ -110,4 +112,5 @@ def pretrain_knn_monitor(cfg, images: ImageList, size: tuple[int, int], device: 
                           f"folder next to {cfg.data.data})")
     queries = labelled_split(queries_root, cfg.data.bad_files, "kNN data")
     return KnnMonitor(images, queries, size, device, m.knn_max, cfg.data.batch_size, num_workers,
-                      cfg.run.seed, precision=precision, in_memory=cfg.data.in_memory)
+                      cfg.run.seed, precision=precision, in_memory=cfg.data.in_memory,
+                      bad_files=cfg.data.bad_files)
