@@ -236,6 +236,17 @@ def test_auto_precision_is_fp32_on_cpu_and_explicit_choices_are_kept():
         autocast(cpu, "fp8")
 
 
+def test_resume_may_split_the_same_global_batch_differently(cifar_tiny, tmp_path, reference_run):
+    """1 process x 8 x accumulation 2, resumed as 1 process x 16 (what 2 processes x 8 -> 1 x 16 also is):
+    the same images, masks and crops at every step, the weights within float tolerance of the reference."""
+    run_pretrain(cfg_for(cifar_tiny, tmp_path, epochs=1, batch_size=8, accum_iter=2))
+    with pytest.raises(MaelabError, match="global batch of 16, this run has 8"):
+        run_pretrain(cfg_for(cifar_tiny, tmp_path, batch_size=8))  # a different global batch: refused
+    result = run_pretrain(cfg_for(cifar_tiny, tmp_path))
+    assert result.epochs_done == 2
+    assert_same_weights(final_weights(tmp_path), final_weights(reference_run), atol=3e-5)
+
+
 def test_resume_refuses_changed_settings_and_keeps_the_recorded_config(cifar_tiny, tmp_path):
     run_pretrain(cfg_for(cifar_tiny, tmp_path, epochs=1))
     recorded = (tmp_path / "config.yaml").read_text()

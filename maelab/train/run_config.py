@@ -3,7 +3,10 @@
 Resuming must continue *the same experiment*: a changed learning rate, mask ratio, seed, init or
 dataset would silently mix two runs under one name (and ``config.yaml`` would no longer say how the
 weights were made). Operational settings -- where it runs, how often it logs or saves, how many epochs
-in total -- may change.
+in total -- may change, and so may how the global batch is split (``--batch-size`` per process,
+``--accum-iter``, the number of processes): the training loop then checks that batch size x accumulation
+x processes is unchanged. The data order, masks and augmentations stay exactly the same; the weights
+agree within float tolerance, not bit for bit (gradients are summed in another order).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from maelab.errors import MaelabError
 MAY_CHANGE = frozenset({
     "run.out", "run.resume", "run.device", "run.precision", "run.log_every", "run.save_every", "run.keep",
     "run.compile", "run.vis_every", "data.num_workers", "data.in_memory", "data.bad_files", "optim.epochs",
+    "data.batch_size", "optim.accum_iter",  # how the global batch is split; the loop checks the global batch
     "monitor.knn_every", "monitor.knn_data", "monitor.knn_max",
 })
 PATH_KEYS = frozenset({"data.data", "data.val_data", "monitor.knn_data", "model.init", "run.out"})
