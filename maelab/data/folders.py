@@ -6,9 +6,12 @@ unreadable file raises ``MaelabError`` naming it, or is left out under ``bad_fil
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
+import struct
 import warnings
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,18 +80,31 @@ def scan_images(root: str | os.PathLike) -> ImageList:
     return ImageList(str(root), paths, labels, classes)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. 16-bit / 32-bit integer grayscale is scaled by its bit depth (never
-    by its values), float images in [0, 1] by 255; transparency (RGBA, LA, palette or ``transparency``
-    info) is composited over white; everything else (L, 1, P, CMYK, YCbCr, ...) is converted."""
+# Images above MAX_PIXELS (Pillow's own warning limit, ~9459 x 9459) are decoded downscaled to fit under
+# it (JPEG: at reduced scale by the decoder itself, others: reduced after decoding); images above
+# Pillow's hard limit (twice that) are refused as unreadable: decoding them could exhaust memory.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
+
+
+def to_rgb(img: Image.Image, bits: int | None = None) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16-bit integer grayscale is scaled by its bit depth (never by its
+    values); 32-bit integer grayscale by the range its values use (a 32-bit container scaled by 2^32
+    would be black); float images in [0, 1] by 255; transparency (RGBA, LA, palette or
+    ``transparency`` info) is composited over white; everything else (L, 1, P, CMYK, ...) is converted.
+    ``bits``: the bit depth when ``img`` is a copy that lost its file header (see :func:`bit_depth`)."""
     mode = img.mode
+    bits = bits or (bit_depth(img) if mode.startswith("I") else 8)
     if mode.startswith("I;16") or mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         if mode == "F":
             if arr.size and np.nanmax(arr) <= 1.0:
                 arr = arr * 255.0
+        elif bits > 16:
+            low, high = min(float(arr.min()), 0.0), float(arr.max()) if arr.size else 0.0
+            arr = (arr - low) * (255.0 / max(high - low, 1.0))
         else:
-            arr = arr * (255.0 / (2 ** bit_depth(img) - 1))
+            arr = arr * (255.0 / (2**bits - 1))
         arr = np.nan_to_num(arr, nan=0.0).clip(0, 255).round().astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
@@ -103,16 +119,50 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     orientation (photos from phones), convert to RGB (:func:`to_rgb`). A missing or unreadable file
     raises :class:`MaelabError` naming it."""
     try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return to_rgb(img)
+        with warnings.catch_warnings():  # the size policy is ours (MAX_PIXELS), not a warning per file
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    scale = (MAX_PIXELS / (img.width * img.height)) ** 0.5
+                    img.draft(img.mode, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
+                img.load()
+                if img.format == "PNG" and _png_data_missing(path):
+                    raise OSError("the PNG image data ends before the last row (incomplete file)")
+                if img.width * img.height > MAX_PIXELS:
+                    img = img.reduce(math.ceil((img.width * img.height / MAX_PIXELS) ** 0.5))
+                bits = bit_depth(img) if img.mode.startswith("I") else 8  # the header, before a copy drops it
+                return to_rgb(ImageOps.exif_transpose(img) or img, bits)
     except FileNotFoundError:
         raise MaelabError(f"image {path} does not exist") from None
     except IsADirectoryError:
         raise MaelabError(f"not an image file: {path} is a folder") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise MaelabError(f"cannot read image {path}: {e}") from None
+
+
+def _png_data_missing(path: str | os.PathLike) -> bool:
+    """Whether a non-interlaced PNG's image data decompresses to fewer bytes than its header needs:
+    Pillow fills such files with black rows without an error. (Interlaced files are not checked.)"""
+    with open(path, "rb") as f:
+        data = f.read()
+    pos, need, got, stream = 8, None, 0, zlib.decompressobj()
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR" and len(body) >= 13:
+            width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", body[:13])
+            if interlace:
+                return False
+            need = height * (1 + (width * _PNG_CHANNELS.get(colour, 4) * depth + 7) // 8)
+        elif kind == b"IDAT":
+            try:
+                got += len(stream.decompress(body))
+            except zlib.error:
+                return True
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    return need is not None and got < need
 
 
 def bit_depth(img: Image.Image) -> int:

@@ -1,0 +1,89 @@
+"""The one image decoder (maelab.data.folders.open_rgb) is never silently wrong: EXIF orientation,
+32-bit integer images, PNG files whose pixel data is cut short, and huge images."""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maelab.data import folders
+from maelab.data.folders import image_sizes, open_rgb
+from maelab.errors import MaelabError
+
+
+def test_exif_orientation_is_applied_and_header_sizes_follow_it(tmp_path):
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)
+    arr[:, :20] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": a phone held upright
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(arr).save(path, exif=exif.tobytes(), quality=95)
+    img = open_rgb(path)
+    assert img.size == (20, 40)  # (width, height) as displayed
+    assert np.asarray(img)[:10].mean() > 200 and np.asarray(img)[-10:].mean() < 50  # white ends up on top
+    assert image_sizes([str(path)]) == [(40, 20)]  # (height, width), the same as decoded
+
+
+def test_32_bit_integer_images_use_the_range_of_their_values(tmp_path):
+    values = np.linspace(0, 255_000, 16 * 16).reshape(16, 16).astype(np.int32)
+    path = tmp_path / "counts.tif"
+    Image.fromarray(values, mode="I").save(path)
+    out = np.asarray(open_rgb(path))[..., 0].astype(int)
+    expected = np.rint(values / 255_000 * 255)
+    assert np.abs(out - expected).max() <= 1  # was all black (scaled by 2^32 - 1) or clipped white (by 2^16 - 1)
+
+
+def _png(width: int, height: int, rows: bytes) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+            + chunk(b"IEND", b""))
+
+
+def test_a_png_whose_pixel_data_ends_early_is_unreadable(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    rows = [b"\x00" + arr[r].tobytes() for r in range(64)]
+    whole, short = tmp_path / "whole.png", tmp_path / "short.png"
+    whole.write_bytes(_png(64, 64, b"".join(rows)))
+    short.write_bytes(_png(64, 64, b"".join(rows[:32])))  # valid chunks, half the rows
+    assert np.array_equal(np.asarray(open_rgb(whole)), arr)
+    with pytest.raises(MaelabError, match="short.png.*ends before the last row"):
+        open_rgb(short)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "1", "I;16", "LA"])
+def test_complete_pngs_of_every_mode_decode(tmp_path, mode):
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 36, 3), dtype=np.uint8)).convert(
+        "I;16" if mode == "I;16" else mode)
+    path = tmp_path / f"{mode.replace(';', '')}.png"
+    img.save(path)
+    assert open_rgb(path).size == (36, 24)
+
+
+def test_huge_images_are_decoded_downscaled_without_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr(folders, "MAX_PIXELS", 100 * 100)
+    for name in ("big.jpg", "big.png"):
+        path = tmp_path / name
+        Image.new("RGB", (400, 300), (10, 200, 30)).save(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            img = open_rgb(path)
+        assert img.width * img.height <= 100 * 100 and abs(img.width / img.height - 4 / 3) < 0.1, (name, img.size)
+
+
+def test_images_beyond_the_hard_limit_are_refused_with_their_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50 * 50)
+    path = tmp_path / "bomb.png"
+    buf = io.BytesIO()
+    Image.new("L", (200, 200)).save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+    with pytest.raises(MaelabError, match="bomb.png"):
+        open_rgb(path)
