@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -62,8 +63,24 @@ def init_distributed(requested_device: str) -> tuple[DistInfo, torch.device]:
         torch.cuda.set_device(device)
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+        store = elastic_attempt_store(info)
+        extra = dict(store=store, rank=info.rank, world_size=info.world) if store is not None else {}
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None, **extra)
     return info, device
+
+
+def elastic_attempt_store(info: DistInfo):
+    """The store of this attempt of an elastic torchrun job (``--max-restarts``), or None.
+
+    torchrun's agent keeps one store for the whole job, and the keys the previous attempt's workers
+    published stay in it; a restarted group then dials the dead workers' ports (``Gloo connectFullMesh
+    failed ... Connection refused``) and the restart fails. Each attempt gets its own key prefix."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world, is_master=False,
+                         timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"maelab/attempt_{attempt}", base)
 
 
 def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
