@@ -21,9 +21,10 @@ from maelab.models.checks import num_visible
 from maelab.models.mae import MaskedAutoencoder
 from maelab.models.presets import preset_kwargs
 from maelab.train.loop import LoopResult, Trainer
+from maelab.train.budget import timed
 from maelab.train.optim import adamw, scaled_lr
 from maelab.train.tasks import PretrainTask
-from maelab.viz import PICTURE_IMAGES, plot_curves, save_reconstruction_grid
+from maelab.viz import PICTURE_IMAGES, plot_curves, reconstruction_grid, save_reconstruction_grid
 
 NAME = "pretrain"
 HELP = "MAE pre-training on a folder of images"
@@ -132,6 +133,18 @@ def run(cfg: PretrainConfig) -> LoopResult:
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
         trainer = Trainer(task, feeder, cfg.optim, cfg.run, run_dir, s.info, s.device,
                           lambda groups: adamw(groups, lr, tuple(cfg.optim.betas), s.device))
+        def measure() -> tuple[float, float]:
+            """Seconds of the pictures / kNN after each epoch and at the end, timed once."""
+            if not s.is_main:
+                return 0.0, 0.0
+            ratios = sorted({cfg.model.mask_ratio, 0.75, 0.9})
+            picture = timed(reconstruction_grid, model, vis_paths, ratios)
+            knn = timed(knn_monitor, model) if knn_monitor is not None else 0.0
+            every = (picture / cfg.run.vis_every if cfg.run.vis_every > 0 else 0.0) + (
+                knn / cfg.monitor.knn_every if knn_monitor is not None else 0.0)
+            return every, 2 * picture + knn + 1.0  # the last epoch's grid, the final grid, kNN, the loss curve
+
+        s.plan_budget(trainer, cfg, resume, measure)
         header = (f"maelab pretrain: {len(images)} images ({'in RAM' if in_memory else 'streamed'}), "
                   f"{cfg.model.model} {tuple(model.img_size)} on {s.where}, global batch "
                   f"{plan.global_size}, lr {lr:.3g}, {plan.steps_per_epoch} steps/epoch, run folder {run_dir}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from maelab.config import option
 from maelab.errors import MaelabError
 from maelab.models.vit import POOLS
+from maelab.train.budget import parse_duration
 
 
 @dataclass
@@ -27,6 +28,10 @@ class ScheduleConfig:
     weight_decay: float = option(0.05, "AdamW weight decay (not applied to biases, norms, tokens, position embeddings)")
     accum_iter: int = option(1, "micro-steps accumulated per optimizer step")
     clip_grad: float | None = option(None, "clip the gradient norm to this value (> 0; none = no clipping)")
+    budget: str | None = option(None, "wall-clock budget for the whole run (90s, 30m, 2h, 1h30m): this machine's "
+                                      "step time is measured and the step count set to fit, evaluation and pictures "
+                                      "included (replaces --epochs; recorded in the run's config)")
+    max_steps: int | None = option(None, "total optimizer steps (default: epochs x steps per epoch; --budget sets it)")
 
 
 @dataclass
@@ -111,6 +116,10 @@ def check_schedule(optim: ScheduleConfig, batch_size: int | None = None) -> None
     ``--min-lr`` against the learning rate that ``--base-lr`` scales to (x accumulation x processes
     (WORLD_SIZE) / 256); an explicit ``--lr`` is always checked."""
     o = optim
+    if o.budget:
+        parse_duration(o.budget)
+    if o.max_steps is not None and o.max_steps < 1:
+        raise MaelabError(f"--max-steps must be at least 1, got {o.max_steps}")
     for flag, value in (("--epochs", o.epochs), ("--accum-iter", o.accum_iter)):
         if value < 1:
             raise MaelabError(f"{flag} must be at least 1, got {value}")

@@ -18,19 +18,23 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from maelab.data.folders import ImageList
 from maelab.data.loader import choose_in_memory
 from maelab.data.workers import default_workers
+from maelab.config import load_yaml
 from maelab.errors import MaelabError
 from maelab.evaluate.features import EvalSplit
 from maelab.io import check_writable_folder, write_json
 from maelab.models.vit import EncoderWeights, describe
 from maelab.train import checkpoint as ckpt
+from maelab.train.budget import parse_duration, plan_steps, process_age
 from maelab.train.distributed import cleanup, init_distributed
 from maelab.train.loop import LoopResult, Trainer
 from maelab.train.precision import resolve_precision
@@ -128,6 +132,8 @@ class Session:
 
     def __init__(self, device: str, precision: str, seed: int | None = None):
         """``seed`` seeds torch's global generator (random initialisation) once the process has started."""
+        self.started = time.perf_counter() - process_age()  # a --budget counts from the process start
+        self.budget_note: str | None = None
         self.info, self.device = init_distributed(device)
         self.precision = resolve_precision(precision, self.device)
         if seed is not None:
@@ -161,11 +167,42 @@ class Session:
                          bad_files=data.bad_files, rank=self.info.rank, world=self.info.world,
                          progress=self.is_main)
 
+    def plan_budget(self, trainer: Trainer, cfg: Any, resume: Path | None,
+                    measure: Callable[[], tuple[float, float]] | None = None) -> None:
+        """With ``--budget``: set ``cfg.optim``'s ``max_steps``, ``epochs`` and ``warmup_epochs`` so the whole
+        run ends within it (:mod:`maelab.train.budget`); a resumed run takes the plan its config recorded.
+        ``measure()`` gives the seconds of the work after each epoch and at the end (evaluation, pictures);
+        it is called only when a plan is made. The plan is logged by :meth:`fit`."""
+        o = cfg.optim
+        if not o.budget:
+            return
+        if resume is not None:
+            recorded = (load_yaml(Path(resume).parent.parent / "config.yaml").get("optim") or {})
+            for key in ("max_steps", "epochs", "warmup_epochs"):
+                if key in recorded:
+                    setattr(o, key, recorded[key])
+            self.budget_note = f"--budget: following the plan recorded when the run started ({o.max_steps} steps)"
+            return
+        per_epoch_s, final_s = measure() if measure else (0.0, 0.0)
+        step_s = trainer.time_steps()
+        if self.info.enabled:  # every process plans with the slowest one's numbers
+            t = torch.tensor([step_s, per_epoch_s, final_s, time.perf_counter() - self.started], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            step_s, per_epoch_s, final_s, spent = t.tolist()
+        else:
+            spent = time.perf_counter() - self.started
+        plan = plan_steps(parse_duration(o.budget), spent, step_s, trainer.steps_per_epoch, o.warmup_epochs,
+                          per_epoch_s, final_s)
+        o.max_steps, o.epochs, o.warmup_epochs = plan.steps, plan.epochs, plan.warmup_epochs
+        self.budget_note = f"--budget {o.budget}: {plan.describe()}"
+
     def fit(self, trainer: Trainer, cfg: Any, resume: Path | None, header: str) -> LoopResult:
         """Resume (refusing changed settings), write the run folder, log ``header``, train, close the log."""
         logger = trainer.open_run(cfg, resume)  # checks a resumed checkpoint before writing
         if self.is_main:
             logger.info(header)
+            if self.budget_note:
+                logger.info(self.budget_note)
             if resume is not None:
                 done = trainer.epoch >= trainer.optim_cfg.epochs
                 logger.info(f"resumed from {resume}: " + ("all epochs already done" if done else

@@ -11,6 +11,7 @@ on the device and checks it there, and nothing non-finite is ever written to a c
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 import signal
@@ -149,11 +150,58 @@ class Trainer:
     def peak_lr(self) -> float:
         return self.optimizer.defaults["lr"]
 
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: ``epochs`` x steps per epoch, or ``max_steps`` when the
+        schedule sets it (a wall-clock budget ends inside an epoch)."""
+        total = self.optim_cfg.epochs * self.steps_per_epoch
+        max_steps = getattr(self.optim_cfg, "max_steps", None)
+        return min(total, max_steps) if max_steps else total
+
     def lr_at(self, epoch: int, step: int) -> float:
         it = epoch * self.steps_per_epoch + step
-        total = self.optim_cfg.epochs * self.steps_per_epoch
         warmup = self.optim_cfg.warmup_epochs * self.steps_per_epoch
-        return cosine_lr(it, total, warmup, self.peak_lr, self.optim_cfg.min_lr)
+        return cosine_lr(it, self.total_steps, warmup, self.peak_lr, self.optim_cfg.min_lr)
+
+    def time_steps(self, steps: int = 5, warmup: int = 2) -> float:
+        """Seconds per optimizer step of this run (its task, data path, precision and processes), measured
+        on the first batches of epoch 0 and then undone: weights, optimizer, scaler and RNG states are
+        restored, so the run that follows is exactly the one that would have run without the measurement."""
+        model, accum = self.task.model, self.feeder.plan.accum
+        saved = ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                 copy.deepcopy(self.optimizer.state_dict()), self.scaler.state_dict() if self.scaler else None,
+                 rng_state(), [dict(g) for g in self.optimizer.param_groups])
+        done, t0 = 0, None
+        try:
+            for batch in self.feeder.epoch(0, 0):
+                with no_sync(self.ddp, batch.micro != accum - 1), autocast(self.device, self.precision):
+                    loss, _ = self.task.forward(self.runner, batch)
+                (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
+                if batch.micro != accum - 1:
+                    continue
+                if self.scaler:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                float(loss.detach())  # wait for the device
+                done += 1
+                if done == warmup:
+                    t0 = time.perf_counter()
+                if done == warmup + steps or done == self.steps_per_epoch:
+                    break
+            per_step = (time.perf_counter() - t0) / max(done - warmup, 1) if t0 else float("nan")
+        finally:
+            model.load_state_dict(saved[0])
+            self.optimizer.load_state_dict(saved[1])
+            for group, before in zip(self.optimizer.param_groups, saved[4]):
+                group["lr"] = before["lr"]
+            if self.scaler:
+                self.scaler.load_state_dict(saved[2])
+            set_rng_state(saved[3])
+            self.optimizer.zero_grad(set_to_none=True)
+        return per_step
 
     # --- checkpoints -------------------------------------------------------------------------------
     def _train_state(self) -> dict[str, Any]:
@@ -247,7 +295,8 @@ class Trainer:
                     if self.scaler:
                         self.scaler.unscale_(self.optimizer)
                     self.step, self.global_step = batch.step + 1, self.global_step + 1
-                    log_now = self.step % run.log_every == 0 or self.step == self.steps_per_epoch
+                    ends = self.step == self.steps_per_epoch or self.global_step >= self.total_steps
+                    log_now = self.step % run.log_every == 0 or ends
                     if cfg.clip_grad:
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
                     elif log_now:
@@ -269,7 +318,9 @@ class Trainer:
                         n_log, t_log = 0, time.perf_counter()
                     self.log.step(self.step, metrics)
                     stop_now = stop["stop"] if not self.info.enabled else (log_now and any_flag(stop["stop"], self.info, self.device))
-                    if stop_now and self.step < self.steps_per_epoch:
+                    if ends:
+                        break  # the end of the epoch, or of a budget that ends inside it
+                    if stop_now:
                         self.log.end_epoch()
                         self.epoch_partial = (self._mean(epoch_sum, 1), n_epoch)
                         path = self.save(f"step_{self.global_step:08d}")
