@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # README command 1: set up maelab in .venv and run a short real MAE pre-training on CIFAR-10 (ViT-Tiny/4,
-# 32 px), ending with reconstruction pictures and a loss curve in runs/quickstart/.
+# 32 px) within a 3-minute budget (BUDGET=10m for longer), ending with reconstruction pictures and a loss
+# curve in runs/quickstart/.
 # Uses ../shared/datasets/cifar10/train when present, else downloads CIFAR-10 with torchvision.
 # Override the data with DATA=/path/to/images; extra arguments go to `maelab pretrain`.
 set -euo pipefail
@@ -17,5 +18,5 @@ fi
 PRECISION=fp32
 if command -v nvidia-smi >/dev/null 2>&1 || grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then PRECISION=bf16; fi
 "$VENV/bin/maelab" pretrain --config pretrain_cifar10_tiny --data "$DATA" \
-  --limit-images 10000 --epochs 4 --warmup-epochs 1 --batch-size 128 --base-lr 1.5e-3 \
-  --vis-every 2 --save-every 2 --precision "$PRECISION" --out runs/quickstart "$@"
+  --limit-images 10000 --budget "${BUDGET:-3m}" --batch-size 128 --base-lr 1.5e-3 \
+  --vis-every 1 --save-every 1 --precision "$PRECISION" --out runs/quickstart "$@"

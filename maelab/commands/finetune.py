@@ -26,6 +26,7 @@ from maelab.errors import MaelabError
 from maelab.evaluate.metrics import evaluate_classifier
 from maelab.interop.encoders import resolve_encoder
 from maelab.models.vit import POOLS, build_vit, init_head, load_encoder_into, vit_meta
+from maelab.train.budget import timed
 from maelab.train.loop import Trainer
 from maelab.train.optim import adamw, layer_decay_groups, scaled_lr
 from maelab.train.tasks import FinetuneTask
@@ -184,6 +185,12 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
         trainer = Trainer(task=task, feeder=feeder, optim=cfg.optim, run=cfg.run, run_dir=run_dir, info=s.info,
                           device=s.device, optimizer_factory=lambda g: adamw(g, lr, tuple(cfg.optim.betas), s.device))
+        def measure() -> tuple[float, float]:  # the validation pass after every epoch, timed once
+            seconds = timed(evaluate)
+            model.train()
+            return seconds, 0.0
+
+        s.plan_budget(trainer, cfg, resume, measure)
         header = (f"maelab finetune: {encoder_header(enc, arch, size)}; " + "".join(f"{n}; " for n in notes)
                   + f"{num_classes} classes, {len(train)} train / {len(val)} val images, on {s.where}, global batch "
                     f"{plan.global_size}, lr {lr:.3g}, layer decay {cfg.optim.layer_decay}, "

@@ -35,6 +35,7 @@ from maelab.evaluate.metrics import evaluate_classifier
 from maelab.interop.encoders import resolve_encoder
 from maelab.models.heads import LinearProbeHead
 from maelab.models.vit import describe, features_model
+from maelab.train.budget import timed
 from maelab.train.loop import Trainer
 from maelab.train.optim import lars, lars_param_groups, scaled_lr
 from maelab.train.tasks import LinprobeTask
@@ -157,6 +158,12 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
         trainer = Trainer(task=task, feeder=feeder, optim=cfg.optim, run=cfg.run, run_dir=run_dir, info=s.info,
                           device=s.device, optimizer_factory=lambda g: lars(g, lr, cfg.optim.momentum))
+        def measure() -> tuple[float, float]:  # the validation pass after every epoch, timed once
+            seconds = timed(evaluate)
+            head.train()
+            return seconds, 0.0
+
+        s.plan_budget(trainer, cfg, resume, measure)
         mode = ("cached features (--no-augment)" if cached else
                 "RandomResizedCrop + flip, encoder every step" if aug.augment else "no augmentation, encoder every step")
         header = (f"maelab linprobe: {encoder_header(enc, arch, size)}; {pool} features; {mode}; {num_classes} "

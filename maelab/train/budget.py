@@ -85,8 +85,8 @@ def plan_steps(budget_s: float, spent_s: float, step_s: float, steps_per_epoch: 
         n, high = (mid, high) if cost(mid) <= available else (n, mid - 1)
     if n < 1:
         need = spent_s + final_s + cost(1)
-        raise MaelabError(f"--budget {budget_s:.0f} s leaves no time for a single step: start-up took {spent_s:.0f} s, "
-                          f"one step takes {step_s:.2g} s and the pictures / evaluation {final_s + per_epoch_s:.0f} s; "
+        raise MaelabError(f"--budget {budget_s:.0f} s leaves no time for a single step: start-up and the step-time "
+                          f"measurement took {spent_s:.0f} s, one step takes {step_s:.2g} s and the pictures / evaluation {final_s + per_epoch_s:.0f} s; "
                           f"give at least {math.ceil(need / (1 - MARGIN))} s")
     epochs = math.ceil(n / steps_per_epoch)
     warmup = min(warmup_epochs, MAX_WARMUP * n / steps_per_epoch)

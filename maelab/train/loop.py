@@ -163,7 +163,7 @@ class Trainer:
         warmup = self.optim_cfg.warmup_epochs * self.steps_per_epoch
         return cosine_lr(it, self.total_steps, warmup, self.peak_lr, self.optim_cfg.min_lr)
 
-    def time_steps(self, steps: int = 5, warmup: int = 2) -> float:
+    def time_steps(self, steps: int = 3, warmup: int = 1) -> float:
         """Seconds per optimizer step of this run (its task, data path, precision and processes), measured
         on the first batches of epoch 0 and then undone: weights, optimizer, scaler and RNG states are
         restored, so the run that follows is exactly the one that would have run without the measurement."""
