@@ -95,6 +95,9 @@ class TensorFeeder:
     def steps_per_epoch(self) -> int:
         return self.plan.steps_per_epoch
 
+    def close(self) -> None:
+        """No worker processes to stop."""
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         plan = self.plan
         order = plan.order(epoch).to(self.features.device)

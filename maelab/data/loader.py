@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from maelab.data.folders import ImageList, image_sizes, open_rgb
 from maelab.data.memory import augment_batch, decode_all, fits_in_memory
 from maelab.data.seeding import clone_generator, make_generator, mix_seed
-from maelab.data.workers import ignore_stop_signals
+from maelab.data.workers import ignore_stop_signals, stop_workers, worker_batches
 from maelab.errors import MaelabError
 
 @dataclass
@@ -173,6 +173,11 @@ class Feeder:
     def steps_per_epoch(self) -> int:
         return self.plan.steps_per_epoch
 
+    def close(self) -> None:
+        """Stop the loader's worker processes (the training loop calls this however it ends)."""
+        if not self.in_memory:
+            stop_workers(self.loader)
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         plan = self.plan
         if self.in_memory:
@@ -189,7 +194,7 @@ class Feeder:
             self.sampler.set_position(epoch, start_step)
             self.generator.manual_seed(mix_seed(plan.seed, 7, epoch))
             step, micro = start_step, 0
-            for imgs, labels in self.loader:
+            for imgs, labels in worker_batches(self.loader):
                 yield Batch(epoch, step, micro, imgs.to(self.device, non_blocking=True),
                             labels.to(self.device, non_blocking=True), plan.offset(micro), plan.global_size)
                 micro += 1

@@ -23,7 +23,7 @@ from maelab.data.folders import ImageList
 from maelab.data.loader import FolderDataset
 from maelab.data.memory import decode_all
 from maelab.data.transforms import EvalTransform, from_uint8
-from maelab.data.workers import ignore_stop_signals
+from maelab.data.workers import ignore_stop_signals, worker_batches
 from maelab.errors import MaelabError
 from maelab.models.vit import encode
 from maelab.train.precision import autocast
@@ -66,7 +66,7 @@ class EvalSplit:
                 yield from_uint8(raw), self.labels[start:stop], self.index[start:stop]
         else:
             start = 0
-            for imgs, _ in self.loader:
+            for imgs, _ in worker_batches(self.loader):
                 stop = start + imgs.shape[0]
                 yield imgs.to(device, non_blocking=True), self.labels[start:stop], self.index[start:stop]
                 start = stop
@@ -81,7 +81,7 @@ def extract_features(model: nn.Module, split: EvalSplit, device: torch.device, g
     was_training = model.training
     model.eval()
     feats, labels, index = [], [], []
-    it = split.batches(device)
+    batches = it = split.batches(device)
     if progress:
         it = tqdm(it, total=-(-len(split) // split.batch_size), desc="features", unit="batch", leave=False,
                   disable=None)
@@ -93,6 +93,7 @@ def extract_features(model: nn.Module, split: EvalSplit, device: torch.device, g
             labels.append(y)
             index.append(i)
     finally:
+        batches.close()  # an error here stops the loader's workers now (see data.workers.stop_workers)
         model.train(was_training)
     if not feats:
         dim = getattr(model, "embed_dim", 0)

@@ -215,6 +215,13 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self) -> LoopResult:
+        """Train to ``optim.epochs``; the feeder's worker processes are stopped however it ends."""
+        try:
+            return self._fit()
+        finally:
+            self.feeder.close()
+
+    def _fit(self) -> LoopResult:
         cfg, run = self.optim_cfg, self.run_cfg
         accum = self.feeder.plan.accum
         history: list[dict] = []
