@@ -3,6 +3,7 @@ and leave the run folder as it was (docs/reliability.md)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -41,3 +42,48 @@ def test_an_unreadable_image_with_loader_workers_exits_with_the_message(tmp_path
     assert done.returncode == 2, done.stderr
     assert "maelab: error: cannot read image" in done.stderr and "bad.jpg" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _disk_full_errors():
+    from safetensors import SafetensorError
+    return {
+        "oserror": ("save_weights", OSError(errno.ENOSPC, "No space left on device")),
+        "safetensors": ("save_weights", SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)")),
+        "torch.save": ("torch_save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                                                  "64 vs 0")),
+    }
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors", "torch.save"])
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_run_resumes(capsys, monkeypatch, tmp_path, kind):
+    from maelab.cli import main
+    from maelab.train import checkpoint as ckpt
+
+    data, out = png_folder(tmp_path / "data", 16), tmp_path / "run"
+    flags = ["pretrain", "--data", str(data), "--out", str(out), *FAST, "--epochs", "2", "--num-workers", "0"]
+    writer, error = _disk_full_errors()[kind]
+    calls = {"n": 0}
+    real = ckpt.save_weights if writer == "save_weights" else ckpt.torch.save
+
+    def full_on_second_save(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # epoch 1 saved, epoch 2 hits the full disk
+            raise error
+        return real(*a, **k)
+
+    if writer == "save_weights":
+        monkeypatch.setattr(ckpt, "save_weights", full_on_second_save)
+    else:
+        monkeypatch.setattr(ckpt.torch, "save", full_on_second_save)
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if x.startswith("maelab")][-1]
+    assert "Traceback" not in err and str(out / "checkpoints") in line and "needs about" in line, err
+    assert ckpt.latest_checkpoint(out).name == "epoch_0001"
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == []
+    if kind != "oserror":
+        return  # resuming after it is the same for every writer; checked once
+    monkeypatch.undo()
+    assert main(flags) == 0
+    assert ckpt.latest_checkpoint(out).name == "epoch_0002"
