@@ -87,3 +87,33 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_run_resumes(capsys,
     monkeypatch.undo()
     assert main(flags) == 0
     assert ckpt.latest_checkpoint(out).name == "epoch_0002"
+
+
+def test_temp_checkpoints_a_killed_run_left_are_removed_and_live_ones_kept(capsys, monkeypatch, tmp_path):
+    from maelab.cli import main
+    from maelab.train import checkpoint as ckpt
+
+    data, out = png_folder(tmp_path / "data", 8), tmp_path / "run"
+    root = out / "checkpoints"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        stale = [root / f".epoch_0001.{dead.pid}.k2j4x_9a", root / ".epoch_0001.x8dk3l2q",  # (old naming)
+                 root / f".latest.{dead.pid}.abc.tmp"]
+        kept = root / f".epoch_0002.{live.pid}.q1w2e3r4"
+        for p in [*stale[:2], kept]:
+            (p / "model.safetensors").parent.mkdir(parents=True)
+            (p / "model.safetensors").write_bytes(b"partial")
+        stale[2].write_text("epoch_")
+        seen = []
+        real = ckpt.save_weights
+        monkeypatch.setattr(ckpt, "save_weights", lambda path, *a, **k: seen.append(Path(path)) or real(path, *a, **k))
+        assert main(["pretrain", "--data", str(data), "--out", str(out), *FAST, "--num-workers", "0"]) == 0
+        assert not any(p.exists() for p in stale) and kept.is_dir()
+        assert "removed 3 temp file(s)" in capsys.readouterr().err
+        assert f".epoch_0001.{os.getpid()}." in seen[0].parent.name  # the writer names itself
+        assert ckpt.latest_checkpoint(out).name == "epoch_0001"
+    finally:
+        live.kill()
+        live.wait()

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from maelab.errors import MaelabError
-from maelab.io import atomic_path, atomic_write_bytes, default_mode, fsync_dir, save_weights
+from maelab.io import atomic_path, atomic_write_bytes, default_mode, fsync_dir, save_weights, temp_prefix
 
 WEIGHTS, STATE, META, LATEST = "model.safetensors", "state.pt", "meta.json", "latest"
 # how a full disk surfaces: OSError, safetensors' "(os error 28)", torch.save's "unexpected pos"
@@ -77,7 +77,7 @@ def save_checkpoint(
 def _save(ckpt_root: Path, name: str, state_dict: dict[str, torch.Tensor], train_state: dict[str, Any],
           meta: dict[str, Any]) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}."))
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=temp_prefix(name)))
     try:
         os.chmod(tmp, default_mode(directory=True))
         save_weights(tmp / WEIGHTS, state_dict, meta.get("model"))
@@ -86,7 +86,7 @@ def _save(ckpt_root: Path, name: str, state_dict: dict[str, torch.Tensor], train
         atomic_write_bytes(tmp / META, json.dumps(meta, indent=1).encode())
         final = ckpt_root / name
         if final.exists():
-            trash = ckpt_root / f".old-{name}-{os.getpid()}"
+            trash = ckpt_root / f"{temp_prefix(name)}old"
             os.replace(final, trash)
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)

@@ -27,7 +27,7 @@ import yaml
 
 from maelab.data.loader import Batch, Feeder
 from maelab.errors import MaelabError
-from maelab.io import atomic_write_bytes, read_weights
+from maelab.io import atomic_write_bytes, read_weights, remove_stale_temps
 from maelab.models.attention import fused_attention_wanted, set_attention_kernel
 from maelab.models.state_dicts import check_state_dict
 from maelab.train import checkpoint as ckpt
@@ -189,6 +189,9 @@ class Trainer:
         if self.info.is_main:
             atomic_write_bytes(self.run_dir / "config.yaml",
                                     yaml.safe_dump(recorded(settings), sort_keys=False).encode())
+            stale = remove_stale_temps(self.run_dir / "checkpoints")
+            if stale:
+                self.log.info(f"removed {len(stale)} temp file(s) a killed run left in {self.run_dir / 'checkpoints'}")
         if changes:
             self.log.info("resumed with changed settings: " + ", ".join(changes))
         return self.log
