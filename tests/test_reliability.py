@@ -117,3 +117,25 @@ def test_temp_checkpoints_a_killed_run_left_are_removed_and_live_ones_kept(capsy
     finally:
         live.kill()
         live.wait()
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("maelab: error: ")]
+    assert lines and "Traceback" not in err, err
+    return lines[-1]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--keep", "-1"], "--keep must be 0 (keep all) or more, got -1"),
+    (["--num-workers", "-5"], "--num-workers must be 0 or more, or -1 for one per CPU core, got -5"),
+])
+def test_negative_keep_and_worker_counts_are_refused_before_anything_is_written(capsys, tmp_path, flags, message):
+    from maelab.cli import main
+
+    data, out = png_folder(tmp_path / "data", 8), tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), *FAST, *flags]) == 2
+    assert message in _error_line(capsys)
+    assert not out.exists()
+    assert main(["knn", "--init", "none", "--data", str(data), "--num-workers", "-5"]) == 2
+    assert "--num-workers must be 0 or more" in _error_line(capsys)

@@ -14,8 +14,8 @@ from typing import Any
 from timm.data import Mixup
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 
-from maelab.commands.sections import (ClassDataConfig, EncoderConfig, OptimConfig, TrainRunConfig, at_least,
-                                      check_crop_scale, check_data_numbers, check_schedule)
+from maelab.commands.sections import (ClassDataConfig, EncoderConfig, OptimConfig, TrainRunConfig,
+                                      check_crop_scale, check_data_numbers, check_run_numbers, check_schedule)
 from maelab.commands.session import Session, encoder_header
 from maelab.config import command_config, option, redefault
 from maelab.data.loader import Feeder, StepPlan
@@ -113,7 +113,7 @@ def validate(cfg: FinetuneConfig) -> None:
     o, a = cfg.optim, cfg.augment
     check_schedule(o, cfg.data.batch_size)
     check_augment(a)
-    at_least(log_every=(cfg.run.log_every, 1))
+    check_run_numbers(cfg.run)
     if not 0 < o.layer_decay <= 1:
         raise MaelabError(f"--layer-decay must be in (0, 1], got {o.layer_decay}")
     check_crop_scale(a.min_crop_scale)

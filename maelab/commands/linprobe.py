@@ -21,8 +21,8 @@ from typing import Any, Iterator
 
 import torch
 
-from maelab.commands.sections import (ClassDataConfig, EncoderConfig, ScheduleConfig, TrainRunConfig, at_least,
-                                      check_crop_scale, check_data_numbers, check_schedule)
+from maelab.commands.sections import (ClassDataConfig, EncoderConfig, ScheduleConfig, TrainRunConfig,
+                                      check_crop_scale, check_data_numbers, check_run_numbers, check_schedule)
 from maelab.commands.session import Session, encoder_header
 from maelab.config import command_config, option, redefault
 from maelab.data.loader import Batch, Feeder, StepPlan, choose_in_memory
@@ -111,7 +111,7 @@ class TensorFeeder:
 def validate(cfg: LinprobeConfig) -> None:
     check_data_numbers(cfg.data)
     check_schedule(cfg.optim, cfg.data.batch_size)
-    at_least(log_every=(cfg.run.log_every, 1))
+    check_run_numbers(cfg.run)
     if cfg.data.batch_size < 2:
         raise MaelabError("--batch-size must be at least 2 (the head's BatchNorm needs a batch)")
     check_crop_scale(cfg.augment.min_crop_scale)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from maelab.commands.sections import OptimConfig, TrainRunConfig, check_crop_scale, check_schedule
+from maelab.commands.sections import (OptimConfig, TrainRunConfig, check_crop_scale, check_run_numbers,
+                                      check_schedule)
 from maelab.commands.session import Session
 from maelab.config import command_config, option
 from maelab.data.folders import prepare_images, spread_sample
@@ -91,9 +92,10 @@ def validate(cfg: PretrainConfig) -> None:
     if not cfg.data.data:
         raise MaelabError("--data is required: a folder of images (ImageFolder tree or flat)")
     num_visible(1, cfg.model.mask_ratio)
-    for name, value in [("batch-size", cfg.data.batch_size), ("log-every", cfg.run.log_every)]:
-        if value < 1:
-            raise MaelabError(f"--{name} must be at least 1, got {value}")
+    if cfg.data.batch_size < 1:
+        raise MaelabError(f"--batch-size must be at least 1, got {cfg.data.batch_size}")
+    check_run_numbers(cfg.run)
+    default_workers(cfg.data.num_workers)
     check_schedule(cfg.optim, cfg.data.batch_size)
     check_crop_scale(cfg.data.min_crop_scale)
 

@@ -9,13 +9,18 @@ from typing import Iterator
 
 from torch.utils.data import DataLoader
 
+from maelab.errors import MaelabError
+
 
 def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_workers(requested: int) -> int:
-    """``-1``: one worker per CPU core, at most 8; otherwise the number asked for."""
+    """``-1``: one worker per CPU core, at most 8; otherwise the number asked for (other negative
+    numbers are refused: only -1 means "auto")."""
+    if requested < -1:
+        raise MaelabError(f"--num-workers must be 0 or more, or -1 for one per CPU core, got {requested}")
     if requested >= 0:
         return requested
     return max(1, min(8, cpu_cores()))
