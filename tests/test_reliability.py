@@ -139,3 +139,37 @@ def test_negative_keep_and_worker_counts_are_refused_before_anything_is_written(
     assert not out.exists()
     assert main(["knn", "--init", "none", "--data", str(data), "--num-workers", "-5"]) == 2
     assert "--num-workers must be 0 or more" in _error_line(capsys)
+
+
+@pytest.fixture(scope="module")
+def mae_file(tmp_path_factory):
+    import torch
+
+    from conftest import TINY_MAE
+    from maelab.interop.mae_weights import save_mae
+    from maelab.models.mae import MaskedAutoencoder
+
+    torch.manual_seed(0)
+    return save_mae(MaskedAutoencoder(**TINY_MAE), tmp_path_factory.mktemp("mae") / "mae.safetensors")
+
+
+def test_visualize_refuses_an_output_that_is_not_a_png(capsys, tmp_path, mae_file):
+    from maelab.cli import main
+
+    image = png_folder(tmp_path / "data", 1) / "000.png"
+    for name in ["recon.txt", "recon"]:
+        out = tmp_path / name
+        assert main(["visualize", "--checkpoint", str(mae_file), "--images", str(image), "--out", str(out)]) == 2
+        assert "visualize writes a PNG; name the file recon.png" in _error_line(capsys)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("to", ["maelab", "official", "timm"])
+def test_convert_to_an_existing_folder_for_a_file_format_is_refused(capsys, tmp_path, mae_file, to):
+    from maelab.cli import main
+
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert main(["convert", str(mae_file), str(folder), "--to", to]) == 2
+    assert f"{folder} is a folder, and --to {to} writes one file" in _error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports"] and not any(folder.iterdir())
