@@ -173,3 +173,18 @@ def test_convert_to_an_existing_folder_for_a_file_format_is_refused(capsys, tmp_
     assert main(["convert", str(mae_file), str(folder), "--to", to]) == 2
     assert f"{folder} is a folder, and --to {to} writes one file" in _error_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exports"] and not any(folder.iterdir())
+
+
+def test_an_empty_yaml_section_is_accepted_and_a_non_mapping_section_explained(tmp_path):
+    from maelab.commands.pretrain import PretrainConfig
+    from maelab.config import build_config
+    from maelab.errors import MaelabError
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("optim:\nrun:\n  seed: 5\n")
+    cfg = build_config(PretrainConfig, yaml_path=str(empty))
+    assert cfg.run.seed == 5 and cfg.optim.epochs == PretrainConfig().optim.epochs
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: 5\n")
+    with pytest.raises(MaelabError, match="config section 'optim' in .* must hold `field: value` lines, got 5"):
+        build_config(PretrainConfig, yaml_path=str(bad))
