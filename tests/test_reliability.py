@@ -188,3 +188,31 @@ def test_an_empty_yaml_section_is_accepted_and_a_non_mapping_section_explained(t
     bad.write_text("optim: 5\n")
     with pytest.raises(MaelabError, match="config section 'optim' in .* must hold `field: value` lines, got 5"):
         build_config(PretrainConfig, yaml_path=str(bad))
+
+
+def _text_files(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"{i:03d}.jpg").write_text("not an image")
+    return folder
+
+
+def test_a_few_unreadable_files_are_named_instead_of_the_batch_size(capsys, tmp_path):
+    from maelab.cli import main
+
+    data, out = _text_files(tmp_path / "data", 3), tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), *FAST, "--batch-size", "16",
+                 "--num-workers", "0"]) == 2
+    line = _error_line(capsys)
+    assert "3 of the 3 images cannot be read, e.g. cannot read image" in line and "batch" not in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_run_whose_images_are_all_unreadable_writes_nothing(capsys, tmp_path, workers):
+    from maelab.cli import main
+
+    data, out = _text_files(tmp_path / "data", 20), tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), *FAST, "--num-workers", workers]) == 2
+    assert "cannot read image" in _error_line(capsys)
+    assert not out.exists()

@@ -18,7 +18,7 @@ from maelab.commands.sections import (ClassDataConfig, EncoderConfig, OptimConfi
                                       check_crop_scale, check_data_numbers, check_run_numbers, check_schedule)
 from maelab.commands.session import Session, encoder_header
 from maelab.config import command_config, option, redefault
-from maelab.data.loader import Feeder, StepPlan
+from maelab.data.loader import Feeder, plan_for
 from maelab.data.splits import load_splits
 from maelab.data.transforms import finetune_transform
 from maelab.data.workers import default_workers
@@ -161,7 +161,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         train, val = load_splits(cfg.data, cfg.run.seed)
         num_classes = len(train.classes)
         model, arch, size, enc, notes = build_model(cfg, num_classes)
-        plan = StepPlan(len(train), cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank,
+        plan = plan_for(train, cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank,
                         cfg.run.seed)
         a = cfg.augment
         aa = a.auto_augment if a.auto_augment and a.auto_augment.lower() != "none" else None

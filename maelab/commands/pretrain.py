@@ -12,7 +12,7 @@ from maelab.commands.sections import (OptimConfig, TrainRunConfig, check_crop_sc
 from maelab.commands.session import Session
 from maelab.config import command_config, option
 from maelab.data.folders import prepare_images, spread_sample
-from maelab.data.loader import Feeder, StepPlan, choose_in_memory
+from maelab.data.loader import Feeder, choose_in_memory, plan_for
 from maelab.data.transforms import PretrainTransform
 from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
@@ -110,7 +110,7 @@ def run(cfg: PretrainConfig) -> LoopResult:
         images = prepare_images(cfg.data.data, cfg.data.bad_files, cfg.data.limit_images, cfg.run.seed)
         workers = default_workers(cfg.data.num_workers)
         in_memory = choose_in_memory(cfg.data.in_memory, images, model.img_size)
-        plan = StepPlan(len(images), cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank,
+        plan = plan_for(images, cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank,
                         cfg.run.seed)
         feeder = Feeder(images, plan, s.device, model.img_size, in_memory,
                         transform=PretrainTransform(model.img_size, cfg.data.min_crop_scale, cfg.data.hflip),

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from maelab.data.folders import ImageList, image_sizes, open_rgb
+from maelab.data.folders import ImageList, image_sizes, open_rgb, unreadable
 from maelab.data.memory import augment_batch, decode_all, fits_in_memory
 from maelab.data.seeding import clone_generator, make_generator, mix_seed
 from maelab.data.workers import ignore_stop_signals, stop_workers, worker_batches
@@ -60,6 +60,21 @@ class StepPlan:
     def indices(self, order: torch.Tensor, step: int, micro: int) -> torch.Tensor:
         start = step * self.global_size + self.offset(micro)
         return order[start : start + self.batch_size]
+
+
+def plan_for(images: ImageList, batch_size: int, accum_iter: int, world: int, rank: int, seed: int,
+             shuffle: bool = True) -> StepPlan:
+    """The :class:`StepPlan` over ``images``. When they are fewer than one global batch, unreadable
+    files are named first: they are the likelier cause (three broken files are no reason to lower
+    ``--batch-size``), and such a folder is small, so probing it is cheap."""
+    try:
+        return StepPlan(len(images), batch_size, accum_iter, world, rank, seed, shuffle)
+    except MaelabError:
+        bad = unreadable(images.paths)
+        if bad:
+            raise MaelabError(f"{len(bad)} of the {len(images)} images cannot be read, e.g. {bad[0]} "
+                              f"(use --bad-files skip to leave them out)") from None
+        raise
 
 
 class _BatchSampler(Sampler):
@@ -137,7 +152,7 @@ class Feeder:
         progress: bool = False,
     ):
         self.images, self.plan, self.device = images, plan, device
-        self.out_size, self.in_memory = tuple(out_size), in_memory
+        self.out_size, self.in_memory, self.bad_files = tuple(out_size), in_memory, bad_files
         self.min_scale, self.hflip = min_scale, hflip
         self.labels = torch.tensor(images.labels)
         if in_memory:
@@ -172,6 +187,15 @@ class Feeder:
     @property
     def steps_per_epoch(self) -> int:
         return self.plan.steps_per_epoch
+
+    def check_start(self, epoch: int, step: int) -> None:
+        """Decode the images of the first micro-batch the run will read, before its folder is written:
+        streamed images are not decoded up front, and a folder of unreadable ones must fail here, leaving
+        nothing behind (one batch of decodes, once per run; no random numbers drawn)."""
+        if self.in_memory or self.bad_files != "error" or step >= self.plan.steps_per_epoch:
+            return
+        for i in self.plan.indices(self.plan.order(epoch), step, 0).tolist():
+            open_rgb(self.images.paths[i])
 
     def close(self) -> None:
         """Stop the loader's worker processes (the training loop calls this however it ends)."""

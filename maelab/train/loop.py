@@ -178,13 +178,15 @@ class Trainer:
         return path
 
     def open_run(self, config: Any, resume: Path | None) -> RunLogger:
-        """Resume (which checks the checkpoint fits) and only then write the run folder: logs and
-        ``config.yaml``. Nothing is written for a run that cannot start."""
+        """Resume (which checks the checkpoint fits), read the first batch's images, and only then write
+        the run folder: logs and ``config.yaml``. Nothing is written for a run that cannot start."""
         settings = dataclasses.asdict(config)
         changes: list[str] = []
         if resume is not None:
             changes = check_resume(Path(resume).parent.parent / "config.yaml", settings)
             self.resume_from(resume)
+        if self.epoch < self.optim_cfg.epochs:
+            self.feeder.check_start(self.epoch, self.step)
         self.log = RunLogger(self.run_dir, enabled=self.info.is_main, start_step=self.global_step)
         if self.info.is_main:
             atomic_write_bytes(self.run_dir / "config.yaml",
