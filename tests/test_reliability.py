@@ -216,3 +216,23 @@ def test_a_run_whose_images_are_all_unreadable_writes_nothing(capsys, tmp_path, 
     assert main(["pretrain", "--data", str(data), "--out", str(out), *FAST, "--num-workers", workers]) == 2
     assert "cannot read image" in _error_line(capsys)
     assert not out.exists()
+
+
+def test_sigterm_before_the_training_loop_is_a_clean_one_line_stop(tmp_path):
+    data, out = png_folder(tmp_path / "data", 8), tmp_path / "run"
+    argv = ["pretrain", "--data", str(data), "--out", str(out), *FAST, "--num-workers", "0"]
+    script = ("import os, signal, sys\n"
+              "import maelab.commands.pretrain as p\n"
+              "scan = p.prepare_images\n"
+              "def signalled(*a, **k):\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)  # the scheduler stops the job while it reads the data\n"
+              "    return scan(*a, **k)\n"
+              "p.prepare_images = signalled\n"
+              "from maelab.cli import main\n"
+              f"sys.exit(main({argv!r}))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, (done.returncode, done.stderr)
+    assert done.stderr.strip().splitlines() == [
+        "maelab: stopped by SIGTERM outside the training loop; checkpoints already written are kept"]
+    assert not out.exists()
