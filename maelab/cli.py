@@ -11,7 +11,7 @@ from pathlib import Path
 from maelab import __version__
 from maelab.commands import COMMANDS
 from maelab.config import add_config_args, config_from_args
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, SameOnEveryRank
 from maelab.train.loop import RunInterrupted
 
 CONFIG_NOTE = " Every flag is a config field; --config loads a YAML preset first (flags override it)."
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"maelab: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except MaelabError as e:
-        print(f"maelab: error: {_one_line(e)}", file=sys.stderr)
+        if not isinstance(e, SameOnEveryRank) or os.environ.get("RANK", "0") == "0":
+            print(f"maelab: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a path the system refused (exists as a file, no such folder, permission): no traceback
         print(f"maelab: error: {_os_error_line(e, getattr(args, 'out', None))}", file=sys.stderr)

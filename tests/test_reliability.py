@@ -236,3 +236,18 @@ def test_sigterm_before_the_training_loop_is_a_clean_one_line_stop(tmp_path):
     assert done.stderr.strip().splitlines() == [
         "maelab: stopped by SIGTERM outside the training loop; checkpoints already written are kept"]
     assert not out.exists()
+
+
+def test_more_processes_than_images_is_refused_once_by_rank_0(tmp_path):
+    data, out = png_folder(tmp_path / "data", 1), tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "29541"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*torchrun, "-m", "maelab.cli", "pretrain", "--data", str(data), "--out", str(out), *FAST,
+                           "--batch-size", "1", "--num-workers", "0"], env=env, capture_output=True, text=True,
+                          timeout=180)
+    text = done.stdout + done.stderr
+    lines = [x for x in text.splitlines() if x.startswith("maelab: error: ")]
+    assert lines == ["maelab: error: 2 processes but only 1 image(s): every process needs at least one image per "
+                     "step; run at most 1 process(es) (torchrun --nproc_per_node)"], text
+    assert "exitcode  : 2" in text and done.returncode != 0  # the launcher's own report of the failure remains
+    assert not out.exists()

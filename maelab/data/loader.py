@@ -20,7 +20,7 @@ from maelab.data.folders import ImageList, image_sizes, open_rgb, unreadable
 from maelab.data.memory import augment_batch, decode_all, fits_in_memory
 from maelab.data.seeding import clone_generator, make_generator, mix_seed
 from maelab.data.workers import ignore_stop_signals, stop_workers, worker_batches
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, SameOnEveryRank
 
 @dataclass
 class Batch:
@@ -43,8 +43,12 @@ class StepPlan:
         self.seed, self.shuffle = seed, shuffle
         self.global_size = batch_size * accum_iter * world
         self.steps_per_epoch = num_items // self.global_size
+        if self.steps_per_epoch == 0 and num_items < world:
+            raise SameOnEveryRank(
+                f"{world} processes but only {num_items} image(s): every process needs at least one image per "
+                f"step; run at most {num_items} process(es) (torchrun --nproc_per_node)")
         if self.steps_per_epoch == 0:
-            raise MaelabError(
+            raise SameOnEveryRank(
                 f"the dataset has {num_items} images, fewer than one global batch of {self.global_size} "
                 f"(batch size {batch_size} x accumulation {accum_iter} x {world} processes); lower --batch-size"
             )
@@ -72,7 +76,7 @@ def plan_for(images: ImageList, batch_size: int, accum_iter: int, world: int, ra
     except MaelabError:
         bad = unreadable(images.paths)
         if bad:
-            raise MaelabError(f"{len(bad)} of the {len(images)} images cannot be read, e.g. {bad[0]} "
+            raise SameOnEveryRank(f"{len(bad)} of the {len(images)} images cannot be read, e.g. {bad[0]} "
                               f"(use --bad-files skip to leave them out)") from None
         raise
 
