@@ -60,7 +60,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_run_resumes(capsys,
     from maelab.cli import main
     from maelab.train import checkpoint as ckpt
 
-    data, out = png_folder(tmp_path / "data", 16), tmp_path / "run"
+    data, out = png_folder(tmp_path / "data", 8), tmp_path / "run"
     flags = ["pretrain", "--data", str(data), "--out", str(out), *FAST, "--epochs", "2", "--num-workers", "0"]
     writer, error = _disk_full_errors()[kind]
     calls = {"n": 0}
