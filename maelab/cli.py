@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
 from maelab import __version__
 from maelab.commands import COMMANDS
 from maelab.config import add_config_args, config_from_args
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, SameOnEveryRank
 from maelab.train.loop import RunInterrupted
 
 CONFIG_NOTE = " Every flag is a config field; --config loads a YAML preset first (flags override it)."
+
+
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (which saves and stops itself): stop as Ctrl-C does, with one
+    line and status 143, instead of dying silently with -15. A BaseException, so that no ``except
+    Exception`` (or the bad-file policy's ``except MaelabError``) swallows it."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,13 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: signals stay as they are
+        previous = None
+    try:
         return dispatch(args)
+    except Terminated:
+        if os.environ.get("RANK", "0") == "0":
+            print("maelab: stopped by SIGTERM outside the training loop; checkpoints already written are kept",
+                  file=sys.stderr)
+        return 128 + signal.SIGTERM
     except RunInterrupted as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
             print(f"maelab: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except MaelabError as e:
-        print(f"maelab: error: {_one_line(e)}", file=sys.stderr)
+        if not isinstance(e, SameOnEveryRank) or os.environ.get("RANK", "0") == "0":
+            print(f"maelab: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # a path the system refused (exists as a file, no such folder, permission): no traceback
         print(f"maelab: error: {_os_error_line(e, getattr(args, 'out', None))}", file=sys.stderr)
@@ -87,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("maelab: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

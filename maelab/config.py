@@ -143,10 +143,12 @@ def _flatten(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in values.items():
         key = key.replace("-", "_")
-        if key in sections and isinstance(value, dict):
-            flat.update(_flatten(cls, value, source))
+        if key in sections and (value is None or isinstance(value, dict)):
+            flat.update(_flatten(cls, value or {}, source))  # `optim:` with nothing under it: an empty section
         elif key in leaves:
             flat[key] = value
+        elif key in sections:
+            raise MaelabError(f"config section {key!r} in {source} must hold `field: value` lines, got {value!r}")
         else:
             raise MaelabError(f"unknown config field {key!r} in {source}; valid fields: {', '.join(leaves)}")
     return flat

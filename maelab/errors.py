@@ -7,3 +7,8 @@ its traceback.
 
 class MaelabError(Exception):
     """A problem with the user's input (paths, flags, checkpoints, data), explained in one line."""
+
+
+class SameOnEveryRank(MaelabError):
+    """An error every process of a torchrun job raises alike, as it depends only on the settings, the
+    data and the number of processes: only rank 0 prints it, so the job says it once."""

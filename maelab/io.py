@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,13 +64,54 @@ def check_output_file(path: str | Path, flag: str = "--out") -> None:
     check_writable_folder(p.parent, flag, p)
 
 
+def temp_prefix(name: str) -> str:
+    """Prefix of a temp file or folder written for ``name``: hidden, and naming the writing process, so
+    a later run can tell what a killed writer left from a write still in progress."""
+    return f".{name}.{os.getpid()}."
+
+
+_TEMP_PID = re.compile(r"^\..+?\.(\d+)\.")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the hidden temp files and folders in ``folder`` that no live process is writing: a SIGKILL
+    mid-write leaves them behind. One whose writer's pid (:func:`temp_prefix`) is alive is kept; one
+    naming no pid (written before pids were recorded) is stale. Returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if not p.name.startswith("."):
+            continue
+        m = _TEMP_PID.match(p.name)
+        if m and _alive(int(m.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temp path beside ``path`` to write to; on success fsync it and rename it over
     ``path`` (then fsync the folder); on any failure remove it. Readers never see a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
     os.close(fd)
     try:
         yield tmp

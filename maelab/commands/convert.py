@@ -58,6 +58,9 @@ def output_path(out: str | Path, to: str) -> Path:
     out = Path(out).expanduser()
     if to not in SUFFIX:
         return out
+    if out.is_dir():  # the added suffix would write beside the folder, not into it
+        raise MaelabError(f"{out} is a folder, and --to {to} writes one file: give a file name, e.g. "
+                          f"{out / ('model' + SUFFIX[to])}")
     if not out.suffix:
         return out.with_name(out.name + SUFFIX[to])
     if to == "timm" and out.suffix != ".safetensors":

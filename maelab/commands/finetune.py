@@ -14,11 +14,11 @@ from typing import Any
 from timm.data import Mixup
 from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 
-from maelab.commands.sections import (ClassDataConfig, EncoderConfig, OptimConfig, TrainRunConfig, at_least,
-                                      check_crop_scale, check_data_numbers, check_schedule)
+from maelab.commands.sections import (ClassDataConfig, EncoderConfig, OptimConfig, TrainRunConfig,
+                                      check_crop_scale, check_data_numbers, check_run_numbers, check_schedule)
 from maelab.commands.session import Session, encoder_header
 from maelab.config import command_config, option, redefault
-from maelab.data.loader import Feeder, StepPlan
+from maelab.data.loader import Feeder, plan_for
 from maelab.data.splits import load_splits
 from maelab.data.transforms import finetune_transform
 from maelab.data.workers import default_workers
@@ -114,7 +114,7 @@ def validate(cfg: FinetuneConfig) -> None:
     o, a = cfg.optim, cfg.augment
     check_schedule(o, cfg.data.batch_size)
     check_augment(a)
-    at_least(log_every=(cfg.run.log_every, 1))
+    check_run_numbers(cfg.run)
     if not 0 < o.layer_decay <= 1:
         raise MaelabError(f"--layer-decay must be in (0, 1], got {o.layer_decay}")
     check_crop_scale(a.min_crop_scale)
@@ -162,7 +162,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         train, val = load_splits(cfg.data, cfg.run.seed)
         num_classes = len(train.classes)
         model, arch, size, enc, notes = build_model(cfg, num_classes)
-        plan = StepPlan(len(train), cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank,
+        plan = plan_for(train, cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank,
                         cfg.run.seed)
         a = cfg.augment
         aa = a.auto_augment if a.auto_augment and a.auto_augment.lower() != "none" else None

@@ -21,11 +21,11 @@ from typing import Any, Iterator
 
 import torch
 
-from maelab.commands.sections import (ClassDataConfig, EncoderConfig, ScheduleConfig, TrainRunConfig, at_least,
-                                      check_crop_scale, check_data_numbers, check_schedule)
+from maelab.commands.sections import (ClassDataConfig, EncoderConfig, ScheduleConfig, TrainRunConfig,
+                                      check_crop_scale, check_data_numbers, check_run_numbers, check_schedule)
 from maelab.commands.session import Session, encoder_header
 from maelab.config import command_config, option, redefault
-from maelab.data.loader import Batch, Feeder, StepPlan, choose_in_memory
+from maelab.data.loader import Batch, Feeder, StepPlan, choose_in_memory, plan_for
 from maelab.data.splits import load_splits
 from maelab.data.transforms import EvalTransform, PretrainTransform
 from maelab.data.workers import default_workers
@@ -96,6 +96,12 @@ class TensorFeeder:
     def steps_per_epoch(self) -> int:
         return self.plan.steps_per_epoch
 
+    def check_start(self, epoch: int, step: int) -> None:
+        """Features are already computed: nothing left to read."""
+
+    def close(self) -> None:
+        """No worker processes to stop."""
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         plan = self.plan
         order = plan.order(epoch).to(self.features.device)
@@ -109,7 +115,7 @@ class TensorFeeder:
 def validate(cfg: LinprobeConfig) -> None:
     check_data_numbers(cfg.data)
     check_schedule(cfg.optim, cfg.data.batch_size)
-    at_least(log_every=(cfg.run.log_every, 1))
+    check_run_numbers(cfg.run)
     if cfg.data.batch_size < 2:
         raise MaelabError("--batch-size must be at least 2 (the head's BatchNorm needs a batch)")
     check_crop_scale(cfg.augment.min_crop_scale)
@@ -132,7 +138,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
             return extract_features(encoder, s.eval_split(images, size, d), s.device, pool, s.precision, s.is_main)
 
         val_feats, val_labels, _ = features(val)
-        plan = StepPlan(len(train), d.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank, cfg.run.seed)
+        plan = plan_for(train, d.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank, cfg.run.seed)
         if cached:
             feats, labels, _ = gather_split(*features(train), s.device)
             feeder = TensorFeeder(feats, labels, plan, s.device)

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from maelab.commands.sections import OptimConfig, TrainRunConfig, check_crop_scale, check_schedule
+from maelab.commands.sections import (OptimConfig, TrainRunConfig, check_crop_scale, check_run_numbers,
+                                      check_schedule)
 from maelab.commands.session import Session
 from maelab.config import command_config, option
 from maelab.data.folders import prepare_images, spread_sample
-from maelab.data.loader import Feeder, StepPlan, choose_in_memory
+from maelab.data.loader import Feeder, choose_in_memory, plan_for
 from maelab.data.transforms import PretrainTransform
 from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
@@ -92,9 +93,10 @@ def validate(cfg: PretrainConfig) -> None:
     if not cfg.data.data:
         raise MaelabError("--data is required: a folder of images (ImageFolder tree or flat)")
     num_visible(1, cfg.model.mask_ratio)
-    for name, value in [("batch-size", cfg.data.batch_size), ("log-every", cfg.run.log_every)]:
-        if value < 1:
-            raise MaelabError(f"--{name} must be at least 1, got {value}")
+    if cfg.data.batch_size < 1:
+        raise MaelabError(f"--batch-size must be at least 1, got {cfg.data.batch_size}")
+    check_run_numbers(cfg.run)
+    default_workers(cfg.data.num_workers)
     check_schedule(cfg.optim, cfg.data.batch_size)
     check_crop_scale(cfg.data.min_crop_scale)
 
@@ -109,7 +111,7 @@ def run(cfg: PretrainConfig) -> LoopResult:
         images = prepare_images(cfg.data.data, cfg.data.bad_files, cfg.data.limit_images, cfg.run.seed)
         workers = default_workers(cfg.data.num_workers)
         in_memory = choose_in_memory(cfg.data.in_memory, images, model.img_size)
-        plan = StepPlan(len(images), cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank,
+        plan = plan_for(images, cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank,
                         cfg.run.seed)
         feeder = Feeder(images, plan, s.device, model.img_size, in_memory,
                         transform=PretrainTransform(model.img_size, cfg.data.min_crop_scale, cfg.data.hflip),

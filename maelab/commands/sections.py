@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from maelab.config import option
+from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
 from maelab.models.vit import POOLS
 from maelab.train.budget import parse_duration
@@ -162,14 +163,24 @@ def at_least(**values) -> None:
 
 
 def check_data_numbers(data) -> None:
-    """``--batch-size``, ``--crop-pct``, ``--limit-images``, ``--num-classes`` of an images section."""
+    """``--batch-size``, ``--num-workers``, ``--crop-pct``, ``--limit-images``, ``--num-classes`` of an
+    images section."""
     at_least(batch_size=(data.batch_size, 1))
+    default_workers(data.num_workers)
     if not 0 < data.crop_pct <= 1:
         raise MaelabError(f"--crop-pct must be in (0, 1], got {data.crop_pct}")
     if getattr(data, "limit_images", 0) < 0:
         raise MaelabError(f"--limit-images must be 0 (all) or positive, got {data.limit_images}")
     if getattr(data, "num_classes", None) is not None:
         at_least(num_classes=(data.num_classes, 2))
+
+
+def check_run_numbers(run: TrainRunConfig) -> None:
+    """``--log-every`` and ``--keep`` of a training run section (``--keep -1`` used to keep everything
+    silently)."""
+    at_least(log_every=(run.log_every, 1))
+    if run.keep < 0:
+        raise MaelabError(f"--keep must be 0 (keep all) or more, got {run.keep}")
 
 
 def check_crop_scale(value: float) -> None:

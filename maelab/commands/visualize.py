@@ -33,10 +33,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def output_path(out: str) -> Path:
-    """``--out``: a file, or a folder (existing, or named with a trailing slash) that gets ``reconstruction.png``."""
+    """``--out``: a file, or a folder (existing, or named with a trailing slash) that gets ``reconstruction.png``.
+    A file must be named ``.png``: the grid is always a PNG, and ``recon.txt`` would hold one."""
     path = Path(out).expanduser()
     if out.endswith(("/", os.sep)) or path.is_dir():
         return path / VIS_NAME
+    if path.suffix.lower() != ".png":
+        raise MaelabError(f"--out {out}: visualize writes a PNG; name the file {path.stem}.png "
+                          f"(or end --out with / for a folder)")
     return path
 
 

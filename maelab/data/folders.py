@@ -214,6 +214,11 @@ def _map_files(fn, paths: list[str]) -> list:
         return list(pool.map(fn, paths, chunksize=-(-len(paths) // (4 * workers))))
 
 
+def unreadable(paths: list[str]) -> list[str]:
+    """Why each path that fails the quick probe cannot be read (the others are left out), in parallel."""
+    return [r for r in _map_files(_probe, paths) if r]
+
+
 def check_readable(paths: list[str]) -> list[int]:
     """Indices of the paths that pass a quick probe, in parallel; used by ``bad_files="skip"``.
     A file that passes but fails to decode later is replaced by a neighbour at load time."""

@@ -16,11 +16,11 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from maelab.data.folders import ImageList, image_sizes, open_rgb
+from maelab.data.folders import ImageList, image_sizes, open_rgb, unreadable
 from maelab.data.memory import augment_batch, decode_all, fits_in_memory
 from maelab.data.seeding import clone_generator, make_generator, mix_seed
-from maelab.data.workers import ignore_stop_signals
-from maelab.errors import MaelabError
+from maelab.data.workers import ignore_stop_signals, stop_workers, worker_batches
+from maelab.errors import MaelabError, SameOnEveryRank
 
 @dataclass
 class Batch:
@@ -43,8 +43,12 @@ class StepPlan:
         self.seed, self.shuffle = seed, shuffle
         self.global_size = batch_size * accum_iter * world
         self.steps_per_epoch = num_items // self.global_size
+        if self.steps_per_epoch == 0 and num_items < world:
+            raise SameOnEveryRank(
+                f"{world} processes but only {num_items} image(s): every process needs at least one image per "
+                f"step; run at most {num_items} process(es) (torchrun --nproc_per_node)")
         if self.steps_per_epoch == 0:
-            raise MaelabError(
+            raise SameOnEveryRank(
                 f"the dataset has {num_items} images, fewer than one global batch of {self.global_size} "
                 f"(batch size {batch_size} x accumulation {accum_iter} x {world} processes); lower --batch-size"
             )
@@ -60,6 +64,21 @@ class StepPlan:
     def indices(self, order: torch.Tensor, step: int, micro: int) -> torch.Tensor:
         start = step * self.global_size + self.offset(micro)
         return order[start : start + self.batch_size]
+
+
+def plan_for(images: ImageList, batch_size: int, accum_iter: int, world: int, rank: int, seed: int,
+             shuffle: bool = True) -> StepPlan:
+    """The :class:`StepPlan` over ``images``. When they are fewer than one global batch, unreadable
+    files are named first: they are the likelier cause (three broken files are no reason to lower
+    ``--batch-size``), and such a folder is small, so probing it is cheap."""
+    try:
+        return StepPlan(len(images), batch_size, accum_iter, world, rank, seed, shuffle)
+    except MaelabError:
+        bad = unreadable(images.paths)
+        if bad:
+            raise SameOnEveryRank(f"{len(bad)} of the {len(images)} images cannot be read, e.g. {bad[0]} "
+                              f"(use --bad-files skip to leave them out)") from None
+        raise
 
 
 class _BatchSampler(Sampler):
@@ -137,7 +156,7 @@ class Feeder:
         progress: bool = False,
     ):
         self.images, self.plan, self.device = images, plan, device
-        self.out_size, self.in_memory = tuple(out_size), in_memory
+        self.out_size, self.in_memory, self.bad_files = tuple(out_size), in_memory, bad_files
         self.min_scale, self.hflip = min_scale, hflip
         self.labels = torch.tensor(images.labels)
         if in_memory:
@@ -173,6 +192,20 @@ class Feeder:
     def steps_per_epoch(self) -> int:
         return self.plan.steps_per_epoch
 
+    def check_start(self, epoch: int, step: int) -> None:
+        """Decode the images of the first micro-batch the run will read, before its folder is written:
+        streamed images are not decoded up front, and a folder of unreadable ones must fail here, leaving
+        nothing behind (one batch of decodes, once per run; no random numbers drawn)."""
+        if self.in_memory or self.bad_files != "error" or step >= self.plan.steps_per_epoch:
+            return
+        for i in self.plan.indices(self.plan.order(epoch), step, 0).tolist():
+            open_rgb(self.images.paths[i])
+
+    def close(self) -> None:
+        """Stop the loader's worker processes (the training loop calls this however it ends)."""
+        if not self.in_memory:
+            stop_workers(self.loader)
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         plan = self.plan
         if self.in_memory:
@@ -189,7 +222,7 @@ class Feeder:
             self.sampler.set_position(epoch, start_step)
             self.generator.manual_seed(mix_seed(plan.seed, 7, epoch))
             step, micro = start_step, 0
-            for imgs, labels in self.loader:
+            for imgs, labels in worker_batches(self.loader):
                 yield Batch(epoch, step, micro, imgs.to(self.device, non_blocking=True),
                             labels.to(self.device, non_blocking=True), plan.offset(micro), plan.global_size)
                 micro += 1

@@ -1,9 +1,15 @@
-"""DataLoader worker processes: how many, and how they behave when the job is signalled."""
+"""DataLoader worker processes: how many, how they behave when the job is signalled, and how they
+are stopped when a run ends by an error."""
 
 from __future__ import annotations
 
 import os
 import signal
+from typing import Iterator
+
+from torch.utils.data import DataLoader
+
+from maelab.errors import MaelabError
 
 
 def cpu_cores() -> int:
@@ -11,7 +17,10 @@ def cpu_cores() -> int:
 
 
 def default_workers(requested: int) -> int:
-    """``-1``: one worker per CPU core, at most 8; otherwise the number asked for."""
+    """``-1``: one worker per CPU core, at most 8; otherwise the number asked for (other negative
+    numbers are refused: only -1 means "auto")."""
+    if requested < -1:
+        raise MaelabError(f"--num-workers must be 0 or more, or -1 for one per CPU core, got {requested}")
     if requested >= 0:
         return requested
     return max(1, min(8, cpu_cores()))
@@ -23,3 +32,28 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     process before it can save. The main process stops at the next step, saves, and shuts them down."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_workers(loader: DataLoader, iterator: Iterator | None = None) -> None:
+    """Shut ``loader``'s worker processes down now (its persistent iterator and ``iterator``).
+
+    Needed because workers ignore SIGTERM: a worker still alive when Python exits makes the
+    multiprocessing exit hook (SIGTERM, then join) wait forever. An error's traceback holds a reference
+    cycle (torch's re-raise keeps the exception in its frame) that keeps persistent workers alive until
+    exit, so the error path must not rely on the iterator being freed. ``_shutdown_workers`` is the
+    DataLoader's own clean shutdown (idempotent) and the only way to stop persistent workers."""
+    for it in (iterator, getattr(loader, "_iterator", None)):
+        if hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+    loader._iterator = None
+
+
+def worker_batches(loader: DataLoader) -> Iterator:
+    """``iter(loader)``, stopping its workers (:func:`stop_workers`) when the iteration ends by an
+    error in a worker or is abandoned (the consumer closes this generator)."""
+    it = iter(loader)
+    try:
+        yield from it
+    except BaseException:
+        stop_workers(loader, it)
+        raise

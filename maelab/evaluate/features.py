@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from maelab.data.folders import ImageList, open_rgb
 from maelab.data.memory import decode_all
 from maelab.data.transforms import EvalTransform, from_uint8
-from maelab.data.workers import ignore_stop_signals
+from maelab.data.workers import ignore_stop_signals, worker_batches
 from maelab.errors import MaelabError
 from maelab.models.vit import encode
 from maelab.train.precision import autocast
@@ -91,7 +91,7 @@ class EvalSplit:
                 yield from_uint8(raw), self.labels[start:stop], self.index[start:stop]
         else:
             start = 0
-            for imgs, ok in self.loader:
+            for imgs, ok in worker_batches(self.loader):
                 stop = start + imgs.shape[0]
                 labels, index = self.labels[start:stop], self.index[start:stop]
                 if not ok.all():  # left out under bad_files="skip"
@@ -109,7 +109,7 @@ def extract_features(model: nn.Module, split: EvalSplit, device: torch.device, g
     was_training = model.training
     model.eval()
     feats, labels, index = [], [], []
-    it = split.batches(device)
+    batches = it = split.batches(device)
     if progress:
         it = tqdm(it, total=-(-len(split) // split.batch_size), desc="features", unit="batch", leave=False,
                   disable=None)
@@ -121,6 +121,7 @@ def extract_features(model: nn.Module, split: EvalSplit, device: torch.device, g
             labels.append(y)
             index.append(i)
     finally:
+        batches.close()  # an error here stops the loader's workers now (see data.workers.stop_workers)
         model.train(was_training)
     if not feats:
         dim = getattr(model, "embed_dim", 0)

@@ -9,6 +9,7 @@ replaced atomically) names the newest. An incomplete folder is never taken for a
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -17,11 +18,36 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from maelab.errors import MaelabError
-from maelab.io import atomic_path, atomic_write_bytes, default_mode, fsync_dir, save_weights
+from maelab.io import atomic_path, atomic_write_bytes, default_mode, fsync_dir, save_weights, temp_prefix
 
 WEIGHTS, STATE, META, LATEST = "model.safetensors", "state.pt", "meta.json", "latest"
+# how a full disk surfaces: OSError, safetensors' "(os error 28)", torch.save's "unexpected pos"
+DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122", "unexpected pos")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether a write failed for lack of space (or quota), whichever writer reported it."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(err, (OSError, RuntimeError, SafetensorError)) and any(s in str(err) for s in DISK_FULL)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor inside nested dicts / lists: about what a checkpoint of ``obj`` takes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
 
 
 def save_checkpoint(
@@ -31,10 +57,27 @@ def save_checkpoint(
     train_state: dict[str, Any],
     meta: dict[str, Any],
 ) -> Path:
-    """Write ``checkpoints/<name>/`` atomically and point ``latest`` at it."""
+    """Write ``checkpoints/<name>/`` atomically and point ``latest`` at it. A full disk is one
+    :class:`MaelabError` naming the folder and the space needed; earlier checkpoints stay as they were."""
     ckpt_root = Path(run_dir) / "checkpoints"
+    try:
+        return _save(ckpt_root, name, state_dict, train_state, meta)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        if not is_disk_full(e):
+            raise
+        needed = tensor_bytes(state_dict) + tensor_bytes(train_state) + 2**20
+        free = shutil.disk_usage(ckpt_root if ckpt_root.is_dir() else run_dir).free
+        previous = latest_checkpoint(run_dir)
+        raise MaelabError(
+            f"no space left in {ckpt_root} to save checkpoint {name}: it needs about {_megabytes(needed)} free "
+            f"({_megabytes(free)} now); " + (f"{previous} is intact" if previous else "no checkpoint was written")
+            + "; free some space and run the same command again to resume") from None
+
+
+def _save(ckpt_root: Path, name: str, state_dict: dict[str, torch.Tensor], train_state: dict[str, Any],
+          meta: dict[str, Any]) -> Path:
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=f".{name}."))
+    tmp = Path(tempfile.mkdtemp(dir=ckpt_root, prefix=temp_prefix(name)))
     try:
         os.chmod(tmp, default_mode(directory=True))
         save_weights(tmp / WEIGHTS, state_dict, meta.get("model"))
@@ -43,7 +86,7 @@ def save_checkpoint(
         atomic_write_bytes(tmp / META, json.dumps(meta, indent=1).encode())
         final = ckpt_root / name
         if final.exists():
-            trash = ckpt_root / f".old-{name}-{os.getpid()}"
+            trash = ckpt_root / f"{temp_prefix(name)}old"
             os.replace(final, trash)
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)

@@ -28,7 +28,7 @@ import yaml
 
 from maelab.data.loader import Batch, Feeder
 from maelab.errors import MaelabError
-from maelab.io import atomic_write_bytes, read_weights
+from maelab.io import atomic_write_bytes, read_weights, remove_stale_temps
 from maelab.models.attention import fused_attention_wanted, set_attention_kernel
 from maelab.models.state_dicts import check_state_dict
 from maelab.train import checkpoint as ckpt
@@ -226,17 +226,22 @@ class Trainer:
         return path
 
     def open_run(self, config: Any, resume: Path | None) -> RunLogger:
-        """Resume (which checks the checkpoint fits) and only then write the run folder: logs and
-        ``config.yaml``. Nothing is written for a run that cannot start."""
+        """Resume (which checks the checkpoint fits), read the first batch's images, and only then write
+        the run folder: logs and ``config.yaml``. Nothing is written for a run that cannot start."""
         settings = dataclasses.asdict(config)
         changes: list[str] = []
         if resume is not None:
             changes = check_resume(Path(resume).parent.parent / "config.yaml", settings)
             self.resume_from(resume)
+        if self.epoch < self.optim_cfg.epochs:
+            self.feeder.check_start(self.epoch, self.step)
         self.log = RunLogger(self.run_dir, enabled=self.info.is_main, start_step=self.global_step)
         if self.info.is_main:
             atomic_write_bytes(self.run_dir / "config.yaml",
                                     yaml.safe_dump(recorded(settings), sort_keys=False).encode())
+            stale = remove_stale_temps(self.run_dir / "checkpoints")
+            if stale:
+                self.log.info(f"removed {len(stale)} temp file(s) a killed run left in {self.run_dir / 'checkpoints'}")
         if changes:
             self.log.info("resumed with changed settings: " + ", ".join(changes))
         return self.log
@@ -263,6 +268,13 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self) -> LoopResult:
+        """Train to ``optim.epochs``; the feeder's worker processes are stopped however it ends."""
+        try:
+            return self._fit()
+        finally:
+            self.feeder.close()
+
+    def _fit(self) -> LoopResult:
         cfg, run = self.optim_cfg, self.run_cfg
         accum = self.feeder.plan.accum
         history: list[dict] = []

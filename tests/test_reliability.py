@@ -1,0 +1,253 @@
+"""Failure modes that must end in one readable line and a clean exit, never a hang or a traceback,
+and leave the run folder as it was (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--model", "mae_vit_tiny_patch4", "--decoder-depth", "1", "--epochs", "1", "--batch-size", "4",
+        "--vis-every", "0", "--device", "cpu"]
+
+
+def png_folder(folder: Path, n: int = 20) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def maelab_cli(*argv, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "maelab.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_an_unreadable_image_with_loader_workers_exits_with_the_message(tmp_path):
+    """The worker's error used to leave its persistent workers alive (the traceback's reference cycle
+    kept the iterator), and they ignore the SIGTERM the exit hook sends them: the process never ended."""
+    data = png_folder(tmp_path / "data")
+    (data / "bad.jpg").write_text("not an image")
+    done = maelab_cli("pretrain", "--data", str(data), "--out", str(tmp_path / "run"), *FAST,
+                      "--num-workers", "2", timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert "maelab: error: cannot read image" in done.stderr and "bad.jpg" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _disk_full_errors():
+    from safetensors import SafetensorError
+    return {
+        "oserror": ("save_weights", OSError(errno.ENOSPC, "No space left on device")),
+        "safetensors": ("save_weights", SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)")),
+        "torch.save": ("torch_save", RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                                                  "64 vs 0")),
+    }
+
+
+@pytest.mark.parametrize("kind", ["oserror", "safetensors", "torch.save"])
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_run_resumes(capsys, monkeypatch, tmp_path, kind):
+    from maelab.cli import main
+    from maelab.train import checkpoint as ckpt
+
+    data, out = png_folder(tmp_path / "data", 8), tmp_path / "run"
+    flags = ["pretrain", "--data", str(data), "--out", str(out), *FAST, "--epochs", "2", "--num-workers", "0"]
+    writer, error = _disk_full_errors()[kind]
+    calls = {"n": 0}
+    real = ckpt.save_weights if writer == "save_weights" else ckpt.torch.save
+
+    def full_on_second_save(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # epoch 1 saved, epoch 2 hits the full disk
+            raise error
+        return real(*a, **k)
+
+    if writer == "save_weights":
+        monkeypatch.setattr(ckpt, "save_weights", full_on_second_save)
+    else:
+        monkeypatch.setattr(ckpt.torch, "save", full_on_second_save)
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    line = [x for x in err.splitlines() if x.startswith("maelab")][-1]
+    assert "Traceback" not in err and str(out / "checkpoints") in line and "needs about" in line, err
+    assert ckpt.latest_checkpoint(out).name == "epoch_0001"
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == []
+    if kind != "oserror":
+        return  # resuming after it is the same for every writer; checked once
+    monkeypatch.undo()
+    assert main(flags) == 0
+    assert ckpt.latest_checkpoint(out).name == "epoch_0002"
+
+
+def test_temp_checkpoints_a_killed_run_left_are_removed_and_live_ones_kept(capsys, monkeypatch, tmp_path):
+    from maelab.cli import main
+    from maelab.train import checkpoint as ckpt
+
+    data, out = png_folder(tmp_path / "data", 8), tmp_path / "run"
+    root = out / "checkpoints"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        stale = [root / f".epoch_0001.{dead.pid}.k2j4x_9a", root / ".epoch_0001.x8dk3l2q",  # (old naming)
+                 root / f".latest.{dead.pid}.abc.tmp"]
+        kept = root / f".epoch_0002.{live.pid}.q1w2e3r4"
+        for p in [*stale[:2], kept]:
+            (p / "model.safetensors").parent.mkdir(parents=True)
+            (p / "model.safetensors").write_bytes(b"partial")
+        stale[2].write_text("epoch_")
+        seen = []
+        real = ckpt.save_weights
+        monkeypatch.setattr(ckpt, "save_weights", lambda path, *a, **k: seen.append(Path(path)) or real(path, *a, **k))
+        assert main(["pretrain", "--data", str(data), "--out", str(out), *FAST, "--num-workers", "0"]) == 0
+        assert not any(p.exists() for p in stale) and kept.is_dir()
+        assert "removed 3 temp file(s)" in capsys.readouterr().err
+        assert f".epoch_0001.{os.getpid()}." in seen[0].parent.name  # the writer names itself
+        assert ckpt.latest_checkpoint(out).name == "epoch_0001"
+    finally:
+        live.kill()
+        live.wait()
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("maelab: error: ")]
+    assert lines and "Traceback" not in err, err
+    return lines[-1]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--keep", "-1"], "--keep must be 0 (keep all) or more, got -1"),
+    (["--num-workers", "-5"], "--num-workers must be 0 or more, or -1 for one per CPU core, got -5"),
+])
+def test_negative_keep_and_worker_counts_are_refused_before_anything_is_written(capsys, tmp_path, flags, message):
+    from maelab.cli import main
+
+    data, out = png_folder(tmp_path / "data", 8), tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), *FAST, *flags]) == 2
+    assert message in _error_line(capsys)
+    assert not out.exists()
+    assert main(["knn", "--init", "none", "--data", str(data), "--num-workers", "-5"]) == 2
+    assert "--num-workers must be 0 or more" in _error_line(capsys)
+
+
+@pytest.fixture(scope="module")
+def mae_file(tmp_path_factory):
+    import torch
+
+    from conftest import TINY_MAE
+    from maelab.interop.mae_weights import save_mae
+    from maelab.models.mae import MaskedAutoencoder
+
+    torch.manual_seed(0)
+    return save_mae(MaskedAutoencoder(**TINY_MAE), tmp_path_factory.mktemp("mae") / "mae.safetensors")
+
+
+def test_visualize_refuses_an_output_that_is_not_a_png(capsys, tmp_path, mae_file):
+    from maelab.cli import main
+
+    image = png_folder(tmp_path / "data", 1) / "000.png"
+    for name in ["recon.txt", "recon"]:
+        out = tmp_path / name
+        assert main(["visualize", "--checkpoint", str(mae_file), "--images", str(image), "--out", str(out)]) == 2
+        assert "visualize writes a PNG; name the file recon.png" in _error_line(capsys)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("to", ["maelab", "official", "timm"])
+def test_convert_to_an_existing_folder_for_a_file_format_is_refused(capsys, tmp_path, mae_file, to):
+    from maelab.cli import main
+
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    assert main(["convert", str(mae_file), str(folder), "--to", to]) == 2
+    assert f"{folder} is a folder, and --to {to} writes one file" in _error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exports"] and not any(folder.iterdir())
+
+
+def test_an_empty_yaml_section_is_accepted_and_a_non_mapping_section_explained(tmp_path):
+    from maelab.commands.pretrain import PretrainConfig
+    from maelab.config import build_config
+    from maelab.errors import MaelabError
+
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("optim:\nrun:\n  seed: 5\n")
+    cfg = build_config(PretrainConfig, yaml_path=str(empty))
+    assert cfg.run.seed == 5 and cfg.optim.epochs == PretrainConfig().optim.epochs
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: 5\n")
+    with pytest.raises(MaelabError, match="config section 'optim' in .* must hold `field: value` lines, got 5"):
+        build_config(PretrainConfig, yaml_path=str(bad))
+
+
+def _text_files(folder: Path, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder / f"{i:03d}.jpg").write_text("not an image")
+    return folder
+
+
+def test_a_few_unreadable_files_are_named_instead_of_the_batch_size(capsys, tmp_path):
+    from maelab.cli import main
+
+    data, out = _text_files(tmp_path / "data", 3), tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), *FAST, "--batch-size", "16",
+                 "--num-workers", "0"]) == 2
+    line = _error_line(capsys)
+    assert "3 of the 3 images cannot be read, e.g. cannot read image" in line and "batch" not in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_run_whose_images_are_all_unreadable_writes_nothing(capsys, tmp_path, workers):
+    from maelab.cli import main
+
+    data, out = _text_files(tmp_path / "data", 20), tmp_path / "run"
+    assert main(["pretrain", "--data", str(data), "--out", str(out), *FAST, "--num-workers", workers]) == 2
+    assert "cannot read image" in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_sigterm_before_the_training_loop_is_a_clean_one_line_stop(tmp_path):
+    data, out = png_folder(tmp_path / "data", 8), tmp_path / "run"
+    argv = ["pretrain", "--data", str(data), "--out", str(out), *FAST, "--num-workers", "0"]
+    script = ("import os, signal, sys\n"
+              "import maelab.commands.pretrain as p\n"
+              "scan = p.prepare_images\n"
+              "def signalled(*a, **k):\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)  # the scheduler stops the job while it reads the data\n"
+              "    return scan(*a, **k)\n"
+              "p.prepare_images = signalled\n"
+              "from maelab.cli import main\n"
+              f"sys.exit(main({argv!r}))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 143, (done.returncode, done.stderr)
+    assert done.stderr.strip().splitlines() == [
+        "maelab: stopped by SIGTERM outside the training loop; checkpoints already written are kept"]
+    assert not out.exists()
+
+
+def test_more_processes_than_images_is_refused_once_by_rank_0(tmp_path):
+    data, out = png_folder(tmp_path / "data", 1), tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "29541"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*torchrun, "-m", "maelab.cli", "pretrain", "--data", str(data), "--out", str(out), *FAST,
+                           "--batch-size", "1", "--num-workers", "0"], env=env, capture_output=True, text=True,
+                          timeout=180)
+    text = done.stdout + done.stderr
+    lines = [x for x in text.splitlines() if x.startswith("maelab: error: ")]
+    assert lines == ["maelab: error: 2 processes but only 1 image(s): every process needs at least one image per "
+                     "step; run at most 1 process(es) (torchrun --nproc_per_node)"], text
+    assert "exitcode  : 2" in text and done.returncode != 0  # the launcher's own report of the failure remains
+    assert not out.exists()
