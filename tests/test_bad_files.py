@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maelab.data.folders import ImageList, check_readable, open_rgb, scan_images, spread_sample
+from maelab.data.folders import check_readable, open_rgb, scan_images, spread_sample
 from maelab.errors import MaelabError
 from maelab.evaluate.features import EvalSplit
 
