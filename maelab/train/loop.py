@@ -163,6 +163,14 @@ class Trainer:
         warmup = self.optim_cfg.warmup_epochs * self.steps_per_epoch
         return cosine_lr(it, self.total_steps, warmup, self.peak_lr, self.optim_cfg.min_lr)
 
+    def _optimizer_step(self) -> None:
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def time_steps(self, steps: int = 3, warmup: int = 1) -> float:
         """Seconds per optimizer step of this run (its task, data path, precision and processes), measured
         on the first batches of epoch 0 and then undone: weights, optimizer, scaler and RNG states are
@@ -179,12 +187,7 @@ class Trainer:
                 (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
                 if batch.micro != accum - 1:
                     continue
-                if self.scaler:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._optimizer_step()
                 float(loss.detach())  # wait for the device
                 done += 1
                 if done == warmup:
@@ -313,12 +316,7 @@ class Trainer:
                         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
                     elif log_now:
                         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                    if self.scaler:
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                    else:
-                        self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self._optimizer_step()
                     n_log += 1
                     n_epoch += 1
                     metrics = None
