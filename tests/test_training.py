@@ -247,6 +247,15 @@ def test_resume_may_split_the_same_global_batch_differently(cifar_tiny, tmp_path
     assert_same_weights(final_weights(tmp_path), final_weights(reference_run), atol=3e-5)
 
 
+def test_resume_with_or_without_the_default_img_size_is_the_same_run(cifar_tiny, tmp_path):
+    run_pretrain(cfg_for(cifar_tiny, tmp_path, epochs=1, img_size=[32]))
+    assert "- 32\n  - 32" in (tmp_path / "config.yaml").read_text()  # the resolved size is recorded
+    assert run_pretrain(cfg_for(cifar_tiny, tmp_path, epochs=2)).epochs_done == 2  # no --img-size: the same 32
+    assert run_pretrain(cfg_for(cifar_tiny, tmp_path, epochs=2, img_size=[32, 32])).epochs_done == 2
+    with pytest.raises(MaelabError, match="--img-size"):
+        run_pretrain(cfg_for(cifar_tiny, tmp_path, epochs=3, img_size=[64]))
+
+
 def test_resume_refuses_changed_settings_and_keeps_the_recorded_config(cifar_tiny, tmp_path):
     run_pretrain(cfg_for(cifar_tiny, tmp_path, epochs=1))
     recorded = (tmp_path / "config.yaml").read_text()

@@ -183,6 +183,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         task = FinetuneTask(model, meta, groups, evaluate, cfg.run.seed, s.info.rank,
                             make_mixup(cfg, num_classes), cfg.augment.smoothing)
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
+        cfg.model.img_size = list(size)  # config.yaml records the size the run trains at
         trainer = Trainer(task=task, feeder=feeder, optim=cfg.optim, run=cfg.run, run_dir=run_dir, info=s.info,
                           device=s.device, optimizer_factory=lambda g: adamw(g, lr, tuple(cfg.optim.betas), s.device))
         def measure() -> tuple[float, float]:  # the validation pass after every epoch, timed once

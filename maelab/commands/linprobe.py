@@ -162,6 +162,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
         task = LinprobeTask(head, None if cached else encoder, pool, meta,
                             lars_param_groups(head, cfg.optim.weight_decay), evaluate, cfg.run.seed, s.info.rank)
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
+        cfg.model.img_size = list(size)  # config.yaml records the size the run trains at
         trainer = Trainer(task=task, feeder=feeder, optim=cfg.optim, run=cfg.run, run_dir=run_dir, info=s.info,
                           device=s.device, optimizer_factory=lambda g: lars(g, lr, cfg.optim.momentum))
         def measure() -> tuple[float, float]:  # the validation pass after every epoch, timed once

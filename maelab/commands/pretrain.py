@@ -133,6 +133,7 @@ def run(cfg: PretrainConfig) -> LoopResult:
         task = PretrainTask(model, model_meta(cfg.model.model, kwargs), cfg.run.seed, cfg.optim.weight_decay,
                             epoch_hook)
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
+        cfg.model.img_size = list(model.img_size)  # config.yaml records the size the run trains at
         trainer = Trainer(task, feeder, cfg.optim, cfg.run, run_dir, s.info, s.device,
                           lambda groups: adamw(groups, lr, tuple(cfg.optim.betas), s.device))
         def measure() -> tuple[float, float]:

@@ -53,6 +53,17 @@ def recorded(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _same(key: str, old: Any, new: Any) -> bool:
+    """Whether two recorded values mean the same. Image sizes: one number is a square, and a size left
+    to its default (``None``, as runs recorded it before the resolved size was written) is the size the
+    command resolves now; the checkpoint's shapes are checked when it loads."""
+    if key.endswith(".img_size"):
+        if old is None or new is None:
+            return True
+        old, new = (list(v) * 2 if len(v) == 1 else list(v) for v in (old, new))
+    return old == new
+
+
 def check_resume(saved_file: Path, config: dict[str, Any]) -> list[str]:
     """Compare this run's settings with the ones recorded beside the checkpoint it resumes.
 
@@ -67,7 +78,7 @@ def check_resume(saved_file: Path, config: dict[str, Any]) -> list[str]:
     if len(set(saved) - set(now)) >= 2:  # settings this command does not have: another command's run
         raise MaelabError(f"{saved_file.parent} holds a run of another kind (its config.yaml has other settings "
                           f"than this command's); choose another --out")
-    changed = [(k, saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]]
+    changed = [(k, saved[k], now[k]) for k in now if k in saved and not _same(k, saved[k], now[k])]
     refused = [c for c in changed if c[0] not in MAY_CHANGE]
     if refused:
         listed = "; ".join(f"--{k.split('.', 1)[1].replace('_', '-')} {new!r} (the run has {old!r})"
