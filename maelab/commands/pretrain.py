@@ -20,6 +20,7 @@ from maelab.evaluate.knn import pretrain_knn_monitor
 from maelab.interop.mae_weights import model_meta
 from maelab.models.checks import num_visible
 from maelab.models.mae import MaskedAutoencoder
+from maelab.models.masking import MASK_TYPES
 from maelab.models.presets import preset_kwargs
 from maelab.train.loop import LoopResult, Trainer
 from maelab.train.budget import timed
@@ -38,6 +39,8 @@ class ModelConfig:
     img_size: list[int] | None = option(None, "input size: one number (square) or two (height width); default: the preset's")
     mask_ratio: float = option(0.75, "fraction of patches removed, in (0, 1): at least one patch must be masked and "
                                  "one stay visible")
+    mask_type: str = option("random", "which patches are masked: random (the paper), block (BEiT-style rectangles) or "
+                                      "grid (a regular lattice is kept); paper Fig. 6", choices=MASK_TYPES)
     norm_pix_loss: bool = option(True, "regress per-patch normalised pixels (better representations)")
     decoder_embed_dim: int | None = option(None, "decoder width (default: the preset's)")
     decoder_depth: int | None = option(None, "decoder blocks (default: the preset's)")
@@ -131,7 +134,7 @@ def run(cfg: PretrainConfig) -> LoopResult:
             return {}
 
         task = PretrainTask(model, model_meta(cfg.model.model, kwargs), cfg.run.seed, cfg.optim.weight_decay,
-                            epoch_hook)
+                            epoch_hook, cfg.model.mask_type)
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
         cfg.model.img_size = list(model.img_size)  # config.yaml records the size the run trains at
         trainer = Trainer(task, feeder, cfg.optim, cfg.run, run_dir, s.info, s.device,

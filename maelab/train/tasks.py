@@ -13,6 +13,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from maelab.data.loader import Batch
 from maelab.data.seeding import make_generator, mix_seed
 from maelab.models.mae import MaskedAutoencoder
+from maelab.models.masking import mask_noise
 from maelab.models.vit import encode
 from maelab.train.optim import param_groups
 
@@ -22,14 +23,19 @@ class PretrainTask:
     process and each accumulation micro-step takes its rows of the same noise."""
 
     def __init__(self, model: MaskedAutoencoder, model_meta: dict[str, Any], seed: int, weight_decay: float,
-                 epoch_hook: Callable[[int, bool], dict[str, float]] | None = None):
+                 epoch_hook: Callable[[int, bool], dict[str, float]] | None = None, mask_type: str = "random"):
         self.model, self._meta, self.seed, self.weight_decay = model, model_meta, seed, weight_decay
+        self.mask_type = mask_type
         self.epoch_hook = epoch_hook
 
     def noise(self, batch: Batch) -> torch.Tensor:
         device = batch.images.device
-        g = make_generator(self.seed, 5, batch.epoch, batch.step, device=device)
-        full = torch.rand(batch.global_size, self.model.num_patches, generator=g, device=device)
+        if self.mask_type == "random":
+            g = make_generator(self.seed, 5, batch.epoch, batch.step, device=device)
+            full = torch.rand(batch.global_size, self.model.num_patches, generator=g, device=device)
+        else:  # block / grid masks are drawn on the CPU (per-sample loops), then moved
+            g = make_generator(self.seed, 5, batch.epoch, batch.step)
+            full = mask_noise(self.mask_type, batch.global_size, self.model.grid, self.model.mask_ratio, g, device)
         return full[batch.offset : batch.offset + batch.images.shape[0]]
 
     def forward(self, runner: torch.nn.Module, batch: Batch):

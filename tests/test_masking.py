@@ -1,0 +1,69 @@
+"""Mask sampling strategies (paper Fig. 6): random, block-wise, grid -- shape, the exact number of
+masked patches per sample, reproducibility from the seed, and the shape of the masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maelab.commands.pretrain import PretrainConfig
+from maelab.commands.pretrain import run as run_pretrain
+from maelab.config import build_config
+from maelab.errors import MaelabError
+from maelab.models.checks import num_visible
+from maelab.models.mae import random_masking
+from maelab.models.masking import MASK_TYPES, mask_noise
+
+
+def masks(kind: str, n: int = 6, grid=(8, 8), ratio: float = 0.75, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    noise = mask_noise(kind, n, grid, ratio, g)
+    assert noise.shape == (n, grid[0] * grid[1])
+    tokens = torch.zeros(n, grid[0] * grid[1], 4)
+    _, mask, _, _ = random_masking(tokens, ratio, noise=noise)
+    return mask.reshape(n, *grid)
+
+
+@pytest.mark.parametrize("kind", MASK_TYPES)
+@pytest.mark.parametrize("ratio,grid", [(0.75, (8, 8)), (0.5, (8, 8)), (0.9, (14, 14)), (0.75, (4, 16))])
+def test_every_strategy_masks_exactly_the_count_of_random_masking(kind, ratio, grid):
+    m = masks(kind, grid=grid, ratio=ratio)
+    length = grid[0] * grid[1]
+    assert (m.reshape(m.shape[0], -1).sum(1) == length - num_visible(length, ratio)).all()
+
+
+@pytest.mark.parametrize("kind", MASK_TYPES)
+def test_masks_are_reproducible_from_the_seed_and_differ_across_samples(kind):
+    assert torch.equal(masks(kind, seed=3), masks(kind, seed=3))
+    m = masks(kind, n=8, seed=3)
+    assert len({tuple(x.flatten().tolist()) for x in m}) > 1
+
+
+def test_grid_keeps_one_patch_of_every_two_by_two():
+    for m in masks("grid", n=4):
+        kept = (m == 0).nonzero()
+        assert len(kept) == 16
+        assert len({int(r) % 2 for r, _ in kept}) == 1 and len({int(c) % 2 for _, c in kept}) == 1
+
+
+def test_block_masks_are_clumped_unlike_random_ones():
+    def masked_neighbours(m):  # masked 4-neighbours of masked patches, on average
+        p = torch.nn.functional.pad(m, (1, 1, 1, 1))
+        around = p[:, :-2, 1:-1] + p[:, 2:, 1:-1] + p[:, 1:-1, :-2] + p[:, 1:-1, 2:]
+        return float((around * m).sum() / m.sum())
+
+    assert masked_neighbours(masks("block", n=32, grid=(14, 14), ratio=0.5)) > \
+        masked_neighbours(masks("random", n=32, grid=(14, 14), ratio=0.5)) + 0.3
+
+
+def test_unknown_mask_type_is_refused():
+    with pytest.raises(MaelabError, match="mask type"):
+        mask_noise("spiral", 1, (4, 4), 0.75, torch.Generator())
+
+
+def test_pretraining_with_block_masks_runs(cifar_tiny, tmp_path):
+    cfg = build_config(PretrainConfig, dict(data=str(cifar_tiny), out=str(tmp_path), model="mae_vit_tiny_patch4",
+                                            decoder_depth=1, batch_size=16, epochs=1, vis_every=0, device="cpu",
+                                            num_workers=0, mask_type="block"))
+    result = run_pretrain(cfg)
+    assert result.global_step == 4 and "mask_type: block" in (tmp_path / "config.yaml").read_text()
