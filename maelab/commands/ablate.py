@@ -1,0 +1,186 @@
+"""`maelab ablate`: sweep one pre-training setting and measure what each value gives.
+
+For every value: `maelab pretrain` with that setting (to a wall-clock ``--budget``), then the chosen
+evaluations of its encoder -- weighted kNN, a linear probe on cached features, a fine-tune (to
+``--finetune-budget``) -- each as its own `maelab` process in a sub-folder of ``--out``. The sweep
+writes ``results.json``, a Markdown table ``results.md`` and ``ablation.png`` (accuracy and
+pre-training time per value). Running the same command again skips what is finished and resumes
+what is not.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from maelab.commands.sections import ProcessConfig
+from maelab.config import command_config, option
+from maelab.errors import MaelabError
+from maelab.io import atomic_write_bytes, write_json
+from maelab.train.budget import parse_duration
+from maelab.viz import save_figure_atomic
+
+NAME = "ablate"
+HELP = "sweep one pre-training setting: pre-train per value, then kNN / linear probe / fine-tune, table + plot"
+DESCRIPTION = ("Ablation of one setting, e.g. --setting mask-ratio --values 0.25 0.5 0.75 0.9 (paper Table 1). "
+               "Every value is pre-trained to --budget, then evaluated.")
+EVALUATIONS = ("knn", "linprobe", "finetune")
+
+
+@dataclass
+class SweepConfig:
+    setting: str = option("", "the `maelab pretrain` flag to vary, without dashes: mask-ratio, decoder-depth, "
+                              "decoder-embed-dim, mask-type, norm-pix-loss, min-crop-scale, ...")
+    values: list[str] = option([], "the values to try (for on/off flags: true false)")
+    evaluate: list[str] = option(["knn", "linprobe"], "evaluations of every encoder: knn, linprobe, finetune",
+                                 choices=EVALUATIONS)
+
+
+@dataclass
+class SweepDataConfig:
+    data: str = option("", "training images: an ImageFolder tree (labels for kNN / probe / fine-tune)")
+    val_data: str = option("", "labelled validation images (default: a sibling val / test folder)")
+    limit_images: int = option(0, "a fixed seeded subset of N images of each split (0 = all)")
+    batch_size: int = option(128, "images per process per step, for pre-training and evaluation")
+
+
+@dataclass
+class SweepRunConfig(ProcessConfig):
+    out: str = option("runs/ablate", "sweep folder: one sub-folder per value, results.json / .md, ablation.png")
+    preset: str = option("pretrain_cifar10_tiny", "`maelab pretrain` preset every value starts from")
+    budget: str = option("5m", "wall-clock budget of each pre-training (none: --pretrain-epochs, else the preset's)")
+    pretrain_epochs: int | None = option(None, "pre-training epochs when --budget is none")
+    finetune_budget: str = option("5m", "wall-clock budget of each fine-tune (with --evaluate finetune)")
+    probe_epochs: int = option(20, "linear-probe epochs (on cached features)")
+    seed: int = option(0, "seed of every run")
+
+
+AblateConfig = Config = command_config("AblateConfig", __name__, sweep=SweepConfig, data=SweepDataConfig,
+                                       run=SweepRunConfig)
+
+
+def validate(cfg: AblateConfig) -> None:
+    sw = cfg.sweep
+    if not sw.setting or not sw.values:
+        raise MaelabError("--setting and --values are required, e.g. --setting mask-ratio --values 0.5 0.75")
+    if len(set(sw.values)) != len(sw.values):
+        raise MaelabError(f"--values repeats a value: {sw.values}")
+    if not cfg.data.data:
+        raise MaelabError("--data is required: an ImageFolder tree")
+    parse_duration(cfg.run.finetune_budget)
+    if not no_budget(cfg.run.budget):
+        parse_duration(cfg.run.budget)
+    if cfg.run.probe_epochs < 1:
+        raise MaelabError(f"--probe-epochs must be at least 1, got {cfg.run.probe_epochs}")
+
+
+def no_budget(budget: str | None) -> bool:
+    return not budget or budget.lower() == "none"
+
+
+def setting_flags(setting: str, value: str) -> list[str]:
+    """``--name value``; on/off settings (``true`` / ``false``) become ``--name`` / ``--no-name``."""
+    flag = setting.strip("-").replace("_", "-")
+    if value.lower() in ("true", "on", "yes"):
+        return [f"--{flag}"]
+    if value.lower() in ("false", "off", "no"):
+        return [f"--no-{flag}"]
+    return [f"--{flag}", value]
+
+
+def maelab(args: list[str], log: Path) -> float:
+    """Run one `maelab` command as its own process (output to ``log``); seconds it took."""
+    t0 = time.perf_counter()
+    with open(log, "a") as out:
+        code = subprocess.run([sys.executable, "-m", "maelab.cli", *args], stdout=out, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise MaelabError(f"`maelab {args[0]}` failed (exit {code}); its output is in {log}")
+    return time.perf_counter() - t0
+
+
+def run_value(cfg: AblateConfig, value: str, folder: Path) -> dict[str, Any]:
+    """Pre-train and evaluate one value (finished parts are skipped, unfinished ones resume)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    d, r = cfg.data, cfg.run
+    common = ["--device", r.device, "--precision", r.precision, "--seed", str(r.seed), "--data", d.data,
+              "--batch-size", str(d.batch_size)]
+    split = ["--limit-images", str(d.limit_images)] + (["--val-data", d.val_data] if d.val_data else [])
+    log = folder / "log.txt"
+    pre = folder / "pretrain"
+    result: dict[str, Any] = {"value": value}
+    length = (["--epochs", str(r.pretrain_epochs)] if r.pretrain_epochs else []) if no_budget(r.budget) else [
+        "--budget", r.budget]
+    result["pretrain_s"] = maelab(["pretrain", "--config", r.preset, *common, "--limit-images", str(d.limit_images),
+                                   *length, "--out", str(pre),
+                                   *setting_flags(cfg.sweep.setting, value)], log)
+    if "knn" in cfg.sweep.evaluate:
+        maelab(["knn", "--init", str(pre), *common, *split, "--out", str(folder / "knn.json")], log)
+        result["knn_top1"] = json.loads((folder / "knn.json").read_text())["knn_top1"]
+    if "linprobe" in cfg.sweep.evaluate:
+        maelab(["linprobe", "--config", "linprobe_cifar_tiny", "--init", str(pre), *common, *split, "--no-augment",
+                "--epochs", str(r.probe_epochs), "--warmup-epochs", str(max(1, r.probe_epochs // 10)),
+                "--out", str(folder / "linprobe")], log)
+        result["linprobe_top1"] = json.loads((folder / "linprobe" / "results.json").read_text())["val_top1"]
+    if "finetune" in cfg.sweep.evaluate:
+        maelab(["finetune", "--config", "finetune_cifar_tiny", "--init", str(pre), *common, *split,
+                "--budget", r.finetune_budget, "--out", str(folder / "finetune")], log)
+        result["finetune_top1"] = json.loads((folder / "finetune" / "results.json").read_text())["val_top1"]
+    write_json(done, result)
+    return result
+
+
+COLUMNS = (("knn_top1", "kNN top-1"), ("linprobe_top1", "linear probe top-1"), ("finetune_top1", "fine-tune top-1"))
+
+
+def table(setting: str, rows: list[dict[str, Any]]) -> str:
+    cols = [(k, t) for k, t in COLUMNS if any(k in r for r in rows)]
+    lines = [f"| {setting} | " + " | ".join(t for _, t in cols) + " | pre-training time |",
+             "|---|" + "---|" * (len(cols) + 1)]
+    for r in rows:
+        cells = [f"{r[k]:.2f}" if k in r else "–" for k, _ in cols]
+        lines.append(f"| {r['value']} | " + " | ".join(cells) + f" | {r['pretrain_s'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(setting: str, rows: list[dict[str, Any]], path: Path) -> Path:
+    fig = Figure(figsize=(8, 3.2))
+    acc, tim = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    x = list(range(len(rows)))
+    for key, title in COLUMNS:
+        if any(key in r for r in rows):
+            acc.plot(x, [r.get(key, float("nan")) for r in rows], marker="o", label=title)
+    acc.set_ylabel("top-1 (%)")
+    acc.legend(fontsize=8)
+    tim.bar(x, [r["pretrain_s"] / 60 for r in rows])
+    tim.set_ylabel("pre-training (min)")
+    for ax in (acc, tim):
+        ax.set_xticks(x, [r["value"] for r in rows])
+        ax.set_xlabel(setting)
+    fig.tight_layout()
+    return save_figure_atomic(fig, path)
+
+
+def run(cfg: AblateConfig) -> list[dict[str, Any]]:
+    validate(cfg)
+    out = Path(cfg.run.out).expanduser()
+    setting = cfg.sweep.setting.strip("-").replace("_", "-")
+    rows = []
+    for value in cfg.sweep.values:
+        print(f"ablate: {setting} = {value}", file=sys.stderr, flush=True)
+        rows.append(run_value(cfg, value, out / f"{setting}={value}"))
+    summary = {"setting": setting, "budget": cfg.run.budget, "data": cfg.data.data, "rows": rows}
+    write_json(out / "results.json", summary)
+    atomic_write_bytes(out / "results.md", table(setting, rows).encode())
+    plot(setting, rows, out / "ablation.png")
+    print(table(setting, rows) + f"ablate: wrote {out / 'results.md'} and {out / 'ablation.png'}", flush=True)
+    return rows
