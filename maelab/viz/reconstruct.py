@@ -119,7 +119,7 @@ def _prepare(model, images, titles):
     ):
         paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
         if titles is None:
-            titles = [Path(p).name for p in paths]
+            titles = [str(Path(Path(p).parent.name) / Path(p).name) for p in paths]  # class folder / file
         images = load_images_for_model(paths, model.img_size)
     else:
         raise MaelabError("images must be a (N, 3, H, W) tensor or a list of image paths")
@@ -142,7 +142,7 @@ def reconstruction_grid(
     reconstruction + visible`` for each mask ratio ``r`` (the original shown once per row).
 
     ``images``: ImageNet-normalised (N, 3, H, W) tensor, or a list of image paths (loaded with
-    :func:`load_images_for_model`; titles default to the file names). ``titles``: one label per row.
+    :func:`load_images_for_model`; titles default to "folder/file", i.e. the class and the file of an ImageFolder). ``titles``: one label per row.
     ``panel_height``: inches per panel; the width follows the image aspect ratio (non-square works).
     A norm-pix model gets :data:`NORM_PIX_CAPTION` under the grid.
     """
