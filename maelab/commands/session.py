@@ -186,7 +186,8 @@ class Session:
         per_epoch_s, final_s = measure() if measure else (0.0, 0.0)
         step_s = trainer.time_steps()
         if self.info.enabled:  # every process plans with the slowest one's numbers
-            t = torch.tensor([step_s, per_epoch_s, final_s, time.perf_counter() - self.started], dtype=torch.float64)
+            t = torch.tensor([step_s, per_epoch_s, final_s, time.perf_counter() - self.started], dtype=torch.float64,
+                             device=self.device if self.device.type == "cuda" else "cpu")  # NCCL needs GPU tensors
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             step_s, per_epoch_s, final_s, spent = t.tolist()
         else:
