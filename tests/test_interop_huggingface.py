@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel  # noqa: E402
 from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding  # noqa: E402
 
+from maelab.cli import main  # noqa: E402
 from maelab.errors import MaelabError  # noqa: E402
 from maelab.interop import (  # noqa: E402
     detect_hf_naming,
@@ -245,3 +246,53 @@ def test_hf_config_with_mask_ratio_zero_loads_with_the_papers_ratio(tmp_path):
     with pytest.warns(UserWarning, match="mask_ratio=0.0"):
         back = load_hf_pretrained_dir(tmp_path)
     assert back.mask_ratio == 0.75
+
+
+# --- folders transformers itself writes ---------------------------------------------------------------
+def hf_saved(tmp_path, model, name: str, **save_kwargs):
+    """``model`` written by transformers' own ``save_pretrained`` (5.x writes 4.x names for the encoder
+    and ``decoder.decoder_encoder.layer.N`` for the decoder)."""
+    folder = tmp_path / name
+    model.save_pretrained(folder, **save_kwargs)
+    return folder
+
+
+@pytest.mark.parametrize("save_kwargs", [{}, {"max_shard_size": "100KB"}], ids=["single", "sharded"])
+def test_folders_written_by_transformers_save_pretrained_load_with_equal_outputs(tmp_path, save_kwargs):
+    hf = randomize(ViTMAEForPreTraining(hf_config(norm_pix_loss=True)), seed=21, hf_tables=True)
+    x, noise = inputs(22)
+    with torch.no_grad():
+        expected = hf(pixel_values=x, noise=noise)
+    fresh = hf_saved(tmp_path, hf, "fresh", **save_kwargs)
+    # a 4.x hub-layout folder, loaded by transformers and saved again
+    mae = MaskedAutoencoder(**mae_kwargs_from_hf_config(hf.config))
+    load_into_mae(mae, hf_to_mae_state_dict(hf.state_dict()))
+    hub = save_hf_pretrained(mae, tmp_path / "hub", naming="v4")
+    resaved = hf_saved(tmp_path, ViTMAEForPreTraining.from_pretrained(hub), "resaved", **save_kwargs)
+    for folder in (fresh, hub, resaved):
+        mae = load_hf_pretrained_dir(folder)
+        with torch.no_grad():
+            assert_same_outputs(expected, mae(x, noise=noise))
+
+
+def test_vitmae_model_folder_written_by_transformers_loads_into_the_encoder(tmp_path):
+    hf = randomize(ViTMAEModel(hf_config(norm_pix_loss=False)), seed=23, hf_tables=True)
+    x, noise = inputs(24)
+    with torch.no_grad():
+        out = hf(pixel_values=x, noise=noise)
+        latent, mask, _, _ = load_hf_pretrained_dir(hf_saved(tmp_path, hf, "enc")).forward_encoder(x, 0.75, noise)
+    assert torch.equal(out.mask, mask)
+    assert (out.last_hidden_state - latent).abs().max().item() < 1e-5
+
+
+def test_the_same_weight_under_two_hf_names_is_refused():
+    v5 = mae_to_hf_state_dict(MaskedAutoencoder(**TINY), naming="v5")
+    v5["vit.encoder.layer.0.layernorm_before.weight"] = v5["vit.layers.0.layernorm_before.weight"]
+    with pytest.raises(MaelabError, match="same weight under two names: vit.layers.0.layernorm_before.weight / vit.encoder.layer.0"):
+        hf_to_mae_state_dict(v5)
+
+
+def test_convert_cli_reads_a_folder_transformers_wrote(tmp_path):
+    hf = randomize(ViTMAEForPreTraining(hf_config(norm_pix_loss=False)), seed=25, hf_tables=True)
+    assert main(["convert", str(hf_saved(tmp_path, hf, "hf")), str(tmp_path / "m"), "--to", "maelab"]) in (0, None)
+    assert (tmp_path / "m.safetensors").is_file()

@@ -9,8 +9,11 @@ Key maps only. HF keeps q, k, v as three Linear layers; maelab (timm/official) f
   value}``, ``attention.output.dense``, ``intermediate.dense``, ``output.dense``.
 
 The decoder (``decoder.decoder_layers.{i}.*``) uses the same per-layer names. ``ViTMAEModel`` state
-dicts are the encoder without the ``vit.`` prefix. ``transformers`` is imported lazily: the pure key
-maps work without it.
+dicts are the encoder without the ``vit.`` prefix. Files written by transformers 5.x ``save_pretrained``
+carry a third, mixed form: 5.x undoes its 4.x -> 5.x renaming on save, and its ``encoder.layer.`` ->
+``layers.`` rule also turns ``decoder.decoder_layers.`` into ``decoder.decoder_encoder.layer.`` (4.x
+per-layer names under it). Reading accepts every layer prefix with either per-layer naming.
+``transformers`` is imported lazily: the pure key maps work without it.
 """
 
 from __future__ import annotations
@@ -57,6 +60,10 @@ _QKV = {
 }
 _ENCODER_LAYER_PREFIX = {"v5": "layers.", "v4": "encoder.layer."}
 _DECODER_LAYER_PREFIX = "decoder.decoder_layers."
+# What files may hold (see the module docstring): transformers 5.x files say "decoder.decoder_encoder.layer.".
+_ENCODER_LAYER_PREFIXES = ("layers.", "encoder.layer.")
+_DECODER_LAYER_PREFIXES = (_DECODER_LAYER_PREFIX, "decoder.decoder_encoder.layer.")
+_LAYER_KEY = r"(?:^|\.)(?:layers|encoder\.layer|decoder_layers|decoder_encoder\.layer)\.\d+\."
 
 # Non-layer keys (maelab -> HF), HF side relative to the encoder prefix ("vit." or "").
 _ENCODER_MISC = {
@@ -89,8 +96,8 @@ def _check_naming(naming: str) -> None:
 def detect_hf_naming(state_dict: Mapping[str, Any]) -> str:
     """``"v5"`` or ``"v4"`` for a ViTMAE state dict (raises if it is neither)."""
     keys = list(state_dict)
-    v5 = any(re.search(r"(^|\.)(layers|decoder_layers)\.\d+\.attention\.[qkvo]_proj\.", k) for k in keys)
-    v4 = any(re.search(r"(^|\.)(encoder\.layer|decoder_layers)\.\d+\.attention\.(attention|output)\.", k) for k in keys)
+    v5 = any(re.search(_LAYER_KEY + r"attention\.[qkvo]_proj\.", k) for k in keys)
+    v4 = any(re.search(_LAYER_KEY + r"attention\.(attention|output)\.", k) for k in keys)
     if v5 and v4:
         raise MaelabError("state dict mixes transformers 4.x and 5.x ViTMAE names")
     if v5:
@@ -110,9 +117,10 @@ def _encoder_prefix(state_dict: Mapping[str, Any]) -> str:
 
 
 def hf_to_mae_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF ViTMAE (``ViTMAEForPreTraining`` or ``ViTMAEModel``, 4.x or 5.x names) -> maelab names.
+    """HF ViTMAE (``ViTMAEForPreTraining`` or ``ViTMAEModel``; 4.x, 5.x or 5.x-file names) -> maelab names.
 
-    q, k, v are concatenated into ``qkv``; every HF key must be used (else :class:`MaelabError`)."""
+    q, k, v are concatenated into ``qkv``; every HF key must be used, and no maelab key may come from
+    two HF keys (else :class:`MaelabError`)."""
     naming = detect_hf_naming(state_dict)
     enc = _encoder_prefix(state_dict)
     hf_to_mae: dict[str, str] = {enc + v: k for k, v in _ENCODER_MISC.items()}
@@ -120,16 +128,27 @@ def hf_to_mae_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
         hf_to_mae.update({v: k for k, v in _DECODER_MISC.items()})
     layer_map = {v: k for k, v in _LAYER_MAP[naming].items()}
     qkv_index = {name: i for i, name in enumerate(_QKV[naming])}
+    alternatives = lambda prefixes: "|".join(re.escape(p) for p in prefixes)  # noqa: E731
     layer_re = re.compile(
-        r"^(?:(?P<enc>" + re.escape(enc + _ENCODER_LAYER_PREFIX[naming]) + r")|(?P<dec>"
-        + re.escape(_DECODER_LAYER_PREFIX) + r"))(?P<i>\d+)\.(?P<mod>.+)\.(?P<param>weight|bias)$"
+        r"^(?:(?P<enc>" + alternatives(enc + p for p in _ENCODER_LAYER_PREFIXES) + r")|(?P<dec>"
+        + alternatives(_DECODER_LAYER_PREFIXES) + r"))(?P<i>\d+)\.(?P<mod>.+)\.(?P<param>weight|bias)$"
     )
     out: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}  # maelab key -> the HF key it came from
     qkv_parts: dict[str, list] = {}
-    unknown = []
+    unknown, twice = [], []
+
+    def put(mae_key: str, hf_key: str) -> bool:
+        if mae_key in source:  # e.g. both "layers.0.*" and "encoder.layer.0.*"
+            twice.append(f"{source[mae_key]} / {hf_key}")
+            return False
+        source[mae_key] = hf_key
+        return True
+
     for key, value in state_dict.items():
         if key in hf_to_mae:
-            out[hf_to_mae[key]] = value
+            if put(hf_to_mae[key], key):
+                out[hf_to_mae[key]] = value
             continue
         m = layer_re.match(key)
         if not m or (m.group("dec") and not enc):
@@ -138,13 +157,17 @@ def hf_to_mae_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
         block = ("blocks." if m.group("enc") else "decoder_blocks.") + m.group("i")
         mod, param = m.group("mod"), m.group("param")
         if mod in layer_map:
-            out[f"{block}.{layer_map[mod]}.{param}"] = value
+            if put(f"{block}.{layer_map[mod]}.{param}", key):
+                out[f"{block}.{layer_map[mod]}.{param}"] = value
         elif mod in qkv_index:
-            qkv_parts.setdefault(f"{block}.attn.qkv.{param}", [None, None, None])[qkv_index[mod]] = value
+            if put(f"{block}.{mod}.{param}", key):
+                qkv_parts.setdefault(f"{block}.attn.qkv.{param}", [None, None, None])[qkv_index[mod]] = value
         else:
             unknown.append(key)
     if unknown:
         raise MaelabError(f"unknown Hugging Face ViTMAE keys ({naming} names): {few(unknown)}")
+    if twice:
+        raise MaelabError(f"Hugging Face ViTMAE state dict holds the same weight under two names: {few(twice, 2)}")
     for key, parts in qkv_parts.items():
         if any(p is None for p in parts):
             absent = [n for n, p in zip("qkv", parts) if p is None]
