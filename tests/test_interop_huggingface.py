@@ -21,6 +21,7 @@ from maelab.interop import (  # noqa: E402
     hf_to_mae_state_dict,
     load_hf_pretrained_dir,
     load_into_mae,
+    load_mae,
     mae_kwargs_from_hf_config,
     mae_to_hf_state_dict,
     save_hf_pretrained,
@@ -184,14 +185,14 @@ def test_hf_from_pretrained_uses_the_position_tables_in_the_file_verbatim(tmp_pa
 
 
 def test_load_hf_dir_reads_hub_style_v4_pytorch_bin(tmp_path):
-    """Hub folders: 4.x names, pytorch_model.bin, layer_norm_eps=1e-12 (maelab keeps 1e-6)."""
+    """Hub folders: 4.x names, pytorch_model.bin, layer_norm_eps=1e-12 (honoured: HF runs them so)."""
     mae = randomize(MaskedAutoencoder(**TINY), seed=8)
     cfg = hf_config_from_mae(mae).to_dict()
     cfg["layer_norm_eps"] = 1e-12
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     torch.save(mae_to_hf_state_dict(mae, naming="v4"), tmp_path / "pytorch_model.bin")
     back = load_hf_pretrained_dir(tmp_path)
-    assert back.norm.eps == 1e-6
+    assert back.norm.eps == 1e-12 and back.decoder_blocks[0].norm2.eps == 1e-12
     for k, v in mae.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
 
@@ -296,3 +297,30 @@ def test_convert_cli_reads_a_folder_transformers_wrote(tmp_path):
     hf = randomize(ViTMAEForPreTraining(hf_config(norm_pix_loss=False)), seed=25, hf_tables=True)
     assert main(["convert", str(hf_saved(tmp_path, hf, "hf")), str(tmp_path / "m"), "--to", "maelab"]) in (0, None)
     assert (tmp_path / "m.safetensors").is_file()
+
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-3])
+def test_hf_layer_norm_eps_is_honoured_both_ways(tmp_path, eps):
+    """HF's default eps is 1e-12 (the hub configs too), the official model's 1e-6: a fresh HF model's
+    LayerNorms see tiny variances, where the two differ by ~5e-3 in pred. The import must keep HF's eps."""
+    config = hf_config(norm_pix_loss=False)
+    config.layer_norm_eps = eps
+    hf = ViTMAEForPreTraining(config)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "position_embeddings" in name:
+                p.copy_(hf_table(p.shape[-1]))
+    hf.eval()
+    x, noise = inputs(31)
+    with torch.no_grad():
+        expected = hf(pixel_values=x, noise=noise)
+        mae = load_hf_pretrained_dir(hf_saved(tmp_path, hf, "fresh"))
+        assert mae.norm_eps == eps and mae.blocks[0].norm1.eps == eps and mae.decoder_norm.eps == eps
+        assert_same_outputs(expected, mae(x, noise=noise))
+        assert hf_config_from_mae(mae).layer_norm_eps == eps
+        assert_same_outputs(hf_model_from_mae(mae)(pixel_values=x, noise=noise), mae(x, noise=noise))
+    # through a maelab file, the eps travels in the header
+    assert main(["convert", str(tmp_path / "fresh"), str(tmp_path / "m.safetensors"), "--to", "maelab"]) in (0, None)
+
+    with torch.no_grad():
+        assert_same_outputs(expected, load_mae(tmp_path / "m.safetensors")[0](x, noise=noise))

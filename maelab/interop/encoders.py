@@ -32,7 +32,7 @@ def _from_mae_model(model: nn.Module, source: str, path: str, preset: str | None
     sd = {k: v.detach().clone() for k, v in model.encoder_state_dict().items()}
     arch = dict(img_size=tuple(model.img_size), patch_size=int(model.patch_size), in_chans=int(model.in_chans),
                 embed_dim=int(model.embed_dim), depth=len(model.blocks), num_heads=int(model.blocks[0].attn.num_heads),
-                mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim)
+                mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim, norm_eps=float(model.norm_eps))
     return EncoderWeights(sd, arch, source, path, preset)
 
 

@@ -245,7 +245,7 @@ def _mae_dims(model: nn.Module) -> dict[str, Any]:
 
 def hf_config_from_mae(model: nn.Module, mask_ratio: float | None = None):
     """A ``transformers.ViTMAEConfig`` for ``model``: sizes, ``image_size``, ``patch_size``,
-    ``mask_ratio``, ``norm_pix_loss``, decoder sizes, ``layer_norm_eps=1e-6``, ``hidden_act="gelu"``
+    ``mask_ratio``, ``norm_pix_loss``, decoder sizes, ``layer_norm_eps`` (the model's), ``hidden_act="gelu"``
     (exact GELU), no dropout. HF ViTMAE supports square images only. ``mask_ratio`` overrides the
     model's (e.g. 0.0: a ``ViTMAEModel`` that returns every patch, which a maelab model refuses as its
     default ratio)."""
@@ -266,7 +266,7 @@ def hf_config_from_mae(model: nn.Module, mask_ratio: float | None = None):
         hidden_act="gelu",
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
-        layer_norm_eps=1e-6,
+        layer_norm_eps=float(getattr(model, "norm_eps", 1e-6)),
         image_size=int(h),
         patch_size=int(model.patch_size),
         num_channels=int(model.in_chans),
@@ -284,8 +284,9 @@ def hf_config_from_mae(model: nn.Module, mask_ratio: float | None = None):
 def mae_kwargs_from_hf_config(config: Mapping[str, Any] | Any) -> dict[str, Any]:
     """:class:`MaskedAutoencoder` kwargs from a ViTMAE config (``ViTMAEConfig`` or its ``config.json`` dict).
 
-    ``layer_norm_eps`` is not carried over: maelab always uses 1e-6 like the official model (hub
-    configs say 1e-12, a conversion artefact). Activations other than exact ``gelu`` are refused.
+    ``layer_norm_eps`` is carried over as ``norm_eps`` (HF's default and the hub configs say 1e-12, the
+    official model 1e-6; the outputs only equal HF's with HF's eps). Activations other than exact
+    ``gelu`` are refused.
     ``mask_ratio=0`` (masks nothing) becomes 0.75, the paper's ratio."""
     cfg = config if isinstance(config, Mapping) else config.to_dict()
     if cfg.get("model_type", "vit_mae") != "vit_mae":
@@ -328,6 +329,7 @@ def mae_kwargs_from_hf_config(config: Mapping[str, Any] | Any) -> dict[str, Any]
         mlp_ratio=ratio,
         norm_pix_loss=bool(get("norm_pix_loss", False)),
         mask_ratio=mask_ratio,
+        norm_eps=float(get("layer_norm_eps", 1e-12)),
     )
 
 

@@ -60,7 +60,7 @@ def timm_kwargs(model: nn.Module, global_pool: str = "token") -> dict[str, Any]:
         num_heads=int(blk.attn.num_heads),
         mlp_ratio=blk.mlp.fc1.out_features / embed_dim,
         qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        norm_layer=partial(nn.LayerNorm, eps=float(getattr(model, "norm_eps", 1e-6))),
         num_classes=0,
         global_pool=global_pool,
     )

@@ -97,6 +97,7 @@ class MaskedAutoencoder(nn.Module):
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = False,
         mask_ratio: float = 0.75,
+        norm_eps: float = 1e-6,
     ):
         super().__init__()
         self.img_size = pair(img_size)
@@ -106,12 +107,15 @@ class MaskedAutoencoder(nn.Module):
             img_size=list(self.img_size), patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
             depth=depth, num_heads=num_heads, decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
             decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, norm_pix_loss=norm_pix_loss,
-            mask_ratio=mask_ratio,
+            mask_ratio=mask_ratio, norm_eps=norm_eps,
         )  # recorded in every weights file, so a checkpoint rebuilds its own model
         self.patch_size, self.in_chans = patch_size, in_chans
         self.norm_pix_loss, self.mask_ratio = norm_pix_loss, mask_ratio
         self.embed_dim, self.decoder_embed_dim = embed_dim, decoder_embed_dim
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        if not 0 < norm_eps < 1:
+            raise MaelabError(f"LayerNorm eps must be in (0, 1), got {norm_eps}")
+        self.norm_eps = float(norm_eps)  # 1e-6 as the official model; a Hugging Face config may say otherwise
+        norm_layer = partial(nn.LayerNorm, eps=self.norm_eps)
         block = partial(Block, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
         num_patches = self.num_patches
 

@@ -51,6 +51,7 @@ def vit_arch(kwargs: dict[str, Any]) -> dict[str, Any]:
     arch = {k: kwargs[k] for k in ARCH_KEYS if k in kwargs}
     arch.setdefault("in_chans", 3)
     arch.setdefault("mlp_ratio", 4.0)
+    arch["norm_eps"] = float(kwargs.get("norm_eps", 1e-6))  # LayerNorm eps: 1e-6 unless the source says otherwise
     missing = [k for k in ARCH_KEYS if k not in arch]
     if missing:
         raise MaelabError(f"model description lacks {', '.join(missing)}")
@@ -60,8 +61,9 @@ def vit_arch(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def describe(arch: dict[str, Any]) -> str:
     h, w = arch["img_size"]
+    eps = float(arch.get("norm_eps", 1e-6))
     return (f"ViT width {arch['embed_dim']}, depth {arch['depth']}, {arch['num_heads']} heads, "
-            f"patch {arch['patch_size']}, {h}x{w} px")
+            f"patch {arch['patch_size']}, {h}x{w} px" + (f", LayerNorm eps {eps:g}" if eps != 1e-6 else ""))
 
 
 def grid_of(arch: dict[str, Any], img_size: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -94,7 +96,7 @@ def build_vit(
     model = VisionTransformer(
         img_size=size, patch_size=arch["patch_size"], in_chans=arch["in_chans"], embed_dim=arch["embed_dim"],
         depth=arch["depth"], num_heads=arch["num_heads"], mlp_ratio=arch["mlp_ratio"], qkv_bias=True,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=num_classes, global_pool=global_pool,
+        norm_layer=partial(nn.LayerNorm, eps=float(arch.get("norm_eps", 1e-6))), num_classes=num_classes, global_pool=global_pool,
         drop_path_rate=drop_path_rate,
     )
     with torch.no_grad():
