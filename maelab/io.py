@@ -142,13 +142,18 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata
         save_file(tensors, tmp, metadata=header)
 
 
-def read_header(path: str | Path) -> dict[str, Any]:
-    """The maelab description in a safetensors file's header (``{}`` for foreign files), tensors unread."""
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's raw header metadata (string -> string; ``{}`` when it has none), tensors unread."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
         raise MaelabError(f"cannot read weights {path}: {e}") from None
+
+
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The maelab description in a safetensors file's header (``{}`` for foreign files), tensors unread."""
+    meta = read_metadata(path)
     try:
         return json.loads(meta["maelab"]) if "maelab" in meta else {}
     except json.JSONDecodeError:

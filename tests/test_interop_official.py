@@ -15,6 +15,7 @@ from maelab.interop import (
     mae_from_official,
 )
 from maelab.models.mae import MaskedAutoencoder
+from maelab.models.pos_embed import sincos_2d
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
             decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
@@ -25,8 +26,12 @@ def official_layout(
     device=None, generator=None,
 ) -> dict[str, torch.Tensor]:
     """Key names and shapes written out from the reference's description of the official release
-    (deliberately not derived from maelab's own state dict)."""
+    (deliberately not derived from maelab's own state dict); the position tables are the fixed sin-cos
+    tables, as in the release."""
     length = grid[0] * grid[1]
+
+    def table(d):
+        return t(1, 1 + length, d) if device == "meta" else sincos_2d(d, grid).unsqueeze(0)
 
     def t(*shape):
         if device == "meta":
@@ -45,7 +50,7 @@ def official_layout(
 
     sd = {
         "cls_token": t(1, 1, embed_dim),
-        "pos_embed": t(1, 1 + length, embed_dim),
+        "pos_embed": table(embed_dim),
         "patch_embed.proj.weight": t(embed_dim, chans, patch, patch),
         "patch_embed.proj.bias": t(embed_dim),
     }
@@ -56,7 +61,7 @@ def official_layout(
         sd.update({
             "mask_token": t(1, 1, dec_dim),
             "decoder_embed.weight": t(dec_dim, embed_dim), "decoder_embed.bias": t(dec_dim),
-            "decoder_pos_embed": t(1, 1 + length, dec_dim),
+            "decoder_pos_embed": table(dec_dim),
         })
         for i in range(dec_depth):
             sd.update(block(f"decoder_blocks.{i}", dec_dim))
@@ -112,7 +117,7 @@ def test_export_official_round_trips_full_and_encoder_only(tmp_path):
     full = export_official(model, tmp_path / "full.pth")
     enc = export_official(model, tmp_path / "enc.pth", include_decoder=False)
     raw = torch.load(full, map_location="cpu", weights_only=True)
-    assert set(raw) == {"model"}
+    assert set(raw) == {"model", "maelab_size"} and raw["maelab_size"]["img_size"] == list(model.img_size)
     assert classify_official(load_official_state_dict(full)) == "full"
     enc_sd = load_official_state_dict(enc)
     assert classify_official(enc_sd) == "encoder" and set(enc_sd) == set(model.encoder_state_dict())
@@ -124,14 +129,15 @@ def test_export_official_round_trips_full_and_encoder_only(tmp_path):
 
 
 def test_infer_architecture_reads_paper_sizes_from_shapes():
-    # ViT-L/16 + reference decoder, shapes only (meta tensors: nothing allocated).
+    # ViT-L/16 + reference decoder, shapes only (meta tensors: nothing allocated, so the position table
+    # cannot show its grid: the size to try is given, and taken because its grid has the table's rows).
     sd = official_layout(embed_dim=1024, depth=24, patch=16, grid=(14, 14), dec_dim=512, dec_depth=8, device="meta")
-    kw = infer_mae_architecture(sd)
+    kw = infer_mae_architecture(sd, img_size=224)
     assert kw == dict(patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0,
-                      img_size=224, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+                      img_size=(224, 224), decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
     enc = official_layout(embed_dim=1280, depth=32, patch=14, grid=(16, 16), decoder=False, device="meta")
-    kw = infer_mae_architecture(enc)
-    assert (kw["embed_dim"], kw["depth"], kw["num_heads"], kw["patch_size"], kw["img_size"]) == (1280, 32, 16, 14, 224)
+    kw = infer_mae_architecture(enc, img_size=224)
+    assert (kw["embed_dim"], kw["depth"], kw["num_heads"], kw["patch_size"], kw["img_size"]) == (1280, 32, 16, 14, (224, 224))
     assert "decoder_embed_dim" not in kw
 
 
@@ -140,8 +146,7 @@ def test_infer_architecture_builds_a_model_that_loads_strict_incl_non_square():
     model = MaskedAutoencoder(**infer_mae_architecture(sd, num_heads=2, decoder_num_heads=2))
     assert load_into_mae(model, sd)["kind"] == "full"
     rect = official_layout(grid=(2, 4), generator=_gen(4))
-    with pytest.raises(MaelabError, match="not a square grid"):
-        infer_mae_architecture(rect)
+    assert infer_mae_architecture(rect)["img_size"] == (16, 32)  # the sin-cos table shows its grid
     model = MaskedAutoencoder(**infer_mae_architecture(rect, img_size=(16, 32), num_heads=2, decoder_num_heads=2))
     load_into_mae(model, rect)
     assert model.grid == (2, 4)
@@ -190,7 +195,7 @@ def test_unreadable_or_foreign_files_raise_maelab_error(tmp_path):
         load_official_state_dict(tmp_path / "nope.pth")
     evil = tmp_path / "code.pth"
     torch.save({"model": official_layout(decoder=False), "obj": _Custom()}, evil)
-    with pytest.raises(MaelabError, match="weights-only"):
+    with pytest.raises(MaelabError, match=r"refusing .*code.pth: it is a pickle that needs test_interop_official._Custom"):
         load_official_state_dict(evil)
     junk = tmp_path / "junk.pth"
     torch.save({"epoch": 1}, junk)

@@ -2,8 +2,10 @@
 
 Sources (recognised by content, not by name): a maelab pre-training run / checkpoint folder /
 ``.safetensors``, an official MAE ``.pth`` (or the same weights as safetensors), a Hugging Face ViTMAE
-folder; for ``--to timm`` also a maelab fine-tune run (its classifier, head included). Targets: maelab,
-official, Hugging Face (all need the decoder, so a pre-training checkpoint) and timm (encoder only).
+folder; also a fine-tuned classifier (a maelab fine-tune run, an official / timm fine-tuned checkpoint,
+head included), which becomes timm weights, a maelab fine-tune file or the official layout. Targets for an
+MAE: maelab, official, Hugging Face (all need the decoder, so a pre-training checkpoint) and timm
+(encoder only).
 All key mapping lives in ``maelab.interop``; this module only reads the source and picks the writer.
 """
 
@@ -13,18 +15,19 @@ import argparse
 from pathlib import Path
 
 from maelab.errors import MaelabError
-from maelab.interop.formats import maelab_file
+from maelab.interop.encoders import read_classifier
+from maelab.interop.formats import size_record
 from maelab.interop.huggingface import save_hf_pretrained
 from maelab.interop.mae_weights import load_mae, require_decoder, save_mae
-from maelab.interop.official import export_official
+from maelab.interop.official import export_official, save_official
 from maelab.interop.timm_export import save_timm_checkpoint, save_timm_classifier
-from maelab.io import read_weights
+from maelab.io import save_weights
 
 NAME = "convert"
 HELP = "convert MAE weights between maelab, official MAE and Hugging Face, and export them to timm"
 DESCRIPTION = ("SRC (recognised by content): a maelab pre-training run / checkpoint folder / .safetensors, an "
-               "official MAE .pth, or a Hugging Face ViTMAE folder; with --to timm also a maelab fine-tune run (its "
-               "classifier). timm is a write-only target: timm and other encoder-only files have no decoder, so they "
+               "official MAE .pth, or a Hugging Face ViTMAE folder; also a fine-tuned classifier (a maelab fine-tune "
+               "run, an official / timm fine-tuned checkpoint) for --to timm / maelab / official. timm is a write-only target: timm and other encoder-only files have no decoder, so they "
                "cannot become MAE checkpoints (use them with --init of finetune / linprobe / knn / features). OUT: a "
                "file (maelab, official, timm; .safetensors / .pth is added when it has no suffix) or a folder (hf).")
 Config = None
@@ -39,10 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "classifier keeps its own)")
     p.add_argument("--hf-naming", default="v5", choices=("v5", "v4"), help="transformers parameter names")
     p.add_argument("--encoder-only", action="store_true", help="official export: drop the decoder")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads of an official / timm classifier (not stored in those files; default: the "
+                        "paper's table for its width)")
 
 
 def run(args: argparse.Namespace) -> Path:
-    out = convert(args.src, args.out, args.to, args.global_pool, args.hf_naming, not args.encoder_only)
+    out = convert(args.src, args.out, args.to, args.global_pool, args.hf_naming, not args.encoder_only, args.num_heads)
     added = out.name != Path(args.out).expanduser().name
     print(f"wrote {out}" + (f" ({out.suffix} added: {args.out} had no file extension)" if added else ""))
     return out
@@ -70,7 +76,7 @@ def output_path(out: str | Path, to: str) -> Path:
 
 
 def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None = None, hf_naming: str = "v5",
-            include_decoder: bool = True) -> Path:
+            include_decoder: bool = True, num_heads: int | None = None) -> Path:
     """Read ``src`` (maelab run/checkpoint/file, official ``.pth``, or Hugging Face folder; for ``to="timm"``
     also a maelab fine-tune run) and write ``out`` in the ``to`` format. Returns the written path, which
     has ``.safetensors`` / ``.pth`` appended when ``out`` had no suffix. ``global_pool`` (timm): ``token``
@@ -78,10 +84,11 @@ def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None =
     if to not in TARGETS:
         raise MaelabError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     out = output_path(out, to)
-    found = maelab_file(src)
-    if found is not None and found[1].get("arch") == "vit" and to == "timm":
-        weights, meta = read_weights(found[0])
-        return Path(save_timm_classifier(weights, meta, out, global_pool=global_pool))
+    classifier = read_classifier(src, num_heads)
+    if classifier is not None:
+        for note in classifier[1].get("notes", []):
+            print(f"maelab convert: {note}", flush=True)
+        return convert_classifier(src, *classifier, out, to, global_pool)
     model, meta = load_mae(src)
     if to != "timm" and not (to == "official" and not include_decoder):
         require_decoder(meta, src, f"--to {to}", "`--to timm` or `--to official --encoder-only` export its encoder")
@@ -94,3 +101,19 @@ def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None =
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(save_timm_checkpoint(model, out, global_pool=global_pool or "token"))
     return Path(save_hf_pretrained(model, out, naming=hf_naming))
+
+
+def convert_classifier(src: str | Path, weights: dict, meta: dict, out: Path, to: str, global_pool: str | None) -> Path:
+    """A fine-tuned classifier (maelab, official or timm) -> timm weights, a maelab fine-tune file or the
+    official layout; it has no decoder, so never a Hugging Face ViTMAE."""
+    if to == "timm":
+        return Path(save_timm_classifier(weights, meta, out, global_pool=global_pool))
+    if to == "maelab":
+        save_weights(out, weights, meta)
+        return out
+    if to == "official":
+        return Path(save_official(weights, out, size_record(meta["vit"]["img_size"], meta["vit"]["patch_size"],
+                                                            meta["vit"].get("norm_eps", 1e-6))))
+    raise MaelabError(f"{src} is a fine-tuned classifier ({meta.get('num_classes')} classes, {meta.get('global_pool')} "
+                      f"pooling): it has no decoder, and a Hugging Face ViTMAE needs one; export it with --to timm, "
+                      f"--to maelab or --to official, or use it with --init of finetune / linprobe / knn / features")

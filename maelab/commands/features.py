@@ -18,14 +18,13 @@ import numpy as np
 import torch
 
 from maelab.commands.sections import EncoderConfig, EvalRunConfig, ImagesConfig, check_data_numbers
-from maelab.commands.session import Session
+from maelab.commands.session import Session, encoder_header
 from maelab.config import command_config, option
 from maelab.data.folders import prepare_images
 from maelab.errors import MaelabError
 from maelab.evaluate.features import extract_features, gather_split
-from maelab.interop.encoders import resolve_encoder
 from maelab.io import atomic_write_bytes, check_output_file, read_weights, save_weights
-from maelab.models.vit import describe, features_model
+from maelab.models.vit import describe
 
 NAME = "features"
 HELP = "embeddings of a folder of images to .npy / .safetensors, with the image paths"
@@ -99,8 +98,9 @@ def run(cfg: FeaturesConfig) -> dict[str, Any]:
         raise MaelabError("--data is required: a folder of images (ImageFolder tree or flat)")
     with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
         images = prepare_images(cfg.data.data, cfg.data.bad_files)
-        enc, arch, size = resolve_encoder(cfg.model)
-        encoder = features_model(enc, arch, size).to(s.device)
+        encoder, enc, arch, size, notes = s.frozen_encoder(cfg.model)
+        if s.is_main:
+            print(f"maelab features: {encoder_header(enc, arch, size, notes)}", flush=True)
         split = s.eval_split(images, size, cfg.data)
         feats, labels, index = gather_split(*extract_features(encoder, split, s.device, cfg.model.global_pool,
                                                               s.precision, s.is_main), s.device)

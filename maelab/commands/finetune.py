@@ -192,8 +192,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             return seconds, 0.0
 
         s.plan_budget(trainer, cfg, resume, measure)
-        header = (f"maelab finetune: {encoder_header(enc, arch, size)}; " + "".join(f"{n}; " for n in notes)
-                  + f"{num_classes} classes, {len(train)} train / {len(val)} val images, on {s.where}, global batch "
+        header = (f"maelab finetune: {encoder_header(enc, arch, size, notes)}; {num_classes} classes, {len(train)} train / {len(val)} val images, on {s.where}, global batch "
                     f"{plan.global_size}, lr {lr:.3g}, layer decay {cfg.optim.layer_decay}, "
                     f"{plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
         result = s.fit(trainer, cfg, resume, header)

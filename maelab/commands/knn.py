@@ -11,15 +11,14 @@ from typing import Any
 import torch
 
 from maelab.commands.sections import ClassDataConfig, EncoderConfig, EvalRunConfig, check_data_numbers
-from maelab.commands.session import Session, device_name
+from maelab.commands.session import Session, device_name, encoder_header
 from maelab.config import command_config, option
 from maelab.data.splits import load_splits
 from maelab.errors import MaelabError
 from maelab.evaluate.features import extract_features, gather_split
 from maelab.evaluate.knn import knn_accuracy
-from maelab.interop.encoders import resolve_encoder
 from maelab.io import check_output_file, write_json
-from maelab.models.vit import describe, features_model
+from maelab.models.vit import describe
 
 NAME = "knn"
 HELP = "weighted kNN accuracy of frozen features (k=20, T=0.07)"
@@ -45,8 +44,9 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
         check_output_file(cfg.run.out)
     with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
         train, val = load_splits(cfg.data, cfg.run.seed)
-        enc, arch, size = resolve_encoder(cfg.model)
-        encoder = features_model(enc, arch, size).to(s.device)
+        encoder, enc, arch, size, notes = s.frozen_encoder(cfg.model)
+        if s.is_main:
+            print(f"maelab knn: {encoder_header(enc, arch, size, notes)}", flush=True)
         (ft, lt, _), (fv, lv, _) = (
             gather_split(*extract_features(encoder, s.eval_split(images, size, cfg.data), s.device,
                                            cfg.model.global_pool, s.precision, s.is_main), s.device)

@@ -32,9 +32,8 @@ from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
 from maelab.evaluate.features import extract_features, gather_split
 from maelab.evaluate.metrics import evaluate_classifier
-from maelab.interop.encoders import resolve_encoder
 from maelab.models.heads import LinearProbeHead
-from maelab.models.vit import describe, features_model
+from maelab.models.vit import describe
 from maelab.train.budget import timed
 from maelab.train.loop import Trainer
 from maelab.train.optim import lars, lars_param_groups, scaled_lr
@@ -124,8 +123,7 @@ def validate(cfg: LinprobeConfig) -> None:
 def run(cfg: LinprobeConfig) -> dict[str, Any]:
     validate(cfg)
     with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
-        enc, arch, size = resolve_encoder(cfg.model)
-        encoder = features_model(enc, arch, size).to(s.device)
+        encoder, enc, arch, size, notes = s.frozen_encoder(cfg.model)
         train, val = load_splits(cfg.data, cfg.run.seed)
         num_classes = len(train.classes)
         head = LinearProbeHead(arch["embed_dim"], num_classes).to(s.device)
@@ -173,7 +171,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
         s.plan_budget(trainer, cfg, resume, measure)
         mode = ("cached features (--no-augment)" if cached else
                 "RandomResizedCrop + flip, encoder every step" if aug.augment else "no augmentation, encoder every step")
-        header = (f"maelab linprobe: {encoder_header(enc, arch, size)}; {pool} features; {mode}; {num_classes} "
+        header = (f"maelab linprobe: {encoder_header(enc, arch, size, notes)}; {pool} features; {mode}; {num_classes} "
                   f"classes, {len(train)} train / {len(val)} val images, on {s.where}, global batch "
                   f"{plan.global_size}, LARS lr {lr:.3g}, {plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
         result = s.fit(trainer, cfg, resume, header)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from maelab.data.folders import ImageList
 from maelab.data.loader import choose_in_memory
@@ -32,7 +33,8 @@ from maelab.config import load_yaml
 from maelab.errors import MaelabError
 from maelab.evaluate.features import EvalSplit
 from maelab.io import check_writable_folder, write_json
-from maelab.models.vit import EncoderWeights, describe
+from maelab.interop.encoders import resolve_encoder
+from maelab.models.vit import EncoderWeights, describe, features_model
 from maelab.train import checkpoint as ckpt
 from maelab.train.budget import parse_duration, plan_steps, process_age
 from maelab.train.distributed import cleanup, init_distributed
@@ -72,10 +74,11 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def encoder_header(enc: EncoderWeights | None, arch: dict[str, Any], size: tuple[int, int]) -> str:
-    """"ViT width ..., from <source> weights <path>" for a command's first log line."""
+def encoder_header(enc: EncoderWeights | None, arch: dict[str, Any], size: tuple[int, int],
+                   notes: list[str] = ()) -> str:
+    """"ViT width ..., from <source> weights <path>; <what loading did>" for a command's first log line."""
     src = "random init (--init none)" if enc is None else f"{enc.source} weights {enc.path}"
-    return f"{describe(dict(arch, img_size=size))} from {src}"
+    return f"{describe(dict(arch, img_size=size))} from {src}" + "".join(f"; {n}" for n in notes)
 
 
 def epoch_results(run_dir: Path, history: list[dict] | None = None, key: str = "val_top1") -> list[dict]:
@@ -153,6 +156,16 @@ class Session:
     def where(self) -> str:
         """"cpu x2 (fp32)" for the first log line."""
         return f"{self.device} x{self.info.world} ({self.precision})"
+
+    def frozen_encoder(self, model_cfg) -> tuple[nn.Module, EncoderWeights | None, dict[str, Any], tuple[int, int],
+                                                 list[str]]:
+        """(frozen encoder on the device, its weights, architecture, input size, what loading did: a
+        position-table resize for ``--img-size``, a layout, assumed heads -- for the log) for an
+        ``EncoderConfig``."""
+        enc, arch, size = resolve_encoder(model_cfg)
+        notes: list[str] = []
+        encoder = features_model(enc, arch, size, notes).to(self.device)
+        return encoder, enc, arch, size, notes
 
     def run_folder(self, run_cfg) -> tuple[Path, Path | None]:
         """(run folder, checkpoint to resume from or None) for a run section (``out``, ``resume``)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from maelab.config import load_yaml
 from maelab.data.folders import scan_images, spread_sample
 from maelab.errors import MaelabError
+from maelab.interop.encoders import img_size_arg
 from maelab.interop.mae_weights import load_mae, require_decoder
 from maelab.models.checks import check_masks_something, num_visible
 from maelab.train.distributed import pick_device
@@ -29,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="masking seed (same seed, same picture)")
     p.add_argument("--out", default=VIS_NAME,
                    help=f"output PNG; a folder (existing, or written with a trailing /) gets {VIS_NAME}")
+    p.add_argument("--img-size", nargs="+", type=int, default=None, metavar="PX",
+                   help="draw at this input size (one number, or height width) instead of the checkpoint's: the "
+                        "model keeps its weights and takes the position tables of the new patch grid")
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
 
 
@@ -58,8 +62,10 @@ def run(args: argparse.Namespace) -> Path:
     out = output_path(args.out)
     for r in args.mask_ratio:
         num_visible(1, r)  # the range, before the checkpoint is read
-    model, meta = load_mae(args.checkpoint, pick_device(args.device))
+    model, meta = load_mae(args.checkpoint, pick_device(args.device), img_size=img_size_arg(args.img_size))
     require_decoder(meta, args.checkpoint, "a reconstruction")
+    for note in meta.get("notes", []):
+        print(f"maelab visualize: {note}", flush=True)
     for r in args.mask_ratio:
         check_masks_something(model.num_patches, r)
     images = args.images or run_images(Path(args.checkpoint))

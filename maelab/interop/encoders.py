@@ -16,15 +16,15 @@ import torch
 import torch.nn as nn
 
 from maelab.errors import MaelabError
-from maelab.interop.formats import TORCH, check_weights_file
+from maelab.interop.formats import TORCH, check_weights_file, maelab_file, read_record
 from maelab.interop.huggingface import load_hf_pretrained_dir
 from maelab.interop.mae_weights import load_mae
-from maelab.interop.official import classify_official, infer_mae_architecture, load_official_state_dict
+from maelab.interop.official import classify_official, infer_mae_architecture, read_official
 from maelab.io import read_weights
 from maelab.models.checks import pair
 from maelab.models.presets import preset_kwargs
 from maelab.models.state_dicts import DECODER_PREFIXES, ENCODER_PREFIXES
-from maelab.models.vit import EncoderWeights, describe, vit_arch
+from maelab.models.vit import EncoderWeights, describe, pooled_norm, vit_arch, vit_meta
 from maelab.train.checkpoint import resolve_weights_path
 
 
@@ -38,20 +38,18 @@ def _from_mae_model(model: nn.Module, source: str, path: str, preset: str | None
 
 
 def _from_vit_state_dict(sd: dict[str, torch.Tensor], source: str, path: str,
-                         arch: dict[str, Any] | None = None, num_heads: int | None = None) -> EncoderWeights:
+                         arch: dict[str, Any] | None = None, num_heads: int | None = None,
+                         record: dict[str, Any] | None = None, img_size: tuple[int, int] | None = None) -> EncoderWeights:
     """A timm / official state dict (encoder, full MAE or classifier) -> encoder weights."""
     notes = []
     dropped = sorted(k for k in sd if k.startswith(DECODER_PREFIXES) or k.startswith("head."))
     sd = {k: v for k, v in sd.items() if k not in dropped}
     if dropped:
         notes.append(f"ignored {len(dropped)} decoder/head tensor(s)")
-    if "norm.weight" not in sd and "fc_norm.weight" in sd:
-        # timm's global-pool layout: the only final LayerNorm is fc_norm; for token features it is the norm.
-        sd.update({"norm.weight": sd["fc_norm.weight"], "norm.bias": sd["fc_norm.bias"]})
-        notes.append("fc_norm used as the final norm")
+    if pooled_norm(sd):  # timm's / the official classifier's global-pool layout: fc_norm after pooling
+        notes.append("global-pool layout: fc_norm normalises the pooled features (as its classifier did)")
     if arch is None:
-        kwargs = infer_mae_architecture({k: v for k, v in sd.items() if not k.startswith("fc_norm.")},
-                                        num_heads=num_heads)
+        kwargs = infer_mae_architecture(sd, img_size=img_size, num_heads=num_heads, record=record, notes=notes)
         arch = vit_arch(kwargs)
         if num_heads is None:
             notes.append(f"{arch['num_heads']} attention heads assumed (not stored in the file; set --num-heads)")
@@ -63,16 +61,20 @@ def _from_vit_state_dict(sd: dict[str, torch.Tensor], source: str, path: str,
 
 
 
-def read_encoder(path: str | Path, num_heads: int | None = None) -> EncoderWeights:
+def read_encoder(path: str | Path, num_heads: int | None = None,
+                 img_size: tuple[int, int] | None = None) -> EncoderWeights:
     """Encoder weights from a maelab run / checkpoint folder / ``.safetensors`` (pre-training or
     fine-tuning), an official MAE ``.pth``, a timm checkpoint (``.safetensors`` / ``.pth`` / ``.bin``),
     or a Hugging Face ViTMAE folder (``config.json`` + weights).
 
     Official and timm files do not record the number of attention heads: ``num_heads`` gives it, else
     the paper's table decides (width 192: 3, 384: 6, 768: 12, 1024 / 1280: 16; otherwise 64-dim heads).
-    Self-describing sources must agree with ``num_heads`` when it is given."""
+    Self-describing sources must agree with ``num_heads`` when it is given. Official and timm files
+    written elsewhere do not record their image size either: ``img_size`` (``--img-size``) is taken as
+    theirs when its patch grid has exactly the position table's rows, else the table must show its grid
+    (:func:`~maelab.interop.official.patch_grid`)."""
     _check_num_heads(num_heads)
-    enc = _read_encoder(Path(path).expanduser(), num_heads)
+    enc = _read_encoder(Path(path).expanduser(), num_heads, img_size)
     if num_heads is not None and int(enc.arch["num_heads"]) != int(num_heads):
         raise MaelabError(f"{enc.path} records {enc.arch['num_heads']} attention heads; --num-heads {num_heads} "
                           f"contradicts it")
@@ -88,16 +90,15 @@ def _check_num_heads(num_heads: int | None) -> None:
 
 
 
-def _read_encoder(p: Path, num_heads: int | None) -> EncoderWeights:
+def _read_encoder(p: Path, num_heads: int | None, img_size: tuple[int, int] | None) -> EncoderWeights:
     if not p.exists():
         raise MaelabError(f"checkpoint {p} does not exist")
     if p.is_dir() and (p / "config.json").is_file():
         return _from_mae_model(load_hf_pretrained_dir(p), "huggingface", str(p), None)
     if p.is_file() and check_weights_file(p) == TORCH:  # by content, whatever the file is called
-        sd = load_official_state_dict(p)
-        kind = classify_official(sd)
-        return _from_vit_state_dict(sd, "official" if kind in ("full", "encoder", "finetuned") else "timm", str(p),
-                                    num_heads=num_heads)
+        sd, record = read_official(p)
+        classify_official(sd)
+        return _from_vit_state_dict(sd, "official", str(p), num_heads=num_heads, record=record, img_size=img_size)
     weights_path = resolve_weights_path(p)
     weights, meta = read_weights(weights_path)
     arch_name = meta.get("arch")
@@ -111,8 +112,35 @@ def _read_encoder(p: Path, num_heads: int | None) -> EncoderWeights:
                           f"({meta.get('init', 'see its config.yaml')})")
     if arch_name is not None:
         raise MaelabError(f"{weights_path} holds a {arch_name!r} model, not a ViT encoder")
-    return _from_vit_state_dict(weights, "timm", str(weights_path), num_heads=num_heads)
+    return _from_vit_state_dict(weights, "timm", str(weights_path), num_heads=num_heads,
+                                record=read_record(weights_path), img_size=img_size)
 
+
+
+def read_classifier(path: str | Path, num_heads: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(state dict, maelab ``vit`` metadata) when ``path`` holds a ViT classifier -- a maelab fine-tune, or an
+    official / timm fine-tuned checkpoint (``head.*``; ``fc_norm`` without ``norm`` for the global-pool
+    recipe) -- else None. The metadata is what a maelab fine-tune records, so the classifier can be
+    written as one, or as timm weights."""
+    p = Path(path).expanduser()
+    found = maelab_file(p) if not (p.is_file() and check_weights_file(p) == TORCH) else None
+    if found is not None:
+        header = found[1]
+        if header.get("arch") == "vit":
+            return read_weights(found[0])
+        if header:  # a maelab MAE / linear probe: not a classifier of this kind
+            return None
+        sd, record = read_weights(found[0])[0], read_record(found[0])
+    elif p.is_file():
+        sd, record = read_official(p)
+    else:
+        return None
+    if "head.weight" not in sd or any(k.startswith(DECODER_PREFIXES) for k in sd):
+        return None
+    enc = _from_vit_state_dict(sd, "official", str(p), num_heads=num_heads, record=record)
+    meta = vit_meta(enc.arch, tuple(enc.arch["img_size"]), num_classes=int(sd["head.weight"].shape[0]),
+                    global_pool="avg" if pooled_norm(sd) else "token", init=str(p), notes=enc.notes)
+    return sd, meta
 
 
 def check_arch(enc: EncoderWeights, preset: str | None) -> None:
@@ -128,7 +156,7 @@ def check_arch(enc: EncoderWeights, preset: str | None) -> None:
 
 
 def encoder_for(init: str, preset: str | None, num_heads: int | None = None,
-                what: str = "--init") -> EncoderWeights | None:
+                what: str = "--init", img_size: tuple[int, int] | None = None) -> EncoderWeights | None:
     """``none`` -> None (random init: needs a preset); otherwise the checkpoint, checked against
     ``preset`` when one is given."""
     if not init:
@@ -138,7 +166,7 @@ def encoder_for(init: str, preset: str | None, num_heads: int | None = None,
         if not preset:
             raise MaelabError(f"{what} none needs --model (a preset, see `maelab models`)")
         return None
-    enc = read_encoder(init, num_heads)
+    enc = read_encoder(init, num_heads, img_size)
     check_arch(enc, preset)
     return enc
 
@@ -169,6 +197,7 @@ def img_size_arg(img_size: list[int] | None) -> tuple[int, int] | None:
 def resolve_encoder(model_cfg) -> tuple[EncoderWeights | None, dict[str, Any], tuple[int, int]]:
     """(encoder weights or None, architecture, input size) for an ``EncoderConfig`` (``init``,
     ``model``, ``num_heads``, ``img_size``): what every downstream command starts from."""
-    enc = encoder_for(model_cfg.init, model_cfg.model, model_cfg.num_heads)
+    size = img_size_arg(model_cfg.img_size)
+    enc = encoder_for(model_cfg.init, model_cfg.model, model_cfg.num_heads, img_size=size)
     arch = arch_for(enc, model_cfg.model, model_cfg.num_heads)
-    return enc, arch, img_size_arg(model_cfg.img_size) or tuple(arch["img_size"])
+    return enc, arch, size or tuple(arch["img_size"])

@@ -6,14 +6,21 @@ download named ``model.pth`` gets one line saying what it is instead of a pickle
 
 from __future__ import annotations
 
+import argparse
+import json
+import re
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+import torch
 
 from maelab.errors import MaelabError
-from maelab.io import read_header
+from maelab.io import read_header, read_metadata
 from maelab.train.checkpoint import resolve_weights_path
 
 TORCH, SAFETENSORS = "torch", "safetensors"
+SIZE_KEY = "maelab_size"  # where official / timm files written by maelab record what their format cannot say
 _MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors reader's own limit
 _MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
           (b"\x93NUMPY", "a NumPy .npy array"), (b"\x1f\x8b", "a gzip archive"), (b"\x89HDF", "an HDF5 file"),
@@ -70,3 +77,61 @@ def maelab_file(path: str | Path) -> tuple[Path, dict[str, Any]] | None:
         return None
     weights_path = resolve_weights_path(p)
     return weights_path, read_header(weights_path)
+
+
+def size_record(img_size: tuple[int, int] | list[int], patch_size: int, norm_eps: float = 1e-6) -> dict[str, Any]:
+    """What an official / timm weights file cannot say by its shapes alone: the image size (so the
+    patch grid is never guessed from a count), the patch size and the LayerNorm eps."""
+    h, w = (int(s) for s in img_size)
+    return {"img_size": [h, w], "patch_size": int(patch_size), "norm_eps": float(norm_eps)}
+
+
+def record_metadata(record: dict[str, Any]) -> dict[str, str]:
+    """The record as safetensors header metadata (strings only)."""
+    return {SIZE_KEY: json.dumps(record)}
+
+
+def read_record(path: str | Path, obj: Any = None) -> dict[str, Any] | None:
+    """The size record of a weights file: the ``maelab_size`` entry of a ``torch.save`` dict (``obj``, already
+    loaded) or of a safetensors header; None for files written elsewhere (they cannot say)."""
+    if obj is not None:
+        raw = obj.get(SIZE_KEY) if isinstance(obj, Mapping) else None
+    else:
+        raw = read_metadata(path).get(SIZE_KEY)
+        try:
+            raw = json.loads(raw) if raw is not None else None
+        except json.JSONDecodeError:
+            raise MaelabError(f"cannot read weights {path}: its {SIZE_KEY} entry is not valid JSON") from None
+    if raw is None:
+        return None
+    try:
+        h, w = (int(s) for s in raw["img_size"])
+        return size_record((h, w), int(raw["patch_size"]), float(raw.get("norm_eps", 1e-6)))
+    except (KeyError, TypeError, ValueError):
+        raise MaelabError(f"cannot read weights {path}: its {SIZE_KEY} entry {raw!r} is not "
+                          f"{{img_size: [h, w], patch_size: p}}") from None
+
+
+_BLOCKED = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# What training scripts put beside the weights and is safe to rebuild: the official main_pretrain.py saves
+# its argparse.Namespace as "args".
+_SAFE_GLOBALS = [argparse.Namespace]
+
+
+def load_torch(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU, with maelab's own one-line errors: a pickle that needs
+    code to load is refused naming the global it needs (maelab never runs code from a checkpoint), and
+    torch's warnings are not printed before it."""
+    try:
+        with open(path, "rb") as f, warnings.catch_warnings(), torch.serialization.safe_globals(_SAFE_GLOBALS):
+            warnings.simplefilter("ignore")  # a file object: torch.load would otherwise pick its reader by the name
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated files, disallowed globals
+        text = str(exc).strip()
+        blocked = _BLOCKED.search(text)
+        if blocked:
+            raise MaelabError(f"refusing {path}: it is a pickle that needs {blocked.group(1)} to load, and maelab never "
+                              f"runs code from a checkpoint; re-save only its tensors (a state dict, or "
+                              f"{{'model': state_dict}}) with torch.save or safetensors") from None
+        msg = text.splitlines()[0] if text else type(exc).__name__
+        raise MaelabError(f"cannot read {path} as a weights-only PyTorch checkpoint: {msg}") from None

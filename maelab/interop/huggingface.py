@@ -29,7 +29,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from maelab.errors import MaelabError
-from maelab.interop.formats import SAFETENSORS, check_weights_file
+from maelab.interop.formats import SAFETENSORS, check_weights_file, load_torch
 from maelab.interop.official import load_into_mae
 from maelab.io import atomic_path
 from maelab.models.mae import MaskedAutoencoder
@@ -341,11 +341,7 @@ def _read_hf_weights(path: str) -> dict[str, torch.Tensor]:
     def load_pt(file: str) -> dict[str, torch.Tensor]:
         if check_weights_file(file) == SAFETENSORS:
             return load_file(file, device="cpu")
-        try:
-            with open(file, "rb") as fh:  # a file object: torch.load would pick its reader by the name
-                return dict(torch.load(fh, map_location="cpu", weights_only=True))
-        except Exception as exc:
-            raise MaelabError(f"cannot read {file} as weights-only: {str(exc).strip().splitlines()[0]}") from None
+        return dict(load_torch(file))
 
     if os.path.isfile(st):
         return load_file(st, device="cpu")

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from maelab.errors import MaelabError
-from maelab.interop.formats import TORCH, check_weights_file
+from maelab.interop.formats import TORCH, check_weights_file, read_record
 from maelab.interop.huggingface import detect_hf_naming, load_hf_pretrained_dir
-from maelab.interop.official import classify_official, infer_mae_architecture, load_into_mae, load_official_state_dict
+from maelab.interop.official import classify_official, infer_mae_architecture, load_into_mae, read_official, resize_mae
 from maelab.io import read_weights, save_weights
+from maelab.models.checks import pair
 from maelab.models.mae import MaskedAutoencoder
 from maelab.models.state_dicts import check_state_dict
 from maelab.models.vit import describe, vit_arch
@@ -69,10 +70,11 @@ def not_an_mae(path: str | Path, meta: dict[str, Any], weights: dict[str, torch.
                        f"parameter names{': ' + shown if shown else ''})")
 
 
-def _mae_from_state_dict(sd: dict[str, torch.Tensor]) -> tuple[MaskedAutoencoder, str]:
+def _mae_from_state_dict(sd: dict[str, torch.Tensor], record: dict[str, Any] | None,
+                         notes: list[str]) -> tuple[MaskedAutoencoder, str]:
     """An official-layout state dict -> (model shaped like it, loaded strictly; "full" / "encoder" / "finetuned")."""
     kind = classify_official(sd)
-    model = MaskedAutoencoder(**infer_mae_architecture(sd))
+    model = MaskedAutoencoder(**infer_mae_architecture(sd, record=record, notes=notes))
     load_into_mae(model, sd)
     return model, kind
 
@@ -92,26 +94,39 @@ def save_mae(model: MaskedAutoencoder, path: str | Path, preset: str | None = No
     return path
 
 
-def load_mae(path: str | Path, device: str | torch.device = "cpu") -> tuple[MaskedAutoencoder, dict[str, Any]]:
+def load_mae(path: str | Path, device: str | torch.device = "cpu",
+             img_size: int | tuple[int, int] | None = None) -> tuple[MaskedAutoencoder, dict[str, Any]]:
     """(model in eval mode, its metadata) from a run folder, checkpoint folder, weights file (maelab
     safetensors, or an official-layout ``.pth`` / safetensors), or a Hugging Face ViTMAE folder. The
     file format is recognised by content, not by name. Official files that lack the decoder load into
-    the encoder (``meta["kind"]`` is then ``"encoder"`` or ``"finetuned"``; see :func:`require_decoder`)."""
-    p = Path(path).expanduser()
+    the encoder (``meta["kind"]`` is then ``"encoder"`` or ``"finetuned"``; see :func:`require_decoder`).
+    ``img_size`` other than the checkpoint's gives the resized model (:func:`resize_mae`); what loading
+    did is listed in ``meta["notes"]``."""
+    model, meta = _load_mae(Path(path).expanduser())
+    notes = meta.setdefault("notes", [])
+    if img_size is not None and tuple(pair(img_size)) != tuple(model.img_size):
+        old = model.img_size
+        model = resize_mae(model, img_size)
+        notes.append(f"resized from {old[0]}x{old[1]} to {model.img_size[0]}x{model.img_size[1]} px "
+                     f"(position tables for the {model.grid[0]}x{model.grid[1]} grid)")
+    return model.to(device).eval(), meta
+
+
+def _load_mae(p: Path) -> tuple[MaskedAutoencoder, dict[str, Any]]:
+    notes: list[str] = []
     if p.is_file() and check_weights_file(p) == TORCH:
-        model, kind = _mae_from_state_dict(load_official_state_dict(p))
-        return model.to(device).eval(), {"arch": "mae", "preset": None, "source": "official", "kind": kind}
+        model, kind = _mae_from_state_dict(*read_official(p), notes)
+        return model, {"arch": "mae", "preset": None, "source": "official", "kind": kind, "notes": notes}
     if p.is_dir() and (p / "config.json").is_file():
-        model = load_hf_pretrained_dir(p)
-        return model.to(device).eval(), {"arch": "mae", "preset": None, "source": "huggingface"}
+        return load_hf_pretrained_dir(p), {"arch": "mae", "preset": None, "source": "huggingface"}
     weights_path = resolve_weights_path(p)
     weights, meta = read_weights(weights_path)
     if meta.get("arch") == "mae" and "kwargs" in meta:
         model = MaskedAutoencoder(**dict(meta["kwargs"]))
         check_state_dict(model, weights, str(weights_path))
         model.load_state_dict(weights)
-        return model.to(device).eval(), meta
+        return model, meta
     if not meta and any(k.startswith("decoder_blocks.") for k in weights):  # official layout saved as safetensors
-        model, kind = _mae_from_state_dict(weights)
-        return model.to(device).eval(), {"arch": "mae", "preset": None, "source": "official", "kind": kind}
+        model, kind = _mae_from_state_dict(weights, read_record(weights_path), notes)
+        return model, {"arch": "mae", "preset": None, "source": "official", "kind": kind, "notes": notes}
     raise not_an_mae(p, meta, weights)

@@ -16,9 +16,11 @@ from typing import Any, Mapping
 import torch
 
 from maelab.errors import MaelabError
-from maelab.interop.formats import SAFETENSORS, check_weights_file
-from maelab.io import read_weights
+from maelab.interop.formats import SAFETENSORS, SIZE_KEY, check_weights_file, load_torch, read_record, size_record
+from maelab.io import atomic_path, read_weights
+from maelab.models.checks import pair
 from maelab.models.mae import MaskedAutoencoder
+from maelab.models.pos_embed import resize_pos_embed, sincos_grid, structure_grid
 from maelab.models.state_dicts import DECODER_PREFIXES, ENCODER_PREFIXES, HEAD_PREFIXES, few, state_dict_mismatch
 
 # Heads per encoder width in the paper's model table (ViT-Ti/S/B/L/H). Widths outside the table
@@ -51,21 +53,25 @@ def unwrap_state_dict(obj: Any, source: str = "checkpoint") -> dict[str, torch.T
     return sd
 
 
-def load_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read an official MAE ``.pth`` (``{"model": state_dict}`` or a bare state dict) on the CPU. The format
-    is judged by content: a safetensors file is read as one, anything else is a one-line error."""
+def read_official(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(state dict, size record or None) of an official-layout ``.pth`` (``{"model": state_dict}`` or a
+    bare state dict) or the same weights as safetensors, read on the CPU, judged by content. A pickle
+    that needs code to load (anything ``torch.load(weights_only=True)`` refuses) is refused by name."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise MaelabError(f"{path} is a folder; expected a checkpoint file (an official MAE .pth such as "
+                          f"mae_pretrain_vit_base.pth, or its safetensors)")
     if not os.path.isfile(path):
         raise MaelabError(f"checkpoint not found: {path}")
     if check_weights_file(path) == SAFETENSORS:  # judged by content: the same weights saved as safetensors
-        return unwrap_state_dict(read_weights(path)[0], source=path)
-    try:
-        with open(path, "rb") as f:  # a file object: torch.load would pick its reader by the name
-            obj = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated files, disallowed globals
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MaelabError(f"cannot read {path} as a weights-only PyTorch checkpoint: {msg}") from None
-    return unwrap_state_dict(obj, source=path)
+        return unwrap_state_dict(read_weights(path)[0], source=path), read_record(path)
+    obj = load_torch(path)
+    return unwrap_state_dict(obj, source=path), read_record(path, obj)
+
+
+def load_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict of an official MAE checkpoint (see :func:`read_official`)."""
+    return read_official(path)[0]
 
 
 def classify_official(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -90,48 +96,121 @@ def _depth(keys, prefix: str) -> int:
     return len(idx)
 
 
+def _majority(sizes: dict[str, int], what: str) -> int:
+    """The size most tensors agree on; the tensors that disagree are damaged and are named."""
+    if not sizes:
+        raise MaelabError(f"checkpoint has no tensor that gives the {what}")
+    counts: dict[int, int] = {}
+    for v in sizes.values():
+        counts[v] = counts.get(v, 0) + 1
+    value = max(counts, key=lambda v: (counts[v], v))
+    odd = sorted(k for k, v in sizes.items() if v != value)
+    if odd and counts[value] == 1:
+        raise MaelabError(f"checkpoint tensors disagree on the {what}: " + ", ".join(f"{k} says {sizes[k]}" for k in
+                                                                                  sorted(sizes)[:4]))
+    if odd:
+        raise MaelabError(f"checkpoint is damaged: {', '.join(f'{k} {sizes[k]}' for k in odd[:4])} against {value} "
+                          f"in the {counts[value]} other tensors giving the {what} (a truncated or edited tensor)")
+    return value
+
+
+def _widths(sd: Mapping[str, torch.Tensor], prefix: str, anchors: dict[str, int]) -> tuple[int, int]:
+    """(width, MLP hidden size) of the blocks under ``prefix``, from every tensor that holds them."""
+    width = {k: int(sd[k].shape[dim]) for k, dim in anchors.items() if k in sd and sd[k].ndim > dim}
+    hidden = {}
+    pat = re.compile(re.escape(prefix) + r"\d+\.(norm1|norm2|attn\.proj|mlp\.fc2)\.(weight|bias)$")
+    for k, v in sd.items():
+        if pat.match(k) and v.ndim >= 1:
+            width[k] = int(v.shape[0])
+        m = re.match(re.escape(prefix) + r"\d+\.mlp\.(fc1\.weight|fc1\.bias|fc2\.weight)$", k)
+        if m and v.ndim >= 1:
+            hidden[k] = int(v.shape[1] if m.group(1) == "fc2.weight" and v.ndim == 2 else v.shape[0])
+    return _majority(width, "width"), _majority(hidden, "MLP hidden size")
+
+
+def patch_grid(sd: Mapping[str, torch.Tensor], patch_size: int, img_size: int | tuple[int, int] | None = None,
+               record: dict[str, Any] | None = None, notes: list[str] | None = None) -> tuple[int, int]:
+    """The image size (height, width) the checkpoint's ``pos_embed`` was made for, never guessed from a count:
+    the size recorded in the file (maelab writes it into official and timm exports); else ``img_size`` when
+    its patch grid has exactly the table's rows; else the grid the table itself proves (the fixed sin-cos
+    table of an MAE, or the 2-D structure of a learned one). Anything else is a one-line error."""
+    pos = sd.get("pos_embed")
+    if pos is None or pos.ndim != 3 or pos.shape[1] < 2:
+        raise MaelabError("checkpoint has no usable pos_embed (1, 1 + patches, width)")
+    rows = int(pos.shape[1]) - 1
+    if record is not None:
+        h, w = record["img_size"]
+        if record["patch_size"] != patch_size or h % patch_size or w % patch_size:
+            raise MaelabError(f"the file records patch {record['patch_size']} and {h}x{w} px, but its patch embedding "
+                              f"has patch {patch_size}: the file is damaged")
+        if (h // patch_size) * (w // patch_size) != rows:
+            raise MaelabError(f"pos_embed has {rows} patch rows, but the file records a {h}x{w} model "
+                              f"({(h // patch_size) * (w // patch_size)} patches of {patch_size} px): the tensor is "
+                              f"truncated or the file damaged")
+        return h, w
+    if img_size is not None:
+        h, w = pair(img_size)
+        if h % patch_size == 0 and w % patch_size == 0 and (h // patch_size) * (w // patch_size) == rows:
+            return h, w
+    table = pos[0, 1:].detach()
+    found = sincos_grid(table)
+    how = "the file's sin-cos position table"
+    if isinstance(found, str):
+        raise MaelabError(f"pos_embed is damaged: {found}")
+    if found is None:
+        found, how = structure_grid(table), "the 2-D structure of the file's learned position table"
+    if found is None:
+        given = "" if img_size is None else (f"; --img-size {pair(img_size)[0]} {pair(img_size)[1]} gives "
+                                              f"{(pair(img_size)[0] // patch_size) * (pair(img_size)[1] // patch_size)}")
+        raise MaelabError(f"the file does not record its image size, and its pos_embed ({rows} patches of "
+                          f"{patch_size} px) does not show its grid{given}: pass --img-size HEIGHT WIDTH whose "
+                          f"patch grid has {rows} patches")
+    if notes is not None:
+        notes.append(f"patch grid {found[0]}x{found[1]} read from {how} (the file does not record its size)")
+    return found[0] * patch_size, found[1] * patch_size
+
+
 def infer_mae_architecture(
     state_dict: Mapping[str, torch.Tensor],
     img_size: int | tuple[int, int] | None = None,
     num_heads: int | None = None,
     decoder_num_heads: int | None = None,
+    record: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
     """Constructor kwargs for :class:`~maelab.models.mae.MaskedAutoencoder` that fit ``state_dict``.
 
-    Widths, depths, patch size, channels and the MLP ratio are read from shapes; the image size from
-    the ``pos_embed`` grid (square grids only unless ``img_size`` is given). Head counts are not stored
-    in a checkpoint: they come from the paper's table (or 64-dim heads; decoder 32-dim) unless given.
-    Decoder kwargs are returned only when the checkpoint has a decoder.
+    Widths, depths, patch size, channels and the MLP ratio are read from shapes, each from every tensor
+    that holds it (one damaged tensor is named, not blamed on the others); the image size by
+    :func:`patch_grid` (``record``: the file's own size record; ``img_size``: a size to try). Head counts
+    are not stored in a checkpoint: they come from the paper's table (or 64-dim heads; decoder 32-dim)
+    unless given. Decoder kwargs are returned only when the checkpoint has a decoder.
     """
     sd = state_dict
     classify_official(sd)
     w = sd["patch_embed.proj.weight"]
     if w.ndim != 4 or w.shape[2] != w.shape[3]:
         raise MaelabError(f"patch_embed.proj.weight must be (D, C, p, p), got {tuple(w.shape)}")
-    embed_dim, in_chans, patch_size = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+    in_chans, patch_size = int(w.shape[1]), int(w.shape[2])
     depth = _depth(sd, "blocks.")
-    fc1 = sd.get("blocks.0.mlp.fc1.weight")
-    if fc1 is None:
+    if "blocks.0.mlp.fc1.weight" not in sd:
         raise MaelabError("checkpoint has no blocks.0.mlp.fc1.weight")
+    embed_dim, hidden = _widths(sd, "blocks.", {"patch_embed.proj.weight": 0, "cls_token": 2, "pos_embed": 2,
+                                                "norm.weight": 0, "fc_norm.weight": 0})
     kwargs: dict[str, Any] = dict(
         patch_size=patch_size,
         in_chans=in_chans,
         embed_dim=embed_dim,
         depth=depth,
         num_heads=num_heads or _ENCODER_HEADS.get(embed_dim, max(1, embed_dim // 64)),
-        mlp_ratio=fc1.shape[0] / embed_dim,
+        mlp_ratio=hidden / embed_dim,
     )
-    if img_size is None:
-        if "pos_embed" not in sd:
-            raise MaelabError("checkpoint has no pos_embed; pass img_size")
-        length = int(sd["pos_embed"].shape[1]) - 1
-        side = int(round(length**0.5))
-        if side * side != length:
-            raise MaelabError(f"pos_embed has {length} patches, not a square grid; pass img_size=(height, width)")
-        img_size = side * patch_size
-    kwargs["img_size"] = img_size
+    kwargs["img_size"] = patch_grid(sd, patch_size, img_size, record, notes)
+    if record is not None and record.get("norm_eps", 1e-6) != 1e-6:
+        kwargs["norm_eps"] = record["norm_eps"]
     if "decoder_embed.weight" in sd:
-        dec_dim = int(sd["decoder_embed.weight"].shape[0])
+        dec_dim, dec_hidden = _widths(sd, "decoder_blocks.", {"decoder_embed.weight": 0, "mask_token": 2,
+                                                              "decoder_pos_embed": 2, "decoder_norm.weight": 0})
         kwargs.update(
             decoder_embed_dim=dec_dim,
             decoder_depth=_depth(sd, "decoder_blocks."),
@@ -143,11 +222,10 @@ def infer_mae_architecture(
                 f"decoder_pred predicts {pred.shape[0]} values per patch, expected {patch_size**2 * in_chans}"
                 f" for patch {patch_size} and {in_chans} channels"
             )
-        dfc1 = sd.get("decoder_blocks.0.mlp.fc1.weight")
-        if dfc1 is not None and dfc1.shape[0] / dec_dim != kwargs["mlp_ratio"]:
+        if dec_hidden / dec_dim != kwargs["mlp_ratio"]:
             raise MaelabError(
                 f"encoder MLP ratio {kwargs['mlp_ratio']} differs from decoder MLP ratio "
-                f"{dfc1.shape[0] / dec_dim}; maelab uses one ratio for both"
+                f"{dec_hidden / dec_dim}; maelab uses one ratio for both"
             )
     return kwargs
 
@@ -200,33 +278,59 @@ def load_into_mae(
     return {"kind": kind, "missing": missing, "ignored": ignored}
 
 
+def resize_mae(model: MaskedAutoencoder, img_size: int | tuple[int, int]) -> MaskedAutoencoder:
+    """The same MAE for another input size (e.g. reconstructions at 384 from a 224 checkpoint): every weight
+    is kept; the position tables become the new grid's sin-cos tables when they are the fixed sin-cos
+    tables of the old grid (exact, as the model would have been built at that size), else they are
+    resized bicubically."""
+    size = pair(img_size)
+    if tuple(size) == tuple(model.img_size):
+        return model
+    resized = MaskedAutoencoder(**dict(model.init_kwargs, img_size=list(size)))
+    sd, own = model.state_dict(), resized.state_dict()
+    for table in ("pos_embed", "decoder_pos_embed"):
+        fixed = sincos_grid(sd[table][0, 1:].detach().cpu()) == tuple(model.grid)
+        sd[table] = own[table] if fixed else resize_pos_embed(sd[table], model.grid, resized.grid)
+    resized.load_state_dict(sd)
+    return resized.to(next(model.parameters()).device).train(model.training)
+
+
 def mae_from_official(path: str | os.PathLike, **overrides: Any) -> torch.nn.Module:
     """Build a :class:`MaskedAutoencoder` shaped like the checkpoint at ``path`` and load it.
 
     ``overrides`` go to the constructor (e.g. ``num_heads=``, ``norm_pix_loss=True``, decoder sizes for
-    encoder-only checkpoints, whose decoder keeps its fresh initialisation)."""
-    sd = load_official_state_dict(path)
-    kwargs = infer_mae_architecture(
-        sd,
-        img_size=overrides.pop("img_size", None),
-        num_heads=overrides.get("num_heads"),
-        decoder_num_heads=overrides.get("decoder_num_heads"),
-    )
+    encoder-only checkpoints, whose decoder keeps its fresh initialisation). ``img_size`` other than the
+    checkpoint's gives the resized model (:func:`resize_mae`)."""
+    sd, record = read_official(path)
+    img_size = overrides.pop("img_size", None)
+    kwargs = infer_mae_architecture(sd, img_size=img_size, num_heads=overrides.get("num_heads"),
+                                    decoder_num_heads=overrides.get("decoder_num_heads"), record=record)
     kwargs.update(overrides)
     model = MaskedAutoencoder(**kwargs)
     load_into_mae(model, sd)
-    return model
+    return model if img_size is None else resize_mae(model, img_size)
 
 
 def export_official(model: torch.nn.Module, path: str | os.PathLike, include_decoder: bool = True) -> str:
     """Write ``{"model": state_dict}`` in the official layout (encoder only when ``include_decoder`` is
-    False, like ``mae_pretrain_*.pth``). Returns the path."""
+    False, like ``mae_pretrain_*.pth``), plus a ``maelab_size`` entry (image size, patch size, LayerNorm
+    eps) that the official code ignores and maelab reads back. Written atomically. Returns the path."""
     sd = model.state_dict()
     if not include_decoder:
         sd = {k: v for k, v in sd.items() if k.startswith(ENCODER_PREFIXES)}
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    record = size_record(model.img_size, model.patch_size, getattr(model, "norm_eps", 1e-6))
+    return save_official(sd, path, record)
+
+
+def save_official(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                  record: dict[str, Any] | None) -> str:
+    """``torch.save({"model": state_dict, "maelab_size": record})`` atomically (never a half-written file)."""
     path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    torch.save({"model": sd}, path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    obj: dict[str, Any] = {"model": dict(state_dict)}
+    if record is not None:
+        obj[SIZE_KEY] = record
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
     return path

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from maelab.errors import MaelabError
+from maelab.interop.formats import record_metadata, size_record
 from maelab.io import atomic_path
 from maelab.models.state_dicts import ENCODER_PREFIXES, state_dict_mismatch
 from maelab.models.vit import build_vit, check_pool, vit_arch
@@ -89,10 +90,12 @@ def save_timm_checkpoint(
     or ``timm.create_model(name, checkpoint_path=path, num_classes=0)``. Returns the path."""
     sd = to_timm_state_dict(model, global_pool)
     sd = {k: v.to("cpu").contiguous().clone() for k, v in sd.items()}
+    record = (size_record(model.img_size, model.patch_size, getattr(model, "norm_eps", 1e-6))
+              if isinstance(model, nn.Module) else None)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp:  # never a half-written file; the umask's permissions
-        save_file(sd, tmp, metadata={"format": "pt", "global_pool": global_pool})
+        save_file(sd, tmp, metadata={"format": "pt", "global_pool": global_pool, **(record_metadata(record) if record else {})})
     return path
 
 
@@ -117,5 +120,7 @@ def save_timm_classifier(
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file(sd, tmp, metadata={"format": "pt", "global_pool": pool, "num_classes": str(num_classes)})
+        save_file(sd, tmp, metadata={"format": "pt", "global_pool": pool, "num_classes": str(num_classes),
+                                     **record_metadata(size_record(arch["img_size"], arch["patch_size"],
+                                                                   arch.get("norm_eps", 1e-6)))})
     return path

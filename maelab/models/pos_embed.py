@@ -45,3 +45,53 @@ def resize_pos_embed(
     grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
+
+
+def sincos_grid(table: torch.Tensor) -> tuple[int, int] | str | None:
+    """The (rows, cols) grid of a (L, D) patch table that *is* a 2-D sin-cos table (MAE's fixed one):
+    each row's column and row halves are matched to 1-D sin-cos positions. None when it is not one;
+    a string saying what is wrong when it is one but cut short or out of order (a damaged file)."""
+    length, dim = table.shape
+    if dim % 4 or length < 1 or table.is_meta:
+        return None
+    half = dim // 2
+    ref = sincos_1d(half, torch.arange(length)).to(torch.float64)
+    idx = []
+    for part in (table[:, :half], table[:, half:]):  # columns, then rows (the official channel order)
+        dist = torch.cdist(part.to(torch.float64), ref)
+        best = dist.argmin(dim=1)
+        if (part.to(torch.float64) - ref[best]).abs().max().item() > 1e-2:
+            return None
+        idx.append(best)
+    col, row = idx
+    cols = int(col.max()) + 1
+    order = torch.arange(length)
+    if length % cols == 0 and torch.equal(col, order % cols) and torch.equal(row, order // cols):
+        return length // cols, cols
+    return (f"it is the sin-cos table of a {int(row.max()) + 1}x{cols} grid, but its {length} rows are not that "
+            f"grid in order (cut short or shuffled)")
+
+
+def structure_grid(table: torch.Tensor) -> tuple[int, int] | None:
+    """The (rows, cols) factorisation of a learned (L, D) patch table under which neighbours along both
+    axes are most alike (learned tables are smooth in 2-D; a wrong factorisation breaks one axis).
+    None when no factorisation stands out (e.g. an untrained random table)."""
+    length = table.shape[0]
+    if table.is_meta:
+        return None
+    centred = table.to(torch.float64) - table.to(torch.float64).mean(dim=0, keepdim=True)
+    unit = F.normalize(centred, dim=-1)
+    scores = {}
+    for rows in range(2, length // 2 + 1):
+        if length % rows:
+            continue
+        g = unit.reshape(rows, length // rows, -1)
+        across = (g[:, 1:] * g[:, :-1]).sum(-1).mean().item()
+        down = (g[1:] * g[:-1]).sum(-1).mean().item()
+        scores[(rows, length // rows)] = min(across, down)
+    if not scores:
+        return None
+    ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+    best, score = ranked[0]
+    runner_up = ranked[1][1] if len(ranked) > 1 else -1.0
+    return best if score > 0.3 and score - runner_up > 0.05 else None

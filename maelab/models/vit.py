@@ -39,11 +39,20 @@ def check_pool(global_pool: str) -> None:
 
 
 def encode(model: nn.Module, images: torch.Tensor, global_pool: str = "token") -> torch.Tensor:
-    """(N, D) features of any model whose ``forward_features`` gives (N, 1 + L, D) tokens after the final
-    norm: the cls token (``token``) or the mean of the patch tokens (``avg``). Never masks."""
+    """(N, D) features of any model whose ``forward_features`` gives (N, 1 + L, D) tokens: the cls token
+    (``token``) or the mean of the patch tokens (``avg``). Never masks. A global-pool ViT (timm's
+    ``fc_norm`` layout, e.g. an official fine-tuned classifier: no final ``norm``) normalises after
+    pooling, as its classifier does: its pre-logits are ``fc_norm(mean(patch tokens))``."""
     check_pool(global_pool)
     tokens = model.forward_features(images)
-    return tokens[:, 0] if global_pool == "token" else tokens[:, 1:].mean(dim=1)
+    pooled = tokens[:, 0] if global_pool == "token" else tokens[:, 1:].mean(dim=1)
+    fc_norm = getattr(model, "fc_norm", None)
+    return pooled if fc_norm is None else fc_norm(pooled)
+
+
+def pooled_norm(sd: dict[str, torch.Tensor]) -> bool:
+    """Whether encoder weights are in the global-pool layout: ``fc_norm`` after pooling, no ``norm``."""
+    return "fc_norm.weight" in sd and "norm.weight" not in sd
 
 
 def vit_arch(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +146,9 @@ def load_encoder_into(model: VisionTransformer, enc: EncoderWeights) -> list[str
         sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
         notes.append("fc_norm loaded from the checkpoint" if "fc_norm.weight" in sd else
                      "encoder norm dropped, fresh fc_norm after pooling (official recipe)")
+    elif pooled_norm(sd):  # a global-pool classifier into a cls-token ViT: its only final norm serves
+        sd = {("norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k): v for k, v in sd.items()}
+        notes.append("the checkpoint's fc_norm (global-pool layout) used as the final norm of the cls-token ViT")
     else:
         sd = {k: v for k, v in sd.items() if not k.startswith("fc_norm.")}
     problem = state_dict_mismatch(model.state_dict(), sd, optional=("head.", "fc_norm."))
@@ -155,16 +167,21 @@ def init_head(model: VisionTransformer, std: float) -> None:
 
 
 
-def features_model(enc: EncoderWeights | None, arch: dict[str, Any],
-                   img_size: tuple[int, int] | None = None) -> VisionTransformer:
-    """A frozen, eval-mode encoder (no head, cls-token layout so ``norm`` is loaded) for features."""
-    vit = build_vit(arch, num_classes=0, global_pool="token", img_size=img_size)
+def features_model(enc: EncoderWeights | None, arch: dict[str, Any], img_size: tuple[int, int] | None = None,
+                   notes: list[str] | None = None) -> VisionTransformer:
+    """A frozen, eval-mode encoder (no head) for features, in the layout of its weights: cls-token
+    (final ``norm``) for pre-trained encoders, global-pool (``fc_norm`` after pooling) for global-pool
+    classifiers, so that :func:`encode` gives their own pre-logits. What loading did (a position-table
+    resize, a layout) is appended to ``notes`` for the log."""
+    layout = "avg" if enc is not None and pooled_norm(enc.state_dict) else "token"
+    vit = build_vit(arch, num_classes=0, global_pool=layout, img_size=img_size)
     if enc is not None:
-        load_encoder_into(vit, enc)
+        loaded = load_encoder_into(vit, enc)
+        if notes is not None:
+            notes.extend(loaded)
     for p in vit.parameters():
         p.requires_grad_(False)
     return vit.eval()
-
 
 
 def vit_meta(arch: dict[str, Any], img_size: tuple[int, int], **extra: Any) -> dict[str, Any]:

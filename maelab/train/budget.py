@@ -27,8 +27,9 @@ MAX_WARMUP = 0.1  # of the planned steps
 def process_age() -> float:
     """Seconds since this process started (Linux: from /proc; elsewhere 0), so a budget covers start-up too."""
     try:
-        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        uptime = float(open("/proc/uptime").read().split()[0])
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as up:
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+            uptime = float(up.read().split()[0])
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return 0.0
