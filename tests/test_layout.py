@@ -29,7 +29,8 @@ LAYERS = [
     ("maelab.cli",),
 ]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
-SHARED_COMMAND_MODULES = {"maelab.commands", "maelab.commands.session", "maelab.commands.sections"}
+SHARED_COMMAND_MODULES = {"maelab.commands", "maelab.commands.session", "maelab.commands.sections",
+                          "maelab.commands.steps"}
 
 
 def module_name(path: Path) -> str:

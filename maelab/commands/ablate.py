@@ -11,9 +11,7 @@ what is not.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from maelab.commands.sections import ProcessConfig
+from maelab.commands.steps import Chain, length_flags, maelab, no_budget
 from maelab.config import command_config, option
 from maelab.errors import MaelabError
 from maelab.io import atomic_write_bytes, write_json
@@ -81,10 +80,6 @@ def validate(cfg: AblateConfig) -> None:
         raise MaelabError(f"--probe-epochs must be at least 1, got {cfg.run.probe_epochs}")
 
 
-def no_budget(budget: str | None) -> bool:
-    return not budget or budget.lower() == "none"
-
-
 def setting_flags(setting: str, value: str) -> list[str]:
     """``--name value``; on/off settings (``true`` / ``false``) become ``--name`` / ``--no-name``."""
     flag = setting.strip("-").replace("_", "-")
@@ -93,16 +88,6 @@ def setting_flags(setting: str, value: str) -> list[str]:
     if value.lower() in ("false", "off", "no"):
         return [f"--no-{flag}"]
     return [f"--{flag}", value]
-
-
-def maelab(args: list[str], log: Path) -> float:
-    """Run one `maelab` command as its own process (output to ``log``); seconds it took."""
-    t0 = time.perf_counter()
-    with open(log, "a") as out:
-        code = subprocess.run([sys.executable, "-m", "maelab.cli", *args], stdout=out, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        raise MaelabError(f"`maelab {args[0]}` failed (exit {code}); its output is in {log}")
-    return time.perf_counter() - t0
 
 
 def run_value(cfg: AblateConfig, value: str, folder: Path) -> dict[str, Any]:
@@ -114,27 +99,19 @@ def run_value(cfg: AblateConfig, value: str, folder: Path) -> dict[str, Any]:
     d, r = cfg.data, cfg.run
     common = ["--device", r.device, "--precision", r.precision, "--seed", str(r.seed), "--data", d.data,
               "--batch-size", str(d.batch_size)]
-    split = ["--limit-images", str(d.limit_images)] + (["--val-data", d.val_data] if d.val_data else [])
-    log = folder / "log.txt"
+    chain = Chain(folder, common, ["--limit-images", str(d.limit_images)] + (["--val-data", d.val_data] if d.val_data else []))
     pre = folder / "pretrain"
     result: dict[str, Any] = {"value": value}
-    length = (["--epochs", str(r.pretrain_epochs)] if r.pretrain_epochs else []) if no_budget(r.budget) else [
-        "--budget", r.budget]
+    length = length_flags(r.budget, r.pretrain_epochs)
     result["pretrain_s"] = maelab(["pretrain", "--config", r.preset, *common, "--limit-images", str(d.limit_images),
                                    *length, "--out", str(pre),
-                                   *setting_flags(cfg.sweep.setting, value)], log)
+                                   *setting_flags(cfg.sweep.setting, value)], chain.log)
     if "knn" in cfg.sweep.evaluate:
-        maelab(["knn", "--init", str(pre), *common, *split, "--out", str(folder / "knn.json")], log)
-        result["knn_top1"] = json.loads((folder / "knn.json").read_text())["knn_top1"]
+        result["knn_top1"] = chain.knn(str(pre), "knn")["knn_top1"]
     if "linprobe" in cfg.sweep.evaluate:
-        maelab(["linprobe", "--config", "linprobe_cifar_tiny", "--init", str(pre), *common, *split, "--no-augment",
-                "--epochs", str(r.probe_epochs), "--warmup-epochs", str(max(1, r.probe_epochs // 10)),
-                "--out", str(folder / "linprobe")], log)
-        result["linprobe_top1"] = json.loads((folder / "linprobe" / "results.json").read_text())["val_top1"]
+        result["linprobe_top1"] = chain.linprobe(str(pre), r.probe_epochs)["val_top1"]
     if "finetune" in cfg.sweep.evaluate:
-        maelab(["finetune", "--config", "finetune_cifar_tiny", "--init", str(pre), *common, *split,
-                "--budget", r.finetune_budget, "--out", str(folder / "finetune")], log)
-        result["finetune_top1"] = json.loads((folder / "finetune" / "results.json").read_text())["val_top1"]
+        result["finetune_top1"] = chain.finetune(str(pre), ["--budget", r.finetune_budget])["val_top1"]
     write_json(done, result)
     return result
 

@@ -1,0 +1,195 @@
+"""`maelab recipe`: the paper's whole protocol in one command, each part to a wall-clock budget.
+
+pre-train (MAE) -> kNN of the MAE encoder and of a random-init encoder -> linear probe -> fine-tune from
+the MAE encoder and, with the same fine-tune budget, from scratch -> reconstructions of validation
+images at mask ratios 0.75 / 0.85 / 0.95 (paper Fig. 4) and the loss curves of every run. The recipes
+are presets (``--config recipe_quick``: about 30 minutes on 2 CPU cores; ``recipe_full``: the public
+small-scale recipe, for a GPU). Every step is its own `maelab` process in a sub-folder of ``--out``;
+running the same command again skips what is finished and resumes what is not. ``results.json`` and
+``results.md`` say what each step reached and whether the two signals hold: the MAE encoder's kNN beats
+the random encoder's, and the MAE fine-tune beats the from-scratch one at equal fine-tune time.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maelab.commands.sections import ProcessConfig
+from maelab.commands.steps import Chain, length_flags, maelab, no_budget
+from maelab.config import command_config, load_yaml, option
+from maelab.data.folders import scan_images, spread_sample
+from maelab.data.splits import default_val_dir
+from maelab.errors import MaelabError
+from maelab.io import atomic_write_bytes, write_json
+from maelab.train.budget import parse_duration
+from maelab.viz import PICTURE_IMAGES, plot_curves
+
+NAME = "recipe"
+HELP = "pre-train -> kNN (vs random init) -> linear probe -> fine-tune (vs from scratch), each to a budget"
+DESCRIPTION = ("The paper's protocol in one command: --config recipe_quick (about 30 min on 2 CPU cores) or "
+               "recipe_full (the public small-scale CIFAR recipe, for a GPU). Re-running resumes.")
+RATIOS = (0.75, 0.85, 0.95)
+
+
+@dataclass
+class RecipeSteps:
+    pretrain_preset: str = option("pretrain_cifar10_tiny", "`maelab pretrain` preset")
+    pretrain_budget: str = option("15m", "pre-training wall-clock budget (e.g. 15m, 2h; none: --pretrain-epochs)")
+    pretrain_epochs: int = option(0, "pre-training epochs when the budget is none (0: the preset's)")
+    img_size: int = option(0, "input size of every step (0: the pre-training preset's)")
+    probe_preset: str = option("linprobe_cifar_tiny", "`maelab linprobe` preset")
+    probe_epochs: int = option(20, "linear-probe epochs (on cached features)")
+    finetune_preset: str = option("finetune_cifar_tiny", "`maelab finetune` preset")
+    finetune_budget: str = option("5m", "budget of each fine-tune: from the MAE encoder, and from scratch "
+                                        "(none: --finetune-epochs)")
+    finetune_epochs: int = option(0, "fine-tuning epochs when the budget is none (0: the preset's)")
+    mask_ratios: list[float] = option(list(RATIOS), "mask ratios of the reconstruction picture")
+
+
+@dataclass
+class RecipeData:
+    data: str = option("", "training images: an ImageFolder tree (e.g. .../cifar10/train)")
+    val_data: str = option("", "labelled validation images (default: a sibling val / test folder)")
+    limit_images: int = option(0, "a fixed seeded subset of N images of each split for the evaluations (0 = all)")
+    batch_size: int = option(256, "images per process per step")
+
+
+@dataclass
+class RecipeRun(ProcessConfig):
+    out: str = option("runs/recipe", "recipe folder: one sub-folder per step, results.json / .md, pictures")
+    seed: int = option(0, "seed of every step")
+
+
+RecipeConfig = Config = command_config("RecipeConfig", __name__, steps=RecipeSteps, data=RecipeData, run=RecipeRun)
+
+
+def validate(cfg: RecipeConfig) -> Path:
+    """The validation folder; every budget and number checked before anything runs."""
+    if not cfg.data.data:
+        raise MaelabError("--data is required: an ImageFolder tree with a class per sub-folder")
+    if not Path(cfg.data.data).expanduser().is_dir():
+        raise MaelabError(f"--data {cfg.data.data}: no such folder")
+    for name in ("pretrain_budget", "finetune_budget"):
+        if not no_budget(getattr(cfg.steps, name)):
+            parse_duration(getattr(cfg.steps, name))
+    if cfg.steps.probe_epochs < 1:
+        raise MaelabError(f"--probe-epochs must be at least 1, got {cfg.steps.probe_epochs}")
+    if not cfg.steps.mask_ratios or not all(0 < r < 1 for r in cfg.steps.mask_ratios):
+        raise MaelabError(f"--mask-ratios must be in (0, 1), got {cfg.steps.mask_ratios}")
+    val = Path(cfg.data.val_data).expanduser() if cfg.data.val_data else default_val_dir(cfg.data.data)
+    if val is None or not val.is_dir():
+        raise MaelabError("--val-data is required (no sibling val / test folder next to --data)")
+    return val
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {torch.get_num_threads()} threads{gpu}"
+
+
+def run(cfg: RecipeConfig) -> dict[str, Any]:
+    val = validate(cfg)
+    out = Path(cfg.run.out).expanduser()
+    d, st, r = cfg.data, cfg.steps, cfg.run
+    common = ["--device", r.device, "--precision", r.precision, "--seed", str(r.seed), "--data", d.data,
+              "--batch-size", str(d.batch_size)]
+    chain = Chain(out, common, ["--limit-images", str(d.limit_images), "--val-data", str(val)])
+    say = lambda msg: print(f"recipe: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    clock = StepClock(out / "minutes.json")
+    pre = out / "pretrain"
+    say(f"pre-training ({st.pretrain_preset}, budget {st.pretrain_budget})")
+    size = ["--img-size", str(st.img_size)] if st.img_size else []
+    if "pretrain" not in clock.done:
+        clock.run("pretrain", lambda: maelab(["pretrain", "--config", st.pretrain_preset, *common, *size,
+                                              *length_flags(st.pretrain_budget, st.pretrain_epochs), "--out",
+                                              str(pre)], chain.log))
+    recorded = load_yaml(pre / "config.yaml").get("model") or {}
+    if not recorded.get("model") or not recorded.get("img_size"):
+        raise MaelabError(f"{pre / 'config.yaml'} names no model preset and size; the random-init baselines need them")
+    random = ["--model", recorded["model"], "--img-size", *map(str, recorded["img_size"])]  # the MAE's own shape
+    say("kNN of the MAE encoder and of a random-init encoder")
+    knn_mae = clock.run("knn_mae", lambda: chain.knn(str(pre), "knn_mae"))
+    knn_random = clock.run("knn_random", lambda: chain.knn("none", "knn_random", random))
+    say(f"linear probe ({st.probe_epochs} epochs on cached features)")
+    probe = clock.run("linprobe", lambda: chain.linprobe(str(pre), st.probe_epochs, preset=st.probe_preset))
+    say(f"fine-tune from the MAE encoder and from scratch, {st.finetune_budget} each")
+    ft_length = length_flags(st.finetune_budget, st.finetune_epochs)
+    ft_mae = clock.run("finetune_mae", lambda: chain.finetune(str(pre), ft_length, "finetune_mae", st.finetune_preset))
+    ft_scratch = clock.run("finetune_scratch", lambda: chain.finetune("none", ft_length, "finetune_scratch",
+                                                                      st.finetune_preset, random))
+    pictures = out / "reconstruction.png"
+    if not pictures.is_file():
+        images = spread_sample(scan_images(val), PICTURE_IMAGES)
+        maelab(["visualize", "--checkpoint", str(pre), "--images", *images, "--mask-ratio",
+                *map(str, st.mask_ratios), "--device", r.device, "--out", str(pictures)], chain.log)
+    curves = {name: str(plot_curves(out / name / "metrics.jsonl", out / "curves" / f"{name}.png"))
+              for name in ("pretrain", "linprobe", "finetune_mae", "finetune_scratch")
+              if (out / name / "metrics.jsonl").is_file()}
+    results = {
+        "recipe": cfg.run.out, "data": d.data, "val_data": str(val), "seed": r.seed, "machine": machine(),
+        "budgets": {"pretrain": st.pretrain_budget, "finetune": st.finetune_budget},
+        "knn_mae_top1": knn_mae["knn_top1"], "knn_random_top1": knn_random["knn_top1"],
+        "linprobe_top1": probe["val_top1"], "finetune_mae_top1": ft_mae["val_top1"],
+        "finetune_scratch_top1": ft_scratch["val_top1"],
+        "minutes": clock.minutes,
+        "pictures": str(pictures), "curves": curves,
+    }
+    results["signals"] = {"knn_mae_beats_random": results["knn_mae_top1"] > results["knn_random_top1"],
+                          "finetune_mae_beats_scratch": results["finetune_mae_top1"] > results["finetune_scratch_top1"]}
+    write_json(out / "results.json", results)
+    atomic_write_bytes(out / "results.md", table(results).encode())
+    print(table(results) + f"recipe: wrote {out / 'results.md'}", flush=True)
+    return results
+
+
+class StepClock:
+    """Runs each named step once (a finished step is skipped when the recipe runs again) and keeps the
+    wall-clock minutes of the attempt that finished it in ``minutes.json``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.minutes: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+        self.done: set[str] = set(self.minutes)
+
+    def run(self, name: str, step):
+        """``step()``'s result; its minutes are recorded the first time it finishes (a step that is done
+        and runs again only reads its result files)."""
+        t0 = time.perf_counter()
+        result = step()
+        if name not in self.done:
+            self.minutes[name] = round((time.perf_counter() - t0) / 60, 2)
+            self.done.add(name)
+            write_json(self.path, self.minutes)
+        return result
+
+
+def table(res: dict[str, Any]) -> str:
+    m = {k: res["minutes"].get(k) for k in ("pretrain", "knn_mae", "knn_random", "linprobe", "finetune_mae",
+                                            "finetune_scratch")}
+    fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+    rows = [("pre-training (MAE)", None, m["pretrain"]),
+            ("kNN (k=20, T=0.07), MAE encoder", res["knn_mae_top1"], m["knn_mae"]),
+            ("kNN, random-init encoder", res["knn_random_top1"], m["knn_random"]),
+            ("linear probe, MAE encoder", res["linprobe_top1"], m["linprobe"]),
+            ("fine-tune from the MAE encoder", res["finetune_mae_top1"], m["finetune_mae"]),
+            ("fine-tune from scratch (same budget)", res["finetune_scratch_top1"], m["finetune_scratch"])]
+    lines = ["| step | top-1 (%) | minutes |", "|---|---|---|"]
+    lines += [f"| {name} | {fmt(acc)} | {fmt(mins)} |" for name, acc, mins in rows]
+    s = res["signals"]
+    lines += ["", f"MAE kNN beats random init: {'yes' if s['knn_mae_beats_random'] else 'NO'}; "
+                  f"MAE fine-tune beats from scratch: {'yes' if s['finetune_mae_beats_scratch'] else 'NO'}."]
+    return "\n".join(lines) + "\n"

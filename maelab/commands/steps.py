@@ -1,0 +1,74 @@
+"""The evaluation chain that `maelab ablate` and `maelab recipe` run on a pre-trained encoder: each step
+is its own `maelab` process (a crash, a kill or a budget never takes the others with it), logs to one
+file, and leaves its result in a file of its own, so a second run skips what is finished and resumes
+what is not."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from maelab.errors import MaelabError
+
+
+def no_budget(budget: str | None) -> bool:
+    return not budget or budget.lower() == "none"
+
+
+def maelab(args: list[str], log: Path) -> float:
+    """Run one `maelab` command as its own process (output appended to ``log``); seconds it took."""
+    t0 = time.perf_counter()
+    with open(log, "a") as out:
+        code = subprocess.run([sys.executable, "-m", "maelab.cli", *args], stdout=out, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise MaelabError(f"`maelab {args[0]}` failed (exit {code}); its output is in {log}")
+    return time.perf_counter() - t0
+
+
+@dataclass
+class Chain:
+    """The flags every step shares (device, precision, seed, data, batch) and the evaluation split."""
+
+    folder: Path
+    common: list[str]
+    split: list[str]
+    log: Path = field(init=False)
+
+    def __post_init__(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.log = self.folder / "log.txt"
+
+    def knn(self, init: str, name: str, extra: list[str] = ()) -> dict[str, Any]:
+        out = self.folder / f"{name}.json"
+        if not out.is_file():
+            maelab(["knn", "--init", init, *self.common, *self.split, *extra, "--out", str(out)], self.log)
+        return json.loads(out.read_text())
+
+    def trained(self, command: str, preset: str, init: str, name: str, extra: list[str]) -> dict[str, Any]:
+        """A linprobe / finetune run in ``name``/ (resumed if it was cut short); its results.json."""
+        out = self.folder / name
+        if not (out / "results.json").is_file():
+            maelab([command, "--config", preset, "--init", init, *self.common, *self.split, *extra,
+                    "--out", str(out)], self.log)
+        return json.loads((out / "results.json").read_text())
+
+    def linprobe(self, init: str, epochs: int, name: str = "linprobe", preset: str = "linprobe_cifar_tiny"):
+        return self.trained("linprobe", preset, init, name, ["--no-augment", "--epochs", str(epochs),
+                                                             "--warmup-epochs", str(max(1, epochs // 10))])
+
+    def finetune(self, init: str, length: list[str], name: str = "finetune", preset: str = "finetune_cifar_tiny",
+                 extra: list[str] = ()):
+        """``length``: the run's flags for how long (:func:`length_flags`)."""
+        return self.trained("finetune", preset, init, name, [*length, *extra])
+
+
+def length_flags(budget: str | None, epochs: int | None) -> list[str]:
+    """``--budget B``, or with no budget (``none``) ``--epochs N`` (nothing: the preset's epochs)."""
+    if not no_budget(budget):
+        return ["--budget", budget]
+    return ["--epochs", str(epochs)] if epochs else []

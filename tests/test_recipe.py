@@ -1,0 +1,65 @@
+"""`maelab recipe` on a tiny subset: the whole chain (pre-train -> kNN vs random -> probe -> fine-tune vs
+scratch -> pictures, curves), a table with both signals, a second run that skips what is done, and bad
+recipes refused before anything runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_subset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def recipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "maelab.cli", "recipe", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=900)
+
+
+def test_the_quick_chain_on_a_tiny_subset(tmp_path):
+    data = make_subset(tmp_path / "c10" / "train", 8, classes=4)
+    make_subset(tmp_path / "c10" / "test", 4, classes=4, split="test")
+    args = ["--config", "recipe_quick", "--data", str(data), "--batch-size", "8", "--limit-images", "0", "--img-size", "16",
+            "--pretrain-budget", "none", "--pretrain-epochs", "1", "--finetune-budget", "none",
+            "--finetune-epochs", "1", "--probe-epochs", "2", "--device", "cpu", "--out", str(tmp_path / "r")]
+    out = recipe(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    for key in ("knn_mae_top1", "knn_random_top1", "linprobe_top1", "finetune_mae_top1", "finetune_scratch_top1"):
+        assert 0 <= res[key] <= 100, key
+    assert set(res["signals"]) == {"knn_mae_beats_random", "finetune_mae_beats_scratch"}
+    assert set(res["minutes"]) == {"pretrain", "knn_mae", "knn_random", "linprobe", "finetune_mae", "finetune_scratch"}
+    scratch = (tmp_path / "r" / "finetune_scratch" / "config.yaml").read_text()
+    assert "init: none" in scratch and "mae_vit_tiny_patch4" in scratch
+    assert (tmp_path / "r" / "reconstruction.png").stat().st_size > 1000
+    assert set(res["curves"]) == {"pretrain", "linprobe", "finetune_mae", "finetune_scratch"}
+    table = (tmp_path / "r" / "results.md").read_text()
+    assert "| fine-tune from scratch (same budget) |" in table and "MAE kNN beats random init:" in table
+    again = recipe(*args, cwd=tmp_path)  # everything finished: nothing runs again
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["minutes"] == res["minutes"]
+    assert "pre-training" in again.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    ([], "--data is required"),
+    (["--data", "MISSING"], "no such folder"),
+    (["--data", "DATA", "--pretrain-budget", "soon"], "not a duration"),
+    (["--data", "DATA", "--mask-ratios", "1.5"], "--mask-ratios"),
+    (["--data", "ALONE"], "--val-data is required"),
+])
+def test_bad_recipes_are_refused_before_anything_runs(tmp_path, args, message):
+    (tmp_path / "d" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "d" / "test").mkdir()
+    (tmp_path / "alone" / "a").mkdir(parents=True)
+    subst = {"DATA": str(tmp_path / "d" / "train"), "MISSING": str(tmp_path / "nope"), "ALONE": str(tmp_path / "alone")}
+    out = recipe(*[subst.get(a, a) for a in args], "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert not (tmp_path / "r").exists()
