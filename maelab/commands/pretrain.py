@@ -13,7 +13,7 @@ from maelab.commands.session import Session
 from maelab.config import command_config, option
 from maelab.data.folders import prepare_images, spread_sample
 from maelab.data.loader import Feeder, choose_in_memory, plan_for
-from maelab.data.transforms import PretrainTransform
+from maelab.data.transforms import CROPS, PretrainTransform
 from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
 from maelab.evaluate.knn import pretrain_knn_monitor
@@ -55,6 +55,11 @@ class DataConfig:
     in_memory: str = option("auto", "decode the dataset once into RAM and augment whole batches: auto | yes | no", choices=("auto", "yes", "no"))
     min_crop_scale: float = option(0.2, "RandomResizedCrop minimum area fraction")
     hflip: bool = option(True, "random horizontal flip")
+    crop: str = option("random-size", "crop: random-size (RandomResizedCrop, the paper's), fixed-size (the mean area "
+                                      "of the random-size crop, the image's aspect, random position) or none",
+                       choices=CROPS)
+    color_jitter: float = option(0.0, "colour jitter strength s: brightness, contrast, saturation in [1-s, 1+s] "
+                                      "(0 = off, as the paper)")
     bad_files: str = option("error", "unreadable image: stop with its path (error) or leave it out (skip)", choices=("error", "skip"))
     limit_images: int = option(0, "train on a fixed seeded random subset of N images (0 = all); for quick runs")
 
@@ -102,6 +107,8 @@ def validate(cfg: PretrainConfig) -> None:
     default_workers(cfg.data.num_workers)
     check_schedule(cfg.optim, cfg.data.batch_size)
     check_crop_scale(cfg.data.min_crop_scale)
+    if not 0 <= cfg.data.color_jitter < 1:
+        raise MaelabError(f"--color-jitter must be in [0, 1), got {cfg.data.color_jitter}")
 
 
 def run(cfg: PretrainConfig) -> LoopResult:
@@ -117,8 +124,10 @@ def run(cfg: PretrainConfig) -> LoopResult:
         plan = plan_for(images, cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank,
                         cfg.run.seed)
         feeder = Feeder(images, plan, s.device, model.img_size, in_memory,
-                        transform=PretrainTransform(model.img_size, cfg.data.min_crop_scale, cfg.data.hflip),
+                        transform=PretrainTransform(model.img_size, cfg.data.min_crop_scale, cfg.data.hflip,
+                                                    cfg.data.crop, cfg.data.color_jitter),
                         min_scale=cfg.data.min_crop_scale, hflip=cfg.data.hflip, num_workers=workers,
+                        crop=cfg.data.crop, color_jitter=cfg.data.color_jitter,
                         bad_files=cfg.data.bad_files, progress=s.is_main)
         model.to(s.device)
         vis_paths = spread_sample(images, PICTURE_IMAGES, cfg.data.bad_files)

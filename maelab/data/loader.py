@@ -154,8 +154,11 @@ class Feeder:
         num_workers: int = 0,
         bad_files: str = "error",
         progress: bool = False,
+        crop: str = "random-size",
+        color_jitter: float = 0.0,
     ):
         self.images, self.plan, self.device = images, plan, device
+        self.crop, self.color_jitter = crop, color_jitter
         self.out_size, self.in_memory, self.bad_files = tuple(out_size), in_memory, bad_files
         self.min_scale, self.hflip = min_scale, hflip
         self.labels = torch.tensor(images.labels)
@@ -216,7 +219,8 @@ class Feeder:
                     idx = plan.indices(order, step, micro)
                     raw = self.data[idx.to(self.data.device)]
                     imgs = augment_batch(raw.to(self.device, non_blocking=True), self.out_size, clone_generator(g),
-                                         self.min_scale, self.hflip, plan.global_size, plan.offset(micro))
+                                         self.min_scale, self.hflip, plan.global_size, plan.offset(micro),
+                                         self.crop, self.color_jitter)
                     yield Batch(epoch, step, micro, imgs, self.labels[idx].to(self.device), plan.offset(micro), plan.global_size)
         else:
             self.sampler.set_position(epoch, start_step)

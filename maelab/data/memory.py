@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from maelab.data.folders import open_rgb
-from maelab.data.transforms import normalize, sample_crop_boxes
+from maelab.data.transforms import crop_range, jitter_colors, jitter_factors, normalize, sample_crop_boxes
 from maelab.data.workers import ignore_stop_signals
 from maelab.errors import MaelabError
 
@@ -116,17 +116,22 @@ def augment_batch(
     hflip: bool = True,
     global_n: int | None = None,
     offset: int = 0,
+    crop: str = "random-size",
+    color_jitter: float = 0.0,
 ) -> torch.Tensor:
-    """RandomResizedCrop + flip + normalisation for a batch of uint8 images.
+    """RandomResizedCrop (or another ``crop`` mode) + flip (+ colour jitter) + normalisation for a batch
+    of uint8 images.
 
     The random parameters are drawn for the whole global batch (``global_n`` images) and rows
     ``offset : offset + len(images)`` are applied here, so each process of a distributed run (and
     each accumulation micro-step) augments its share exactly as one big single-process batch would."""
     n, _, height, width = images.shape
     total = global_n or n
-    boxes = sample_crop_boxes(total, height, width, (min_scale, 1.0), generator=generator)
+    boxes = sample_crop_boxes(total, height, width, *crop_range(crop, min_scale, height, width), generator=generator)
     flips = torch.rand(total, generator=generator) < 0.5
+    factors = jitter_factors(total, color_jitter, generator)  # drawn last: without jitter the stream is unchanged
     if not hflip:
         flips.zero_()
     rows = slice(offset, offset + n)
-    return normalize(crop_flip_resize(images, boxes[rows], flips[rows], out_size))
+    out = crop_flip_resize(images, boxes[rows], flips[rows], out_size)
+    return normalize(jitter_colors(out, None if factors is None else factors[rows]))

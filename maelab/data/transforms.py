@@ -1,5 +1,5 @@
 """Augmentation as in the paper: RandomResizedCrop(scale 0.2-1, bicubic) + horizontal flip +
-ImageNet normalisation. Crop boxes are drawn from an explicit ``torch.Generator`` -- vectorised for a
+ImageNet normalisation (and, for its ablation, fixed-size or no crop and colour jitter). Crop boxes are drawn from an explicit ``torch.Generator`` -- vectorised for a
 whole batch -- so every augmentation is a pure function of (seed, epoch, step) and a resumed or
 multi-process run sees exactly the same pixels as an uninterrupted single-process one.
 """
@@ -19,6 +19,45 @@ from torchvision.transforms import InterpolationMode
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+CROPS = ("random-size", "fixed-size", "none")  # the paper's augmentation ablation (Table 1e)
+
+
+def crop_range(crop: str, min_scale: float, height: int, width: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(area scale range, aspect-ratio range) of :func:`sample_crop_boxes` for a crop mode:
+    ``random-size`` is RandomResizedCrop (area in [min_scale, 1], aspect 3/4-4/3); ``fixed-size`` keeps the
+    area at the random-size crop's mean ((min_scale + 1) / 2) and the image's aspect, at a random
+    position; ``none`` is the whole image."""
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
+    aspect = (width / height, width / height)
+    if crop == "none":
+        return (1.0, 1.0), aspect
+    if crop == "fixed-size":
+        mean = (min_scale + 1.0) / 2.0
+        return (mean, mean), aspect
+    return (min_scale, 1.0), RATIO
+
+
+def jitter_factors(n: int, strength: float, generator: torch.Generator | None) -> torch.Tensor | None:
+    """(n, 3) brightness / contrast / saturation factors uniform in [1 - s, 1 + s] (None when s = 0)."""
+    if strength <= 0:
+        return None
+    return 1.0 + strength * (2.0 * torch.rand(n, 3, generator=generator, dtype=torch.float64) - 1.0)
+
+
+def jitter_colors(x: torch.Tensor, factors: torch.Tensor | None) -> torch.Tensor:
+    """Colour jitter of (N, 3, H, W) images in [0, 1]: brightness, then contrast (around the mean grey),
+    then saturation (around each pixel's grey), as torchvision's ColorJitter without hue, per sample."""
+    if factors is None:
+        return x
+    f = factors.to(x.device, x.dtype)[:, :, None, None, None]
+    grey = lambda t: (0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3])  # noqa: E731
+    x = (x * f[:, 0]).clamp(0, 1)
+    x = ((x - grey(x).mean(dim=(2, 3), keepdim=True)) * f[:, 1] + grey(x).mean(dim=(2, 3), keepdim=True)).clamp(0, 1)
+    g = grey(x)
+    return ((x - g) * f[:, 2] + g).clamp(0, 1)
 
 
 def sample_crop_boxes(
@@ -87,19 +126,24 @@ def from_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 class PretrainTransform:
-    """Per-sample pre-training augmentation for the DataLoader path (PIL image -> normalised tensor)."""
+    """Per-sample pre-training augmentation for the DataLoader path (PIL image -> normalised tensor): the
+    same crop, flip and colour jitter rules as the in-memory batch path."""
 
-    def __init__(self, size: tuple[int, int], min_scale: float = 0.2, hflip: bool = True):
-        self.size, self.scale, self.hflip = tuple(size), (min_scale, 1.0), hflip
+    def __init__(self, size: tuple[int, int], min_scale: float = 0.2, hflip: bool = True, crop: str = "random-size",
+                 color_jitter: float = 0.0):
+        self.size, self.min_scale, self.hflip = tuple(size), min_scale, hflip
+        self.crop, self.color_jitter = crop, color_jitter
 
     def __call__(self, img: Image.Image, generator: torch.Generator) -> torch.Tensor:
-        top, left, h, w = sample_crop_boxes(1, img.height, img.width, self.scale, generator=generator)[0].tolist()
+        scale, ratio = crop_range(self.crop, self.min_scale, img.height, img.width)
+        top, left, h, w = sample_crop_boxes(1, img.height, img.width, scale, ratio, generator=generator)[0].tolist()
         flip = bool(torch.rand(1, generator=generator) < 0.5)
+        factors = jitter_factors(1, self.color_jitter, generator)
         img = TF.resized_crop(img, top, left, h, w, list(self.size), InterpolationMode.BICUBIC, antialias=True)
         if self.hflip and flip:
             img = TF.horizontal_flip(img)
         x = TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
-        return normalize(x.unsqueeze(0))[0]
+        return normalize(jitter_colors(x.unsqueeze(0), factors))[0]
 
 
 class EvalTransform:
