@@ -346,3 +346,31 @@ def test_finetuning_vit_checks_its_widths_and_heads():
         build_vit({**arch, "embed_dim": 66, "num_heads": 2})
     with pytest.raises(MaelabError, match="--num-heads must be at least 1, got -3"):
         arch_for(None, "mae_vit_tiny_patch4", num_heads=-3)
+
+
+def test_mask_tokens_in_the_encoder_variant_sees_every_position_and_learns():
+    """Paper Table 1c's ablation: the encoder takes all L positions (masked ones as a shared token), the
+    decoder gets them back in order; the loss stays on masked patches; features never mask."""
+    torch.manual_seed(0)
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
+              decoder_depth=1, decoder_num_heads=2)
+    sym = MaskedAutoencoder(**kw, encoder_mask_tokens=True)
+    x, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    latent, mask, _, _ = sym.forward_encoder(x, 0.75, noise)
+    assert latent.shape == (3, 17, 32) and int(mask.sum()) == 3 * 12
+    loss, pred, mask2 = sym(x, noise=noise)
+    assert pred.shape == (3, 16, 8 * 8 * 3) and torch.equal(mask, mask2)
+    fast, none, _ = sym(x, noise=noise, return_pred=False)  # no fast path for this variant: the same loss
+    assert none is None and torch.allclose(fast, loss)
+    # changing a masked patch's pixels changes nothing; changing a visible one does
+    masked_idx = int(mask[0].nonzero()[0])
+    row, col = divmod(masked_idx, 4)
+    y = x.clone()
+    y[0, :, row * 8:(row + 1) * 8, col * 8:(col + 1) * 8] += 5.0
+    assert torch.allclose(sym.forward_encoder(y, 0.75, noise)[0][0], latent[0], atol=1e-6)
+    loss.backward()
+    assert sym.encoder_mask_token.grad is not None and sym.encoder_mask_token.grad.abs().sum() > 0
+    assert "encoder_mask_token" not in sym.encoder_state_dict()
+    assert MaskedAutoencoder(**sym.init_kwargs).encoder_mask_tokens  # recorded, so a checkpoint rebuilds it
+    plain = MaskedAutoencoder(**kw)
+    assert plain.forward_encoder(x, 0.75, noise)[0].shape == (3, 5, 32)

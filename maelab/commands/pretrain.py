@@ -45,6 +45,8 @@ class ModelConfig:
     decoder_embed_dim: int | None = option(None, "decoder width (default: the preset's)")
     decoder_depth: int | None = option(None, "decoder blocks (default: the preset's)")
     decoder_num_heads: int | None = option(None, "decoder attention heads (default: the preset's)")
+    encoder_mask_tokens: bool = option(False, "ablation (paper Table 1c): mask tokens in the encoder, which then sees "
+                                              "every position; MAE's choice is off")
 
 
 @dataclass
@@ -93,7 +95,8 @@ def model_kwargs(cfg: PretrainConfig) -> dict:
         img = tuple(m.img_size) if len(m.img_size) == 2 else (m.img_size[0], m.img_size[0])
     return preset_kwargs(m.model, img_size=img, mask_ratio=m.mask_ratio, norm_pix_loss=m.norm_pix_loss,
                          decoder_embed_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
-                         decoder_num_heads=m.decoder_num_heads)
+                         decoder_num_heads=m.decoder_num_heads,
+                         encoder_mask_tokens=m.encoder_mask_tokens or None)
 
 
 def validate(cfg: PretrainConfig) -> None:

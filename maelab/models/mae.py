@@ -98,6 +98,7 @@ class MaskedAutoencoder(nn.Module):
         norm_pix_loss: bool = False,
         mask_ratio: float = 0.75,
         norm_eps: float = 1e-6,
+        encoder_mask_tokens: bool = False,
     ):
         super().__init__()
         self.img_size = pair(img_size)
@@ -107,7 +108,7 @@ class MaskedAutoencoder(nn.Module):
             img_size=list(self.img_size), patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
             depth=depth, num_heads=num_heads, decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
             decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio, norm_pix_loss=norm_pix_loss,
-            mask_ratio=mask_ratio, norm_eps=norm_eps,
+            mask_ratio=mask_ratio, norm_eps=norm_eps, encoder_mask_tokens=encoder_mask_tokens,
         )  # recorded in every weights file, so a checkpoint rebuilds its own model
         self.patch_size, self.in_chans = patch_size, in_chans
         self.norm_pix_loss, self.mask_ratio = norm_pix_loss, mask_ratio
@@ -133,6 +134,11 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_blocks = nn.ModuleList([block(decoder_embed_dim, decoder_num_heads) for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans, bias=True)
+        # Ablation only (paper Table 1c): the encoder sees every position, masked ones as a shared learned
+        # token, and the decoder gets them all back; worse and slower, which is why MAE drops them.
+        self.encoder_mask_tokens = bool(encoder_mask_tokens)
+        if self.encoder_mask_tokens:
+            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.initialize_weights()
 
     @property
@@ -148,6 +154,8 @@ class MaskedAutoencoder(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear on the flattened patch
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
+        if self.encoder_mask_tokens:
+            nn.init.normal_(self.encoder_mask_token, std=0.02)
         self.apply(self._init_module)
 
     @staticmethod
@@ -193,17 +201,23 @@ class MaskedAutoencoder(nn.Module):
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ):
-        x, mask, ids_restore, ids_shuffle = random_masking(self._embed(imgs), mask_ratio, noise, generator)
+        tokens = self._embed(imgs)
+        x, mask, ids_restore, ids_shuffle = random_masking(tokens, mask_ratio, noise, generator)
+        if self.encoder_mask_tokens:  # every position, in order; the masked ones become the mask token
+            m = mask.unsqueeze(-1).to(tokens.dtype)
+            x = tokens * (1 - m) + (self.encoder_mask_token + self.pos_embed[:, 1:, :]) * m
         return self._encode(x), mask, ids_restore, ids_shuffle
 
     # Decoder: embed, append mask tokens, un-shuffle, add decoder position, Transformer, norm, predict.
     def forward_decoder_tokens(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(latent)
-        n, length = ids_restore.shape
-        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
-        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
-        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        if not self.encoder_mask_tokens:  # visible tokens only: append the mask tokens, un-shuffle
+            n, length = ids_restore.shape
+            mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
+            x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+            x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+            x = torch.cat([x[:, :1, :], x_], dim=1)
+        x = x + self.decoder_pos_embed
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_norm(x)[:, 1:, :]  # drop cls
@@ -240,10 +254,10 @@ class MaskedAutoencoder(nn.Module):
         ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         check_masks_something(self.num_patches, ratio)
         latent, mask, ids_restore, ids_shuffle = self.forward_encoder(imgs, ratio, noise, generator)
-        if not return_pred:
+        if not return_pred and not self.encoder_mask_tokens:
             return fast_path.masked_loss(self, imgs, latent, ids_shuffle), None, mask
         pred = self.forward_decoder(latent, ids_restore)
-        return self.forward_loss(imgs, pred, mask), pred, mask
+        return self.forward_loss(imgs, pred, mask), pred if return_pred else None, mask
 
     # Downstream use: every patch, never masked.
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
