@@ -46,6 +46,12 @@ def test_the_quick_chain_on_a_tiny_subset(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "r" / "results.json").read_text())["minutes"] == res["minutes"]
     assert "pre-training" in again.stderr
+    page = tmp_path / "results.md"  # the results page is generated from these outputs, never typed
+    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", str(tmp_path / "r"),
+                    str(tmp_path / "recipe_full"), "--out", str(page)], check=True, capture_output=True)
+    text = page.read_text()
+    assert f"| fine-tune from scratch (same budget) | {res['finetune_scratch_top1']:.2f} |" in text
+    assert "## `recipe_full`" in text and "Not run yet" in text
 
 
 @pytest.mark.parametrize("args,message", [
