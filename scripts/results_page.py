@@ -62,10 +62,25 @@ def ablation_section(folder: Path) -> list[str]:
             f"Each value pre-trained to {res['budget']} on `{res['data']}`, then evaluated.", "", table, ""]
 
 
+def quality_section(folder: Path) -> list[str]:
+    lines = ["## Quality per CPU-minute: maelab against HF ViTMAE + torchvision", ""]
+    res_file = folder / "results.json"
+    if not res_file.is_file():
+        return lines + ["Not run yet: `python benchmarks/quality_per_minute.py --data .../cifar10/train --val-data "
+                        ".../cifar10/test --budget 30m --out runs/quality_per_minute` (about 1.5 hours on 2 CPU "
+                        "cores: two 30-minute pre-trainings, then kNN of every snapshot).", ""]
+    res = json.loads(res_file.read_text())
+    return lines + [f"Command: `{res['command']}`; {res['machine']}; {res['load']}. kNN k=20, T=0.07 on "
+                    f"{res['eval_images'] or 'all'} images of each split; seed {res['seed']}.", "",
+                    (folder / "results.md").read_text(), f"Curve: `{folder / 'curve.png'}`.", ""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", nargs="*", default=["runs/recipe_quick", "runs/recipe_full"])
     ap.add_argument("--ablation", nargs="*", default=[])
+    ap.add_argument("--quality", default="runs/quality_per_minute",
+                    help="output folder of benchmarks/quality_per_minute.py (maelab vs HF ViTMAE + torchvision)")
     ap.add_argument("--out", default="docs/results.md")
     args = ap.parse_args()
     out = Path(args.out)
@@ -79,6 +94,7 @@ def main() -> None:
     if not args.ablation:
         lines += ["## Ablations", "", "No ablation sweep has been run for this page yet (`maelab ablate`, see the README: "
                   "a sweep of four values at the quick budget takes about two hours on 2 CPU cores).", ""]
+    lines += quality_section(Path(args.quality))
     out.write_text("\n".join(lines).rstrip() + "\n")
     print(f"wrote {out}")
 
