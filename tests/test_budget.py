@@ -3,6 +3,7 @@ untouched, a budget run that ends inside an epoch, and a resumed budget run that
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -79,6 +80,14 @@ def test_a_budget_run_measures_undoes_the_measurement_and_ends_inside_an_epoch(c
     assert same(weights(tmp_path / "budget"), weights(reference))  # the calibration steps left no trace
     recorded = yaml.safe_load((tmp_path / "budget" / "config.yaml").read_text())["optim"]
     assert (recorded["max_steps"], recorded["epochs"], recorded["warmup_epochs"]) == (6, 2, 0.25)
+
+
+def test_max_steps_inside_the_epochs_ends_the_run_there(cifar_tiny, tmp_path):
+    """No extra step (at lr 0) in each epoch left after --max-steps, and the last epoch run is the last."""
+    result = run_pretrain(cfg_for(cifar_tiny, tmp_path / "r", epochs=5, max_steps=6, warmup_epochs=0.25))
+    assert result.global_step == 6 and result.epochs_done == 2
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("epoch", 0) for r in rows) == 2
 
 
 def test_a_resumed_budget_run_follows_the_recorded_plan(cifar_tiny, tmp_path, monkeypatch):

@@ -218,7 +218,7 @@ class Session:
             if self.budget_note:
                 logger.info(self.budget_note)
             if resume is not None:
-                done = trainer.epoch >= trainer.optim_cfg.epochs
+                done = trainer.epoch >= trainer.optim_cfg.epochs or trainer.global_step >= trainer.total_steps
                 logger.info(f"resumed from {resume}: " + ("all epochs already done" if done else
                             f"continuing at epoch {trainer.epoch + 1}, step {trainer.step}"))
         try:

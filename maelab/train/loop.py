@@ -284,7 +284,7 @@ class Trainer:
         params = [p for p in self.task.model.parameters() if p.requires_grad]
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         with _stop_signals() as stop:
-            while self.epoch < cfg.epochs:
+            while self.epoch < cfg.epochs and self.global_step < self.total_steps:  # --max-steps may end it early
                 epoch = self.epoch
                 self.log.start_epoch(epoch, cfg.epochs, self.step, self.steps_per_epoch)
                 loss_sum = torch.zeros((), device=self.device)
@@ -340,7 +340,7 @@ class Trainer:
                 self._check_finite(bad_step)
                 self.epoch, self.step = epoch + 1, 0
                 epoch_loss = self._mean(epoch_sum, max(n_epoch, 1))
-                last = self.epoch == cfg.epochs
+                last = self.epoch == cfg.epochs or self.global_step >= self.total_steps
                 extra = self.task.on_epoch_end(epoch, last)
                 summary = {"epoch": self.epoch, "epoch_loss": epoch_loss, **extra}
                 self.log.scalars(summary, self.global_step, prefix="epoch")
