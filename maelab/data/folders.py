@@ -6,6 +6,7 @@ unreadable file raises ``MaelabError`` naming it, or is left out under ``bad_fil
 
 from __future__ import annotations
 
+import io
 import math
 import multiprocessing as mp
 import os
@@ -114,19 +115,20 @@ def to_rgb(img: Image.Image, bits: int | None = None) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
+def open_rgb(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
     """The one image decoder of maelab (training, evaluation, pictures): decode fully, apply the EXIF
     orientation (photos from phones), convert to RGB (:func:`to_rgb`). A missing or unreadable file
-    raises :class:`MaelabError` naming it."""
+    raises :class:`MaelabError` naming it. ``data``: the file's bytes when they come from elsewhere (a
+    tar shard); ``path`` then only names the image in messages."""
     try:
         with warnings.catch_warnings():  # the size policy is ours (MAX_PIXELS), not a warning per file
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path if data is None else io.BytesIO(data)) as img:
                 if img.width * img.height > MAX_PIXELS:
                     scale = (MAX_PIXELS / (img.width * img.height)) ** 0.5
                     img.draft(img.mode, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
                 img.load()
-                if img.format == "PNG" and _png_data_missing(path):
+                if img.format == "PNG" and _png_data_missing(path, data):
                     raise OSError("the PNG image data ends before the last row (incomplete file)")
                 if img.width * img.height > MAX_PIXELS:
                     img = img.reduce(math.ceil((img.width * img.height / MAX_PIXELS) ** 0.5))
@@ -140,11 +142,12 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         raise MaelabError(f"cannot read image {path}: {e}") from None
 
 
-def _png_data_missing(path: str | os.PathLike) -> bool:
+def _png_data_missing(path: str | os.PathLike, data: bytes | None = None) -> bool:
     """Whether a non-interlaced PNG's image data decompresses to fewer bytes than its header needs:
     Pillow fills such files with black rows without an error. (Interlaced files are not checked.)"""
-    with open(path, "rb") as f:
-        data = f.read()
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read()
     pos, need, got, stream = 8, None, 0, zlib.decompressobj()
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos : pos + 8])
