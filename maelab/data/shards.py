@@ -225,21 +225,27 @@ class Sample:
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
 
 
-def read_samples(url: str) -> Iterator[Sample]:
+def read_samples(url: str, expected: int | None = None) -> Iterator[Sample]:
     """The samples of one shard in file order (the webdataset package opens and parses the tar). Any
-    error opening or reading it becomes a :class:`MaelabError` naming the shard and the error."""
+    error opening or reading it, or fewer / more samples than ``expected``, becomes a
+    :class:`MaelabError` naming the shard and the error."""
+    n = 0
     try:
         files = wds.tariterators.tar_file_expander(wds.tariterators.url_opener([{"url": url}]))
         for s in wds.tariterators.group_by_keys(files):
             ext = next((e for e in IMAGE_EXTS if e in s), None)
             if ext is None:
-                raise MaelabError(f"shard {url}: sample {s['__key__']} holds no image ({', '.join(sorted(s))})")
-            label = int(s["cls"]) if "cls" in s else -1
-            yield Sample(url, s["__key__"], ext, s[ext], label)
+                raise MaelabError(f"cannot read shard {url}: sample {s['__key__']} holds no image file "
+                                  f"({', '.join(sorted(s))}); is the shard truncated?")
+            n += 1
+            yield Sample(url, s["__key__"], ext, s[ext], int(s["cls"]) if "cls" in s else -1)
     except MaelabError:
         raise
     except (OSError, EOFError, tarfile.TarError, ValueError) as e:
         raise MaelabError(f"cannot read shard {url}: {_reason(e)}") from None
+    if expected is not None and n != expected:
+        raise MaelabError(f"cannot read shard {url}: it holds {n} samples, its manifest says {expected} "
+                          f"(a truncated or replaced file?)")
 
 
 def _reason(e: BaseException) -> str:
@@ -295,7 +301,7 @@ class ShardPlan(StepPlan):
 
 
 class ShardStream(IterableDataset):
-    """This rank's samples of one epoch as chunks ``(count, images, labels)`` of up to ``batch_size``,
+    """This rank's samples of one epoch as chunks ``(count, images, labels, sample indices)`` of up to ``batch_size``,
     per worker: its shards in order, through a seeded shuffle buffer, each sample decoded by
     :func:`maelab.data.folders.open_rgb` and transformed with a generator seeded by (seed, epoch,
     sample index). The first ``skip[worker]`` chunks come back undecoded (``images`` None)."""
@@ -313,7 +319,7 @@ class ShardStream(IterableDataset):
         g = make_generator(plan.seed, 10, self.epoch, plan.rank, worker)
         held: list[tuple[int, Sample]] = []
         for s in plan.worker_shards(self.epoch, worker):
-            for k, sample in enumerate(read_samples(plan.shards.urls[s])):
+            for k, sample in enumerate(read_samples(plan.shards.urls[s], plan.shards.counts[s])):
                 held.append((plan.first[s] + k, sample))
                 if len(held) >= self.buffer:
                     j = int(torch.randint(len(held), (1,), generator=g))
@@ -339,8 +345,9 @@ class ShardStream(IterableDataset):
 
     def _chunk(self, chunk: list[tuple[int, Sample]], undecoded: bool):
         labels = torch.tensor([s.label for _, s in chunk])
+        indices = torch.tensor([i for i, _ in chunk])
         if undecoded:
-            return len(chunk), None, labels
+            return len(chunk), None, labels, indices
         images = [None] * len(chunk)
         for k, (index, sample) in enumerate(chunk):
             try:
@@ -352,7 +359,7 @@ class ShardStream(IterableDataset):
             g = torch.Generator()
             g.manual_seed(mix_seed(self.plan.seed, 2, self.epoch, index))
             images[k] = self.transform(img, g)
-        return len(chunk), torch.stack(images), labels
+        return len(chunk), torch.stack(images), labels, indices
 
     @staticmethod
     def _stand_in(chunk, k: int, error: MaelabError):
@@ -411,7 +418,7 @@ class ShardFeeder:
             return
         batches = worker_batches(self.loader)
         try:
-            for count, imgs, labs in batches:
+            for count, imgs, labs, _ in batches:
                 if skip >= count:
                     skip -= count
                     continue
