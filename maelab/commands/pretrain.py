@@ -25,7 +25,7 @@ from maelab.models.masking import MASK_TYPES
 from maelab.models.presets import preset_kwargs
 from maelab.train.loop import LoopResult, Trainer
 from maelab.train.budget import timed
-from maelab.train.optim import adamw, scaled_lr
+from maelab.train.optim import adamw, batch_and_lr, scaled_lr
 from maelab.train.tasks import PretrainTask
 from maelab.viz import PICTURE_IMAGES, plot_curves, reconstruction_grid, save_reconstruction_grid
 
@@ -161,8 +161,9 @@ def run(cfg: PretrainConfig) -> LoopResult:
         s.plan_budget(trainer, cfg, resume, measure)
         source = f"{len(images.urls)} shards" if is_shard_source(cfg.data.data) else ("in RAM" if in_memory else "streamed")
         header = (f"maelab pretrain: {count} images ({source}), "
-                  f"{cfg.model.model} {tuple(model.img_size)} on {s.where}, global batch "
-                  f"{plan.global_size}, lr {lr:.3g}, {plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
+                  f"{cfg.model.model} {tuple(model.img_size)} on {s.where}, "
+                  + batch_and_lr(plan.batch_size, plan.accum, plan.world, cfg.optim.base_lr, cfg.optim.lr)
+                  + f", {plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
         result = s.fit(trainer, cfg, resume, header)
         if s.is_main:
             finish_pictures(model, run_dir, vis, cfg, titles)

@@ -95,9 +95,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 @contextmanager
 def _stop_signals():
-    """SIGINT/SIGTERM ask for a clean stop at the next step boundary; a second SIGINT aborts."""
+    """SIGINT/SIGTERM/SIGUSR1 ask for a clean stop at the next step boundary; a second SIGINT aborts.
+    SIGUSR1 is what Slurm's ``--signal=USR1@SECONDS`` sends ahead of a time limit."""
     flag = {"stop": False, "signum": signal.SIGINT}
     old = {}
 
@@ -107,7 +111,7 @@ def _stop_signals():
         flag["stop"], flag["signum"] = True, signum
 
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             old[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread: no signal handling
         old = {}
