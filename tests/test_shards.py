@@ -224,3 +224,43 @@ def test_pretrain_streams_shards_and_resumes_exactly(shard_dir, tmp_path, monkey
     a, b = (read_weights(ckpt.latest_checkpoint(d) / ckpt.WEIGHTS)[0] for d in (tmp_path / "ref", tmp_path / "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "run" / "reconstruction.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def split_shards(folder, tmp_path_factory) -> Path:
+    """``train`` / ``val`` shard sets: the same 39 images twice (the evaluation commands need both)."""
+    root = tmp_path_factory.mktemp("split_shards")
+    for split in ("train", "val"):
+        assert main(["shards", "make", "--data", str(folder), "--out", str(root / split), "--shard-size", "10"]) == 0
+    return root
+
+
+def test_local_shards_read_by_index_give_the_folder_images_and_labels(folder, split_shards):
+    images = sh.shard_images(str(split_shards / "train"))
+    assert images.classes == ["c0", "c1", "c2"] and len(images) == 39
+    with tarfile.open(split_shards / "train" / "train-0000.tar") as tar:
+        src = {n.split(".")[0]: tar.extractfile(n).read().decode() for n in tar.getnames() if n.endswith(".src.txt")}
+    for path, label in zip(images.paths[:10], images.labels[:10]):
+        original = folder / src[Path(path).name.split(".")[0]]
+        assert np.array_equal(np.asarray(open_rgb(path)), np.asarray(open_rgb(original)))
+        assert label == int(original.parent.name[1:])
+
+
+def test_knn_and_finetune_take_shards_as_their_splits(folder, split_shards, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        (data / split).symlink_to(folder, target_is_directory=True)
+    flags = ["--init", "none", "--model", "mae_vit_tiny_patch4", "--img-size", "16", "--num-workers", "0"]
+    for name, root in (("folder", data), ("shards", split_shards)):
+        assert main(["knn", *flags, "--data", str(root / "train"), "--out", str(tmp_path / f"{name}.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("folder", "shards"))
+    assert a["knn_top1"] == pytest.approx(b["knn_top1"]) and b["train_images"] == b["val_images"] == 39
+    assert main(["finetune", *flags, "--data", str(split_shards / "train"), "--epochs", "1", "--batch-size", "12",
+                 "--log-every", "100", "--out", str(tmp_path / "ft")]) == 0
+    assert json.loads((tmp_path / "ft" / "results.json").read_text())["final_epoch"] == 1
+
+
+def test_remote_shards_are_refused_by_the_random_access_commands(split_shards):
+    with pytest.raises(MaelabError, match="random access, from local files"):
+        sh.shard_images(f"pipe:cat {split_shards}/train/train-{{0000..0001}}.tar")

@@ -20,7 +20,7 @@ import torch
 from maelab.commands.sections import EncoderConfig, EvalRunConfig, ImagesConfig, check_data_numbers
 from maelab.commands.session import Session
 from maelab.config import command_config, option
-from maelab.data.folders import prepare_images
+from maelab.data.shards import prepare_any
 from maelab.errors import MaelabError
 from maelab.evaluate.features import extract_features, gather_split
 from maelab.interop.encoders import resolve_encoder
@@ -98,7 +98,7 @@ def run(cfg: FeaturesConfig) -> dict[str, Any]:
     if not cfg.data.data:
         raise MaelabError("--data is required: a folder of images (ImageFolder tree or flat)")
     with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
-        images = prepare_images(cfg.data.data, cfg.data.bad_files)
+        images = prepare_any(cfg.data.data, cfg.data.bad_files)
         enc, arch, size = resolve_encoder(cfg.model)
         encoder = features_model(enc, arch, size).to(s.device)
         split = s.eval_split(images, size, cfg.data)

@@ -11,9 +11,9 @@ from maelab.commands.sections import (OptimConfig, TrainRunConfig, check_crop_sc
                                       check_schedule)
 from maelab.commands.session import Session
 from maelab.config import command_config, option
-from maelab.data.folders import prepare_images, spread_sample
+from maelab.data.folders import ImageList, prepare_images, spread_sample
 from maelab.data.loader import Feeder, choose_in_memory, plan_for
-from maelab.data.shards import ShardFeeder, ShardPlan, is_shard_source, open_shards, shard_pictures
+from maelab.data.shards import ShardFeeder, ShardPlan, is_shard_source, open_shards, shard_images, shard_pictures
 from maelab.data.transforms import PretrainTransform
 from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
@@ -130,7 +130,8 @@ def run(cfg: PretrainConfig) -> LoopResult:
                             bad_files=cfg.data.bad_files, progress=s.is_main)
             vis, titles, count = spread_sample(images, PICTURE_IMAGES, cfg.data.bad_files), None, len(images)
         model.to(s.device)
-        knn_monitor = pretrain_knn_monitor(cfg, images, model.img_size, s.device, workers, s.precision)
+        bank = images if isinstance(images, ImageList) else shard_images(cfg.data.data) if cfg.monitor.knn_every else None
+        knn_monitor = pretrain_knn_monitor(cfg, bank, model.img_size, s.device, workers, s.precision)
 
         def epoch_hook(epoch: int, last: bool) -> dict[str, float]:
             every = cfg.run.vis_every
@@ -177,9 +178,6 @@ def shard_data(cfg: PretrainConfig, size: tuple[int, int], s: Session, workers: 
                           "pattern such as train-{0000..0009}.tar) or write a subset (maelab shards make --limit-images)")
     if cfg.data.in_memory == "yes":
         raise MaelabError("--in-memory yes needs an image folder; shards are streamed (--in-memory auto or no)")
-    if cfg.monitor.knn_every:
-        raise MaelabError("--knn-every needs an image folder as --data (its memory bank); with shards, run "
-                          "`maelab knn` on the checkpoints instead")
     shards = open_shards(cfg.data.data)
     plan = ShardPlan(shards, cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank, cfg.run.seed,
                      workers)

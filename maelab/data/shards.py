@@ -44,7 +44,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from maelab.data.folders import ImageList, open_rgb
+from maelab.data.folders import ImageList, member_path, open_rgb, prepare_images, scan_images
 from maelab.data.loader import Batch, StepPlan
 from maelab.data.seeding import make_generator, mix_seed
 from maelab.data.transforms import EvalTransform
@@ -207,6 +207,46 @@ def _basename(url: str) -> str:
 
 def count_samples(url: str) -> int:
     return sum(1 for _ in read_samples(url))
+
+
+# --- random access, for the evaluation commands -------------------------------------------------------
+
+def shard_images(spec: str) -> ImageList:
+    """The samples of local shards as an :class:`ImageList` of tar member paths
+    (:data:`maelab.data.folders.TAR_MEMBER`), so every command that reads images by index (evaluation
+    splits, fine-tuning's exact step plan, features) reads shards as it reads a folder: one seek per
+    image. The order is the shards' own; the labels are their ``.cls``, the classes the manifest's."""
+    shards = open_shards(spec)
+    paths, labels = [], []
+    for url in shards.urls:
+        local = url.removeprefix("file://")
+        if re.match(r"^[a-z][a-z0-9+.-]*:", local) or not Path(local).is_file():
+            raise MaelabError(f"this command reads shards by random access, from local files; {url} is not one "
+                              f"(copy the shards to a local or mounted folder, or use an image folder)")
+        try:
+            with tarfile.open(local, "r:") as tar:
+                found: dict[str, dict] = {}
+                for m in tar.getmembers():
+                    if m.isreg():
+                        key, _, ext = m.name.partition(".")
+                        found.setdefault(key, {})[ext.lower()] = m
+                for key, members in found.items():
+                    ext = next((e for e in IMAGE_EXTS if e in members), None)
+                    if ext is None:
+                        raise MaelabError(f"cannot read shard {url}: sample {key} holds no image file")
+                    m = members[ext]
+                    paths.append(member_path(local, m.offset_data, m.size, m.name))
+                    cls = members.get("cls")
+                    labels.append(int(tar.extractfile(cls).read()) if cls is not None else -1)
+        except (OSError, tarfile.TarError, ValueError) as e:
+            raise MaelabError(f"cannot read shard {url}: {_reason(e)}") from None
+    classes = shards.classes or [str(c) for c in range(max(labels) + 1)]
+    return ImageList(spec, paths, labels, classes)
+
+
+def prepare_any(data: str, bad_files: str, limit: int = 0, seed: int = 0) -> ImageList:
+    """:func:`maelab.data.folders.prepare_images` of an image folder or of local shards."""
+    return prepare_images(data, bad_files, limit, seed, scan=shard_images if is_shard_source(data) else scan_images)
 
 
 # --- reading -----------------------------------------------------------------------------------------
