@@ -159,7 +159,7 @@ def test_more_processes_than_shards_is_refused_up_front(shard_dir):
 def test_an_unreadable_shard_is_named_with_its_error(shard_dir, tmp_path):
     with pytest.raises(MaelabError, match=r"cannot read shard .*nowhere/train-0000.tar"):
         sh.open_shards(str(tmp_path / "nowhere" / "train-{0000..0001}.tar"))
-    with pytest.raises(MaelabError, match="cannot read shard pipe:exit 3"):
+    with pytest.raises(MaelabError, match="cannot read shard pipe:exit 3: the command `exit 3` exited with status 3"):
         sh.count_samples("pipe:exit 3")
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -269,9 +269,10 @@ def read_samples(url: str, expected: int | None = None) -> Iterator[Sample]:
     """The samples of one shard in file order (the webdataset package opens and parses the tar). Any
     error opening or reading it, or fewer / more samples than ``expected``, becomes a
     :class:`MaelabError` naming the shard and the error."""
-    n = 0
+    n, stream = 0, None
     try:
-        files = wds.tariterators.tar_file_expander(wds.tariterators.url_opener([{"url": url}]))
+        stream = wds.gopen(url, "rb")
+        files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
         for s in wds.tariterators.group_by_keys(files):
             ext = next((e for e in IMAGE_EXTS if e in s), None)
             if ext is None:
@@ -279,18 +280,45 @@ def read_samples(url: str, expected: int | None = None) -> Iterator[Sample]:
                                   f"({', '.join(sorted(s))}); is the shard truncated?")
             n += 1
             yield Sample(url, s["__key__"], ext, s[ext], int(s["cls"]) if "cls" in s else -1)
+        failed = _command_failed(stream)
+        if failed:
+            raise MaelabError(f"cannot read shard {url}: {failed}")
     except MaelabError:
         raise
     except (OSError, EOFError, tarfile.TarError, ValueError) as e:
-        raise MaelabError(f"cannot read shard {url}: {_reason(e)}") from None
+        raise MaelabError(f"cannot read shard {url}: {_command_failed(stream) or _reason(e)}") from None
+    finally:
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:  # a failed command's status: reported above
+                pass
     if expected is not None and n != expected:
         raise MaelabError(f"cannot read shard {url}: it holds {n} samples, its manifest says {expected} "
                           f"(a truncated or replaced file?)")
 
 
 def _reason(e: BaseException) -> str:
-    """The first argument of a webdataset error (it appends the stream and URL to ``args``)."""
+    """What went wrong, without the stream and URL webdataset appends to ``args``."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
     return str(e.args[0]) if e.args else type(e).__name__
+
+
+def _command_failed(stream) -> str | None:
+    """For a ``pipe:`` or ``https://`` shard (webdataset runs a command, ``curl`` for URLs): the exit status of
+    a command that failed, which explains an empty or cut-off stream better than the tar error does."""
+    proc = getattr(stream, "proc", None)
+    if proc is None:
+        return None
+    try:
+        status = proc.wait(timeout=10)
+    except Exception:  # noqa: BLE001 - still running or gone: fall back to the tar error
+        return None
+    if status in (0, None):
+        return None
+    args = proc.args if isinstance(proc.args, str) else " ".join(map(str, proc.args))
+    return f"the command `{args}` exited with status {status}"
 
 
 def decode_sample(s: Sample):
