@@ -25,6 +25,7 @@ from maelab.models.masking import MASK_TYPES
 from maelab.models.presets import preset_kwargs
 from maelab.train.loop import LoopResult, Trainer
 from maelab.train.budget import timed
+from maelab.train.distributed import plain_copy
 from maelab.train.optim import adamw, batch_and_lr, scaled_lr
 from maelab.train.tasks import PretrainTask
 from maelab.viz import PICTURE_IMAGES, plot_curves, reconstruction_grid, save_reconstruction_grid
@@ -68,6 +69,11 @@ class RunConfig(TrainRunConfig):
     out: str = option("runs/pretrain", "run folder (config, checkpoints, logs, pictures); an existing run resumes")
     seed: int = option(0, "seed for initialisation, data order, augmentation and masking")
     vis_every: int = option(5, "reconstruction grid every N epochs (0 = only at the end)")
+    fsdp: bool = option(False, "under torchrun, shard weights, gradients and AdamW state across the processes "
+                               "(FSDP fully_shard, one unit per transformer block) instead of replicating them "
+                               "(DDP); for ViT-L/H. Checkpoints are the same files either way")
+    activation_checkpointing: bool = option(False, "recompute each transformer block's activations in the "
+                                                   "backward pass (less memory, ~1/3 more compute)")
 
 
 @dataclass
@@ -133,13 +139,20 @@ def run(cfg: PretrainConfig) -> LoopResult:
         bank = images if isinstance(images, ImageList) else shard_images(cfg.data.data) if cfg.monitor.knn_every else None
         knn_monitor = pretrain_knn_monitor(cfg, bank, model.img_size, s.device, workers, s.precision)
 
+        def viewed():
+            """The model for rank 0's pictures and kNN (a plain copy under FSDP; every rank calls this)."""
+            return plain_copy(model, lambda: MaskedAutoencoder(**kwargs), s.info, s.device)
+
         def epoch_hook(epoch: int, last: bool) -> dict[str, float]:
             every = cfg.run.vis_every
-            if s.is_main and (last or (every > 0 and (epoch + 1) % every == 0)):
-                save_reconstruction_grid(model, vis, [cfg.model.mask_ratio], run_dir / "reconstructions" /
+            picture = last or (every > 0 and (epoch + 1) % every == 0)
+            knn = knn_monitor is not None and (last or (epoch + 1) % cfg.monitor.knn_every == 0)
+            m = viewed() if picture or knn else None
+            if s.is_main and picture:
+                save_reconstruction_grid(m, vis, [cfg.model.mask_ratio], run_dir / "reconstructions" /
                                          f"epoch_{epoch + 1:04d}.png", seed=cfg.run.seed, titles=titles)
-            if knn_monitor is not None and s.is_main and (last or (epoch + 1) % cfg.monitor.knn_every == 0):
-                return knn_monitor(model)  # rank 0 only; the others wait at the checkpoint barrier
+            if s.is_main and knn:
+                return knn_monitor(m)  # rank 0 only; the others wait at the checkpoint barrier
             return {}
 
         task = PretrainTask(model, model_meta(cfg.model.model, kwargs), cfg.run.seed, cfg.optim.weight_decay,
@@ -150,11 +163,12 @@ def run(cfg: PretrainConfig) -> LoopResult:
                           lambda groups: adamw(groups, lr, tuple(cfg.optim.betas), s.device))
         def measure() -> tuple[float, float]:
             """Seconds of the pictures / kNN after each epoch and at the end, timed once."""
+            m = viewed()
             if not s.is_main:
                 return 0.0, 0.0
             ratios = sorted({cfg.model.mask_ratio, 0.75, 0.9})
-            picture = timed(reconstruction_grid, model, vis, ratios, titles=titles)
-            knn = timed(knn_monitor, model) if knn_monitor is not None else 0.0
+            picture = timed(reconstruction_grid, m, vis, ratios, titles=titles)
+            knn = timed(knn_monitor, m) if knn_monitor is not None else 0.0
             every = (picture / cfg.run.vis_every if cfg.run.vis_every > 0 else 0.0) + (
                 knn / cfg.monitor.knn_every if knn_monitor is not None else 0.0)
             return every, 2 * picture + knn + 1.0  # the last epoch's grid, the final grid, kNN, the loss curve
@@ -162,12 +176,15 @@ def run(cfg: PretrainConfig) -> LoopResult:
         s.plan_budget(trainer, cfg, resume, measure)
         source = f"{len(images.urls)} shards" if is_shard_source(cfg.data.data) else ("in RAM" if in_memory else "streamed")
         header = (f"maelab pretrain: {count} images ({source}), "
-                  f"{cfg.model.model} {tuple(model.img_size)} on {s.where}, "
+                  f"{cfg.model.model} {tuple(model.img_size)} on {s.where}"
+                  + (", FSDP" if cfg.run.fsdp and s.info.enabled else "")
+                  + (", activation checkpointing" if cfg.run.activation_checkpointing else "") + ", "
                   + batch_and_lr(plan.batch_size, plan.accum, plan.world, cfg.optim.base_lr, cfg.optim.lr)
                   + f", {plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
         result = s.fit(trainer, cfg, resume, header)
+        m = viewed()
         if s.is_main:
-            finish_pictures(model, run_dir, vis, cfg, titles)
+            finish_pictures(m, run_dir, vis, cfg, titles)
         return result
 
 
