@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import REPO, count_flops, md_table, stamp, write_section  # noqa: E402
+from common import REPO, count_flops, md_table, publish, stamp  # noqa: E402
 
 from maelab.data.folders import prepare_images  # noqa: E402
 from maelab.data.loader import Feeder, StepPlan  # noqa: E402
@@ -133,9 +133,7 @@ def main() -> None:
            f"measure on the node: `python benchmarks/bench_data_paths.py --data /imagenet/train --workers 4 8 16`.\n"
            if best224 is not None else "")
     )
-    print(body)
-    if not args.no_write:
-        write_section("bench_data_paths", body)
+    publish("bench_data_paths", body, not args.no_write)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from common import REPO, md_table, stamp, write_section  # noqa: E402
+from common import REPO, maelab_run, md_table, publish, stamp, torchrun  # noqa: E402
 
 
 def run(nproc: int, args, out: Path) -> dict:
@@ -27,16 +24,10 @@ def run(nproc: int, args, out: Path) -> dict:
              "--batch-size", str(args.global_batch // nproc), "--epochs", str(args.epochs), "--warmup-epochs", "0",
              "--log-every", str(args.log_every), "--vis-every", "0", "--num-workers", "0", "--device", args.device,
              "--out", str(out)]
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-                if nproc > 1 else [sys.executable])
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
-    done = subprocess.run([*launcher, "-m", "maelab.cli", *flags], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{nproc}-process run failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    maelab_run(torchrun(nproc), flags, args.threads)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["img_per_s"] for r in rows if "img_per_s" in r][1:]  # the first interval includes warm-up
-    return {"img_s": statistics.median(steps), "losses": [r["epoch_loss"] for r in rows if "epoch_loss" in r],
-            "intervals": len(steps)}
+    return {"img_s": statistics.median(steps), "losses": [r["epoch_loss"] for r in rows if "epoch_loss" in r]}
 
 
 def main() -> None:
@@ -69,9 +60,7 @@ def main() -> None:
         f"(tested in tests/test_training.py and tests/test_multinode.py). With 2 CPU cores shared with other "
         f"work, 2 processes cannot reach 2x; on GPUs each process has its own device.\n"
     )
-    print(body)
-    if not args.no_write:
-        write_section("bench_scaling", body)
+    publish("bench_scaling", body, not args.no_write)
 
 
 if __name__ == "__main__":

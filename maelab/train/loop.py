@@ -145,6 +145,7 @@ class Trainer:
         self.ddp = runner
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.epoch_partial = (0.0, 0)  # (loss sum, optimizer steps) of the epoch so far, for mid-epoch saves
+        self.peak: list[float] | None = None  # memory per process at the end of the first epoch trained
         self.steps_per_epoch = feeder.steps_per_epoch
         self.global_batch = feeder.plan.global_size
 
@@ -358,15 +359,18 @@ class Trainer:
                               + "".join(f"  {k} {v:.4g}" for k, v in extra.items() if isinstance(v, float)))
                 history.append(summary)
                 name = f"epoch_{self.epoch:04d}"
+                if self.peak is None:  # before the first save, which gathers the full state on rank 0 under FSDP
+                    self.peak = peak_memory(self.info, self.device)
                 self.save(name, {"epoch_loss": epoch_loss})
                 if self.info.is_main:
                     self._prune(name)
                 if stop["stop"] and not last:
                     raise RunInterrupted(f"interrupted after epoch {self.epoch}; run the same command again to resume",
                                          stop["signum"])
-        peak = peak_memory(self.info, self.device)
-        self.log.info(f"peak memory per process ({'CUDA allocated' if self.device.type == 'cuda' else 'max RSS'}): "
-                      + ", ".join(f"{g:.2f}" for g in peak) + " GiB")
+        if self.peak is not None:
+            self.log.info(f"peak memory per process during the training steps "
+                          f"({'CUDA allocated' if self.device.type == 'cuda' else 'max RSS'}): "
+                          + ", ".join(f"{g:.2f}" for g in self.peak) + " GiB")
         return LoopResult(self.run_dir, self.epoch, self.global_step, history)
 
     def _prune(self, newest: str) -> None:
