@@ -224,6 +224,9 @@ def test_pretrain_streams_shards_and_resumes_exactly(shard_dir, tmp_path, monkey
     a, b = (read_weights(ckpt.latest_checkpoint(d) / ckpt.WEIGHTS)[0] for d in (tmp_path / "ref", tmp_path / "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "run" / "reconstruction.png").is_file()
+    # visualize finds the run's own (shard) images
+    assert main(["visualize", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "v.png")]) == 0
+    assert (tmp_path / "v.png").is_file()
 
 
 @pytest.fixture(scope="module")

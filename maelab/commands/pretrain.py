@@ -167,7 +167,7 @@ def run(cfg: PretrainConfig) -> LoopResult:
             if not s.is_main:
                 return 0.0, 0.0
             ratios = sorted({cfg.model.mask_ratio, 0.75, 0.9})
-            picture = timed(reconstruction_grid, m, vis, ratios, titles=titles)
+            picture = timed(reconstruction_grid, m, vis, ratios, 0, titles)
             knn = timed(knn_monitor, m) if knn_monitor is not None else 0.0
             every = (picture / cfg.run.vis_every if cfg.run.vis_every > 0 else 0.0) + (
                 knn / cfg.monitor.knn_every if knn_monitor is not None else 0.0)
