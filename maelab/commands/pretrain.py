@@ -112,6 +112,9 @@ def validate(cfg: PretrainConfig) -> None:
     default_workers(cfg.data.num_workers)
     check_schedule(cfg.optim, cfg.data.batch_size)
     check_crop_scale(cfg.data.min_crop_scale)
+    if cfg.run.fsdp and cfg.run.precision == "fp16":
+        raise MaelabError("--fsdp with --precision fp16 is not supported (fp16's gradient scaler does not handle "
+                          "sharded gradients); use --precision bf16")
 
 
 def run(cfg: PretrainConfig) -> LoopResult:
