@@ -384,3 +384,29 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def publish(name: str, body: str, write: bool = True) -> None:
+    """Print a section and, unless ``--no-write``, put it into ``docs/benchmarks.md``."""
+    print(body)
+    if write:
+        write_section(name, body)
+
+
+def maelab_run(launcher: list[str], flags: list[str], threads: int = 1) -> str:
+    """Run ``maelab`` (``-m maelab.cli``) from this checkout under ``launcher`` (the interpreter, or torchrun);
+    its output, or exit with it when the run fails."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run([*launcher, "-m", "maelab.cli", *flags], env=env, capture_output=True, text=True)
+    log = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise SystemExit(f"maelab {' '.join(flags)} failed:\n{log[-3000:]}")
+    return log
+
+
+def torchrun(nproc: int) -> list[str]:
+    """The launcher of ``nproc`` local processes (the plain interpreter for one)."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
+

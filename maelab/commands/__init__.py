@@ -5,8 +5,9 @@ an ``add_arguments(parser)``) and ``run(cfg_or_args)``. What they all do around 
 :mod:`maelab.commands.sections`. A command never imports another command.
 """
 
-from maelab.commands import ablate, convert, features, finetune, knn, linprobe, models, pretrain, recipe, visualize
+from maelab.commands import (ablate, convert, features, finetune, knn, linprobe, models, pretrain, recipe, shards,
+                             visualize)
 
-COMMANDS = (pretrain, visualize, convert, models, finetune, linprobe, knn, features, ablate, recipe)
+COMMANDS = (pretrain, visualize, convert, models, finetune, linprobe, knn, features, ablate, recipe, shards)
 
 __all__ = ["COMMANDS"]

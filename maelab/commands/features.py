@@ -20,7 +20,7 @@ import torch
 from maelab.commands.sections import EncoderConfig, EvalRunConfig, ImagesConfig, check_data_numbers
 from maelab.commands.session import Session, encoder_header
 from maelab.config import command_config, option
-from maelab.data.folders import prepare_images
+from maelab.data.shards import prepare_any
 from maelab.errors import MaelabError
 from maelab.evaluate.features import extract_features, gather_split
 from maelab.io import atomic_write_bytes, check_output_file, read_weights, save_weights
@@ -97,7 +97,7 @@ def run(cfg: FeaturesConfig) -> dict[str, Any]:
     if not cfg.data.data:
         raise MaelabError("--data is required: a folder of images (ImageFolder tree or flat)")
     with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
-        images = prepare_images(cfg.data.data, cfg.data.bad_files)
+        images = prepare_any(cfg.data.data, cfg.data.bad_files)
         encoder, enc, arch, size, notes = s.frozen_encoder(cfg.model)
         if s.is_main:
             print(f"maelab features: {encoder_header(enc, arch, size, notes)}", flush=True)

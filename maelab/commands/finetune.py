@@ -28,7 +28,7 @@ from maelab.interop.encoders import resolve_encoder
 from maelab.models.vit import POOLS, build_vit, init_head, load_encoder_into, vit_meta
 from maelab.train.budget import timed
 from maelab.train.loop import Trainer
-from maelab.train.optim import adamw, layer_decay_groups, scaled_lr
+from maelab.train.optim import adamw, batch_and_lr, layer_decay_groups, scaled_lr
 from maelab.train.tasks import FinetuneTask
 
 NAME = "finetune"
@@ -192,8 +192,10 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             return seconds, 0.0
 
         s.plan_budget(trainer, cfg, resume, measure)
-        header = (f"maelab finetune: {encoder_header(enc, arch, size, notes)}; {num_classes} classes, {len(train)} train / {len(val)} val images, on {s.where}, global batch "
-                    f"{plan.global_size}, lr {lr:.3g}, layer decay {cfg.optim.layer_decay}, "
+        header = (f"maelab finetune: {encoder_header(enc, arch, size, notes)}; "
+                  + f"{num_classes} classes, {len(train)} train / {len(val)} val images, on {s.where}, "
+                  + batch_and_lr(plan.batch_size, plan.accum, plan.world, cfg.optim.base_lr, cfg.optim.lr)
+                  + f", layer decay {cfg.optim.layer_decay}, "
                     f"{plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
         result = s.fit(trainer, cfg, resume, header)
         return s.finish(run_dir, "finetune", result, {

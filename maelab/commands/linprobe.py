@@ -36,7 +36,7 @@ from maelab.models.heads import LinearProbeHead
 from maelab.models.vit import describe
 from maelab.train.budget import timed
 from maelab.train.loop import Trainer
-from maelab.train.optim import lars, lars_param_groups, scaled_lr
+from maelab.train.optim import batch_and_lr, lars, lars_param_groups, scaled_lr
 from maelab.train.tasks import LinprobeTask
 
 NAME = "linprobe"
@@ -172,8 +172,9 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
         mode = ("cached features (--no-augment)" if cached else
                 "RandomResizedCrop + flip, encoder every step" if aug.augment else "no augmentation, encoder every step")
         header = (f"maelab linprobe: {encoder_header(enc, arch, size, notes)}; {pool} features; {mode}; {num_classes} "
-                  f"classes, {len(train)} train / {len(val)} val images, on {s.where}, global batch "
-                  f"{plan.global_size}, LARS lr {lr:.3g}, {plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
+                  f"classes, {len(train)} train / {len(val)} val images, on {s.where}, LARS: "
+                  + batch_and_lr(plan.batch_size, plan.accum, plan.world, cfg.optim.base_lr, cfg.optim.lr)
+                  + f", {plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
         result = s.fit(trainer, cfg, resume, header)
         return s.finish(run_dir, "linprobe", result, {
             "init": cfg.model.init, "source": enc.source if enc else "none", "img_size": list(size),

@@ -77,7 +77,8 @@ class EncoderConfig:
 
 @dataclass
 class ImagesConfig:
-    data: str = option("", "image folder: an ImageFolder tree (<class>/<image>) or a flat folder of images")
+    data: str = option("", "image folder: an ImageFolder tree (<class>/<image>) or a flat folder of images; or "
+                           "local tar shards (`maelab shards make` folder, index.json or brace pattern)")
     batch_size: int = option(128, "images per process per (micro-)batch")
     num_workers: int = option(-1, "data-loading processes; -1 = one per CPU core, at most 8")
     in_memory: str = option("auto", "decode images once into RAM: auto (when they fit and already have the input "
@@ -90,7 +91,8 @@ class ImagesConfig:
 
 @dataclass
 class ClassDataConfig(ImagesConfig):
-    data: str = option("", "training split: an ImageFolder tree (<class>/<image>)")
+    data: str = option("", "training split: an ImageFolder tree (<class>/<image>) or local tar shards "
+                           "(`maelab shards make` folder, index.json or brace pattern)")
     val_data: str = option("", "validation split, same class folders (default: a sibling val / validation / test "
                            "folder when --data is called train)")
     num_classes: int | None = option(None, "expected number of classes, checked against the class folders")

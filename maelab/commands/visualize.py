@@ -8,6 +8,7 @@ from pathlib import Path
 
 from maelab.config import load_yaml
 from maelab.data.folders import scan_images, spread_sample
+from maelab.data.shards import is_shard_source, shard_images
 from maelab.errors import MaelabError
 from maelab.interop.encoders import img_size_arg
 from maelab.interop.mae_weights import load_mae, require_decoder
@@ -54,7 +55,8 @@ def run_images(path: Path) -> list[str]:
         if (folder / "config.yaml").is_file():
             data = (load_yaml(folder / "config.yaml").get("data") or {}).get("data")
             if data:
-                return spread_sample(scan_images(data), PICTURE_IMAGES)
+                return spread_sample(shard_images(data) if is_shard_source(data) else scan_images(data),
+                                     PICTURE_IMAGES)
     raise MaelabError("--images is required unless --checkpoint is a run folder whose data is still there")
 
 

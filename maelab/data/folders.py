@@ -6,9 +6,11 @@ unreadable file raises ``MaelabError`` naming it, or is left out under ``bad_fil
 
 from __future__ import annotations
 
+import io
 import math
 import multiprocessing as mp
 import os
+import re
 import struct
 import warnings
 import zlib
@@ -114,37 +116,67 @@ def to_rgb(img: Image.Image, bits: int | None = None) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_rgb(path: str | os.PathLike) -> Image.Image:
+# An image stored inside an uncompressed tar shard: "<shard>.tar@<offset>+<size>/<member name>" (see
+# maelab.data.shards.shard_images); every reader here opens it with one seek, as it opens a file.
+TAR_MEMBER = re.compile(r"^(.+\.tar)@(\d+)\+(\d+)/([^/]+)$")
+
+
+def member_path(tar: str, offset: int, size: int, name: str) -> str:
+    return f"{tar}@{offset}+{size}/{name}"
+
+
+def image_file(path: str | os.PathLike):
+    """What ``Image.open`` reads for ``path``: the path itself, or the bytes of a tar member path."""
+    m = TAR_MEMBER.match(str(path))
+    if m is None:
+        return path
+    try:
+        with open(m.group(1), "rb") as f:
+            f.seek(int(m.group(2)))
+            data = f.read(int(m.group(3)))
+    except OSError as e:
+        raise FileNotFoundError(f"shard {m.group(1)}: {e}") from None
+    if len(data) != int(m.group(3)):
+        raise OSError(f"shard {m.group(1)} ends inside {m.group(4)} (truncated?)")
+    return io.BytesIO(data)
+
+
+def open_rgb(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
     """The one image decoder of maelab (training, evaluation, pictures): decode fully, apply the EXIF
     orientation (photos from phones), convert to RGB (:func:`to_rgb`). A missing or unreadable file
-    raises :class:`MaelabError` naming it."""
+    raises :class:`MaelabError` naming it. ``data``: the file's bytes when they come from elsewhere (a
+    tar shard); ``path`` then only names the image in messages."""
     try:
         with warnings.catch_warnings():  # the size policy is ours (MAX_PIXELS), not a warning per file
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            source = image_file(path) if data is None else io.BytesIO(data)
+            if data is None and isinstance(source, io.BytesIO):
+                data = source.getvalue()
+            with Image.open(source) as img:
                 if img.width * img.height > MAX_PIXELS:
                     scale = (MAX_PIXELS / (img.width * img.height)) ** 0.5
                     img.draft(img.mode, (math.ceil(img.width * scale), math.ceil(img.height * scale)))
                 img.load()
-                if img.format == "PNG" and _png_data_missing(path):
+                if img.format == "PNG" and _png_data_missing(path, data):
                     raise OSError("the PNG image data ends before the last row (incomplete file)")
                 if img.width * img.height > MAX_PIXELS:
                     img = img.reduce(math.ceil((img.width * img.height / MAX_PIXELS) ** 0.5))
                 bits = bit_depth(img) if img.mode.startswith("I") else 8  # the header, before a copy drops it
                 return to_rgb(ImageOps.exif_transpose(img) or img, bits)
-    except FileNotFoundError:
-        raise MaelabError(f"image {path} does not exist") from None
+    except FileNotFoundError as e:
+        raise MaelabError(f"image {path} does not exist" + (f" ({e})" if TAR_MEMBER.match(str(path)) else "")) from None
     except IsADirectoryError:
         raise MaelabError(f"not an image file: {path} is a folder") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise MaelabError(f"cannot read image {path}: {e}") from None
 
 
-def _png_data_missing(path: str | os.PathLike) -> bool:
+def _png_data_missing(path: str | os.PathLike, data: bytes | None = None) -> bool:
     """Whether a non-interlaced PNG's image data decompresses to fewer bytes than its header needs:
     Pillow fills such files with black rows without an error. (Interlaced files are not checked.)"""
-    with open(path, "rb") as f:
-        data = f.read()
+    if data is None:
+        with open(path, "rb") as f:
+            data = f.read()
     pos, need, got, stream = 8, None, 0, zlib.decompressobj()
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos : pos + 8])
@@ -181,7 +213,7 @@ def bit_depth(img: Image.Image) -> int:
 def _probe(path: str) -> str | None:
     """Cheap readability check (header + structure, no full decode); the reason if it fails."""
     try:
-        with Image.open(path) as img:
+        with Image.open(image_file(path)) as img:
             img.verify()
         return None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
@@ -195,7 +227,7 @@ def _header_size(path: str) -> tuple[int, int] | None:
     """(height, width) after the EXIF orientation, from the file header without decoding the pixels;
     None if it cannot be read."""
     try:
-        with Image.open(path) as img:
+        with Image.open(image_file(path)) as img:
             if img.getexif().get(0x0112) in _ROTATED:
                 return img.width, img.height
             return img.height, img.width
@@ -250,9 +282,10 @@ def load_images(paths, size: int | tuple[int, int]) -> torch.Tensor:
     return torch.stack([view(open_rgb(p)) for p in paths])
 
 
-def prepare_images(root: str, bad_files: str, limit: int = 0, seed: int = 0) -> ImageList:
-    """Scan ``root``; optionally keep a fixed seeded subset of ``limit`` images; apply the bad-file policy."""
-    images = scan_images(root)
+def prepare_images(root: str, bad_files: str, limit: int = 0, seed: int = 0, scan=scan_images) -> ImageList:
+    """Scan ``root`` (with ``scan``: a folder; ``maelab.data.shards.shard_images``: local shards); optionally
+    keep a fixed seeded subset of ``limit`` images; apply the bad-file policy."""
+    images = scan(root)
     if limit < 0:
         raise MaelabError(f"--limit-images must be 0 (all) or positive, got {limit}")
     if 0 < limit < len(images):

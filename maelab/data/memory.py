@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from maelab.data.folders import open_rgb
+from maelab.data.folders import image_file, open_rgb
 from maelab.data.transforms import crop_range, jitter_colors, jitter_factors, normalize, sample_crop_boxes
 from maelab.data.workers import ignore_stop_signals
 from maelab.errors import MaelabError
@@ -67,7 +67,7 @@ def decode_all(
         other.extend(start + int(i) for i in torch.nonzero(~fits).flatten())
         start += len(images)
     if other:
-        with Image.open(paths[other[0]]) as img:
+        with Image.open(image_file(paths[other[0]])) as img:
             example = f"{paths[other[0]]} is {img.height}x{img.width}"
         raise MaelabError(
             f"decoding into RAM (--in-memory yes) needs every image at the input size {size[0]}x{size[1]} "

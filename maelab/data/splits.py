@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from maelab.data.folders import ImageList, prepare_images, subsample
+from maelab.data.folders import ImageList, subsample
+from maelab.data.shards import prepare_any
 from maelab.errors import MaelabError
 
 VAL_NAMES = ("val", "validation", "test")
@@ -23,10 +24,10 @@ def default_val_dir(train: str | Path) -> Path | None:
 
 
 def labelled_split(root: str | Path, bad_files: str = "error", what: str = "training split") -> ImageList:
-    """The images of an ImageFolder tree; every image must sit inside a class folder."""
+    """The images of an ImageFolder tree (or of local tar shards); every image must sit inside a class folder."""
     if not str(root):
         raise MaelabError(f"no {what} given")
-    images = prepare_images(str(root), bad_files)
+    images = prepare_any(str(root), bad_files)
     outside = [p for p, y in zip(images.paths, images.labels) if y < 0]
     if outside:
         raise MaelabError(f"the {what} {root} must be an ImageFolder tree (<class>/<image>), but "

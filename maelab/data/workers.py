@@ -27,10 +27,10 @@ def default_workers(requested: int) -> int:
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGINT/SIGTERM. Schedulers (Slurm, ``timeout``,
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT/SIGTERM/SIGUSR1. Schedulers (Slurm, ``timeout``,
     ``kill -TERM -PGID``) signal the whole process group; a worker dying of it would crash the main
     process before it can save. The main process stops at the next step, saves, and shuts them down."""
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 
 

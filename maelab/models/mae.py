@@ -260,6 +260,12 @@ class MaskedAutoencoder(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred if return_pred else None, mask
 
     # Downstream use: every patch, never masked.
+    def called_in_parts(self) -> list[nn.Module]:
+        """Blocks the training fast path runs piece by piece rather than through their ``forward``
+        (the decoder's last block, :func:`fast_path.block_for_queries`): a wrapper that hooks
+        ``forward`` (FSDP's per-block sharding) must leave them to the enclosing unit."""
+        return [self.decoder_blocks[-1]]
+
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, 1 + L, D) encoder tokens after the final norm, with **no masking** (cls first)."""
         self._check_input(imgs)

@@ -8,12 +8,19 @@ variables everything below is a no-op.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+import resource
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from timm.models.vision_transformer import Block
+from torch.distributed._composable import checkpoint as checkpoint_activations
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 from maelab.errors import MaelabError
 
@@ -83,18 +90,87 @@ def elastic_attempt_store(info: DistInfo):
     return dist.PrefixStore(f"maelab/attempt_{attempt}", base)
 
 
-def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device, fsdp: bool = False,
+             activation_checkpointing: bool = False) -> torch.nn.Module:
+    """The module the training loop calls: ``model`` itself (one process), DistributedDataParallel, or
+    -- ``fsdp`` -- ``model`` sharded in place with ``fully_shard`` (each transformer block its own unit,
+    then the root), so every process holds 1/world of the weights, gradients and AdamW state.
+    ``activation_checkpointing`` recomputes each block's activations in the backward pass instead of
+    keeping them (less memory, about a third more compute); it does not change the parameter names."""
+    if activation_checkpointing:
+        for block in transformer_blocks(model):
+            checkpoint_activations(block)
     if not info.enabled:
+        return model
+    if fsdp:
+        in_parts = getattr(model, "called_in_parts", list)()
+        for block in transformer_blocks(model):
+            if not any(block is b for b in in_parts):
+                fully_shard(block)
+        fully_shard(model)
         return model
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, Block)]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def _no_gradient_sync(model):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
 def no_sync(model: torch.nn.Module, skip: bool):
-    """Skip the gradient all-reduce on accumulation micro-steps (DDP only)."""
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP) on accumulation micro-steps."""
     if skip and isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model.no_sync()
+    if skip and is_sharded(model):
+        return _no_gradient_sync(model)
     return nullcontext()
+
+
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of ``t``'s whole value (a collective for a sharded DTensor: call on every rank)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(weights, optimizer state) of a sharded model in the single-process format -- plain tensors, the
+    optimizer's state numbered as ``optimizer.state_dict()`` numbers it -- on rank 0 (empty elsewhere).
+    A collective: every rank calls it. So a checkpoint saved under FSDP resumes in one process or
+    under DDP, and the reverse (:func:`load_full_state`)."""
+    weights = get_model_state_dict(model, options=_FULL)
+    named = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    if not named:
+        return weights, {}
+    index, groups = {}, []
+    for group in named["param_groups"]:
+        ids = [index.setdefault(name, len(index)) for name in group["params"]]
+        groups.append({**group, "params": ids})
+    return weights, {"state": {index[n]: v for n, v in named["state"].items()}, "param_groups": groups}
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, weights: dict, state: dict) -> None:
+    """Load single-process weights and optimizer state into a sharded model (every rank, each keeps its shard)."""
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    named = {"state": {order[i]: v for i, v in state["state"].items()},
+             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
 
 
 def barrier(info: DistInfo) -> None:
@@ -114,3 +190,32 @@ def any_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def peak_memory(info: DistInfo, device: torch.device) -> list[float]:
+    """Each process's peak memory in GiB, in rank order (a collective): allocated CUDA memory on a GPU,
+    the peak resident set size (``ru_maxrss``, interpreter and libraries included) on a CPU."""
+    if device.type == "cuda":
+        mine = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if not info.enabled:
+        return [mine]
+    t = torch.zeros(info.world, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    t[info.rank] = mine
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def plain_copy(model: torch.nn.Module, build, info: DistInfo, device: torch.device) -> torch.nn.Module | None:
+    """``model`` for work rank 0 does alone (pictures, the kNN monitor): the model itself, or, when it is
+    sharded, a plain copy with the full weights built by ``build()`` on rank 0 (None on the others). A
+    collective under FSDP: every rank calls it at the same point."""
+    if not is_sharded(model):
+        return model
+    weights = get_model_state_dict(model, options=_FULL)
+    if not info.is_main:
+        return None
+    copy = build()
+    copy.load_state_dict(weights)
+    return copy.to(device)

@@ -32,7 +32,8 @@ from maelab.io import atomic_write_bytes, read_weights, remove_stale_temps
 from maelab.models.attention import fused_attention_wanted, set_attention_kernel
 from maelab.models.state_dicts import check_state_dict
 from maelab.train import checkpoint as ckpt
-from maelab.train.distributed import DistInfo, any_flag, barrier, no_sync, wrap_ddp
+from maelab.train.distributed import (DistInfo, any_flag, barrier, full_state, full_value, is_sharded, load_full_state,
+                                      no_sync, peak_memory, wrap_ddp)
 from maelab.train.logs import RunLogger
 from maelab.train.optim import cosine_lr, set_lr
 from maelab.train.precision import autocast, resolve_precision
@@ -95,9 +96,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 @contextmanager
 def _stop_signals():
-    """SIGINT/SIGTERM ask for a clean stop at the next step boundary; a second SIGINT aborts."""
+    """SIGINT/SIGTERM/SIGUSR1 ask for a clean stop at the next step boundary; a second SIGINT aborts.
+    SIGUSR1 is what Slurm's ``--signal=USR1@SECONDS`` sends ahead of a time limit."""
     flag = {"stop": False, "signum": signal.SIGINT}
     old = {}
 
@@ -107,7 +112,7 @@ def _stop_signals():
         flag["stop"], flag["signum"] = True, signum
 
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             old[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread: no signal handling
         old = {}
@@ -116,10 +121,6 @@ def _stop_signals():
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
-
-
-def _all_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 class Trainer:
@@ -133,15 +134,18 @@ class Trainer:
         self.task, self.feeder, self.optim_cfg, self.run_cfg = task, feeder, optim, run
         self.run_dir, self.info, self.device = Path(run_dir), info, device
         self.log = logger or RunLogger(None, enabled=False)
-        self.optimizer = optimizer_factory(task.param_groups())
         self.precision = resolve_precision(run.precision, device)
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         self.attention = set_attention_kernel(task.model, fused_attention_wanted(device.type, self.precision == "bf16"))
-        runner = wrap_ddp(task.model, info, device)
+        # FSDP replaces the parameters with sharded ones, so the optimizer is built after the wrapping
+        runner = wrap_ddp(task.model, info, device, getattr(run, "fsdp", False),
+                          getattr(run, "activation_checkpointing", False))
+        self.optimizer = optimizer_factory(task.param_groups())
         self.runner = torch.compile(runner) if run.compile else runner
         self.ddp = runner
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.epoch_partial = (0.0, 0)  # (loss sum, optimizer steps) of the epoch so far, for mid-epoch saves
+        self.peak: list[float] | None = None  # memory per process at the end of the first epoch trained
         self.steps_per_epoch = feeder.steps_per_epoch
         self.global_batch = feeder.plan.global_size
 
@@ -207,9 +211,9 @@ class Trainer:
         return per_step
 
     # --- checkpoints -------------------------------------------------------------------------------
-    def _train_state(self) -> dict[str, Any]:
+    def _train_state(self, optimizer_state: dict | None = None) -> dict[str, Any]:
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
             "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
@@ -218,13 +222,17 @@ class Trainer:
 
     def save(self, name: str, extra_meta: dict[str, Any] | None = None) -> Path | None:
         path = None
+        sharded = is_sharded(self.task.model)
+        # under FSDP every rank takes part in gathering the single-process weights and optimizer state
+        weights, optimizer_state = full_state(self.task.model, self.optimizer) if sharded else (None, None)
         if self.info.is_main:
-            if not _all_finite(self.task.model):
+            weights = weights if sharded else self.task.model.state_dict()
+            if not all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point()):
                 raise NonFiniteLoss(f"weights became non-finite by step {self.global_step}; nothing saved "
                                     f"(the last good checkpoint is kept)")
             meta = {"name": name, "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
                     "model": self.task.meta(), **(extra_meta or {})}
-            path = ckpt.save_checkpoint(self.run_dir, name, self.task.model.state_dict(), self._train_state(), meta)
+            path = ckpt.save_checkpoint(self.run_dir, name, weights, self._train_state(optimizer_state), meta)
         barrier(self.info)
         return path
 
@@ -252,7 +260,6 @@ class Trainer:
     def resume_from(self, folder: Path) -> None:
         weights, _ = read_weights(folder / ckpt.WEIGHTS)
         check_state_dict(self.task.model, weights, f"checkpoint {folder}")
-        self.task.model.load_state_dict(weights)
         state = ckpt.load_train_state(folder)
         if state["global_batch"] != self.global_batch:
             raise MaelabError(
@@ -261,7 +268,11 @@ class Trainer:
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise MaelabError(f"checkpoint {folder} had {state['steps_per_epoch']} steps per epoch, this data "
                               f"gives {self.steps_per_epoch}: is it the same dataset?")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if is_sharded(self.task.model):  # the single-process format, whichever way it was saved
+            load_full_state(self.task.model, self.optimizer, weights, state["optimizer"])
+        else:
+            self.task.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.global_step = state["epoch"], state["step"], state["global_step"]
@@ -348,12 +359,18 @@ class Trainer:
                               + "".join(f"  {k} {v:.4g}" for k, v in extra.items() if isinstance(v, float)))
                 history.append(summary)
                 name = f"epoch_{self.epoch:04d}"
+                if self.peak is None:  # before the first save, which gathers the full state on rank 0 under FSDP
+                    self.peak = peak_memory(self.info, self.device)
                 self.save(name, {"epoch_loss": epoch_loss})
                 if self.info.is_main:
                     self._prune(name)
                 if stop["stop"] and not last:
                     raise RunInterrupted(f"interrupted after epoch {self.epoch}; run the same command again to resume",
                                          stop["signum"])
+        if self.peak is not None:
+            self.log.info(f"peak memory per process during the training steps "
+                          f"({'CUDA allocated' if self.device.type == 'cuda' else 'max RSS'}): "
+                          + ", ".join(f"{g:.2f}" for g in self.peak) + " GiB")
         return LoopResult(self.run_dir, self.epoch, self.global_step, history)
 
     def _prune(self, newest: str) -> None:
@@ -393,5 +410,5 @@ class Trainer:
         metrics = {"epoch": self.epoch, "loss": self._mean(loss_sum, n), "lr": lr,
                    "img_per_s": images / max(elapsed, 1e-9)}
         if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm.float().item())
+            metrics["grad_norm"] = float(full_value(grad_norm).float().item())
         return metrics

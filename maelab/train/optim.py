@@ -23,6 +23,15 @@ def scaled_lr(base_lr: float, lr: float | None, effective_batch: int) -> float:
     return lr if lr is not None else base_lr * effective_batch / 256
 
 
+def batch_and_lr(batch_size: int, accum_iter: int, world: int, base_lr: float, lr: float | None) -> str:
+    """"global batch 512 = 64 per process x 2 accumulation x 4 processes, lr ... = base lr x 512 / 256" for
+    a run's first log line: how the effective batch and the learning rate follow the number of processes."""
+    g = batch_size * accum_iter * world
+    rule = "given by --lr" if lr is not None else f"base lr {base_lr:.3g} x {g} / 256"
+    return (f"global batch {g} = {batch_size} per process x {accum_iter} accumulation x {world} process"
+            f"{'es' if world > 1 else ''}, lr {scaled_lr(base_lr, lr, g):.3g} ({rule})")
+
+
 def adamw(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device) -> torch.optim.AdamW:
     """AdamW with the fused kernel where this torch build has it for the device, else foreach."""
     try:

@@ -23,6 +23,7 @@ MAY_CHANGE = frozenset({
     "run.compile", "run.vis_every", "data.num_workers", "data.in_memory", "data.bad_files", "optim.epochs",
     "data.batch_size", "optim.accum_iter",  # how the global batch is split; the loop checks the global batch
     "optim.budget",  # a resumed budget run follows the plan recorded when it started
+    "run.fsdp", "run.activation_checkpointing",  # how the model is held: same weights, same checkpoint files
     "monitor.knn_every", "monitor.knn_data", "monitor.knn_max",
 })
 PATH_KEYS = frozenset({"data.data", "data.val_data", "monitor.knn_data", "model.init", "run.out"})

@@ -1,0 +1,269 @@
+"""Tar shards: `maelab shards make` keeps labels and classes and never leaves a half shard that looks
+complete; the stream covers every sample exactly once per epoch over ranks x loader workers, augments
+as the folder path does, resumes mid-epoch exactly, and fails with one line naming the shard."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maelab.cli import main
+from maelab.commands.pretrain import PretrainConfig
+from maelab.commands.pretrain import run as run_pretrain
+from maelab.config import build_config
+from maelab.data import shards as sh
+from maelab.data.folders import open_rgb, scan_images
+from maelab.data.seeding import mix_seed
+from maelab.data.transforms import PretrainTransform
+from maelab.errors import MaelabError, SameOnEveryRank
+from maelab.io import read_weights
+from maelab.train import checkpoint as ckpt
+from maelab.train.loop import RunInterrupted
+from maelab.train.tasks import PretrainTask
+
+SIZE = (16, 16)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """39 small PNGs in 3 class folders (13 each)."""
+    root = tmp_path_factory.mktemp("folder")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (root / f"c{c}").mkdir()
+        for i in range(13):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shard_dir(folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "set"
+    assert main(["shards", "make", "--data", str(folder), "--out", str(out), "--shard-size", "5"]) == 0
+    return out
+
+
+def plan(shards, world=1, rank=0, workers=0, batch=4, accum=1):
+    return sh.ShardPlan(shards, batch, accum, world, rank, seed=1, num_workers=workers)
+
+
+def feeder(shards, **kw):
+    return sh.ShardFeeder(plan(shards, **kw), torch.device("cpu"), PretrainTransform(SIZE), buffer=7)
+
+
+def test_make_keeps_labels_classes_and_counts_in_the_manifest(folder, shard_dir):
+    manifest = json.loads((shard_dir / sh.MANIFEST).read_text())
+    assert manifest["classes"] == ["c0", "c1", "c2"] and manifest["total"] == 39
+    assert [s["count"] for s in manifest["shards"]] == [5] * 7 + [4]
+    images = scan_images(folder)
+    by_path = dict(zip((str(Path(p).relative_to(folder)) for p in images.paths), images.labels))
+    seen = {}
+    for s in manifest["shards"]:
+        with tarfile.open(shard_dir / s["name"]) as tar:
+            names = tar.getnames()
+            for n in names:
+                if n.endswith(".src.txt"):
+                    key = n.split(".")[0]
+                    seen[tar.extractfile(n).read().decode()] = int(tar.extractfile(f"{key}.cls").read())
+    assert seen == by_path  # every image once, with its label
+
+
+def test_a_killed_make_leaves_no_shard_set_and_a_rerun_completes(folder, tmp_path, monkeypatch):
+    out = tmp_path / "set"
+    real = Path.read_bytes
+    calls = {"n": 0}
+
+    def dies(self):
+        calls["n"] += 1
+        if calls["n"] == 8:  # inside the second shard
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", dies)
+    with pytest.raises(KeyboardInterrupt):
+        sh.make_shards(scan_images(folder), out, 5, progress=False)
+    monkeypatch.setattr(Path, "read_bytes", real)
+    assert sorted(p.name for p in out.glob("*.tar")) == ["train-0000.tar"]  # the half shard is a temp file
+    assert not (out / sh.MANIFEST).exists()
+    with pytest.raises(MaelabError, match="did not finish"):
+        sh.open_shards(str(out))
+    sh.make_shards(scan_images(folder), out, 5, progress=False)
+    assert sh.open_shards(str(out)).total == 39 and not list(out.glob("*tmp*"))
+
+
+def test_two_ranks_times_two_workers_read_every_sample_exactly_once(shard_dir):
+    shards = sh.open_shards(str(shard_dir))
+    for epoch in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            f = feeder(shards, world=2, rank=rank, workers=2)
+            f.stream.set_position(epoch, [])
+            seen += [int(i) for *_, idx in f.loader for i in idx]
+        assert sorted(seen) == list(range(39)), epoch
+    # each rank trains the same number of steps: min(20, 19) // 4
+    assert plan(shards, world=2, rank=0).steps_per_epoch == plan(shards, world=2, rank=1).steps_per_epoch == 4
+
+
+def test_samples_get_the_folder_paths_decoder_and_augmentation(folder, shard_dir):
+    shards = sh.open_shards(str(shard_dir))
+    f = feeder(shards, workers=2)
+    f.stream.set_position(3, [])
+    src = {}
+    for url in shards.urls:
+        with tarfile.open(url) as tar:
+            for n in tar.getnames():
+                if n.endswith(".src.txt"):
+                    src[int(n.split(".")[0])] = folder / tar.extractfile(n).read().decode()
+    t = PretrainTransform(SIZE)
+    for _, images, _, indices in f.loader:
+        for img, i in zip(images, indices.tolist()):
+            g = torch.Generator().manual_seed(mix_seed(1, 2, 3, i))
+            assert torch.equal(img, t(open_rgb(src[i]), g))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_gives_exactly_the_rest_of_the_epoch(shard_dir, workers):
+    shards = sh.open_shards(str(shard_dir))
+    f = feeder(shards, workers=workers, batch=3, accum=2)
+    whole = list(f.epoch(2))
+    rest = list(f.epoch(2, start_step=2))
+    assert len(whole) == f.steps_per_epoch * 2 and len(rest) == len(whole) - 4
+    for a, b in zip(whole[4:], rest):
+        assert (a.step, a.micro) == (b.step, b.micro) and torch.equal(a.images, b.images)
+    assert not torch.equal(whole[0].images, list(f.epoch(3))[0].images)  # another epoch, another order
+
+
+def test_patterns_and_pipe_commands_read_the_same_shards(shard_dir):
+    pattern = sh.open_shards(str(shard_dir / "train-{0000..0007}.tar"))
+    assert pattern.total == 39 and pattern.classes == ["c0", "c1", "c2"]  # the manifest beside them
+    piped = sh.open_shards(f"pipe:cat {shard_dir}/train-{{0000..0002}}.tar")
+    assert piped.counts == [5, 5, 5]  # no manifest beside a pipe: counted
+    assert sh.is_shard_source(str(shard_dir)) and not sh.is_shard_source(str(shard_dir.parent))
+
+
+def test_more_processes_than_shards_is_refused_up_front(shard_dir):
+    shards = sh.open_shards(str(shard_dir / "train-{0000..0001}.tar"))
+    with pytest.raises(SameOnEveryRank, match="3 processes but only 2 shard"):
+        plan(shards, world=3)
+
+
+def test_an_unreadable_shard_is_named_with_its_error(shard_dir, tmp_path):
+    with pytest.raises(MaelabError, match=r"cannot read shard .*nowhere/train-0000.tar"):
+        sh.open_shards(str(tmp_path / "nowhere" / "train-{0000..0001}.tar"))
+    with pytest.raises(MaelabError, match="cannot read shard pipe:exit 3: the command `exit 3` exited with status 3"):
+        sh.count_samples("pipe:exit 3")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("train-0000.tar", sh.MANIFEST):
+        (broken / name).write_bytes((shard_dir / name).read_bytes())
+    (broken / "train-0000.tar").write_bytes((shard_dir / "train-0000.tar").read_bytes()[:1500])  # truncated
+    shards = sh.ShardSet("x", [str(broken / "train-0000.tar")], [5])
+    with pytest.raises(MaelabError, match=r"cannot read shard .*train-0000.tar"):
+        list(sh.read_samples(shards.urls[0]))
+
+
+def _with_bad_sample(shard_dir: Path, dest: Path) -> Path:
+    """A copy of shard 0 whose second image is not an image."""
+    dest.mkdir()
+    out = io.BytesIO()
+    with tarfile.open(shard_dir / "train-0000.tar") as src, tarfile.open(fileobj=out, mode="w") as tar:
+        members = src.getmembers()
+        bad = sorted({m.name.split(".")[0] for m in members})[1]
+        for m in members:
+            data = src.extractfile(m).read()
+            if m.name == f"{bad}.png":
+                data = b"not a png"
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    (dest / "train-0000.tar").write_bytes(out.getvalue())
+    return dest / "train-0000.tar"
+
+
+def test_a_corrupt_sample_follows_the_bad_files_policy(shard_dir, tmp_path):
+    url = _with_bad_sample(shard_dir, tmp_path / "bad")
+    shards = sh.ShardSet("x", [str(url)], [5])
+    f = sh.ShardFeeder(plan(shards, batch=5), torch.device("cpu"), PretrainTransform(SIZE))
+    with pytest.raises(MaelabError, match=r"cannot read image .*train-0000.tar#\d+\.png.*--bad-files skip"):
+        list(f.epoch(0))
+    f = sh.ShardFeeder(plan(shards, batch=5), torch.device("cpu"), PretrainTransform(SIZE), bad_files="skip")
+    with pytest.warns(UserWarning, match="replacing unreadable sample"):
+        (batch,) = list(f.epoch(0))
+    assert batch.images.shape == (5, 3, *SIZE) and torch.isfinite(batch.images).all()
+
+
+def test_pretrain_streams_shards_and_resumes_exactly(shard_dir, tmp_path, monkeypatch):
+
+    def cfg(out):
+        return build_config(PretrainConfig, dict(
+            data=str(shard_dir), out=str(out), model="mae_vit_tiny_patch4", decoder_depth=1, img_size=[16],
+            batch_size=4, epochs=2, warmup_epochs=0, vis_every=0, log_every=1, device="cpu", num_workers=2,
+            seed=3, shuffle_buffer=7))
+
+    run_pretrain(cfg(tmp_path / "ref"))
+    original = PretrainTask.forward
+
+    def forward(self, runner, batch):
+        if batch.epoch == 1 and batch.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, runner, batch)
+
+    monkeypatch.setattr(PretrainTask, "forward", forward)
+    with pytest.raises(RunInterrupted):
+        run_pretrain(cfg(tmp_path / "run"))
+    monkeypatch.setattr(PretrainTask, "forward", original)
+    run_pretrain(cfg(tmp_path / "run"))
+    a, b = (read_weights(ckpt.latest_checkpoint(d) / ckpt.WEIGHTS)[0] for d in (tmp_path / "ref", tmp_path / "run"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "run" / "reconstruction.png").is_file()
+    # visualize finds the run's own (shard) images
+    assert main(["visualize", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "v.png")]) == 0
+    assert (tmp_path / "v.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def split_shards(folder, tmp_path_factory) -> Path:
+    """``train`` / ``val`` shard sets: the same 39 images twice (the evaluation commands need both)."""
+    root = tmp_path_factory.mktemp("split_shards")
+    for split in ("train", "val"):
+        assert main(["shards", "make", "--data", str(folder), "--out", str(root / split), "--shard-size", "10"]) == 0
+    return root
+
+
+def test_local_shards_read_by_index_give_the_folder_images_and_labels(folder, split_shards):
+    images = sh.shard_images(str(split_shards / "train"))
+    assert images.classes == ["c0", "c1", "c2"] and len(images) == 39
+    with tarfile.open(split_shards / "train" / "train-0000.tar") as tar:
+        src = {n.split(".")[0]: tar.extractfile(n).read().decode() for n in tar.getnames() if n.endswith(".src.txt")}
+    for path, label in zip(images.paths[:10], images.labels[:10]):
+        original = folder / src[Path(path).name.split(".")[0]]
+        assert np.array_equal(np.asarray(open_rgb(path)), np.asarray(open_rgb(original)))
+        assert label == int(original.parent.name[1:])
+
+
+def test_knn_and_finetune_take_shards_as_their_splits(folder, split_shards, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val"):
+        (data / split).symlink_to(folder, target_is_directory=True)
+    flags = ["--init", "none", "--model", "mae_vit_tiny_patch4", "--img-size", "16", "--num-workers", "0"]
+    for name, root in (("folder", data), ("shards", split_shards)):
+        assert main(["knn", *flags, "--data", str(root / "train"), "--out", str(tmp_path / f"{name}.json")]) == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("folder", "shards"))
+    assert a["knn_top1"] == pytest.approx(b["knn_top1"]) and b["train_images"] == b["val_images"] == 39
+    assert main(["finetune", *flags, "--data", str(split_shards / "train"), "--epochs", "1", "--batch-size", "12",
+                 "--log-every", "100", "--out", str(tmp_path / "ft")]) == 0
+    assert json.loads((tmp_path / "ft" / "results.json").read_text())["final_epoch"] == 1
+
+
+def test_remote_shards_are_refused_by_the_random_access_commands(split_shards):
+    with pytest.raises(MaelabError, match="random access, from local files"):
+        sh.shard_images(f"pipe:cat {split_shards}/train/train-{{0000..0001}}.tar")
