@@ -33,6 +33,7 @@ class Batch:
     labels: torch.Tensor | None
     offset: int  # first row of this micro-batch inside the global batch
     global_size: int
+    targets: list | None = None  # per-image targets (detection: boxes, labels, masks)
 
 
 class StepPlan:
