@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maelab.data.folders import open_rgb
@@ -220,6 +221,11 @@ def training_images(data: CocoData, empty: str) -> tuple[CocoData, int]:
     return data.subset(keep), len(data) - len(keep)
 
 
+def pixels_of(img: Image.Image) -> torch.Tensor:
+    """(3, H, W) uint8 tensor of an RGB image."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
 def read_image(image: CocoImage) -> torch.Tensor:
     """(3, H, W) uint8 pixels through maelab's one decoder, checked against the size the annotation file
     records (masks are decoded at that size)."""
@@ -227,7 +233,7 @@ def read_image(image: CocoImage) -> torch.Tensor:
     if img.size != (image.width, image.height):
         raise MaelabError(f"image {image.path} is {img.size[0]}x{img.size[1]} but its annotation file says "
                           f"{image.width}x{image.height}: the masks would not line up")
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    return pixels_of(img)
 
 
 def find_split(folder: str | os.PathLike, split: str) -> tuple[Path, Path]:

@@ -25,7 +25,7 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     """(N, 4) xyxy boxes in pixel-edge coordinates (a one-pixel mask at x has x1 = x, x2 = x + 1)."""
     if masks.shape[0] == 0:
         return torch.zeros((0, 4))
-    rows, cols = masks.any(dim=2), masks.any(dim=1)
+    rows, cols = masks.bool().any(dim=2), masks.bool().any(dim=1)
     h, w = masks.shape[1:]
     ys, xs = torch.arange(h), torch.arange(w)
     big = max(h, w) + 1
@@ -60,6 +60,6 @@ def large_scale_jitter(image: torch.Tensor, target: dict[str, torch.Tensor], siz
         ys = ((torch.arange(top, top + ch) + 0.5) / (nh / h)).floor().long().clamp_(0, h - 1)
         xs = ((torch.arange(left, left + cw) + 0.5) / (nw / w)).floor().long().clamp_(0, w - 1)
         out_masks[:, :ch, :cw] = masks[:, ys][:, :, xs]
-    keep = out_masks.flatten(1).any(dim=1) if masks.shape[0] else torch.zeros(0, dtype=torch.bool)
+    keep = out_masks.flatten(1).bool().any(dim=1)
     out_masks = out_masks[keep]
     return out, {"boxes": masks_to_boxes(out_masks), "labels": labels[keep], "masks": out_masks}

@@ -14,6 +14,7 @@ five losses, layer-wise lr decay groups, box / mask AP after an epoch.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -32,8 +33,11 @@ from maelab.data.loader import Batch
 from maelab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from maelab.data.workers import ignore_stop_signals, stop_workers, worker_batches
 from maelab.errors import MaelabError
+from maelab.io import read_weights
 from maelab.evaluate.detection import coco_ap, coco_results, ground_truth
+from maelab.models.state_dicts import check_state_dict
 from maelab.models.vit import EncoderWeights
+from maelab.train.checkpoint import resolve_weights_path
 from maelab.train.distributed import DistInfo
 from maelab.train.optim import param_groups
 from maelab.train.precision import autocast
@@ -186,3 +190,15 @@ class DetectTask:
             return self.evaluate(epoch, last)
         finally:
             self.model.train()
+
+
+def load_detector(path: str | Path) -> tuple[MaskRCNN, dict[str, Any], Path]:
+    """(detector in eval mode, its spec, the weights file) from a `maelab detect train` run folder,
+    checkpoint folder or weights file."""
+    weights_path = resolve_weights_path(path)
+    state_dict, spec = read_weights(weights_path)
+    check_spec(spec, str(weights_path))
+    model = build_detector(spec)
+    check_state_dict(model, state_dict, f"checkpoint {weights_path}")
+    model.load_state_dict(state_dict)
+    return model.eval(), spec, weights_path
