@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 COCO128 = REPO.parent / "shared" / "datasets" / "coco128"
 MAE_FLAGS = ["--model", "mae_vit_tiny_patch16", "--img-size", "256", "--decoder-embed-dim", "128",
-             "--decoder-depth", "2", "--decoder-num-heads", "4", "--batch-size", "16", "--vis-every", "0"]
+             "--decoder-depth", "2", "--decoder-num-heads", "4", "--batch-size", "16", "--lr", "1.5e-4", "--vis-every", "0"]
 KEYS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
 
 
