@@ -6,7 +6,9 @@ an ``add_arguments(parser)``) and ``run(cfg_or_args)``. What they all do around 
 """
 
 from maelab.commands import ablate, convert, features, finetune, knn, linprobe, models, pretrain, visualize
+from maelab.commands import segment
 
 COMMANDS = (pretrain, visualize, convert, models, finetune, linprobe, knn, features, ablate)
+COMMANDS += (segment,)
 
 __all__ = ["COMMANDS"]
