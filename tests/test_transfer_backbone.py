@@ -17,6 +17,7 @@ def test_default_out_indices_are_evenly_spaced_and_end_at_the_last_block():
     assert default_out_indices(12) == (2, 5, 8, 11)
     assert default_out_indices(24) == (5, 11, 17, 23)
     assert default_out_indices(4) == (0, 1, 2, 3)
+    assert default_out_indices(2) == (0, 0, 1, 1)
 
 
 @pytest.mark.parametrize("size", [(32, 32), (48, 64), (24, 40)])

@@ -6,9 +6,16 @@ an ``add_arguments(parser)``) and ``run(cfg_or_args)``. What they all do around 
 """
 
 from maelab.commands import ablate, convert, features, finetune, knn, linprobe, models, pretrain, visualize
+<<<<<<< HEAD
 from maelab.commands import detect
 
 COMMANDS = (pretrain, visualize, convert, models, finetune, linprobe, knn, features, ablate)
 COMMANDS += (detect,)
+=======
+from maelab.commands import segment
+
+COMMANDS = (pretrain, visualize, convert, models, finetune, linprobe, knn, features, ablate)
+COMMANDS += (segment,)
+>>>>>>> seg
 
 __all__ = ["COMMANDS"]

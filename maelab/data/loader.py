@@ -155,7 +155,10 @@ class Feeder:
         num_workers: int = 0,
         bad_files: str = "error",
         progress: bool = False,
+        dataset: Dataset | None = None,
     ):
+        """``dataset``: items ``(index, seed) -> (input, label)`` in place of the image folder's (masks for
+        segmentation); streamed path only."""
         self.images, self.plan, self.device = images, plan, device
         self.out_size, self.in_memory, self.bad_files = tuple(out_size), in_memory, bad_files
         self.min_scale, self.hflip = min_scale, hflip
@@ -179,7 +182,7 @@ class Feeder:
             # point). Worker seeds do not reach the pixels: every sample's seed comes from the sampler.
             self.generator = torch.Generator()
             self.loader = DataLoader(
-                FolderDataset(images, transform, bad_files),
+                dataset if dataset is not None else FolderDataset(images, transform, bad_files),
                 batch_sampler=self.sampler,
                 generator=self.generator,
                 worker_init_fn=ignore_stop_signals,

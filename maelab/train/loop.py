@@ -34,7 +34,7 @@ from maelab.models.state_dicts import check_state_dict
 from maelab.train import checkpoint as ckpt
 from maelab.train.distributed import DistInfo, any_flag, barrier, no_sync, wrap_ddp
 from maelab.train.logs import RunLogger
-from maelab.train.optim import cosine_lr, set_lr
+from maelab.train.optim import SCHEDULES, set_lr
 from maelab.train.precision import autocast, resolve_precision
 from maelab.train.run_config import check_resume, recorded
 
@@ -161,7 +161,8 @@ class Trainer:
     def lr_at(self, epoch: int, step: int) -> float:
         it = epoch * self.steps_per_epoch + step
         warmup = self.optim_cfg.warmup_epochs * self.steps_per_epoch
-        return cosine_lr(it, self.total_steps, warmup, self.peak_lr, self.optim_cfg.min_lr)
+        schedule = SCHEDULES[getattr(self.optim_cfg, "schedule", "cosine")]  # a section may choose (segment: poly)
+        return schedule(it, self.total_steps, warmup, self.peak_lr, self.optim_cfg.min_lr)
 
     def _optimizer_step(self) -> None:
         if self.scaler:

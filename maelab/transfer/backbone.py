@@ -35,11 +35,10 @@ STRIDES = (4, 8, 16, 32)
 
 
 def default_out_indices(depth: int, count: int = 4) -> tuple[int, ...]:
-    """``count`` evenly spaced blocks ending with the last: depth 12 -> (2, 5, 8, 11), 24 -> (5, 11, 17, 23)."""
-    if depth < count:
-        return tuple(range(depth))
+    """``count`` evenly spaced blocks ending with the last: depth 12 -> (2, 5, 8, 11), 24 -> (5, 11, 17, 23);
+    an encoder with fewer blocks repeats some (depth 2 -> (0, 0, 1, 1)), so a 4-level neck still fits."""
     step = depth / count
-    return tuple(int(round(step * (i + 1))) - 1 for i in range(count))
+    return tuple(max(int(round(step * (i + 1))) - 1, 0) for i in range(count))
 
 
 def window_partition(tokens: torch.Tensor, grid: tuple[int, int], ws: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -79,8 +78,8 @@ class ViTBackbone(nn.Module):
         size = pair(img_size)
         depth = int(arch["depth"])
         indices = tuple(default_out_indices(depth) if out_indices is None else out_indices)
-        if not indices or len(set(indices)) != len(indices) or list(indices) != sorted(indices):
-            raise MaelabError(f"out indices must be distinct block numbers in increasing order, got {list(indices)}")
+        if not indices or list(indices) != sorted(indices):
+            raise MaelabError(f"out indices must be block numbers in increasing order, got {list(indices)}")
         if indices[0] < 0 or indices[-1] >= depth:
             raise MaelabError(f"out indices {list(indices)} must lie in 0..{depth - 1} (the encoder has {depth} blocks)")
         if window_size is not None and window_size < 1:
@@ -142,7 +141,7 @@ class ViTBackbone(nn.Module):
                 tokens = window_unpartition(windows, grid, self.window_size, b)
             else:
                 tokens = blk(tokens)
-            if i in self.out_indices:
+            for _ in range(self.out_indices.count(i)):  # an index given twice (shallow encoders) gives two maps
                 outs.append(tokens[:, prefix:].transpose(1, 2).reshape(b, self.embed_dim, *grid))
         return outs
 
