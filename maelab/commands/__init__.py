@@ -6,16 +6,11 @@ an ``add_arguments(parser)``) and ``run(cfg_or_args)``. What they all do around 
 """
 
 from maelab.commands import ablate, convert, features, finetune, knn, linprobe, models, pretrain, visualize
-<<<<<<< HEAD
+from maelab.commands import segment
 from maelab.commands import detect
 
 COMMANDS = (pretrain, visualize, convert, models, finetune, linprobe, knn, features, ablate)
-COMMANDS += (detect,)
-=======
-from maelab.commands import segment
-
-COMMANDS = (pretrain, visualize, convert, models, finetune, linprobe, knn, features, ablate)
 COMMANDS += (segment,)
->>>>>>> seg
+COMMANDS += (detect,)
 
 __all__ = ["COMMANDS"]
