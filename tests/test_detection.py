@@ -346,7 +346,7 @@ def test_detect_train_eval_predict_and_an_interrupted_run_resumes_exactly(tmp_pa
     assert "box AP" in capsys.readouterr().out
 
     picture = tmp_path / "pred.png"
-    assert main(["detect", "predict", "--checkpoint", str(run), "--inputs", str(data / "images"), "--max-images",
+    assert main(["detect", "predict", "--checkpoint", str(run), "--images", str(data / "images"), "--max-images",
                  "2", "--score-threshold", "0", "--out", str(picture)]) == 0
     assert picture.is_file() and len(json.loads(picture.with_suffix(".json").read_text())["images"]) == 2
 
@@ -360,3 +360,12 @@ def test_detect_errors_are_one_line_and_leave_no_run_folder(coco, tmp_path, caps
     assert "--img-size" in capsys.readouterr().err
     assert main(["detect", "eval", "--checkpoint", str(tmp_path / "nothing"), "--data", str(coco)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["detect_vitdet_base", "detect_coco128_tiny"])
+def test_shipped_detection_presets_load_and_pass_the_checks(preset):
+    from maelab.commands.detect import DetectTrainConfig, validate
+    from maelab.config import build_config
+
+    cfg = build_config(DetectTrainConfig, yaml_path=preset)
+    assert validate(cfg) == cfg.model.img_size[0]

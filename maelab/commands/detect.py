@@ -25,7 +25,7 @@ from maelab.config import add_config_args, command_config, config_from_args, opt
 from maelab.data.coco import (EMPTY_POLICIES, CocoData, find_split, instance_targets, load_coco, pixels_of,
                               read_image, training_images)
 from maelab.data.detection_feed import DetectionFeeder
-from maelab.data.folders import IMAGE_EXTENSIONS, open_rgb
+from maelab.data.folders import image_files, open_rgb
 from maelab.data.loader import StepPlan
 from maelab.data.lsj import check_scale_range
 from maelab.data.workers import default_workers
@@ -147,7 +147,7 @@ DetectEvalConfig = command_config("DetectEvalConfig", __name__, model=Checkpoint
 
 @dataclass
 class PredictInputConfig:
-    inputs: list[str] = option([], "image files or folders of images to detect on")
+    images: list[str] = option([], "image files or folders of images to detect on")
     max_images: int = option(16, "draw at most this many images (the first, in sorted order)")
 
 
@@ -363,24 +363,6 @@ def evaluate(cfg) -> dict[str, Any]:
 
 
 # --- predict ---------------------------------------------------------------------------------------
-def input_images(inputs: list[str], limit: int) -> list[Path]:
-    if not inputs:
-        raise MaelabError("--inputs is required: image files or folders of images")
-    found: list[Path] = []
-    for item in inputs:
-        p = Path(item).expanduser()
-        if p.is_dir():
-            found += sorted(q for q in p.iterdir() if q.is_file() and q.name.lower().endswith(IMAGE_EXTENSIONS)
-                            and not q.name.startswith("."))
-        elif p.exists():
-            found.append(p)
-        else:
-            raise MaelabError(f"--inputs {p} does not exist")
-    if not found:
-        raise MaelabError(f"no images in {', '.join(inputs)}")
-    return found[:limit]
-
-
 def predict(cfg) -> dict[str, Any]:
     at_least(max_images=(cfg.input.max_images, 1))
     if not cfg.model.checkpoint:
@@ -389,7 +371,7 @@ def predict(cfg) -> dict[str, Any]:
     if out.suffix.lower() != ".png":
         raise MaelabError(f"--out {out} must be a .png file")
     check_output_file(out)
-    paths = input_images(cfg.input.inputs, cfg.input.max_images)
+    paths = [Path(p) for p in image_files(cfg.input.images, "--images", cfg.input.max_images)]
     with Session(cfg.run.device, cfg.run.precision) as s:
         model, spec, weights = load_detector(cfg.model.checkpoint)
         model.to(s.device)

@@ -15,7 +15,7 @@ five losses, layer-wise lr decay groups, box / mask AP after an epoch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,7 @@ from maelab.train.checkpoint import resolve_weights_path
 from maelab.train.distributed import DistInfo
 from maelab.train.optim import param_groups
 from maelab.train.precision import autocast
+from maelab.train.tasks import SupervisedTask
 from maelab.transfer.backbone import ViTBackbone, layer_decay_groups
 from maelab.transfer.pyramid import SimpleFeaturePyramid
 
@@ -166,30 +167,14 @@ def evaluate_detector(model: MaskRCNN, data: CocoData, device: torch.device, pre
     return dict(metrics[0], detections=float(len(results)))
 
 
-class DetectTask:
+class DetectTask(SupervisedTask):
     """Mask R-CNN's objective (RPN objectness + box regression, RoI classification + box regression,
-    mask BCE, summed as torchvision and detectron2 do) on a batch's images and targets."""
-
-    def __init__(self, model: MaskRCNN, model_meta: dict[str, Any], groups: list[dict],
-                 evaluate: Callable[[int, bool], dict[str, float]]):
-        self.model, self._meta, self._groups, self.evaluate = model, model_meta, groups, evaluate
-        self.model.train()
+    mask BCE, summed as torchvision and detectron2 do) on a batch's images and targets; box / mask AP
+    from ``evaluate(epoch, last)``."""
 
     def forward(self, runner: nn.Module, batch: Batch):
         losses = runner(list(batch.images), batch.targets)
         return sum(losses.values()), losses
-
-    def param_groups(self) -> list[dict]:
-        return self._groups
-
-    def meta(self) -> dict[str, Any]:
-        return self._meta
-
-    def on_epoch_end(self, epoch: int, last: bool) -> dict[str, float]:
-        try:
-            return self.evaluate(epoch, last)
-        finally:
-            self.model.train()
 
 
 def load_detector(path: str | Path) -> tuple[MaskRCNN, dict[str, Any], Path]:
