@@ -222,7 +222,7 @@ def load_train_val(d: CocoDataConfig, seed: int) -> tuple[CocoData, CocoData | N
 
 
 def square_size(img_size: list[int]) -> int:
-    if len(img_size) == 2 and img_size[0] != img_size[1] or len(img_size) not in (1, 2) or min(img_size) < 1:
+    if len(img_size) not in (1, 2) or (len(img_size) == 2 and img_size[0] != img_size[1]) or min(img_size) < 1:
         raise MaelabError(f"--img-size is the side of the training square: one positive number (or two equal), got "
                           f"{img_size}")
     return int(img_size[0])

@@ -8,6 +8,7 @@ import colorsys
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib
 import torch
 from PIL import Image, ImageDraw
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
@@ -16,6 +17,7 @@ from maelab.io import atomic_path
 
 PANEL_HEIGHT = 320  # rows are scaled to this height
 CAPTION = 18  # pixels of caption above every panel
+FONT = str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")  # shipped with matplotlib
 
 
 def class_colour(label: int) -> tuple[int, int, int]:
@@ -36,7 +38,10 @@ def draw_instances(image: torch.Tensor, boxes: torch.Tensor, labels: Sequence[in
         out = draw_segmentation_masks(out, masks.bool().cpu(), alpha=0.45, colors=colours)
     if len(labels):
         text = [names[v - 1] + (f" {scores[i]:.2f}" if scores is not None else "") for i, v in enumerate(labels)]
-        out = draw_bounding_boxes(out, boxes.float().cpu(), labels=text, colors=colours, width=2)
+        side = max(out.shape[-2:])  # lines and text sized to stay legible once the panel is scaled down
+        out = draw_bounding_boxes(out, boxes.float().cpu(), labels=text, colors=colours, width=max(2, side // 250),
+                                  font=FONT if Path(FONT).is_file() else None,
+                                  font_size=max(10, side // 40) if Path(FONT).is_file() else None)
     return out
 
 
