@@ -197,8 +197,8 @@ def coco_files(folder: str, ann: str, images: str, split: str) -> tuple[Path, Pa
             return Path(ann).expanduser(), Path(images).expanduser()
         if folder:
             return Path(ann).expanduser(), find_split(folder, split)[1]
-        raise MaelabError(f"--{'val-' if split == 'val' else ''}images is required with --"
-                          f"{'val-' if split == 'val' else ''}ann (the folder its file_names are relative to)")
+        raise MaelabError("--images is required with --ann (the folder its file_names are relative to) unless --data "
+                          "holds an images/ folder")
     if not folder:
         raise MaelabError("give the data: --data FOLDER (instances_train.json, instances_val.json, images/) or "
                           "--ann FILE --images FOLDER")
