@@ -103,6 +103,12 @@ maelab detect predict --checkpoint runs/det --images photo.jpg folder/ --out det
   every `--eval-every` epochs and at the end; `detections.png` (prediction beside ground truth, one
   colour per class, class name and score) at the end of training and from `predict`.
 - **Presets**: `detect_vitdet_base` (full scale, below) and `detect_coco128_tiny` (the CPU run below).
+- **Limits**: the schedule is the loop's warm-up + cosine (ViTDet: step decay); no relative position
+  embeddings in the windowed blocks (ViTDet adds them); inference is one scale, no test-time flip; under
+  DDP the run is the same experiment but not bit-identical to one process with the same global batch
+  (Mask R-CNN's losses are normalised per process by its own sampled RoIs / positives); `eval` and the
+  evaluation during training decode each validation image at its own size, one image per forward pass
+  by default (`--batch-size` of `eval` batches them).
 """
 
 
