@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from maelab.commands.sections import (EvalRunConfig, OptimConfig, ProcessConfig, TrainRunConfig, at_least,
+from maelab.commands.sections import (EncoderConfig, EvalRunConfig, OptimConfig, ProcessConfig, TrainRunConfig, at_least,
                                       check_run_numbers, check_schedule)
 from maelab.commands.session import Session, device_name, encoder_header
 from maelab.config import add_config_args, command_config, config_from_args, option, redefault
@@ -56,12 +56,9 @@ Config = None  # three sub-commands, each with its own config (add_arguments)
 
 @dataclass
 class SegModelConfig:
-    init: str = option("", "encoder weights: a maelab run / checkpoint folder / .safetensors, an official MAE .pth, a "
-                       "timm checkpoint, a Hugging Face ViTMAE folder, or `none` (random init, the baseline)")
-    model: str | None = option(None, "model preset: the architecture for --init none; with a checkpoint it must "
-                                 "match (default: the checkpoint's)")
-    num_heads: int | None = option(None, "encoder attention heads, for files that do not record them (official .pth, "
-                                     "timm)")
+    init: str = redefault(EncoderConfig, "init", "")
+    model: str | None = redefault(EncoderConfig, "model", None)
+    num_heads: int | None = redefault(EncoderConfig, "num_heads", None)
     img_size: list[int] | None = option(None, "training crop, one or two numbers divisible by the patch size "
                                           "(default: the checkpoint's input size; recipe: 512)")
     drop_path: float = option(0.1, "stochastic depth rate of the encoder (recipe: ViT-B 0.1)")
@@ -315,15 +312,16 @@ def train(cfg) -> dict[str, Any]:
         load_pair(train_items, 0)  # a broken first label fails here, before the run folder is written
         model.to(s.device)
 
-        def evaluate(epoch: int = 0, last: bool = True) -> dict[str, Any]:
-            if not last and (epoch + 1) % cfg.eval.eval_every:
+        def evaluate(every_epoch: bool = False) -> dict[str, Any]:
+            """After an epoch (``trainer.epoch`` already counts it): every ``--eval-every`` epochs and the last."""
+            if every_epoch and trainer.epoch % cfg.eval.eval_every and trainer.epoch < cfg.optim.epochs:
                 return {}
             return evaluate_segmenter(model, val_items, s.device, s.precision, settings["mode"], settings["base_size"],
                                       settings["crop"], settings["stride"], s.info.rank, s.info.world)
 
         meta = model_meta(arch, crop, cfg.model, spec, model.backbone)
         groups = layer_decay_groups(model, 1.0, cfg.optim.weight_decay, cfg.optim.layer_decay)
-        task = SegmentTask(model, meta, groups, evaluate)
+        task = SegmentTask(model, meta, groups, lambda: evaluate(every_epoch=True))
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
         cfg.model.img_size = list(crop)
         trainer = Trainer(task=task, feeder=feeder, optim=cfg.optim, run=cfg.run, run_dir=run_dir, info=s.info,
