@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 from maelab.cli import main
+from maelab.commands.segment import TrainConfig, validate_train
+from maelab.config import build_config
 from maelab.data.segmentation import (IGNORE, SPECS, SegAugment, SegTrainTransform, label_spec, load_pair, read_label,
                                       scan_segmentation)
 from maelab.errors import MaelabError
@@ -255,3 +257,11 @@ def test_segment_errors_are_one_line(capsys, tmp_path, camvid_tiny):
     code, _, err = run_cli(capsys, "segment", "eval", "--checkpoint", str(mae), "--data", str(camvid_tiny))
     assert code == 2 and "not a segmentation model" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_ade20k_preset_is_the_full_recipe():
+    cfg = build_config(TrainConfig, {"data": "/data/ade"}, "segment_ade20k_vit_base")
+    assert cfg.optim.max_steps == 160000 and cfg.model.img_size == [512, 512] and cfg.data.dataset == "ade20k"
+    assert cfg.data.batch_size * 8 == 16 and cfg.optim.base_lr * 16 / 256 == pytest.approx(1e-4)
+    assert cfg.eval.eval_mode == "slide" and cfg.eval.eval_stride == [341, 341] and cfg.optim.layer_decay == 0.65
+    validate_train(cfg)

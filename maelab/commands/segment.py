@@ -130,6 +130,8 @@ class PredictConfig:
     images: list[str] = option([], "image files or folders of images")
     labels: str = option("", "folder of label PNGs with the images' stems: drawn beside the prediction")
     limit: int = option(8, "draw at most this many images (the first, sorted)")
+    base_size: int | None = option(None, "short side the images are resized to for inference (default: the "
+                                     "training crop's short side)")
 
 
 @dataclass
@@ -143,7 +145,7 @@ TrainConfig = command_config("SegmentTrainConfig", __name__, model=SegModelConfi
 EvalConfig = command_config("SegmentEvalConfig", __name__, weights=SegCheckpointConfig, data=SegDataConfig,
                             eval=SegEvalConfig, run=EvalRunConfig)
 PredictCommandConfig = command_config("SegmentPredictConfig", __name__, weights=SegCheckpointConfig,
-                                      predict=PredictConfig, data=SegDataConfig, eval=SegEvalConfig,
+                                      predict=PredictConfig, eval=SegEvalConfig,
                                       run=PredictRunConfig)
 SUBCOMMANDS = {"train": TrainConfig, "eval": EvalConfig, "predict": PredictCommandConfig}
 SUB_HELP = {"train": "train UPerNet on the encoder (resumes a run found in --out)",
@@ -419,7 +421,7 @@ def predict(cfg) -> dict[str, Any]:
     if labels_dir is not None and not labels_dir.is_dir():
         raise MaelabError(f"--labels {labels_dir} is not a folder")
     with Session(cfg.run.device, cfg.run.precision) as s:
-        settings = inference_settings(cfg.eval, tuple(meta["vit"]["img_size"]), cfg.data.base_size)
+        settings = inference_settings(cfg.eval, tuple(meta["vit"]["img_size"]), cfg.predict.base_size)
         model.to(s.device)
         images, preds, targets = [], [], []
         for p in paths:
