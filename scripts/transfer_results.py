@@ -1,10 +1,11 @@
 """CPU-scale transfer results: UPerNet on CamVid from an MAE-pre-trained ViT-Tiny/16 against the same
-network from a random encoder, at the same wall-clock budget. Writes docs/transfer_results.json and
+network from a random encoder, for the same number of steps (a wall-clock --budget would give the two
+runs different step counts on a machine shared with other jobs). Writes docs/transfer_results.json and
 docs/transfer.md.
 
     python scripts/transfer_results.py                                   # pre-train, then both runs
     python scripts/transfer_results.py --pretrained runs/transfer/mae    # reuse a pre-training run
-    python scripts/transfer_results.py --pretrain-budget 6m --segment-budget 5m
+    python scripts/transfer_results.py --pretrain-epochs 10 --segment-epochs 5
 
 Every number in the page comes from the run folders this script writes (runs/transfer/...): their
 results.json files and the `maelab segment eval` of the test split.
@@ -51,8 +52,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(CAMVID))
     ap.add_argument("--out", default=str(REPO / "runs" / "transfer"))
     ap.add_argument("--pretrained", default="", help="an existing `maelab pretrain` run to use instead")
-    ap.add_argument("--pretrain-budget", default="8m")
-    ap.add_argument("--segment-budget", default="5m")
+    ap.add_argument("--pretrain-epochs", default="3", help="of the 367 training images, batch 16 (22 steps each)")
+    ap.add_argument("--segment-epochs", default="2", help="of the 367 training images, batch 8 (45 steps each)")
     ap.add_argument("--workers", default="2")
     a = ap.parse_args()
     out = Path(a.out)
@@ -60,13 +61,15 @@ def main() -> None:
     mae = Path(a.pretrained) if a.pretrained else out / "mae"
     pretrain_cmd = ["pretrain", "--data", f"{a.data}/train/images", "--model", MODEL, "--img-size", *SIZE,
                     "--decoder-embed-dim", "128", "--decoder-depth", "2", "--decoder-num-heads", "4",
-                    "--batch-size", "16", "--lr", "1e-3", "--precision", "bf16", "--budget", a.pretrain_budget,
+                    "--batch-size", "16", "--lr", "1e-3", "--precision", "bf16", "--epochs", a.pretrain_epochs,
+                    "--warmup-epochs", "0.3",
                     "--vis-every", "0",
                     "--num-workers", a.workers, "--out", str(mae)]
     if not a.pretrained:
         timings["pretrain"] = maelab(pretrain_cmd, out / "logs" / "pretrain.txt")
     common = ["--data", a.data, "--dataset", "camvid", "--img-size", *SIZE, "--batch-size", "8",
-              "--decoder-channels", "64", "--lr", "3e-4", "--precision", "bf16", "--budget", a.segment_budget, "--eval-every", "1000",
+              "--decoder-channels", "64", "--lr", "3e-4", "--precision", "bf16", "--epochs", a.segment_epochs,
+              "--warmup-epochs", "0.2", "--eval-every", "1000",
               "--pictures", "3", "--num-workers", a.workers, "--seed", "0"]
     runs = {"MAE pre-trained": ["--init", str(mae)], "random init": ["--init", "none", "--model", MODEL]}
     rows = []
@@ -79,8 +82,9 @@ def main() -> None:
                     "--out", str(test_json)]
         timings[f"test {label}"] = maelab(eval_cmd, out / "logs" / f"{folder.name}_test.txt")
         res = json.loads((folder / "results.json").read_text())
+        seconds = timings[f"train {label}"]
         test = json.loads(test_json.read_text())
-        rows.append({"init": label, "command": "maelab " + " ".join(cmd), "steps": res["steps"],
+        rows.append({"init": label, "command": "maelab " + " ".join(cmd), "steps": res["steps"], "seconds": seconds,
                      "epochs": res["epochs"], "train_images": res["train_images"],
                      "val": {k: res[f"val_{k}"] for k in ("mIoU", "mAcc", "aAcc")},
                      "test": {k: test[f"val_{k}"] for k in ("mIoU", "mAcc", "aAcc")},
@@ -123,15 +127,16 @@ def markdown(d: dict) -> str:
         "",
         f"Machine: {d['machine']}, 2 cores shared with other jobs, bf16 autocast. Both runs train the same network",
         "(ViT-Tiny/16 = width 192, depth 12, 3 heads; UPerNet with 64 channels) at 128×160 crops, batch 8,",
-        "lr 3e-4, layer decay 0.65, to the same wall-clock `--budget`; only the encoder's starting weights differ.",
+        "lr 3e-4, layer decay 0.65, for the same number of steps (a wall-clock `--budget` would give them",
+        "different step counts on this machine, shared with other jobs); only the encoder's starting weights differ.",
         "Evaluation: the whole image resized to a short side of 128 (128×171), predictions upsampled to 360×480.",
         "val = the 101 validation images (seen after training only), test = the 233 test images (`maelab segment eval --val-split test`).",
         "",
-        "| encoder init | steps (epochs) | val mIoU | val mAcc | val aAcc | test mIoU | test mAcc | test aAcc |",
-        "|---|---|---|---|---|---|---|---|",
+        "| encoder init | steps (epochs) | wall clock | val mIoU | val mAcc | val aAcc | test mIoU | test mAcc | test aAcc |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['init']} | {r['steps']} ({r['epochs']}) | {fmt(r['val']['mIoU'])} | {fmt(r['val']['mAcc'])} | "
+        lines.append(f"| {r['init']} | {r['steps']} ({r['epochs']}) | {r['seconds'] / 60:.1f} min | {fmt(r['val']['mIoU'])} | {fmt(r['val']['mAcc'])} | "
                      f"{fmt(r['val']['aAcc'])} | {fmt(r['test']['mIoU'])} | {fmt(r['test']['mAcc'])} | {fmt(r['test']['aAcc'])} |")
     classes = list(rows[0]["test_per_class_iou"]) if rows else []
     lines += ["", "Test IoU per class:", "", "| encoder init | " + " | ".join(classes) + " |",
