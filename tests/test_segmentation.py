@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,9 @@ from maelab.data.segmentation import (IGNORE, SPECS, SegAugment, SegTrainTransfo
 from maelab.errors import MaelabError
 from maelab.evaluate.segmentation import confusion_matrix, segmentation_metrics
 from maelab.interop.mae_weights import save_mae
+from maelab.io import read_weights
 from maelab.models.mae import MaskedAutoencoder
+from maelab.train.checkpoint import resolve_weights_path
 from maelab.transfer.backbone import ViTBackbone
 from maelab.transfer.segment import UPerNetSegmenter, pixel_loss, predict_logits
 from maelab.viz.segmentation import palette, save_segmentation_figure
@@ -219,12 +222,16 @@ def test_segment_train_eval_predict_with_resume(capsys, tmp_path, camvid_tiny):
     common = ["segment", "train", "--data", str(camvid_tiny), "--init", str(mae), "--img-size", "32", "64",
               "--batch-size", "2", "--decoder-channels", "16", "--num-workers", "0", "--out", str(run_dir),
               "--pictures", "1", "--warmup-epochs", "0"]
-    code, out, err = run_cli(capsys, *common, "--epochs", "1")
+    code, out, err = run_cli(capsys, *common, "--epochs", "2", "--save-every", "1", "--keep", "0")
     assert code == 0, err
     assert "mIoU" in out
-    code, out, err = run_cli(capsys, *common, "--epochs", "2")
+    straight, _ = read_weights(resolve_weights_path(run_dir))
+    shutil.rmtree(run_dir / "checkpoints" / "epoch_0002")  # as if the run had stopped after epoch 1
+    code, out, err = run_cli(capsys, *common, "--epochs", "2", "--save-every", "1", "--keep", "0")
     assert code == 0, err
     assert "resumed from" in out + err and "continuing at epoch 2" in out + err
+    resumed, _ = read_weights(resolve_weights_path(run_dir))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)  # resume is exact
     results = json.loads((run_dir / "results.json").read_text())
     assert results["epochs"] == 2 and results["steps"] == 4 and len(results["epoch_mIoU"]) >= 1
     assert results["source"] == "maelab" and (run_dir / "segmentation.png").is_file()
