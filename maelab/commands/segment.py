@@ -27,7 +27,7 @@ from maelab.commands.session import Session, device_name, encoder_header
 from maelab.config import add_config_args, command_config, config_from_args, option, redefault
 from maelab.data.folders import IMAGE_EXTENSIONS, open_rgb
 from maelab.data.loader import Feeder, plan_for
-from maelab.data.segmentation import (IGNORE, LabelSpec, SegAugment, SegList, SegTrainDataset,
+from maelab.data.segmentation import (IGNORE, SPECS, LabelSpec, SegAugment, SegList, SegTrainDataset,
                                       SegTrainTransform, eval_image, label_spec, load_pair, read_label,
                                       scan_segmentation)
 from maelab.data.workers import default_workers
@@ -227,7 +227,8 @@ def load_segmenter(path: str) -> tuple[UPerNetSegmenter, dict[str, Any], LabelSp
     m = SegModelConfig(init="none", out_indices=meta["out_indices"], window_size=meta["window_size"],
                        global_blocks=meta["global_blocks"], decoder_channels=meta["decoder_channels"],
                        aux_weight=meta["aux_weight"], drop_path=0.0)
-    spec = LabelSpec(meta["dataset"], tuple(meta["classes"]), meta["label_offset"], tuple(meta["ignore_values"]))
+    splits = SPECS[meta["dataset"]].splits if meta["dataset"] in SPECS else ("train", "val")
+    spec = LabelSpec(meta["dataset"], tuple(meta["classes"]), meta["label_offset"], tuple(meta["ignore_values"]), splits)
     model = build_segmenter(None, arch, tuple(arch["img_size"]), m, len(spec.classes))
     try:
         model.load_state_dict(weights)
