@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,16 @@ import torch
 from PIL import Image
 
 from maelab.cli import main
+from maelab.commands.segment import TrainConfig, validate_train
+from maelab.config import build_config
 from maelab.data.segmentation import (IGNORE, SPECS, SegAugment, SegTrainTransform, label_spec, load_pair, read_label,
                                       scan_segmentation)
 from maelab.errors import MaelabError
 from maelab.evaluate.segmentation import confusion_matrix, segmentation_metrics
 from maelab.interop.mae_weights import save_mae
+from maelab.io import read_weights
 from maelab.models.mae import MaskedAutoencoder
+from maelab.train.checkpoint import resolve_weights_path
 from maelab.transfer.backbone import ViTBackbone
 from maelab.transfer.segment import UPerNetSegmenter, pixel_loss, predict_logits
 from maelab.viz.segmentation import palette, save_segmentation_figure
@@ -217,12 +222,16 @@ def test_segment_train_eval_predict_with_resume(capsys, tmp_path, camvid_tiny):
     common = ["segment", "train", "--data", str(camvid_tiny), "--init", str(mae), "--img-size", "32", "64",
               "--batch-size", "2", "--decoder-channels", "16", "--num-workers", "0", "--out", str(run_dir),
               "--pictures", "1", "--warmup-epochs", "0"]
-    code, out, err = run_cli(capsys, *common, "--epochs", "1")
+    code, out, err = run_cli(capsys, *common, "--epochs", "2", "--save-every", "1", "--keep", "0")
     assert code == 0, err
     assert "mIoU" in out
-    code, out, err = run_cli(capsys, *common, "--epochs", "2")
+    straight, _ = read_weights(resolve_weights_path(run_dir))
+    shutil.rmtree(run_dir / "checkpoints" / "epoch_0002")  # as if the run had stopped after epoch 1
+    code, out, err = run_cli(capsys, *common, "--epochs", "2", "--save-every", "1", "--keep", "0")
     assert code == 0, err
     assert "resumed from" in out + err and "continuing at epoch 2" in out + err
+    resumed, _ = read_weights(resolve_weights_path(run_dir))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)  # resume is exact
     results = json.loads((run_dir / "results.json").read_text())
     assert results["epochs"] == 2 and results["steps"] == 4 and len(results["epoch_mIoU"]) >= 1
     assert results["source"] == "maelab" and (run_dir / "segmentation.png").is_file()
@@ -255,3 +264,11 @@ def test_segment_errors_are_one_line(capsys, tmp_path, camvid_tiny):
     code, _, err = run_cli(capsys, "segment", "eval", "--checkpoint", str(mae), "--data", str(camvid_tiny))
     assert code == 2 and "not a segmentation model" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_ade20k_preset_is_the_full_recipe():
+    cfg = build_config(TrainConfig, {"data": "/data/ade"}, "segment_ade20k_vit_base")
+    assert cfg.optim.max_steps == 160000 and cfg.model.img_size == [512, 512] and cfg.data.dataset == "ade20k"
+    assert cfg.data.batch_size * 8 == 16 and cfg.optim.base_lr * 16 / 256 == pytest.approx(1e-4)
+    assert cfg.eval.eval_mode == "slide" and cfg.eval.eval_stride == [341, 341] and cfg.optim.layer_decay == 0.65
+    validate_train(cfg)

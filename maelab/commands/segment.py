@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from maelab.commands.sections import (EvalRunConfig, OptimConfig, ProcessConfig, TrainRunConfig, at_least,
+from maelab.commands.sections import (EncoderConfig, EvalRunConfig, OptimConfig, ProcessConfig, TrainRunConfig, at_least,
                                       check_run_numbers, check_schedule)
 from maelab.commands.session import Session, device_name, encoder_header
 from maelab.config import add_config_args, command_config, config_from_args, option, redefault
 from maelab.data.folders import IMAGE_EXTENSIONS, open_rgb
 from maelab.data.loader import Feeder, plan_for
-from maelab.data.segmentation import (IGNORE, LabelSpec, SegAugment, SegList, SegTrainDataset,
+from maelab.data.segmentation import (IGNORE, SPECS, LabelSpec, SegAugment, SegList, SegTrainDataset,
                                       SegTrainTransform, eval_image, label_spec, load_pair, read_label,
                                       scan_segmentation)
 from maelab.data.workers import default_workers
@@ -56,12 +56,9 @@ Config = None  # three sub-commands, each with its own config (add_arguments)
 
 @dataclass
 class SegModelConfig:
-    init: str = option("", "encoder weights: a maelab run / checkpoint folder / .safetensors, an official MAE .pth, a "
-                       "timm checkpoint, a Hugging Face ViTMAE folder, or `none` (random init, the baseline)")
-    model: str | None = option(None, "model preset: the architecture for --init none; with a checkpoint it must "
-                                 "match (default: the checkpoint's)")
-    num_heads: int | None = option(None, "encoder attention heads, for files that do not record them (official .pth, "
-                                     "timm)")
+    init: str = redefault(EncoderConfig, "init", "")
+    model: str | None = redefault(EncoderConfig, "model", None)
+    num_heads: int | None = redefault(EncoderConfig, "num_heads", None)
     img_size: list[int] | None = option(None, "training crop, one or two numbers divisible by the patch size "
                                           "(default: the checkpoint's input size; recipe: 512)")
     drop_path: float = option(0.1, "stochastic depth rate of the encoder (recipe: ViT-B 0.1)")
@@ -133,6 +130,8 @@ class PredictConfig:
     images: list[str] = option([], "image files or folders of images")
     labels: str = option("", "folder of label PNGs with the images' stems: drawn beside the prediction")
     limit: int = option(8, "draw at most this many images (the first, sorted)")
+    base_size: int | None = option(None, "short side the images are resized to for inference (default: the "
+                                     "training crop's short side)")
 
 
 @dataclass
@@ -146,7 +145,7 @@ TrainConfig = command_config("SegmentTrainConfig", __name__, model=SegModelConfi
 EvalConfig = command_config("SegmentEvalConfig", __name__, weights=SegCheckpointConfig, data=SegDataConfig,
                             eval=SegEvalConfig, run=EvalRunConfig)
 PredictCommandConfig = command_config("SegmentPredictConfig", __name__, weights=SegCheckpointConfig,
-                                      predict=PredictConfig, data=SegDataConfig, eval=SegEvalConfig,
+                                      predict=PredictConfig, eval=SegEvalConfig,
                                       run=PredictRunConfig)
 SUBCOMMANDS = {"train": TrainConfig, "eval": EvalConfig, "predict": PredictCommandConfig}
 SUB_HELP = {"train": "train UPerNet on the encoder (resumes a run found in --out)",
@@ -228,7 +227,8 @@ def load_segmenter(path: str) -> tuple[UPerNetSegmenter, dict[str, Any], LabelSp
     m = SegModelConfig(init="none", out_indices=meta["out_indices"], window_size=meta["window_size"],
                        global_blocks=meta["global_blocks"], decoder_channels=meta["decoder_channels"],
                        aux_weight=meta["aux_weight"], drop_path=0.0)
-    spec = LabelSpec(meta["dataset"], tuple(meta["classes"]), meta["label_offset"], tuple(meta["ignore_values"]))
+    splits = SPECS[meta["dataset"]].splits if meta["dataset"] in SPECS else ("train", "val")
+    spec = LabelSpec(meta["dataset"], tuple(meta["classes"]), meta["label_offset"], tuple(meta["ignore_values"]), splits)
     model = build_segmenter(None, arch, tuple(arch["img_size"]), m, len(spec.classes))
     try:
         model.load_state_dict(weights)
@@ -315,15 +315,16 @@ def train(cfg) -> dict[str, Any]:
         load_pair(train_items, 0)  # a broken first label fails here, before the run folder is written
         model.to(s.device)
 
-        def evaluate(epoch: int = 0, last: bool = True) -> dict[str, Any]:
-            if not last and (epoch + 1) % cfg.eval.eval_every:
+        def evaluate(every_epoch: bool = False) -> dict[str, Any]:
+            """After an epoch (``trainer.epoch`` already counts it): every ``--eval-every`` epochs and the last."""
+            if every_epoch and trainer.epoch % cfg.eval.eval_every and trainer.epoch < cfg.optim.epochs:
                 return {}
             return evaluate_segmenter(model, val_items, s.device, s.precision, settings["mode"], settings["base_size"],
                                       settings["crop"], settings["stride"], s.info.rank, s.info.world)
 
         meta = model_meta(arch, crop, cfg.model, spec, model.backbone)
         groups = layer_decay_groups(model, 1.0, cfg.optim.weight_decay, cfg.optim.layer_decay)
-        task = SegmentTask(model, meta, groups, evaluate)
+        task = SegmentTask(model, meta, groups, lambda: evaluate(every_epoch=True))
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
         cfg.model.img_size = list(crop)
         trainer = Trainer(task=task, feeder=feeder, optim=cfg.optim, run=cfg.run, run_dir=run_dir, info=s.info,
@@ -421,7 +422,7 @@ def predict(cfg) -> dict[str, Any]:
     if labels_dir is not None and not labels_dir.is_dir():
         raise MaelabError(f"--labels {labels_dir} is not a folder")
     with Session(cfg.run.device, cfg.run.precision) as s:
-        settings = inference_settings(cfg.eval, tuple(meta["vit"]["img_size"]), cfg.data.base_size)
+        settings = inference_settings(cfg.eval, tuple(meta["vit"]["img_size"]), cfg.predict.base_size)
         model.to(s.device)
         images, preds, targets = [], [], []
         for p in paths:

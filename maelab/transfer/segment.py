@@ -11,7 +11,7 @@ stride 4, upsampled bilinearly to the input. An auxiliary FCN head on the stride
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,7 @@ from maelab.data.segmentation import IGNORE, SegList, eval_image, load_pair
 from maelab.errors import MaelabError
 from maelab.evaluate.segmentation import confusion_matrix, reduce_confusion, segmentation_metrics
 from maelab.train.precision import autocast
+from maelab.train.tasks import ClassifyTask
 from maelab.transfer.backbone import MultiLevelNeck, ViTBackbone
 
 MODES = ("whole", "slide")
@@ -68,13 +69,9 @@ def pixel_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return total / (target != IGNORE).sum().clamp(min=1)
 
 
-class SegmentTask:
-    """The training loop's task: ``batch.labels`` holds the (B, H, W) target masks."""
-
-    def __init__(self, model: UPerNetSegmenter, model_meta: dict[str, Any], groups: list[dict],
-                 evaluate: Callable[[int, bool], dict[str, float]]):
-        self.model, self._meta, self._groups, self.evaluate = model, model_meta, groups, evaluate
-        self.model.train()
+class SegmentTask(ClassifyTask):
+    """The training loop's task: ``batch.labels`` holds the (B, H, W) target masks; the loss is
+    :func:`pixel_loss` plus the auxiliary head's, weighted. ``evaluate()`` runs after every epoch."""
 
     def forward(self, runner: nn.Module, batch: Batch):
         logits, aux = runner(batch.images, aux=True)
@@ -82,18 +79,6 @@ class SegmentTask:
         if aux is not None:
             loss = loss + self.model.aux_weight * pixel_loss(aux, batch.labels)
         return loss, {}
-
-    def param_groups(self) -> list[dict]:
-        return self._groups
-
-    def meta(self) -> dict[str, Any]:
-        return self._meta
-
-    def on_epoch_end(self, epoch: int, last: bool) -> dict[str, float]:
-        try:
-            return self.evaluate(epoch, last)
-        finally:
-            self.model.train()
 
 
 def _pad_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
