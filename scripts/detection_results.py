@@ -1,7 +1,7 @@
 """CPU-scale detection transfer on coco128: an MAE-pre-trained ViT-Tiny/16 against a randomly
 initialised one, at the same small budget, written to docs/transfer_detection.md.
 
-    python scripts/detection_results.py                  # -> docs/transfer_detection.md (about 40 min on 2 cores)
+    python scripts/detection_results.py                  # -> docs/transfer_detection.md (about 50 min on 2 busy cores)
     python scripts/detection_results.py --mae-budget 2m --epochs 1 --doc /tmp/t.md   # a quick try
 
 1. MAE pre-training (`maelab pretrain`) of ViT-Tiny/16 at 256 px on the coco128 *training* images only
@@ -117,7 +117,7 @@ def main() -> None:
     p.add_argument("--data", default=str(COCO128))
     p.add_argument("--work", default=str(REPO / "runs" / "detection_results"))
     p.add_argument("--mae-budget", default="8m")
-    p.add_argument("--epochs", type=int, default=4, help="epochs (of 25 optimizer steps) of each detection run")
+    p.add_argument("--epochs", type=int, default=2, help="epochs (of 25 optimizer steps) of each detection run")
     p.add_argument("--doc", default=str(REPO / "docs" / "transfer_detection.md"))
     a = p.parse_args()
     data, work = Path(a.data), Path(a.work)
