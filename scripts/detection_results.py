@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -128,7 +130,7 @@ def main() -> None:
     # a finished pre-training run is found again and only redraws its pictures (resumable if interrupted)
     run(["pretrain", "--data", str(train_images(work, data)), *MAE_FLAGS, "--budget", a.mae_budget,
          "--out", str(mae)], work / "mae.log")
-    mae_plan = next((line for line in (work / "mae.log").read_text().splitlines() if "--budget" in line), "")
+    plan = yaml.safe_load((mae / "config.yaml").read_text())["optim"]  # what --budget planned on this machine
     rows = []
     for name, init in (("MAE pre-trained (step 1)", str(mae)), ("random init", "none")):
         out = work / ("det_mae" if init != "none" else "det_scratch")
@@ -157,8 +159,8 @@ def main() -> None:
         "ground truth in these images are left out of the mean). The two runs differ only in `--init`.",
         "",
         f"The MAE backbone: `maelab pretrain {' '.join(MAE_FLAGS)} --budget {a.mae_budget}` on the 102 coco128 "
-        f"training images only ({mae_plan.strip()}); epoch loss {mae_losses[0]:.3f} -> {mae_losses[-1]:.3f} over "
-        f"{len(mae_losses)} epochs.",
+        f"training images only: `--budget` planned {plan['max_steps']} steps ({plan['epochs']} epochs of batch 16); "
+        f"epoch loss (normalised-pixel MSE on the masked patches) {mae_losses[0]:.3f} -> {mae_losses[-1]:.3f}.",
         "",
         "| backbone | box AP | AP50 | AP75 | mask AP | AP50 | AP75 | train loss, first -> last epoch | wall time |",
         "|---|---|---|---|---|---|---|---|---|",
