@@ -344,6 +344,9 @@ def test_detect_train_eval_predict_and_an_interrupted_run_resumes_exactly(tmp_pa
     scored = json.loads(out.read_text())
     assert scored["box_AP"] == pytest.approx(results["box_AP"]) and scored["mask_AP"] == pytest.approx(results["mask_AP"])
     assert "box AP" in capsys.readouterr().out
+    assert main(["detect", "eval", "--checkpoint", str(run), "--data", str(data), "--num-workers", "0",
+                 "--min-score", "0", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["detections"] >= scored["detections"]  # the 0.05 floor removed
 
     picture = tmp_path / "pred.png"
     assert main(["detect", "predict", "--checkpoint", str(run), "--images", str(data / "images"), "--max-images",

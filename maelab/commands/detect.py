@@ -139,6 +139,8 @@ class EvalDataConfig:
 class DetectEvalRunConfig(ProcessConfig):
     out: str = option("", "also write the results as JSON to this file")
     seed: int = option(0, "seed of the --limit-images subset")
+    min_score: float = option(0.05, "detections scored from this score up (torchvision / detectron2: 0.05); 0 keeps "
+                                    "the 100 best per image, for weak models whose scores are all low")
 
 
 DetectEvalConfig = command_config("DetectEvalConfig", __name__, model=CheckpointConfig, data=EvalDataConfig,
@@ -342,6 +344,8 @@ def draw_split(model, data: CocoData, spec: dict[str, Any], path: Path, count: i
 def evaluate(cfg) -> dict[str, Any]:
     d = cfg.data
     at_least(batch_size=(d.batch_size, 1), limit_images=(d.limit_images, 0))
+    if not 0 <= cfg.run.min_score <= 1:
+        raise MaelabError(f"--min-score must be in [0, 1], got {cfg.run.min_score}")
     workers = default_workers(d.num_workers)
     if cfg.run.out:
         check_output_file(cfg.run.out)
@@ -349,11 +353,12 @@ def evaluate(cfg) -> dict[str, Any]:
         raise MaelabError("--checkpoint is required: a `maelab detect train` run folder")
     with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
         model, spec, weights = load_detector(cfg.model.checkpoint)
+        model.roi_heads.score_thresh = cfg.run.min_score
         ann, images = coco_files(d.data, d.ann, d.images, d.split)
         data = _limited(load_coco(ann, images, categories=spec["categories"]), d.limit_images, cfg.run.seed)
         model.to(s.device)
         results = {"command": "detect eval", "checkpoint": str(weights), "annotations": str(ann),
-                   "images": len(data), "processes": s.info.world, "device": device_name(s.device),
+                   "images": len(data), "min_score": cfg.run.min_score, "processes": s.info.world, "device": device_name(s.device),
                    **evaluate_detector(model, data, s.device, s.precision, s.info, d.batch_size, workers)}
         if s.is_main:
             print(headline(results) + f"  ({len(data)} images of {ann})", flush=True)
