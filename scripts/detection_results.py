@@ -176,7 +176,7 @@ def main() -> None:
     ]
     for name, r, seconds, losses, low in rows:
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.2f}" for k in KEYS) + f" | {int(r['detections'])} | "
-                     + " | ".join(f"{low[k]:.2f}" for k in ("box_AP", "box_AP50", "mask_AP", "mask_AP50"))
+                     + " | ".join(f"{low[k]:.3f}" for k in ("box_AP", "box_AP50", "mask_AP", "mask_AP50"))
                      + f" | {losses[0]:.3f} -> {losses[-1]:.3f} | {seconds / 60:.1f} min |")
     lines += [
         "",
