@@ -181,8 +181,10 @@ def main() -> None:
     lines += [
         "",
         "At this scale (a few hundred jittered images seen, a tiny backbone pre-trained for minutes on 102 "
-        "images) the AP numbers are near zero and say little about MAE: they show that the pipeline trains, "
-        "scores and resumes end to end, not what MAE transfers. A supervised ViT-Tiny from timm, the third row "
+        "images) the AP numbers are near zero and say little about MAE: differences of thousandths of a "
+        "percent are noise, whichever way they point, and the wall times differ with the load other jobs put "
+        "on the machine, not with the backbone. The runs show that the pipeline trains, scores and resumes "
+        "end to end, not what MAE transfers. A supervised ViT-Tiny from timm, the third row "
         "the issue asks for, is not here: its weights cannot be downloaded on this machine (no internet "
         "access besides package registries); `--init` takes any timm checkpoint file where one can be had.",
         "",
