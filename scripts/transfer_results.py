@@ -6,6 +6,7 @@ docs/transfer.md.
     python scripts/transfer_results.py                                   # pre-train, then both runs
     python scripts/transfer_results.py --pretrained runs/transfer/mae    # reuse a pre-training run
     python scripts/transfer_results.py --pretrain-epochs 10 --segment-epochs 5
+    python scripts/transfer_results.py --from-json                      # only re-render the page
 
 Every number in the page comes from the run folders this script writes (runs/transfer/...): their
 results.json files and the `maelab segment eval` of the test split.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -55,7 +57,18 @@ def main() -> None:
     ap.add_argument("--pretrain-epochs", default="3", help="of the 367 training images, batch 16 (22 steps each)")
     ap.add_argument("--segment-epochs", default="2", help="of the 367 training images, batch 8 (45 steps each)")
     ap.add_argument("--workers", default="2")
+    ap.add_argument("--from-json", action="store_true", help="re-render docs/transfer.md from docs/transfer_results.json")
     a = ap.parse_args()
+    docs = REPO / "docs"
+    if a.from_json:
+        data = json.loads((docs / "transfer_results.json").read_text())
+        for r in data["rows"]:  # a picture still in its run folder: copy it next to the page
+            if r.get("picture") and "/" in r["picture"]:
+                src = Path(r["picture"])
+                r["picture"] = copy_picture(str(REPO / src), docs / f"transfer_camvid_{src.parent.name}.png")
+        (docs / "transfer_results.json").write_text(json.dumps(data, indent=1) + "\n")
+        (docs / "transfer.md").write_text(markdown(data))
+        return
     out = Path(a.out)
     timings: dict[str, float] = {}
     mae = Path(a.pretrained) if a.pretrained else out / "mae"
@@ -89,7 +102,7 @@ def main() -> None:
                      "val": {k: res[f"val_{k}"] for k in ("mIoU", "mAcc", "aAcc")},
                      "test": {k: test[f"val_{k}"] for k in ("mIoU", "mAcc", "aAcc")},
                      "test_per_class_iou": {c: v["iou"] for c, v in test["val_per_class"].items()},
-                     "picture": str(Path(res["picture"]).relative_to(REPO)) if res.get("picture") else None})
+                     "picture": copy_picture(res.get("picture"), docs / f"transfer_camvid_{folder.name}.png")})
     pre: dict = {}
     if (mae / "metrics.jsonl").is_file():  # pre-training writes no results.json: its epoch losses
         rows_pre = [json.loads(line) for line in (mae / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -98,10 +111,22 @@ def main() -> None:
                "epoch_losses": [round(r["epoch_loss"], 4) for r in epochs]}
     data = {"machine": cpu_name(), "python": platform.python_version(), "pretrain_command": "maelab " + " ".join(pretrain_cmd),
             "pretrain_results": pre, "rows": rows, "seconds": timings}
-    docs = REPO / "docs"
     (docs / "transfer_results.json").write_text(json.dumps(data, indent=1) + "\n")
     (docs / "transfer.md").write_text(markdown(data))
     print(f"wrote {docs / 'transfer.md'} and {docs / 'transfer_results.json'}")
+
+
+def copy_picture(src: str | None, dest: Path) -> str | None:
+    """The run's end-of-training picture, copied next to the page (run folders are not committed)."""
+    if not src or not Path(src).is_file():
+        return None
+    shutil.copyfile(src, dest)
+    return dest.name
+
+
+def rel(command: str) -> str:
+    """A command as a reader would type it from the repository root."""
+    return command.replace(str(CAMVID), "../shared/datasets/camvid").replace(f"{REPO}/", "")
 
 
 def fmt(v) -> str:
@@ -149,7 +174,7 @@ def markdown(d: dict) -> str:
         "The MAE encoder was pre-trained here, by the script, on the 367 CamVid training images (labels",
         "unused) at 128×160 with a narrow decoder (width 128, 2 blocks), batch 16, lr 1e-3:",
         "",
-        f"    {d['pretrain_command']}",
+        f"    {rel(d['pretrain_command'])}",
         "",
         (f"({pre['steps']} steps; epoch loss {pre['epoch_losses'][0]:.3f} → {pre['epoch_losses'][-1]:.3f})."
          if pre.get("epoch_losses") else ""),
@@ -166,11 +191,11 @@ def markdown(d: dict) -> str:
         "",
     ]
     for r in rows:
-        lines.append(f"    {r['command']}")
-    lines += ["", "Predictions beside the ground truth (validation images, end of training):", ""]
+        lines.append(f"    {rel(r['command'])}")
+    lines += ["", "Predictions beside the ground truth (three validation images, end of training):", ""]
     for r in rows:
         if r["picture"]:
-            lines.append(f"- {r['init']}: `{r['picture']}` (in the run folder, not committed)")
+            lines += [f"{r['init']}:", "", f"![{r['init']}]({r['picture']})", ""]
     lines += [
         "",
         "## Full scale: ADE20K, UPerNet ViT-B/16, 512×512, 160k iterations",
