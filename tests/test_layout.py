@@ -24,6 +24,7 @@ LAYERS = [
     ("maelab.train",),
     ("maelab.evaluate",),
     ("maelab.interop",),
+    ("maelab.transfer",),
     ("maelab.viz",),
     ("maelab.commands",),
     ("maelab.cli",),

@@ -5,9 +5,10 @@ an ``add_arguments(parser)``) and ``run(cfg_or_args)``. What they all do around 
 :mod:`maelab.commands.sections`. A command never imports another command.
 """
 
-from maelab.commands import (ablate, convert, features, finetune, knn, linprobe, models, pretrain, recipe, shards,
-                             visualize)
+from maelab.commands import (ablate, convert, detect, features, finetune, knn, linprobe, models, pretrain, recipe,
+                             segment, shards, visualize)
 
-COMMANDS = (pretrain, visualize, convert, models, finetune, linprobe, knn, features, ablate, recipe, shards)
+COMMANDS = (pretrain, visualize, convert, models, finetune, linprobe, knn, features, ablate, recipe, shards, segment,
+            detect)
 
 __all__ = ["COMMANDS"]

@@ -51,6 +51,25 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+def image_files(entries: list[str], flag: str = "--images", limit: int = 0) -> list[str]:
+    """Images named on a command line (``predict``): files as given, folders by the images directly in
+    them (sorted); the first ``limit`` (0 = all). A missing path or no image at all is an error."""
+    if not entries:
+        raise MaelabError(f"{flag} is required: image files or folders of images")
+    found: list[str] = []
+    for entry in entries:
+        p = Path(entry).expanduser()
+        if p.is_dir():
+            found += sorted(str(f) for f in p.iterdir() if f.is_file() and _is_image(f.name))
+        elif p.exists():
+            found.append(str(p))
+        else:
+            raise MaelabError(f"{flag} {p} does not exist")
+    if not found:
+        raise MaelabError(f"no images in {', '.join(entries)}")
+    return found[:limit] if limit > 0 else found
+
+
 def scan_images(root: str | os.PathLike) -> ImageList:
     """List the images under ``root``; class = first-level sub-folder (sorted), as torchvision does."""
     root = Path(root).expanduser()

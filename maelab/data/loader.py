@@ -33,6 +33,7 @@ class Batch:
     labels: torch.Tensor | None
     offset: int  # first row of this micro-batch inside the global batch
     global_size: int
+    targets: list | None = None  # per-image targets (detection: boxes, labels, masks)
 
 
 class StepPlan:
@@ -156,7 +157,10 @@ class Feeder:
         progress: bool = False,
         crop: str = "random-size",
         color_jitter: float = 0.0,
+        dataset: Dataset | None = None,
     ):
+        """``dataset``: items ``(index, seed) -> (input, label)`` in place of the image folder's (masks for
+        segmentation); streamed path only."""
         self.images, self.plan, self.device = images, plan, device
         self.crop, self.color_jitter = crop, color_jitter
         self.out_size, self.in_memory, self.bad_files = tuple(out_size), in_memory, bad_files
@@ -181,7 +185,7 @@ class Feeder:
             # point). Worker seeds do not reach the pixels: every sample's seed comes from the sampler.
             self.generator = torch.Generator()
             self.loader = DataLoader(
-                FolderDataset(images, transform, bad_files),
+                dataset if dataset is not None else FolderDataset(images, transform, bad_files),
                 batch_sampler=self.sampler,
                 generator=self.generator,
                 worker_init_fn=ignore_stop_signals,

@@ -35,7 +35,7 @@ from maelab.train import checkpoint as ckpt
 from maelab.train.distributed import (DistInfo, any_flag, barrier, full_state, full_value, is_sharded, load_full_state,
                                       no_sync, peak_memory, wrap_ddp)
 from maelab.train.logs import RunLogger
-from maelab.train.optim import cosine_lr, set_lr
+from maelab.train.optim import SCHEDULES, set_lr
 from maelab.train.precision import autocast, resolve_precision
 from maelab.train.run_config import check_resume, recorded
 
@@ -165,7 +165,8 @@ class Trainer:
     def lr_at(self, epoch: int, step: int) -> float:
         it = epoch * self.steps_per_epoch + step
         warmup = self.optim_cfg.warmup_epochs * self.steps_per_epoch
-        return cosine_lr(it, self.total_steps, warmup, self.peak_lr, self.optim_cfg.min_lr)
+        schedule = SCHEDULES[getattr(self.optim_cfg, "schedule", "cosine")]  # a section may choose (segment: poly)
+        return schedule(it, self.total_steps, warmup, self.peak_lr, self.optim_cfg.min_lr)
 
     def _optimizer_step(self) -> None:
         if self.scaler:

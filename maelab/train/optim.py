@@ -50,6 +50,19 @@ def cosine_lr(it: float, total: float, warmup: float, lr: float, min_lr: float) 
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def poly_lr(it: float, total: float, warmup: float, lr: float, min_lr: float, power: float = 1.0) -> float:
+    """Linear warm-up, then ``(1 - progress) ** power`` decay to ``min_lr`` (mmseg's poly schedule)."""
+    if it < warmup:
+        return lr * it / warmup
+    if total <= warmup:
+        return lr
+    progress = min(1.0, (it - warmup) / (total - warmup))
+    return min_lr + (lr - min_lr) * (1.0 - progress) ** power
+
+
+SCHEDULES = {"cosine": cosine_lr, "poly": poly_lr}
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -25,8 +25,10 @@ MAY_CHANGE = frozenset({
     "optim.budget",  # a resumed budget run follows the plan recorded when it started
     "run.fsdp", "run.activation_checkpointing",  # how the model is held: same weights, same checkpoint files
     "monitor.knn_every", "monitor.knn_data", "monitor.knn_max",
+    "run.eval_every", "run.vis_images", "run.score_threshold",  # detect: when to score and what to draw
 })
 PATH_KEYS = frozenset({"data.data", "data.val_data", "monitor.knn_data", "model.init", "run.out"})
+PATH_KEYS |= {"data.ann", "data.images", "data.val_ann", "data.val_images"}  # detect
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

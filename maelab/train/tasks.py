@@ -52,7 +52,30 @@ class PretrainTask:
         return self.epoch_hook(epoch, last) if self.epoch_hook else {}
 
 
-class ClassifyTask:
+class SupervisedTask:
+    """What every supervised task shares (classification, segmentation, detection): its optimizer groups,
+    the model description its checkpoints record, and ``evaluate(epoch, last)`` after every epoch, which
+    leaves the model in training mode however it ends. Subclasses add ``forward``."""
+
+    def __init__(self, model: torch.nn.Module, model_meta: dict[str, Any], groups: list[dict],
+                 evaluate: Callable[[int, bool], dict[str, float]]):
+        self.model, self._meta, self._groups, self.evaluate = model, model_meta, groups, evaluate
+        self.model.train()
+
+    def param_groups(self) -> list[dict]:
+        return self._groups
+
+    def meta(self) -> dict[str, Any]:
+        return self._meta
+
+    def on_epoch_end(self, epoch: int, last: bool) -> dict[str, float]:
+        try:
+            return self.evaluate(epoch, last)
+        finally:
+            self.model.train()
+
+
+class ClassifyTask(SupervisedTask):
     """Supervised classification of ``batch.labels``: cross-entropy (label smoothing, or soft targets
     with mixup / cutmix); after every epoch ``evaluate()`` gives top-1 / top-5 on the validation split.
 
@@ -63,7 +86,7 @@ class ClassifyTask:
     def __init__(self, model: torch.nn.Module, model_meta: dict[str, Any], groups: list[dict],
                  evaluate: Callable[[], dict[str, float]], seed: int = 0, rank: int = 0,
                  mixup: Callable | None = None, smoothing: float = 0.0):
-        self.model, self._meta, self._groups, self.evaluate = model, model_meta, groups, evaluate
+        super().__init__(model, model_meta, groups, lambda epoch, last: evaluate())
         self.seed, self.rank, self.mixup = seed, rank, mixup
         if mixup is not None:
             self.criterion = SoftTargetCrossEntropy()  # mixup already smooths the targets
@@ -71,7 +94,6 @@ class ClassifyTask:
             self.criterion = LabelSmoothingCrossEntropy(smoothing)
         else:
             self.criterion = torch.nn.CrossEntropyLoss()
-        self.model.train()
 
     def inputs(self, batch: Batch) -> torch.Tensor:
         return batch.images
@@ -86,18 +108,6 @@ class ClassifyTask:
             finally:
                 np.random.set_state(state)
         return self.criterion(runner(x).float(), y), {}
-
-    def param_groups(self) -> list[dict]:
-        return self._groups
-
-    def meta(self) -> dict[str, Any]:
-        return self._meta
-
-    def on_epoch_end(self, epoch: int, last: bool) -> dict[str, float]:
-        try:
-            return self.evaluate()
-        finally:
-            self.model.train()
 
 
 class FinetuneTask(ClassifyTask):

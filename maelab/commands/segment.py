@@ -1,0 +1,449 @@
+"""`maelab segment train | eval | predict`: UPerNet semantic segmentation on an MAE (or any) encoder.
+
+``train`` runs the one training loop (:class:`maelab.train.loop.Trainer`) with a
+:class:`~maelab.transfer.segment.SegmentTask`: the BEiT / MAE ADE20K recipe (AdamW, layer-wise lr
+decay, poly schedule with linear warm-up, drop path, cross-entropy that ignores void pixels, an
+auxiliary FCN loss), joint image / mask augmentation, mIoU on the validation split after every
+``--eval-every`` epochs, and a picture of predictions at the end. ``--init none`` trains the same
+network from a random encoder: the baseline. ``eval`` measures a trained run (whole image or sliding
+window); ``predict`` draws the predicted masks of any images (with the ground truth beside them when
+``--labels`` has it) and writes each mask as a PNG of class indices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from maelab.commands.sections import (EncoderConfig, EvalRunConfig, OptimConfig, ProcessConfig, TrainRunConfig, at_least,
+                                      check_run_numbers, check_schedule)
+from maelab.commands.session import Session, device_name, encoder_header
+from maelab.config import add_config_args, command_config, config_from_args, option, redefault
+from maelab.data.folders import IMAGE_EXTENSIONS, open_rgb
+from maelab.data.loader import Feeder, plan_for
+from maelab.data.segmentation import (IGNORE, SPECS, LabelSpec, SegAugment, SegList, SegTrainDataset,
+                                      SegTrainTransform, eval_image, label_spec, load_pair, read_label,
+                                      scan_segmentation)
+from maelab.data.workers import default_workers
+from maelab.errors import MaelabError
+from maelab.interop.encoders import resolve_encoder
+from maelab.io import atomic_path, check_output_file, check_writable_folder, read_weights, write_json
+from maelab.models.checks import pair
+from maelab.models.vit import describe, vit_arch
+from maelab.train.budget import timed
+from maelab.train.checkpoint import resolve_weights_path
+from maelab.train.loop import Trainer
+from maelab.train.optim import SCHEDULES, adamw, scaled_lr
+from maelab.train.precision import autocast
+from maelab.transfer.backbone import ViTBackbone, layer_decay_groups
+from maelab.transfer.segment import MODES, SegmentTask, UPerNetSegmenter, evaluate_segmenter, predict_mask
+from maelab.viz.curves import plot_curves
+from maelab.viz.segmentation import save_segmentation_figure
+
+NAME = "segment"
+HELP = "semantic segmentation: UPerNet on the encoder (train | eval | predict)"
+DESCRIPTION = ("UPerNet semantic segmentation on a ViT encoder (BEiT / MAE recipe): `train` fine-tunes it on a "
+               "CamVid- or ADE20K-layout folder, `eval` gives mIoU / mAcc / aAcc / per-class IoU of a run, "
+               "`predict` draws predicted masks.")
+Config = None  # three sub-commands, each with its own config (add_arguments)
+
+
+@dataclass
+class SegModelConfig:
+    init: str = redefault(EncoderConfig, "init", "")
+    model: str | None = redefault(EncoderConfig, "model", None)
+    num_heads: int | None = redefault(EncoderConfig, "num_heads", None)
+    img_size: list[int] | None = option(None, "training crop, one or two numbers divisible by the patch size "
+                                          "(default: the checkpoint's input size; recipe: 512)")
+    drop_path: float = option(0.1, "stochastic depth rate of the encoder (recipe: ViT-B 0.1)")
+    out_indices: list[int] | None = option(None, "encoder blocks whose outputs feed the pyramid (default: 4 evenly "
+                                             "spaced, the last included: 3 6 9 12 in 1-based terms for depth 12)")
+    window_size: int | None = option(None, "windowed attention (ViTDet) with windows of this many patches; none = "
+                                       "global attention in every block")
+    global_blocks: list[int] = option([], "with --window-size: blocks that keep global attention (0-based)")
+    decoder_channels: int = option(512, "UPerNet width (recipe: 512; smaller for quick CPU runs)")
+    aux_weight: float = option(0.4, "weight of the auxiliary FCN loss on the stride-16 map (0 = no auxiliary head)")
+
+
+@dataclass
+class SegDataConfig:
+    data: str = option("", "dataset root: <split>/images + <split>/labels (CamVid) or images/<split> + "
+                       "annotations/<split> (ADE20K)")
+    dataset: str = option("camvid", "what label values mean: camvid (0-10, 11 = void), ade20k (1-150, 0 = ignored) "
+                          "or custom (--num-classes, --ignore-value)", choices=("camvid", "ade20k", "custom"))
+    num_classes: int | None = option(None, "classes of a custom dataset (labels 0..N-1)")
+    ignore_value: int | None = option(None, "label value ignored in a custom dataset")
+    train_split: str | None = option(None, "training split name (default: train, or training for ADE20K)")
+    val_split: str | None = option(None, "validation split name (default: val, or validation for ADE20K)")
+    batch_size: int = option(8, "images per process per (micro-)batch (at least 2: the head uses BatchNorm)")
+    num_workers: int = option(-1, "data-loading processes; -1 = one per CPU core, at most 8")
+    limit_images: int = option(0, "a fixed seeded random subset of N images of each split (0 = all); for quick runs")
+    base_size: int | None = option(None, "short side the images are resized to before the random ratio, and for "
+                                     "evaluation (default: the crop's short side; ADE20K recipe 512)")
+    ratio_range: list[float] = option([0.5, 2.0], "random resize: base size x a ratio drawn from this range")
+    hflip: bool = option(True, "random horizontal flip")
+    photometric: bool = option(True, "random brightness / contrast / saturation / hue (mmseg PhotoMetricDistortion)")
+
+
+@dataclass
+class SegEvalConfig:
+    eval_mode: str = option("whole", "inference: the whole image at once, or sliding crop-sized windows",
+                            choices=MODES)
+    eval_stride: list[int] | None = option(None, "sliding-window stride in pixels (default: 2/3 of the crop, "
+                                             "as 341 for 512)")
+    eval_every: int = option(1, "evaluate on the validation split every N epochs (and always after the last)")
+    pictures: int = option(4, "validation images drawn at the end of training (0 = none)")
+
+
+@dataclass
+class SegOptimConfig(OptimConfig):
+    """The BEiT / MAE ADE20K recipe: AdamW (0.9, 0.999), lr 1e-4 at batch 16, weight decay 0.05, layer decay
+    0.65, linear warm-up then poly decay."""
+
+    epochs: int = option(10, "training epochs (ADE20K recipe: 160k iterations at batch 16 = 127 epochs)")
+    warmup_epochs: float = redefault(OptimConfig, "warmup_epochs", 1.0)
+    base_lr: float = option(1.6e-3, "learning rate per 256 images (1.6e-3 = the recipe's 1e-4 at batch 16)")
+    betas: list[float] = option([0.9, 0.999], "AdamW betas, two numbers in [0, 1)")
+    layer_decay: float = option(0.65, "layer-wise lr decay (ViT-B 0.65; 1 = off)")
+    schedule: str = option("poly", "after the warm-up: poly (power 1, mmseg) or cosine", choices=tuple(SCHEDULES))
+
+
+@dataclass
+class SegTrainRunConfig(TrainRunConfig):
+    out: str = option("runs/segment", "run folder (config, checkpoints, logs, results.json, pictures); an existing "
+                      "run resumes")
+
+
+@dataclass
+class SegCheckpointConfig:
+    checkpoint: str = option("", "a `maelab segment train` run folder, checkpoint folder or weights file")
+
+
+@dataclass
+class PredictConfig:
+    images: list[str] = option([], "image files or folders of images")
+    labels: str = option("", "folder of label PNGs with the images' stems: drawn beside the prediction")
+    limit: int = option(8, "draw at most this many images (the first, sorted)")
+    base_size: int | None = option(None, "short side the images are resized to for inference (default: the "
+                                     "training crop's short side)")
+
+
+@dataclass
+class PredictRunConfig(ProcessConfig):
+    out: str = option("segmentation.png", "picture to write; the masks go to <out stem>_masks/ as PNGs of class "
+                      "indices")
+
+
+TrainConfig = command_config("SegmentTrainConfig", __name__, model=SegModelConfig, data=SegDataConfig,
+                             eval=SegEvalConfig, optim=SegOptimConfig, run=SegTrainRunConfig)
+EvalConfig = command_config("SegmentEvalConfig", __name__, weights=SegCheckpointConfig, data=SegDataConfig,
+                            eval=SegEvalConfig, run=EvalRunConfig)
+PredictCommandConfig = command_config("SegmentPredictConfig", __name__, weights=SegCheckpointConfig,
+                                      predict=PredictConfig, eval=SegEvalConfig,
+                                      run=PredictRunConfig)
+SUBCOMMANDS = {"train": TrainConfig, "eval": EvalConfig, "predict": PredictCommandConfig}
+SUB_HELP = {"train": "train UPerNet on the encoder (resumes a run found in --out)",
+            "eval": "mIoU / mAcc / aAcc / per-class IoU of a trained run on a split",
+            "predict": "draw predicted masks of images (PNG) and write the masks"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="segment_command", metavar="{train,eval,predict}", required=True)
+    for name, cls in SUBCOMMANDS.items():
+        add_config_args(sub.add_parser(name, help=SUB_HELP[name], description=SUB_HELP[name]), cls)
+
+
+def run(args: argparse.Namespace):
+    cls = SUBCOMMANDS[args.segment_command]
+    cfg = config_from_args(cls, args)
+    args.out = cfg.run.out
+    return {"train": train, "eval": evaluate, "predict": predict}[args.segment_command](cfg)
+
+
+# --- shared pieces ---------------------------------------------------------------------------------
+def spec_of(data: SegDataConfig) -> LabelSpec:
+    return label_spec(data.dataset, data.num_classes, data.ignore_value)
+
+
+def check_data(data: SegDataConfig) -> None:
+    at_least(batch_size=(data.batch_size, 1), limit_images=(data.limit_images, 0))
+    default_workers(data.num_workers)
+    if data.base_size is not None:
+        at_least(base_size=(data.base_size, 1))
+    r = data.ratio_range
+    if len(r) != 2 or not 0 < r[0] <= r[1]:
+        raise MaelabError(f"--ratio-range takes two numbers 0 < low <= high, got {r}")
+
+
+def check_eval(ev: SegEvalConfig) -> None:
+    at_least(eval_every=(ev.eval_every, 1), pictures=(ev.pictures, 0))
+    if ev.eval_stride is not None and (len(ev.eval_stride) not in (1, 2) or min(ev.eval_stride) < 1):
+        raise MaelabError(f"--eval-stride takes one or two positive numbers, got {ev.eval_stride}")
+
+
+def split_items(data: SegDataConfig, spec: LabelSpec, which: str, seed: int) -> SegList:
+    if not data.data:
+        raise MaelabError("--data is required: the dataset root (CamVid or ADE20K layout)")
+    name = (data.train_split if which == "train" else data.val_split) or spec.splits[0 if which == "train" else 1]
+    return scan_segmentation(data.data, name, spec, data.limit_images, seed)
+
+
+def inference_settings(ev: SegEvalConfig, crop: tuple[int, int], base_size: int | None) -> dict[str, Any]:
+    stride = pair(ev.eval_stride) if ev.eval_stride else (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
+    return dict(mode=ev.eval_mode, base_size=base_size or min(crop), crop=crop, stride=stride)
+
+
+def build_segmenter(enc, arch: dict[str, Any], crop: tuple[int, int], m: SegModelConfig,
+                    num_classes: int) -> UPerNetSegmenter:
+    backbone = ViTBackbone(enc, arch, crop, m.out_indices, m.drop_path, m.window_size, m.global_blocks)
+    return UPerNetSegmenter(backbone, num_classes, m.decoder_channels, m.aux_weight)
+
+
+def model_meta(arch, crop, m: SegModelConfig, spec: LabelSpec, backbone: ViTBackbone) -> dict[str, Any]:
+    """What a segmenter's weights file records: enough to rebuild it for `eval` and `predict`."""
+    return {"arch": "upernet", "vit": dict(arch, img_size=list(crop)), "out_indices": list(backbone.out_indices),
+            "window_size": m.window_size, "global_blocks": list(m.global_blocks),
+            "decoder_channels": m.decoder_channels, "aux_weight": m.aux_weight, "init": m.init,
+            "dataset": spec.name, "classes": list(spec.classes), "label_offset": spec.offset,
+            "ignore_values": list(spec.ignore)}
+
+
+def load_segmenter(path: str) -> tuple[UPerNetSegmenter, dict[str, Any], LabelSpec]:
+    """A trained segmenter from a `segment train` run, checkpoint folder or weights file."""
+    if not path:
+        raise MaelabError("--checkpoint is required: a `maelab segment train` run folder")
+    weights_path = resolve_weights_path(path)
+    weights, meta = read_weights(weights_path)
+    if meta.get("arch") != "upernet":
+        raise MaelabError(f"{weights_path} is not a segmentation model (it holds {meta.get('arch', 'unknown weights')!r}); "
+                          f"point at a `maelab segment train` run")
+    arch = vit_arch(meta["vit"])
+    m = SegModelConfig(init="none", out_indices=meta["out_indices"], window_size=meta["window_size"],
+                       global_blocks=meta["global_blocks"], decoder_channels=meta["decoder_channels"],
+                       aux_weight=meta["aux_weight"], drop_path=0.0)
+    splits = SPECS[meta["dataset"]].splits if meta["dataset"] in SPECS else ("train", "val")
+    spec = LabelSpec(meta["dataset"], tuple(meta["classes"]), meta["label_offset"], tuple(meta["ignore_values"]), splits)
+    model = build_segmenter(None, arch, tuple(arch["img_size"]), m, len(spec.classes))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise MaelabError(f"{weights_path} does not fit the segmenter it describes: {str(e).splitlines()[0]}") from None
+    return model.eval(), meta, spec
+
+
+def check_same_spec(trained: LabelSpec, data: SegDataConfig) -> LabelSpec:
+    """Evaluation labels are read as the model was trained on them; a --dataset other than the default
+    (camvid) that reads them differently is an error, not a silently wrong mIoU."""
+    if data.dataset != "camvid" or data.num_classes is not None:
+        asked = spec_of(data)
+        if asked.classes != trained.classes or asked.offset != trained.offset:
+            raise MaelabError(f"the model was trained on {trained.name} labels ({len(trained.classes)} classes); "
+                              f"--dataset {data.dataset} reads them differently")
+    return trained
+
+
+def draw_items(model, items: SegList, indices: list[int], device, precision: str, settings: dict[str, Any],
+               path: Path) -> Path:
+    """Predictions of ``items[indices]`` beside their ground truth, written to ``path`` (leaves the model
+    in eval mode)."""
+    model.eval()
+    images, preds, targets, titles = [], [], [], []
+    for i in indices:
+        img, target = load_pair(items, i)
+        pred = predict_one(model, img, device, precision, settings)
+        images.append(np.asarray(img))
+        preds.append(pred)
+        targets.append(target.numpy())
+        titles.append(Path(items.images[i]).name)
+    return save_segmentation_figure(path, images, preds, targets, list(items.spec.classes), titles)
+
+
+def predict_one(model, img: Image.Image, device, precision: str, settings: dict[str, Any]) -> np.ndarray:
+    x, size = eval_image(img, settings["base_size"])
+    with autocast(device, precision):
+        pred = predict_mask(model, x.to(device), size, settings["mode"], settings["crop"], settings["stride"])
+    return pred[0].cpu().numpy().astype(np.int64)
+
+
+def print_metrics(what: str, m: dict[str, Any], prefix: str = "val") -> None:
+    print(f"{what}: mIoU {m[f'{prefix}_mIoU']:.2f}  mAcc {m[f'{prefix}_mAcc']:.2f}  aAcc {m[f'{prefix}_aAcc']:.2f}  "
+          f"({m[f'{prefix}_images']} images)", flush=True)
+
+
+def spread(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``n`` items (the same ones every time)."""
+    k = min(n, k)
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}) if k else []
+
+
+# --- train -----------------------------------------------------------------------------------------
+def validate_train(cfg) -> None:
+    check_data(cfg.data)
+    check_eval(cfg.eval)
+    check_schedule(cfg.optim, cfg.data.batch_size)
+    check_run_numbers(cfg.run)
+    if not 0 < cfg.optim.layer_decay <= 1:
+        raise MaelabError(f"--layer-decay must be in (0, 1], got {cfg.optim.layer_decay}")
+    if cfg.data.batch_size < 2:
+        raise MaelabError(f"--batch-size must be at least 2 (the UPerNet head uses BatchNorm), got {cfg.data.batch_size}")
+    if cfg.model.aux_weight < 0:
+        raise MaelabError(f"--aux-weight must be >= 0, got {cfg.model.aux_weight}")
+    spec_of(cfg.data)
+
+
+def train(cfg) -> dict[str, Any]:
+    validate_train(cfg)
+    spec = spec_of(cfg.data)
+    with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
+        run_dir, resume = s.run_folder(cfg.run)
+        train_items = split_items(cfg.data, spec, "train", cfg.run.seed)
+        val_items = split_items(cfg.data, spec, "val", cfg.run.seed)
+        enc, arch, crop = resolve_encoder(cfg.model)
+        model = build_segmenter(enc, arch, crop, cfg.model, spec.num_classes)
+        settings = inference_settings(cfg.eval, crop, cfg.data.base_size)
+        aug = SegAugment(crop, settings["base_size"], tuple(cfg.data.ratio_range), cfg.data.hflip, cfg.data.photometric)
+        images = train_items.image_list()
+        plan = plan_for(images, cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank, cfg.run.seed)
+        feeder = Feeder(images, plan, s.device, crop, in_memory=False, num_workers=default_workers(cfg.data.num_workers),
+                        dataset=SegTrainDataset(train_items, SegTrainTransform(aug)))
+        load_pair(train_items, 0)  # a broken first label fails here, before the run folder is written
+        model.to(s.device)
+
+        def evaluate(every_epoch: bool = False) -> dict[str, Any]:
+            """After an epoch (``trainer.epoch`` already counts it): every ``--eval-every`` epochs and the last."""
+            if every_epoch and trainer.epoch % cfg.eval.eval_every and trainer.epoch < cfg.optim.epochs:
+                return {}
+            return evaluate_segmenter(model, val_items, s.device, s.precision, settings["mode"], settings["base_size"],
+                                      settings["crop"], settings["stride"], s.info.rank, s.info.world)
+
+        meta = model_meta(arch, crop, cfg.model, spec, model.backbone)
+        groups = layer_decay_groups(model, 1.0, cfg.optim.weight_decay, cfg.optim.layer_decay)
+        task = SegmentTask(model, meta, groups, lambda: evaluate(every_epoch=True))
+        lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
+        cfg.model.img_size = list(crop)
+        trainer = Trainer(task=task, feeder=feeder, optim=cfg.optim, run=cfg.run, run_dir=run_dir, info=s.info,
+                          device=s.device, optimizer_factory=lambda g: adamw(g, lr, tuple(cfg.optim.betas), s.device))
+        picture = run_dir / "segmentation.png"
+        shown = spread(len(val_items), cfg.eval.pictures)
+
+        def measure() -> tuple[float, float]:  # evaluation after every epoch, the pictures at the end
+            seconds = timed(evaluate) / cfg.eval.eval_every
+            drawing = timed(draw_items, model, val_items, shown, s.device, s.precision, settings, picture) if shown else 0.0
+            model.train()
+            return seconds, drawing
+
+        s.plan_budget(trainer, cfg, resume, measure)
+        header = (f"maelab segment train: {encoder_header(enc, arch, crop)}; "
+                  + "".join(f"{n}; " for n in model.backbone.notes)
+                  + f"UPerNet ({cfg.model.decoder_channels} channels) on blocks {list(model.backbone.out_indices)}, "
+                    f"{spec.name} labels ({spec.num_classes} classes), {len(train_items)} train / {len(val_items)} val "
+                    f"images, on {s.where}, global batch {plan.global_size}, lr {lr:.3g} ({cfg.optim.schedule}), layer "
+                    f"decay {cfg.optim.layer_decay}, {plan.steps_per_epoch} steps/epoch, run folder {run_dir}")
+        result = s.fit(trainer, cfg, resume, header)
+        final = next((r for r in reversed(result.history) if "val_mIoU" in r), None)
+        if final is None:  # a resumed run that had already finished: measure it again
+            final = evaluate()
+        results = {"command": "segment train", "init": cfg.model.init, "source": enc.source if enc else "none",
+                   "encoder": describe(dict(arch, img_size=crop)), "dataset": spec.name, "classes": list(spec.classes),
+                   "train_images": len(train_items), "val_images": len(val_items), "global_batch": plan.global_size,
+                   "steps": trainer.global_step, "epochs": trainer.epoch, "processes": s.info.world,
+                   "device": device_name(s.device), "inference": settings["mode"],
+                   "checkpoint": str(run_dir / "checkpoints"),
+                   **{k: v for k, v in final.items() if k.startswith("val_")},
+                   "epoch_mIoU": [r["val_mIoU"] for r in result.history if "val_mIoU" in r]}
+        if s.is_main:
+            if shown:
+                draw_items(model, val_items, shown, s.device, s.precision, settings, picture)
+                results["picture"] = str(picture)
+            plot_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+            write_json(run_dir / "results.json", results)
+            print_metrics(f"segment train ({trainer.epoch} epochs)", final)
+        return results
+
+
+# --- eval ------------------------------------------------------------------------------------------
+def evaluate(cfg) -> dict[str, Any]:
+    check_data(cfg.data)
+    check_eval(cfg.eval)
+    if cfg.run.out:
+        check_output_file(cfg.run.out)
+    model, meta, trained = load_segmenter(cfg.weights.checkpoint)
+    spec = check_same_spec(trained, cfg.data)
+    with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
+        items = split_items(cfg.data, spec, "val", cfg.run.seed)
+        settings = inference_settings(cfg.eval, tuple(meta["vit"]["img_size"]), cfg.data.base_size)
+        model.to(s.device)
+        metrics = evaluate_segmenter(model, items, s.device, s.precision, settings["mode"], settings["base_size"],
+                                     settings["crop"], settings["stride"], s.info.rank, s.info.world)
+        results = {"command": "segment eval", "checkpoint": cfg.weights.checkpoint, "dataset": spec.name,
+                   "split": cfg.data.val_split or spec.splits[1], "inference": settings["mode"],
+                   "base_size": settings["base_size"], "processes": s.info.world, "device": device_name(s.device),
+                   **metrics}
+        if s.is_main:
+            print_metrics(f"segment eval ({settings['mode']})", metrics)
+            if cfg.run.out:
+                write_json(Path(cfg.run.out).expanduser(), results)
+        return results
+
+
+# --- predict ---------------------------------------------------------------------------------------
+def image_paths(entries: list[str], limit: int) -> list[str]:
+    if not entries:
+        raise MaelabError("--images is required: image files or folders")
+    out: list[str] = []
+    for e in entries:
+        p = Path(e).expanduser()
+        if p.is_dir():
+            out += sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
+        elif p.is_file():
+            out.append(str(p))
+        else:
+            raise MaelabError(f"--images {p} does not exist")
+    if not out:
+        raise MaelabError(f"no images found in {', '.join(entries)}")
+    return out[:limit] if limit > 0 else out
+
+
+def predict(cfg) -> dict[str, Any]:
+    check_eval(cfg.eval)
+    out = Path(cfg.run.out).expanduser()
+    check_output_file(out)
+    masks_dir = out.with_name(out.stem + "_masks")
+    check_writable_folder(masks_dir, "--out", masks_dir)
+    model, meta, spec = load_segmenter(cfg.weights.checkpoint)
+    paths = image_paths(cfg.predict.images, cfg.predict.limit)
+    labels_dir = Path(cfg.predict.labels).expanduser() if cfg.predict.labels else None
+    if labels_dir is not None and not labels_dir.is_dir():
+        raise MaelabError(f"--labels {labels_dir} is not a folder")
+    with Session(cfg.run.device, cfg.run.precision) as s:
+        settings = inference_settings(cfg.eval, tuple(meta["vit"]["img_size"]), cfg.predict.base_size)
+        model.to(s.device)
+        images, preds, targets = [], [], []
+        for p in paths:
+            img = open_rgb(p)
+            pred = predict_one(model, img, s.device, s.precision, settings)
+            target = None
+            if labels_dir is not None and (labels_dir / (Path(p).stem + ".png")).is_file():
+                target = read_label(str(labels_dir / (Path(p).stem + ".png")), spec, (img.height, img.width))
+            images.append(np.asarray(img))
+            preds.append(pred)
+            targets.append(target)
+        if not s.is_main:
+            return {}
+        masks_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for p, pred in zip(paths, preds):
+            mask_path = masks_dir / (Path(p).stem + ".png")
+            with atomic_path(mask_path) as tmp:
+                Image.fromarray(pred.astype(np.uint8 if spec.num_classes < 256 else np.uint16)).save(tmp, format="PNG")
+            written.append(str(mask_path))
+        save_segmentation_figure(out, images, preds, targets, list(spec.classes), [Path(p).name for p in paths])
+        print(f"segment predict: {len(paths)} image(s) -> {out} and {masks_dir}/ (class indices, {IGNORE} never "
+              f"predicted)", file=sys.stdout, flush=True)
+        return {"picture": str(out), "masks": written}

@@ -1,0 +1,274 @@
+"""Semantic segmentation: data and labels, joint augmentation, metrics, the UPerNet model, inference,
+pictures, and a tiny `maelab segment train -> eval -> predict` run with resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from maelab.cli import main
+from maelab.commands.segment import TrainConfig, validate_train
+from maelab.config import build_config
+from maelab.data.segmentation import (IGNORE, SPECS, SegAugment, SegTrainTransform, label_spec, load_pair, read_label,
+                                      scan_segmentation)
+from maelab.errors import MaelabError
+from maelab.evaluate.segmentation import confusion_matrix, segmentation_metrics
+from maelab.interop.mae_weights import save_mae
+from maelab.io import read_weights
+from maelab.models.mae import MaskedAutoencoder
+from maelab.train.checkpoint import resolve_weights_path
+from maelab.transfer.backbone import ViTBackbone
+from maelab.transfer.segment import UPerNetSegmenter, pixel_loss, predict_logits
+from maelab.viz.segmentation import palette, save_segmentation_figure
+
+from conftest import REPO, TINY_MAE
+
+CAMVID = Path(os.environ.get("MAELAB_CAMVID", REPO.parent / "shared" / "datasets" / "camvid"))
+ARCH = dict(img_size=(32, 32), patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
+
+
+def write_pair(root: Path, split: str, stem: str, image: np.ndarray, label: np.ndarray, layout: str = "camvid"):
+    img_dir, lab_dir = ((root / split / "images", root / split / "labels") if layout == "camvid"
+                        else (root / "images" / split, root / "annotations" / split))
+    img_dir.mkdir(parents=True, exist_ok=True)
+    lab_dir.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(img_dir / f"{stem}.jpg", quality=95)
+    Image.fromarray(label).save(lab_dir / f"{stem}.png")
+
+
+def synthetic(root: Path, n_train: int = 4, n_val: int = 2, size=(48, 64), layout: str = "camvid") -> Path:
+    """Images whose label is readable from the colour: left half class a, right half class b."""
+    rng = np.random.default_rng(0)
+    splits = ("train", "val") if layout == "camvid" else ("training", "validation")
+    for split, n in zip(splits, (n_train, n_val)):
+        for i in range(n):
+            h, w = size
+            label = np.zeros((h, w), np.uint8)
+            label[:, w // 2:] = 3
+            label[: h // 4] = 11 if layout == "camvid" else 0  # void / "other" band
+            if layout != "camvid":
+                label[label == 3] = 4
+                label[h // 4:, : w // 2] = 1
+            img = np.zeros((h, w, 3), np.uint8)
+            img[..., 0] = np.where(label == label[-1, 0], 220, 30)
+            img[..., 2] = np.where(label == label[-1, -1], 220, 30)
+            img = np.clip(img + rng.integers(0, 20, img.shape), 0, 255).astype(np.uint8)
+            write_pair(root, split, f"img{i:03d}", img, label, layout)
+    return root
+
+
+@pytest.fixture
+def camvid_tiny(tmp_path) -> Path:
+    """4 train / 2 val CamVid images (symlinks into ../shared), synthetic when CamVid is absent."""
+    root = tmp_path / "camvid"
+    if not (CAMVID / "train" / "images").is_dir():
+        return synthetic(root)
+    for split, n in (("train", 4), ("val", 2)):
+        for kind in ("images", "labels"):
+            (root / split / kind).mkdir(parents=True)
+        for name in sorted(os.listdir(CAMVID / split / "images"))[:n]:
+            stem = Path(name).stem
+            (root / split / "images" / name).symlink_to(CAMVID / split / "images" / name)
+            (root / split / "labels" / f"{stem}.png").symlink_to(CAMVID / split / "labels" / f"{stem}.png")
+    return root
+
+
+# --- data ------------------------------------------------------------------------------------------
+def test_camvid_and_ade20k_layouts_and_label_meanings(tmp_path):
+    cam = scan_segmentation(synthetic(tmp_path / "c"), "train", SPECS["camvid"])
+    _, target = load_pair(cam, 0)
+    assert set(torch.unique(target).tolist()) == {0, 3, IGNORE}  # 11 = void -> ignored
+    ade = scan_segmentation(synthetic(tmp_path / "a", layout="ade20k"), "training", SPECS["ade20k"])
+    _, target = load_pair(ade, 0)
+    assert set(torch.unique(target).tolist()) == {0, 3, IGNORE}  # 0 -> ignored, 1 -> 0, 4 -> 3
+    assert SPECS["ade20k"].num_classes == 150 and SPECS["camvid"].num_classes == 11
+
+
+def test_bad_labels_give_clear_errors(tmp_path):
+    root = synthetic(tmp_path / "d", n_train=2, n_val=1)
+    items = scan_segmentation(root, "train", SPECS["camvid"])
+    bad = np.full((48, 64), 12, np.uint8)  # CamVid takes 0..11
+    Image.fromarray(bad).save(items.labels[0])
+    with pytest.raises(MaelabError, match="value.*12.*camvid labels take 0..10"):
+        load_pair(items, 0)
+    Image.fromarray(np.zeros((40, 64), np.uint8)).save(items.labels[1])
+    with pytest.raises(MaelabError, match="labels must have the size of their image"):
+        scan_segmentation(root, "train", SPECS["camvid"])
+    with pytest.raises(MaelabError, match="is 64x40 but its image is 64x48"):
+        read_label(items.labels[1], SPECS["camvid"], (48, 64))
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(items.labels[1])
+    with pytest.raises(MaelabError, match="single-channel"):
+        read_label(items.labels[1], SPECS["camvid"])
+    os.remove(items.labels[1])
+    with pytest.raises(MaelabError, match="1 image.*have no label PNG.*img001"):
+        scan_segmentation(root, "train", SPECS["camvid"])
+    with pytest.raises(MaelabError, match="has no split 'test'"):
+        scan_segmentation(root, "test", SPECS["camvid"])
+    with pytest.raises(MaelabError, match="--num-classes"):
+        label_spec("custom")
+
+
+def test_joint_augmentation_keeps_image_and_mask_aligned(tmp_path):
+    items = scan_segmentation(synthetic(tmp_path / "j", n_train=1, n_val=1, size=(60, 80)), "train", SPECS["camvid"])
+    img, target = load_pair(items, 0)
+    t = SegTrainTransform(SegAugment((32, 48), base_size=40, ratio_range=(0.5, 2.0), photometric=False))
+    for seed in range(6):
+        g = torch.Generator()
+        g.manual_seed(seed)
+        x, y = t(img, target, g)
+        assert x.shape == (3, 32, 48) and y.shape == (32, 48) and y.dtype == torch.long
+        red = x[0] > x[2] + 1.0  # red pixels are class 0, blue pixels class 3
+        blue = x[2] > x[0] + 1.0
+        assert (y[red & (y != IGNORE)] == 0).float().mean() > 0.95
+        assert (y[blue & (y != IGNORE)] == 3).float().mean() > 0.95
+    g1, g2 = torch.Generator(), torch.Generator()
+    g1.manual_seed(3)
+    g2.manual_seed(3)
+    a, b = SegTrainTransform(SegAugment((32, 48), 40))(img, target, g1), SegTrainTransform(SegAugment((32, 48), 40))(img, target, g2)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # a pure function of the seed (exact resume)
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+def test_metrics_against_a_hand_computed_confusion_matrix():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, IGNORE, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 2]])
+    conf = confusion_matrix(pred, target, 4, IGNORE)
+    expected = torch.tensor([[1, 1, 0, 0], [0, 2, 1, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
+    assert torch.equal(conf, expected)
+    m = segmentation_metrics(conf, ["a", "b", "c", "d"])
+    # IoU: a 1/(2+2-1)=1/3, b 2/(3+3-2)=1/2, c 1/(2+2-1)=1/3, d absent (left out of the mean)
+    assert m["val_mIoU"] == pytest.approx(100 * (1 / 3 + 1 / 2 + 1 / 3) / 3)
+    assert m["val_mAcc"] == pytest.approx(100 * (1 / 2 + 2 / 3 + 1 / 2) / 3)
+    assert m["val_aAcc"] == pytest.approx(100 * 4 / 7)
+    assert m["val_per_class"]["d"] == {"iou": None, "acc": None}
+    assert m["val_per_class"]["b"]["iou"] == pytest.approx(50.0)
+    # a class predicted but never present has IoU 0 and counts in the mean; its accuracy is undefined
+    m2 = segmentation_metrics(torch.tensor([[3, 1], [0, 0]]))
+    assert m2["val_mIoU"] == pytest.approx(100 * (3 / 4 + 0) / 2) and m2["val_mAcc"] == pytest.approx(75.0)
+    perfect = segmentation_metrics(confusion_matrix(target.clamp(max=2), target.clamp(max=2), 3, IGNORE))
+    assert perfect["val_mIoU"] == 100.0 and perfect["val_aAcc"] == 100.0
+
+
+# --- model and inference ---------------------------------------------------------------------------
+def tiny_segmenter(num_classes: int = 4, **kw) -> UPerNetSegmenter:
+    torch.manual_seed(0)
+    return UPerNetSegmenter(ViTBackbone(None, ARCH, 32, **kw), num_classes, channels=16)
+
+
+def test_loss_decreases_on_a_fixed_batch():
+    model = tiny_segmenter()
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 4, (4, 4, 4), generator=g)  # one class per 8x8 block, coded in its colour
+    y = blocks.repeat_interleave(8, 1).repeat_interleave(8, 2)
+    colours = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, 1]])
+    x = colours[y].permute(0, 3, 1, 2) + 0.3 * torch.randn(4, 3, 32, 32, generator=g)
+    y[:, :4] = IGNORE
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        logits, aux = model(x, aux=True)
+        assert logits.shape == aux.shape == (4, 4, 32, 32)
+        loss = pixel_loss(logits, y) + 0.4 * pixel_loss(aux, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0]
+    assert float(pixel_loss(logits.detach(), torch.full_like(y, IGNORE))) == 0.0  # all ignored: 0, not NaN
+
+
+def test_whole_and_sliding_window_inference():
+    model = tiny_segmenter().eval()
+    x = torch.randn(1, 3, 40, 56)  # not a multiple of the patch: padded, then cropped back
+    whole = predict_logits(model, x, "whole")
+    assert whole.shape == (1, 4, 40, 56)
+    slide = predict_logits(model, x, "slide", crop=(32, 32), stride=(16, 16))
+    assert slide.shape == (1, 4, 40, 56) and torch.isfinite(slide).all()
+    one = predict_logits(model, x[..., :32, :32], "slide", crop=(32, 32), stride=(16, 16))
+    assert torch.allclose(one, predict_logits(model, x[..., :32, :32], "whole"), atol=1e-5)  # one window = whole
+    with pytest.raises(MaelabError, match="inference mode"):
+        predict_logits(model, x, "tiles")
+
+
+def test_drawing_writes_a_png_with_fixed_colours(tmp_path):
+    img = np.zeros((24, 32, 3), np.uint8)
+    pred = np.zeros((24, 32), np.int64)
+    pred[:, 16:] = 2
+    target = pred.copy()
+    target[:4] = IGNORE
+    path = save_segmentation_figure(tmp_path / "s.png", [img], [pred], [target], ["a", "b", "c"], ["x.jpg"])
+    assert path.is_file() and Image.open(path).size[0] > 100
+    assert (palette(150).sum(1) > 0).all() and len({tuple(c) for c in palette(150)}) == 150
+    assert np.array_equal(palette(11), palette(11))
+
+
+# --- the command -----------------------------------------------------------------------------------
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_segment_train_eval_predict_with_resume(capsys, tmp_path, camvid_tiny):
+    mae = save_mae(MaskedAutoencoder(**TINY_MAE), tmp_path / "mae.safetensors")
+    run_dir = tmp_path / "run"
+    common = ["segment", "train", "--data", str(camvid_tiny), "--init", str(mae), "--img-size", "32", "64",
+              "--batch-size", "2", "--decoder-channels", "16", "--num-workers", "0", "--out", str(run_dir),
+              "--pictures", "1", "--warmup-epochs", "0"]
+    code, out, err = run_cli(capsys, *common, "--epochs", "2", "--save-every", "1", "--keep", "0")
+    assert code == 0, err
+    assert "mIoU" in out
+    straight, _ = read_weights(resolve_weights_path(run_dir))
+    shutil.rmtree(run_dir / "checkpoints" / "epoch_0002")  # as if the run had stopped after epoch 1
+    code, out, err = run_cli(capsys, *common, "--epochs", "2", "--save-every", "1", "--keep", "0")
+    assert code == 0, err
+    assert "resumed from" in out + err and "continuing at epoch 2" in out + err
+    resumed, _ = read_weights(resolve_weights_path(run_dir))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)  # resume is exact
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["epochs"] == 2 and results["steps"] == 4 and len(results["epoch_mIoU"]) >= 1
+    assert results["source"] == "maelab" and (run_dir / "segmentation.png").is_file()
+    assert set(results["val_per_class"]) == set(SPECS["camvid"].classes)
+    code, out, err = run_cli(capsys, "segment", "eval", "--checkpoint", str(run_dir), "--data", str(camvid_tiny),
+                             "--out", str(tmp_path / "eval.json"))
+    assert code == 0, err
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    assert ev["val_mIoU"] == pytest.approx(results["val_mIoU"])  # the same model, split and inference
+    code, out, err = run_cli(capsys, "segment", "eval", "--checkpoint", str(run_dir), "--data", str(camvid_tiny),
+                             "--eval-mode", "slide", "--eval-stride", "16")
+    assert code == 0, err
+    images = camvid_tiny / "val" / "images"
+    code, out, err = run_cli(capsys, "segment", "predict", "--checkpoint", str(run_dir), "--images", str(images),
+                             "--labels", str(camvid_tiny / "val" / "labels"), "--out", str(tmp_path / "pred.png"))
+    assert code == 0, err
+    assert (tmp_path / "pred.png").is_file()
+    masks = sorted((tmp_path / "pred_masks").iterdir())
+    assert len(masks) == 2 and np.asarray(Image.open(masks[0])).max() < 11
+
+
+def test_segment_errors_are_one_line(capsys, tmp_path, camvid_tiny):
+    code, _, err = run_cli(capsys, "segment", "train", "--data", str(camvid_tiny), "--init", "none", "--model",
+                           "mae_vit_tiny_patch16", "--batch-size", "1", "--out", str(tmp_path / "r"))
+    assert code == 2 and "--batch-size must be at least 2" in err
+    code, _, err = run_cli(capsys, "segment", "eval", "--checkpoint", str(tmp_path / "nothing"), "--data",
+                           str(camvid_tiny))
+    assert code == 2 and "does not exist" in err
+    mae = save_mae(MaskedAutoencoder(**TINY_MAE), tmp_path / "mae.safetensors")
+    code, _, err = run_cli(capsys, "segment", "eval", "--checkpoint", str(mae), "--data", str(camvid_tiny))
+    assert code == 2 and "not a segmentation model" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_ade20k_preset_is_the_full_recipe():
+    cfg = build_config(TrainConfig, {"data": "/data/ade"}, "segment_ade20k_vit_base")
+    assert cfg.optim.max_steps == 160000 and cfg.model.img_size == [512, 512] and cfg.data.dataset == "ade20k"
+    assert cfg.data.batch_size * 8 == 16 and cfg.optim.base_lr * 16 / 256 == pytest.approx(1e-4)
+    assert cfg.eval.eval_mode == "slide" and cfg.eval.eval_stride == [341, 341] and cfg.optim.layer_decay == 0.65
+    validate_train(cfg)
