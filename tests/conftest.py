@@ -45,3 +45,13 @@ def cifar_small(tmp_path_factory) -> Path:
 def cifar_tiny(tmp_path_factory) -> Path:
     """64 images from 4 classes."""
     return make_subset(tmp_path_factory.mktemp("cifar_tiny"), 16, classes=4)
+
+
+def maelab_process(*args: str, cwd: Path, timeout: float = 900):
+    """`python -m maelab.cli ARGS` as its own process (for commands that start others), output captured."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "maelab.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout)

@@ -4,22 +4,17 @@ a table and a plot; a second run skips what is done; bad sweeps are refused befo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import make_subset
+from conftest import maelab_process, make_subset
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def ablate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "maelab.cli", "ablate", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=900)
+def ablate(*args: str, cwd: Path):
+    return maelab_process("ablate", *args, cwd=cwd)
 
 
 def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):

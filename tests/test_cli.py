@@ -197,11 +197,13 @@ def test_visualize_into_a_folder_writes_reconstruction_png_inside(capsys, tmp_pa
 def test_convert_explains_a_fine_tune_run_and_exports_it_to_timm(capsys, tmp_path):
     run_dir = tmp_path / "ft1"
     _finetune_run(run_dir)
-    code, _, err = run(capsys, "convert", str(run_dir), str(tmp_path / "o.pth"), "--to", "official")
+    code, _, err = run(capsys, "convert", str(run_dir), str(tmp_path / "hf"), "--to", "hf")
     line = _one_clear_line(err)
-    assert code == 2 and f"{run_dir} is a fine-tuned maelab classifier" in line and "3 classes" in line
+    assert code == 2 and f"{run_dir} is a fine-tuned classifier (3 classes" in line and "no decoder" in line
     assert "--init of finetune / linprobe / knn / features" in line and "--to timm" in line
     assert "use `maelab convert` for foreign weights" not in line
+    code, _, _ = run(capsys, "convert", str(run_dir), str(tmp_path / "o.pth"), "--to", "official")
+    assert code == 0 and (tmp_path / "o.pth").is_file()  # a classifier in the official layout, head included
     code, _, err = run(capsys, "visualize", "--checkpoint", str(run_dir), "--images", "x.png",
                        "--out", str(tmp_path / "v.png"))
     assert code == 2 and "is a fine-tuned maelab classifier" in _one_clear_line(err)

@@ -5,22 +5,19 @@ recipes refused before anything runs."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import make_subset
+from conftest import maelab_process, make_subset
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def recipe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "maelab.cli", "recipe", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=900)
+def recipe(*args: str, cwd: Path):
+    return maelab_process("recipe", *args, cwd=cwd)
 
 
 def test_the_quick_chain_on_a_tiny_subset(tmp_path):

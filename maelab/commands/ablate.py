@@ -19,8 +19,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from maelab.commands.sections import ProcessConfig
-from maelab.commands.steps import Chain, length_flags, maelab, no_budget
-from maelab.config import command_config, option
+from maelab.commands.steps import Chain, ChainDataConfig, length_flags, maelab, no_budget
+from maelab.config import command_config, option, redefault
 from maelab.errors import MaelabError
 from maelab.io import atomic_write_bytes, write_json
 from maelab.train.budget import parse_duration
@@ -43,11 +43,9 @@ class SweepConfig:
 
 
 @dataclass
-class SweepDataConfig:
-    data: str = option("", "training images: an ImageFolder tree (labels for kNN / probe / fine-tune)")
-    val_data: str = option("", "labelled validation images (default: a sibling val / test folder)")
-    limit_images: int = option(0, "a fixed seeded subset of N images of each split (0 = all)")
-    batch_size: int = option(128, "images per process per step, for pre-training and evaluation")
+class SweepDataConfig(ChainDataConfig):
+    limit_images: int = option(0, "a fixed seeded subset of N images of each split, pre-training too (0 = all)")
+    batch_size: int = redefault(ChainDataConfig, "batch_size", 128)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from maelab.commands.sections import ProcessConfig
-from maelab.commands.steps import Chain, length_flags, maelab, no_budget
+from maelab.commands.steps import Chain, ChainDataConfig, length_flags, maelab, no_budget
 from maelab.config import command_config, load_yaml, option
 from maelab.data.folders import scan_images, spread_sample
 from maelab.data.splits import default_val_dir
@@ -41,10 +41,11 @@ RATIOS = (0.75, 0.85, 0.95)
 
 @dataclass
 class RecipeSteps:
+    """What each step runs (a preset of its command) and for how long (a budget, or epochs)."""
+
     pretrain_preset: str = option("pretrain_cifar10_tiny", "`maelab pretrain` preset")
     pretrain_budget: str = option("15m", "pre-training wall-clock budget (e.g. 15m, 2h; none: --pretrain-epochs)")
     pretrain_epochs: int = option(0, "pre-training epochs when the budget is none (0: the preset's)")
-    img_size: int = option(0, "input size of every step (0: the pre-training preset's)")
     probe_preset: str = option("linprobe_cifar_tiny", "`maelab linprobe` preset")
     probe_epochs: int = option(20, "linear-probe epochs (on cached features)")
     finetune_preset: str = option("finetune_cifar_tiny", "`maelab finetune` preset")
@@ -52,14 +53,7 @@ class RecipeSteps:
                                         "(none: --finetune-epochs)")
     finetune_epochs: int = option(0, "fine-tuning epochs when the budget is none (0: the preset's)")
     mask_ratios: list[float] = option(list(RATIOS), "mask ratios of the reconstruction picture")
-
-
-@dataclass
-class RecipeData:
-    data: str = option("", "training images: an ImageFolder tree (e.g. .../cifar10/train)")
-    val_data: str = option("", "labelled validation images (default: a sibling val / test folder)")
-    limit_images: int = option(0, "a fixed seeded subset of N images of each split for the evaluations (0 = all)")
-    batch_size: int = option(256, "images per process per step")
+    img_size: int = option(0, "input size of every step (0: the pre-training preset's)")
 
 
 @dataclass
@@ -68,7 +62,7 @@ class RecipeRun(ProcessConfig):
     seed: int = option(0, "seed of every step")
 
 
-RecipeConfig = Config = command_config("RecipeConfig", __name__, steps=RecipeSteps, data=RecipeData, run=RecipeRun)
+RecipeConfig = Config = command_config("RecipeConfig", __name__, steps=RecipeSteps, data=ChainDataConfig, run=RecipeRun)
 
 
 def validate(cfg: RecipeConfig) -> Path:

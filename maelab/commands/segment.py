@@ -25,7 +25,7 @@ from maelab.commands.sections import (EncoderConfig, EvalRunConfig, OptimConfig,
                                       check_run_numbers, check_schedule)
 from maelab.commands.session import Session, device_name, encoder_header
 from maelab.config import add_config_args, command_config, config_from_args, option, redefault
-from maelab.data.folders import IMAGE_EXTENSIONS, open_rgb
+from maelab.data.folders import image_files, open_rgb
 from maelab.data.loader import Feeder, plan_for
 from maelab.data.segmentation import (IGNORE, SPECS, LabelSpec, SegAugment, SegList, SegTrainDataset,
                                       SegTrainTransform, eval_image, label_spec, load_pair, read_label,
@@ -393,23 +393,6 @@ def evaluate(cfg) -> dict[str, Any]:
 
 
 # --- predict ---------------------------------------------------------------------------------------
-def image_paths(entries: list[str], limit: int) -> list[str]:
-    if not entries:
-        raise MaelabError("--images is required: image files or folders")
-    out: list[str] = []
-    for e in entries:
-        p = Path(e).expanduser()
-        if p.is_dir():
-            out += sorted(str(f) for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
-        elif p.is_file():
-            out.append(str(p))
-        else:
-            raise MaelabError(f"--images {p} does not exist")
-    if not out:
-        raise MaelabError(f"no images found in {', '.join(entries)}")
-    return out[:limit] if limit > 0 else out
-
-
 def predict(cfg) -> dict[str, Any]:
     check_eval(cfg.eval)
     out = Path(cfg.run.out).expanduser()
@@ -417,7 +400,7 @@ def predict(cfg) -> dict[str, Any]:
     masks_dir = out.with_name(out.stem + "_masks")
     check_writable_folder(masks_dir, "--out", masks_dir)
     model, meta, spec = load_segmenter(cfg.weights.checkpoint)
-    paths = image_paths(cfg.predict.images, cfg.predict.limit)
+    paths = image_files(cfg.predict.images, "--images", cfg.predict.limit)
     labels_dir = Path(cfg.predict.labels).expanduser() if cfg.predict.labels else None
     if labels_dir is not None and not labels_dir.is_dir():
         raise MaelabError(f"--labels {labels_dir} is not a folder")

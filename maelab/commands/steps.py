@@ -13,7 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from maelab.config import option
 from maelab.errors import MaelabError
+
+
+@dataclass
+class ChainDataConfig:
+    """The data section of a chain of commands (``ablate``, ``recipe``)."""
+
+    data: str = option("", "training images: an ImageFolder tree (labels for kNN / probe / fine-tune)")
+    val_data: str = option("", "labelled validation images (default: a sibling val / test folder)")
+    limit_images: int = option(0, "a fixed seeded subset of N images of each split for the evaluations (0 = all)")
+    batch_size: int = option(256, "images per process per step, for pre-training and evaluation")
 
 
 def no_budget(budget: str | None) -> bool:
