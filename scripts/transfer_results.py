@@ -98,7 +98,7 @@ def main() -> None:
         res = json.loads((folder / "results.json").read_text())
         seconds = timings[f"train {label}"]
         test = json.loads(test_json.read_text())
-        rows.append({"init": label, "command": "maelab " + " ".join(cmd), "steps": res["steps"], "seconds": seconds,
+        rows.append({"init": label, "command": rel("maelab " + " ".join(cmd)), "steps": res["steps"], "seconds": seconds,
                      "epochs": res["epochs"], "train_images": res["train_images"],
                      "val": {k: res[f"val_{k}"] for k in ("mIoU", "mAcc", "aAcc")},
                      "test": {k: test[f"val_{k}"] for k in ("mIoU", "mAcc", "aAcc")},
@@ -110,7 +110,7 @@ def main() -> None:
         epochs = [r for r in rows_pre if "epoch_loss" in r]
         pre = {"steps": max((r.get("step", 0) for r in rows_pre), default=0),
                "epoch_losses": [round(r["epoch_loss"], 4) for r in epochs]}
-    data = {"machine": cpu_name(), "python": platform.python_version(), "pretrain_command": "maelab " + " ".join(pretrain_cmd),
+    data = {"machine": cpu_name(), "python": platform.python_version(), "pretrain_command": rel("maelab " + " ".join(pretrain_cmd)),
             "pretrain_results": pre, "rows": rows, "seconds": timings}
     (docs / "transfer_results.json").write_text(json.dumps(data, indent=1) + "\n")
     (docs / "transfer.md").write_text(markdown(data))
@@ -129,7 +129,7 @@ def copy_picture(src: str | None, dest: Path) -> str | None:
 
 
 def rel(command: str) -> str:
-    """A command as a reader would type it from the repository root."""
+    """A command as a reader would type it from the repository root (no path of this machine in the docs)."""
     return command.replace(str(CAMVID), "../shared/datasets/camvid").replace(f"{REPO}/", "")
 
 

@@ -55,7 +55,8 @@ def jitter_colors(x: torch.Tensor, factors: torch.Tensor | None) -> torch.Tensor
     f = factors.to(x.device, x.dtype)[:, :, None, None, None]
     grey = lambda t: (0.299 * t[:, 0:1] + 0.587 * t[:, 1:2] + 0.114 * t[:, 2:3])  # noqa: E731
     x = (x * f[:, 0]).clamp(0, 1)
-    x = ((x - grey(x).mean(dim=(2, 3), keepdim=True)) * f[:, 1] + grey(x).mean(dim=(2, 3), keepdim=True)).clamp(0, 1)
+    mean = grey(x).mean(dim=(2, 3), keepdim=True)
+    x = ((x - mean) * f[:, 1] + mean).clamp(0, 1)
     g = grey(x)
     return ((x - g) * f[:, 2] + g).clamp(0, 1)
 
