@@ -1,20 +1,21 @@
 """Encoder quality per wall-clock minute: maelab against what a user has today.
 
     python benchmarks/quality_per_minute.py --data ../shared/datasets/cifar10/train \
-        --val-data ../shared/datasets/cifar10/test --budget 30m --points 6 --out runs/quality_per_minute
+        --val-data ../shared/datasets/cifar10/test --budget 30m --out runs/quality_per_minute
 
 Two arms on the same machine, one after the other, each with the same wall-clock pre-training budget:
 
-* **maelab**: ``maelab pretrain --config pretrain_cifar10_tiny --budget B`` (its tuned quick recipe),
-  keeping every epoch's checkpoint;
+* **maelab**: ``maelab pretrain --config pretrain_cifar10_tiny --budget B --precision fast`` (its tuned
+  quick recipe; bf16 autocast where the CPU has native bf16), keeping every epoch's checkpoint;
 * **the alternative**: Hugging Face ``ViTMAEForPreTraining`` (numerically the official model) of the same
   size, fed by a per-sample torchvision pipeline (``ImageFolder`` + ``RandomResizedCrop(32, scale 0.2-1,
   bicubic)`` + flip + normalise, ``DataLoader`` with one worker per core), trained with the paper's recipe
   scaled to the budget (AdamW 0.9/0.95, wd 0.05, lr 1.5e-4 x batch / 256, 5 % warm-up + cosine, the step
-  count set from the measured step time), saved with ``save_pretrained`` every B / points.
+  count set from the measured step time), saved with ``save_pretrained`` every B / points; fp32 as HF runs
+  on a CPU out of the box (``--hf-precision bf16`` gives it the same autocast).
 
-Every snapshot is then scored by the same `maelab knn` (k = 20, T = 0.07, cls token and mean-pool) on a
-fixed subset of both splits; scoring time is not part of the budget. Writes ``results.json``, ``curve.png``
+Every snapshot is then scored by the same `maelab knn --precision fast` (k = 20, T = 0.07, cls token and
+mean-pool) on a fixed subset of both splits (``--eval-images``); scoring time is not part of the budget. Writes ``results.json``, ``curve.png``
 (kNN top-1 against minutes of pre-training) and ``results.md`` to ``--out``.
 """
 
@@ -35,6 +36,7 @@ import torch  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.peers import SIZES, hf_model  # noqa: E402
 from maelab.train.budget import parse_duration  # noqa: E402
+from maelab.train.precision import autocast  # noqa: E402
 
 POOLS = ("token", "avg")
 
@@ -50,6 +52,7 @@ def run_maelab(args, out: Path) -> tuple[list[float], list[Path]]:
     """(minutes since the run started, checkpoint) for every epoch of a budgeted maelab pre-training."""
     run = out / "maelab"
     maelab_cli(["pretrain", "--config", "pretrain_cifar10_tiny", "--data", args.data, "--budget", args.budget,
+                "--precision", "fast",
                 "--batch-size", str(args.batch_size), "--save-every", "1", "--keep", "0", "--vis-every", "0",
                 "--seed", str(args.seed), "--out", str(run)], out / "log.txt")
     start = (run / "config.yaml").stat().st_mtime
@@ -90,7 +93,8 @@ def run_hf(args, out: Path) -> tuple[list[float], list[Path]]:
                 scale = step / warm if step < warm else 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
                 for g in opt.param_groups:
                     g["lr"] = lr * scale
-            loss = model(pixel_values=imgs).loss
+            with autocast(torch.device("cpu"), args.hf_precision):
+                loss = model(pixel_values=imgs).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -112,7 +116,8 @@ def knn(init: Path, pool: str, args, out: Path) -> float:
     if not res.is_file():
         res.parent.mkdir(parents=True, exist_ok=True)
         maelab_cli(["knn", "--init", str(init), "--data", args.data, "--val-data", args.val_data, "--global-pool",
-                    pool, "--limit-images", str(args.eval_images), "--out", str(res)], out / "log.txt")
+                    pool, "--limit-images", str(args.eval_images), "--precision", "fast", "--out", str(res)],
+                   out / "log.txt")
     return json.loads(res.read_text())["knn_top1"]
 
 
@@ -129,9 +134,11 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--val-data", required=True)
     ap.add_argument("--budget", default="30m")
-    ap.add_argument("--points", type=int, default=6)
+    ap.add_argument("--points", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--eval-images", type=int, default=10000)
+    ap.add_argument("--eval-images", type=int, default=5000, help="kNN on a fixed subset of N images of each split")
+    ap.add_argument("--hf-precision", default="fp32", choices=("fp32", "bf16"),
+                    help="the alternative's autocast (fp32: HF ViTMAE as it runs on a CPU out of the box)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/quality_per_minute")
     args = ap.parse_args()
@@ -142,7 +149,7 @@ def main() -> None:
               for arm, snaps in arms.items()}
     results = {"budget": args.budget, "machine": common.machine_info(torch.device("cpu")), "load": common.load_note(),
                "command": common.command_line(),
-               "batch_size": args.batch_size, "eval_images": args.eval_images, "seed": args.seed, "curves": curves}
+               "batch_size": args.batch_size, "eval_images": args.eval_images, "hf_precision": args.hf_precision, "seed": args.seed, "curves": curves}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     from matplotlib.figure import Figure
 

@@ -14,9 +14,8 @@ if [ ! -d "$DATA" ]; then
   "$VENV/bin/python" -m maelab.data.cifar data/cifar10
   DATA=data/cifar10/train
 fi
-# bf16 autocast where the CPU has native bf16 (AVX-512 BF16 / AMX): ~1.8x faster steps (docs/benchmarks.md)
-PRECISION=fp32
-if command -v nvidia-smi >/dev/null 2>&1 || grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo 2>/dev/null; then PRECISION=bf16; fi
+# --precision fast: bf16 autocast where the CPU or GPU has native bf16 (AVX-512 BF16 / AMX: ~1.8x faster
+# steps, docs/benchmarks.md), fp32 elsewhere
 "$VENV/bin/maelab" pretrain --config pretrain_cifar10_tiny --data "$DATA" \
   --limit-images 10000 --budget "${BUDGET:-3m}" --batch-size 128 --base-lr 1.5e-3 \
-  --vis-every 1 --save-every 1 --precision "$PRECISION" --out runs/quickstart "$@"
+  --vis-every 1 --save-every 1 --precision fast --out runs/quickstart "$@"

@@ -1,17 +1,22 @@
-"""Write docs/results.md from the outputs of `maelab recipe` and `maelab ablate` runs -- no hand-typed numbers.
+"""Write docs/results.md from the outputs of `maelab recipe`, `maelab ablate` and
+benchmarks/quality_per_minute.py -- no hand-typed numbers.
 
-    python scripts/results_page.py --recipe runs/recipe_quick [--recipe runs/recipe_full] \
-        [--ablation runs/ablate_mask_ratio ...] --out docs/results.md
+    python scripts/results_page.py --recipe runs/recipe_quick runs/recipe_full \
+        --ablation runs/ablate_mask_ratio ... --quality runs/quality_per_minute --out docs/results.md
 
 Each recipe folder contributes its results.json (accuracy per step, minutes, machine, seed, budgets) and
-the command that re-creates it; each ablation folder its results.json table. A recipe that has not been
-run (no results.json) is listed as not run, so the page never implies a number nobody measured.
+the command that re-creates it; each sweep folder its results.json table, command and plot; the quality
+benchmark its curve. Pictures are copied next to the page (``docs/results/``) so the page shows them
+from a clone. A folder that has not been run (no results.json) is listed as not run, so the page never
+implies a number nobody measured. The paper's own numbers (ViT-L/16, ImageNet-1K, Table 1) stand beside
+each sweep so a reader sees where the small-scale shape differs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 RECIPES = {"recipe_quick": "about 30 minutes on 2 CPU cores", "recipe_full": "the public small-scale recipe; needs a GPU"}
@@ -20,83 +25,158 @@ STEPS = (("knn_mae_top1", "kNN (k=20, T=0.07), MAE encoder", "knn_mae"),
          ("linprobe_top1", "linear probe, MAE encoder", "linprobe"),
          ("finetune_mae_top1", "fine-tune from the MAE encoder", "finetune_mae"),
          ("finetune_scratch_top1", "fine-tune from scratch (same budget)", "finetune_scratch"))
+# The paper's findings for each sweepable setting (He et al. 2021, Table 1 / Fig. 5; ViT-L/16, 800 epochs on
+# ImageNet-1K; fine-tune / linear-probe top-1) and the value it found best.
+PAPER = {
+    "mask-ratio": ("0.75", "Fig. 5: 0.75 is best for both fine-tuning and linear probing (84.9 / 73.5); linear "
+                   "probing climbs steadily up to 0.75, fine-tuning is nearly flat from 0.4 to 0.8"),
+    "decoder-depth": ("8", "Table 1a: depth 1: 84.8 / 65.5, 2: 84.9 / 70.0, 4: 84.9 / 71.9, 8: 84.9 / 73.5, "
+                      "12: 84.4 / 73.3"),
+    "decoder-embed-dim": ("512", "Table 1b: width 128: 84.9 / 69.1, 256: 84.8 / 71.3, 512: 84.9 / 73.5, "
+                          "768: 84.4 / 73.1, 1024: 84.3 / 73.1"),
+    "encoder-mask-tokens": ("false", "Table 1c: mask tokens in the encoder 84.2 / 59.6 at 3.3x the encoder FLOPs; "
+                            "without (the MAE) 84.9 / 73.5"),
+    "norm-pix-loss": ("true", "Table 1d: pixels 84.9 / 73.5; per-patch normalised pixels 85.4 / 73.9"),
+    "crop": ("random-size", "Table 1e: no augmentation 84.0 / 65.7; fixed-size crop 84.7 / 73.1; random-size "
+             "crop 84.9 / 73.5; random-size crop + colour jitter 84.3 / 71.9"),
+    "color-jitter": ("0", "Table 1e: random-size crop 84.9 / 73.5; + colour jitter 84.3 / 71.9"),
+    "mask-type": ("random", "Table 1f: random (0.75) 84.9 / 73.5; block-wise (0.5) 83.9 / 72.3; block-wise "
+                  "(0.75) 82.8 / 63.9; grid (0.75) 84.0 / 66.0"),
+}
+SCORES = (("knn_top1", "kNN"), ("linprobe_top1", "linear probe"), ("finetune_top1", "fine-tune"))
 
 
-def recipe_section(folder: Path) -> list[str]:
+class Page:
+    """The lines of the page and the pictures it shows (copied into ``<page dir>/results/``)."""
+
+    def __init__(self, out: Path):
+        self.out, self.lines = out, []
+        self.assets = out.parent / "results"
+
+    def picture(self, src: Path, name: str, caption: str) -> None:
+        if not src.is_file():
+            return
+        self.assets.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, self.assets / name)
+        self.lines += [f"![{caption}]({self.assets.name}/{name})", ""]
+
+
+def recipe_section(page: Page, folder: Path) -> None:
     name = folder.name
     res_file = folder / "results.json"
-    lines = [f"## `{name}`", ""]
+    page.lines += [f"## `{name}`", ""]
     if not res_file.is_file():
         what = RECIPES.get(name, "")
-        return lines + [f"Not run yet{f' ({what})' if what else ''}. Run `maelab recipe --config {name} --data "
-                        f".../cifar10/train --out runs/{name}` and regenerate this page.", ""]
+        page.lines += [f"Not run yet{f' ({what})' if what else ''}. Run `maelab recipe --config {name} --data "
+                       f".../cifar10/train --out runs/{name}` and regenerate this page.", ""]
+        return
     res = json.loads(res_file.read_text())
     b = res["budgets"]
-    lines += [f"Command: `maelab recipe --config {name} --data {res['data']} --out {res['recipe']}` "
-              f"(seed {res['seed']}; pre-training budget {b['pretrain']}, fine-tune budget {b['finetune']} each).",
-              f"Machine: {res['machine']}. Accuracy: final epoch, on `{res['val_data']}`; one seed.", "",
-              "| step | top-1 (%) | minutes |", "|---|---|---|",
-              f"| pre-training (MAE) | – | {res['minutes'].get('pretrain', '–')} |"]
+    page.lines += [f"Command: `maelab recipe --config {name} --data {res['data']} --out {res['recipe']}` "
+                   f"(seed {res['seed']}; precision {res.get('precision', 'auto')}; pre-training budget "
+                   f"{b['pretrain']}, fine-tune budget {b['finetune']} each).",
+                   f"Machine: {res['machine']}. Accuracy: final epoch, on `{res['val_data']}`; one seed.", "",
+                   "| step | top-1 (%) | minutes |", "|---|---|---|",
+                   f"| pre-training (MAE) | – | {res['minutes'].get('pretrain', '–')} |"]
     for key, title, step in STEPS:
-        lines.append(f"| {title} | {res[key]:.2f} | {res['minutes'].get(step, '–')} |")
+        page.lines.append(f"| {title} | {res[key]:.2f} | {res['minutes'].get(step, '–')} |")
     s = res["signals"]
     total = sum(v for v in res["minutes"].values() if isinstance(v, (int, float)))
-    lines += ["", f"Total {total:.1f} minutes. MAE kNN beats random init: "
-                  f"**{'yes' if s['knn_mae_beats_random'] else 'no'}** "
-                  f"({res['knn_mae_top1']:.2f} vs {res['knn_random_top1']:.2f}); MAE fine-tune beats from scratch "
-                  f"at equal fine-tune time: **{'yes' if s['finetune_mae_beats_scratch'] else 'no'}** "
-                  f"({res['finetune_mae_top1']:.2f} vs {res['finetune_scratch_top1']:.2f}).", ""]
-    if Path(res["pictures"]).is_file():
-        lines += [f"Reconstructions of validation images at mask ratios 0.75 / 0.85 / 0.95 (paper Fig. 4): "
-                  f"`{res['pictures']}`. Loss curves: " + ", ".join(f"`{p}`" for p in res["curves"].values()), ""]
-    return lines
+    page.lines += ["", f"Total {total:.1f} minutes. MAE kNN beats random init: "
+                       f"**{'yes' if s['knn_mae_beats_random'] else 'no'}** "
+                       f"({res['knn_mae_top1']:.2f} vs {res['knn_random_top1']:.2f}); MAE fine-tune beats from scratch "
+                       f"at equal fine-tune time: **{'yes' if s['finetune_mae_beats_scratch'] else 'no'}** "
+                       f"({res['finetune_mae_top1']:.2f} vs {res['finetune_scratch_top1']:.2f}).", ""]
+    if (folder / "reconstruction.png").is_file():
+        page.lines += ["Reconstructions of validation images at mask ratios 0.75 / 0.85 / 0.95 (paper Fig. 4), rows "
+                       "labelled with class and file:", ""]
+        page.picture(folder / "reconstruction.png", f"{name}_reconstruction.png", "reconstructions")
+    for curve in sorted((folder / "curves").glob("*.png")):
+        page.picture(curve, f"{name}_curve_{curve.name}", f"loss curve: {curve.stem}")
 
 
-def ablation_section(folder: Path) -> list[str]:
+def best(rows: list[dict], key: str) -> dict | None:
+    scored = [r for r in rows if key in r]
+    return max(scored, key=lambda r: r[key]) if scored else None
+
+
+def ablation_section(page: Page, folder: Path) -> None:
     res_file = folder / "results.json"
     if not res_file.is_file():
-        return [f"## Ablation `{folder.name}`", "", "Not run yet.", ""]
+        page.lines += [f"## Sweep `{folder.name}`", "", "Not run yet.", ""]
+        return
     res = json.loads(res_file.read_text())
-    table = (folder / "results.md").read_text() if (folder / "results.md").is_file() else ""
-    return [f"## Ablation: `{res['setting']}`", "",
-            f"Each value pre-trained to {res['budget']} on `{res['data']}`, then evaluated.", "", table, ""]
+    setting, rows = res["setting"], res["rows"]
+    evaluated = res.get("evaluated_images")
+    pretrained = res.get("pretrain_images")
+    pretrained = evaluated if pretrained is None else pretrained
+    page.lines += [f"## Sweep: `{setting}`", ""]
+    if res.get("command"):
+        page.lines += [f"Command: `{res['command']}`", ""]
+    page.lines += [f"Each value pre-trained from preset `{res.get('preset', 'pretrain_cifar10_tiny')}` to a "
+                   f"{res['budget']} budget on {'all' if not pretrained else pretrained} images of `{res['data']}`"
+                   f" (seed {res.get('seed', 0)}, precision {res.get('precision', 'auto')}), then evaluated on "
+                   f"{'all' if not evaluated else evaluated} images of each split. Machine: "
+                   f"{res.get('machine', 'not recorded')}.", "", (folder / "results.md").read_text(), ""]
+    ours = [f"best {title} at **{b['value']}** ({b[key]:.2f})" for key, title in SCORES if (b := best(rows, key))]
+    if setting in PAPER:
+        value, finding = PAPER[setting]
+        agree = [title for key, title in SCORES if (b := best(rows, key)) and str(b["value"]).lower() == value]
+        page.lines += [f"Paper: {finding} (best: {value}). Ours: {'; '.join(ours)} -- "
+                       + (f"the paper's best value wins for {', '.join(agree)}." if agree else
+                          "the paper's best value does not win here at this scale."), ""]
+    elif ours:
+        page.lines += [f"Ours: {'; '.join(ours)}.", ""]
+    page.picture(folder / "ablation.png", f"sweep_{setting}.png", f"sweep of {setting}")
 
 
-def quality_section(folder: Path) -> list[str]:
-    lines = ["## Quality per CPU-minute: maelab against HF ViTMAE + torchvision", ""]
+def quality_section(page: Page, folder: Path) -> None:
+    page.lines += ["## Quality per CPU-minute: maelab against HF ViTMAE + torchvision", ""]
     res_file = folder / "results.json"
     if not res_file.is_file():
-        return lines + ["Not run yet: `python benchmarks/quality_per_minute.py --data .../cifar10/train --val-data "
-                        ".../cifar10/test --budget 30m --out runs/quality_per_minute` (about 1.5 hours on 2 CPU "
-                        "cores: two 30-minute pre-trainings, then kNN of every snapshot).", ""]
+        page.lines += ["Not run yet: `python benchmarks/quality_per_minute.py --data .../cifar10/train --val-data "
+                       ".../cifar10/test --budget 30m --out runs/quality_per_minute` (about 1.5 hours on 2 CPU "
+                       "cores: two 30-minute pre-trainings, then kNN of every snapshot).", ""]
+        return
     res = json.loads(res_file.read_text())
-    return lines + [f"Command: `{res['command']}`; {res['machine']}; {res['load']}. kNN k=20, T=0.07 on "
-                    f"{res['eval_images'] or 'all'} images of each split; seed {res['seed']}.", "",
-                    (folder / "results.md").read_text(), f"Curve: `{folder / 'curve.png'}`.", ""]
+    page.lines += [f"Command: `{res['command']}`; {res['machine']}; {res['load']}. kNN k=20, T=0.07 on "
+                   f"{res['eval_images'] or 'all'} images of each split; seed {res['seed']}; the alternative in "
+                   f"{res.get('hf_precision', 'fp32')}.", "", (folder / "results.md").read_text(), ""]
+    curves = res["curves"]
+    arms = list(curves)
+    if len(arms) == 2 and all(curves[a] for a in arms):
+        ours, theirs = (curves[a][-1] for a in arms)
+        gaps = {pool: ours[pool] - theirs[pool] for pool in ("token", "avg")}
+        page.lines += [f"At the end of the budget: {arms[0]} {ours['token']:.2f} (cls) / {ours['avg']:.2f} (mean-pool) "
+                       f"against {theirs['token']:.2f} / {theirs['avg']:.2f} for {arms[1]}: "
+                       f"{gaps['token']:+.2f} / {gaps['avg']:+.2f} points. Target (at least +4): "
+                       f"**{'met' if min(gaps.values()) >= 4 else 'not met'}**.", ""]
+    page.picture(folder / "curve.png", "quality_per_minute.png", "kNN top-1 against minutes of pre-training")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", nargs="*", default=["runs/recipe_quick", "runs/recipe_full"])
-    ap.add_argument("--ablation", nargs="*", default=[])
+    ap.add_argument("--ablation", nargs="*", default=[], help="`maelab ablate` output folders (tuning sweeps too)")
     ap.add_argument("--quality", default="runs/quality_per_minute",
                     help="output folder of benchmarks/quality_per_minute.py (maelab vs HF ViTMAE + torchvision)")
     ap.add_argument("--out", default="docs/results.md")
     args = ap.parse_args()
-    out = Path(args.out)
-    lines = ["# Results", "",
-             "Generated by `python scripts/results_page.py` from the run folders named below; nothing on this page",
-             "is typed by hand. Re-run the commands to check any number.", ""]
+    page = Page(Path(args.out))
+    page.lines += ["# Results", "",
+                   "Generated by `python scripts/results_page.py` from the run folders named below; nothing on this "
+                   "page is typed by hand except the paper's own numbers quoted beside each sweep. Re-run the "
+                   "commands to check any number.", ""]
     for folder in args.recipe:
-        lines += recipe_section(Path(folder))
+        recipe_section(page, Path(folder))
+    quality_section(page, Path(args.quality))
     for folder in args.ablation:
-        lines += ablation_section(Path(folder))
+        ablation_section(page, Path(folder))
     if not args.ablation:
-        lines += ["## Ablations", "", "No ablation sweep has been run for this page yet (`maelab ablate`, see the README: "
-                  "a sweep of four values at the quick budget takes about two hours on 2 CPU cores).", ""]
-    lines += quality_section(Path(args.quality))
-    out.write_text("\n".join(lines).rstrip() + "\n")
-    print(f"wrote {out}")
+        page.lines += ["## Ablations", "", "No ablation sweep has been run for this page yet (`maelab ablate`, see "
+                       "the README).", ""]
+    page.out.write_text("\n".join(page.lines).rstrip() + "\n")
+    print(f"wrote {page.out}")
 
 
 if __name__ == "__main__":

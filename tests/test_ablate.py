@@ -4,6 +4,8 @@ a table and a plot; a second run skips what is done; bad sweeps are refused befo
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,8 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     make_subset(tmp_path / "c10" / "test", 4, classes=4, split="test")
     args = ["--setting", "mask-ratio", "--values", "0.5", "0.75", "--evaluate", "knn", "linprobe",
             "--data", str(data), "--batch-size", "8", "--budget", "none", "--pretrain-epochs", "1",
-            "--probe-epochs", "2", "--device", "cpu", "--out", str(tmp_path / "sweep")]
+            "--probe-epochs", "2", "--device", "cpu", "--limit-images", "12", "--pretrain-images", "0",
+            "--out", str(tmp_path / "sweep")]
     out = ablate(*args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "sweep" / "results.json").read_text())
@@ -31,17 +34,29 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
                for r in summary["rows"])
     recorded = (tmp_path / "sweep" / "mask-ratio=0.5" / "pretrain" / "config.yaml").read_text()
     assert "mask_ratio: 0.5" in recorded
+    assert "limit_images: 0" in recorded  # --pretrain-images 0: pre-trained on all 32, evaluated on 12
+    knn = json.loads((tmp_path / "sweep" / "mask-ratio=0.5" / "knn.json").read_text())
+    assert knn["train_images"] == 12 and knn["val_images"] == 12
     table = (tmp_path / "sweep" / "results.md").read_text()
-    assert "| mask-ratio | kNN top-1 | linear probe top-1 | pre-training time |" in table
+    assert "| mask-ratio | kNN top-1 | linear probe top-1 | pre-training time | steps |" in table
     assert (tmp_path / "sweep" / "ablation.png").stat().st_size > 1000
     again = ablate(*args, cwd=tmp_path)  # finished values are skipped
     assert again.returncode == 0 and json.loads((tmp_path / "sweep" / "results.json").read_text()) == summary
+    page = tmp_path / "page.md"  # the results page shows the sweep, its command, the paper beside it, the plot
+    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
+                    str(tmp_path / "sweep"), "--quality", str(tmp_path / "none"), "--out", str(page)],
+                   check=True, capture_output=True)
+    text = page.read_text()
+    assert "## Sweep: `mask-ratio`" in text and "Command: `maelab ablate --setting mask-ratio" in text
+    assert "Paper: Fig. 5" in text and "Ours: best kNN at **" in text
+    assert (tmp_path / "results" / "sweep_mask-ratio.png").is_file() and "(results/sweep_mask-ratio.png)" in text
 
 
 @pytest.mark.parametrize("args,message", [
     (["--values", "0.5"], "--setting and --values"),
     (["--setting", "mask-ratio", "--values", "0.5", "0.5"], "repeats"),
     (["--setting", "mask-ratio", "--values", "0.5", "--budget", "soon"], "not a duration"),
+    (["--setting", "mask-ratio", "--values", "0.5", "--pretrain-images", "-3"], "--pretrain-images must be"),
 ])
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, args, message):
     out = ablate(*args, "--data", str(tmp_path), "--out", str(tmp_path / "sweep"), cwd=tmp_path)

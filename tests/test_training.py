@@ -236,6 +236,19 @@ def test_auto_precision_is_fp32_on_cpu_and_explicit_choices_are_kept():
         autocast(cpu, "fp8")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_fast_precision_is_bf16_exactly_where_the_cpu_has_it(monkeypatch, native):
+    """``fast`` (the quick recipe's and the ablations' default) never picks emulated bf16 on a CPU."""
+    from maelab.train.precision import native_bf16, resolve_precision
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    cpu = torch.device("cpu")
+    assert native_bf16(cpu) is native
+    assert resolve_precision("fast", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", cpu) == "fp32"
+
+
 def test_resume_may_split_the_same_global_batch_differently(cifar_tiny, tmp_path, reference_run):
     """1 process x 8 x accumulation 2, resumed as 1 process x 16 (what 2 processes x 8 -> 1 x 16 also is):
     the same images, masks and crops at every step, the weights within float tolerance of the reference."""

@@ -19,8 +19,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from maelab.commands.sections import ProcessConfig
-from maelab.commands.steps import Chain, ChainDataConfig, length_flags, maelab, no_budget
-from maelab.config import command_config, option, redefault
+from maelab.commands.steps import Chain, ChainDataConfig, length_flags, machine, maelab, no_budget
+from maelab.config import command_config, load_yaml, option, redefault
 from maelab.errors import MaelabError
 from maelab.io import atomic_write_bytes, write_json
 from maelab.train.budget import parse_duration
@@ -45,11 +45,14 @@ class SweepConfig:
 @dataclass
 class SweepDataConfig(ChainDataConfig):
     limit_images: int = option(0, "a fixed seeded subset of N images of each split, pre-training too (0 = all)")
+    pretrain_images: int | None = option(None, "images of the pre-training subset when it should differ from "
+                                               "--limit-images (0 = all): pre-train on everything, evaluate on a subset")
     batch_size: int = redefault(ChainDataConfig, "batch_size", 128)
 
 
 @dataclass
 class SweepRunConfig(ProcessConfig):
+    precision: str = redefault(ProcessConfig, "precision", "fast")  # a budget buys more steps in bf16
     out: str = option("runs/ablate", "sweep folder: one sub-folder per value, results.json / .md, ablation.png")
     preset: str = option("pretrain_cifar10_tiny", "`maelab pretrain` preset every value starts from")
     budget: str = option("5m", "wall-clock budget of each pre-training (none: --pretrain-epochs, else the preset's)")
@@ -74,6 +77,9 @@ def validate(cfg: AblateConfig) -> None:
     parse_duration(cfg.run.finetune_budget)
     if not no_budget(cfg.run.budget):
         parse_duration(cfg.run.budget)
+    for name, n in (("--limit-images", cfg.data.limit_images), ("--pretrain-images", cfg.data.pretrain_images)):
+        if n is not None and n < 0:
+            raise MaelabError(f"{name} must be 0 (all images) or a positive count, got {n}")
     if cfg.run.probe_epochs < 1:
         raise MaelabError(f"--probe-epochs must be at least 1, got {cfg.run.probe_epochs}")
 
@@ -101,9 +107,11 @@ def run_value(cfg: AblateConfig, value: str, folder: Path) -> dict[str, Any]:
     pre = folder / "pretrain"
     result: dict[str, Any] = {"value": value}
     length = length_flags(r.budget, r.pretrain_epochs)
-    result["pretrain_s"] = maelab(["pretrain", "--config", r.preset, *common, "--limit-images", str(d.limit_images),
+    pretrain_images = d.limit_images if d.pretrain_images is None else d.pretrain_images
+    result["pretrain_s"] = maelab(["pretrain", "--config", r.preset, *common, "--limit-images", str(pretrain_images),
                                    *length, "--out", str(pre),
                                    *setting_flags(cfg.sweep.setting, value)], chain.log)
+    result["pretrain_steps"] = (load_yaml(pre / "config.yaml").get("optim") or {}).get("max_steps")
     if "knn" in cfg.sweep.evaluate:
         result["knn_top1"] = chain.knn(str(pre), "knn")["knn_top1"]
     if "linprobe" in cfg.sweep.evaluate:
@@ -119,11 +127,12 @@ COLUMNS = (("knn_top1", "kNN top-1"), ("linprobe_top1", "linear probe top-1"), (
 
 def table(setting: str, rows: list[dict[str, Any]]) -> str:
     cols = [(k, t) for k, t in COLUMNS if any(k in r for r in rows)]
-    lines = [f"| {setting} | " + " | ".join(t for _, t in cols) + " | pre-training time |",
-             "|---|" + "---|" * (len(cols) + 1)]
+    lines = [f"| {setting} | " + " | ".join(t for _, t in cols) + " | pre-training time | steps |",
+             "|---|" + "---|" * (len(cols) + 2)]
     for r in rows:
         cells = [f"{r[k]:.2f}" if k in r else "–" for k, _ in cols]
-        lines.append(f"| {r['value']} | " + " | ".join(cells) + f" | {r['pretrain_s'] / 60:.1f} min |")
+        lines.append(f"| {r['value']} | " + " | ".join(cells) + f" | {r['pretrain_s'] / 60:.1f} min | "
+                     f"{r.get('pretrain_steps') or '–'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,7 +162,10 @@ def run(cfg: AblateConfig) -> list[dict[str, Any]]:
     for value in cfg.sweep.values:
         print(f"ablate: {setting} = {value}", file=sys.stderr, flush=True)
         rows.append(run_value(cfg, value, out / f"{setting}={value}"))
-    summary = {"setting": setting, "budget": cfg.run.budget, "data": cfg.data.data, "rows": rows}
+    summary = {"setting": setting, "budget": cfg.run.budget, "data": cfg.data.data, "rows": rows,
+               "preset": cfg.run.preset, "seed": cfg.run.seed, "precision": cfg.run.precision, "machine": machine(),
+               "evaluated_images": cfg.data.limit_images, "pretrain_images": cfg.data.pretrain_images,
+               "command": " ".join(["maelab", "ablate", *sys.argv[2:]]) if sys.argv[1:2] == ["ablate"] else None}
     write_json(out / "results.json", summary)
     atomic_write_bytes(out / "results.md", table(setting, rows).encode())
     plot(setting, rows, out / "ablation.png")

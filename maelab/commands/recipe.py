@@ -13,18 +13,15 @@ the random encoder's, and the MAE fine-tune beats the from-scratch one at equal 
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from maelab.commands.sections import ProcessConfig
-from maelab.commands.steps import Chain, ChainDataConfig, length_flags, maelab, no_budget
-from maelab.config import command_config, load_yaml, option
+from maelab.commands.steps import Chain, ChainDataConfig, length_flags, machine, maelab, no_budget
+from maelab.config import command_config, load_yaml, option, redefault
 from maelab.data.folders import scan_images, spread_sample
 from maelab.data.splits import default_val_dir
 from maelab.errors import MaelabError
@@ -58,6 +55,7 @@ class RecipeSteps:
 
 @dataclass
 class RecipeRun(ProcessConfig):
+    precision: str = redefault(ProcessConfig, "precision", "fast")  # a budget buys more steps in bf16
     out: str = option("runs/recipe", "recipe folder: one sub-folder per step, results.json / .md, pictures")
     seed: int = option(0, "seed of every step")
 
@@ -82,17 +80,6 @@ def validate(cfg: RecipeConfig) -> Path:
     if val is None or not val.is_dir():
         raise MaelabError("--val-data is required (no sibling val / test folder next to --data)")
     return val
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {torch.get_num_threads()} threads{gpu}"
 
 
 def run(cfg: RecipeConfig) -> dict[str, Any]:
@@ -135,6 +122,7 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
               if (out / name / "metrics.jsonl").is_file()}
     results = {
         "recipe": cfg.run.out, "data": d.data, "val_data": str(val), "seed": r.seed, "machine": machine(),
+        "precision": r.precision,
         "budgets": {"pretrain": st.pretrain_budget, "finetune": st.finetune_budget},
         "knn_mae_top1": knn_mae["knn_top1"], "knn_random_top1": knn_random["knn_top1"],
         "linprobe_top1": probe["val_top1"], "finetune_mae_top1": ft_mae["val_top1"],

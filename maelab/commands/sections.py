@@ -40,14 +40,18 @@ class OptimConfig(ScheduleConfig):
     betas: list[float] = option([0.9, 0.95], "AdamW betas, two numbers in [0, 1)")
 
 
+PRECISIONS = ("auto", "fast", "fp32", "bf16", "fp16")
+PRECISION_HELP = ("auto | fast | fp32 | bf16 | fp16 (autocast; fp16 also uses a GradScaler when training). auto = bf16 "
+                  "on a CUDA GPU that has it, fp32 elsewhere; fast = bf16 wherever the hardware has it (CPUs with "
+                  "AVX-512 BF16 / AMX too), fp32 elsewhere")
+
+
 @dataclass
 class ProcessConfig:
     """Where a command runs: every command's run section starts with these."""
 
     device: str = option("auto", "auto | cpu | cuda | cuda:N | mps")
-    precision: str = option("auto", "auto | fp32 | bf16 | fp16 (autocast; fp16 also uses a GradScaler when training). "
-                                    "auto = bf16 on a CUDA GPU that has it, fp32 elsewhere",
-                            choices=("auto", "fp32", "bf16", "fp16"))
+    precision: str = option("auto", PRECISION_HELP, choices=PRECISIONS)
 
 
 @dataclass

@@ -6,6 +6,7 @@ what is not."""
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 import time
@@ -13,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from maelab.config import option
 from maelab.errors import MaelabError
+from maelab.train.precision import native_bf16
 
 
 @dataclass
@@ -25,6 +29,19 @@ class ChainDataConfig:
     val_data: str = option("", "labelled validation images (default: a sibling val / test folder)")
     limit_images: int = option(0, "a fixed seeded subset of N images of each split for the evaluations (0 = all)")
     batch_size: int = option(256, "images per process per step, for pre-training and evaluation")
+
+
+def machine() -> str:
+    """The CPU model, threads and GPU a chain ran on, for its results page."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    bf16 = ", native bf16" if native_bf16(torch.device("cpu")) else ""
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {torch.get_num_threads()} threads{bf16}{gpu}"
 
 
 def no_budget(budget: str | None) -> bool:
