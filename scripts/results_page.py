@@ -19,6 +19,8 @@ import json
 import shutil
 from pathlib import Path
 
+import yaml
+
 RECIPES = {"recipe_quick": "about 30 minutes on 2 CPU cores", "recipe_full": "the public small-scale recipe; needs a GPU"}
 STEPS = (("knn_mae_top1", "kNN (k=20, T=0.07), MAE encoder", "knn_mae"),
          ("knn_random_top1", "kNN, random-init encoder", "knn_random"),
@@ -100,6 +102,23 @@ def best(rows: list[dict], key: str) -> dict | None:
     return max(scored, key=lambda r: r[key]) if scored else None
 
 
+def run_facts(run: Path) -> dict:
+    """What one sweep value's own outputs say (for summaries written before they recorded it):
+    the pre-training config's image count, precision and seed, and the images kNN scored."""
+    facts: dict = {}
+    config = run / "pretrain" / "config.yaml"
+    if config.is_file():
+        cfg = yaml.safe_load(config.read_text())
+        facts.update(pretrain_images=cfg["data"]["limit_images"], precision=cfg["run"]["precision"],
+                     seed=cfg["run"]["seed"])
+    knn = run / "knn.json"
+    if knn.is_file():
+        res = json.loads(knn.read_text())
+        if res["train_images"] == res["val_images"]:
+            facts["evaluated_images"] = res["train_images"]
+    return facts
+
+
 def ablation_section(page: Page, folder: Path) -> None:
     res_file = folder / "results.json"
     if not res_file.is_file():
@@ -107,15 +126,24 @@ def ablation_section(page: Page, folder: Path) -> None:
         return
     res = json.loads(res_file.read_text())
     setting, rows = res["setting"], res["rows"]
-    evaluated = res.get("evaluated_images")
-    pretrained = res.get("pretrain_images")
-    pretrained = evaluated if pretrained is None else pretrained
+    facts = run_facts(folder / f"{setting}={rows[0]['value']}") if rows else {}
+    evaluated = res.get("evaluated_images", facts.get("evaluated_images", "an unrecorded number of"))
+    pretrained = res.get("pretrain_images", facts.get("pretrain_images", evaluated))
+    res.setdefault("precision", facts.get("precision", "not recorded"))
+    res.setdefault("seed", facts.get("seed", "not recorded"))
     page.lines += [f"## Sweep: `{setting}`", ""]
     if res.get("command"):
         page.lines += [f"Command: `{res['command']}`", ""]
+    elif isinstance(evaluated, int):  # an older summary: its recorded settings, every other flag a default
+        evals = [name for key, name in (("knn_top1", "knn"), ("linprobe_top1", "linprobe"), ("finetune_top1", "finetune"))
+                 if any(key in r for r in rows)]
+        page.lines += [f"Command (re-created from the recorded settings, every other flag its default): `maelab "
+                       f"ablate --setting {setting} --values {' '.join(str(r['value']) for r in rows)} --budget "
+                       f"{res['budget']} --evaluate {' '.join(evals)} --limit-images {evaluated} --pretrain-images "
+                       f"{pretrained} --data {res['data']} --out {folder}`", ""]
     page.lines += [f"Each value pre-trained from preset `{res.get('preset', 'pretrain_cifar10_tiny')}` to a "
                    f"{res['budget']} budget on {'all' if not pretrained else pretrained} images of `{res['data']}`"
-                   f" (seed {res.get('seed', 0)}, precision {res.get('precision', 'auto')}), then evaluated on "
+                   f" (seed {res['seed']}, precision {res['precision']}), then evaluated on "
                    f"{'all' if not evaluated else evaluated} images of each split. Machine: "
                    f"{res.get('machine', 'not recorded')}.", "", (folder / "results.md").read_text(), ""]
     ours = [f"best {title} at **{b['value']}** ({b[key]:.2f})" for key, title in SCORES if (b := best(rows, key))]
