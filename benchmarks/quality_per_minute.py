@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ from maelab.train.budget import parse_duration  # noqa: E402
 from maelab.train.precision import autocast  # noqa: E402
 
 POOLS = ("token", "avg")
+hf_schedule: dict = {}  # the alternative's planned and finished steps, for results.json
 
 
 def maelab_cli(args: list[str], log: Path) -> None:
@@ -84,15 +86,17 @@ def run_hf(args, out: Path) -> tuple[list[float], list[Path]]:
     while snapshots:
         for imgs, _ in loader:
             now = time.perf_counter() - t0
-            if total is None and step == 5:  # the paper's schedule, sized to the steps the budget holds
-                per_step = (now - calibration[0]) / 4
-                total = max(10, int((budget - now) / per_step) + step)
             calibration.append(now)
-            if total is not None:
+            if total is None and step == 12:  # the paper's schedule, sized to the steps the budget holds:
+                per_step = statistics.median(b - a for a, b in zip(calibration[2:], calibration[3:]))
+                total = max(10, int((budget - now) / per_step) + step)  # median after 2 warm-ups, as maelab plans
+            if total is None:  # while measuring: ramp up no faster than any warm-up of 100+ steps
+                scale = step / 100
+            else:
                 warm = max(1, int(0.05 * total))
                 scale = step / warm if step < warm else 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-                for g in opt.param_groups:
-                    g["lr"] = lr * scale
+            for g in opt.param_groups:
+                g["lr"] = lr * min(scale, 1.0)
             with autocast(torch.device("cpu"), args.hf_precision):
                 loss = model(pixel_values=imgs).loss
             opt.zero_grad(set_to_none=True)
@@ -108,6 +112,7 @@ def run_hf(args, out: Path) -> tuple[list[float], list[Path]]:
                 snapshots.pop(0)
             if not snapshots:
                 break
+    hf_schedule.update(planned_steps=total, steps_done=step)
     return times, paths
 
 
@@ -149,7 +154,7 @@ def main() -> None:
               for arm, snaps in arms.items()}
     results = {"budget": args.budget, "machine": common.machine_info(torch.device("cpu")), "load": common.load_note(),
                "command": common.command_line(),
-               "batch_size": args.batch_size, "eval_images": args.eval_images, "hf_precision": args.hf_precision, "seed": args.seed, "curves": curves}
+               "batch_size": args.batch_size, "eval_images": args.eval_images, "hf_precision": args.hf_precision, "hf_schedule": hf_schedule, "seed": args.seed, "curves": curves}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     from matplotlib.figure import Figure
 

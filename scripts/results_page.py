@@ -158,6 +158,31 @@ def ablation_section(page: Page, folder: Path) -> None:
     page.picture(folder / "ablation.png", f"sweep_{setting}.png", f"sweep of {setting}")
 
 
+def equal_minutes(ours: list[dict], theirs: list[dict], arms: list[str]) -> str:
+    """The smallest lead of ours at equal or less time: each of their snapshots against our latest one
+    taken no later."""
+    pairs = [(max((o for o in ours if o["minutes"] <= t["minutes"]), key=lambda o: o["minutes"]), t)
+             for t in theirs if any(o["minutes"] <= t["minutes"] for o in ours)]
+    if not pairs:
+        return ""
+    lead = min(min(o[pool] - t[pool] for pool in ("token", "avg")) for o, t in pairs)
+    return (f"At equal or less time: against each {arms[1]} snapshot, the latest {arms[0]} snapshot taken no later "
+            f"leads by at least {lead:+.2f} points (cls and mean-pool).\n")
+
+
+def frozen(points: list[dict], arm: str) -> str:
+    """Say so when an arm's last snapshots score exactly the same: its weights had stopped changing."""
+    same = len(points) - 1
+    while same > 0 and all(points[same - 1][k] == points[-1][k] for k in ("token", "avg")):
+        same -= 1
+    if same >= len(points) - 1:
+        return ""
+    return (f"{arm}'s snapshots from {points[same]['minutes']:.1f} min on score exactly the same: its learning-rate "
+            f"schedule, sized to the budget from the step time it measured at the start, had reached zero by then at "
+            f"the latest, so it trained for less than the budget (the run's `hf_schedule`, when recorded, gives the planned "
+            f"and finished steps).\n")
+
+
 def quality_section(page: Page, folder: Path) -> None:
     page.lines += ["## Quality per CPU-minute: maelab against HF ViTMAE + torchvision", ""]
     res_file = folder / "results.json"
@@ -176,9 +201,12 @@ def quality_section(page: Page, folder: Path) -> None:
         ours, theirs = (curves[a][-1] for a in arms)
         gaps = {pool: ours[pool] - theirs[pool] for pool in ("token", "avg")}
         page.lines += [f"At the end of the budget: {arms[0]} {ours['token']:.2f} (cls) / {ours['avg']:.2f} (mean-pool) "
-                       f"against {theirs['token']:.2f} / {theirs['avg']:.2f} for {arms[1]}: "
+                       f"after {ours['minutes']:.1f} min against {theirs['token']:.2f} / {theirs['avg']:.2f} for "
+                       f"{arms[1]} after {theirs['minutes']:.1f} min: "
                        f"{gaps['token']:+.2f} / {gaps['avg']:+.2f} points. Target (at least +4): "
                        f"**{'met' if min(gaps.values()) >= 4 else 'not met'}**.", ""]
+        page.lines += [line for line in (equal_minutes(curves[arms[0]], curves[arms[1]], arms), frozen(curves[arms[1]], arms[1]))
+                       if line]
     page.picture(folder / "curve.png", "quality_per_minute.png", "kNN top-1 against minutes of pre-training")
 
 

@@ -50,6 +50,15 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     assert "## Sweep: `mask-ratio`" in text and "Command: `maelab ablate --setting mask-ratio" in text
     assert "Paper: Fig. 5" in text and "Ours: best kNN at **" in text
     assert (tmp_path / "results" / "sweep_mask-ratio.png").is_file() and "(results/sweep_mask-ratio.png)" in text
+    for key in ("command", "precision", "seed", "evaluated_images", "pretrain_images"):
+        summary.pop(key)  # a summary written before these were recorded: the page reads them from the runs
+    (tmp_path / "sweep" / "results.json").write_text(json.dumps(summary))
+    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
+                    str(tmp_path / "sweep"), "--quality", str(tmp_path / "none"), "--out", str(page)],
+                   check=True, capture_output=True)
+    text = page.read_text()
+    assert "re-created from the recorded settings" in text and "--limit-images 12 --pretrain-images 0" in text
+    assert "precision fast), then evaluated on 12 images of each split" in text
 
 
 @pytest.mark.parametrize("args,message", [
