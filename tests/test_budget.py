@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -17,7 +20,10 @@ from maelab.config import build_config
 from maelab.errors import MaelabError
 from maelab.io import read_weights
 from maelab.train import checkpoint as ckpt
-from maelab.train.budget import MARGIN, BudgetPlan, parse_duration, plan_steps
+from maelab.train import loop
+from maelab.train.budget import (MARGIN, BudgetPlan, Deadline, check_history, fit_steps, parse_duration, plan_steps,
+                                 schedule_position)
+from maelab.train.optim import cosine_lr
 from maelab.train.loop import RunInterrupted
 from maelab.train.tasks import PretrainTask
 
@@ -71,10 +77,17 @@ def fixed_plan(steps: int):
     return plan
 
 
+def fix_plan(monkeypatch, steps: int, replan: bool = False) -> None:
+    """The first plan is ``steps``; without ``replan`` the run keeps it (no deadline to re-size it to)."""
+    monkeypatch.setattr(session, "plan_steps", fixed_plan(steps))
+    if not replan:
+        monkeypatch.setattr(session, "Deadline", lambda *a, **k: None)
+
+
 def test_a_budget_run_measures_undoes_the_measurement_and_ends_inside_an_epoch(cifar_tiny, tmp_path, monkeypatch):
     reference = tmp_path / "reference"
     run_pretrain(cfg_for(cifar_tiny, reference, epochs=2, max_steps=6, warmup_epochs=0.25))
-    monkeypatch.setattr(session, "plan_steps", fixed_plan(6))
+    fix_plan(monkeypatch, 6)
     result = run_pretrain(cfg_for(cifar_tiny, tmp_path / "budget", budget="10m"))
     assert result.global_step == 6 and result.epochs_done == 2
     assert same(weights(tmp_path / "budget"), weights(reference))  # the calibration steps left no trace
@@ -100,7 +113,7 @@ def test_a_resumed_budget_run_follows_the_recorded_plan(cifar_tiny, tmp_path, mo
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, runner, batch)
 
-    monkeypatch.setattr(session, "plan_steps", fixed_plan(6))
+    fix_plan(monkeypatch, 6)
     monkeypatch.setattr(PretrainTask, "forward", forward)
     with pytest.raises(RunInterrupted):
         run_pretrain(cfg_for(cifar_tiny, tmp_path / "budget", budget="10m"))
@@ -109,3 +122,132 @@ def test_a_resumed_budget_run_follows_the_recorded_plan(cifar_tiny, tmp_path, mo
     result = run_pretrain(cfg_for(cifar_tiny, tmp_path / "budget", budget="1m"))
     assert result.global_step == 6
     assert same(weights(tmp_path / "budget"), weights(reference))
+
+
+# --- re-planning as the run goes ---------------------------------------------------------------------
+
+def test_fit_steps_counts_from_what_is_done():
+    # 10 steps done, inside epoch 3 of 4-step epochs (2 epoch ends done); 1 s/step, 3 s per epoch end:
+    # 10 more steps and the ends of epochs 3-5 take 19 s; a 21st would open epoch 6 (23 s)
+    assert fit_steps(20.0, 1.0, 4, 3.0, done_steps=10, done_epochs=2) == 20
+    assert fit_steps(0.5, 1.0, 4, 0.0, done_steps=10, done_epochs=2) == 10  # not one more step fits
+
+
+def test_the_schedule_position_without_a_re_plan_is_the_step():
+    assert schedule_position(7, None) == (7, None)
+    assert schedule_position(7, [100]) == (7, None)
+
+
+def test_a_re_plan_stretches_the_rest_of_the_first_schedule_continuously():
+    history = [100, 25, 160, 70, 130]  # planned 100; at step 25 re-sized to 160, at step 70 to 130
+    pos = [schedule_position(i, history)[0] for i in range(131)]
+    assert schedule_position(0, history) == (0.0, 100.0)
+    assert pos[:26] == pytest.approx(list(range(26)))  # untouched before the first re-plan
+    assert pos[130] == pytest.approx(100.0)  # the first plan's end, at the last total
+    steps = [b - a for a, b in zip(pos, pos[1:])]
+    assert all(s > 0 for s in steps)  # monotone
+    assert steps[30] == pytest.approx(75 / 135) and steps[100] > steps[30]  # slower, then faster
+    lrs = [cosine_lr(p, 100.0, 5.0, 1.0, 0.0) for p in pos]
+    assert max(abs(b - a) for a, b in zip(lrs[6:], lrs[7:])) < 0.04  # no jump at a re-plan
+
+
+@pytest.mark.parametrize("history", [[0], [10, 5], [10, 5, 4], [10, 5, 20, 5, 30], [10, 6, 20, 4, 30]])
+def test_a_malformed_plan_history_is_refused(history):
+    with pytest.raises(MaelabError, match="plan-history"):
+        check_history(history)
+
+
+def test_the_first_re_plan_waits_for_the_warm_up_and_a_timed_window():
+    d = Deadline(ends_at=0.0)
+    assert d.first_check(400, warmup_steps=10) == 40  # every tenth of the plan
+    assert d.next_check(40, 400) == 80 and d.next_check(360, 400) == float("inf")  # the run ends before
+    assert d.first_check(400, warmup_steps=150.5) == 152
+    assert d.first_check(8, warmup_steps=0) == 4
+
+
+def replanned(monkeypatch, new_total: int):
+    """First plan 12 steps (3 epochs of 4), every re-plan says ``new_total``."""
+    fix_plan(monkeypatch, 12, replan=True)
+    monkeypatch.setattr(loop, "fit_steps", lambda *a, **k: new_total)
+
+
+def test_a_budget_run_re_plans_and_records_the_plan(cifar_tiny, tmp_path, monkeypatch, capfd):
+    replanned(monkeypatch, 10)
+    result = run_pretrain(cfg_for(cifar_tiny, tmp_path / "r", budget="10m"))
+    assert result.global_step == 10 and result.epochs_done == 3
+    recorded = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["optim"]
+    # first check at step 4 (after the 1-step warm-up and 2 untimed steps), then every 2 steps
+    assert (recorded["plan_history"], recorded["max_steps"], recorded["epochs"]) == ([12, 4, 10], 10, 3)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r and "epoch_loss" not in r]
+    peak = lrs[1]  # the warm-up is 1 step: lr(0) = 0, lr(1) = the peak
+    expected = [cosine_lr(schedule_position(i, [12, 4, 10])[0], 12, 1.0, peak, 0.0) for i in range(10)]
+    assert lrs == pytest.approx(expected)
+    assert "re-planned at step 4" in capfd.readouterr().err
+
+
+def test_a_run_resumed_after_a_re_plan_takes_the_same_steps(cifar_tiny, tmp_path, monkeypatch):
+    replanned(monkeypatch, 10)
+    run_pretrain(cfg_for(cifar_tiny, tmp_path / "reference", budget="10m"))
+    original = PretrainTask.forward
+
+    def forward(self, runner, batch):
+        if batch.epoch == 1 and batch.step == 2:  # global step 6, after the re-plan at 4
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, runner, batch)
+
+    monkeypatch.setattr(PretrainTask, "forward", forward)
+    with pytest.raises(RunInterrupted):
+        run_pretrain(cfg_for(cifar_tiny, tmp_path / "budget", budget="10m"))
+    monkeypatch.undo()
+    result = run_pretrain(cfg_for(cifar_tiny, tmp_path / "budget", budget="1m"))  # no re-plan on resume
+    assert result.global_step == 10
+    assert same(weights(tmp_path / "budget"), weights(tmp_path / "reference"))
+
+
+def test_a_run_that_slows_down_re_plans_to_fewer_steps_and_keeps_its_budget(cifar_tiny, tmp_path, monkeypatch):
+    """Real clocks: the steps get 3x slower after the first plan, the re-plans cut the run to fit."""
+    monkeypatch.setattr(session, "process_age", lambda: 0.0)
+    original, slow = PretrainTask.forward, {"sleep": 0.0}
+
+    def forward(self, runner, batch):
+        time.sleep(slow["sleep"])
+        return original(self, runner, batch)
+
+    def slow_after_the_plan(budget_s, spent_s, step_s, *args, **kw):
+        plan = plan_steps(budget_s, spent_s, step_s, *args, **kw)
+        slow["sleep"] = 2 * step_s
+        return plan
+
+    monkeypatch.setattr(PretrainTask, "forward", forward)
+    monkeypatch.setattr(session, "plan_steps", slow_after_the_plan)
+    t0 = time.perf_counter()
+    try:
+        run_pretrain(cfg_for(cifar_tiny, tmp_path / "r", budget="40s", log_every=10))
+    except MaelabError as e:
+        if "leaves no time" not in str(e):
+            raise
+        pytest.skip(f"this machine is too busy for a 40 s budget run: {e}")
+    elapsed = time.perf_counter() - t0
+    history = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["optim"]["plan_history"]
+    assert history is not None and history[-1] < history[0] / 1.5, history
+    assert elapsed < 40 * 1.1
+
+
+def test_two_gloo_processes_re_plan_together(cifar_tiny, tmp_path):
+    """Every process re-plans at the same step and takes the slowest one's total: no hang, one plan."""
+    flags = []
+    for k, v in {**SMALL, "data": str(cifar_tiny), "out": str(tmp_path), "batch_size": 8, "budget": "45s",
+                 "log_every": 10}.items():
+        flags += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "29523"]
+    proc = subprocess.run([*torchrun, "-m", "maelab.cli", "pretrain", *flags], env=env, capture_output=True, text=True,
+                          timeout=600)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0 and "leaves no time" in out:
+        pytest.skip("this machine is too busy for a 45 s budget run")
+    assert proc.returncode == 0, out
+    recorded = yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]
+    assert recorded["plan_history"] and recorded["plan_history"][-1] == recorded["max_steps"], out
+    assert ckpt.load_train_state(ckpt.latest_checkpoint(tmp_path))["global_step"] == recorded["max_steps"]

@@ -14,7 +14,7 @@ from maelab.config import option
 from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
 from maelab.models.vit import POOLS
-from maelab.train.budget import parse_duration
+from maelab.train.budget import check_history, parse_duration
 
 
 @dataclass
@@ -33,6 +33,9 @@ class ScheduleConfig:
                                       "step time is measured and the step count set to fit, evaluation and pictures "
                                       "included (replaces --epochs; recorded in the run's config)")
     max_steps: int | None = option(None, "total optimizer steps (default: epochs x steps per epoch; --budget sets it)")
+    plan_history: list[int] | None = option(None, "written by --budget when it re-sizes a run as it goes: the first "
+                                                  "plan's total steps, then step / new total pairs; the schedule "
+                                                  "follows it, so a resumed run stays exact (leave it out)")
 
 
 @dataclass
@@ -127,6 +130,7 @@ def check_schedule(optim: ScheduleConfig, batch_size: int | None = None) -> None
         parse_duration(o.budget)
     if o.max_steps is not None and o.max_steps < 1:
         raise MaelabError(f"--max-steps must be at least 1, got {o.max_steps}")
+    check_history(o.plan_history)
     for flag, value in (("--epochs", o.epochs), ("--accum-iter", o.accum_iter)):
         if value < 1:
             raise MaelabError(f"{flag} must be at least 1, got {value}")

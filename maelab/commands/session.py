@@ -36,7 +36,7 @@ from maelab.io import check_writable_folder, write_json
 from maelab.interop.encoders import resolve_encoder
 from maelab.models.vit import EncoderWeights, describe, features_model
 from maelab.train import checkpoint as ckpt
-from maelab.train.budget import parse_duration, plan_steps, process_age
+from maelab.train.budget import MARGIN, Deadline, parse_duration, plan_steps, process_age
 from maelab.train.distributed import cleanup, init_distributed
 from maelab.train.loop import LoopResult, Trainer
 from maelab.train.precision import resolve_precision
@@ -191,7 +191,7 @@ class Session:
             return
         if resume is not None:
             recorded = (load_yaml(Path(resume).parent.parent / "config.yaml").get("optim") or {})
-            for key in ("max_steps", "epochs", "warmup_epochs"):
+            for key in ("max_steps", "epochs", "warmup_epochs", "plan_history"):
                 if key in recorded:
                     setattr(o, key, recorded[key])
             self.budget_note = f"--budget: following the plan recorded when the run started ({o.max_steps} steps)"
@@ -205,9 +205,11 @@ class Session:
             step_s, per_epoch_s, final_s, spent = t.tolist()
         else:
             spent = time.perf_counter() - self.started
-        plan = plan_steps(parse_duration(o.budget), spent, step_s, trainer.steps_per_epoch, o.warmup_epochs,
-                          per_epoch_s, final_s)
-        o.max_steps, o.epochs, o.warmup_epochs = plan.steps, plan.epochs, plan.warmup_epochs
+        budget_s = parse_duration(o.budget)
+        plan = plan_steps(budget_s, spent, step_s, trainer.steps_per_epoch, o.warmup_epochs, per_epoch_s, final_s)
+        o.max_steps, o.epochs, o.warmup_epochs, o.plan_history = plan.steps, plan.epochs, plan.warmup_epochs, None
+        # the steps must be over by then; the trainer re-sizes the run from the step time it actually gets
+        trainer.deadline = Deadline(self.started + budget_s * (1 - MARGIN) - final_s, per_epoch_s)
         self.budget_note = f"--budget {o.budget}: {plan.describe()}"
 
     def fit(self, trainer: Trainer, cfg: Any, resume: Path | None, header: str) -> LoopResult:

@@ -6,6 +6,14 @@ has already spent (start-up, data scan) and what it will spend outside the steps
 evaluation, the final pictures) plus a 5 % margin, and sets the number of steps. The cosine runs over
 those steps and the warm-up is at most 10 % of them. The plan is written into the run's config
 (``max_steps``, ``epochs``, ``warmup_epochs``), so a resumed run follows it exactly.
+
+A shared machine's step time drifts by +-20 % within a run, more than a margin can absorb, so the
+run re-plans as it goes (:class:`Deadline`): every tenth of the first plan's steps it re-sizes the
+total from the step time it has had since the last re-plan and the time left. The
+cosine is not restarted: the rest of the first plan's schedule is stretched or squeezed over the new
+remaining steps (:func:`schedule_position`), so the learning rate stays continuous. Every re-plan is
+appended to ``plan_history`` in the run's config, and the schedule is a function of that record, so a
+run resumed after a re-plan takes exactly the steps the uninterrupted one took.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 MARGIN = 0.05  # of the budget, for what the estimate misses (a slower step, a busier machine)
 MAX_WARMUP = 0.1  # of the planned steps
+REPLAN_EVERY = 0.1  # of the first plan's steps
 
 
 def process_age() -> float:
@@ -68,6 +77,78 @@ class BudgetPlan:
                 f"warm-up {self.warmup_epochs:.3g} epochs")
 
 
+def fit_steps(available_s: float, step_s: float, steps_per_epoch: int, per_epoch_s: float = 0.0,
+              done_steps: int = 0, done_epochs: int = 0) -> int:
+    """The largest total ``n >= done_steps`` whose remaining steps and epoch ends fit ``available_s``:
+    ``(n - done_steps) * step_s + (ceil(n / steps_per_epoch) - done_epochs) * per_epoch_s <= available_s``
+    (``done_steps`` itself when not even one more fits)."""
+    def cost(n: int) -> float:
+        return (n - done_steps) * step_s + max(0, math.ceil(n / steps_per_epoch) - done_epochs) * per_epoch_s
+
+    n, high = done_steps, done_steps + max(0, int(available_s // step_s))  # cost grows with n
+    while n < high:
+        mid = (n + high + 1) // 2
+        n, high = (mid, high) if cost(mid) <= available_s else (n, mid - 1)
+    return n
+
+
+def schedule_position(it: float, history: list[int] | None) -> tuple[float, float]:
+    """(iteration, total) to evaluate the schedule at for optimizer step ``it`` of a run re-planned as
+    ``history`` says: ``[first total, step, new total, step, new total, ...]``. Between re-plans the
+    position on the first plan's schedule advances linearly, reaching its end exactly at the last total;
+    without re-plans it is ``(it, None)``: the caller's own total."""
+    if not history or len(history) < 3:
+        return it, None
+    first = float(history[0])
+    s, v, t = 0, 0.0, history[0]
+    for k in range(1, len(history) - 1, 2):
+        step, total = history[k], history[k + 1]
+        if it < step:
+            break
+        v += (step - s) * (first - v) / (t - s)
+        s, t = step, total
+    return v + (it - s) * (first - v) / (t - s), first
+
+
+def check_history(history: list[int] | None) -> None:
+    """``--plan-history`` as a budget run records it: a first total, then (step, new total) pairs with
+    steps increasing and every new total past its step."""
+    if not history:
+        return
+    if len(history) % 2 != 1 or history[0] < 1:
+        raise MaelabError(f"--plan-history {history}: expected the first plan's total steps, then step / new total "
+                          f"pairs (it is written by --budget; leave it out)")
+    last = 0
+    for k in range(1, len(history), 2):
+        step, total = history[k], history[k + 1]
+        if step <= last or total <= step:
+            raise MaelabError(f"--plan-history {history}: re-plan at step {step} to {total} steps is out of order")
+        last = step
+
+
+@dataclass
+class Deadline:
+    """When this process's training steps must be over (``time.perf_counter()`` seconds: the budget's end
+    less the margin and the final evaluation / pictures) and what each epoch end is expected to cost,
+    so the trainer can re-size the run from the step time it actually gets (see the module docstring)."""
+
+    ends_at: float
+    per_epoch_s: float = 0.0
+    interval: int = 2  # steps between re-plans, set by the first check
+
+    def first_check(self, total: int, warmup_steps: float) -> int:
+        """The step of the first re-plan: a tenth of the plan, after the warm-up, with a few steps timed."""
+        self.interval = max(2, math.ceil(REPLAN_EVERY * total))
+        return max(self.interval, math.ceil(warmup_steps) + 1, WARM_STEPS + 2)
+
+    def next_check(self, step: int, total: int) -> float:
+        """After a re-plan at ``step``: ``interval`` steps on, unless the run ends before."""
+        return step + self.interval if total - step > self.interval else math.inf
+
+
+WARM_STEPS = 2  # optimizer steps before the re-plan clock starts (allocator, kernel selection)
+
+
 def plan_steps(budget_s: float, spent_s: float, step_s: float, steps_per_epoch: int, warmup_epochs: float,
                per_epoch_s: float = 0.0, final_s: float = 0.0) -> BudgetPlan:
     """The most steps ``n`` with ``n * step_s + epochs(n) * per_epoch_s <= available``, where
@@ -76,16 +157,9 @@ def plan_steps(budget_s: float, spent_s: float, step_s: float, steps_per_epoch: 
         raise MaelabError(f"could not measure the step time for --budget (got {step_s}); the data may hold fewer "
                           f"steps than the measurement needs")
     available = budget_s * (1 - MARGIN) - spent_s - final_s
-
-    def cost(n: int) -> float:
-        return n * step_s + math.ceil(n / steps_per_epoch) * per_epoch_s
-
-    n, high = 0, max(0, int(available // step_s))  # cost grows with n: the largest n that fits
-    while n < high:
-        mid = (n + high + 1) // 2
-        n, high = (mid, high) if cost(mid) <= available else (n, mid - 1)
+    n = fit_steps(available, step_s, steps_per_epoch, per_epoch_s)
     if n < 1:
-        need = spent_s + final_s + cost(1)
+        need = spent_s + final_s + step_s + per_epoch_s
         raise MaelabError(f"--budget {budget_s:.0f} s leaves no time for a single step: start-up and the step-time "
                           f"measurement took {spent_s:.0f} s, one step takes {step_s:.2g} s and the pictures / evaluation {final_s + per_epoch_s:.0f} s; "
                           f"give at least {math.ceil(need / (1 - MARGIN))} s")

@@ -67,6 +67,13 @@ class RunLogger:
             self.bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{epochs}",
                             unit="step", dynamic_ncols=True, leave=False, file=sys.stderr)
 
+    def set_epoch_steps(self, steps: int, epochs: int) -> None:
+        """A re-planned budget run: this epoch's length and the epoch count changed."""
+        self._steps, self._epochs = steps, epochs
+        if self.bar is not None:
+            self.bar.total = steps
+            self.bar.set_description(f"epoch {self._epoch + 1}/{epochs}")
+
     def step(self, done: int, metrics: dict[str, float] | None) -> None:
         """``done`` steps finished this epoch; ``metrics`` only at log intervals (already synced)."""
         if not self.enabled:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import random
 import signal
 import time
@@ -32,6 +33,7 @@ from maelab.io import atomic_write_bytes, read_weights, remove_stale_temps
 from maelab.models.attention import fused_attention_wanted, set_attention_kernel
 from maelab.models.state_dicts import check_state_dict
 from maelab.train import checkpoint as ckpt
+from maelab.train.budget import WARM_STEPS, Deadline, fit_steps, schedule_position
 from maelab.train.distributed import (DistInfo, any_flag, barrier, full_state, full_value, is_sharded, load_full_state,
                                       no_sync, peak_memory, wrap_ddp)
 from maelab.train.logs import RunLogger
@@ -148,6 +150,12 @@ class Trainer:
         self.peak: list[float] | None = None  # memory per process at the end of the first epoch trained
         self.steps_per_epoch = feeder.steps_per_epoch
         self.global_batch = feeder.plan.global_size
+        self.deadline: Deadline | None = None  # set by a --budget plan: re-size the run as it goes
+        self._config: Any = None  # the run's whole config, re-recorded when a re-plan changes it
+        self._clock: tuple[float, int, float] | None = None  # (time, global step, overhead) of the last re-plan
+        self._next_replan = math.inf
+        self._overhead = 0.0  # seconds spent at epoch ends (evaluation, checkpoints): not step time
+        self._epoch_ends: list[float] = []
 
     # --- schedule ----------------------------------------------------------------------------------
     @property
@@ -166,7 +174,49 @@ class Trainer:
         it = epoch * self.steps_per_epoch + step
         warmup = self.optim_cfg.warmup_epochs * self.steps_per_epoch
         schedule = SCHEDULES[getattr(self.optim_cfg, "schedule", "cosine")]  # a section may choose (segment: poly)
-        return schedule(it, self.total_steps, warmup, self.peak_lr, self.optim_cfg.min_lr)
+        position, first_total = schedule_position(it, getattr(self.optim_cfg, "plan_history", None))
+        return schedule(position, first_total or self.total_steps, warmup, self.peak_lr, self.optim_cfg.min_lr)
+
+    def epoch_steps(self, epoch: int) -> int:
+        """Optimizer steps epoch ``epoch`` will take: all of them, or fewer where the run ends inside it."""
+        return max(0, min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch))
+
+    def _replan(self, loss: torch.Tensor) -> None:
+        """With a budget: start the clock after the warm-up steps, then at each check re-size the run from
+        the step time since the last one (:mod:`maelab.train.budget`), recording the new plan."""
+        d, o = self.deadline, self.optim_cfg
+        if self._clock is None:
+            if self.global_step >= WARM_STEPS:
+                float(loss)  # wait for the device
+                self._clock = (time.perf_counter(), self.global_step, self._overhead)
+                self._next_replan = d.first_check(self.total_steps, o.warmup_epochs * self.steps_per_epoch)
+            return
+        if self.global_step < self._next_replan:
+            return
+        float(loss)
+        now = time.perf_counter()
+        t0, s0, o0 = self._clock
+        step_s = (now - t0 - (self._overhead - o0)) / (self.global_step - s0)
+        per_epoch = float(np.mean(self._epoch_ends)) if self._epoch_ends else d.per_epoch_s
+        total = max(self.global_step + 1, fit_steps(d.ends_at - now, step_s, self.steps_per_epoch, per_epoch,
+                                                    self.global_step, self.epoch))
+        if self.info.enabled:  # every process takes the slowest one's plan
+            t = torch.tensor([total], dtype=torch.long, device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            total = int(t.item())
+        old = self.total_steps
+        self._clock = (now, self.global_step, self._overhead)
+        self._next_replan = d.next_check(self.global_step, total)
+        if total == old:
+            return
+        o.plan_history = [*(o.plan_history or [old]), self.global_step, total]
+        o.max_steps, o.epochs = total, math.ceil(total / self.steps_per_epoch)
+        if self.info.is_main:
+            self._write_config()
+        self.log.set_epoch_steps(self.epoch_steps(self.epoch), o.epochs)
+        self.log.info(f"--budget: re-planned at step {self.global_step} from {step_s:.3g} s/step since step {s0} "
+                      f"and {max(0.0, d.ends_at - now):.0f} s left: {total} steps (was {old})")
+
 
     def _optimizer_step(self) -> None:
         if self.scaler:
@@ -246,6 +296,7 @@ class Trainer:
     def open_run(self, config: Any, resume: Path | None) -> RunLogger:
         """Resume (which checks the checkpoint fits), read the first batch's images, and only then write
         the run folder: logs and ``config.yaml``. Nothing is written for a run that cannot start."""
+        self._config = config
         settings = dataclasses.asdict(config)
         changes: list[str] = []
         if resume is not None:
@@ -255,14 +306,17 @@ class Trainer:
             self.feeder.check_start(self.epoch, self.step)
         self.log = RunLogger(self.run_dir, enabled=self.info.is_main, start_step=self.global_step)
         if self.info.is_main:
-            atomic_write_bytes(self.run_dir / "config.yaml",
-                                    yaml.safe_dump(recorded(settings), sort_keys=False).encode())
+            self._write_config()
             stale = remove_stale_temps(self.run_dir / "checkpoints")
             if stale:
                 self.log.info(f"removed {len(stale)} temp file(s) a killed run left in {self.run_dir / 'checkpoints'}")
         if changes:
             self.log.info("resumed with changed settings: " + ", ".join(changes))
         return self.log
+
+    def _write_config(self) -> None:
+        atomic_write_bytes(self.run_dir / "config.yaml",
+                           yaml.safe_dump(recorded(dataclasses.asdict(self._config)), sort_keys=False).encode())
 
     def resume_from(self, folder: Path) -> None:
         weights, _ = read_weights(folder / ckpt.WEIGHTS)
@@ -304,7 +358,7 @@ class Trainer:
         with _stop_signals() as stop:
             while self.epoch < cfg.epochs and self.global_step < self.total_steps:  # --max-steps may end it early
                 epoch = self.epoch
-                self.log.start_epoch(epoch, cfg.epochs, self.step, self.steps_per_epoch)
+                self.log.start_epoch(epoch, cfg.epochs, self.step, self.epoch_steps(epoch))
                 loss_sum = torch.zeros((), device=self.device)
                 epoch_sum = torch.full((), self.epoch_partial[0], device=self.device)
                 n_log, n_epoch, t_log = 0, self.epoch_partial[1], time.perf_counter()
@@ -328,6 +382,8 @@ class Trainer:
                     if self.scaler:
                         self.scaler.unscale_(self.optimizer)
                     self.step, self.global_step = batch.step + 1, self.global_step + 1
+                    if self.deadline is not None:
+                        self._replan(loss)
                     ends = self.step == self.steps_per_epoch or self.global_step >= self.total_steps
                     log_now = self.step % run.log_every == 0 or ends
                     if cfg.clip_grad:
@@ -354,6 +410,7 @@ class Trainer:
                         path = self.save(f"step_{self.global_step:08d}")
                         raise RunInterrupted(f"interrupted at epoch {epoch + 1} step {self.step}; checkpoint saved "
                                              f"to {path or self.run_dir}; run the same command again to resume", stop["signum"])
+                t_end = time.perf_counter()
                 self.log.end_epoch()
                 self._check_finite(bad_step)
                 self.epoch, self.step = epoch + 1, 0
@@ -371,6 +428,8 @@ class Trainer:
                 self.save(name, {"epoch_loss": epoch_loss})
                 if self.info.is_main:
                     self._prune(name)
+                self._epoch_ends.append(time.perf_counter() - t_end)
+                self._overhead += self._epoch_ends[-1]
                 if stop["stop"] and not last:
                     raise RunInterrupted(f"interrupted after epoch {self.epoch}; run the same command again to resume",
                                          stop["signum"])
