@@ -9,7 +9,10 @@ the command that re-creates it; each sweep folder its results.json table, comman
 benchmark its curve. Pictures are copied next to the page (``docs/results/``) so the page shows them
 from a clone. A folder that has not been run (no results.json) is listed as not run, so the page never
 implies a number nobody measured. The paper's own numbers (ViT-L/16, ImageNet-1K, Table 1) stand beside
-each sweep so a reader sees where the small-scale shape differs.
+each sweep so a reader sees where the small-scale shape differs. The preset's own configuration comes
+back in every sweep (mask ratio 0.75 in the mask-ratio sweep, decoder depth 4 in the depth sweep, ...,
+and a `--setting seed` sweep): those repeats give the run-to-run spread, and a sweep's winner is called a
+difference from the paper only when it beats the paper's value by more than that spread.
 """
 
 from __future__ import annotations
@@ -102,6 +105,102 @@ def best(rows: list[dict], key: str) -> dict | None:
     return max(scored, key=lambda r: r[key]) if scored else None
 
 
+def same_value(a, b) -> bool:
+    """A sweep value (text) against a config value: numbers by value, the rest as lower-case text."""
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a).lower() == str(b).lower()
+
+
+def preset_value(preset: str, setting: str):
+    """The value a sweep's preset gives ``setting`` (``decoder-depth`` -> the model preset's when the
+    config leaves it to the model); None when it cannot be told."""
+    try:
+        from maelab.commands.pretrain import PretrainConfig
+        from maelab.config import build_config
+        from maelab.models.presets import PRESETS
+    except ImportError:
+        return None
+    cfg = build_config(PretrainConfig, yaml_path=preset)
+    name = setting.replace("-", "_")
+    for section in (cfg.model, cfg.data, cfg.optim, cfg.run):
+        if hasattr(section, name):
+            value = getattr(section, name)
+            return PRESETS.get(cfg.model.model, {}).get(name) if value is None else value
+    return None
+
+
+def preset_runs(sweeps: list[dict]) -> dict[tuple, list[tuple[str, float]]]:
+    """(budget, preset, images, precision) -> [(where, kNN)] of every run of the preset's own configuration: the
+    sweep row whose value is the preset's, and every row of a ``seed`` sweep."""
+    groups: dict[tuple, list[tuple[str, float]]] = {}
+    for res in sweeps:
+        preset = res.get("preset", "pretrain_cifar10_tiny")
+        key = (res["budget"], preset, res.get("evaluated_images"), res.get("pretrain_images"), res.get("precision"))
+        default = preset_value(preset, res["setting"]) if res["setting"] != "seed" else None
+        for row in res["rows"]:
+            if "knn_top1" in row and (res["setting"] == "seed" or same_value(row["value"], default)):
+                groups.setdefault(key, []).append((f"{res['setting']}={row['value']}", row["knn_top1"]))
+    return groups
+
+
+def spread_of(sweep: dict, groups: dict) -> float | None:
+    """max - min kNN of the preset's repeated runs at this sweep's budget and images (None: fewer than 3)."""
+    key = (sweep["budget"], sweep.get("preset", "pretrain_cifar10_tiny"), sweep.get("evaluated_images"),
+           sweep.get("pretrain_images"), sweep.get("precision"))
+    scores = [v for _, v in groups.get(key, [])]
+    return max(scores) - min(scores) if len(scores) >= 3 else None
+
+
+def noise_section(page: Page, groups: dict) -> None:
+    for (budget, preset, images, _, precision), runs in groups.items():
+        if len(runs) < 3:
+            continue
+        scores = [v for _, v in runs]
+        mean = sum(scores) / len(scores)
+        std = (sum((v - mean) ** 2 for v in scores) / (len(scores) - 1)) ** 0.5
+        page.lines += ["## Run-to-run spread", "",
+                       f"The preset `{preset}`'s own configuration was pre-trained {len(runs)} times at the {budget} "
+                       f"budget in precision {precision} ({', '.join(f'{w}: {v:.2f}' for w, v in runs)}): kNN **{mean:.2f} ± {std:.2f}** "
+                       f"(mean ± standard deviation), spread {max(scores) - min(scores):.2f} points, on "
+                       f"{images or 'all'} images of each split. With one seed the runs differ only in how many steps "
+                       f"the budget bought (the machine's speed when each run measured it); the `seed=` runs add "
+                       f"seed noise. Below, a sweep's winner counts as a difference from the paper only when it beats "
+                       f"the paper's value by more than this spread.", ""]
+
+
+def shape_table(page: Page, sweeps: list[dict], groups: dict) -> None:
+    """One line per Table-1 sweep: the paper's best value, ours, and whether the difference is real."""
+    rows = []
+    for res in sweeps:
+        setting = res["setting"]
+        if setting not in PAPER or not any("knn_top1" in r for r in res["rows"]):
+            continue
+        paper, _ = PAPER[setting]
+        top = best(res["rows"], "knn_top1")
+        at_paper = next((r for r in res["rows"] if same_value(r["value"], paper) and "knn_top1" in r), None)
+        spread = spread_of(res, groups)
+        if at_paper is None:
+            verdict = "the paper's value was not run"
+        elif same_value(top["value"], paper):
+            verdict = "same winner"
+        elif spread is not None and top["knn_top1"] - at_paper["knn_top1"] <= spread:
+            verdict = f"within the {spread:.2f}-point spread: no real difference"
+        else:
+            verdict = (f"**differs**: {top['value']} beats {paper} by {top['knn_top1'] - at_paper['knn_top1']:.2f} "
+                       + (f"(> the {spread:.2f}-point spread)" if spread is not None else "(spread not measured)"))
+        rows.append(f"| `{setting}` | {res['budget']} | {paper} | {at_paper['knn_top1']:.2f} |" if at_paper else
+                    f"| `{setting}` | {res['budget']} | {paper} | – |")
+        rows[-1] += f" {top['value']} | {top['knn_top1']:.2f} | {verdict} |"
+    if rows:
+        page.lines += ["## Our small-scale shape against the paper's", "",
+                       "kNN top-1 of each sweep's value that the paper found best, against our best value (the "
+                       "sweeps below have the details and the paper's own numbers).", "",
+                       "| setting | budget | paper's best | our kNN there | our best | its kNN | verdict |",
+                       "|---|---|---|---|---|---|---|", *rows, ""]
+
+
 def run_facts(run: Path) -> dict:
     """What one sweep value's own outputs say (for summaries written before they recorded it):
     the pre-training config's image count, precision and seed, and the images kNN scored."""
@@ -117,6 +216,22 @@ def run_facts(run: Path) -> dict:
         if res["train_images"] == res["val_images"]:
             facts["evaluated_images"] = res["train_images"]
     return facts
+
+
+def overran(res: dict) -> list[str]:
+    """Say which values' pre-training took well over the budget: the step count was planned for the
+    budget, so their accuracy stands, but their time includes whatever else the machine was doing."""
+    try:
+        from maelab.train.budget import parse_duration
+        budget_s = parse_duration(res["budget"])
+    except Exception:  # "none" (epochs), or maelab not importable
+        return []
+    late = [f"{r['value']} ({r['pretrain_s'] / 60:.1f} min)" for r in res["rows"] if r["pretrain_s"] > 1.25 * budget_s]
+    if not late:
+        return []
+    return [f"Over the budget: {', '.join(late)}. Those runs took the steps planned for the budget, but the "
+            f"machine was shared while they ran (another job took its cores), so their time column is not "
+            f"their own cost.", ""]
 
 
 def ablation_section(page: Page, folder: Path) -> None:
@@ -146,6 +261,7 @@ def ablation_section(page: Page, folder: Path) -> None:
                    f" (seed {res['seed']}, precision {res['precision']}), then evaluated on "
                    f"{'all' if not evaluated else evaluated} images of each split. Machine: "
                    f"{res.get('machine', 'not recorded')}.", "", (folder / "results.md").read_text(), ""]
+    page.lines += overran(res)
     ours = [f"best {title} at **{b['value']}** ({b[key]:.2f})" for key, title in SCORES if (b := best(rows, key))]
     if setting in PAPER:
         value, finding = PAPER[setting]
@@ -226,6 +342,11 @@ def main() -> None:
     for folder in args.recipe:
         recipe_section(page, Path(folder))
     quality_section(page, Path(args.quality))
+    sweeps = [json.loads((Path(f) / "results.json").read_text()) for f in args.ablation
+              if (Path(f) / "results.json").is_file()]
+    groups = preset_runs(sweeps)
+    shape_table(page, sweeps, groups)
+    noise_section(page, groups)
     for folder in args.ablation:
         ablation_section(page, Path(folder))
     if not args.ablation:

@@ -70,3 +70,32 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, args, message):
     out = ablate(*args, "--data", str(tmp_path), "--out", str(tmp_path / "sweep"), cwd=tmp_path)
     assert out.returncode == 2 and message in out.stderr and not (tmp_path / "sweep").exists()
+
+
+def write_sweep(folder: Path, setting: str, scores: dict[str, float], minutes: float = 4.0) -> Path:
+    rows = [{"value": v, "pretrain_s": minutes * 60, "pretrain_steps": 400, "knn_top1": k} for v, k in scores.items()]
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({
+        "setting": setting, "budget": "4m", "data": "cifar10/train", "rows": rows, "preset": "pretrain_cifar10_tiny",
+        "seed": 0, "precision": "fast", "machine": "test", "evaluated_images": 5000, "pretrain_images": 0,
+        "command": f"maelab ablate --setting {setting}"}))
+    (folder / "results.md").write_text(f"| {setting} |\n")
+    return folder
+
+
+def test_the_results_page_measures_the_spread_and_calls_a_difference_only_beyond_it(tmp_path):
+    sweeps = [write_sweep(tmp_path / "mask", "mask-ratio", {"0.5": 30.0, "0.75": 31.0}),
+              write_sweep(tmp_path / "depth", "decoder-depth", {"1": 35.0, "4": 31.5, "8": 30.0}),  # preset: 4
+              write_sweep(tmp_path / "norm", "norm-pix-loss", {"true": 31.2, "false": 31.9}, minutes=9.0),
+              write_sweep(tmp_path / "seed", "seed", {"1": 30.5})]
+    page = tmp_path / "page.md"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
+                    *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page)],
+                   check=True, capture_output=True)
+    text = page.read_text()
+    # the preset's own configuration: mask 0.75, depth 4, norm-pix true, seed 1 -> 31.0, 31.5, 31.2, 30.5
+    assert "pre-trained 4 times at the 4m budget" in text and "spread 1.00 points" in text
+    assert "| `mask-ratio` | 4m | 0.75 | 31.00 | 0.75 | 31.00 | same winner |" in text
+    assert "| `decoder-depth` | 4m | 8 | 30.00 | 1 | 35.00 | **differs**: 1 beats 8 by 5.00 (> the 1.00-point spread) |" in text
+    assert "| `norm-pix-loss` | 4m | true | 31.20 | false | 31.90 | within the 1.00-point spread" in text
+    assert "Over the budget: true (9.0 min), false (9.0 min)" in text
