@@ -184,12 +184,17 @@ def shape_table(page: Page, sweeps: list[dict], groups: dict) -> None:
         if at_paper is None:
             verdict = "the paper's value was not run"
         elif same_value(top["value"], paper):
-            verdict = "same winner"
+            others = [r["knn_top1"] for r in res["rows"] if r is not top and "knn_top1" in r]
+            margin = top["knn_top1"] - max(others) if others else None
+            verdict = ("same winner" if margin is None or spread is None or margin > spread else
+                       f"same winner, but by {margin:.2f}: within the {spread:.2f}-point spread")
         elif spread is not None and top["knn_top1"] - at_paper["knn_top1"] <= spread:
             verdict = f"within the {spread:.2f}-point spread: no real difference"
         else:
             verdict = (f"**differs**: {top['value']} beats {paper} by {top['knn_top1'] - at_paper['knn_top1']:.2f} "
                        + (f"(> the {spread:.2f}-point spread)" if spread is not None else "(spread not measured)"))
+            if top.get("pretrain_steps") and at_paper.get("pretrain_steps"):
+                verdict += f"; the budget bought {top['pretrain_steps']} against {at_paper['pretrain_steps']} steps"
         rows.append(f"| `{setting}` | {res['budget']} | {paper} | {at_paper['knn_top1']:.2f} |" if at_paper else
                     f"| `{setting}` | {res['budget']} | {paper} | – |")
         rows[-1] += f" {top['value']} | {top['knn_top1']:.2f} | {verdict} |"
@@ -345,8 +350,8 @@ def main() -> None:
     sweeps = [json.loads((Path(f) / "results.json").read_text()) for f in args.ablation
               if (Path(f) / "results.json").is_file()]
     groups = preset_runs(sweeps)
-    shape_table(page, sweeps, groups)
     noise_section(page, groups)
+    shape_table(page, sweeps, groups)
     for folder in args.ablation:
         ablation_section(page, Path(folder))
     if not args.ablation:

@@ -84,7 +84,7 @@ def write_sweep(folder: Path, setting: str, scores: dict[str, float], minutes: f
 
 
 def test_the_results_page_measures_the_spread_and_calls_a_difference_only_beyond_it(tmp_path):
-    sweeps = [write_sweep(tmp_path / "mask", "mask-ratio", {"0.5": 30.0, "0.75": 31.0}),
+    sweeps = [write_sweep(tmp_path / "mask", "mask-ratio", {"0.5": 29.0, "0.75": 31.0}),
               write_sweep(tmp_path / "depth", "decoder-depth", {"1": 35.0, "4": 31.5, "8": 30.0}),  # preset: 4
               write_sweep(tmp_path / "norm", "norm-pix-loss", {"true": 31.2, "false": 31.9}, minutes=9.0),
               write_sweep(tmp_path / "seed", "seed", {"1": 30.5})]
@@ -96,6 +96,12 @@ def test_the_results_page_measures_the_spread_and_calls_a_difference_only_beyond
     # the preset's own configuration: mask 0.75, depth 4, norm-pix true, seed 1 -> 31.0, 31.5, 31.2, 30.5
     assert "pre-trained 4 times at the 4m budget" in text and "spread 1.00 points" in text
     assert "| `mask-ratio` | 4m | 0.75 | 31.00 | 0.75 | 31.00 | same winner |" in text
-    assert "| `decoder-depth` | 4m | 8 | 30.00 | 1 | 35.00 | **differs**: 1 beats 8 by 5.00 (> the 1.00-point spread) |" in text
+    assert "| `decoder-depth` | 4m | 8 | 30.00 | 1 | 35.00 | **differs**: 1 beats 8 by 5.00 (> the 1.00-point spread); the budget bought 400 against 400 steps |" in text
     assert "| `norm-pix-loss` | 4m | true | 31.20 | false | 31.90 | within the 1.00-point spread" in text
     assert "Over the budget: true (9.0 min), false (9.0 min)" in text
+    (tmp_path / "depth" / "results.json").write_text((tmp_path / "depth" / "results.json").read_text()
+                                                      .replace("35.0", "29.0").replace("30.0", "31.9"))
+    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
+                    *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page)],
+                   check=True, capture_output=True)
+    assert "| `decoder-depth` | 4m | 8 | 31.90 | 8 | 31.90 | same winner, but by 0.40: within the 1.00-point spread |" in page.read_text()
