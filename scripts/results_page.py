@@ -20,9 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
+import sys
 from pathlib import Path
 
 import yaml
+
+from maelab.commands.pretrain import PretrainConfig
+from maelab.config import build_config
+from maelab.errors import MaelabError
+from maelab.models.presets import PRESETS
+from maelab.train.budget import parse_duration
 
 RECIPES = {"recipe_quick": "about 30 minutes on 2 CPU cores", "recipe_full": "the public small-scale recipe; needs a GPU"}
 STEPS = (("knn_mae_top1", "kNN (k=20, T=0.07), MAE encoder", "knn_mae"),
@@ -115,13 +123,7 @@ def same_value(a, b) -> bool:
 
 def preset_value(preset: str, setting: str):
     """The value a sweep's preset gives ``setting`` (``decoder-depth`` -> the model preset's when the
-    config leaves it to the model); None when it cannot be told."""
-    try:
-        from maelab.commands.pretrain import PretrainConfig
-        from maelab.config import build_config
-        from maelab.models.presets import PRESETS
-    except ImportError:
-        return None
+    config leaves it to the model); None when it is not a pre-training setting."""
     cfg = build_config(PretrainConfig, yaml_path=preset)
     name = setting.replace("-", "_")
     for section in (cfg.model, cfg.data, cfg.optim, cfg.run):
@@ -131,25 +133,28 @@ def preset_value(preset: str, setting: str):
     return None
 
 
+def group_key(sweep: dict) -> tuple:
+    """Sweeps whose preset runs are repeats of each other: same budget, preset, images and precision."""
+    return (sweep["budget"], sweep.get("preset", "pretrain_cifar10_tiny"), sweep.get("evaluated_images"),
+            sweep.get("pretrain_images"), sweep.get("precision"))
+
+
 def preset_runs(sweeps: list[dict]) -> dict[tuple, list[tuple[str, float]]]:
-    """(budget, preset, images, precision) -> [(where, kNN)] of every run of the preset's own configuration: the
-    sweep row whose value is the preset's, and every row of a ``seed`` sweep."""
+    """:func:`group_key` -> [(where, kNN)] of every run of the preset's own configuration: the sweep row
+    whose value is the preset's, and every row of a ``seed`` sweep."""
     groups: dict[tuple, list[tuple[str, float]]] = {}
     for res in sweeps:
-        preset = res.get("preset", "pretrain_cifar10_tiny")
-        key = (res["budget"], preset, res.get("evaluated_images"), res.get("pretrain_images"), res.get("precision"))
-        default = preset_value(preset, res["setting"]) if res["setting"] != "seed" else None
+        seeds = res["setting"] == "seed"
+        default = None if seeds else preset_value(group_key(res)[1], res["setting"])
         for row in res["rows"]:
-            if "knn_top1" in row and (res["setting"] == "seed" or same_value(row["value"], default)):
-                groups.setdefault(key, []).append((f"{res['setting']}={row['value']}", row["knn_top1"]))
+            if "knn_top1" in row and (seeds or same_value(row["value"], default)):
+                groups.setdefault(group_key(res), []).append((f"{res['setting']}={row['value']}", row["knn_top1"]))
     return groups
 
 
 def spread_of(sweep: dict, groups: dict) -> float | None:
     """max - min kNN of the preset's repeated runs at this sweep's budget and images (None: fewer than 3)."""
-    key = (sweep["budget"], sweep.get("preset", "pretrain_cifar10_tiny"), sweep.get("evaluated_images"),
-           sweep.get("pretrain_images"), sweep.get("precision"))
-    scores = [v for _, v in groups.get(key, [])]
+    scores = [v for _, v in groups.get(group_key(sweep), [])]
     return max(scores) - min(scores) if len(scores) >= 3 else None
 
 
@@ -158,8 +163,7 @@ def noise_section(page: Page, groups: dict) -> None:
         if len(runs) < 3:
             continue
         scores = [v for _, v in runs]
-        mean = sum(scores) / len(scores)
-        std = (sum((v - mean) ** 2 for v in scores) / (len(scores) - 1)) ** 0.5
+        mean, std = statistics.mean(scores), statistics.stdev(scores)
         page.lines += ["## Run-to-run spread", "",
                        f"The preset `{preset}`'s own configuration was pre-trained {len(runs)} times at the {budget} "
                        f"budget in precision {precision} ({', '.join(f'{w}: {v:.2f}' for w, v in runs)}): kNN **{mean:.2f} ± {std:.2f}** "
@@ -195,9 +199,9 @@ def shape_table(page: Page, sweeps: list[dict], groups: dict) -> None:
                        + (f"(> the {spread:.2f}-point spread)" if spread is not None else "(spread not measured)"))
             if top.get("pretrain_steps") and at_paper.get("pretrain_steps"):
                 verdict += f"; the budget bought {top['pretrain_steps']} against {at_paper['pretrain_steps']} steps"
-        rows.append(f"| `{setting}` | {res['budget']} | {paper} | {at_paper['knn_top1']:.2f} |" if at_paper else
-                    f"| `{setting}` | {res['budget']} | {paper} | – |")
-        rows[-1] += f" {top['value']} | {top['knn_top1']:.2f} | {verdict} |"
+        there = f"{at_paper['knn_top1']:.2f}" if at_paper else "–"
+        rows.append(f"| `{setting}` | {res['budget']} | {paper} | {there} | {top['value']} | {top['knn_top1']:.2f} | "
+                    f"{verdict} |")
     if rows:
         page.lines += ["## Our small-scale shape against the paper's", "",
                        "kNN top-1 of each sweep's value that the paper found best, against our best value (the "
@@ -227,9 +231,8 @@ def overran(res: dict) -> list[str]:
     """Say which values' pre-training took well over the budget: the step count was planned for the
     budget, so their accuracy stands, but their time includes whatever else the machine was doing."""
     try:
-        from maelab.train.budget import parse_duration
         budget_s = parse_duration(res["budget"])
-    except Exception:  # "none" (epochs), or maelab not importable
+    except MaelabError:  # "none": trained for epochs, no budget to overrun
         return []
     late = [f"{r['value']} ({r['pretrain_s'] / 60:.1f} min)" for r in res["rows"] if r["pretrain_s"] > 1.25 * budget_s]
     if not late:
@@ -341,7 +344,8 @@ def main() -> None:
     args = ap.parse_args()
     page = Page(Path(args.out))
     page.lines += ["# Results", "",
-                   "Generated by `python scripts/results_page.py` from the run folders named below; nothing on this "
+                   f"Generated by `python scripts/results_page.py {' '.join(sys.argv[1:])}` from the run folders named "
+                   "below; nothing on this "
                    "page is typed by hand except the paper's own numbers quoted beside each sweep. Re-run the "
                    "commands to check any number.", ""]
     for folder in args.recipe:

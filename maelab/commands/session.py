@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from maelab.data.folders import ImageList
@@ -36,8 +35,8 @@ from maelab.io import check_writable_folder, write_json
 from maelab.interop.encoders import resolve_encoder
 from maelab.models.vit import EncoderWeights, describe, features_model
 from maelab.train import checkpoint as ckpt
-from maelab.train.budget import MARGIN, Deadline, parse_duration, plan_steps, process_age
-from maelab.train.distributed import cleanup, init_distributed
+from maelab.train.budget import MARGIN, Deadline, check_history, parse_duration, plan_steps, process_age
+from maelab.train.distributed import cleanup, init_distributed, reduce_values
 from maelab.train.loop import LoopResult, Trainer
 from maelab.train.precision import resolve_precision
 
@@ -190,21 +189,22 @@ class Session:
         if not o.budget:
             return
         if resume is not None:
-            recorded = (load_yaml(Path(resume).parent.parent / "config.yaml").get("optim") or {})
+            config = Path(resume).parent.parent / "config.yaml"
+            recorded = (load_yaml(config).get("optim") or {})
             for key in ("max_steps", "epochs", "warmup_epochs", "plan_history"):
                 if key in recorded:
                     setattr(o, key, recorded[key])
+            try:
+                check_history(o.plan_history)
+            except MaelabError as e:
+                raise MaelabError(f"{config}: {e}") from None
             self.budget_note = f"--budget: following the plan recorded when the run started ({o.max_steps} steps)"
             return
         per_epoch_s, final_s = measure() if measure else (0.0, 0.0)
         step_s = trainer.time_steps()
-        if self.info.enabled:  # every process plans with the slowest one's numbers
-            t = torch.tensor([step_s, per_epoch_s, final_s, time.perf_counter() - self.started], dtype=torch.float64,
-                             device=self.device if self.device.type == "cuda" else "cpu")  # NCCL needs GPU tensors
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            step_s, per_epoch_s, final_s, spent = t.tolist()
-        else:
-            spent = time.perf_counter() - self.started
+        # every process plans with the slowest one's numbers
+        step_s, per_epoch_s, final_s, spent = reduce_values(
+            [step_s, per_epoch_s, final_s, time.perf_counter() - self.started], self.info, self.device)
         budget_s = parse_duration(o.budget)
         plan = plan_steps(budget_s, spent, step_s, trainer.steps_per_epoch, o.warmup_epochs, per_epoch_s, final_s)
         o.max_steps, o.epochs, o.warmup_epochs, o.plan_history = plan.steps, plan.epochs, plan.warmup_epochs, None

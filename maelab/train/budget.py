@@ -31,6 +31,7 @@ _PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 MARGIN = 0.05  # of the budget, for what the estimate misses (a slower step, a busier machine)
 MAX_WARMUP = 0.1  # of the planned steps
 REPLAN_EVERY = 0.1  # of the first plan's steps
+WARM_STEPS = 2  # optimizer steps before the re-plan clock starts (allocator, kernel selection)
 
 
 def process_age() -> float:
@@ -144,9 +145,6 @@ class Deadline:
     def next_check(self, step: int, total: int) -> float:
         """After a re-plan at ``step``: ``interval`` steps on, unless the run ends before."""
         return step + self.interval if total - step > self.interval else math.inf
-
-
-WARM_STEPS = 2  # optimizer steps before the re-plan clock starts (allocator, kernel selection)
 
 
 def plan_steps(budget_s: float, spent_s: float, step_s: float, steps_per_epoch: int, warmup_epochs: float,

@@ -187,6 +187,15 @@ def any_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def reduce_values(values: list[float], info: DistInfo, device: torch.device, op=dist.ReduceOp.MAX) -> list[float]:
+    """``values`` reduced over every rank with ``op`` (a collective; the values themselves in one process)."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")  # NCCL: GPU
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -35,7 +35,7 @@ from maelab.models.state_dicts import check_state_dict
 from maelab.train import checkpoint as ckpt
 from maelab.train.budget import WARM_STEPS, Deadline, fit_steps, schedule_position
 from maelab.train.distributed import (DistInfo, any_flag, barrier, full_state, full_value, is_sharded, load_full_state,
-                                      no_sync, peak_memory, wrap_ddp)
+                                      no_sync, peak_memory, reduce_values, wrap_ddp)
 from maelab.train.logs import RunLogger
 from maelab.train.optim import SCHEDULES, set_lr
 from maelab.train.precision import autocast, resolve_precision
@@ -152,10 +152,9 @@ class Trainer:
         self.global_batch = feeder.plan.global_size
         self.deadline: Deadline | None = None  # set by a --budget plan: re-size the run as it goes
         self._config: Any = None  # the run's whole config, re-recorded when a re-plan changes it
-        self._clock: tuple[float, int, float] | None = None  # (time, global step, overhead) of the last re-plan
+        self._clock: tuple[float, int, float] | None = None  # (time, global step, epoch-end seconds) at the last re-plan
         self._next_replan = math.inf
-        self._overhead = 0.0  # seconds spent at epoch ends (evaluation, checkpoints): not step time
-        self._epoch_ends: list[float] = []
+        self._epoch_ends: list[float] = []  # seconds of each epoch end (evaluation, checkpoints): not step time
 
     # --- schedule ----------------------------------------------------------------------------------
     @property
@@ -188,24 +187,21 @@ class Trainer:
         if self._clock is None:
             if self.global_step >= WARM_STEPS:
                 float(loss)  # wait for the device
-                self._clock = (time.perf_counter(), self.global_step, self._overhead)
+                self._clock = (time.perf_counter(), self.global_step, sum(self._epoch_ends))
                 self._next_replan = d.first_check(self.total_steps, o.warmup_epochs * self.steps_per_epoch)
             return
         if self.global_step < self._next_replan:
             return
         float(loss)
         now = time.perf_counter()
-        t0, s0, o0 = self._clock
-        step_s = (now - t0 - (self._overhead - o0)) / (self.global_step - s0)
+        t0, s0, ends0 = self._clock
+        step_s = (now - t0 - (sum(self._epoch_ends) - ends0)) / (self.global_step - s0)
         per_epoch = float(np.mean(self._epoch_ends)) if self._epoch_ends else d.per_epoch_s
         total = max(self.global_step + 1, fit_steps(d.ends_at - now, step_s, self.steps_per_epoch, per_epoch,
                                                     self.global_step, self.epoch))
-        if self.info.enabled:  # every process takes the slowest one's plan
-            t = torch.tensor([total], dtype=torch.long, device=self.device if self.device.type == "cuda" else "cpu")
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-            total = int(t.item())
+        total = int(reduce_values([total], self.info, self.device, dist.ReduceOp.MIN)[0])  # the slowest one's plan
         old = self.total_steps
-        self._clock = (now, self.global_step, self._overhead)
+        self._clock = (now, self.global_step, sum(self._epoch_ends))
         self._next_replan = d.next_check(self.global_step, total)
         if total == old:
             return
@@ -429,7 +425,6 @@ class Trainer:
                 if self.info.is_main:
                     self._prune(name)
                 self._epoch_ends.append(time.perf_counter() - t_end)
-                self._overhead += self._epoch_ends[-1]
                 if stop["stop"] and not last:
                     raise RunInterrupted(f"interrupted after epoch {self.epoch}; run the same command again to resume",
                                          stop["signum"])
