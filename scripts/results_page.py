@@ -6,8 +6,12 @@ benchmarks/quality_per_minute.py -- no hand-typed numbers.
 
 Each recipe folder contributes its results.json (accuracy per step, minutes, machine, seed, budgets) and
 the command that re-creates it; each sweep folder its results.json table, command and plot; the quality
-benchmark its curve. Pictures are copied next to the page (``docs/results/``) so the page shows them
-from a clone. A folder that has not been run (no results.json) is listed as not run, so the page never
+benchmark its curve. What the page reads -- each folder's results, tables, pictures and its runs'
+configs, never checkpoints or logs -- is first archived next to the page (``docs/results/runs/<folder
+name>/``) and the page is rendered from that archive, with ``index.json`` naming the folders: run
+folders stay on the machine that trained them, so without the archive nobody else could regenerate the
+page. `python scripts/results_page.py` with no folders re-renders the page from the archive alone; a
+folder given again replaces its archived copy. A folder that has not been run (no results.json) is listed as not run, so the page never
 implies a number nobody measured. The paper's own numbers (ViT-L/16, ImageNet-1K, Table 1) stand beside
 each sweep so a reader sees where the small-scale shape differs. The preset's own configuration comes
 back in every sweep (mask ratio 0.75 in the mask-ratio sweep, decoder depth 4 in the depth sweep, ...,
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -59,19 +64,54 @@ PAPER = {
 SCORES = (("knn_top1", "kNN"), ("linprobe_top1", "linear probe"), ("finetune_top1", "fine-tune"))
 
 
+# What a run folder keeps for the page: its results, tables and pictures, and for a sweep each value's
+# result, kNN record and pre-training config (planned steps, seed, precision). No checkpoints, no logs.
+ARCHIVED = ("results.json", "results.md", "*.png", "curves/*.png", "*/result.json", "*/knn.json",
+            "*/pretrain/config.yaml", "*/seed=*/result.json", "*/seed=*/knn.json", "*/seed=*/pretrain/config.yaml")
+
+
 class Page:
-    """The lines of the page and the pictures it shows (copied into ``<page dir>/results/``)."""
+    """The lines of the page, and the archive (``<page dir>/results/runs/``) its numbers and pictures come from."""
 
     def __init__(self, out: Path):
         self.out, self.lines = out, []
         self.assets = out.parent / "results"
+        self.archive = self.assets / "runs"
 
-    def picture(self, src: Path, name: str, caption: str) -> None:
-        if not src.is_file():
-            return
-        self.assets.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, self.assets / name)
-        self.lines += [f"![{caption}]({self.assets.name}/{name})", ""]
+    def picture(self, src: Path, caption: str) -> None:
+        """Show ``src`` (a file in the archive) with a link relative to the page."""
+        if src.is_file():
+            self.lines += [f"![{caption}]({Path(os.path.relpath(src, self.out.parent)).as_posix()})", ""]
+
+    def earlier_pages(self) -> list[Path]:
+        return sorted(self.assets.glob("earlier/*.md"))
+
+    def measured_earlier(self, heading: str) -> str:
+        """A pointer to the earlier pages that have a measured ``heading`` section (not a 'Not run yet')."""
+        found = []
+        for p in self.earlier_pages():
+            lines = p.read_text().splitlines()
+            at = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
+            after = next((line for line in lines[at + 1:] if line.strip()), "") if at is not None else ""
+            if at is not None and not after.startswith("Not run yet"):
+                found.append(f"[{p.stem}]({p.relative_to(self.out.parent).as_posix()})")
+        return f" Measured earlier, on another machine: {', '.join(found)}." if found else ""
+
+    def keep(self, folder: Path) -> Path:
+        """Archive the records of a run ``folder`` that has finished (it has results.json) and return the
+        archived copy; a folder never run returns its archived copy from an earlier page, if any."""
+        kept = self.archive / folder.name
+        if (folder / "results.json").is_file() and folder.resolve() != kept.resolve():
+            staging = self.archive / f".{folder.name}.new"
+            shutil.rmtree(staging, ignore_errors=True)
+            for pattern in ARCHIVED:
+                for src in sorted(folder.glob(pattern)):
+                    dst = staging / src.relative_to(folder)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, dst)
+            shutil.rmtree(kept, ignore_errors=True)
+            staging.rename(kept)
+        return kept if (kept / "results.json").is_file() else folder
 
 
 def recipe_section(page: Page, folder: Path) -> None:
@@ -81,7 +121,8 @@ def recipe_section(page: Page, folder: Path) -> None:
     if not res_file.is_file():
         what = RECIPES.get(name, "")
         page.lines += [f"Not run yet{f' ({what})' if what else ''}. Run `maelab recipe --config {name} --data "
-                       f".../cifar10/train --out runs/{name}` and regenerate this page.", ""]
+                       f".../cifar10/train --out runs/{name}` and regenerate this page."
+                       + page.measured_earlier(f"## `{name}`"), ""]
         return
     res = json.loads(res_file.read_text())
     b = res["budgets"]
@@ -103,9 +144,9 @@ def recipe_section(page: Page, folder: Path) -> None:
     if (folder / "reconstruction.png").is_file():
         page.lines += ["Reconstructions of validation images at mask ratios 0.75 / 0.85 / 0.95 (paper Fig. 4), rows "
                        "labelled with class and file:", ""]
-        page.picture(folder / "reconstruction.png", f"{name}_reconstruction.png", "reconstructions")
+        page.picture(folder / "reconstruction.png", "reconstructions")
     for curve in sorted((folder / "curves").glob("*.png")):
-        page.picture(curve, f"{name}_curve_{curve.name}", f"loss curve: {curve.stem}")
+        page.picture(curve, f"loss curve: {curve.stem}")
 
 
 def best(rows: list[dict], key: str) -> dict | None:
@@ -139,22 +180,30 @@ def group_key(sweep: dict) -> tuple:
             sweep.get("pretrain_images"), sweep.get("precision"))
 
 
-def preset_runs(sweeps: list[dict]) -> dict[tuple, list[tuple[str, float]]]:
-    """:func:`group_key` -> [(where, kNN)] of every run of the preset's own configuration: the sweep row
-    whose value is the preset's, and every row of a ``seed`` sweep."""
-    groups: dict[tuple, list[tuple[str, float]]] = {}
+def preset_runs(sweeps: list[dict]) -> dict[tuple, list[tuple[str, dict[str, float]]]]:
+    """:func:`group_key` -> [(where, {score key: accuracy})] of every run of the preset's own
+    configuration: the sweep row whose value is the preset's (each seed of it), and every row of a
+    ``seed`` sweep. Only runs with a kNN score count."""
+    groups: dict[tuple, list[tuple[str, dict[str, float]]]] = {}
     for res in sweeps:
         seeds = res["setting"] == "seed"
         default = None if seeds else preset_value(group_key(res)[1], res["setting"])
         for row in res["rows"]:
-            if "knn_top1" in row and (seeds or same_value(row["value"], default)):
-                groups.setdefault(group_key(res), []).append((f"{res['setting']}={row['value']}", row["knn_top1"]))
+            if "knn_top1" not in row or not (seeds or same_value(row["value"], default)):
+                continue
+            where = f"{res['setting']}={row['value']}"
+            if "knn_top1_runs" not in row:
+                groups.setdefault(group_key(res), []).append((where, {k: row[k] for k, _ in SCORES if k in row}))
+                continue
+            for i, seed in enumerate(row["seeds"]):  # a value run with several seeds: each run
+                scores = {k: row[f"{k}_runs"][i] for k, _ in SCORES if f"{k}_runs" in row}
+                groups.setdefault(group_key(res), []).append((f"{where} seed {seed}", scores))
     return groups
 
 
 def spread_of(sweep: dict, groups: dict) -> float | None:
     """max - min kNN of the preset's repeated runs at this sweep's budget and images (None: fewer than 3)."""
-    scores = [v for _, v in groups.get(group_key(sweep), [])]
+    scores = [v["knn_top1"] for _, v in groups.get(group_key(sweep), [])]
     return max(scores) - min(scores) if len(scores) >= 3 else None
 
 
@@ -162,13 +211,22 @@ def noise_section(page: Page, groups: dict) -> None:
     for (budget, preset, images, _, precision), runs in groups.items():
         if len(runs) < 3:
             continue
-        scores = [v for _, v in runs]
+        scores = [v["knn_top1"] for _, v in runs]
         mean, std = statistics.mean(scores), statistics.stdev(scores)
+        listed = ", ".join(f"{where}: {v:.2f}" for (where, _), v in zip(runs, scores))
+        others = []
+        for key, title in SCORES[1:]:
+            more = [v[key] for _, v in runs if key in v]
+            if len(more) >= 3:
+                others.append(f"{title} {statistics.mean(more):.2f} ± {statistics.stdev(more):.2f} "
+                              f"(spread {max(more) - min(more):.2f}, {len(more)} runs)")
         page.lines += ["## Run-to-run spread", "",
                        f"The preset `{preset}`'s own configuration was pre-trained {len(runs)} times at the {budget} "
-                       f"budget in precision {precision} ({', '.join(f'{w}: {v:.2f}' for w, v in runs)}): kNN **{mean:.2f} ± {std:.2f}** "
+                       f"budget in precision {precision} ({listed}): "
+                       f"kNN **{mean:.2f} ± {std:.2f}** "
                        f"(mean ± standard deviation), spread {max(scores) - min(scores):.2f} points, on "
-                       f"{images or 'all'} images of each split. With one seed the runs differ only in how many steps "
+                       f"{images or 'all'} images of each split"
+                       + (f"; {'; '.join(others)}" if others else "") + ". With one seed the runs differ only in how many steps "
                        f"the budget bought (the machine's speed when each run measured it); the `seed=` runs add "
                        f"seed noise. Below, a sweep's winner counts as a difference from the paper only when it beats "
                        f"the paper's value by more than this spread.", ""]
@@ -254,6 +312,7 @@ def ablation_section(page: Page, folder: Path) -> None:
     pretrained = res.get("pretrain_images", facts.get("pretrain_images", evaluated))
     res.setdefault("precision", facts.get("precision", "not recorded"))
     res.setdefault("seed", facts.get("seed", "not recorded"))
+    seeds = res.get("seeds") or [res["seed"]]
     page.lines += [f"## Sweep: `{setting}`", ""]
     if res.get("command"):
         page.lines += [f"Command: `{res['command']}`", ""]
@@ -263,10 +322,10 @@ def ablation_section(page: Page, folder: Path) -> None:
         page.lines += [f"Command (re-created from the recorded settings, every other flag its default): `maelab "
                        f"ablate --setting {setting} --values {' '.join(str(r['value']) for r in rows)} --budget "
                        f"{res['budget']} --evaluate {' '.join(evals)} --limit-images {evaluated} --pretrain-images "
-                       f"{pretrained} --data {res['data']} --out {folder}`", ""]
+                       f"{pretrained} --data {res['data']} --out runs/{folder.name}`", ""]
     page.lines += [f"Each value pre-trained from preset `{res.get('preset', 'pretrain_cifar10_tiny')}` to a "
                    f"{res['budget']} budget on {'all' if not pretrained else pretrained} images of `{res['data']}`"
-                   f" (seed {res['seed']}, precision {res['precision']}), then evaluated on "
+                   f" ({'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))}, precision {res['precision']}), then evaluated on "
                    f"{'all' if not evaluated else evaluated} images of each split. Machine: "
                    f"{res.get('machine', 'not recorded')}.", "", (folder / "results.md").read_text(), ""]
     page.lines += overran(res)
@@ -279,7 +338,8 @@ def ablation_section(page: Page, folder: Path) -> None:
                           "the paper's best value does not win here at this scale."), ""]
     elif ours:
         page.lines += [f"Ours: {'; '.join(ours)}.", ""]
-    page.picture(folder / "ablation.png", f"sweep_{setting}.png", f"sweep of {setting}")
+    page.picture(folder / "ablation.png", f"sweep of {setting}")
+    page.picture(folder / "losses.png", f"loss curves of every run of the {setting} sweep")
 
 
 def equal_minutes(ours: list[dict], theirs: list[dict], arms: list[str]) -> str:
@@ -307,13 +367,17 @@ def frozen(points: list[dict], arm: str) -> str:
             f"and finished steps).\n")
 
 
+QUALITY = "## Quality per CPU-minute: maelab against HF ViTMAE + torchvision"
+
+
 def quality_section(page: Page, folder: Path) -> None:
-    page.lines += ["## Quality per CPU-minute: maelab against HF ViTMAE + torchvision", ""]
+    page.lines += [QUALITY, ""]
     res_file = folder / "results.json"
     if not res_file.is_file():
         page.lines += ["Not run yet: `python benchmarks/quality_per_minute.py --data .../cifar10/train --val-data "
                        ".../cifar10/test --budget 30m --out runs/quality_per_minute` (about 1.5 hours on 2 CPU "
-                       "cores: two 30-minute pre-trainings, then kNN of every snapshot).", ""]
+                       "cores: two 30-minute pre-trainings, then kNN of every snapshot)." + page.measured_earlier(QUALITY),
+                       ""]
         return
     res = json.loads(res_file.read_text())
     page.lines += [f"Command: `{res['command']}`; {res['machine']}; {res['load']}. kNN k=20, T=0.07 on "
@@ -331,36 +395,73 @@ def quality_section(page: Page, folder: Path) -> None:
                        f"**{'met' if min(gaps.values()) >= 4 else 'not met'}**.", ""]
         page.lines += [line for line in (equal_minutes(curves[arms[0]], curves[arms[1]], arms), frozen(curves[arms[1]], arms[1]))
                        if line]
-    page.picture(folder / "curve.png", "quality_per_minute.png", "kNN top-1 against minutes of pre-training")
+    page.picture(folder / "curve.png", "kNN top-1 against minutes of pre-training")
+
+
+def earlier_section(page: Page) -> None:
+    """Link the frozen pages of runs whose folders were lost before the archive existed."""
+    pages = page.earlier_pages()
+    if pages:
+        page.lines += ["## Earlier runs", "",
+                       "Pages generated by this script before it archived its inputs; their run folders stayed on the "
+                       "machines that ran them, so they are kept as they were generated and cannot be re-rendered:", ""]
+        page.lines += [f"- [{p.read_text().splitlines()[0].lstrip('# ')}]({p.relative_to(page.out.parent).as_posix()})"
+                       for p in pages] + [""]
+
+
+def inputs(args: argparse.Namespace, page: Page) -> tuple[list[Path], list[Path], Path, str]:
+    """The folders to show, and the command that named them: the ones given, else the archive's index."""
+    index_file = page.archive / "index.json"
+    if args.recipe is None and args.ablation is None and args.quality is None and index_file.is_file():
+        index = json.loads(index_file.read_text())
+        return ([page.archive / n for n in index["recipe"]], [page.archive / n for n in index["ablation"]],
+                page.archive / index["quality"], index["command"])
+    recipe = [Path(f) for f in (["runs/recipe_quick", "runs/recipe_full"] if args.recipe is None else args.recipe)]
+    ablation = [Path(f) for f in args.ablation or []]
+    quality = Path(args.quality or "runs/quality_per_minute")
+    names = [f.name for f in (*recipe, *ablation, quality)]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise SystemExit(f"results_page: folders are archived by name, and {', '.join(twice)} is named twice: "
+                         "rename one of the run folders")
+    return recipe, ablation, quality, " ".join(["python scripts/results_page.py", *sys.argv[1:]])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", nargs="*", default=["runs/recipe_quick", "runs/recipe_full"])
-    ap.add_argument("--ablation", nargs="*", default=[], help="`maelab ablate` output folders (tuning sweeps too)")
-    ap.add_argument("--quality", default="runs/quality_per_minute",
+    ap.add_argument("--recipe", nargs="*", default=None,
+                    help="`maelab recipe` output folders (default: runs/recipe_quick runs/recipe_full)")
+    ap.add_argument("--ablation", nargs="*", default=None, help="`maelab ablate` output folders (tuning sweeps too)")
+    ap.add_argument("--quality", default=None,
                     help="output folder of benchmarks/quality_per_minute.py (maelab vs HF ViTMAE + torchvision)")
     ap.add_argument("--out", default="docs/results.md")
     args = ap.parse_args()
     page = Page(Path(args.out))
+    recipe, ablation, quality, command = inputs(args, page)
+    recipe, ablation, quality = [page.keep(f) for f in recipe], [page.keep(f) for f in ablation], page.keep(quality)
+    page.archive.mkdir(parents=True, exist_ok=True)
+    (page.archive / "index.json").write_text(json.dumps(
+        {"command": command, "recipe": [f.name for f in recipe], "ablation": [f.name for f in ablation],
+         "quality": quality.name}, indent=1) + "\n")
     page.lines += ["# Results", "",
-                   f"Generated by `python scripts/results_page.py {' '.join(sys.argv[1:])}` from the run folders named "
-                   "below; nothing on this "
-                   "page is typed by hand except the paper's own numbers quoted beside each sweep. Re-run the "
-                   "commands to check any number.", ""]
-    for folder in args.recipe:
-        recipe_section(page, Path(folder))
-    quality_section(page, Path(args.quality))
-    sweeps = [json.loads((Path(f) / "results.json").read_text()) for f in args.ablation
-              if (Path(f) / "results.json").is_file()]
+                   f"Generated by `{command}` from the run folders named below. What it read is archived in "
+                   f"[{page.archive.relative_to(page.out.parent).as_posix()}/]"
+                   f"({page.archive.relative_to(page.out.parent).as_posix()}/), and `python scripts/results_page.py` "
+                   "alone re-renders this page from that archive. Nothing on this page is typed by hand except the "
+                   "paper's own numbers quoted beside each sweep. Re-run the commands to check any number.", ""]
+    for folder in recipe:
+        recipe_section(page, folder)
+    quality_section(page, quality)
+    sweeps = [json.loads((f / "results.json").read_text()) for f in ablation if (f / "results.json").is_file()]
     groups = preset_runs(sweeps)
     noise_section(page, groups)
     shape_table(page, sweeps, groups)
-    for folder in args.ablation:
-        ablation_section(page, Path(folder))
-    if not args.ablation:
+    for folder in ablation:
+        ablation_section(page, folder)
+    if not ablation:
         page.lines += ["## Ablations", "", "No ablation sweep has been run for this page yet (`maelab ablate`, see "
                        "the README).", ""]
+    earlier_section(page)
     page.out.write_text("\n".join(page.lines).rstrip() + "\n")
     print(f"wrote {page.out}")
 

@@ -40,8 +40,20 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     table = (tmp_path / "sweep" / "results.md").read_text()
     assert "| mask-ratio | kNN top-1 | linear probe top-1 | pre-training time | steps |" in table
     assert (tmp_path / "sweep" / "ablation.png").stat().st_size > 1000
+    assert (tmp_path / "sweep" / "losses.png").stat().st_size > 1000  # every run's loss curve
     again = ablate(*args, cwd=tmp_path)  # finished values are skipped
     assert again.returncode == 0 and json.loads((tmp_path / "sweep" / "results.json").read_text()) == summary
+    more = ablate(*args, "--seeds", "0", "1", cwd=tmp_path)  # a second seed: only its runs are new
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "mask-ratio = 0.5, seed 1" in more.stderr
+    seeded = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert seeded["seeds"] == [0, 1] and (tmp_path / "sweep" / "mask-ratio=0.5" / "seed=1" / "knn.json").is_file()
+    for row, single in zip(seeded["rows"], summary["rows"]):
+        assert row["seeds"] == [0, 1] and row["knn_top1_runs"][0] == single["knn_top1"]
+        assert row["knn_top1"] == pytest.approx(sum(row["knn_top1_runs"]) / 2)
+    assert "seed: 1" in (tmp_path / "sweep" / "mask-ratio=0.5" / "seed=1" / "pretrain" / "config.yaml").read_text()
+    assert "Mean ± standard deviation over 2 seeds" in (tmp_path / "sweep" / "results.md").read_text()
+    (tmp_path / "sweep" / "results.json").write_text(json.dumps(summary))  # the page below reads the one-seed sweep
     page = tmp_path / "page.md"  # the results page shows the sweep, its command, the paper beside it, the plot
     subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
                     str(tmp_path / "sweep"), "--quality", str(tmp_path / "none"), "--out", str(page)],
@@ -49,7 +61,11 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     text = page.read_text()
     assert "## Sweep: `mask-ratio`" in text and "Command: `maelab ablate --setting mask-ratio" in text
     assert "Paper: Fig. 5" in text and "Ours: best kNN at **" in text
-    assert (tmp_path / "results" / "sweep_mask-ratio.png").is_file() and "(results/sweep_mask-ratio.png)" in text
+    kept = tmp_path / "results" / "runs" / "sweep"  # archived: the page shows the pictures from there
+    assert (kept / "ablation.png").is_file() and "(results/runs/sweep/ablation.png)" in text
+    assert "(results/runs/sweep/losses.png)" in text
+    assert (kept / "mask-ratio=0.5" / "pretrain" / "config.yaml").is_file() and (kept / "mask-ratio=0.5" / "knn.json").is_file()
+    assert not list(kept.rglob("*.pth")) and not list(kept.rglob("*.safetensors")) and not list(kept.rglob("*.jsonl"))
     for key in ("command", "precision", "seed", "evaluated_images", "pretrain_images"):
         summary.pop(key)  # a summary written before these were recorded: the page reads them from the runs
     (tmp_path / "sweep" / "results.json").write_text(json.dumps(summary))
@@ -70,6 +86,61 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, args, message):
     out = ablate(*args, "--data", str(tmp_path), "--out", str(tmp_path / "sweep"), cwd=tmp_path)
     assert out.returncode == 2 and message in out.stderr and not (tmp_path / "sweep").exists()
+
+
+def test_the_results_page_is_rendered_again_from_its_archive_when_the_runs_are_gone(tmp_path):
+    sweep = write_sweep(tmp_path / "runs" / "mask", "mask-ratio", {"0.5": 29.0, "0.75": 31.0})
+    page, script = tmp_path / "docs" / "results.md", str(REPO / "scripts" / "results_page.py")
+    subprocess.run([sys.executable, script, "--recipe", str(tmp_path / "runs" / "recipe_full"), "--ablation", str(sweep),
+                    "--quality", str(tmp_path / "runs" / "none"), "--out", str(page)], check=True, capture_output=True)
+    first = page.read_text()
+    assert "| `mask-ratio` | 4m | 0.75 | 31.00 |" in first and "## `recipe_full`" in first
+    index = json.loads((tmp_path / "docs" / "results" / "runs" / "index.json").read_text())
+    assert index["ablation"] == ["mask"] and index["recipe"] == ["recipe_full"]
+    import shutil
+    shutil.rmtree(tmp_path / "runs")  # the machine that trained them is gone
+    page.unlink()
+    again = subprocess.run([sys.executable, script, "--out", str(page)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert page.read_text() == first  # same page, same command in its header
+    (tmp_path / "docs" / "results" / "earlier").mkdir()
+    (tmp_path / "docs" / "results" / "earlier" / "old.md").write_text(
+        "# Old runs on another machine\n\n## `recipe_full`\n\nNot run yet (needs a GPU).\n\n"
+        "## Quality per CPU-minute: maelab against HF ViTMAE + torchvision\n\nCommand: `python benchmarks/...`\n")
+    subprocess.run([sys.executable, script, "--out", str(page)], check=True, capture_output=True)
+    text = page.read_text()
+    assert "- [Old runs on another machine](results/earlier/old.md)" in text
+    quality, full = text.split("## Quality per CPU-minute")[1], text.split("## `recipe_full`")[1].split("##")[0]
+    assert "Measured earlier, on another machine: [old](results/earlier/old.md)." in quality  # there, measured
+    assert "Measured earlier" not in full  # there too, but never run
+    twice = subprocess.run([sys.executable, script, "--recipe", "--ablation", str(tmp_path / "a" / "mask"),
+                            str(tmp_path / "b" / "mask"), "--out", str(page)], capture_output=True, text=True)
+    assert twice.returncode != 0 and "mask is named twice" in twice.stderr
+
+
+def test_several_seeds_give_a_mean_and_a_spread_per_value():
+    from maelab.commands.ablate import combine, table
+    runs = [{"value": "0.75", "seed": s, "pretrain_s": 60.0 * (s + 1), "pretrain_steps": 100 + s, "knn_top1": k,
+             "linprobe_top1": 20.0} for s, k in ((0, 30.0), (1, 32.0), (2, 34.0))]
+    row = combine(runs)
+    assert row["seeds"] == [0, 1, 2] and row["knn_top1"] == 32.0 and row["knn_top1_runs"] == [30.0, 32.0, 34.0]
+    assert row["knn_top1_std"] == pytest.approx(2.0) and row["linprobe_top1_std"] == 0.0
+    assert row["pretrain_s"] == 120.0 and row["pretrain_steps"] == 101
+    assert combine(runs[:1]) is runs[0]  # one seed: the run itself
+    text = table("mask-ratio", [row])
+    assert "over 3 seeds" in text and "| 0.75 | 32.00 ± 2.00 | 20.00 ± 0.00 | 2.0 min | 101 |" in text
+
+
+def test_a_folder_that_holds_another_seeds_run_is_refused(tmp_path):
+    from maelab.commands.ablate import AblateConfig, run_value
+    from maelab.errors import MaelabError
+    folder = tmp_path / "mask-ratio=0.75"
+    folder.mkdir()
+    (folder / "result.json").write_text(json.dumps({"value": "0.75", "seed": 3, "pretrain_s": 1.0, "knn_top1": 9.0}))
+    cfg = AblateConfig()
+    assert run_value(cfg, "0.75", folder, 3)["knn_top1"] == 9.0  # finished: read back, nothing runs
+    with pytest.raises(MaelabError, match="holds the run with seed 3, not seed 0"):
+        run_value(cfg, "0.75", folder, 0)
 
 
 def write_sweep(folder: Path, setting: str, scores: dict[str, float], minutes: float = 4.0) -> Path:
@@ -105,3 +176,17 @@ def test_the_results_page_measures_the_spread_and_calls_a_difference_only_beyond
                     *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page)],
                    check=True, capture_output=True)
     assert "| `decoder-depth` | 4m | 8 | 31.90 | 8 | 31.90 | same winner, but by 0.40: within the 1.00-point spread |" in page.read_text()
+
+
+def test_the_results_page_pools_every_seed_of_the_presets_value(tmp_path):
+    sweep = write_sweep(tmp_path / "mask", "mask-ratio", {"0.5": 29.0, "0.75": 31.0})
+    summary = json.loads((sweep / "results.json").read_text())
+    summary["seeds"] = [0, 1, 2]
+    summary["rows"][1].update(seeds=[0, 1, 2], knn_top1_runs=[30.0, 31.0, 32.0], knn_top1_std=1.0)
+    (sweep / "results.json").write_text(json.dumps(summary))
+    page = tmp_path / "page.md"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation", str(sweep),
+                    "--quality", str(tmp_path / "none"), "--out", str(page)], check=True, capture_output=True)
+    text = page.read_text()
+    assert "pre-trained 3 times at the 4m budget" in text and "mask-ratio=0.75 seed 2: 32.00" in text
+    assert "spread 2.00 points" in text and "(seeds 0, 1, 2, precision fast)" in text

@@ -49,9 +49,11 @@ def test_the_quick_chain_on_a_tiny_subset(tmp_path):
     text = page.read_text()
     assert f"| fine-tune from scratch (same budget) | {res['finetune_scratch_top1']:.2f} |" in text
     assert "## `recipe_full`" in text and "Not run yet" in text
-    assert "![reconstructions](results/r_reconstruction.png)" in text  # copied next to the page, shown from a clone
-    assert (tmp_path / "results" / "r_reconstruction.png").read_bytes() == (tmp_path / "r" / "reconstruction.png").read_bytes()
-    assert "results/r_curve_pretrain.png" in text and str(tmp_path) not in text.split("Command:", 1)[0]
+    assert "![reconstructions](results/runs/r/reconstruction.png)" in text  # archived next to the page, shown from a clone
+    kept = tmp_path / "results" / "runs" / "r"
+    assert (kept / "reconstruction.png").read_bytes() == (tmp_path / "r" / "reconstruction.png").read_bytes()
+    assert "results/runs/r/curves/pretrain.png" in text and (kept / "curves" / "pretrain.png").is_file()
+    assert f"]({tmp_path}" not in text  # pictures linked relative to the page
 
 
 @pytest.mark.parametrize("args,message", [

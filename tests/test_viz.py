@@ -16,6 +16,7 @@ from maelab.viz import (
     denormalize,
     load_images_for_model,
     plot_curves,
+    plot_loss_overlay,
     reconstruct,
     reconstruction_grid,
     save_reconstruction_grid,
@@ -277,6 +278,20 @@ def test_curves_errors(tmp_path):
     with pytest.raises(MaelabError, match="nope.jsonl"):
         plot_curves(tmp_path / "nope.jsonl", tmp_path / "c.png")
     assert not (tmp_path / "c.png").exists()
+
+
+def test_loss_overlay_draws_every_run_and_skips_missing_ones(tmp_path):
+    for name, start in (("a", 1.0), ("b", 0.8)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(f'{{"step": {s}, "loss": {start / s}}}\n' for s in range(1, 6)))
+    (tmp_path / "eval.jsonl").write_text('{"epoch": 0, "knn_top1": 12.0}\n')
+    out = plot_loss_overlay({"pre-training": {"a": tmp_path / "a.jsonl", "b": tmp_path / "b.jsonl"},
+                             "fine-tune": {"a": tmp_path / "missing.jsonl", "b": tmp_path / "eval.jsonl"}},
+                            tmp_path / "o.png", title="sweep")
+    with Image.open(out) as im:  # the fine-tune panel had no training line: one panel, not two
+        assert im.format == "PNG" and 300 < im.size[0] < 700
+    with pytest.raises(MaelabError, match="no training lines"):
+        plot_loss_overlay({"x": {"a": tmp_path / "missing.jsonl"}}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_16_bit_pgm_is_scaled_by_bit_depth_like_the_training_path(tmp_path):

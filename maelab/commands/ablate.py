@@ -3,14 +3,15 @@
 For every value: `maelab pretrain` with that setting (to a wall-clock ``--budget``), then the chosen
 evaluations of its encoder -- weighted kNN, a linear probe on cached features, a fine-tune (to
 ``--finetune-budget``) -- each as its own `maelab` process in a sub-folder of ``--out``. The sweep
-writes ``results.json``, a Markdown table ``results.md`` and ``ablation.png`` (accuracy and
-pre-training time per value). Running the same command again skips what is finished and resumes
-what is not.
+writes ``results.json``, a Markdown table ``results.md``, ``ablation.png`` (accuracy and
+pre-training time per value) and ``losses.png`` (the loss curves of every run, one line per value).
+Running the same command again skips what is finished and resumes what is not.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from maelab.config import command_config, load_yaml, option, redefault
 from maelab.errors import MaelabError
 from maelab.io import atomic_write_bytes, write_json
 from maelab.train.budget import parse_duration
-from maelab.viz import save_figure_atomic
+from maelab.viz import plot_loss_overlay, save_figure_atomic
 
 NAME = "ablate"
 HELP = "sweep one pre-training setting: pre-train per value, then kNN / linear probe / fine-tune, table + plot"
@@ -60,6 +61,8 @@ class SweepRunConfig(ProcessConfig):
     finetune_budget: str = option("5m", "wall-clock budget of each fine-tune (with --evaluate finetune)")
     probe_epochs: int = option(20, "linear-probe epochs (on cached features)")
     seed: int = option(0, "seed of every run")
+    seeds: list[int] = option([], "run every value once per seed and report mean ± standard deviation "
+                                  "(default: --seed alone); adding seeds to a finished sweep runs only the new ones")
 
 
 AblateConfig = Config = command_config("AblateConfig", __name__, sweep=SweepConfig, data=SweepDataConfig,
@@ -80,6 +83,8 @@ def validate(cfg: AblateConfig) -> None:
     for name, n in (("--limit-images", cfg.data.limit_images), ("--pretrain-images", cfg.data.pretrain_images)):
         if n is not None and n < 0:
             raise MaelabError(f"{name} must be 0 (all images) or a positive count, got {n}")
+    if len(set(cfg.run.seeds)) != len(cfg.run.seeds):
+        raise MaelabError(f"--seeds repeats a seed: {cfg.run.seeds}")
     if cfg.run.probe_epochs < 1:
         raise MaelabError(f"--probe-epochs must be at least 1, got {cfg.run.probe_epochs}")
 
@@ -94,18 +99,40 @@ def setting_flags(setting: str, value: str) -> list[str]:
     return [f"--{flag}", value]
 
 
-def run_value(cfg: AblateConfig, value: str, folder: Path) -> dict[str, Any]:
-    """Pre-train and evaluate one value (finished parts are skipped, unfinished ones resume)."""
+def seeds_of(cfg: AblateConfig) -> list[int]:
+    return list(cfg.run.seeds) or [cfg.run.seed]
+
+
+def seed_folder(cfg: AblateConfig, value_folder: Path, seed: int) -> Path:
+    """Where one seed's run of a value lives: the value's folder for ``--seed`` (so a one-seed sweep and
+    its later extension with ``--seeds`` share it), ``seed=S/`` inside it for any other seed."""
+    return value_folder if seed == cfg.run.seed else value_folder / f"seed={seed}"
+
+
+def recorded_seed(folder: Path) -> int | None:
+    """The seed a finished run in ``folder`` used (its result, else its pre-training config)."""
+    result = json.loads((folder / "result.json").read_text())
+    if "seed" in result:
+        return result["seed"]
+    config = folder / "pretrain" / "config.yaml"
+    return (load_yaml(config).get("run") or {}).get("seed") if config.is_file() else None
+
+
+def run_value(cfg: AblateConfig, value: str, folder: Path, seed: int) -> dict[str, Any]:
+    """Pre-train and evaluate one value with one seed (finished parts are skipped, unfinished ones resume)."""
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        if recorded_seed(folder) not in (seed, None):
+            raise MaelabError(f"{folder} holds the run with seed {recorded_seed(folder)}, not seed {seed}: use "
+                              f"another --out, or --seed {recorded_seed(folder)}")
+        return {**json.loads(done.read_text()), "seed": seed}
     d, r = cfg.data, cfg.run
-    common = ["--device", r.device, "--precision", r.precision, "--seed", str(r.seed), "--data", d.data,
+    common = ["--device", r.device, "--precision", r.precision, "--seed", str(seed), "--data", d.data,
               "--batch-size", str(d.batch_size)]
     chain = Chain(folder, common, ["--limit-images", str(d.limit_images)] + (["--val-data", d.val_data] if d.val_data else []))
     pre = folder / "pretrain"
-    result: dict[str, Any] = {"value": value}
+    result: dict[str, Any] = {"value": value, "seed": seed}
     length = length_flags(r.budget, r.pretrain_epochs)
     pretrain_images = d.limit_images if d.pretrain_images is None else d.pretrain_images
     result["pretrain_s"] = maelab(["pretrain", "--config", r.preset, *common, "--limit-images", str(pretrain_images),
@@ -125,12 +152,37 @@ def run_value(cfg: AblateConfig, value: str, folder: Path) -> dict[str, Any]:
 COLUMNS = (("knn_top1", "kNN top-1"), ("linprobe_top1", "linear probe top-1"), ("finetune_top1", "fine-tune top-1"))
 
 
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per value from its runs with several seeds: each accuracy's mean, with the seeds' values
+    (``<key>_runs``) and standard deviation (``<key>_std``); time and steps averaged."""
+    if len(runs) == 1:
+        return runs[0]
+    row: dict[str, Any] = {"value": runs[0]["value"], "seeds": [r["seed"] for r in runs],
+                           "pretrain_s": statistics.mean(r["pretrain_s"] for r in runs)}
+    steps = [r["pretrain_steps"] for r in runs if r.get("pretrain_steps")]
+    if len(steps) == len(runs):
+        row["pretrain_steps"] = round(statistics.mean(steps))
+    for key, _ in COLUMNS:
+        if all(key in r for r in runs):
+            scores = [r[key] for r in runs]
+            row.update({key: statistics.mean(scores), f"{key}_runs": scores, f"{key}_std": statistics.stdev(scores)})
+    return row
+
+
+def cell(row: dict[str, Any], key: str) -> str:
+    if key not in row:
+        return "–"
+    return f"{row[key]:.2f} ± {row[key + '_std']:.2f}" if key + "_std" in row else f"{row[key]:.2f}"
+
+
 def table(setting: str, rows: list[dict[str, Any]]) -> str:
     cols = [(k, t) for k, t in COLUMNS if any(k in r for r in rows)]
-    lines = [f"| {setting} | " + " | ".join(t for _, t in cols) + " | pre-training time | steps |",
-             "|---|" + "---|" * (len(cols) + 2)]
+    seeds = max(len(r.get("seeds", [0])) for r in rows) if rows else 1
+    lines = ([f"Mean ± standard deviation over {seeds} seeds; time and steps are the seeds' mean.", ""] if seeds > 1 else [])
+    lines += [f"| {setting} | " + " | ".join(t for _, t in cols) + " | pre-training time | steps |",
+              "|---|" + "---|" * (len(cols) + 2)]
     for r in rows:
-        cells = [f"{r[k]:.2f}" if k in r else "–" for k, _ in cols]
+        cells = [cell(r, k) for k, _ in cols]
         lines.append(f"| {r['value']} | " + " | ".join(cells) + f" | {r['pretrain_s'] / 60:.1f} min | "
                      f"{r.get('pretrain_steps') or '–'} |")
     return "\n".join(lines) + "\n"
@@ -142,7 +194,8 @@ def plot(setting: str, rows: list[dict[str, Any]], path: Path) -> Path:
     x = list(range(len(rows)))
     for key, title in COLUMNS:
         if any(key in r for r in rows):
-            acc.plot(x, [r.get(key, float("nan")) for r in rows], marker="o", label=title)
+            acc.errorbar(x, [r.get(key, float("nan")) for r in rows], yerr=[r.get(key + "_std", 0.0) for r in rows],
+                         marker="o", capsize=3, label=title)
     acc.set_ylabel("top-1 (%)")
     acc.legend(fontsize=8)
     tim.bar(x, [r["pretrain_s"] / 60 for r in rows])
@@ -154,20 +207,37 @@ def plot(setting: str, rows: list[dict[str, Any]], path: Path) -> Path:
     return save_figure_atomic(fig, path)
 
 
+RUNS = (("pretrain", "pre-training"), ("linprobe", "linear probe"), ("finetune", "fine-tune"))
+
+
+def plot_losses(folders: dict[str, Path], out: Path, setting: str) -> Path:
+    """Every run's loss curve (``folders``: value -> its first seed's run): one panel per kind of run
+    (pre-training, probe, fine-tune), a line per value."""
+    panels = {title: {value: folder / name / "metrics.jsonl" for value, folder in folders.items()}
+              for name, title in RUNS}
+    return plot_loss_overlay(panels, out / "losses.png", title=f"{setting} sweep: training loss of every run")
+
+
 def run(cfg: AblateConfig) -> list[dict[str, Any]]:
     validate(cfg)
     out = Path(cfg.run.out).expanduser()
     setting = cfg.sweep.setting.strip("-").replace("_", "-")
-    rows = []
+    rows, seeds = [], seeds_of(cfg)
+    folder = {value: out / f"{setting}={value}" for value in cfg.sweep.values}
     for value in cfg.sweep.values:
-        print(f"ablate: {setting} = {value}", file=sys.stderr, flush=True)
-        rows.append(run_value(cfg, value, out / f"{setting}={value}"))
+        runs = []
+        for seed in seeds:
+            print(f"ablate: {setting} = {value}" + (f", seed {seed}" if len(seeds) > 1 else ""), file=sys.stderr, flush=True)
+            runs.append(run_value(cfg, value, seed_folder(cfg, folder[value], seed), seed))
+        rows.append(combine(runs))
     summary = {"setting": setting, "budget": cfg.run.budget, "data": cfg.data.data, "rows": rows,
-               "preset": cfg.run.preset, "seed": cfg.run.seed, "precision": cfg.run.precision, "machine": machine(),
+               "preset": cfg.run.preset, "seed": seeds[0], "seeds": seeds, "precision": cfg.run.precision, "machine": machine(),
                "evaluated_images": cfg.data.limit_images, "pretrain_images": cfg.data.pretrain_images,
                "command": " ".join(["maelab", "ablate", *sys.argv[2:]]) if sys.argv[1:2] == ["ablate"] else None}
     write_json(out / "results.json", summary)
     atomic_write_bytes(out / "results.md", table(setting, rows).encode())
     plot(setting, rows, out / "ablation.png")
-    print(table(setting, rows) + f"ablate: wrote {out / 'results.md'} and {out / 'ablation.png'}", flush=True)
+    plot_losses({v: seed_folder(cfg, f, seeds[0]) for v, f in folder.items()}, out, setting)
+    print(table(setting, rows) + f"ablate: wrote {out / 'results.md'}, {out / 'ablation.png'} and "
+          f"{out / 'losses.png'}", flush=True)
     return rows

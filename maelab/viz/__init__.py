@@ -5,7 +5,7 @@ and importing this package does not touch pyplot or the global backend. PNGs are
 """
 
 from maelab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
-from maelab.viz.curves import plot_curves, read_metrics, save_figure_atomic
+from maelab.viz.curves import plot_curves, plot_loss_overlay, read_metrics, save_figure_atomic
 from maelab.viz.reconstruct import (
     NORM_PIX_CAPTION,
     PICTURE_IMAGES,
@@ -24,6 +24,7 @@ __all__ = [
     "load_images_for_model",
     "normalize",
     "plot_curves",
+    "plot_loss_overlay",
     "read_metrics",
     "reconstruct",
     "reconstruction_grid",

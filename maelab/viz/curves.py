@@ -154,3 +154,35 @@ def plot_curves(metrics_jsonl_path: str | os.PathLike, out_png: str | os.PathLik
 
     fig.suptitle(path.name)
     return save_figure_atomic(fig, out_png, dpi=dpi)
+
+
+def plot_loss_overlay(panels: dict[str, dict[str, str | os.PathLike]], out_png: str | os.PathLike,
+                      title: str = "", dpi: int = 100) -> Path:
+    """Training loss against step of several runs on shared axes, one panel per kind of run
+    (``{"pre-training": {"0.75": "runs/x/metrics.jsonl", ...}, "fine-tune": {...}}``), so a sweep's runs
+    are compared at a glance. Missing or empty logs are left out; a panel with no run is dropped.
+
+    Raises :class:`MaelabError` when no run at all has a training line.
+    """
+    series: dict[str, list[tuple[str, list[float], list[float]]]] = {}
+    for panel, runs in panels.items():
+        for label, path in runs.items():
+            if not Path(path).is_file():
+                continue
+            x, loss, _, _, _ = _train_series(read_metrics(path))
+            if x:
+                series.setdefault(panel, []).append((label, x, loss))
+    if not series:
+        raise MaelabError(f"no training lines to plot in {', '.join(str(p) for r in panels.values() for p in r.values())}")
+    fig = Figure(figsize=(5.0 * len(series), 3.6), layout="constrained")
+    for ax, (panel, lines) in zip(fig.subplots(1, len(series), squeeze=False)[0], series.items()):
+        for label, x, loss in lines:
+            ax.plot(x, loss, linewidth=1.0, label=label)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title(panel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    return save_figure_atomic(fig, out_png, dpi=dpi)
