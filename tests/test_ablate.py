@@ -138,6 +138,7 @@ def test_a_folder_that_holds_another_seeds_run_is_refused(tmp_path):
     folder.mkdir()
     (folder / "result.json").write_text(json.dumps({"value": "0.75", "seed": 3, "pretrain_s": 1.0, "knn_top1": 9.0}))
     cfg = AblateConfig()
+    cfg.sweep.evaluate = ["knn"]
     assert run_value(cfg, "0.75", folder, 3)["knn_top1"] == 9.0  # finished: read back, nothing runs
     with pytest.raises(MaelabError, match="holds the run with seed 3, not seed 0"):
         run_value(cfg, "0.75", folder, 0)
@@ -190,3 +191,36 @@ def test_the_results_page_pools_every_seed_of_the_presets_value(tmp_path):
     text = page.read_text()
     assert "pre-trained 3 times at the 4m budget" in text and "mask-ratio=0.75 seed 2: 32.00" in text
     assert "spread 2.00 points" in text and "(seeds 0, 1, 2, precision fast)" in text
+
+
+def test_a_new_probe_setting_re_runs_only_the_probe_and_keeps_the_pretraining_time(tmp_path, monkeypatch):
+    import maelab.commands.ablate as ablate_cmd
+    import maelab.commands.steps as steps
+    folder = tmp_path / "mask-ratio=0.75"
+    folder.mkdir()
+    old = {"value": "0.75", "pretrain_s": 900.0, "pretrain_steps": 2000, "knn_top1": 30.0, "linprobe_top1": 20.0}
+    (folder / "result.json").write_text(json.dumps(old))  # written by a sweep with the old 20-epoch probe
+    (folder / "knn.json").write_text(json.dumps({"knn_top1": 30.0}))
+    calls = []
+
+    def fake(args, log):  # a `maelab` process: record it, leave the result file it would leave
+        calls.append(args)
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps({"val_top1": 42.0}))
+        return 1.0
+
+    monkeypatch.setattr(steps, "maelab", fake)
+    monkeypatch.setattr(ablate_cmd, "maelab", fake)
+    cfg = ablate_cmd.AblateConfig()
+    cfg.data.data = "images"
+    result = ablate_cmd.run_value(cfg, "0.75", folder, 0)
+    assert [c[0] for c in calls] == ["linprobe"]  # no pre-training, no kNN: both finished
+    assert calls[0][calls[0].index("--epochs") + 1] == "90" and calls[0][calls[0].index("--base-lr") + 1] == "4"
+    assert result["linprobe_top1"] == 42.0 and result["pretrain_s"] == 900.0 and result["knn_top1"] == 30.0
+    assert result["probe"] == "90 epochs, base lr 4" and (folder / "linprobe_90ep_lr4" / "results.json").is_file()
+    assert json.loads((folder / "pretrain.json").read_text()) == {"pretrain_s": 900.0, "pretrain_steps": 2000}
+    assert ablate_cmd.run_value(cfg, "0.75", folder, 0) == result and len(calls) == 1  # now finished
+    (folder / "result.json").unlink()  # cut after pre-training, before the evaluations were recorded
+    ablate_cmd.run_value(cfg, "0.75", folder, 0)
+    assert len(calls) == 1  # the pre-training is not run (nor timed) again; kNN and probe are read back

@@ -59,7 +59,9 @@ class SweepRunConfig(ProcessConfig):
     budget: str = option("5m", "wall-clock budget of each pre-training (none: --pretrain-epochs, else the preset's)")
     pretrain_epochs: int | None = option(None, "pre-training epochs when --budget is none")
     finetune_budget: str = option("5m", "wall-clock budget of each fine-tune (with --evaluate finetune)")
-    probe_epochs: int = option(20, "linear-probe epochs (on cached features)")
+    probe_epochs: int = option(90, "linear-probe epochs (on cached features: seconds per epoch)")
+    probe_base_lr: float = option(4.0, "linear-probe LARS base lr (lr = base x batch / 256); the paper's 0.1 is "
+                                       "sized for batch 16384 and leaves the head under-trained at CPU batches")
     seed: int = option(0, "seed of every run")
     seeds: list[int] = option([], "run every value once per seed and report mean ± standard deviation "
                                   "(default: --seed alone); adding seeds to a finished sweep runs only the new ones")
@@ -87,6 +89,8 @@ def validate(cfg: AblateConfig) -> None:
         raise MaelabError(f"--seeds repeats a seed: {cfg.run.seeds}")
     if cfg.run.probe_epochs < 1:
         raise MaelabError(f"--probe-epochs must be at least 1, got {cfg.run.probe_epochs}")
+    if not cfg.run.probe_base_lr > 0:
+        raise MaelabError(f"--probe-base-lr must be positive, got {cfg.run.probe_base_lr}")
 
 
 def setting_flags(setting: str, value: str) -> list[str]:
@@ -118,31 +122,56 @@ def recorded_seed(folder: Path) -> int | None:
     return (load_yaml(config).get("run") or {}).get("seed") if config.is_file() else None
 
 
+def probe_name(cfg: AblateConfig) -> str:
+    """The probe's folder: named by its settings, so a probe with other settings never reads this one."""
+    return f"linprobe_{cfg.run.probe_epochs}ep_lr{cfg.run.probe_base_lr:g}"
+
+
+def probe_label(cfg: AblateConfig) -> str:
+    return f"{cfg.run.probe_epochs} epochs, base lr {cfg.run.probe_base_lr:g}"
+
+
+def finished(result: dict[str, Any], cfg: AblateConfig) -> bool:
+    """Whether a value's recorded result has every evaluation asked for, the probe with today's settings."""
+    keys = {"knn": "knn_top1", "linprobe": "linprobe_top1", "finetune": "finetune_top1"}
+    if not all(keys[e] in result for e in cfg.sweep.evaluate):
+        return False
+    return "linprobe" not in cfg.sweep.evaluate or result.get("probe") == probe_label(cfg)
+
+
 def run_value(cfg: AblateConfig, value: str, folder: Path, seed: int) -> dict[str, Any]:
-    """Pre-train and evaluate one value with one seed (finished parts are skipped, unfinished ones resume)."""
+    """Pre-train and evaluate one value with one seed. What is finished is kept: the pre-training (its
+    time and steps in ``pretrain.json``, so a sweep cut during an evaluation never re-times it), each
+    evaluation's own result file, and a probe with other settings runs again in a folder of its own."""
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "result.json"
-    if done.is_file():
-        if recorded_seed(folder) not in (seed, None):
-            raise MaelabError(f"{folder} holds the run with seed {recorded_seed(folder)}, not seed {seed}: use "
-                              f"another --out, or --seed {recorded_seed(folder)}")
-        return {**json.loads(done.read_text()), "seed": seed}
+    result: dict[str, Any] = json.loads(done.read_text()) if done.is_file() else {}
+    if result and recorded_seed(folder) not in (seed, None):
+        raise MaelabError(f"{folder} holds the run with seed {recorded_seed(folder)}, not seed {seed}: use "
+                          f"another --out, or --seed {recorded_seed(folder)}")
+    if result and finished(result, cfg):
+        return {**result, "seed": seed}
     d, r = cfg.data, cfg.run
     common = ["--device", r.device, "--precision", r.precision, "--seed", str(seed), "--data", d.data,
               "--batch-size", str(d.batch_size)]
     chain = Chain(folder, common, ["--limit-images", str(d.limit_images)] + (["--val-data", d.val_data] if d.val_data else []))
-    pre = folder / "pretrain"
-    result: dict[str, Any] = {"value": value, "seed": seed}
-    length = length_flags(r.budget, r.pretrain_epochs)
-    pretrain_images = d.limit_images if d.pretrain_images is None else d.pretrain_images
-    result["pretrain_s"] = maelab(["pretrain", "--config", r.preset, *common, "--limit-images", str(pretrain_images),
-                                   *length, "--out", str(pre),
-                                   *setting_flags(cfg.sweep.setting, value)], chain.log)
-    result["pretrain_steps"] = (load_yaml(pre / "config.yaml").get("optim") or {}).get("max_steps")
+    pre, timing = folder / "pretrain", folder / "pretrain.json"
+    if "pretrain_s" in result and not timing.is_file():  # a result written before pretrain.json existed
+        write_json(timing, {k: result.get(k) for k in ("pretrain_s", "pretrain_steps")})
+    if not timing.is_file():
+        length = length_flags(r.budget, r.pretrain_epochs)
+        pretrain_images = d.limit_images if d.pretrain_images is None else d.pretrain_images
+        seconds = maelab(["pretrain", "--config", r.preset, *common, "--limit-images", str(pretrain_images),
+                          *length, "--out", str(pre), *setting_flags(cfg.sweep.setting, value)], chain.log)
+        write_json(timing, {"pretrain_s": seconds,
+                            "pretrain_steps": (load_yaml(pre / "config.yaml").get("optim") or {}).get("max_steps")})
+    result = {**result, "value": value, "seed": seed, **json.loads(timing.read_text())}
     if "knn" in cfg.sweep.evaluate:
         result["knn_top1"] = chain.knn(str(pre), "knn")["knn_top1"]
     if "linprobe" in cfg.sweep.evaluate:
-        result["linprobe_top1"] = chain.linprobe(str(pre), r.probe_epochs)["val_top1"]
+        result["linprobe_top1"] = chain.linprobe(str(pre), r.probe_epochs, probe_name(cfg),
+                                                 base_lr=r.probe_base_lr)["val_top1"]
+        result["probe"] = probe_label(cfg)
     if "finetune" in cfg.sweep.evaluate:
         result["finetune_top1"] = chain.finetune(str(pre), ["--budget", r.finetune_budget])["val_top1"]
     write_json(done, result)
@@ -207,14 +236,12 @@ def plot(setting: str, rows: list[dict[str, Any]], path: Path) -> Path:
     return save_figure_atomic(fig, path)
 
 
-RUNS = (("pretrain", "pre-training"), ("linprobe", "linear probe"), ("finetune", "fine-tune"))
-
-
-def plot_losses(folders: dict[str, Path], out: Path, setting: str) -> Path:
+def plot_losses(cfg: AblateConfig, folders: dict[str, Path], out: Path, setting: str) -> Path:
     """Every run's loss curve (``folders``: value -> its first seed's run): one panel per kind of run
     (pre-training, probe, fine-tune), a line per value."""
+    runs = (("pretrain", "pre-training"), (probe_name(cfg), "linear probe"), ("finetune", "fine-tune"))
     panels = {title: {value: folder / name / "metrics.jsonl" for value, folder in folders.items()}
-              for name, title in RUNS}
+              for name, title in runs}
     return plot_loss_overlay(panels, out / "losses.png", title=f"{setting} sweep: training loss of every run")
 
 
@@ -233,11 +260,12 @@ def run(cfg: AblateConfig) -> list[dict[str, Any]]:
     summary = {"setting": setting, "budget": cfg.run.budget, "data": cfg.data.data, "rows": rows,
                "preset": cfg.run.preset, "seed": seeds[0], "seeds": seeds, "precision": cfg.run.precision, "machine": machine(),
                "evaluated_images": cfg.data.limit_images, "pretrain_images": cfg.data.pretrain_images,
+               "probe": probe_label(cfg) if "linprobe" in cfg.sweep.evaluate else None,
                "command": " ".join(["maelab", "ablate", *sys.argv[2:]]) if sys.argv[1:2] == ["ablate"] else None}
     write_json(out / "results.json", summary)
     atomic_write_bytes(out / "results.md", table(setting, rows).encode())
     plot(setting, rows, out / "ablation.png")
-    plot_losses({v: seed_folder(cfg, f, seeds[0]) for v, f in folder.items()}, out, setting)
+    plot_losses(cfg, {v: seed_folder(cfg, f, seeds[0]) for v, f in folder.items()}, out, setting)
     print(table(setting, rows) + f"ablate: wrote {out / 'results.md'}, {out / 'ablation.png'} and "
           f"{out / 'losses.png'}", flush=True)
     return rows

@@ -44,7 +44,8 @@ class RecipeSteps:
     pretrain_budget: str = option("15m", "pre-training wall-clock budget (e.g. 15m, 2h; none: --pretrain-epochs)")
     pretrain_epochs: int = option(0, "pre-training epochs when the budget is none (0: the preset's)")
     probe_preset: str = option("linprobe_cifar_tiny", "`maelab linprobe` preset")
-    probe_epochs: int = option(20, "linear-probe epochs (on cached features)")
+    probe_epochs: int = option(90, "linear-probe epochs (on cached features)")
+    probe_base_lr: float | None = option(None, "linear-probe LARS base lr (default: the probe preset's)")
     finetune_preset: str = option("finetune_cifar_tiny", "`maelab finetune` preset")
     finetune_budget: str = option("5m", "budget of each fine-tune: from the MAE encoder, and from scratch "
                                         "(none: --finetune-epochs)")
@@ -74,6 +75,8 @@ def validate(cfg: RecipeConfig) -> Path:
             parse_duration(getattr(cfg.steps, name))
     if cfg.steps.probe_epochs < 1:
         raise MaelabError(f"--probe-epochs must be at least 1, got {cfg.steps.probe_epochs}")
+    if cfg.steps.probe_base_lr is not None and not cfg.steps.probe_base_lr > 0:
+        raise MaelabError(f"--probe-base-lr must be positive, got {cfg.steps.probe_base_lr}")
     if not cfg.steps.mask_ratios or not all(0 < r < 1 for r in cfg.steps.mask_ratios):
         raise MaelabError(f"--mask-ratios must be in (0, 1), got {cfg.steps.mask_ratios}")
     val = Path(cfg.data.val_data).expanduser() if cfg.data.val_data else default_val_dir(cfg.data.data)
@@ -106,7 +109,8 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     knn_mae = clock.run("knn_mae", lambda: chain.knn(str(pre), "knn_mae"))
     knn_random = clock.run("knn_random", lambda: chain.knn("none", "knn_random", random))
     say(f"linear probe ({st.probe_epochs} epochs on cached features)")
-    probe = clock.run("linprobe", lambda: chain.linprobe(str(pre), st.probe_epochs, preset=st.probe_preset))
+    probe = clock.run("linprobe", lambda: chain.linprobe(str(pre), st.probe_epochs, preset=st.probe_preset,
+                                                         base_lr=st.probe_base_lr))
     say(f"fine-tune from the MAE encoder and from scratch, {st.finetune_budget} each")
     ft_length = length_flags(st.finetune_budget, st.finetune_epochs)
     ft_mae = clock.run("finetune_mae", lambda: chain.finetune(str(pre), ft_length, "finetune_mae", st.finetune_preset))

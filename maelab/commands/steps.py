@@ -85,9 +85,12 @@ class Chain:
                     "--out", str(out)], self.log)
         return json.loads((out / "results.json").read_text())
 
-    def linprobe(self, init: str, epochs: int, name: str = "linprobe", preset: str = "linprobe_cifar_tiny"):
+    def linprobe(self, init: str, epochs: int, name: str = "linprobe", preset: str = "linprobe_cifar_tiny",
+                 base_lr: float | None = None):
+        """``base_lr``: the probe's LARS base lr (None: the preset's)."""
+        lr = ["--base-lr", f"{base_lr:g}"] if base_lr is not None else []
         return self.trained("linprobe", preset, init, name, ["--no-augment", "--epochs", str(epochs),
-                                                             "--warmup-epochs", str(max(1, epochs // 10))])
+                                                             "--warmup-epochs", str(max(1, epochs // 10)), *lr])
 
     def finetune(self, init: str, length: list[str], name: str = "finetune", preset: str = "finetune_cifar_tiny",
                  extra: list[str] = ()):
