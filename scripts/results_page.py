@@ -248,8 +248,12 @@ def shape_table(page: Page, sweeps: list[dict], groups: dict) -> None:
         elif same_value(top["value"], paper):
             others = [r["knn_top1"] for r in res["rows"] if r is not top and "knn_top1" in r]
             margin = top["knn_top1"] - max(others) if others else None
-            verdict = ("same winner" if margin is None or spread is None or margin > spread else
-                       f"same winner, but by {margin:.2f}: within the {spread:.2f}-point spread")
+            if margin is None or (spread is not None and margin > spread):
+                verdict = "same winner"
+            elif spread is None:
+                verdict = f"same winner, by {margin:.2f} (the run-to-run spread at this budget is not measured)"
+            else:
+                verdict = f"same winner, but by {margin:.2f}: within the {spread:.2f}-point spread"
         elif spread is not None and top["knn_top1"] - at_paper["knn_top1"] <= spread:
             verdict = f"within the {spread:.2f}-point spread: no real difference"
         else:
@@ -326,8 +330,9 @@ def ablation_section(page: Page, folder: Path) -> None:
     page.lines += [f"Each value pre-trained from preset `{res.get('preset', 'pretrain_cifar10_tiny')}` to a "
                    f"{res['budget']} budget on {'all' if not pretrained else pretrained} images of `{res['data']}`"
                    f" ({'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))}, precision {res['precision']}), then evaluated on "
-                   f"{'all' if not evaluated else evaluated} images of each split. Machine: "
-                   f"{res.get('machine', 'not recorded')}.", "", (folder / "results.md").read_text(), ""]
+                   f"{'all' if not evaluated else evaluated} images of each split"
+                   + (f" (linear probe: {res['probe']}, on cached features)" if res.get("probe") else "")
+                   + f". Machine: {res.get('machine', 'not recorded')}.", "", (folder / "results.md").read_text(), ""]
     page.lines += overran(res)
     ours = [f"best {title} at **{b['value']}** ({b[key]:.2f})" for key, title in SCORES if (b := best(rows, key))]
     if setting in PAPER:

@@ -82,6 +82,8 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     (["--setting", "mask-ratio", "--values", "0.5", "0.5"], "repeats"),
     (["--setting", "mask-ratio", "--values", "0.5", "--budget", "soon"], "not a duration"),
     (["--setting", "mask-ratio", "--values", "0.5", "--pretrain-images", "-3"], "--pretrain-images must be"),
+    (["--setting", "mask-ratio", "--values", "0.5", "--probe-base-lr", "-1"], "--probe-base-lr must be positive"),
+    (["--setting", "mask-ratio", "--values", "0.5", "--seeds", "1", "1"], "--seeds repeats"),
 ])
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, args, message):
     out = ablate(*args, "--data", str(tmp_path), "--out", str(tmp_path / "sweep"), cwd=tmp_path)

@@ -61,6 +61,7 @@ def test_the_quick_chain_on_a_tiny_subset(tmp_path):
     (["--data", "MISSING"], "no such folder"),
     (["--data", "DATA", "--pretrain-budget", "soon"], "not a duration"),
     (["--data", "DATA", "--mask-ratios", "1.5"], "--mask-ratios"),
+    (["--data", "DATA", "--probe-base-lr", "0"], "--probe-base-lr must be positive"),
     (["--data", "ALONE"], "--val-data is required"),
 ])
 def test_bad_recipes_are_refused_before_anything_runs(tmp_path, args, message):
