@@ -66,8 +66,8 @@ SCORES = (("knn_top1", "kNN"), ("linprobe_top1", "linear probe"), ("finetune_top
 
 # What a run folder keeps for the page: its results, tables and pictures, and for a sweep each value's
 # result, kNN record and pre-training config (planned steps, seed, precision). No checkpoints, no logs.
-ARCHIVED = ("results.json", "results.md", "*.png", "curves/*.png", "*/result.json", "*/knn.json",
-            "*/pretrain/config.yaml", "*/seed=*/result.json", "*/seed=*/knn.json", "*/seed=*/pretrain/config.yaml")
+ARCHIVED = ("results.json", "results.md", "*.png", "curves/*.png", "*/**/result.json", "*/**/knn.json",
+            "*/**/pretrain/config.yaml")
 
 
 class Page:

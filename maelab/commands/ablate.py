@@ -113,9 +113,8 @@ def seed_folder(cfg: AblateConfig, value_folder: Path, seed: int) -> Path:
     return value_folder if seed == cfg.run.seed else value_folder / f"seed={seed}"
 
 
-def recorded_seed(folder: Path) -> int | None:
-    """The seed a finished run in ``folder`` used (its result, else its pre-training config)."""
-    result = json.loads((folder / "result.json").read_text())
+def recorded_seed(folder: Path, result: dict[str, Any]) -> int | None:
+    """The seed of the run in ``folder`` whose ``result`` was recorded (else its pre-training config's)."""
     if "seed" in result:
         return result["seed"]
     config = folder / "pretrain" / "config.yaml"
@@ -133,8 +132,7 @@ def probe_label(cfg: AblateConfig) -> str:
 
 def finished(result: dict[str, Any], cfg: AblateConfig) -> bool:
     """Whether a value's recorded result has every evaluation asked for, the probe with today's settings."""
-    keys = {"knn": "knn_top1", "linprobe": "linprobe_top1", "finetune": "finetune_top1"}
-    if not all(keys[e] in result for e in cfg.sweep.evaluate):
+    if not all(f"{e}_top1" in result for e in cfg.sweep.evaluate):
         return False
     return "linprobe" not in cfg.sweep.evaluate or result.get("probe") == probe_label(cfg)
 
@@ -146,9 +144,10 @@ def run_value(cfg: AblateConfig, value: str, folder: Path, seed: int) -> dict[st
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "result.json"
     result: dict[str, Any] = json.loads(done.read_text()) if done.is_file() else {}
-    if result and recorded_seed(folder) not in (seed, None):
-        raise MaelabError(f"{folder} holds the run with seed {recorded_seed(folder)}, not seed {seed}: use "
-                          f"another --out, or --seed {recorded_seed(folder)}")
+    recorded = recorded_seed(folder, result) if result else None
+    if recorded not in (seed, None):
+        raise MaelabError(f"{folder} holds the run with seed {recorded}, not seed {seed}: use another --out, "
+                          f"or --seed {recorded}")
     if result and finished(result, cfg):
         return {**result, "seed": seed}
     d, r = cfg.data, cfg.run

@@ -180,11 +180,7 @@ def barrier(info: DistInfo) -> None:
 
 def any_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     """True on every rank if ``flag`` is true on any (a collective: call at the same point on all)."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return reduce_values([1.0 if flag else 0.0], info, device)[0] > 0
 
 
 def reduce_values(values: list[float], info: DistInfo, device: torch.device, op=dist.ReduceOp.MAX) -> list[float]:
