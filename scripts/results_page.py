@@ -70,6 +70,15 @@ ARCHIVED = ("results.json", "results.md", "*.png", "curves/*.png", "*/**/result.
             "*/**/pretrain/config.yaml")
 
 
+def read_json(path: Path):
+    """A run record, or a one-line stop naming the file when it is damaged (a run cut while writing it)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"results_page: cannot read {path}: {e}; re-run the command that wrote it, or leave "
+                         "its folder out") from None
+
+
 class Page:
     """The lines of the page, and the archive (``<page dir>/results/runs/``) its numbers and pictures come from."""
 
@@ -124,7 +133,7 @@ def recipe_section(page: Page, folder: Path) -> None:
                        f".../cifar10/train --out runs/{name}` and regenerate this page."
                        + page.measured_earlier(f"## `{name}`"), ""]
         return
-    res = json.loads(res_file.read_text())
+    res = read_json(res_file)
     b = res["budgets"]
     page.lines += [f"Command: `maelab recipe --config {name} --data {res['data']} --out {res['recipe']}` "
                    f"(seed {res['seed']}; precision {res.get('precision', 'auto')}; pre-training budget "
@@ -283,7 +292,7 @@ def run_facts(run: Path) -> dict:
                      seed=cfg["run"]["seed"])
     knn = run / "knn.json"
     if knn.is_file():
-        res = json.loads(knn.read_text())
+        res = read_json(knn)
         if res["train_images"] == res["val_images"]:
             facts["evaluated_images"] = res["train_images"]
     return facts
@@ -309,7 +318,7 @@ def ablation_section(page: Page, folder: Path) -> None:
     if not res_file.is_file():
         page.lines += [f"## Sweep `{folder.name}`", "", "Not run yet.", ""]
         return
-    res = json.loads(res_file.read_text())
+    res = read_json(res_file)
     setting, rows = res["setting"], res["rows"]
     facts = run_facts(folder / f"{setting}={rows[0]['value']}") if rows else {}
     evaluated = res.get("evaluated_images", facts.get("evaluated_images", "an unrecorded number of"))
@@ -384,7 +393,7 @@ def quality_section(page: Page, folder: Path) -> None:
                        "cores: two 30-minute pre-trainings, then kNN of every snapshot)." + page.measured_earlier(QUALITY),
                        ""]
         return
-    res = json.loads(res_file.read_text())
+    res = read_json(res_file)
     page.lines += [f"Command: `{res['command']}`; {res['machine']}; {res['load']}. kNN k=20, T=0.07 on "
                    f"{res['eval_images'] or 'all'} images of each split; seed {res['seed']}; the alternative in "
                    f"{res.get('hf_precision', 'fp32')}.", "", (folder / "results.md").read_text(), ""]
@@ -418,7 +427,7 @@ def inputs(args: argparse.Namespace, page: Page) -> tuple[list[Path], list[Path]
     """The folders to show, and the command that named them: the ones given, else the archive's index."""
     index_file = page.archive / "index.json"
     if args.recipe is None and args.ablation is None and args.quality is None and index_file.is_file():
-        index = json.loads(index_file.read_text())
+        index = read_json(index_file)
         return ([page.archive / n for n in index["recipe"]], [page.archive / n for n in index["ablation"]],
                 page.archive / index["quality"], index["command"])
     recipe = [Path(f) for f in (["runs/recipe_quick", "runs/recipe_full"] if args.recipe is None else args.recipe)]
@@ -457,7 +466,7 @@ def main() -> None:
     for folder in recipe:
         recipe_section(page, folder)
     quality_section(page, quality)
-    sweeps = [json.loads((f / "results.json").read_text()) for f in ablation if (f / "results.json").is_file()]
+    sweeps = [read_json(f / "results.json") for f in ablation if (f / "results.json").is_file()]
     groups = preset_runs(sweeps)
     noise_section(page, groups)
     shape_table(page, sweeps, groups)

@@ -226,3 +226,13 @@ def test_a_new_probe_setting_re_runs_only_the_probe_and_keeps_the_pretraining_ti
     (folder / "result.json").unlink()  # cut after pre-training, before the evaluations were recorded
     ablate_cmd.run_value(cfg, "0.75", folder, 0)
     assert len(calls) == 1  # the pre-training is not run (nor timed) again; kNN and probe are read back
+
+
+def test_a_damaged_run_record_stops_the_page_with_one_line(tmp_path):
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "results.json").write_text('{"setting": ')  # cut while it was written
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
+                          str(tmp_path / "sweep"), "--out", str(tmp_path / "docs" / "results.md")],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "cannot read" in out.stderr and "results.json" in out.stderr
+    assert "Traceback" not in out.stderr
