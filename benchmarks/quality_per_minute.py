@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.peers import SIZES, hf_model  # noqa: E402
+from maelab.commands.steps import child_command  # noqa: E402
 from maelab.train.budget import parse_duration  # noqa: E402
 from maelab.train.precision import autocast  # noqa: E402
 
@@ -44,8 +45,9 @@ hf_schedule: dict = {}  # the alternative's planned and finished steps, for resu
 
 
 def maelab_cli(args: list[str], log: Path) -> None:
+    argv, env = child_command(args)
     with open(log, "a") as out:
-        code = subprocess.run([sys.executable, "-m", "maelab.cli", *args], stdout=out, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(argv, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
     if code:
         raise SystemExit(f"`maelab {args[0]}` failed (exit {code}); see {log}")
 

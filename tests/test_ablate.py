@@ -84,6 +84,8 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     (["--setting", "mask-ratio", "--values", "0.5", "--pretrain-images", "-3"], "--pretrain-images must be"),
     (["--setting", "mask-ratio", "--values", "0.5", "--probe-base-lr", "-1"], "--probe-base-lr must be positive"),
     (["--setting", "mask-ratio", "--values", "0.5", "--seeds", "1", "1"], "--seeds repeats"),
+    (["--setting", "seed", "--values", "1", "2", "--seeds", "0", "1"], "--setting seed already runs one seed"),
+    (["--setting", "seed", "--values", "1", "two"], "takes whole numbers as --values, got two"),
 ])
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, args, message):
     out = ablate(*args, "--data", str(tmp_path), "--out", str(tmp_path / "sweep"), cwd=tmp_path)
@@ -144,6 +146,27 @@ def test_a_folder_that_holds_another_seeds_run_is_refused(tmp_path):
     assert run_value(cfg, "0.75", folder, 3)["knn_top1"] == 9.0  # finished: read back, nothing runs
     with pytest.raises(MaelabError, match="holds the run with seed 3, not seed 0"):
         run_value(cfg, "0.75", folder, 0)
+
+
+def test_a_seed_sweep_runs_and_records_each_value_as_the_seed_of_its_whole_chain(tmp_path, monkeypatch):
+    from maelab.commands import ablate as module
+    calls = []
+
+    def fake_run_value(cfg, value, folder, seed):
+        calls.append((value, folder.name, seed))
+        (folder / "pretrain").mkdir(parents=True)
+        (folder / "pretrain" / "metrics.jsonl").write_text('{"step": 1, "epoch": 0, "loss": 1.0}\n')
+        return {"value": value, "seed": seed, "pretrain_s": 60.0, "pretrain_steps": 10, "knn_top1": 30.0 + seed}
+
+    monkeypatch.setattr(module, "run_value", fake_run_value)
+    cfg = module.AblateConfig()
+    cfg.sweep.setting, cfg.sweep.values, cfg.sweep.evaluate = "seed", ["1", "2"], ["knn"]
+    cfg.data.data, cfg.run.out, cfg.run.seed = str(tmp_path), str(tmp_path / "sweep"), 0
+    module.run(cfg)
+    assert calls == [("1", "seed=1", 1), ("2", "seed=2", 2)]  # not the sweep's --seed 0, and no seed=S/ nesting
+    summary = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert summary["seeds"] == [1, 2] and [r["seed"] for r in summary["rows"]] == [1, 2]
+    assert module.setting_flags("mask-ratio", "0.5") == ["--mask-ratio", "0.5"]
 
 
 def write_sweep(folder: Path, setting: str, scores: dict[str, float], minutes: float = 4.0) -> Path:

@@ -72,3 +72,20 @@ def test_bad_recipes_are_refused_before_anything_runs(tmp_path, args, message):
     out = recipe(*[subst.get(a, a) for a in args], "--out", str(tmp_path / "r"), cwd=tmp_path)
     assert out.returncode == 2 and message in out.stderr, out.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_a_chain_step_runs_this_maelab_even_beside_another_maelab_folder(tmp_path, monkeypatch):
+    """`python -m` puts the working directory first on the path: a user standing in a folder that holds
+    another `maelab/` (an older checkout) must still get the code that launched the chain."""
+    from maelab.commands.steps import maelab
+    from maelab.errors import MaelabError
+    impostor = tmp_path / "maelab"
+    impostor.mkdir()
+    (impostor / "__init__.py").write_text("")
+    (impostor / "cli.py").write_text("raise SystemExit('the other maelab ran')\n")
+    monkeypatch.chdir(tmp_path)
+    log = tmp_path / "log.txt"
+    maelab(["recipe", "--help"], log)  # exits 0 only if this checkout's cli ran
+    assert "--pretrain-budget" in log.read_text() and "the other maelab ran" not in log.read_text()
+    with pytest.raises(MaelabError, match="failed"):
+        maelab(["recipe", "--no-such-flag"], log)

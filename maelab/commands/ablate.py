@@ -62,7 +62,7 @@ class SweepRunConfig(ProcessConfig):
     probe_epochs: int = option(90, "linear-probe epochs (on cached features: seconds per epoch)")
     probe_base_lr: float = option(4.0, "linear-probe LARS base lr (lr = base x batch / 256); the paper's 0.1 is "
                                        "sized for batch 16384 and leaves the head under-trained at CPU batches")
-    seed: int = option(0, "seed of every run")
+    seed: int = option(0, "seed of every run (with --setting seed, each value is the seed of its whole run)")
     seeds: list[int] = option([], "run every value once per seed and report mean ± standard deviation "
                                   "(default: --seed alone); adding seeds to a finished sweep runs only the new ones")
 
@@ -87,6 +87,13 @@ def validate(cfg: AblateConfig) -> None:
             raise MaelabError(f"{name} must be 0 (all images) or a positive count, got {n}")
     if len(set(cfg.run.seeds)) != len(cfg.run.seeds):
         raise MaelabError(f"--seeds repeats a seed: {cfg.run.seeds}")
+    if is_seed_sweep(sw.setting):
+        if cfg.run.seeds:
+            raise MaelabError("--setting seed already runs one seed per value; --seeds repeats the values of "
+                              "another setting, e.g. --setting mask-ratio --values 0.5 0.75 --seeds 0 1 2")
+        bad = [v for v in sw.values if not v.isdigit()]
+        if bad:
+            raise MaelabError(f"--setting seed takes whole numbers as --values, got {' '.join(bad)}")
     if cfg.run.probe_epochs < 1:
         raise MaelabError(f"--probe-epochs must be at least 1, got {cfg.run.probe_epochs}")
     if not cfg.run.probe_base_lr > 0:
@@ -103,8 +110,20 @@ def setting_flags(setting: str, value: str) -> list[str]:
     return [f"--{flag}", value]
 
 
+def is_seed_sweep(setting: str) -> bool:
+    return setting.strip("-").replace("_", "-") == "seed"
+
+
 def seeds_of(cfg: AblateConfig) -> list[int]:
     return list(cfg.run.seeds) or [cfg.run.seed]
+
+
+def runs_of(cfg: AblateConfig, value: str, value_folder: Path) -> list[tuple[int, Path]]:
+    """(seed, folder) of each run of a value. In a ``seed`` sweep the value is the seed of the whole
+    chain -- pre-training and evaluations -- and is recorded as such."""
+    if is_seed_sweep(cfg.sweep.setting):
+        return [(int(value), value_folder)]
+    return [(seed, seed_folder(cfg, value_folder, seed)) for seed in seeds_of(cfg)]
 
 
 def seed_folder(cfg: AblateConfig, value_folder: Path, seed: int) -> Path:
@@ -161,7 +180,9 @@ def run_value(cfg: AblateConfig, value: str, folder: Path, seed: int) -> dict[st
         length = length_flags(r.budget, r.pretrain_epochs)
         pretrain_images = d.limit_images if d.pretrain_images is None else d.pretrain_images
         seconds = maelab(["pretrain", "--config", r.preset, *common, "--limit-images", str(pretrain_images),
-                          *length, "--out", str(pre), *setting_flags(cfg.sweep.setting, value)], chain.log)
+                          *length, "--out", str(pre),
+                          *([] if is_seed_sweep(cfg.sweep.setting) else setting_flags(cfg.sweep.setting, value))],
+                         chain.log)
         write_json(timing, {"pretrain_s": seconds,
                             "pretrain_steps": (load_yaml(pre / "config.yaml").get("optim") or {}).get("max_steps")})
     result = {**result, "value": value, "seed": seed, **json.loads(timing.read_text())}
@@ -252,10 +273,12 @@ def run(cfg: AblateConfig) -> list[dict[str, Any]]:
     folder = {value: out / f"{setting}={value}" for value in cfg.sweep.values}
     for value in cfg.sweep.values:
         runs = []
-        for seed in seeds:
+        for seed, where in runs_of(cfg, value, folder[value]):
             print(f"ablate: {setting} = {value}" + (f", seed {seed}" if len(seeds) > 1 else ""), file=sys.stderr, flush=True)
-            runs.append(run_value(cfg, value, seed_folder(cfg, folder[value], seed), seed))
+            runs.append(run_value(cfg, value, where, seed))
         rows.append(combine(runs))
+    if is_seed_sweep(setting):
+        seeds = [int(v) for v in cfg.sweep.values]
     summary = {"setting": setting, "budget": cfg.run.budget, "data": cfg.data.data, "rows": rows,
                "preset": cfg.run.preset, "seed": seeds[0], "seeds": seeds, "precision": cfg.run.precision, "machine": machine(),
                "evaluated_images": cfg.data.limit_images, "pretrain_images": cfg.data.pretrain_images,
@@ -264,7 +287,7 @@ def run(cfg: AblateConfig) -> list[dict[str, Any]]:
     write_json(out / "results.json", summary)
     atomic_write_bytes(out / "results.md", table(setting, rows).encode())
     plot(setting, rows, out / "ablation.png")
-    plot_losses(cfg, {v: seed_folder(cfg, f, seeds[0]) for v, f in folder.items()}, out, setting)
+    plot_losses(cfg, {v: runs_of(cfg, v, f)[0][1] for v, f in folder.items()}, out, setting)
     print(table(setting, rows) + f"ablate: wrote {out / 'results.md'}, {out / 'ablation.png'} and "
           f"{out / 'losses.png'}", flush=True)
     return rows

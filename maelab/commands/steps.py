@@ -6,6 +6,7 @@ what is not."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -48,11 +49,24 @@ def no_budget(budget: str | None) -> bool:
     return not budget or budget.lower() == "none"
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds this `maelab` package
+
+
+def child_command(args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Argv and environment of a `maelab` child process that runs this very code. Plain ``python -m``
+    puts the working directory first on the path, so a `maelab/` folder where the user stands (another
+    checkout, an older copy) would run instead of the code that launched it: ``-P`` stops that, and
+    PYTHONPATH names this package's root, installed or not."""
+    path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return [sys.executable, "-P", "-m", "maelab.cli", *args], {**os.environ, "PYTHONPATH": path}
+
+
 def maelab(args: list[str], log: Path) -> float:
     """Run one `maelab` command as its own process (output appended to ``log``); seconds it took."""
     t0 = time.perf_counter()
+    argv, env = child_command(args)
     with open(log, "a") as out:
-        code = subprocess.run([sys.executable, "-m", "maelab.cli", *args], stdout=out, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(argv, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
     if code != 0:
         raise MaelabError(f"`maelab {args[0]}` failed (exit {code}); its output is in {log}")
     return time.perf_counter() - t0
