@@ -1,0 +1,28 @@
+"""Every file the results page links to ships with the repository: the page is rendered from an archive
+under ``docs/results/``, and a .gitignore rule (``runs/`` matched ``docs/results/runs/``) once kept that
+archive out of every commit while the page still pointed at it."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_picture_and_record_of_the_results_page_exists_and_is_not_ignored():
+    page = REPO / "docs" / "results.md"
+    links = [m for m in re.findall(r"\]\(([^)#]+)\)", page.read_text()) if not m.startswith("http")]
+    targets = [(page.parent / link).resolve() for link in links]
+    assert targets and all(t.exists() for t in targets), [str(t) for t in targets if not t.exists()]
+    archive = sorted(p for p in (REPO / "docs" / "results" / "runs").rglob("*") if p.is_file())
+    assert (REPO / "docs" / "results" / "runs" / "index.json") in archive
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = [str(p.relative_to(REPO)) for p in archive + targets if p.is_file()]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.strip() == "", f"ignored by .gitignore, so never committed:\n{ignored.stdout}"
