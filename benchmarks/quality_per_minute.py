@@ -55,17 +55,26 @@ def maelab_cli(args: list[str], log: Path) -> None:
 def run_maelab(args, out: Path) -> tuple[list[float], list[Path]]:
     """(minutes since the run started, checkpoint) for every epoch of a budgeted maelab pre-training."""
     run = out / "maelab"
-    maelab_cli(["pretrain", "--config", "pretrain_cifar10_tiny", "--data", args.data, "--budget", args.budget,
-                "--precision", "fast",
-                "--batch-size", str(args.batch_size), "--save-every", "1", "--keep", "0", "--vis-every", "0",
-                "--seed", str(args.seed), "--out", str(run)], out / "log.txt")
-    start = (run / "config.yaml").stat().st_mtime
+    started = time.time()  # the arm's clock starts at launch: start-up and the budget's calibration count
+    if not args.rescore:
+        (out / "maelab_started.json").write_text(json.dumps({"unix_time": started}))
+        maelab_cli(["pretrain", "--config", "pretrain_cifar10_tiny", "--data", args.data, "--budget", args.budget,
+                    "--precision", "fast",
+                    "--batch-size", str(args.batch_size), "--save-every", "1", "--keep", "0", "--vis-every", "0",
+                    "--seed", str(args.seed), "--out", str(run)], out / "log.txt")
+    # not config.yaml's time: the budget planner rewrites it with the final step count at the end
+    start = json.loads((out / "maelab_started.json").read_text())["unix_time"]
     ckpts = sorted(p for p in (run / "checkpoints").iterdir() if p.name.startswith("epoch_"))
     return [((c / "model.safetensors").stat().st_mtime - start) / 60 for c in ckpts], ckpts
 
 
 def run_hf(args, out: Path) -> tuple[list[float], list[Path]]:
     """The alternative: HF ViTMAE + torchvision DataLoader + the paper's recipe scaled to the budget."""
+    record = out / "hf" / "snapshots.json"
+    if args.rescore:
+        kept = json.loads(record.read_text())
+        hf_schedule.update(kept["schedule"])
+        return kept["minutes"], [out / "hf" / name for name in kept["folders"]]
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
@@ -115,6 +124,7 @@ def run_hf(args, out: Path) -> tuple[list[float], list[Path]]:
             if not snapshots:
                 break
     hf_schedule.update(planned_steps=total, steps_done=step)
+    record.write_text(json.dumps({"minutes": times, "folders": [p.name for p in paths], "schedule": hf_schedule}))
     return times, paths
 
 
@@ -148,6 +158,8 @@ def main() -> None:
                     help="the alternative's autocast (fp32: HF ViTMAE as it runs on a CPU out of the box)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/quality_per_minute")
+    ap.add_argument("--rescore", action="store_true",
+                    help="train nothing: score and tabulate the snapshots a finished run in --out left (kNN results kept)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +167,10 @@ def main() -> None:
     curves = {arm: [{"minutes": round(t, 2), **{pool: knn(p, pool, args, out) for pool in POOLS}} for t, p in snaps]
               for arm, snaps in arms.items()}
     results = {"budget": args.budget, "machine": common.machine_info(torch.device("cpu")), "load": common.load_note(),
-               "command": common.command_line(),
+               "command": common.command_line()}
+    if args.rescore and (out / "results.json").is_file():  # the run's own command and load, not the re-scoring's
+        results.update({k: v for k, v in json.loads((out / "results.json").read_text()).items() if k in results})
+    results = {**results,
                "batch_size": args.batch_size, "eval_images": args.eval_images, "hf_precision": args.hf_precision, "hf_schedule": hf_schedule, "seed": args.seed, "curves": curves}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     from matplotlib.figure import Figure

@@ -138,8 +138,14 @@ def recipe_section(page: Page, folder: Path) -> None:
     page.lines += [f"Command: `maelab recipe --config {name} --data {res['data']} --out {res['recipe']}` "
                    f"(seed {res['seed']}; precision {res.get('precision', 'auto')}; pre-training budget "
                    f"{b['pretrain']}, fine-tune budget {b['finetune']} each).",
-                   f"Machine: {res['machine']}. Accuracy: final epoch, on `{res['val_data']}`; one seed.", "",
-                   "| step | top-1 (%) | minutes |", "|---|---|---|",
+                   f"Machine: {res['machine']}. Accuracy: final epoch, on `{res['val_data']}`; one seed.", ""]
+    if "probe" in res:  # recorded from the runs' own configs (results written before that lack it)
+        images, probe = res.get("evaluated_images") or {}, res["probe"]
+        steps = f"{res['pretrain_steps']} pre-training steps; " if res.get("pretrain_steps") else ""
+        page.lines += [f"What ran: {steps}evaluations on {images.get('train')} train / {images.get('val')} validation "
+                       f"images; linear probe {probe.get('epochs')} epochs at LARS base lr {probe.get('base_lr')} on "
+                       "cached features.", ""]
+    page.lines += ["| step | top-1 (%) | minutes |", "|---|---|---|",
                    f"| pre-training (MAE) | – | {res['minutes'].get('pretrain', '–')} |"]
     for key, title, step in STEPS:
         page.lines.append(f"| {title} | {res[key]:.2f} | {res['minutes'].get(step, '–')} |")

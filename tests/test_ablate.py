@@ -236,7 +236,6 @@ def test_a_new_probe_setting_re_runs_only_the_probe_and_keeps_the_pretraining_ti
         return 1.0
 
     monkeypatch.setattr(steps, "maelab", fake)
-    monkeypatch.setattr(ablate_cmd, "maelab", fake)
     cfg = ablate_cmd.AblateConfig()
     cfg.data.data = "images"
     result = ablate_cmd.run_value(cfg, "0.75", folder, 0)

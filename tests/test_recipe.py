@@ -43,12 +43,17 @@ def test_the_quick_chain_on_a_tiny_subset(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "r" / "results.json").read_text())["minutes"] == res["minutes"]
     assert "pre-training" in again.stderr
+    assert res["probe"] == {"epochs": 2, "base_lr": 4.0} and res["evaluated_images"] == {"train": 32, "val": 16}
+    assert res["pretrain_steps"] is None  # epochs, not a budget: no step count was planned
+    changed = recipe(*args, "--probe-base-lr", "2", cwd=tmp_path)  # another probe in the same folder: refused
+    assert changed.returncode == 2 and "linprobe was run with other settings (--base-lr 4 -> 2)" in changed.stderr
     page = tmp_path / "results.md"  # the results page is generated from these outputs, never typed
     subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", str(tmp_path / "r"),
                     str(tmp_path / "recipe_full"), "--out", str(page)], check=True, capture_output=True)
     text = page.read_text()
     assert f"| fine-tune from scratch (same budget) | {res['finetune_scratch_top1']:.2f} |" in text
     assert "## `recipe_full`" in text and "Not run yet" in text
+    assert "What ran: evaluations on 32 train / 16 validation images; linear probe 2 epochs at LARS base lr 4.0" in text
     assert "![reconstructions](results/runs/r/reconstruction.png)" in text  # archived next to the page, shown from a clone
     kept = tmp_path / "results" / "runs" / "r"
     assert (kept / "reconstruction.png").read_bytes() == (tmp_path / "r" / "reconstruction.png").read_bytes()
@@ -89,3 +94,40 @@ def test_a_chain_step_runs_this_maelab_even_beside_another_maelab_folder(tmp_pat
     assert "--pretrain-budget" in log.read_text() and "the other maelab ran" not in log.read_text()
     with pytest.raises(MaelabError, match="failed"):
         maelab(["recipe", "--no-such-flag"], log)
+
+
+def test_a_step_run_with_other_settings_is_refused_not_read_back(tmp_path, monkeypatch):
+    """Changing a setting and running the chain again in the same folder must not report the old run's
+    result as the new setting's: every step's flags are recorded and compared."""
+    from maelab.commands import steps
+    from maelab.errors import MaelabError
+    ran = []
+
+    def fake_maelab(args, log):
+        ran.append(args)
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"val_top1": 40.0}))
+        return 1.0
+
+    monkeypatch.setattr(steps, "maelab", fake_maelab)
+    common = ["--device", "cpu", "--seed", "0"]
+    assert steps.Chain(tmp_path, common, []).linprobe("pre", 90, base_lr=4.0)["val_top1"] == 40.0
+    assert len(ran) == 1 and "--base-lr" in ran[0]
+    steps.Chain(tmp_path, ["--device", "auto", "--seed", "0"], []).linprobe("pre", 90, base_lr=4.0)  # same settings
+    assert len(ran) == 1  # finished: read back (the device does not change what a step computes)
+    with pytest.raises(MaelabError, match=r"linprobe was run with other settings \(--base-lr 4 -> 0.1\)"):
+        steps.Chain(tmp_path, common, []).linprobe("pre", 90, base_lr=0.1)
+    with pytest.raises(MaelabError, match=r"--epochs 90 -> 20, --warmup-epochs 9 -> 2"):
+        steps.Chain(tmp_path, common, []).linprobe("pre", 20, base_lr=4.0)
+    assert len(ran) == 1
+    moved = tmp_path.with_name(tmp_path.name + "_moved")
+    tmp_path.rename(moved)  # the folder moved: its paths in the flags follow it
+    steps.Chain(moved, common, []).linprobe("pre", 90, base_lr=4.0)
+    assert len(ran) == 1
+    moved.rename(tmp_path)
+    (tmp_path / "steps.json").write_text("{not json")
+    with pytest.raises(MaelabError, match="steps.json is unreadable"):
+        steps.Chain(tmp_path, common, [])
+    assert steps.changed_flags(["knn", "--k", "20"], ["knn", "--k", "20", "--no-augment"]) == \
+        "--no-augment (not given) -> (set)"

@@ -5,7 +5,8 @@ evaluations of its encoder -- weighted kNN, a linear probe on cached features, a
 ``--finetune-budget``) -- each as its own `maelab` process in a sub-folder of ``--out``. The sweep
 writes ``results.json``, a Markdown table ``results.md``, ``ablation.png`` (accuracy and
 pre-training time per value) and ``losses.png`` (the loss curves of every run, one line per value).
-Running the same command again skips what is finished and resumes what is not.
+Running the same command again skips what is finished and resumes what is not; a step that ran with
+other flags is refused (``steps.json`` in each value's folder records them).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from maelab.commands.sections import ProcessConfig
-from maelab.commands.steps import Chain, ChainDataConfig, length_flags, machine, maelab, no_budget
+from maelab.commands.steps import Chain, ChainDataConfig, length_flags, machine, no_budget
 from maelab.config import command_config, load_yaml, option, redefault
 from maelab.errors import MaelabError
 from maelab.io import atomic_write_bytes, write_json
@@ -176,13 +177,12 @@ def run_value(cfg: AblateConfig, value: str, folder: Path, seed: int) -> dict[st
     pre, timing = folder / "pretrain", folder / "pretrain.json"
     if "pretrain_s" in result and not timing.is_file():  # a result written before pretrain.json existed
         write_json(timing, {k: result.get(k) for k in ("pretrain_s", "pretrain_steps")})
-    if not timing.is_file():
-        length = length_flags(r.budget, r.pretrain_epochs)
-        pretrain_images = d.limit_images if d.pretrain_images is None else d.pretrain_images
-        seconds = maelab(["pretrain", "--config", r.preset, *common, "--limit-images", str(pretrain_images),
-                          *length, "--out", str(pre),
-                          *([] if is_seed_sweep(cfg.sweep.setting) else setting_flags(cfg.sweep.setting, value))],
-                         chain.log)
+    pretrain_images = d.limit_images if d.pretrain_images is None else d.pretrain_images
+    seconds = chain.run("pretrain", ["pretrain", "--config", r.preset, *common, "--limit-images", str(pretrain_images),
+                                     *length_flags(r.budget, r.pretrain_epochs), "--out", str(pre),
+                                     *([] if is_seed_sweep(cfg.sweep.setting) else setting_flags(cfg.sweep.setting, value))],
+                        timing.is_file())
+    if seconds is not None:
         write_json(timing, {"pretrain_s": seconds,
                             "pretrain_steps": (load_yaml(pre / "config.yaml").get("optim") or {}).get("max_steps")})
     result = {**result, "value": value, "seed": seed, **json.loads(timing.read_text())}

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from maelab.commands.sections import ProcessConfig
-from maelab.commands.steps import Chain, ChainDataConfig, length_flags, machine, maelab, no_budget
+from maelab.commands.steps import Chain, ChainDataConfig, length_flags, machine, no_budget
 from maelab.config import command_config, load_yaml, option, redefault
 from maelab.data.folders import scan_images, spread_sample
 from maelab.data.splits import default_val_dir
@@ -97,10 +97,9 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     pre = out / "pretrain"
     say(f"pre-training ({st.pretrain_preset}, budget {st.pretrain_budget})")
     size = ["--img-size", str(st.img_size)] if st.img_size else []
-    if "pretrain" not in clock.done:
-        clock.run("pretrain", lambda: maelab(["pretrain", "--config", st.pretrain_preset, *common, *size,
-                                              *length_flags(st.pretrain_budget, st.pretrain_epochs), "--out",
-                                              str(pre)], chain.log))
+    clock.run("pretrain", lambda: chain.run("pretrain", ["pretrain", "--config", st.pretrain_preset, *common, *size,
+                                                         *length_flags(st.pretrain_budget, st.pretrain_epochs),
+                                                         "--out", str(pre)], "pretrain" in clock.done))
     recorded = load_yaml(pre / "config.yaml").get("model") or {}
     if not recorded.get("model") or not recorded.get("img_size"):
         raise MaelabError(f"{pre / 'config.yaml'} names no model preset and size; the random-init baselines need them")
@@ -117,10 +116,9 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     ft_scratch = clock.run("finetune_scratch", lambda: chain.finetune("none", ft_length, "finetune_scratch",
                                                                       st.finetune_preset, random))
     pictures = out / "reconstruction.png"
-    if not pictures.is_file():
-        images = spread_sample(scan_images(val), PICTURE_IMAGES)
-        maelab(["visualize", "--checkpoint", str(pre), "--images", *images, "--mask-ratio",
-                *map(str, st.mask_ratios), "--device", r.device, "--out", str(pictures)], chain.log)
+    images = spread_sample(scan_images(val), PICTURE_IMAGES)
+    chain.run("visualize", ["visualize", "--checkpoint", str(pre), "--images", *images, "--mask-ratio",
+                            *map(str, st.mask_ratios), "--device", r.device, "--out", str(pictures)], pictures.is_file())
     curves = {name: str(plot_curves(out / name / "metrics.jsonl", out / "curves" / f"{name}.png"))
               for name in ("pretrain", "linprobe", "finetune_mae", "finetune_scratch")
               if (out / name / "metrics.jsonl").is_file()}
@@ -132,6 +130,10 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
         "linprobe_top1": probe["val_top1"], "finetune_mae_top1": ft_mae["val_top1"],
         "finetune_scratch_top1": ft_scratch["val_top1"],
         "minutes": clock.minutes,
+        # read back from the runs' own configs and outputs: what ran, not what was asked
+        "pretrain_steps": (load_yaml(pre / "config.yaml").get("optim") or {}).get("max_steps"),
+        "probe": {k: (load_yaml(out / "linprobe" / "config.yaml").get("optim") or {}).get(k) for k in ("epochs", "base_lr")},
+        "evaluated_images": {"train": knn_mae.get("train_images"), "val": knn_mae.get("val_images")},
         "pictures": str(pictures), "curves": curves,
     }
     results["signals"] = {"knn_mae_beats_random": results["knn_mae_top1"] > results["knn_random_top1"],

@@ -1,7 +1,7 @@
 """The evaluation chain that `maelab ablate` and `maelab recipe` run on a pre-trained encoder: each step
 is its own `maelab` process (a crash, a kill or a budget never takes the others with it), logs to one
 file, and leaves its result in a file of its own, so a second run skips what is finished and resumes
-what is not."""
+what is not -- with the same flags only (``steps.json``)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 
 from maelab.config import option
 from maelab.errors import MaelabError
+from maelab.io import write_json
 from maelab.train.precision import native_bf16
 
 
@@ -72,31 +73,76 @@ def maelab(args: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
+def flag_values(args: list[str]) -> dict[str, str]:
+    """``--flag value...`` pairs of a command line (the command itself under ``""``); ``--device`` left out:
+    where a step ran does not change what it computes."""
+    flags: dict[str, list[str]] = {"": []}
+    key = ""
+    for token in args:
+        if token.startswith("--"):
+            key = token
+            flags[key] = []
+        else:
+            flags[key].append(token)
+    flags.pop("--device", None)
+    return {k: " ".join(v) for k, v in flags.items()}
+
+
+def changed_flags(old: list[str], new: list[str]) -> str:
+    """What differs between two command lines, e.g. ``--base-lr 0.1 -> 4``; empty when nothing does."""
+    a, b = flag_values(old), flag_values(new)
+    return ", ".join(f"{k or 'command'} {a.get(k, '(not given)') or '(set)'} -> {b.get(k, '(not given)') or '(set)'}"
+                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
 @dataclass
 class Chain:
-    """The flags every step shares (device, precision, seed, data, batch) and the evaluation split."""
+    """The flags every step shares (device, precision, seed, data, batch) and the evaluation split.
+
+    Every step's command line is kept in ``steps.json``: a step finished (or cut short) with other flags
+    is refused, not read back, so changing a setting and running again in the same folder can never
+    report the old setting's result as the new one's."""
 
     folder: Path
     common: list[str]
     split: list[str]
     log: Path = field(init=False)
+    record: dict[str, list[str]] = field(init=False)
 
     def __post_init__(self):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log = self.folder / "log.txt"
+        path = self.folder / "steps.json"
+        try:
+            self.record = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError) as e:
+            raise MaelabError(f"{path} is unreadable ({e}); it records how each step ran: delete it to accept "
+                              "the finished steps as they are") from e
+
+    def run(self, name: str, args: list[str], done: bool) -> float | None:
+        """Run step ``name`` (``maelab ARGS``) unless it is ``done``; seconds it took (None: not run).
+        Recorded before it starts, so a step cut short resumes only with the same flags."""
+        here = [token.replace(str(self.folder), "{out}") for token in args]  # a moved --out folder still matches
+        recorded = self.record.get(name)
+        if recorded is not None and (diff := changed_flags(recorded, here)):
+            raise MaelabError(f"{self.folder / name} was run with other settings ({diff}): use another --out, "
+                              f"or delete that step's output and its entry in {self.folder / 'steps.json'} to run it again")
+        if done:
+            return None
+        self.record[name] = here
+        write_json(self.folder / "steps.json", self.record)
+        return maelab(args, self.log)
 
     def knn(self, init: str, name: str, extra: list[str] = ()) -> dict[str, Any]:
         out = self.folder / f"{name}.json"
-        if not out.is_file():
-            maelab(["knn", "--init", init, *self.common, *self.split, *extra, "--out", str(out)], self.log)
+        self.run(name, ["knn", "--init", init, *self.common, *self.split, *extra, "--out", str(out)], out.is_file())
         return json.loads(out.read_text())
 
     def trained(self, command: str, preset: str, init: str, name: str, extra: list[str]) -> dict[str, Any]:
         """A linprobe / finetune run in ``name``/ (resumed if it was cut short); its results.json."""
         out = self.folder / name
-        if not (out / "results.json").is_file():
-            maelab([command, "--config", preset, "--init", init, *self.common, *self.split, *extra,
-                    "--out", str(out)], self.log)
+        self.run(name, [command, "--config", preset, "--init", init, *self.common, *self.split, *extra,
+                        "--out", str(out)], (out / "results.json").is_file())
         return json.loads((out / "results.json").read_text())
 
     def linprobe(self, init: str, epochs: int, name: str = "linprobe", preset: str = "linprobe_cifar_tiny",
