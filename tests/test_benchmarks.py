@@ -1,4 +1,5 @@
-"""The benchmark scripts' model builders and bookkeeping keep working as the code changes (the benchmarks themselves are not run by CI)."""
+"""The benchmark scripts' model builders and bookkeeping keep working as the code changes (the benchmarks
+themselves are not run by CI)."""
 
 from __future__ import annotations
 
