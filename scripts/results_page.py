@@ -68,6 +68,15 @@ SCORES = (("knn_top1", "kNN"), ("linprobe_top1", "linear probe"), ("finetune_top
 # result, kNN record and pre-training config (planned steps, seed, precision). No checkpoints, no logs.
 ARCHIVED = ("results.json", "results.md", "*.png", "curves/*.png", "*/**/result.json", "*/**/knn.json",
             "*/**/pretrain/config.yaml")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def portable(text: str, repo: Path = REPO) -> str:
+    """A record's machine paths made relative to the repository, as a reader's clone has them: runs record
+    resolved paths (``<repo>/runs/x``, ``<repo's parent>/shared/...``), which name one machine."""
+    for prefix, short in ((repo, ""), (repo.parent, "../")):
+        text = text.replace(f"{prefix}/", short)
+    return text
 
 
 def read_json(path: Path):
@@ -117,7 +126,10 @@ class Page:
                 for src in sorted(folder.glob(pattern)):
                     dst = staging / src.relative_to(folder)
                     dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src, dst)
+                    if src.suffix == ".png":
+                        shutil.copyfile(src, dst)
+                    else:
+                        dst.write_text(portable(src.read_text()))
             shutil.rmtree(kept, ignore_errors=True)
             staging.rename(kept)
         return kept if (kept / "results.json").is_file() else folder

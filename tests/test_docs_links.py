@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,18 @@ def test_every_picture_and_record_of_the_results_page_exists_and_is_not_ignored(
     assert targets and all(t.exists() for t in targets), [str(t) for t in targets if not t.exists()]
     archive = sorted(p for p in (REPO / "docs" / "results" / "runs").rglob("*") if p.is_file())
     assert (REPO / "docs" / "results" / "runs" / "index.json") in archive
+    machine = [p for p in archive if p.suffix != ".png" and f"{REPO.parent}/" in p.read_text()]
+    assert not machine, f"absolute paths of the machine that ran them: {machine}"  # a clone has other paths
     if shutil.which("git") is None or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
     paths = [str(p.relative_to(REPO)) for p in archive + targets if p.is_file()]
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True)
     assert ignored.stdout.strip() == "", f"ignored by .gitignore, so never committed:\n{ignored.stdout}"
+
+
+def test_archived_records_name_paths_relative_to_the_repository():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from results_page import portable
+    repo = Path("/home/u/maelab")
+    text = "data: /home/u/shared/datasets/cifar10/train\nout: /home/u/maelab/runs/a/pretrain\nlog: /tmp/x\n"
+    assert portable(text, repo) == "data: ../shared/datasets/cifar10/train\nout: runs/a/pretrain\nlog: /tmp/x\n"
