@@ -55,9 +55,8 @@ def maelab_cli(args: list[str], log: Path) -> None:
 def run_maelab(args, out: Path) -> tuple[list[float], list[Path]]:
     """(minutes since the run started, checkpoint) for every epoch of a budgeted maelab pre-training."""
     run = out / "maelab"
-    started = time.time()  # the arm's clock starts at launch: start-up and the budget's calibration count
-    if not args.rescore:
-        (out / "maelab_started.json").write_text(json.dumps({"unix_time": started}))
+    if not args.rescore:  # the arm's clock starts at launch: start-up and the budget's calibration count
+        (out / "maelab_started.json").write_text(json.dumps({"unix_time": time.time()}))
         maelab_cli(["pretrain", "--config", "pretrain_cifar10_tiny", "--data", args.data, "--budget", args.budget,
                     "--precision", "fast",
                     "--batch-size", str(args.batch_size), "--save-every", "1", "--keep", "0", "--vis-every", "0",
@@ -162,6 +161,10 @@ def main() -> None:
                     help="train nothing: score and tabulate the snapshots a finished run in --out left (kNN results kept)")
     args = ap.parse_args()
     out = Path(args.out)
+    missing = [p for p in (out / "maelab_started.json", out / "hf" / "snapshots.json") if not p.is_file()]
+    if args.rescore and missing:
+        raise SystemExit(f"--rescore: {', '.join(map(str, missing))} not found: re-score a run this script "
+                         "finished (it records them), or run it without --rescore")
     out.mkdir(parents=True, exist_ok=True)
     arms = {"maelab": pick(*run_maelab(args, out), args.points), "HF ViTMAE + torchvision": pick(*run_hf(args, out), args.points)}
     curves = {arm: [{"minutes": round(t, 2), **{pool: knn(p, pool, args, out) for pool in POOLS}} for t, p in snaps]

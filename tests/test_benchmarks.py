@@ -58,3 +58,14 @@ def test_quality_per_minute_times_maelab_from_its_launch_and_rescores_without_tr
     assert [p["minutes"] for p in res["curves"]["maelab"]] == [3.0, 9.5]
     assert [p["token"] for p in res["curves"]["HF ViTMAE + torchvision"]] == [20.0, 21.0]
     assert res["hf_schedule"] == {"planned_steps": 10, "steps_done": 10} and (out / "curve.png").is_file()
+
+
+def test_quality_per_minute_rescore_of_a_run_without_its_records_stops_with_one_line(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    from benchmarks import quality_per_minute as qpm
+
+    monkeypatch.setattr(sys, "argv", ["quality_per_minute.py", "--data", "d", "--val-data", "v", "--out",
+                                      str(tmp_path / "q"), "--rescore"])
+    with pytest.raises(SystemExit, match="maelab_started.json, .*snapshots.json not found"):
+        qpm.main()

@@ -21,7 +21,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from maelab.commands.sections import ProcessConfig
-from maelab.commands.steps import Chain, ChainDataConfig, length_flags, machine, no_budget
+from maelab.commands.steps import Chain, ChainDataConfig, length_flags, machine, no_budget, recorded_optim
 from maelab.config import command_config, load_yaml, option, redefault
 from maelab.errors import MaelabError
 from maelab.io import atomic_write_bytes, write_json
@@ -101,9 +101,14 @@ def validate(cfg: AblateConfig) -> None:
         raise MaelabError(f"--probe-base-lr must be positive, got {cfg.run.probe_base_lr}")
 
 
+def flag_name(setting: str) -> str:
+    """A setting as its `maelab pretrain` flag is spelled: ``--mask_ratio`` -> ``mask-ratio``."""
+    return setting.strip("-").replace("_", "-")
+
+
 def setting_flags(setting: str, value: str) -> list[str]:
     """``--name value``; on/off settings (``true`` / ``false``) become ``--name`` / ``--no-name``."""
-    flag = setting.strip("-").replace("_", "-")
+    flag = flag_name(setting)
     if value.lower() in ("true", "on", "yes"):
         return [f"--{flag}"]
     if value.lower() in ("false", "off", "no"):
@@ -112,7 +117,7 @@ def setting_flags(setting: str, value: str) -> list[str]:
 
 
 def is_seed_sweep(setting: str) -> bool:
-    return setting.strip("-").replace("_", "-") == "seed"
+    return flag_name(setting) == "seed"
 
 
 def seeds_of(cfg: AblateConfig) -> list[int]:
@@ -184,7 +189,7 @@ def run_value(cfg: AblateConfig, value: str, folder: Path, seed: int) -> dict[st
                         timing.is_file())
     if seconds is not None:
         write_json(timing, {"pretrain_s": seconds,
-                            "pretrain_steps": (load_yaml(pre / "config.yaml").get("optim") or {}).get("max_steps")})
+                            "pretrain_steps": recorded_optim(pre).get("max_steps")})
     result = {**result, "value": value, "seed": seed, **json.loads(timing.read_text())}
     if "knn" in cfg.sweep.evaluate:
         result["knn_top1"] = chain.knn(str(pre), "knn")["knn_top1"]
@@ -268,7 +273,7 @@ def plot_losses(cfg: AblateConfig, folders: dict[str, Path], out: Path, setting:
 def run(cfg: AblateConfig) -> list[dict[str, Any]]:
     validate(cfg)
     out = Path(cfg.run.out).expanduser()
-    setting = cfg.sweep.setting.strip("-").replace("_", "-")
+    setting = flag_name(cfg.sweep.setting)
     rows, seeds = [], seeds_of(cfg)
     folder = {value: out / f"{setting}={value}" for value in cfg.sweep.values}
     for value in cfg.sweep.values:

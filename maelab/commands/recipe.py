@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from maelab.commands.sections import ProcessConfig
-from maelab.commands.steps import Chain, ChainDataConfig, length_flags, machine, no_budget
+from maelab.commands.steps import Chain, ChainDataConfig, length_flags, machine, no_budget, recorded_optim
 from maelab.config import command_config, load_yaml, option, redefault
 from maelab.data.folders import scan_images, spread_sample
 from maelab.data.splits import default_val_dir
@@ -122,6 +122,7 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     curves = {name: str(plot_curves(out / name / "metrics.jsonl", out / "curves" / f"{name}.png"))
               for name in ("pretrain", "linprobe", "finetune_mae", "finetune_scratch")
               if (out / name / "metrics.jsonl").is_file()}
+    probe_optim = recorded_optim(out / "linprobe")
     results = {
         "recipe": cfg.run.out, "data": d.data, "val_data": str(val), "seed": r.seed, "machine": machine(),
         "precision": r.precision,
@@ -131,8 +132,8 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
         "finetune_scratch_top1": ft_scratch["val_top1"],
         "minutes": clock.minutes,
         # read back from the runs' own configs and outputs: what ran, not what was asked
-        "pretrain_steps": (load_yaml(pre / "config.yaml").get("optim") or {}).get("max_steps"),
-        "probe": {k: (load_yaml(out / "linprobe" / "config.yaml").get("optim") or {}).get(k) for k in ("epochs", "base_lr")},
+        "pretrain_steps": recorded_optim(pre).get("max_steps"),
+        "probe": {k: probe_optim.get(k) for k in ("epochs", "base_lr")},
         "evaluated_images": {"train": knn_mae.get("train_images"), "val": knn_mae.get("val_images")},
         "pictures": str(pictures), "curves": curves,
     }

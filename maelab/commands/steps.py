@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from maelab.config import option
+from maelab.config import load_yaml, option
 from maelab.errors import MaelabError
 from maelab.io import write_json
 from maelab.train.precision import native_bf16
@@ -156,6 +156,12 @@ class Chain:
                  extra: list[str] = ()):
         """``length``: the run's flags for how long (:func:`length_flags`)."""
         return self.trained("finetune", preset, init, name, [*length, *extra])
+
+
+def recorded_optim(run: Path) -> dict[str, Any]:
+    """The optimiser section a finished run recorded in its config.yaml (epochs, base_lr, the max_steps a
+    budget planned): what ran, not what was asked."""
+    return load_yaml(run / "config.yaml").get("optim") or {}
 
 
 def length_flags(budget: str | None, epochs: int | None) -> list[str]:
