@@ -170,11 +170,11 @@ def main() -> None:
     curves = {arm: [{"minutes": round(t, 2), **{pool: knn(p, pool, args, out) for pool in POOLS}} for t, p in snaps]
               for arm, snaps in arms.items()}
     results = {"budget": args.budget, "machine": common.machine_info(torch.device("cpu")), "load": common.load_note(),
-               "command": common.command_line()}
-    if args.rescore and (out / "results.json").is_file():  # the run's own command and load, not the re-scoring's
-        results.update({k: v for k, v in json.loads((out / "results.json").read_text()).items() if k in results})
-    results = {**results,
+               "command": common.command_line(),
                "batch_size": args.batch_size, "eval_images": args.eval_images, "hf_precision": args.hf_precision, "hf_schedule": hf_schedule, "seed": args.seed, "curves": curves}
+    if args.rescore and (out / "results.json").is_file():  # the run's own command, machine and load, not the re-scoring's
+        ran = json.loads((out / "results.json").read_text())
+        results.update({k: ran[k] for k in ("budget", "machine", "load", "command") if k in ran})
     (out / "results.json").write_text(json.dumps(results, indent=1))
     from matplotlib.figure import Figure
 
