@@ -215,17 +215,34 @@ def preset_runs(sweeps: list[dict]) -> dict[tuple, list[tuple[str, dict[str, flo
     for res in sweeps:
         seeds = res["setting"] == "seed"
         default = None if seeds else preset_value(group_key(res)[1], res["setting"])
+
+        def drawn(seed) -> int:  # the seed of a run's evaluation subsets: --subset-seed, else its own
+            return seed if res.get("subset_seed") is None else res["subset_seed"]
         for row in res["rows"]:
             if "knn_top1" not in row or not (seeds or same_value(row["value"], default)):
                 continue
             where = f"{res['setting']}={row['value']}"
             if "knn_top1_runs" not in row:
-                groups.setdefault(group_key(res), []).append((where, {k: row[k] for k, _ in SCORES if k in row}))
+                scores = {k: row[k] for k, _ in SCORES if k in row}
+                scores["subset_seed"] = drawn(int(row["value"]) if seeds else res.get("seed", 0))
+                groups.setdefault(group_key(res), []).append((where, scores))
                 continue
             for i, seed in enumerate(row["seeds"]):  # a value run with several seeds: each run
                 scores = {k: row[f"{k}_runs"][i] for k, _ in SCORES if f"{k}_runs" in row}
-                groups.setdefault(group_key(res), []).append((f"{where} seed {seed}", scores))
+                groups.setdefault(group_key(res), []).append((f"{where} seed {seed}", {**scores, "subset_seed": drawn(seed)}))
     return groups
+
+
+def subset_note(runs: list[tuple[str, dict]]) -> str:
+    """Which runs were scored on other evaluation subsets than most (their seed drew them), if any."""
+    drawn = [v.get("subset_seed") for _, v in runs]
+    usual = max(set(drawn), key=drawn.count)
+    other = [where for (where, _), d in zip(runs, drawn) if d != usual]
+    if not other:
+        return f" All were scored on the same evaluation subsets (drawn with seed {usual})."
+    return (f" {', '.join(other)} {'was' if len(other) == 1 else 'were'} scored on other evaluation subsets than "
+            f"the rest (drawn with {'its' if len(other) == 1 else 'their'} own seed; `--subset-seed` fixes them), "
+            f"so {'its' if len(other) == 1 else 'their'} difference mixes training noise with which images were scored.")
 
 
 def spread_of(sweep: dict, groups: dict) -> float | None:
@@ -255,8 +272,9 @@ def noise_section(page: Page, groups: dict) -> None:
                        f"{images or 'all'} images of each split"
                        + (f"; {'; '.join(others)}" if others else "") + ". With one seed the runs differ only in how many steps "
                        f"the budget bought (the machine's speed when each run measured it); the `seed=` runs add "
-                       f"seed noise. Below, a sweep's winner counts as a difference from the paper only when it beats "
-                       f"the paper's value by more than this spread.", ""]
+                       f"seed noise." + subset_note(runs)
+                       + " Below, a sweep's winner counts as a difference from the paper only when it beats the "
+                       "paper's value by more than this spread.", ""]
 
 
 def shape_table(page: Page, sweeps: list[dict], groups: dict) -> None:
@@ -358,6 +376,8 @@ def ablation_section(page: Page, folder: Path) -> None:
                    f"{res['budget']} budget on {'all' if not pretrained else pretrained} images of `{res['data']}`"
                    f" ({'seed' if len(seeds) == 1 else 'seeds'} {', '.join(map(str, seeds))}, precision {res['precision']}), then evaluated on "
                    f"{'all' if not evaluated else evaluated} images of each split"
+                   + (f" (subsets drawn with seed {res['subset_seed']} for every run)"
+                      if res.get("subset_seed") is not None and evaluated else "")
                    + (f" (linear probe: {res['probe']}, on cached features)" if res.get("probe") else "")
                    + f". Machine: {res.get('machine', 'not recorded')}.", "", (folder / "results.md").read_text(), ""]
     page.lines += overran(res)

@@ -258,3 +258,82 @@ def test_a_damaged_run_record_stops_the_page_with_one_line(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode != 0 and "cannot read" in out.stderr and "results.json" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_subset_seed_scores_runs_of_every_seed_on_the_same_images(tmp_path):
+    from maelab.commands.knn import KnnConfig
+    from maelab.commands.pretrain import PretrainConfig
+    from maelab.config import build_config
+    from maelab.data.folders import prepare_images
+    from maelab.data.splits import load_splits, subset_seed
+    data = make_subset(tmp_path / "c10" / "train", 6, classes=3)
+    make_subset(tmp_path / "c10" / "test", 6, classes=3, split="test")
+
+    def drawn(seed: int, fixed: int | None) -> tuple[list[str], list[str]]:
+        cfg = build_config(KnnConfig, {"data": str(data), "limit_images": 5, "seed": seed, "subset_seed": fixed})
+        return tuple(list(split.paths) for split in load_splits(cfg.data, cfg.run.seed))
+
+    assert drawn(1, None) != drawn(0, None)  # by default each seed draws its own subsets ...
+    assert drawn(1, 0) == drawn(0, None) == drawn(0, 0) == drawn(2, 0)  # ... --subset-seed 0 fixes them
+    assert len(drawn(1, 0)[0]) == len(drawn(1, 0)[1]) == 5
+    pre = build_config(PretrainConfig, {"data": str(data), "limit_images": 5, "seed": 3, "subset_seed": 0})
+    assert subset_seed(pre.data, pre.run.seed) == 0  # pre-training's subset follows it too
+    assert (prepare_images(str(data), "error", 5, subset_seed(pre.data, pre.run.seed)).paths
+            == prepare_images(str(data), "error", 5, 0).paths)
+
+
+def test_a_sweep_with_a_subset_seed_passes_it_to_every_step_and_refuses_other_subsets(tmp_path, monkeypatch):
+    import maelab.commands.ablate as ablate_cmd
+    import maelab.commands.steps as steps
+    calls = []
+
+    def fake(args, log):  # a `maelab` process: record it, leave the result file it would leave
+        calls.append(args)
+        out = Path(args[args.index("--out") + 1])
+        if args[0] == "pretrain":
+            out.mkdir(parents=True)
+            (out / "config.yaml").write_text("optim:\n  max_steps: 7\n")
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            payload = {"knn_top1": 30.0} if args[0] == "knn" else {"val_top1": 40.0}
+            (out if out.suffix == ".json" else out.mkdir(parents=True) or out / "results.json").write_text(json.dumps(payload))
+        return 1.0
+
+    monkeypatch.setattr(steps, "maelab", fake)
+    cfg = ablate_cmd.AblateConfig()
+    cfg.data.data, cfg.data.subset_seed, cfg.sweep.evaluate = "images", 0, ["knn"]
+    result = ablate_cmd.run_value(cfg, "1", tmp_path / "seed=1", 1)
+    assert [c[0] for c in calls] == ["pretrain", "knn"]
+    assert all(c[c.index("--subset-seed") + 1] == "0" and c[c.index("--seed") + 1] == "1" for c in calls)
+    assert result["subset_seed"] == 0 and result["seed"] == 1 and result["knn_top1"] == 30.0
+    calls.clear()
+    ablate_cmd.run_value(cfg, "0", tmp_path / "seed=0", 0)  # the subsets of its own seed: nothing to pass
+    assert calls and all("--subset-seed" not in c for c in calls)
+    old = tmp_path / "old"  # a run recorded before --subset-seed: its subsets were drawn with its seed, 1
+    old.mkdir()
+    (old / "result.json").write_text(json.dumps({"value": "1", "seed": 1, "pretrain_s": 1.0, "knn_top1": 9.0}))
+    with pytest.raises(ablate_cmd.MaelabError, match="evaluated on the subsets of seed 1, not 0: use another --out, "
+                                                     "or --subset-seed 1"):
+        ablate_cmd.run_value(cfg, "1", old, 1)
+    cfg.data.subset_seed = None
+    assert ablate_cmd.run_value(cfg, "1", old, 1)["knn_top1"] == 9.0  # its own subsets: read back
+
+
+def test_the_results_page_says_which_runs_were_scored_on_other_subsets(tmp_path):
+    sweeps = [write_sweep(tmp_path / "mask", "mask-ratio", {"0.5": 29.0, "0.75": 31.0}),
+              write_sweep(tmp_path / "norm", "norm-pix-loss", {"true": 31.2, "false": 30.0}),
+              write_sweep(tmp_path / "seed", "seed", {"1": 30.5})]
+    page = tmp_path / "page.md"
+
+    def render() -> str:
+        subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
+                        *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page)],
+                       check=True, capture_output=True)
+        return " ".join(page.read_text().split())
+
+    assert "seed=1 was scored on other evaluation subsets than the rest" in render()
+    summary = json.loads((sweeps[2] / "results.json").read_text())
+    (sweeps[2] / "results.json").write_text(json.dumps({**summary, "subset_seed": 0}))
+    text = render()
+    assert "All were scored on the same evaluation subsets (drawn with seed 0)" in text
+    assert "(subsets drawn with seed 0 for every run)" in text

@@ -69,3 +69,14 @@ def test_quality_per_minute_rescore_of_a_run_without_its_records_stops_with_one_
                                       str(tmp_path / "q"), "--rescore"])
     with pytest.raises(SystemExit, match="maelab_started.json, .*snapshots.json not found"):
         qpm.main()
+
+
+def test_masking_benchmark_times_every_strategy_against_a_step():
+    import subprocess
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_masking.py"
+    out = subprocess.run([sys.executable, str(script), "--quick", "--no-write", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for kind in ("random", "block", "grid"):
+        assert f"| mask noise: {kind} |" in out.stdout
+    assert "| training step (fwd + bwd + AdamW) |" in out.stdout

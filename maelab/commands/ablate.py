@@ -49,6 +49,8 @@ class SweepDataConfig(ChainDataConfig):
     limit_images: int = option(0, "a fixed seeded subset of N images of each split, pre-training too (0 = all)")
     pretrain_images: int | None = option(None, "images of the pre-training subset when it should differ from "
                                                "--limit-images (0 = all): pre-train on everything, evaluate on a subset")
+    subset_seed: int | None = option(None, "seed of the --limit-images / --pretrain-images subsets (default: each "
+                                           "run's seed); fix it (e.g. 0) to compare seeds on the same images")
     batch_size: int = redefault(ChainDataConfig, "batch_size", 128)
 
 
@@ -173,11 +175,16 @@ def run_value(cfg: AblateConfig, value: str, folder: Path, seed: int) -> dict[st
     if recorded not in (seed, None):
         raise MaelabError(f"{folder} holds the run with seed {recorded}, not seed {seed}: use another --out, "
                           f"or --seed {recorded}")
-    if result and finished(result, cfg):
-        return {**result, "seed": seed}
     d, r = cfg.data, cfg.run
+    subsets = seed if d.subset_seed is None else d.subset_seed
+    drawn = result.get("subset_seed", recorded) if result else None  # older results: drawn with the run's seed
+    if drawn not in (subsets, None):
+        raise MaelabError(f"{folder} holds a run evaluated on the subsets of seed {drawn}, not {subsets}: use another "
+                          f"--out, or --subset-seed {drawn}")
+    if result and finished(result, cfg):
+        return {**result, "seed": seed, "subset_seed": subsets}
     common = ["--device", r.device, "--precision", r.precision, "--seed", str(seed), "--data", d.data,
-              "--batch-size", str(d.batch_size)]
+              "--batch-size", str(d.batch_size), *([] if subsets == seed else ["--subset-seed", str(subsets)])]
     chain = Chain(folder, common, ["--limit-images", str(d.limit_images)] + (["--val-data", d.val_data] if d.val_data else []))
     pre, timing = folder / "pretrain", folder / "pretrain.json"
     if "pretrain_s" in result and not timing.is_file():  # a result written before pretrain.json existed
@@ -190,7 +197,7 @@ def run_value(cfg: AblateConfig, value: str, folder: Path, seed: int) -> dict[st
     if seconds is not None:
         write_json(timing, {"pretrain_s": seconds,
                             "pretrain_steps": recorded_optim(pre).get("max_steps")})
-    result = {**result, "value": value, "seed": seed, **json.loads(timing.read_text())}
+    result = {**result, "value": value, "seed": seed, "subset_seed": subsets, **json.loads(timing.read_text())}
     if "knn" in cfg.sweep.evaluate:
         result["knn_top1"] = chain.knn(str(pre), "knn")["knn_top1"]
     if "linprobe" in cfg.sweep.evaluate:
@@ -287,6 +294,7 @@ def run(cfg: AblateConfig) -> list[dict[str, Any]]:
     summary = {"setting": setting, "budget": cfg.run.budget, "data": cfg.data.data, "rows": rows,
                "preset": cfg.run.preset, "seed": seeds[0], "seeds": seeds, "precision": cfg.run.precision, "machine": machine(),
                "evaluated_images": cfg.data.limit_images, "pretrain_images": cfg.data.pretrain_images,
+               "subset_seed": cfg.data.subset_seed,
                "probe": probe_label(cfg) if "linprobe" in cfg.sweep.evaluate else None,
                "command": " ".join(["maelab", "ablate", *sys.argv[2:]]) if sys.argv[1:2] == ["ablate"] else None}
     write_json(out / "results.json", summary)

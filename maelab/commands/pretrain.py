@@ -14,6 +14,7 @@ from maelab.config import command_config, option
 from maelab.data.folders import ImageList, prepare_images, spread_sample
 from maelab.data.loader import Feeder, choose_in_memory, plan_for
 from maelab.data.shards import ShardFeeder, ShardPlan, is_shard_source, open_shards, shard_images, shard_pictures
+from maelab.data.splits import subset_seed
 from maelab.data.transforms import CROPS, PretrainTransform
 from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
@@ -68,6 +69,8 @@ class DataConfig:
                                       "(0 = off, as the paper)")
     bad_files: str = option("error", "unreadable image: stop with its path (error) or leave it out (skip)", choices=("error", "skip"))
     limit_images: int = option(0, "train on a fixed seeded random subset of N images (0 = all); for quick runs")
+    subset_seed: int | None = option(None, "seed of the --limit-images subset and of the --knn-every monitor's "
+                                           "subsets (default: --seed)")
     shuffle_buffer: int = option(1000, "shards: samples each loader worker holds in its shuffle buffer")
 
 
@@ -141,7 +144,8 @@ def run(cfg: PretrainConfig) -> LoopResult:
             images, feeder, vis, titles = shard_data(cfg, model.img_size, s, workers, transform)
             plan, count, in_memory = feeder.plan, images.total, False
         else:
-            images = prepare_images(cfg.data.data, cfg.data.bad_files, cfg.data.limit_images, cfg.run.seed)
+            images = prepare_images(cfg.data.data, cfg.data.bad_files, cfg.data.limit_images,
+                                    subset_seed(cfg.data, cfg.run.seed))
             in_memory = choose_in_memory(cfg.data.in_memory, images, model.img_size)
             plan = plan_for(images, cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank,
                             cfg.run.seed)

@@ -104,6 +104,8 @@ class ClassDataConfig(ImagesConfig):
                            "folder when --data is called train)")
     num_classes: int | None = option(None, "expected number of classes, checked against the class folders")
     limit_images: int = option(0, "use a fixed seeded random subset of N images of each split (0 = all); for quick runs")
+    subset_seed: int | None = option(None, "seed of the --limit-images subsets (default: --seed); the same value "
+                                           "for every run scores runs of different seeds on the same images")
 
 
 @dataclass

@@ -75,8 +75,18 @@ def classification_splits(data: str, val_data: str, bad_files: str = "error",
     return train_images, val_images
 
 
+def subset_seed(data, seed: int) -> int:
+    """The seed that draws a data section's ``--limit-images`` subsets: its ``subset_seed`` when set, else
+    the run's ``seed``. Fixing it lets runs with different seeds be scored on the same images, so their
+    spread is the training's alone."""
+    fixed = getattr(data, "subset_seed", None)
+    return seed if fixed is None else fixed
+
+
 def load_splits(data, seed: int) -> tuple[ImageList, ImageList]:
     """Checked training / validation splits of a class-data config section (``data``, ``val_data``,
-    ``bad_files``, ``num_classes``, ``limit_images``), each subsampled to ``limit_images``."""
+    ``bad_files``, ``num_classes``, ``limit_images``, ``subset_seed``), each subsampled to
+    ``limit_images`` (drawn with :func:`subset_seed`)."""
     train, val = classification_splits(data.data, data.val_data, data.bad_files, data.num_classes)
+    seed = subset_seed(data, seed)
     return subsample(train, data.limit_images, seed), subsample(val, data.limit_images, seed + 1)

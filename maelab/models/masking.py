@@ -34,35 +34,41 @@ def mask_noise(kind: str, n: int, grid: tuple[int, int], mask_ratio: float, gene
     gen_device = generator.device
     tiebreak = torch.rand(n, length, generator=generator, device=gen_device)
     to_mask = length - num_visible(length, mask_ratio)
-    preferred = torch.zeros(n, rows, cols, device=gen_device)  # 1 = mask this patch first
     if kind == "block":
-        for i in range(n):
-            _cover_with_blocks(preferred[i], to_mask, generator)
+        preferred = _cover_with_blocks(n, rows, cols, to_mask, generator)
     else:
         step = max(1, round(1 / math.sqrt(max(1e-6, 1 - mask_ratio))))
-        offsets = torch.randint(0, step, (n, 2), generator=generator, device=gen_device)
-        r = torch.arange(rows, device=gen_device)
-        c = torch.arange(cols, device=gen_device)
-        for i in range(n):
-            keep = ((r[:, None] - offsets[i, 0]) % step == 0) & ((c[None, :] - offsets[i, 1]) % step == 0)
-            preferred[i] = (~keep).float()
-    return (preferred.reshape(n, length) + tiebreak).to(device)
+        offsets = torch.randint(0, step, (n, 2, 1, 1), generator=generator, device=gen_device)
+        r = torch.arange(rows, device=gen_device)[None, :, None]
+        c = torch.arange(cols, device=gen_device)[None, None, :]
+        preferred = ~(((r - offsets[:, 0]) % step == 0) & ((c - offsets[:, 1]) % step == 0))
+    return (preferred.reshape(n, length).float() + tiebreak).to(device)
 
 
-def _cover_with_blocks(mask: torch.Tensor, target: int, generator: torch.Generator, min_area: int = 4) -> None:
-    """Mark random rectangles in ``mask`` (rows, cols) until at least ``target`` patches are marked."""
-    rows, cols = mask.shape
-    g = generator
-    for _ in range(100 * rows * cols):  # each try marks at least one new patch once most are covered
-        covered = int(mask.sum())
-        if covered >= target:
-            return
-        left = target - covered
-        area = min_area + float(torch.rand(1, generator=g, device=g.device)) * max(0.0, min(left, 0.4 * rows * cols) - min_area)
-        log_aspect = math.log(0.3) + float(torch.rand(1, generator=g, device=g.device)) * (math.log(1 / 0.3) - math.log(0.3))
-        h = max(1, min(rows, round(math.sqrt(area * math.exp(log_aspect)))))
-        w = max(1, min(cols, round(math.sqrt(area / math.exp(log_aspect)))))
-        top = int(torch.randint(0, rows - h + 1, (1,), generator=g, device=g.device))
-        lft = int(torch.randint(0, cols - w + 1, (1,), generator=g, device=g.device))
-        mask[top : top + h, lft : lft + w] = 1.0
-    mask.fill_(1.0)  # never reached in practice; masking everything still lets random_masking pick
+def _cover_with_blocks(n: int, rows: int, cols: int, target: int, generator: torch.Generator,
+                       min_area: int = 4) -> torch.Tensor:
+    """(n, rows, cols) bool: random rectangles marked in every sample until at least ``target`` patches
+    are. All samples draw a rectangle per round (a round is a few tensor ops, not a Python loop over
+    the batch, so masking stays a negligible part of a training step); a sample that is covered keeps
+    its mask."""
+    g, dev = generator, generator.device
+    mask = torch.zeros(n, rows, cols, dtype=torch.bool, device=dev)
+    r = torch.arange(rows, device=dev)[None, :, None]
+    c = torch.arange(cols, device=dev)[None, None, :]
+    lo, hi = math.log(0.3), math.log(1 / 0.3)
+    for _ in range(100 * rows * cols):  # each round marks at least one new patch in most samples
+        left = target - mask.sum((1, 2))
+        short = left > 0
+        if not bool(short.any()):
+            return mask
+        u = torch.rand(4, n, generator=g, device=dev)
+        area = min_area + u[0] * (left.clamp(max=0.4 * rows * cols) - min_area).clamp(min=0)
+        aspect = torch.exp(lo + u[1] * (hi - lo))
+        h = torch.sqrt(area * aspect).round().clamp(1, rows)
+        w = torch.sqrt(area / aspect).round().clamp(1, cols)
+        top = (u[2] * (rows - h + 1)).floor()[:, None, None]
+        lft = (u[3] * (cols - w + 1)).floor()[:, None, None]
+        rect = (r >= top) & (r < top + h[:, None, None]) & (c >= lft) & (c < lft + w[:, None, None])
+        mask |= rect & short[:, None, None]
+    mask[mask.sum((1, 2)) < target] = True  # never reached in practice; random_masking still picks
+    return mask

@@ -33,7 +33,7 @@ class PretrainTask:
         if self.mask_type == "random":
             g = make_generator(self.seed, 5, batch.epoch, batch.step, device=device)
             full = torch.rand(batch.global_size, self.model.num_patches, generator=g, device=device)
-        else:  # block / grid masks are drawn on the CPU (per-sample loops), then moved
+        else:  # block / grid masks are drawn on the CPU (a few batched tensor ops), then moved
             g = make_generator(self.seed, 5, batch.epoch, batch.step)
             full = mask_noise(self.mask_type, batch.global_size, self.model.grid, self.model.mask_ratio, g, device)
         return full[batch.offset : batch.offset + batch.images.shape[0]]
