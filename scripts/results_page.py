@@ -221,7 +221,8 @@ def preset_runs(sweeps: list[dict]) -> dict[tuple, list[tuple[str, dict[str, flo
         for row in res["rows"]:
             if "knn_top1" not in row or not (seeds or same_value(row["value"], default)):
                 continue
-            where = f"{res['setting']}={row['value']}"
+            where = f"{res['setting']}={row['value']}" + (f" on the subsets of seed {res['subset_seed']}"
+                                                         if res.get("subset_seed") is not None else "")
             if "knn_top1_runs" not in row:
                 scores = {k: row[k] for k, _ in SCORES if k in row}
                 scores["subset_seed"] = drawn(int(row["value"]) if seeds else res.get("seed", 0))
