@@ -215,22 +215,20 @@ def preset_runs(sweeps: list[dict]) -> dict[tuple, list[tuple[str, dict[str, flo
     for res in sweeps:
         seeds = res["setting"] == "seed"
         default = None if seeds else preset_value(group_key(res)[1], res["setting"])
-
-        def drawn(seed) -> int:  # the seed of a run's evaluation subsets: --subset-seed, else its own
-            return seed if res.get("subset_seed") is None else res["subset_seed"]
+        fixed = res.get("subset_seed")  # the seed of every run's evaluation subsets; None: each run's own
         for row in res["rows"]:
             if "knn_top1" not in row or not (seeds or same_value(row["value"], default)):
                 continue
-            where = f"{res['setting']}={row['value']}" + (f" on the subsets of seed {res['subset_seed']}"
-                                                         if res.get("subset_seed") is not None else "")
+            where = f"{res['setting']}={row['value']}" + (f" on the subsets of seed {fixed}" if fixed is not None else "")
             if "knn_top1_runs" not in row:
+                seed = int(row["value"]) if seeds else res.get("seed", 0)
                 scores = {k: row[k] for k, _ in SCORES if k in row}
-                scores["subset_seed"] = drawn(int(row["value"]) if seeds else res.get("seed", 0))
-                groups.setdefault(group_key(res), []).append((where, scores))
+                groups.setdefault(group_key(res), []).append((where, {**scores, "subset_seed": fixed if fixed is not None else seed}))
                 continue
             for i, seed in enumerate(row["seeds"]):  # a value run with several seeds: each run
                 scores = {k: row[f"{k}_runs"][i] for k, _ in SCORES if f"{k}_runs" in row}
-                groups.setdefault(group_key(res), []).append((f"{where} seed {seed}", {**scores, "subset_seed": drawn(seed)}))
+                groups.setdefault(group_key(res), []).append((f"{where} seed {seed}",
+                                                              {**scores, "subset_seed": fixed if fixed is not None else seed}))
     return groups
 
 

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from maelab.commands.sections import ProcessConfig
 from maelab.commands.steps import Chain, ChainDataConfig, length_flags, machine, no_budget, recorded_optim
 from maelab.config import command_config, load_yaml, option, redefault
+from maelab.data.splits import subset_seed
 from maelab.errors import MaelabError
 from maelab.io import atomic_write_bytes, write_json
 from maelab.train.budget import parse_duration
@@ -176,7 +177,7 @@ def run_value(cfg: AblateConfig, value: str, folder: Path, seed: int) -> dict[st
         raise MaelabError(f"{folder} holds the run with seed {recorded}, not seed {seed}: use another --out, "
                           f"or --seed {recorded}")
     d, r = cfg.data, cfg.run
-    subsets = seed if d.subset_seed is None else d.subset_seed
+    subsets = subset_seed(d, seed)
     drawn = result.get("subset_seed", recorded) if result else None  # older results: drawn with the run's seed
     if drawn not in (subsets, None):
         raise MaelabError(f"{folder} holds a run evaluated on the subsets of seed {drawn}, not {subsets}: use another "
