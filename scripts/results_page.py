@@ -348,12 +348,27 @@ def overran(res: dict) -> list[str]:
             f"their own cost.", ""]
 
 
-def ablation_section(page: Page, folder: Path) -> None:
+def knn_gap(rows: list[dict], paper: str, spread: float | None) -> str:
+    """How far the paper's value trails our best in kNN, measured against the run-to-run spread, so a
+    sweep whose values all tie is not read as a reversal of the paper."""
+    top = best(rows, "knn_top1")
+    there = next((r for r in rows if same_value(r["value"], paper) and "knn_top1" in r), None)
+    if top is None or there is None:
+        return ""
+    gap = top["knn_top1"] - there["knn_top1"]
+    where = ("" if spread is None else
+             f", within the {spread:.2f}-point run-to-run spread: no real difference" if gap <= spread else
+             f", more than the {spread:.2f}-point run-to-run spread")
+    return f": {paper} trails {top['value']} by {gap:.2f} kNN points{where}"
+
+
+def ablation_section(page: Page, folder: Path, groups: dict) -> None:
     res_file = folder / "results.json"
     if not res_file.is_file():
         page.lines += [f"## Sweep `{folder.name}`", "", "Not run yet.", ""]
         return
     res = read_json(res_file)
+    spread = spread_of(res, groups)
     setting, rows = res["setting"], res["rows"]
     facts = run_facts(folder / f"{setting}={rows[0]['value']}") if rows else {}
     evaluated = res.get("evaluated_images", facts.get("evaluated_images", "an unrecorded number of"))
@@ -386,7 +401,7 @@ def ablation_section(page: Page, folder: Path) -> None:
         agree = [title for key, title in SCORES if (b := best(rows, key)) and str(b["value"]).lower() == value]
         page.lines += [f"Paper: {finding} (best: {value}). Ours: {'; '.join(ours)} -- "
                        + (f"the paper's best value wins for {', '.join(agree)}." if agree else
-                          "the paper's best value does not win here at this scale."), ""]
+                          f"the paper's best value does not win here at this scale{knn_gap(rows, value, spread)}."), ""]
     elif ours:
         page.lines += [f"Ours: {'; '.join(ours)}.", ""]
     page.picture(folder / "ablation.png", f"sweep of {setting}")
@@ -508,7 +523,7 @@ def main() -> None:
     noise_section(page, groups)
     shape_table(page, sweeps, groups)
     for folder in ablation:
-        ablation_section(page, folder)
+        ablation_section(page, folder, groups)
     if not ablation:
         page.lines += ["## Ablations", "", "No ablation sweep has been run for this page yet (`maelab ablate`, see "
                        "the README).", ""]

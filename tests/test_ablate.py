@@ -196,6 +196,10 @@ def test_the_results_page_measures_the_spread_and_calls_a_difference_only_beyond
     assert "| `decoder-depth` | 4m | 8 | 30.00 | 1 | 35.00 | **differs**: 1 beats 8 by 5.00 (> the 1.00-point spread); the budget bought 400 against 400 steps |" in text
     assert "| `norm-pix-loss` | 4m | true | 31.20 | false | 31.90 | within the 1.00-point spread" in text
     assert "Over the budget: true (9.0 min), false (9.0 min)" in text
+    # each sweep's own sentence weighs the paper's value against the same spread
+    assert "does not win here at this scale: 8 trails 1 by 5.00 kNN points, more than the 1.00-point" in text
+    assert ("does not win here at this scale: true trails false by 0.70 kNN points, within the 1.00-point "
+            "run-to-run spread: no real difference.") in text
     (tmp_path / "depth" / "results.json").write_text((tmp_path / "depth" / "results.json").read_text()
                                                       .replace("35.0", "29.0").replace("30.0", "31.9"))
     subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
