@@ -244,6 +244,11 @@ def subset_note(runs: list[tuple[str, dict]]) -> str:
             f"so {'its' if len(other) == 1 else 'their'} difference mixes training noise with which images were scored.")
 
 
+def paper_row(rows: list[dict], paper: str) -> dict | None:
+    """The sweep row of the paper's best value, if it was run and scored by kNN."""
+    return next((r for r in rows if same_value(r["value"], paper) and "knn_top1" in r), None)
+
+
 def spread_of(sweep: dict, groups: dict) -> float | None:
     """max - min kNN of the preset's repeated runs at this sweep's budget and images (None: fewer than 3)."""
     scores = [v["knn_top1"] for _, v in groups.get(group_key(sweep), [])]
@@ -285,7 +290,7 @@ def shape_table(page: Page, sweeps: list[dict], groups: dict) -> None:
             continue
         paper, _ = PAPER[setting]
         top = best(res["rows"], "knn_top1")
-        at_paper = next((r for r in res["rows"] if same_value(r["value"], paper) and "knn_top1" in r), None)
+        at_paper = paper_row(res["rows"], paper)
         spread = spread_of(res, groups)
         if at_paper is None:
             verdict = "the paper's value was not run"
@@ -352,7 +357,7 @@ def knn_gap(rows: list[dict], paper: str, spread: float | None) -> str:
     """How far the paper's value trails our best in kNN, measured against the run-to-run spread, so a
     sweep whose values all tie is not read as a reversal of the paper."""
     top = best(rows, "knn_top1")
-    there = next((r for r in rows if same_value(r["value"], paper) and "knn_top1" in r), None)
+    there = paper_row(rows, paper)
     if top is None or there is None:
         return ""
     gap = top["knn_top1"] - there["knn_top1"]
