@@ -367,6 +367,21 @@ def knn_gap(rows: list[dict], paper: str, spread: float | None) -> str:
     return f": {paper} trails {top['value']} by {gap:.2f} kNN points{where}"
 
 
+def seed_sentence(rows: list[dict]) -> str:
+    """A seed sweep has no best value: say what its runs measure and how far they scatter."""
+    text = ("Each value is the seed of its whole run (initialisation, data order, crops, flips, masks), so "
+            "no seed is \"best\": these runs count in the run-to-run spread above.")
+    spreads = []
+    for key, title in SCORES:
+        scores = [r[key] for r in rows if key in r]
+        if len(scores) >= 2:
+            spreads.append(f"{title} {statistics.mean(scores):.2f} ± {statistics.stdev(scores):.2f} "
+                           f"({min(scores):.2f}-{max(scores):.2f})")
+    if spreads:
+        text += f" Across these {len(rows)} seeds (mean ± standard deviation, range): {'; '.join(spreads)}."
+    return text
+
+
 def ablation_section(page: Page, folder: Path, groups: dict) -> None:
     res_file = folder / "results.json"
     if not res_file.is_file():
@@ -407,6 +422,8 @@ def ablation_section(page: Page, folder: Path, groups: dict) -> None:
         page.lines += [f"Paper: {finding} (best: {value}). Ours: {'; '.join(ours)} -- "
                        + (f"the paper's best value wins for {', '.join(agree)}." if agree else
                           f"the paper's best value does not win here at this scale{knn_gap(rows, value, spread)}."), ""]
+    elif setting == "seed":
+        page.lines += [seed_sentence(rows), ""]
     elif ours:
         page.lines += [f"Ours: {'; '.join(ours)}.", ""]
     page.picture(folder / "ablation.png", f"sweep of {setting}")

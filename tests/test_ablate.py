@@ -222,6 +222,17 @@ def test_the_results_page_pools_every_seed_of_the_presets_value(tmp_path):
     assert "spread 2.00 points" in text and "(seeds 0, 1, 2, precision fast)" in text
 
 
+def test_a_seed_sweep_reports_its_scatter_not_a_best_seed(tmp_path):
+    sweep = write_sweep(tmp_path / "seed", "seed", {"1": 30.5, "2": 33.5, "3": 32.0})
+    page = tmp_path / "page.md"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation", str(sweep),
+                    "--quality", str(tmp_path / "none"), "--out", str(page)], check=True, capture_output=True)
+    text = " ".join(page.read_text().split())
+    assert "best kNN at" not in text  # no seed is the "best" one
+    assert "Across these 3 seeds (mean ± standard deviation, range): kNN 32.00 ± 1.50 (30.50-33.50)." in text
+    assert "pre-trained 3 times at the 4m budget" in text and "spread 3.00 points" in text
+
+
 def test_a_new_probe_setting_re_runs_only_the_probe_and_keeps_the_pretraining_time(tmp_path, monkeypatch):
     import maelab.commands.ablate as ablate_cmd
     import maelab.commands.steps as steps
