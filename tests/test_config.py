@@ -8,7 +8,7 @@ import pytest
 
 from maelab import MaelabError
 from maelab.commands.pretrain import PretrainConfig
-from maelab.config import add_config_args, build_config, config_from_args, resolve_preset
+from maelab.config import CONFIG_DIR, add_config_args, build_config, config_from_args, resolve_preset
 
 
 def _parse(argv):
@@ -51,6 +51,30 @@ def test_shipped_presets_load():
     for name in ("pretrain_cifar10_tiny", "pretrain_vit_base"):
         cfg = build_config(PretrainConfig, yaml_path=name)
         assert cfg.model.model.startswith("mae_vit")
+
+
+def _command_configs() -> dict[str, type]:
+    from maelab.commands.detect import DetectTrainConfig
+    from maelab.commands.finetune import FinetuneConfig
+    from maelab.commands.linprobe import LinprobeConfig
+    from maelab.commands.recipe import RecipeConfig
+    from maelab.commands.segment import TrainConfig as SegmentTrainConfig
+    return {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linprobe": LinprobeConfig,
+            "recipe": RecipeConfig, "detect": DetectTrainConfig, "segment": SegmentTrainConfig}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_builds_against_its_command(path):
+    """A typo in a preset that only a GPU session runs (recipe_full) must fail here, not after the
+    machine is lent; a recipe's step presets must exist and build against their own commands."""
+    commands = _command_configs()
+    cfg = build_config(commands[path.stem.split("_")[0]], yaml_path=path.stem)
+    if path.stem.startswith("recipe_"):
+        for step in ("pretrain", "probe", "finetune"):
+            preset = getattr(cfg.steps, f"{step}_preset")
+            command = "linprobe" if step == "probe" else step
+            assert preset.startswith(command + "_")
+            build_config(commands[command], yaml_path=preset)
 
 
 # --- check_schedule / check_augment: the optimizer and augmentation numbers every command shares -------
