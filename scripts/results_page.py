@@ -249,10 +249,24 @@ def paper_row(rows: list[dict], paper: str) -> dict | None:
     return next((r for r in rows if same_value(r["value"], paper) and "knn_top1" in r), None)
 
 
-def spread_of(sweep: dict, groups: dict) -> float | None:
-    """max - min kNN of the preset's repeated runs at this sweep's budget and images (None: fewer than 3)."""
-    scores = [v["knn_top1"] for _, v in groups.get(group_key(sweep), [])]
+def spread_at(key: tuple, groups: dict) -> float | None:
+    """max - min kNN of the preset's repeated runs in one :func:`group_key` group (None: fewer than 3)."""
+    scores = [v["knn_top1"] for _, v in groups.get(key, [])]
     return max(scores) - min(scores) if len(scores) >= 3 else None
+
+
+def spread_of(sweep: dict, groups: dict) -> float | None:
+    """The run-to-run spread at this sweep's budget, preset, images and precision."""
+    return spread_at(group_key(sweep), groups)
+
+
+def unmeasured(sweep: dict, groups: dict) -> str:
+    """What to say when this sweep's budget has no spread of its own: that it is not measured, and the
+    spread measured at other budgets of the same preset, images and precision (a guide, not a test)."""
+    key = group_key(sweep)
+    known = [f"at {other[0]} it is {spread:.2f} points" for other in groups
+             if other[1:] == key[1:] and other != key and (spread := spread_at(other, groups)) is not None]
+    return "the run-to-run spread at this budget is not measured" + (f"; {', '.join(known)}" if known else "")
 
 
 def noise_section(page: Page, groups: dict) -> None:
@@ -300,14 +314,17 @@ def shape_table(page: Page, sweeps: list[dict], groups: dict) -> None:
             if margin is None or (spread is not None and margin > spread):
                 verdict = "same winner"
             elif spread is None:
-                verdict = f"same winner, by {margin:.2f} (the run-to-run spread at this budget is not measured)"
+                verdict = f"same winner, by {margin:.2f} ({unmeasured(res, groups)})"
             else:
                 verdict = f"same winner, but by {margin:.2f}: within the {spread:.2f}-point spread"
         elif spread is not None and top["knn_top1"] - at_paper["knn_top1"] <= spread:
             verdict = f"within the {spread:.2f}-point spread: no real difference"
+        elif spread is None:  # no noise estimate at this budget: report the gap, claim nothing
+            verdict = (f"{top['value']} beats {paper} by {top['knn_top1'] - at_paper['knn_top1']:.2f}, but "
+                       f"{unmeasured(res, groups)}")
         else:
             verdict = (f"**differs**: {top['value']} beats {paper} by {top['knn_top1'] - at_paper['knn_top1']:.2f} "
-                       + (f"(> the {spread:.2f}-point spread)" if spread is not None else "(spread not measured)"))
+                       f"(> the {spread:.2f}-point spread)")
             if top.get("pretrain_steps") and at_paper.get("pretrain_steps"):
                 verdict += f"; the budget bought {top['pretrain_steps']} against {at_paper['pretrain_steps']} steps"
         there = f"{at_paper['knn_top1']:.2f}" if at_paper else "–"
@@ -353,15 +370,16 @@ def overran(res: dict) -> list[str]:
             f"their own cost.", ""]
 
 
-def knn_gap(rows: list[dict], paper: str, spread: float | None) -> str:
+def knn_gap(rows: list[dict], paper: str, spread: float | None, noise: str = "") -> str:
     """How far the paper's value trails our best in kNN, measured against the run-to-run spread, so a
-    sweep whose values all tie is not read as a reversal of the paper."""
+    sweep whose values all tie is not read as a reversal of the paper (``noise``: what to say when the
+    spread at this budget is not measured)."""
     top = best(rows, "knn_top1")
     there = paper_row(rows, paper)
     if top is None or there is None:
         return ""
     gap = top["knn_top1"] - there["knn_top1"]
-    where = ("" if spread is None else
+    where = ((f"; {noise}" if noise else "") if spread is None else
              f", within the {spread:.2f}-point run-to-run spread: no real difference" if gap <= spread else
              f", more than the {spread:.2f}-point run-to-run spread")
     return f": {paper} trails {top['value']} by {gap:.2f} kNN points{where}"
@@ -421,7 +439,8 @@ def ablation_section(page: Page, folder: Path, groups: dict) -> None:
         agree = [title for key, title in SCORES if (b := best(rows, key)) and str(b["value"]).lower() == value]
         page.lines += [f"Paper: {finding} (best: {value}). Ours: {'; '.join(ours)} -- "
                        + (f"the paper's best value wins for {', '.join(agree)}." if agree else
-                          f"the paper's best value does not win here at this scale{knn_gap(rows, value, spread)}."), ""]
+                          f"the paper's best value does not win here at this scale"
+                          f"{knn_gap(rows, value, spread, unmeasured(res, groups))}."), ""]
     elif setting == "seed":
         page.lines += [seed_sentence(rows), ""]
     elif ours:

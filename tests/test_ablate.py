@@ -169,11 +169,11 @@ def test_a_seed_sweep_runs_and_records_each_value_as_the_seed_of_its_whole_chain
     assert module.setting_flags("mask-ratio", "0.5") == ["--mask-ratio", "0.5"]
 
 
-def write_sweep(folder: Path, setting: str, scores: dict[str, float], minutes: float = 4.0) -> Path:
+def write_sweep(folder: Path, setting: str, scores: dict[str, float], minutes: float = 4.0, budget: str = "4m") -> Path:
     rows = [{"value": v, "pretrain_s": minutes * 60, "pretrain_steps": 400, "knn_top1": k} for v, k in scores.items()]
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({
-        "setting": setting, "budget": "4m", "data": "cifar10/train", "rows": rows, "preset": "pretrain_cifar10_tiny",
+        "setting": setting, "budget": budget, "data": "cifar10/train", "rows": rows, "preset": "pretrain_cifar10_tiny",
         "seed": 0, "precision": "fast", "machine": "test", "evaluated_images": 5000, "pretrain_images": 0,
         "command": f"maelab ablate --setting {setting}"}))
     (folder / "results.md").write_text(f"| {setting} |\n")
@@ -184,12 +184,18 @@ def test_the_results_page_measures_the_spread_and_calls_a_difference_only_beyond
     sweeps = [write_sweep(tmp_path / "mask", "mask-ratio", {"0.5": 29.0, "0.75": 31.0}),
               write_sweep(tmp_path / "depth", "decoder-depth", {"1": 35.0, "4": 31.5, "8": 30.0}),  # preset: 4
               write_sweep(tmp_path / "norm", "norm-pix-loss", {"true": 31.2, "false": 31.9}, minutes=9.0),
-              write_sweep(tmp_path / "seed", "seed", {"1": 30.5})]
+              write_sweep(tmp_path / "seed", "seed", {"1": 30.5}),
+              write_sweep(tmp_path / "crop", "crop", {"none": 34.0, "random-size": 32.5}, minutes=8.0, budget="8m")]
     page = tmp_path / "page.md"
     subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
                     *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page)],
                    check=True, capture_output=True)
     text = page.read_text()
+    # at a budget with no repeats of its own, a gap is reported but never called a difference
+    assert ("| `crop` | 8m | random-size | 32.50 | none | 34.00 | none beats random-size by 1.50, but the run-to-run "
+            "spread at this budget is not measured; at 4m it is 1.00 points |") in text
+    assert ("random-size trails none by 1.50 kNN points; the run-to-run spread at this budget is not measured; "
+            "at 4m it is 1.00 points.") in " ".join(text.split())
     # the preset's own configuration: mask 0.75, depth 4, norm-pix true, seed 1 -> 31.0, 31.5, 31.2, 30.5
     assert "pre-trained 4 times at the 4m budget" in text and "spread 1.00 points" in text
     assert "| `mask-ratio` | 4m | 0.75 | 31.00 | 0.75 | 31.00 | same winner |" in text
