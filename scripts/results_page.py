@@ -385,10 +385,10 @@ def knn_gap(rows: list[dict], paper: str, spread: float | None, noise: str = "")
     return f": {paper} trails {top['value']} by {gap:.2f} kNN points{where}"
 
 
-def seed_sentence(rows: list[dict]) -> str:
+def seed_sentence(rows: list[dict], in_spread: bool) -> str:
     """A seed sweep has no best value: say what its runs measure and how far they scatter."""
     text = ("Each value is the seed of its whole run (initialisation, data order, crops, flips, masks), so "
-            "no seed is \"best\": these runs count in the run-to-run spread above.")
+            "no seed is \"best\"" + (": these runs count in the run-to-run spread above." if in_spread else "."))
     spreads = []
     for key, title in SCORES:
         scores = [r[key] for r in rows if key in r]
@@ -442,7 +442,7 @@ def ablation_section(page: Page, folder: Path, groups: dict) -> None:
                           f"the paper's best value does not win here at this scale"
                           f"{knn_gap(rows, value, spread, unmeasured(res, groups))}."), ""]
     elif setting == "seed":
-        page.lines += [seed_sentence(rows), ""]
+        page.lines += [seed_sentence(rows, spread is not None), ""]
     elif ours:
         page.lines += [f"Ours: {'; '.join(ours)}.", ""]
     page.picture(folder / "ablation.png", f"sweep of {setting}")
