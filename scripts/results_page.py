@@ -249,6 +249,11 @@ def paper_row(rows: list[dict], paper: str) -> dict | None:
     return next((r for r in rows if same_value(r["value"], paper) and "knn_top1" in r), None)
 
 
+def mean_sd(scores: list[float]) -> str:
+    """``mean ± standard deviation`` of at least two accuracies, as the page prints them."""
+    return f"{statistics.mean(scores):.2f} ± {statistics.stdev(scores):.2f}"
+
+
 def spread_at(key: tuple, groups: dict) -> float | None:
     """max - min kNN of the preset's repeated runs in one :func:`group_key` group (None: fewer than 3)."""
     scores = [v["knn_top1"] for _, v in groups.get(key, [])]
@@ -274,18 +279,17 @@ def noise_section(page: Page, groups: dict) -> None:
         if len(runs) < 3:
             continue
         scores = [v["knn_top1"] for _, v in runs]
-        mean, std = statistics.mean(scores), statistics.stdev(scores)
         listed = ", ".join(f"{where}: {v:.2f}" for (where, _), v in zip(runs, scores))
         others = []
         for key, title in SCORES[1:]:
             more = [v[key] for _, v in runs if key in v]
             if len(more) >= 3:
-                others.append(f"{title} {statistics.mean(more):.2f} ± {statistics.stdev(more):.2f} "
+                others.append(f"{title} {mean_sd(more)} "
                               f"(spread {max(more) - min(more):.2f}, {len(more)} runs)")
         page.lines += ["## Run-to-run spread", "",
                        f"The preset `{preset}`'s own configuration was pre-trained {len(runs)} times at the {budget} "
                        f"budget in precision {precision} ({listed}): "
-                       f"kNN **{mean:.2f} ± {std:.2f}** "
+                       f"kNN **{mean_sd(scores)}** "
                        f"(mean ± standard deviation), spread {max(scores) - min(scores):.2f} points, on "
                        f"{images or 'all'} images of each split"
                        + (f"; {'; '.join(others)}" if others else "") + ". With one seed the runs differ only in how many steps "
@@ -370,7 +374,7 @@ def overran(res: dict) -> list[str]:
             f"their own cost.", ""]
 
 
-def knn_gap(rows: list[dict], paper: str, spread: float | None, noise: str = "") -> str:
+def knn_gap(rows: list[dict], paper: str, spread: float | None, noise: str) -> str:
     """How far the paper's value trails our best in kNN, measured against the run-to-run spread, so a
     sweep whose values all tie is not read as a reversal of the paper (``noise``: what to say when the
     spread at this budget is not measured)."""
@@ -379,7 +383,7 @@ def knn_gap(rows: list[dict], paper: str, spread: float | None, noise: str = "")
     if top is None or there is None:
         return ""
     gap = top["knn_top1"] - there["knn_top1"]
-    where = ((f"; {noise}" if noise else "") if spread is None else
+    where = (f"; {noise}" if spread is None else
              f", within the {spread:.2f}-point run-to-run spread: no real difference" if gap <= spread else
              f", more than the {spread:.2f}-point run-to-run spread")
     return f": {paper} trails {top['value']} by {gap:.2f} kNN points{where}"
@@ -393,8 +397,7 @@ def seed_sentence(rows: list[dict], in_spread: bool) -> str:
     for key, title in SCORES:
         scores = [r[key] for r in rows if key in r]
         if len(scores) >= 2:
-            spreads.append(f"{title} {statistics.mean(scores):.2f} ± {statistics.stdev(scores):.2f} "
-                           f"({min(scores):.2f}-{max(scores):.2f})")
+            spreads.append(f"{title} {mean_sd(scores)} ({min(scores):.2f}-{max(scores):.2f})")
     if spreads:
         text += f" Across these {len(rows)} seeds (mean ± standard deviation, range): {'; '.join(spreads)}."
     return text
