@@ -12,7 +12,7 @@ from maelab import __version__
 from maelab.commands import COMMANDS
 from maelab.config import add_config_args, config_from_args
 from maelab.errors import MaelabError, SameOnEveryRank
-from maelab.train.distributed import end_process, joined_a_group
+from maelab.train.distributed import DistInfo, end_process
 from maelab.train.loop import RunInterrupted
 
 CONFIG_NOTE = " Every flag is a config field; --config loads a YAML preset first (flags override it)."
@@ -116,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The ``maelab`` console script and ``python -m maelab.cli``: :func:`main`'s status becomes the
-    process's. A process that joined a torchrun group ends through :func:`end_process`, which skips the
+    process's. A torchrun worker of a group of several ends through :func:`end_process`, which skips the
     interpreter's finalisation (see there why)."""
     code = main()
-    if joined_a_group():
+    if DistInfo.from_env().enabled:
         end_process(code)
     sys.exit(code)
 

@@ -23,13 +23,18 @@ FLAGS = ["--model", "mae_vit_tiny_patch4", "--decoder-depth", "2", "--epochs", "
 TOL = 1e-4  # gradients are reduce-scattered in another order; AdamW then amplifies the rounding a little
 
 
-def maelab(data: Path, out: Path, nproc: int, *extra: str) -> str:
+def launched(nproc: int, *program: str) -> subprocess.CompletedProcess:
+    """``program`` (interpreter arguments) run by torchrun in ``nproc`` processes, or by the plain
+    interpreter for one; output captured."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] \
         if nproc > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "maelab.cli", "pretrain", "--data", str(data), *FLAGS,
-           "--batch-size", str(16 // nproc), "--out", str(out), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([*launcher, *program], env=env, capture_output=True, text=True, timeout=600)
+
+
+def maelab(data: Path, out: Path, nproc: int, *extra: str) -> str:
+    done = launched(nproc, "-m", "maelab.cli", "pretrain", "--data", str(data), *FLAGS,
+                    "--batch-size", str(16 // nproc), "--out", str(out), *extra)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     return done.stdout + done.stderr
 
@@ -99,13 +104,10 @@ def test_a_torchrun_worker_ends_without_the_interpreters_finalisation(cifar_tiny
     therefore ends with os._exit once its output is flushed; a single process exits normally."""
     script = tmp_path / "entry.py"
     script.write_text(ENTRY)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] \
-        if nproc > 1 else [sys.executable]
-    cmd = [*launcher, str(script), "pretrain", "--data", str(cifar_tiny), "--model", "mae_vit_tiny_patch4",
-           "--decoder-depth", "1", "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "0", "--device", "cpu",
-           "--batch-size", "8", "--out", str(tmp_path / "run"), *(["--fsdp"] if nproc > 1 else [])]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    done = launched(nproc, str(script), "pretrain", "--data", str(cifar_tiny), "--model", "mae_vit_tiny_patch4",
+                    "--decoder-depth", "1", "--epochs", "1", "--warmup-epochs", "0", "--num-workers", "0",
+                    "--device", "cpu", "--batch-size", "8", "--out", str(tmp_path / "run"),
+                    *(["--fsdp"] if nproc > 1 else []))
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-4000:]
     assert "reconstructions: " in done.stdout, log[-3000:]  # rank 0's last line was flushed before the exit

@@ -42,6 +42,12 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @classmethod
+    def from_env(cls) -> "DistInfo":
+        """This process's place in the group as torchrun's environment gives it (one process without)."""
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                   int(os.environ.get("LOCAL_RANK", "0")))
+
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "auto":
@@ -64,14 +70,9 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-_joined = False  # whether this process ever joined a process group (see end_process)
-
-
 def init_distributed(requested_device: str) -> tuple[DistInfo, torch.device]:
     """Read torchrun's environment, pick the device, join the process group if there are several."""
-    global _joined
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo.from_env()
     device = pick_device(requested_device, info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -80,12 +81,7 @@ def init_distributed(requested_device: str) -> tuple[DistInfo, torch.device]:
         store = elastic_attempt_store(info)
         extra = dict(store=store, rank=info.rank, world_size=info.world) if store is not None else {}
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None, **extra)
-        _joined = True
     return info, device
-
-
-def joined_a_group() -> bool:
-    return _joined
 
 
 def end_process(code: int) -> NoReturn:
@@ -96,7 +92,7 @@ def end_process(code: int) -> NoReturn:
     threads, alive until exit. A worker thread that drops the last reference to a tensor while the
     interpreter finalises needs the GIL, is ended by the finalising interpreter, and the process dies
     with ``terminate called without an active exception`` (SIGABRT; torchrun then reports the run as
-    failed although every file was written). Seen twice in a few hundred 2-process FSDP test runs. By
+    failed although every file was written); rare, seen in CI and in repeated 2-process FSDP tests. By
     now every file is closed (the logger, TensorBoard and loaders close themselves); the standard
     streams and ``logging`` are flushed here, then the process exits with ``code``."""
     logging.shutdown()
