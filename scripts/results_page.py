@@ -147,8 +147,8 @@ def recipe_section(page: Page, folder: Path) -> None:
         return
     res = read_json(res_file)
     b = res["budgets"]
-    page.lines += [f"Command: `maelab recipe --config {name} --data {res['data']} --out {res['recipe']}` "
-                   f"(seed {res['seed']}; precision {res.get('precision', 'auto')}; pre-training budget "
+    command = res.get("command") or f"maelab recipe --config {name} --data {res['data']} --out {res['recipe']}"
+    page.lines += [f"Command: `{command}` (seed {res['seed']}; precision {res.get('precision', 'auto')}; pre-training budget "
                    f"{b['pretrain']}, fine-tune budget {b['finetune']} each).",
                    f"Machine: {res['machine']}. Accuracy: final epoch, on `{res['val_data']}`; one seed.", ""]
     if "probe" in res:  # recorded from the runs' own configs (results written before that lack it)
@@ -480,16 +480,24 @@ def frozen(points: list[dict], arm: str) -> str:
 QUALITY = "## Quality per CPU-minute: maelab against HF ViTMAE + torchvision"
 
 
-def quality_section(page: Page, folder: Path) -> None:
+def quality_sections(page: Page, folders: list[Path]) -> None:
+    """One section; with runs from several machines, one sub-section per run, named by its CPU."""
     page.lines += [QUALITY, ""]
-    res_file = folder / "results.json"
-    if not res_file.is_file():
+    measured = [f for f in folders if (f / "results.json").is_file()]
+    if not measured:
         page.lines += ["Not run yet: `python benchmarks/quality_per_minute.py --data .../cifar10/train --val-data "
                        ".../cifar10/test --budget 30m --out runs/quality_per_minute` (about 1.5 hours on 2 CPU "
                        "cores: two 30-minute pre-trainings, then kNN of every snapshot)." + page.measured_earlier(QUALITY),
                        ""]
-        return
-    res = read_json(res_file)
+    for folder in measured:
+        res = read_json(folder / "results.json")
+        if len(measured) > 1:
+            cpu = res["machine"].removeprefix("CPU: ").split(" (")[0]
+            page.lines += [f"### {cpu} (`{folder.name}`)", ""]
+        quality_run(page, folder, res)
+
+
+def quality_run(page: Page, folder: Path, res: dict) -> None:
     page.lines += [f"Command: `{res['command']}`; {res['machine']}; {res['load']}. kNN k=20, T=0.07 on "
                    f"{res['eval_images'] or 'all'} images of each split; seed {res['seed']}; the alternative in "
                    f"{res.get('hf_precision', 'fp32')}.", "", (folder / "results.md").read_text(), ""]
@@ -519,17 +527,18 @@ def earlier_section(page: Page) -> None:
                        for p in pages] + [""]
 
 
-def inputs(args: argparse.Namespace, page: Page) -> tuple[list[Path], list[Path], Path, str]:
+def inputs(args: argparse.Namespace, page: Page) -> tuple[list[Path], list[Path], list[Path], str]:
     """The folders to show, and the command that named them: the ones given, else the archive's index."""
     index_file = page.archive / "index.json"
     if args.recipe is None and args.ablation is None and args.quality is None and index_file.is_file():
         index = read_json(index_file)
+        quality = index["quality"]  # one name in indexes written before several machines' runs were shown
         return ([page.archive / n for n in index["recipe"]], [page.archive / n for n in index["ablation"]],
-                page.archive / index["quality"], index["command"])
+                [page.archive / n for n in ([quality] if isinstance(quality, str) else quality)], index["command"])
     recipe = [Path(f) for f in (["runs/recipe_quick", "runs/recipe_full"] if args.recipe is None else args.recipe)]
     ablation = [Path(f) for f in args.ablation or []]
-    quality = Path(args.quality or "runs/quality_per_minute")
-    names = [f.name for f in (*recipe, *ablation, quality)]
+    quality = [Path(f) for f in (["runs/quality_per_minute"] if args.quality is None else args.quality)]
+    names = [f.name for f in (*recipe, *ablation, *quality)]
     if len(set(names)) != len(names):
         twice = sorted({n for n in names if names.count(n) > 1})
         raise SystemExit(f"results_page: folders are archived by name, and {', '.join(twice)} is named twice: "
@@ -542,17 +551,18 @@ def main() -> None:
     ap.add_argument("--recipe", nargs="*", default=None,
                     help="`maelab recipe` output folders (default: runs/recipe_quick runs/recipe_full)")
     ap.add_argument("--ablation", nargs="*", default=None, help="`maelab ablate` output folders (tuning sweeps too)")
-    ap.add_argument("--quality", default=None,
-                    help="output folder of benchmarks/quality_per_minute.py (maelab vs HF ViTMAE + torchvision)")
+    ap.add_argument("--quality", nargs="*", default=None,
+                    help="output folders of benchmarks/quality_per_minute.py (maelab vs HF ViTMAE + torchvision), "
+                         "one per machine (default: runs/quality_per_minute)")
     ap.add_argument("--out", default="docs/results.md")
     args = ap.parse_args()
     page = Page(Path(args.out))
     recipe, ablation, quality, command = inputs(args, page)
-    recipe, ablation, quality = [page.keep(f) for f in recipe], [page.keep(f) for f in ablation], page.keep(quality)
+    recipe, ablation, quality = ([page.keep(f) for f in folders] for folders in (recipe, ablation, quality))
     page.archive.mkdir(parents=True, exist_ok=True)
     (page.archive / "index.json").write_text(json.dumps(
         {"command": command, "recipe": [f.name for f in recipe], "ablation": [f.name for f in ablation],
-         "quality": quality.name}, indent=1) + "\n")
+         "quality": [f.name for f in quality]}, indent=1) + "\n")
     page.lines += ["# Results", "",
                    f"Generated by `{command}` from the run folders named below. What it read is archived in "
                    f"[{page.archive.relative_to(page.out.parent).as_posix()}/]"
@@ -561,7 +571,7 @@ def main() -> None:
                    "paper's own numbers quoted beside each sweep. Re-run the commands to check any number.", ""]
     for folder in recipe:
         recipe_section(page, folder)
-    quality_section(page, quality)
+    quality_sections(page, quality)
     sweeps = [read_json(f / "results.json") for f in ablation if (f / "results.json").is_file()]
     groups = preset_runs(sweeps)
     noise_section(page, groups)

@@ -71,6 +71,47 @@ def test_quality_per_minute_rescore_of_a_run_without_its_records_stops_with_one_
         qpm.main()
 
 
+def write_quality(folder: Path, cpu: str, ours: float, theirs: float) -> Path:
+    """A quality_per_minute output as the benchmark writes it: one snapshot per arm."""
+    import json
+
+    folder.mkdir(parents=True)
+    point = lambda minutes, score: {"minutes": minutes, "token": score, "avg": score}  # noqa: E731
+    (folder / "results.json").write_text(json.dumps({
+        "budget": "30m", "machine": f"CPU: {cpu} (2 logical cores, avx2; torch uses 2 threads); torch 2", "load": "load 1",
+        "command": f"python benchmarks/quality_per_minute.py --out runs/{folder.name}", "eval_images": 5000, "seed": 0,
+        "curves": {"maelab": [point(28.0, ours)], "HF ViTMAE + torchvision": [point(30.0, theirs)]}}))
+    (folder / "results.md").write_text("| arm | minutes |\n")
+    return folder
+
+
+def test_the_results_page_shows_each_machines_quality_run_and_renders_again_from_its_archive(tmp_path):
+    """Runs from two machines each get a section named by the CPU, with their own verdict; the archive's
+    index keeps both, and an index written before it held one name still renders."""
+    import json
+    import subprocess
+
+    script, page = str(Path(__file__).resolve().parents[1] / "scripts" / "results_page.py"), tmp_path / "docs" / "r.md"
+    runs = [write_quality(tmp_path / "runs" / "q_intel", "Intel Xeon", 38.0, 26.0),
+            write_quality(tmp_path / "runs" / "q_epyc", "AMD EPYC", 30.0, 27.0)]
+    subprocess.run([sys.executable, script, "--recipe", "--quality", *map(str, runs), "--out", str(page)],
+                   check=True, capture_output=True)
+    text = page.read_text()
+    intel, epyc = text.split("### Intel Xeon (`q_intel`)")[1], text.split("### AMD EPYC (`q_epyc`)")[1]
+    assert "+12.00 / +12.00 points. Target (at least +4): **met**" in intel.split("###")[0]
+    assert "+3.00 / +3.00 points. Target (at least +4): **not met**" in epyc
+    index = tmp_path / "docs" / "results" / "runs" / "index.json"
+    assert json.loads(index.read_text())["quality"] == ["q_intel", "q_epyc"]
+    again = subprocess.run([sys.executable, script, "--out", str(page)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert page.read_text() == text
+    old = json.loads(index.read_text()) | {"quality": "q_epyc"}
+    index.write_text(json.dumps(old))
+    subprocess.run([sys.executable, script, "--out", str(page)], check=True, capture_output=True)
+    single = page.read_text()
+    assert "###" not in single and "**not met**" in single and "`python benchmarks/quality_per_minute.py --out runs/q_epyc`" in single
+
+
 def test_masking_benchmark_times_every_strategy_against_a_step():
     import subprocess
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_masking.py"

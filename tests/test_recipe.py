@@ -45,6 +45,7 @@ def test_the_quick_chain_on_a_tiny_subset(tmp_path):
     assert "pre-training" in again.stderr
     assert res["probe"] == {"epochs": 2, "base_lr": 4.0} and res["evaluated_images"] == {"train": 32, "val": 16}
     assert res["pretrain_steps"] is None  # epochs, not a budget: no step count was planned
+    assert res["command"] == "maelab recipe " + " ".join(args)  # quoted by the results page
     changed = recipe(*args, "--probe-base-lr", "2", cwd=tmp_path)  # another probe in the same folder: refused
     assert changed.returncode == 2 and "linprobe was run with other settings (--base-lr 4 -> 2)" in changed.stderr
     page = tmp_path / "results.md"  # the results page is generated from these outputs, never typed
@@ -53,6 +54,7 @@ def test_the_quick_chain_on_a_tiny_subset(tmp_path):
     text = page.read_text()
     assert f"| fine-tune from scratch (same budget) | {res['finetune_scratch_top1']:.2f} |" in text
     assert "## `recipe_full`" in text and "Not run yet" in text
+    assert f"Command: `maelab recipe --config recipe_quick --data {data} --batch-size 8 " in text
     assert "What ran: evaluations on 32 train / 16 validation images; linear probe 2 epochs at LARS base lr 4.0" in text
     assert "![reconstructions](results/runs/r/reconstruction.png)" in text  # archived next to the page, shown from a clone
     kept = tmp_path / "results" / "runs" / "r"

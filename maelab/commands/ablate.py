@@ -21,7 +21,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from maelab.commands.sections import ProcessConfig
-from maelab.commands.steps import Chain, ChainDataConfig, length_flags, machine, no_budget, recorded_optim
+from maelab.commands.steps import (Chain, ChainDataConfig, invoked, length_flags, machine, no_budget,
+                                   recorded_optim)
 from maelab.config import command_config, load_yaml, option, redefault
 from maelab.data.splits import subset_seed
 from maelab.errors import MaelabError
@@ -297,7 +298,7 @@ def run(cfg: AblateConfig) -> list[dict[str, Any]]:
                "evaluated_images": cfg.data.limit_images, "pretrain_images": cfg.data.pretrain_images,
                "subset_seed": cfg.data.subset_seed,
                "probe": probe_label(cfg) if "linprobe" in cfg.sweep.evaluate else None,
-               "command": " ".join(["maelab", "ablate", *sys.argv[2:]]) if sys.argv[1:2] == ["ablate"] else None}
+               "command": invoked(NAME)}
     write_json(out / "results.json", summary)
     atomic_write_bytes(out / "results.md", table(setting, rows).encode())
     plot(setting, rows, out / "ablation.png")

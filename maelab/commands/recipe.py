@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from maelab.commands.sections import ProcessConfig
-from maelab.commands.steps import Chain, ChainDataConfig, length_flags, machine, no_budget, recorded_optim
+from maelab.commands.steps import (Chain, ChainDataConfig, invoked, length_flags, machine, no_budget,
+                                   recorded_optim)
 from maelab.config import command_config, load_yaml, option, redefault
 from maelab.data.folders import scan_images, spread_sample
 from maelab.data.splits import default_val_dir
@@ -135,7 +136,7 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
         "pretrain_steps": recorded_optim(pre).get("max_steps"),
         "probe": {k: probe_optim.get(k) for k in ("epochs", "base_lr")},
         "evaluated_images": {"train": knn_mae.get("train_images"), "val": knn_mae.get("val_images")},
-        "pictures": str(pictures), "curves": curves,
+        "pictures": str(pictures), "curves": curves, "command": invoked(NAME),
     }
     results["signals"] = {"knn_mae_beats_random": results["knn_mae_top1"] > results["knn_random_top1"],
                           "finetune_mae_beats_scratch": results["finetune_mae_top1"] > results["finetune_scratch_top1"]}

@@ -46,6 +46,12 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads{bf16}{gpu}"
 
 
+def invoked(command: str) -> str | None:
+    """The ``maelab <command> ...`` line that started this process, for its results page to quote
+    (None when the command was called in-process, where argv is someone else's)."""
+    return " ".join(["maelab", command, *sys.argv[2:]]) if sys.argv[1:2] == [command] else None
+
+
 def no_budget(budget: str | None) -> bool:
     return not budget or budget.lower() == "none"
 
