@@ -80,9 +80,14 @@ def portable(text: str, repo: Path = REPO) -> str:
 
 
 def read_json(path: Path):
-    """A run record, or a one-line stop naming the file when it is damaged (a run cut while writing it)."""
+    return read_record(path, json.loads)
+
+
+def read_record(path: Path, parse=str):
+    """A run record (text, or parsed), or a one-line stop naming the file when it is missing or damaged
+    (a run cut while writing it)."""
     try:
-        return json.loads(path.read_text())
+        return parse(path.read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"results_page: cannot read {path}: {e}; re-run the command that wrote it, or leave "
                          "its folder out") from None
@@ -434,7 +439,7 @@ def ablation_section(page: Page, folder: Path, groups: dict) -> None:
                    + (f" (subsets drawn with seed {res['subset_seed']} for every run)"
                       if res.get("subset_seed") is not None and evaluated else "")
                    + (f" (linear probe: {res['probe']}, on cached features)" if res.get("probe") else "")
-                   + f". Machine: {res.get('machine', 'not recorded')}.", "", (folder / "results.md").read_text(), ""]
+                   + f". Machine: {res.get('machine', 'not recorded')}.", "", read_record(folder / "results.md"), ""]
     page.lines += overran(res)
     ours = [f"best {title} at **{b['value']}** ({b[key]:.2f})" for key, title in SCORES if (b := best(rows, key))]
     if setting in PAPER:
@@ -500,7 +505,7 @@ def quality_sections(page: Page, folders: list[Path]) -> None:
 def quality_run(page: Page, folder: Path, res: dict) -> None:
     page.lines += [f"Command: `{res['command']}`; {res['machine']}; {res['load']}. kNN k=20, T=0.07 on "
                    f"{res['eval_images'] or 'all'} images of each split; seed {res['seed']}; the alternative in "
-                   f"{res.get('hf_precision', 'fp32')}.", "", (folder / "results.md").read_text(), ""]
+                   f"{res.get('hf_precision', 'fp32')}.", "", read_record(folder / "results.md"), ""]
     curves = res["curves"]
     arms = list(curves)
     if len(arms) == 2 and all(curves[a] for a in arms):
