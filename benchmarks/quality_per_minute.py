@@ -15,8 +15,8 @@ Two arms on the same machine, one after the other, each with the same wall-clock
   on a CPU out of the box (``--hf-precision bf16`` gives it the same autocast).
 
 Every snapshot is then scored by the same `maelab knn --precision fast` (k = 20, T = 0.07, cls token and
-mean-pool) on a fixed subset of both splits (``--eval-images``); scoring time is not part of the budget. Writes ``results.json``, ``curve.png``
-(kNN top-1 against minutes of pre-training) and ``results.md`` to ``--out``.
+mean-pool) on a fixed subset of both splits (``--eval-images``); scoring time is not part of the budget. Writes ``results.json`` (with the steps each arm took),
+``curve.png`` (kNN top-1 against minutes of pre-training) and ``results.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.peers import SIZES, hf_model  # noqa: E402
-from maelab.commands.steps import child_command  # noqa: E402
+from maelab.commands.steps import child_command, recorded_optim  # noqa: E402
 from maelab.train.budget import parse_duration  # noqa: E402
 from maelab.train.precision import autocast  # noqa: E402
 
@@ -171,7 +171,9 @@ def main() -> None:
               for arm, snaps in arms.items()}
     results = {"budget": args.budget, "machine": common.machine_info(torch.device("cpu")), "load": common.load_note(),
                "command": common.command_line(),
-               "batch_size": args.batch_size, "eval_images": args.eval_images, "hf_precision": args.hf_precision, "hf_schedule": hf_schedule, "seed": args.seed, "curves": curves}
+               "batch_size": args.batch_size, "eval_images": args.eval_images, "hf_precision": args.hf_precision, "hf_schedule": hf_schedule,
+               # the steps maelab's budget planner settled on (its config.yaml's max_steps: what ran)
+               "maelab_steps": recorded_optim(out / "maelab").get("max_steps"), "seed": args.seed, "curves": curves}
     if args.rescore and (out / "results.json").is_file():  # the run's own command, machine and load, not the re-scoring's
         ran = json.loads((out / "results.json").read_text())
         results.update({k: ran[k] for k in ("budget", "machine", "load", "command") if k in ran})

@@ -206,10 +206,16 @@ def preset_value(preset: str, setting: str):
     return None
 
 
+def cpu_of(res: dict) -> str:
+    """The CPU a run recorded (``CPU: <name> (...)`` from a benchmark, ``<name>, 2 threads, ...`` from maelab)."""
+    return res.get("machine", "not recorded").removeprefix("CPU: ").split(" (")[0].split(",")[0]
+
+
 def group_key(sweep: dict) -> tuple:
-    """Sweeps whose preset runs are repeats of each other: same budget, preset, images and precision."""
+    """Sweeps whose preset runs are repeats of each other: same budget, preset, images, precision and
+    CPU (a budget buys a different number of steps on another machine, so runs there are not repeats)."""
     return (sweep["budget"], sweep.get("preset", "pretrain_cifar10_tiny"), sweep.get("evaluated_images"),
-            sweep.get("pretrain_images"), sweep.get("precision"))
+            sweep.get("pretrain_images"), sweep.get("precision"), cpu_of(sweep))
 
 
 def preset_runs(sweeps: list[dict]) -> dict[tuple, list[tuple[str, dict[str, float]]]]:
@@ -271,16 +277,18 @@ def spread_of(sweep: dict, groups: dict) -> float | None:
 
 
 def unmeasured(sweep: dict, groups: dict) -> str:
-    """What to say when this sweep's budget has no spread of its own: that it is not measured, and the
-    spread measured at other budgets of the same preset, images and precision (a guide, not a test)."""
+    """What to say when this sweep's budget and machine have no spread of their own: that it is not
+    measured, and the spread measured at other budgets or on other machines with the same preset, images
+    and precision (a guide, not a test)."""
     key = group_key(sweep)
-    known = [f"at {other[0]} it is {spread:.2f} points" for other in groups
-             if other[1:] == key[1:] and other != key and (spread := spread_at(other, groups)) is not None]
-    return "the run-to-run spread at this budget is not measured" + (f"; {', '.join(known)}" if known else "")
+    known = [f"at {other[0]}{'' if other[5] == key[5] else f' on {other[5]}'} it is {spread:.2f} points"
+             for other in groups
+             if other[1:5] == key[1:5] and other != key and (spread := spread_at(other, groups)) is not None]
+    return "the run-to-run spread at this budget on this machine is not measured" + (f"; {', '.join(known)}" if known else "")
 
 
 def noise_section(page: Page, groups: dict) -> None:
-    for (budget, preset, images, _, precision), runs in groups.items():
+    for (budget, preset, images, _, precision, cpu), runs in groups.items():
         if len(runs) < 3:
             continue
         scores = [v["knn_top1"] for _, v in runs]
@@ -293,7 +301,7 @@ def noise_section(page: Page, groups: dict) -> None:
                               f"(spread {max(more) - min(more):.2f}, {len(more)} runs)")
         page.lines += ["## Run-to-run spread", "",
                        f"The preset `{preset}`'s own configuration was pre-trained {len(runs)} times at the {budget} "
-                       f"budget in precision {precision} ({listed}): "
+                       f"budget in precision {precision} on {cpu} ({listed}): "
                        f"kNN **{mean_sd(scores)}** "
                        f"(mean ± standard deviation), spread {max(scores) - min(scores):.2f} points, on "
                        f"{images or 'all'} images of each split"
@@ -301,7 +309,7 @@ def noise_section(page: Page, groups: dict) -> None:
                        f"the budget bought (the machine's speed when each run measured it); the `seed=` runs add "
                        f"seed noise." + subset_note(runs)
                        + " Below, a sweep's winner counts as a difference from the paper only when it beats the "
-                       "paper's value by more than this spread.", ""]
+                       "paper's value by more than this spread (at this budget, on this machine).", ""]
 
 
 def shape_table(page: Page, sweeps: list[dict], groups: dict) -> None:
@@ -337,14 +345,14 @@ def shape_table(page: Page, sweeps: list[dict], groups: dict) -> None:
             if top.get("pretrain_steps") and at_paper.get("pretrain_steps"):
                 verdict += f"; the budget bought {top['pretrain_steps']} against {at_paper['pretrain_steps']} steps"
         there = f"{at_paper['knn_top1']:.2f}" if at_paper else "–"
-        rows.append(f"| `{setting}` | {res['budget']} | {paper} | {there} | {top['value']} | {top['knn_top1']:.2f} | "
+        rows.append(f"| `{setting}` | {res['budget']} | {cpu_of(res)} | {paper} | {there} | {top['value']} | {top['knn_top1']:.2f} | "
                     f"{verdict} |")
     if rows:
         page.lines += ["## Our small-scale shape against the paper's", "",
                        "kNN top-1 of each sweep's value that the paper found best, against our best value (the "
                        "sweeps below have the details and the paper's own numbers).", "",
-                       "| setting | budget | paper's best | our kNN there | our best | its kNN | verdict |",
-                       "|---|---|---|---|---|---|---|", *rows, ""]
+                       "| setting | budget | machine | paper's best | our kNN there | our best | its kNN | verdict |",
+                       "|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def run_facts(run: Path) -> dict:
@@ -422,7 +430,7 @@ def ablation_section(page: Page, folder: Path, groups: dict) -> None:
     res.setdefault("precision", facts.get("precision", "not recorded"))
     res.setdefault("seed", facts.get("seed", "not recorded"))
     seeds = res.get("seeds") or [res["seed"]]
-    page.lines += [f"## Sweep: `{setting}`", ""]
+    page.lines += [f"## Sweep: `{setting}` (`{folder.name}`)", ""]  # the folder tells repeats of a setting apart
     if res.get("command"):
         page.lines += [f"Command: `{res['command']}`", ""]
     elif isinstance(evaluated, int):  # an older summary: its recorded settings, every other flag a default
@@ -469,6 +477,19 @@ def equal_minutes(ours: list[dict], theirs: list[dict], arms: list[str]) -> str:
             f"leads by at least {lead:+.2f} points (cls and mean-pool).\n")
 
 
+def steps_taken(res: dict, arms: list[str]) -> str:
+    """The pre-training steps each arm took in its budget, as far as the run recorded them (older runs
+    recorded only the alternative's)."""
+    parts = []
+    if res.get("maelab_steps") and arms:
+        parts.append(f"{arms[0]} {res['maelab_steps']} (the count its budget planner settled on)")
+    hf = res.get("hf_schedule") or {}
+    if hf.get("steps_done") and len(arms) > 1:
+        parts.append(f"{arms[1]} {hf['steps_done']}" + (f" (planned {hf['planned_steps']} from its first 12 steps' time)"
+                                                        if hf.get("planned_steps") else ""))
+    return f"Pre-training steps in the budget: {'; '.join(parts)}.\n" if parts else ""
+
+
 def frozen(points: list[dict], arm: str) -> str:
     """Say so when an arm's last snapshots score exactly the same: its weights had stopped changing."""
     same = len(points) - 1
@@ -497,8 +518,7 @@ def quality_sections(page: Page, folders: list[Path]) -> None:
     for folder in measured:
         res = read_json(folder / "results.json")
         if len(measured) > 1:
-            cpu = res["machine"].removeprefix("CPU: ").split(" (")[0]
-            page.lines += [f"### {cpu} (`{folder.name}`)", ""]
+            page.lines += [f"### {cpu_of(res)} (`{folder.name}`)", ""]
         quality_run(page, folder, res)
 
 
@@ -508,6 +528,8 @@ def quality_run(page: Page, folder: Path, res: dict) -> None:
                    f"{res.get('hf_precision', 'fp32')}.", "", read_record(folder / "results.md"), ""]
     curves = res["curves"]
     arms = list(curves)
+    if steps := steps_taken(res, arms):
+        page.lines.append(steps)
     if len(arms) == 2 and all(curves[a] for a in arms):
         ours, theirs = (curves[a][-1] for a in arms)
         gaps = {pool: ours[pool] - theirs[pool] for pool in ("token", "avg")}

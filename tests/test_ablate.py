@@ -59,7 +59,7 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
                     str(tmp_path / "sweep"), "--quality", str(tmp_path / "none"), "--out", str(page)],
                    check=True, capture_output=True)
     text = page.read_text()
-    assert "## Sweep: `mask-ratio`" in text and "Command: `maelab ablate --setting mask-ratio" in text
+    assert "## Sweep: `mask-ratio` (`sweep`)" in text and "Command: `maelab ablate --setting mask-ratio" in text
     assert "Paper: Fig. 5" in text and "Ours: best kNN at **" in text
     kept = tmp_path / "results" / "runs" / "sweep"  # archived: the page shows the pictures from there
     assert (kept / "ablation.png").is_file() and "(results/runs/sweep/ablation.png)" in text
@@ -98,7 +98,7 @@ def test_the_results_page_is_rendered_again_from_its_archive_when_the_runs_are_g
     subprocess.run([sys.executable, script, "--recipe", str(tmp_path / "runs" / "recipe_full"), "--ablation", str(sweep),
                     "--quality", str(tmp_path / "runs" / "none"), "--out", str(page)], check=True, capture_output=True)
     first = page.read_text()
-    assert "| `mask-ratio` | 4m | 0.75 | 31.00 |" in first and "## `recipe_full`" in first
+    assert "| `mask-ratio` | 4m | test | 0.75 | 31.00 |" in first and "## `recipe_full`" in first
     index = json.loads((tmp_path / "docs" / "results" / "runs" / "index.json").read_text())
     assert index["ablation"] == ["mask"] and index["recipe"] == ["recipe_full"]
     import shutil
@@ -169,12 +169,13 @@ def test_a_seed_sweep_runs_and_records_each_value_as_the_seed_of_its_whole_chain
     assert module.setting_flags("mask-ratio", "0.5") == ["--mask-ratio", "0.5"]
 
 
-def write_sweep(folder: Path, setting: str, scores: dict[str, float], minutes: float = 4.0, budget: str = "4m") -> Path:
+def write_sweep(folder: Path, setting: str, scores: dict[str, float], minutes: float = 4.0, budget: str = "4m",
+                machine: str = "test") -> Path:
     rows = [{"value": v, "pretrain_s": minutes * 60, "pretrain_steps": 400, "knn_top1": k} for v, k in scores.items()]
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({
         "setting": setting, "budget": budget, "data": "cifar10/train", "rows": rows, "preset": "pretrain_cifar10_tiny",
-        "seed": 0, "precision": "fast", "machine": "test", "evaluated_images": 5000, "pretrain_images": 0,
+        "seed": 0, "precision": "fast", "machine": machine, "evaluated_images": 5000, "pretrain_images": 0,
         "command": f"maelab ablate --setting {setting}"}))
     (folder / "results.md").write_text(f"| {setting} |\n")
     return folder
@@ -185,22 +186,26 @@ def test_the_results_page_measures_the_spread_and_calls_a_difference_only_beyond
               write_sweep(tmp_path / "depth", "decoder-depth", {"1": 35.0, "4": 31.5, "8": 30.0}),  # preset: 4
               write_sweep(tmp_path / "norm", "norm-pix-loss", {"true": 31.2, "false": 31.9}, minutes=9.0),
               write_sweep(tmp_path / "seed", "seed", {"1": 30.5}),
-              write_sweep(tmp_path / "crop", "crop", {"none": 34.0, "random-size": 32.5}, minutes=8.0, budget="8m")]
+              write_sweep(tmp_path / "crop", "crop", {"none": 34.0, "random-size": 32.5}, minutes=8.0, budget="8m"),
+              # the same budget on another CPU buys other step counts: its preset run is no repeat of the others
+              write_sweep(tmp_path / "mask_b", "mask-ratio", {"0.5": 20.0, "0.75": 40.0}, machine="Other CPU, 2 threads")]
     page = tmp_path / "page.md"
     subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
                     *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page)],
                    check=True, capture_output=True)
     text = page.read_text()
     # at a budget with no repeats of its own, a gap is reported but never called a difference
-    assert ("| `crop` | 8m | random-size | 32.50 | none | 34.00 | none beats random-size by 1.50, but the run-to-run "
-            "spread at this budget is not measured; at 4m it is 1.00 points |") in text
-    assert ("random-size trails none by 1.50 kNN points; the run-to-run spread at this budget is not measured; "
-            "at 4m it is 1.00 points.") in " ".join(text.split())
+    assert ("| `crop` | 8m | test | random-size | 32.50 | none | 34.00 | none beats random-size by 1.50, but the "
+            "run-to-run spread at this budget on this machine is not measured; at 4m it is 1.00 points |") in text
+    assert ("random-size trails none by 1.50 kNN points; the run-to-run spread at this budget on this machine is not "
+            "measured; at 4m it is 1.00 points.") in " ".join(text.split())
+    assert ("| `mask-ratio` | 4m | Other CPU | 0.75 | 40.00 | 0.75 | 40.00 | same winner, by 20.00 (the run-to-run "
+            "spread at this budget on this machine is not measured; at 4m on test it is 1.00 points) |") in text
     # the preset's own configuration: mask 0.75, depth 4, norm-pix true, seed 1 -> 31.0, 31.5, 31.2, 30.5
-    assert "pre-trained 4 times at the 4m budget" in text and "spread 1.00 points" in text
-    assert "| `mask-ratio` | 4m | 0.75 | 31.00 | 0.75 | 31.00 | same winner |" in text
-    assert "| `decoder-depth` | 4m | 8 | 30.00 | 1 | 35.00 | **differs**: 1 beats 8 by 5.00 (> the 1.00-point spread); the budget bought 400 against 400 steps |" in text
-    assert "| `norm-pix-loss` | 4m | true | 31.20 | false | 31.90 | within the 1.00-point spread" in text
+    assert "pre-trained 4 times at the 4m budget in precision fast on test (" in text and "spread 1.00 points" in text
+    assert "| `mask-ratio` | 4m | test | 0.75 | 31.00 | 0.75 | 31.00 | same winner |" in text
+    assert "| `decoder-depth` | 4m | test | 8 | 30.00 | 1 | 35.00 | **differs**: 1 beats 8 by 5.00 (> the 1.00-point spread); the budget bought 400 against 400 steps |" in text
+    assert "| `norm-pix-loss` | 4m | test | true | 31.20 | false | 31.90 | within the 1.00-point spread" in text
     assert "Over the budget: true (9.0 min), false (9.0 min)" in text
     # each sweep's own sentence weighs the paper's value against the same spread
     assert "does not win here at this scale: 8 trails 1 by 5.00 kNN points, more than the 1.00-point" in text
@@ -211,7 +216,7 @@ def test_the_results_page_measures_the_spread_and_calls_a_difference_only_beyond
     subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
                     *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page)],
                    check=True, capture_output=True)
-    assert "| `decoder-depth` | 4m | 8 | 31.90 | 8 | 31.90 | same winner, but by 0.40: within the 1.00-point spread |" in page.read_text()
+    assert "| `decoder-depth` | 4m | test | 8 | 31.90 | 8 | 31.90 | same winner, but by 0.40: within the 1.00-point spread |" in page.read_text()
 
 
 def test_the_results_page_pools_every_seed_of_the_presets_value(tmp_path):

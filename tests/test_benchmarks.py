@@ -42,7 +42,7 @@ def test_quality_per_minute_times_maelab_from_its_launch_and_rescores_without_tr
         ckpt.mkdir(parents=True)
         (ckpt / "model.safetensors").write_bytes(b"")
         os.utime(ckpt / "model.safetensors", (started + minute * 60, started + minute * 60))
-    (out / "maelab" / "config.yaml").write_text("")  # written last, as the planner does
+    (out / "maelab" / "config.yaml").write_text("optim:\n  max_steps: 42\n")  # written last, as the planner does
     (out / "hf").mkdir()
     (out / "hf" / "snapshots.json").write_text(json.dumps({"minutes": [5.0, 10.0], "folders": ["snapshot_01", "snapshot_02"],
                                                           "schedule": {"planned_steps": 10, "steps_done": 10}}))
@@ -58,6 +58,7 @@ def test_quality_per_minute_times_maelab_from_its_launch_and_rescores_without_tr
     assert [p["minutes"] for p in res["curves"]["maelab"]] == [3.0, 9.5]
     assert [p["token"] for p in res["curves"]["HF ViTMAE + torchvision"]] == [20.0, 21.0]
     assert res["hf_schedule"] == {"planned_steps": 10, "steps_done": 10} and (out / "curve.png").is_file()
+    assert res["maelab_steps"] == 42  # what maelab's planner settled on, kept beside the alternative's
 
 
 def test_quality_per_minute_rescore_of_a_run_without_its_records_stops_with_one_line(tmp_path, monkeypatch, capsys):
@@ -71,8 +72,9 @@ def test_quality_per_minute_rescore_of_a_run_without_its_records_stops_with_one_
         qpm.main()
 
 
-def write_quality(folder: Path, cpu: str, ours: float, theirs: float) -> Path:
-    """A quality_per_minute output as the benchmark writes it: one snapshot per arm."""
+def write_quality(folder: Path, cpu: str, ours: float, theirs: float, steps: dict | None = None) -> Path:
+    """A quality_per_minute output as the benchmark writes it: one snapshot per arm (``steps``: the step
+    records a run since they were kept has)."""
     import json
 
     folder.mkdir(parents=True)
@@ -80,7 +82,7 @@ def write_quality(folder: Path, cpu: str, ours: float, theirs: float) -> Path:
     (folder / "results.json").write_text(json.dumps({
         "budget": "30m", "machine": f"CPU: {cpu} (2 logical cores, avx2; torch uses 2 threads); torch 2", "load": "load 1",
         "command": f"python benchmarks/quality_per_minute.py --out runs/{folder.name}", "eval_images": 5000, "seed": 0,
-        "curves": {"maelab": [point(28.0, ours)], "HF ViTMAE + torchvision": [point(30.0, theirs)]}}))
+        "curves": {"maelab": [point(28.0, ours)], "HF ViTMAE + torchvision": [point(30.0, theirs)]}, **(steps or {})}))
     (folder / "results.md").write_text("| arm | minutes |\n")
     return folder
 
@@ -92,7 +94,8 @@ def test_the_results_page_shows_each_machines_quality_run_and_renders_again_from
     import subprocess
 
     script, page = str(Path(__file__).resolve().parents[1] / "scripts" / "results_page.py"), tmp_path / "docs" / "r.md"
-    runs = [write_quality(tmp_path / "runs" / "q_intel", "Intel Xeon", 38.0, 26.0),
+    steps = {"maelab_steps": 2137, "hf_schedule": {"planned_steps": 883, "steps_done": 917}}
+    runs = [write_quality(tmp_path / "runs" / "q_intel", "Intel Xeon", 38.0, 26.0, steps),
             write_quality(tmp_path / "runs" / "q_epyc", "AMD EPYC", 30.0, 27.0)]
     subprocess.run([sys.executable, script, "--recipe", "--quality", *map(str, runs), "--out", str(page)],
                    check=True, capture_output=True)
@@ -100,6 +103,9 @@ def test_the_results_page_shows_each_machines_quality_run_and_renders_again_from
     intel, epyc = text.split("### Intel Xeon (`q_intel`)")[1], text.split("### AMD EPYC (`q_epyc`)")[1]
     assert "+12.00 / +12.00 points. Target (at least +4): **met**" in intel.split("###")[0]
     assert "+3.00 / +3.00 points. Target (at least +4): **not met**" in epyc
+    assert ("Pre-training steps in the budget: maelab 2137 (the count its budget planner settled on); HF ViTMAE + "
+            "torchvision 917 (planned 883 from its first 12 steps' time).") in intel.split("###")[0]
+    assert "Pre-training steps" not in epyc  # a run from before the counts were recorded: nothing made up
     index = tmp_path / "docs" / "results" / "runs" / "index.json"
     assert json.loads(index.read_text())["quality"] == ["q_intel", "q_epyc"]
     again = subprocess.run([sys.executable, script, "--out", str(page)], capture_output=True, text=True)
