@@ -15,8 +15,9 @@ folder given again replaces its archived copy. A folder that has not been run (n
 implies a number nobody measured. The paper's own numbers (ViT-L/16, ImageNet-1K, Table 1) stand beside
 each sweep so a reader sees where the small-scale shape differs. The preset's own configuration comes
 back in every sweep (mask ratio 0.75 in the mask-ratio sweep, decoder depth 4 in the depth sweep, ...,
-and a `--setting seed` sweep): those repeats give the run-to-run spread, and a sweep's winner is called a
-difference from the paper only when it beats the paper's value by more than that spread.
+and a `--setting seed` sweep): those repeats give the run-to-run spread at their budget on their CPU (a
+budget buys other step counts on another machine), and a sweep's winner is called a difference from the
+paper only when it beats the paper's value by more than the spread at its own budget and CPU.
 """
 
 from __future__ import annotations
