@@ -300,7 +300,7 @@ def noise_section(page: Page, groups: dict) -> None:
             if len(more) >= 3:
                 others.append(f"{title} {mean_sd(more)} "
                               f"(spread {max(more) - min(more):.2f}, {len(more)} runs)")
-        page.lines += ["## Run-to-run spread", "",
+        page.lines += [f"## Run-to-run spread: {budget} on {cpu}", "",
                        f"The preset `{preset}`'s own configuration was pre-trained {len(runs)} times at the {budget} "
                        f"budget in precision {precision} on {cpu} ({listed}): "
                        f"kNN **{mean_sd(scores)}** "

@@ -203,6 +203,7 @@ def test_the_results_page_measures_the_spread_and_calls_a_difference_only_beyond
             "spread at this budget on this machine is not measured; at 4m on test it is 1.00 points) |") in text
     # the preset's own configuration: mask 0.75, depth 4, norm-pix true, seed 1 -> 31.0, 31.5, 31.2, 30.5
     assert "pre-trained 4 times at the 4m budget in precision fast on test (" in text and "spread 1.00 points" in text
+    assert "## Run-to-run spread: 4m on test" in text
     assert "| `mask-ratio` | 4m | test | 0.75 | 31.00 | 0.75 | 31.00 | same winner |" in text
     assert "| `decoder-depth` | 4m | test | 8 | 30.00 | 1 | 35.00 | **differs**: 1 beats 8 by 5.00 (> the 1.00-point spread); the budget bought 400 against 400 steps |" in text
     assert "| `norm-pix-loss` | 4m | test | true | 31.20 | false | 31.90 | within the 1.00-point spread" in text
