@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.peers import SIZES, hf_model  # noqa: E402
 from maelab.commands.steps import child_command, recorded_optim  # noqa: E402
+from maelab.errors import MaelabError  # noqa: E402
 from maelab.train.budget import parse_duration  # noqa: E402
 from maelab.train.precision import autocast  # noqa: E402
 
@@ -137,6 +138,14 @@ def knn(init: Path, pool: str, args, out: Path) -> float:
     return json.loads(res.read_text())["knn_top1"]
 
 
+def maelab_steps(out: Path) -> int | None:
+    """The steps maelab's budget planner settled on, or a one-line stop when its config.yaml is damaged."""
+    try:
+        return recorded_optim(out / "maelab").get("max_steps")
+    except MaelabError as e:
+        raise SystemExit(f"quality_per_minute: {e}; re-run without --rescore") from None
+
+
 def pick(times: list[float], paths: list[Path], points: int) -> list[tuple[float, Path]]:
     """About ``points`` snapshots spread over the run, the last one always."""
     if len(paths) <= points:
@@ -173,7 +182,7 @@ def main() -> None:
                "command": common.command_line(),
                "batch_size": args.batch_size, "eval_images": args.eval_images, "hf_precision": args.hf_precision, "hf_schedule": hf_schedule,
                # the steps maelab's budget planner settled on (its config.yaml's max_steps: what ran)
-               "maelab_steps": recorded_optim(out / "maelab").get("max_steps"), "seed": args.seed, "curves": curves}
+               "maelab_steps": maelab_steps(out), "seed": args.seed, "curves": curves}
     if args.rescore and (out / "results.json").is_file():  # the run's own command, machine and load, not the re-scoring's
         ran = json.loads((out / "results.json").read_text())
         results.update({k: ran[k] for k in ("budget", "machine", "load", "command") if k in ran})

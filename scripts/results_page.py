@@ -29,6 +29,7 @@ import shutil
 import statistics
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -212,11 +213,20 @@ def cpu_of(res: dict) -> str:
     return res.get("machine", "not recorded").removeprefix("CPU: ").split(" (")[0].split(",")[0]
 
 
-def group_key(sweep: dict) -> tuple:
+class Group(NamedTuple):
+    budget: str
+    preset: str
+    evaluated_images: int | None
+    pretrain_images: int | None
+    precision: str | None
+    cpu: str
+
+
+def group_key(sweep: dict) -> Group:
     """Sweeps whose preset runs are repeats of each other: same budget, preset, images, precision and
     CPU (a budget buys a different number of steps on another machine, so runs there are not repeats)."""
-    return (sweep["budget"], sweep.get("preset", "pretrain_cifar10_tiny"), sweep.get("evaluated_images"),
-            sweep.get("pretrain_images"), sweep.get("precision"), cpu_of(sweep))
+    return Group(sweep["budget"], sweep.get("preset", "pretrain_cifar10_tiny"), sweep.get("evaluated_images"),
+                 sweep.get("pretrain_images"), sweep.get("precision"), cpu_of(sweep))
 
 
 def preset_runs(sweeps: list[dict]) -> dict[tuple, list[tuple[str, dict[str, float]]]]:
@@ -226,7 +236,7 @@ def preset_runs(sweeps: list[dict]) -> dict[tuple, list[tuple[str, dict[str, flo
     groups: dict[tuple, list[tuple[str, dict[str, float]]]] = {}
     for res in sweeps:
         seeds = res["setting"] == "seed"
-        default = None if seeds else preset_value(group_key(res)[1], res["setting"])
+        default = None if seeds else preset_value(group_key(res).preset, res["setting"])
         fixed = res.get("subset_seed")  # the seed of every run's evaluation subsets; None: each run's own
         for row in res["rows"]:
             if "knn_top1" not in row or not (seeds or same_value(row["value"], default)):
@@ -282,9 +292,10 @@ def unmeasured(sweep: dict, groups: dict) -> str:
     measured, and the spread measured at other budgets or on other machines with the same preset, images
     and precision (a guide, not a test)."""
     key = group_key(sweep)
-    known = [f"at {other[0]}{'' if other[5] == key[5] else f' on {other[5]}'} it is {spread:.2f} points"
-             for other in groups
-             if other[1:5] == key[1:5] and other != key and (spread := spread_at(other, groups)) is not None]
+    known = [f"at {other.budget}{'' if other.cpu == key.cpu else f' on {other.cpu}'} it is {spread:.2f} points"
+             for other in groups  # the same runs but for budget and CPU
+             if other._replace(budget=key.budget, cpu=key.cpu) == key and other != key
+             and (spread := spread_at(other, groups)) is not None]
     return "the run-to-run spread at this budget on this machine is not measured" + (f"; {', '.join(known)}" if known else "")
 
 
