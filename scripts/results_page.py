@@ -229,11 +229,11 @@ def group_key(sweep: dict) -> Group:
                  sweep.get("pretrain_images"), sweep.get("precision"), cpu_of(sweep))
 
 
-def preset_runs(sweeps: list[dict]) -> dict[tuple, list[tuple[str, dict[str, float]]]]:
+def preset_runs(sweeps: list[dict]) -> dict[Group, list[tuple[str, dict[str, float]]]]:
     """:func:`group_key` -> [(where, {score key: accuracy})] of every run of the preset's own
     configuration: the sweep row whose value is the preset's (each seed of it), and every row of a
     ``seed`` sweep. Only runs with a kNN score count."""
-    groups: dict[tuple, list[tuple[str, dict[str, float]]]] = {}
+    groups: dict[Group, list[tuple[str, dict[str, float]]]] = {}
     for res in sweeps:
         seeds = res["setting"] == "seed"
         default = None if seeds else preset_value(group_key(res).preset, res["setting"])
@@ -276,7 +276,7 @@ def mean_sd(scores: list[float]) -> str:
     return f"{statistics.mean(scores):.2f} ± {statistics.stdev(scores):.2f}"
 
 
-def spread_at(key: tuple, groups: dict) -> float | None:
+def spread_at(key: Group, groups: dict) -> float | None:
     """max - min kNN of the preset's repeated runs in one :func:`group_key` group (None: fewer than 3)."""
     scores = [v["knn_top1"] for _, v in groups.get(key, [])]
     return max(scores) - min(scores) if len(scores) >= 3 else None
