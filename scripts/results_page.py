@@ -229,11 +229,15 @@ def group_key(sweep: dict) -> Group:
                  sweep.get("pretrain_images"), sweep.get("precision"), cpu_of(sweep))
 
 
-def preset_runs(sweeps: list[dict]) -> dict[Group, list[tuple[str, dict[str, float]]]]:
+PresetRuns = dict[Group, list[tuple[str, dict[str, float]]]]
+"""What :func:`preset_runs` returns: per group, (where, {score key: accuracy}) of each preset run."""
+
+
+def preset_runs(sweeps: list[dict]) -> PresetRuns:
     """:func:`group_key` -> [(where, {score key: accuracy})] of every run of the preset's own
     configuration: the sweep row whose value is the preset's (each seed of it), and every row of a
     ``seed`` sweep. Only runs with a kNN score count."""
-    groups: dict[Group, list[tuple[str, dict[str, float]]]] = {}
+    groups: PresetRuns = {}
     for res in sweeps:
         seeds = res["setting"] == "seed"
         default = None if seeds else preset_value(group_key(res).preset, res["setting"])
@@ -276,18 +280,18 @@ def mean_sd(scores: list[float]) -> str:
     return f"{statistics.mean(scores):.2f} ± {statistics.stdev(scores):.2f}"
 
 
-def spread_at(key: Group, groups: dict) -> float | None:
+def spread_at(key: Group, groups: PresetRuns) -> float | None:
     """max - min kNN of the preset's repeated runs in one :func:`group_key` group (None: fewer than 3)."""
     scores = [v["knn_top1"] for _, v in groups.get(key, [])]
     return max(scores) - min(scores) if len(scores) >= 3 else None
 
 
-def spread_of(sweep: dict, groups: dict) -> float | None:
+def spread_of(sweep: dict, groups: PresetRuns) -> float | None:
     """The run-to-run spread at this sweep's budget, preset, images and precision."""
     return spread_at(group_key(sweep), groups)
 
 
-def unmeasured(sweep: dict, groups: dict) -> str:
+def unmeasured(sweep: dict, groups: PresetRuns) -> str:
     """What to say when this sweep's budget and machine have no spread of their own: that it is not
     measured, and the spread measured at other budgets or on other machines with the same preset, images
     and precision (a guide, not a test)."""
@@ -299,7 +303,7 @@ def unmeasured(sweep: dict, groups: dict) -> str:
     return "the run-to-run spread at this budget on this machine is not measured" + (f"; {', '.join(known)}" if known else "")
 
 
-def noise_section(page: Page, groups: dict) -> None:
+def noise_section(page: Page, groups: PresetRuns) -> None:
     for (budget, preset, images, _, precision, cpu), runs in groups.items():
         if len(runs) < 3:
             continue
@@ -324,7 +328,7 @@ def noise_section(page: Page, groups: dict) -> None:
                        "paper's value by more than this spread (at this budget, on this machine).", ""]
 
 
-def shape_table(page: Page, sweeps: list[dict], groups: dict) -> None:
+def shape_table(page: Page, sweeps: list[dict], groups: PresetRuns) -> None:
     """One line per Table-1 sweep: the paper's best value, ours, and whether the difference is real."""
     rows = []
     for res in sweeps:
@@ -428,7 +432,7 @@ def seed_sentence(rows: list[dict], in_spread: bool) -> str:
     return text
 
 
-def ablation_section(page: Page, folder: Path, groups: dict) -> None:
+def ablation_section(page: Page, folder: Path, groups: PresetRuns) -> None:
     res_file = folder / "results.json"
     if not res_file.is_file():
         page.lines += [f"## Sweep `{folder.name}`", "", "Not run yet.", ""]
