@@ -11,7 +11,6 @@ other flags is refused (``steps.json`` in each value's folder records them).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -24,7 +23,7 @@ from matplotlib.figure import Figure
 from maelab.commands.sections import ProcessConfig
 from maelab.commands.steps import (Chain, ChainDataConfig, invoked, length_flags, machine, no_budget,
                                    recorded_optim)
-from maelab.config import add_config_args, command_config, config_from_args, load_yaml, option, redefault
+from maelab.config import command_config, load_yaml, option, redefault
 from maelab.data.splits import subset_seed
 from maelab.errors import MaelabError
 from maelab.io import atomic_write_bytes, write_json
@@ -104,29 +103,6 @@ def validate(cfg: AblateConfig) -> None:
         raise MaelabError(f"--probe-epochs must be at least 1, got {cfg.run.probe_epochs}")
     if not cfg.run.probe_base_lr > 0:
         raise MaelabError(f"--probe-base-lr must be positive, got {cfg.run.probe_base_lr}")
-    else:
-        check_values(cfg)
-
-
-class _RefusingParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print its usage and exit; the caller names the value
-        raise MaelabError(message)
-
-
-def check_values(cfg: AblateConfig) -> None:
-    """Read every value the way `maelab pretrain` will, so a misspelt setting or a value it refuses
-    fails now, not after the sweep's earlier values have each spent their budget."""
-    from maelab.commands import pretrain  # the command the sweep runs; imported here to keep startup light
-
-    parser = _RefusingParser(prog="maelab pretrain", add_help=False)
-    add_config_args(parser, pretrain.PretrainConfig)
-    for value in cfg.sweep.values:
-        flags = ["--config", cfg.run.preset, "--data", cfg.data.data, *setting_flags(cfg.sweep.setting, value)]
-        try:
-            pretrain.validate(config_from_args(pretrain.PretrainConfig, parser.parse_args(flags)))
-        except MaelabError as e:
-            raise MaelabError(f"--setting {cfg.sweep.setting} --values {value}: `maelab pretrain "
-                              f"{' '.join(flags[4:])}` would refuse it: {e}") from None
 
 
 def flag_name(setting: str) -> str:
