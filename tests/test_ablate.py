@@ -86,6 +86,12 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     (["--setting", "mask-ratio", "--values", "0.5", "--seeds", "1", "1"], "--seeds repeats"),
     (["--setting", "seed", "--values", "1", "2", "--seeds", "0", "1"], "--setting seed already runs one seed"),
     (["--setting", "seed", "--values", "1", "two"], "takes whole numbers as --values, got two"),
+    # a value `maelab pretrain` would refuse fails before the values before it spend their budgets
+    (["--setting", "mask-rate", "--values", "0.5"], "`maelab pretrain --mask-rate 0.5` would refuse it: unrecognized"),
+    (["--setting", "mask-ratio", "--values", "0.5", "1.5"], "--values 1.5: `maelab pretrain --mask-ratio 1.5`"),
+    (["--setting", "mask-type", "--values", "random", "hex"], "invalid choice: 'hex'"),
+    (["--setting", "decoder-depth", "--values", "2", "two"], "cannot read 'two' as int"),
+    (["--setting", "decoder-embed-dim", "--values", "128", "130"], "130 is not divisible by decoder_num_heads=4"),
 ])
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, args, message):
     out = ablate(*args, "--data", str(tmp_path), "--out", str(tmp_path / "sweep"), cwd=tmp_path)

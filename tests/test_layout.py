@@ -31,7 +31,7 @@ LAYERS = [
 ]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 SHARED_COMMAND_MODULES = {"maelab.commands", "maelab.commands.session", "maelab.commands.sections",
-                          "maelab.commands.steps"}
+                          "maelab.commands.steps", "maelab.commands.pretrain_config"}
 
 
 def module_name(path: Path) -> str:

@@ -11,6 +11,7 @@ other flags is refused (``steps.json`` in each value's folder records them).
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -18,15 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from matplotlib.figure import Figure
 
+from maelab.commands.pretrain_config import PretrainConfig, model_kwargs
+from maelab.commands.pretrain_config import validate as validate_pretrain
 from maelab.commands.sections import ProcessConfig
 from maelab.commands.steps import (Chain, ChainDataConfig, invoked, length_flags, machine, no_budget,
                                    recorded_optim)
-from maelab.config import command_config, load_yaml, option, redefault
+from maelab.config import add_config_args, command_config, config_from_args, load_yaml, option, redefault
 from maelab.data.splits import subset_seed
 from maelab.errors import MaelabError
 from maelab.io import atomic_write_bytes, write_json
+from maelab.models.mae import MaskedAutoencoder
 from maelab.train.budget import parse_duration
 from maelab.viz import plot_loss_overlay, save_figure_atomic
 
@@ -103,6 +108,31 @@ def validate(cfg: AblateConfig) -> None:
         raise MaelabError(f"--probe-epochs must be at least 1, got {cfg.run.probe_epochs}")
     if not cfg.run.probe_base_lr > 0:
         raise MaelabError(f"--probe-base-lr must be positive, got {cfg.run.probe_base_lr}")
+    check_values(cfg)
+
+
+class _RefusingParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print its usage and exit; check_values names the value
+        raise MaelabError(message)
+
+
+def check_values(cfg: AblateConfig) -> None:
+    """Read every value the way `maelab pretrain` will and build its model on the meta device (no memory,
+    no time), so a misspelt setting, a value pretrain refuses or a model shape that cannot be built
+    (a decoder width its heads do not divide) fails now, not after the earlier values spent their budgets."""
+    parser = _RefusingParser(prog="maelab pretrain", add_help=False)
+    add_config_args(parser, PretrainConfig)
+    for value in cfg.sweep.values:
+        flags = setting_flags(cfg.sweep.setting, value)
+        try:
+            pre = config_from_args(PretrainConfig, parser.parse_args(["--config", cfg.run.preset,
+                                                                      "--data", cfg.data.data, *flags]))
+            validate_pretrain(pre)
+            with torch.device("meta"):
+                MaskedAutoencoder(**model_kwargs(pre))
+        except MaelabError as e:
+            raise MaelabError(f"--setting {cfg.sweep.setting} --values {value}: `maelab pretrain "
+                              f"{' '.join(flags)}` would refuse it: {e}") from None
 
 
 def flag_name(setting: str) -> str:
