@@ -92,6 +92,7 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     (["--setting", "mask-type", "--values", "random", "hex"], "invalid choice: 'hex'"),
     (["--setting", "decoder-depth", "--values", "2", "two"], "cannot read 'two' as int"),
     (["--setting", "decoder-embed-dim", "--values", "128", "130"], "130 is not divisible by decoder_num_heads=4"),
+    (["--setting", "mask-ratio", "--values", "0.5", "--batch-size", "0"], "--batch-size must be at least 1"),
 ])
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, args, message):
     out = ablate(*args, "--data", str(tmp_path), "--out", str(tmp_path / "sweep"), cwd=tmp_path)

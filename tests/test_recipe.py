@@ -70,6 +70,13 @@ def test_the_quick_chain_on_a_tiny_subset(tmp_path):
     (["--data", "DATA", "--mask-ratios", "1.5"], "--mask-ratios"),
     (["--data", "DATA", "--probe-base-lr", "0"], "--probe-base-lr must be positive"),
     (["--data", "ALONE"], "--val-data is required"),
+    # what a later step would refuse at its start is refused before the steps before it spend their budgets
+    (["--data", "DATA", "--finetune-preset", "finetune_cifar_tyni"], "--finetune-preset finetune_cifar_tyni: config"),
+    (["--data", "DATA", "--probe-preset", "nope"], "--probe-preset nope: config 'nope' not found (presets: "),
+    (["--data", "DATA", "--pretrain-preset", "nope"], "--pretrain-preset nope: config 'nope' not found"),
+    (["--data", "DATA", "--img-size", "30"], "--img-size 30: image size 30x30 is not divisible by the patch size 4"),
+    (["--data", "DATA", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--data", "DATA", "--limit-images", "-5"], "--limit-images must be 0 (all images) or a positive count"),
 ])
 def test_bad_recipes_are_refused_before_anything_runs(tmp_path, args, message):
     (tmp_path / "d" / "train" / "a").mkdir(parents=True)
@@ -128,8 +135,35 @@ def test_a_step_run_with_other_settings_is_refused_not_read_back(tmp_path, monke
     steps.Chain(moved, common, []).linprobe("pre", 90, base_lr=4.0)
     assert len(ran) == 1
     moved.rename(tmp_path)
+    kept = (tmp_path / "steps.json").read_text()
     (tmp_path / "steps.json").write_text("{not json")
     with pytest.raises(MaelabError, match="steps.json is unreadable"):
         steps.Chain(tmp_path, common, [])
+    (tmp_path / "steps.json").write_text(kept)
+
+    def refused(args, log):  # a step that fails before it writes anything (a bad flag value, say)
+        raise MaelabError("`maelab knn` failed (exit 2)")
+
+    monkeypatch.setattr(steps, "maelab", refused)
+    with pytest.raises(MaelabError, match="failed"):
+        steps.Chain(tmp_path, common, []).knn("pre", "knn", ["--k", "0"])
+    assert "knn" not in json.loads((tmp_path / "steps.json").read_text())  # so the corrected flags may run
+    def fake_knn(args, log):
+        ran.append(args)
+        Path(args[args.index("--out") + 1]).write_text(json.dumps({"top1": 30.0}))
+
+    monkeypatch.setattr(steps, "maelab", fake_knn)
+    assert steps.Chain(tmp_path, common, []).knn("pre", "knn", ["--k", "20"]) == {"top1": 30.0}
+    assert ran[-1][-3:] == ["20", "--out", str(tmp_path / "knn.json")]
+
+    def cut_short(args, log):  # a step that wrote its output folder, then failed: its flags stay recorded
+        Path(args[args.index("--out") + 1]).mkdir(parents=True)
+        raise MaelabError("`maelab finetune` failed (exit 1)")
+
+    monkeypatch.setattr(steps, "maelab", cut_short)
+    with pytest.raises(MaelabError, match="failed"):
+        steps.Chain(tmp_path, common, []).finetune("pre", ["--epochs", "2"], "ft", "finetune_cifar_tiny")
+    with pytest.raises(MaelabError, match=r"ft was run with other settings \(--epochs 2 -> 3\)"):
+        steps.Chain(tmp_path, common, []).finetune("pre", ["--epochs", "3"], "ft", "finetune_cifar_tiny")
     assert steps.changed_flags(["knn", "--k", "20"], ["knn", "--k", "20", "--no-augment"]) == \
         "--no-augment (not given) -> (set)"

@@ -19,19 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from matplotlib.figure import Figure
 
-from maelab.commands.pretrain_config import PretrainConfig, model_kwargs
-from maelab.commands.pretrain_config import validate as validate_pretrain
+from maelab.commands.pretrain_config import PretrainConfig, check_buildable
 from maelab.commands.sections import ProcessConfig
-from maelab.commands.steps import (Chain, ChainDataConfig, invoked, length_flags, machine, no_budget,
-                                   recorded_optim)
+from maelab.commands.steps import (Chain, ChainDataConfig, check_chain_data, invoked, length_flags, machine,
+                                   no_budget, recorded_optim)
 from maelab.config import add_config_args, command_config, config_from_args, load_yaml, option, redefault
 from maelab.data.splits import subset_seed
 from maelab.errors import MaelabError
 from maelab.io import atomic_write_bytes, write_json
-from maelab.models.mae import MaskedAutoencoder
 from maelab.train.budget import parse_duration
 from maelab.viz import plot_loss_overlay, save_figure_atomic
 
@@ -92,9 +89,9 @@ def validate(cfg: AblateConfig) -> None:
     parse_duration(cfg.run.finetune_budget)
     if not no_budget(cfg.run.budget):
         parse_duration(cfg.run.budget)
-    for name, n in (("--limit-images", cfg.data.limit_images), ("--pretrain-images", cfg.data.pretrain_images)):
-        if n is not None and n < 0:
-            raise MaelabError(f"{name} must be 0 (all images) or a positive count, got {n}")
+    check_chain_data(cfg.data)
+    if cfg.data.pretrain_images is not None and cfg.data.pretrain_images < 0:
+        raise MaelabError(f"--pretrain-images must be 0 (all images) or a positive count, got {cfg.data.pretrain_images}")
     if len(set(cfg.run.seeds)) != len(cfg.run.seeds):
         raise MaelabError(f"--seeds repeats a seed: {cfg.run.seeds}")
     if is_seed_sweep(sw.setting):
@@ -117,19 +114,16 @@ class _RefusingParser(argparse.ArgumentParser):
 
 
 def check_values(cfg: AblateConfig) -> None:
-    """Read every value the way `maelab pretrain` will and build its model on the meta device (no memory,
-    no time), so a misspelt setting, a value pretrain refuses or a model shape that cannot be built
-    (a decoder width its heads do not divide) fails now, not after the earlier values spent their budgets."""
+    """Read every value the way `maelab pretrain` will and check it as pretrain does at its start, so a
+    misspelt setting, a value pretrain refuses or a model shape that cannot be built (a decoder width its
+    heads do not divide) fails now, not after the earlier values spent their budgets."""
     parser = _RefusingParser(prog="maelab pretrain", add_help=False)
     add_config_args(parser, PretrainConfig)
+    passed = ["--config", cfg.run.preset, "--data", cfg.data.data, "--batch-size", str(cfg.data.batch_size)]
     for value in cfg.sweep.values:
         flags = setting_flags(cfg.sweep.setting, value)
         try:
-            pre = config_from_args(PretrainConfig, parser.parse_args(["--config", cfg.run.preset,
-                                                                      "--data", cfg.data.data, *flags]))
-            validate_pretrain(pre)
-            with torch.device("meta"):
-                MaskedAutoencoder(**model_kwargs(pre))
+            check_buildable(config_from_args(PretrainConfig, parser.parse_args([*passed, *flags])))
         except MaelabError as e:
             raise MaelabError(f"--setting {cfg.sweep.setting} --values {value}: `maelab pretrain "
                               f"{' '.join(flags)}` would refuse it: {e}") from None

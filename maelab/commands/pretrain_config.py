@@ -1,9 +1,12 @@
-"""`maelab pretrain`'s options and the checks on them, apart from the command so that a command which
-runs pre-trainings (`maelab ablate`) can read its values the way `maelab pretrain` will before it starts."""
+"""`maelab pretrain`'s options and the checks on them, apart from the command so that the commands which
+run pre-trainings (`maelab ablate`, `maelab recipe`) can refuse what `maelab pretrain` would refuse before
+they start, not after earlier steps have spent their budgets."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from maelab.commands.sections import (OptimConfig, TrainRunConfig, check_crop_scale, check_run_numbers,
                                       check_schedule)
@@ -12,6 +15,7 @@ from maelab.data.transforms import CROPS
 from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
 from maelab.models.checks import num_visible
+from maelab.models.mae import MaskedAutoencoder
 from maelab.models.masking import MASK_TYPES
 from maelab.models.presets import preset_kwargs
 
@@ -108,3 +112,12 @@ def validate(cfg: PretrainConfig) -> None:
     if cfg.run.fsdp and cfg.run.precision == "fp16":
         raise MaelabError("--fsdp with --precision fp16 is not supported (fp16's gradient scaler does not handle "
                           "sharded gradients); use --precision bf16")
+
+
+def check_buildable(cfg: PretrainConfig) -> None:
+    """What `maelab pretrain` refuses at its start: :func:`validate`, then its model built on PyTorch's meta
+    device (no memory, no time), which refuses a shape that cannot be built (an image size the patch
+    size does not divide, a decoder width its heads do not divide)."""
+    validate(cfg)
+    with torch.device("meta"):
+        MaskedAutoencoder(**model_kwargs(cfg))

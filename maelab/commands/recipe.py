@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from maelab.commands.pretrain_config import PretrainConfig, check_buildable
 from maelab.commands.sections import ProcessConfig
-from maelab.commands.steps import (Chain, ChainDataConfig, invoked, length_flags, machine, no_budget,
-                                   recorded_optim)
-from maelab.config import command_config, load_yaml, option, redefault
+from maelab.commands.steps import (Chain, ChainDataConfig, check_chain_data, invoked, length_flags, machine,
+                                   no_budget, recorded_optim)
+from maelab.config import build_config, command_config, load_yaml, option, redefault, resolve_preset
 from maelab.data.folders import scan_images, spread_sample
 from maelab.data.splits import default_val_dir
 from maelab.errors import MaelabError
@@ -71,6 +72,7 @@ def validate(cfg: RecipeConfig) -> Path:
         raise MaelabError("--data is required: an ImageFolder tree with a class per sub-folder")
     if not Path(cfg.data.data).expanduser().is_dir():
         raise MaelabError(f"--data {cfg.data.data}: no such folder")
+    check_chain_data(cfg.data)
     for name in ("pretrain_budget", "finetune_budget"):
         if not no_budget(getattr(cfg.steps, name)):
             parse_duration(getattr(cfg.steps, name))
@@ -83,7 +85,27 @@ def validate(cfg: RecipeConfig) -> Path:
     val = Path(cfg.data.val_data).expanduser() if cfg.data.val_data else default_val_dir(cfg.data.data)
     if val is None or not val.is_dir():
         raise MaelabError("--val-data is required (no sibling val / test folder next to --data)")
+    check_presets(cfg)
     return val
+
+
+def check_presets(cfg: RecipeConfig) -> None:
+    """Refuse now what a step would refuse at its start: a misspelt or unreadable preset, and what `maelab
+    pretrain` refuses in its preset with the flags the recipe passes it (--img-size, --batch-size). A
+    refused later step would have cost the steps before it their budgets."""
+    st = cfg.steps
+    size = {"img_size": [st.img_size]} if st.img_size else {}
+    passed = {"data": cfg.data.data, "batch_size": cfg.data.batch_size, **size}
+    try:
+        check_buildable(build_config(PretrainConfig, passed, st.pretrain_preset))
+    except MaelabError as e:
+        raise MaelabError(f"--pretrain-preset {st.pretrain_preset}"
+                          + (f" --img-size {st.img_size}" if st.img_size else "") + f": {e}") from None
+    for flag, preset in (("--probe-preset", st.probe_preset), ("--finetune-preset", st.finetune_preset)):
+        try:
+            load_yaml(resolve_preset(preset))
+        except MaelabError as e:
+            raise MaelabError(f"{flag} {preset}: {e}") from None
 
 
 def run(cfg: RecipeConfig) -> dict[str, Any]:

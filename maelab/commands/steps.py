@@ -33,6 +33,15 @@ class ChainDataConfig:
     batch_size: int = option(256, "images per process per step, for pre-training and evaluation")
 
 
+def check_chain_data(d: ChainDataConfig) -> None:
+    """The numbers every step of the chain is passed, checked before the first one runs (a step would
+    refuse them only after the steps before it had spent their budgets)."""
+    if d.batch_size < 1:
+        raise MaelabError(f"--batch-size must be at least 1, got {d.batch_size}")
+    if d.limit_images < 0:
+        raise MaelabError(f"--limit-images must be 0 (all images) or a positive count, got {d.limit_images}")
+
+
 def machine() -> str:
     """The CPU model, threads and GPU a chain ran on, for its results page."""
     cpu = platform.processor() or platform.machine()
@@ -107,7 +116,8 @@ class Chain:
 
     Every step's command line is kept in ``steps.json``: a step finished (or cut short) with other flags
     is refused, not read back, so changing a setting and running again in the same folder can never
-    report the old setting's result as the new one's."""
+    report the old setting's result as the new one's. A step that failed before it wrote its ``--out``
+    left nothing to protect: its record is dropped, so the corrected command runs."""
 
     folder: Path
     common: list[str]
@@ -137,7 +147,14 @@ class Chain:
             return None
         self.record[name] = here
         write_json(self.folder / "steps.json", self.record)
-        return maelab(args, self.log)
+        try:
+            return maelab(args, self.log)
+        except MaelabError:
+            out = Path(args[args.index("--out") + 1]) if "--out" in args else None
+            if recorded is None and out is not None and not out.exists():  # refused before it wrote anything:
+                del self.record[name]  # nothing to protect, so the corrected command may run here
+                write_json(self.folder / "steps.json", self.record)
+            raise
 
     def knn(self, init: str, name: str, extra: list[str] = ()) -> dict[str, Any]:
         out = self.folder / f"{name}.json"
