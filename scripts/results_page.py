@@ -161,6 +161,9 @@ def recipe_section(page: Page, folder: Path) -> None:
     if "probe" in res:  # recorded from the runs' own configs (results written before that lack it)
         images, probe = res.get("evaluated_images") or {}, res["probe"]
         steps = f"{res['pretrain_steps']} pre-training steps; " if res.get("pretrain_steps") else ""
+        ft = res.get("finetune_steps") or {}
+        if ft.get("mae") and ft.get("scratch"):
+            steps += f"fine-tune {ft['mae']} steps from the MAE encoder, {ft['scratch']} from scratch; "
         page.lines += [f"What ran: {steps}evaluations on {images.get('train')} train / {images.get('val')} validation "
                        f"images; linear probe {probe.get('epochs')} epochs at LARS base lr {probe.get('base_lr')} on "
                        "cached features.", ""]
@@ -209,8 +212,17 @@ def preset_value(preset: str, setting: str):
 
 
 def cpu_of(res: dict) -> str:
-    """The CPU a run recorded (``CPU: <name> (...)`` from a benchmark, ``<name>, 2 threads, ...`` from maelab)."""
-    return res.get("machine", "not recorded").removeprefix("CPU: ").split(" (")[0].split(",")[0]
+    """The machine a run recorded (``CPU: <name> (...)`` from a benchmark, ``<name>, N threads[, native
+    bf16][, <GPU>]`` from maelab), named so that two machines a budget buys different step counts on
+    differ: the same CPU model without native bf16 (it trains in fp32, ~1.8x fewer steps) or with a GPU."""
+    machine = res.get("machine", "not recorded")
+    parts = machine.removeprefix("CPU: ").split(" (")[0].split(", ")
+    if len(parts) < 2 or not parts[1].endswith(" threads"):
+        return parts[0]
+    gpu = [p for p in parts[2:] if p != "native bf16"]
+    if gpu:
+        return f"{parts[0]} + {gpu[0]}"
+    return parts[0] if "native bf16" in parts[2:] else f"{parts[0]} (no native bf16)"
 
 
 class Group(NamedTuple):
@@ -322,8 +334,8 @@ def noise_section(page: Page, groups: PresetRuns) -> None:
                        f"(mean ± standard deviation), spread {max(scores) - min(scores):.2f} points, on "
                        f"{images or 'all'} images of each split"
                        + (f"; {'; '.join(others)}" if others else "") + ". With one seed the runs differ only in how many steps "
-                       f"the budget bought (the machine's speed when each run measured it); the `seed=` runs add "
-                       f"seed noise." + subset_note(runs)
+                       "the budget bought (the machine's speed when each run measured it); the `seed=` runs add "
+                       "seed noise." + subset_note(runs)
                        + " Below, a sweep's winner counts as a difference from the paper only when it beats the "
                        "paper's value by more than this spread (at this budget, on this machine).", ""]
 

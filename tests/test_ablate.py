@@ -177,7 +177,7 @@ def test_a_seed_sweep_runs_and_records_each_value_as_the_seed_of_its_whole_chain
 
 
 def write_sweep(folder: Path, setting: str, scores: dict[str, float], minutes: float = 4.0, budget: str = "4m",
-                machine: str = "test") -> Path:
+                machine: str = "test, 2 threads, native bf16") -> Path:
     rows = [{"value": v, "pretrain_s": minutes * 60, "pretrain_steps": 400, "knn_top1": k} for v, k in scores.items()]
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({
@@ -194,8 +194,11 @@ def test_the_results_page_measures_the_spread_and_calls_a_difference_only_beyond
               write_sweep(tmp_path / "norm", "norm-pix-loss", {"true": 31.2, "false": 31.9}, minutes=9.0),
               write_sweep(tmp_path / "seed", "seed", {"1": 30.5}),
               write_sweep(tmp_path / "crop", "crop", {"none": 34.0, "random-size": 32.5}, minutes=8.0, budget="8m"),
-              # the same budget on another CPU buys other step counts: its preset run is no repeat of the others
-              write_sweep(tmp_path / "mask_b", "mask-ratio", {"0.5": 20.0, "0.75": 40.0}, machine="Other CPU, 2 threads")]
+              # the same budget on another machine buys other step counts: its preset run is no repeat of the others,
+              # nor is a run on the same CPU model without native bf16 (fp32) or with a GPU
+              write_sweep(tmp_path / "mask_b", "mask-ratio", {"0.5": 20.0, "0.75": 40.0}, machine="Other CPU, 2 threads"),
+              write_sweep(tmp_path / "mask_g", "mask-ratio", {"0.5": 20.0, "0.75": 41.0},
+                          machine="test, 2 threads, native bf16, NVIDIA H100")]
     page = tmp_path / "page.md"
     subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
                     *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page)],
@@ -206,8 +209,9 @@ def test_the_results_page_measures_the_spread_and_calls_a_difference_only_beyond
             "run-to-run spread at this budget on this machine is not measured; at 4m it is 1.00 points |") in text
     assert ("random-size trails none by 1.50 kNN points; the run-to-run spread at this budget on this machine is not "
             "measured; at 4m it is 1.00 points.") in " ".join(text.split())
-    assert ("| `mask-ratio` | 4m | Other CPU | 0.75 | 40.00 | 0.75 | 40.00 | same winner, by 20.00 (the run-to-run "
-            "spread at this budget on this machine is not measured; at 4m on test it is 1.00 points) |") in text
+    assert ("| `mask-ratio` | 4m | Other CPU (no native bf16) | 0.75 | 40.00 | 0.75 | 40.00 | same winner, by 20.00 (the "
+            "run-to-run spread at this budget on this machine is not measured; at 4m on test it is 1.00 points) |") in text
+    assert "| `mask-ratio` | 4m | test + NVIDIA H100 | 0.75 | 41.00 | 0.75 | 41.00 | same winner, by 21.00 (the" in text
     # the preset's own configuration: mask 0.75, depth 4, norm-pix true, seed 1 -> 31.0, 31.5, 31.2, 30.5
     assert "pre-trained 4 times at the 4m budget in precision fast on test (" in text and "spread 1.00 points" in text
     assert "## Run-to-run spread: 4m on test" in text

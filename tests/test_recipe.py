@@ -63,6 +63,31 @@ def test_the_quick_chain_on_a_tiny_subset(tmp_path):
     assert f"]({tmp_path}" not in text  # pictures linked relative to the page
 
 
+def test_the_table_and_the_page_say_how_many_steps_the_budgets_bought(tmp_path):
+    """On a slow machine a 5-minute fine-tune is a handful of steps, and its MAE-vs-scratch verdict is noise:
+    the step counts, read back from the runs' configs, stand beside the verdict."""
+    from maelab.commands.recipe import table
+    res = {"recipe": "runs/slow", "data": "c10/train", "val_data": "c10/test", "seed": 0, "machine": "CPU, 2 threads",
+           "precision": "fast", "budgets": {"pretrain": "15m", "finetune": "5m"}, "knn_mae_top1": 32.8,
+           "knn_random_top1": 29.33, "linprobe_top1": 42.17, "finetune_mae_top1": 15.84, "finetune_scratch_top1": 17.11,
+           "minutes": {"pretrain": 14.2, "finetune_mae": 4.6, "finetune_scratch": 4.5}, "pretrain_steps": 367,
+           "finetune_steps": {"mae": 5, "scratch": 6}, "probe": {"epochs": 90, "base_lr": 4.0},
+           "evaluated_images": {"train": 10000, "val": 10000}, "command": "maelab recipe --out runs/slow",
+           "signals": {"knn_mae_beats_random": True, "finetune_mae_beats_scratch": False}}
+    text = table(res)
+    assert "MAE fine-tune beats from scratch: NO." in text
+    assert "Steps the budgets bought: pre-training 367; fine-tune 5 from the MAE encoder, 6 from scratch." in text
+    assert "Steps the budgets bought" not in table(res | {"pretrain_steps": None, "finetune_steps": {}})  # epochs
+    folder = tmp_path / "slow"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(res))
+    page = tmp_path / "page.md"
+    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", str(folder), "--quality",
+                    "--out", str(page)], check=True, capture_output=True)
+    assert ("What ran: 367 pre-training steps; fine-tune 5 steps from the MAE encoder, 6 from scratch; evaluations "
+            "on 10000 train / 10000 validation images") in page.read_text()
+
+
 @pytest.mark.parametrize("args,message", [
     ([], "--data is required"),
     (["--data", "MISSING"], "no such folder"),

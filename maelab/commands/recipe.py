@@ -156,6 +156,8 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
         "minutes": clock.minutes,
         # read back from the runs' own configs and outputs: what ran, not what was asked
         "pretrain_steps": recorded_optim(pre).get("max_steps"),
+        "finetune_steps": {"mae": recorded_optim(out / "finetune_mae").get("max_steps"),
+                           "scratch": recorded_optim(out / "finetune_scratch").get("max_steps")},
         "probe": {k: probe_optim.get(k) for k in ("epochs", "base_lr")},
         "evaluated_images": {"train": knn_mae.get("train_images"), "val": knn_mae.get("val_images")},
         "pictures": str(pictures), "curves": curves, "command": invoked(NAME),
@@ -204,4 +206,16 @@ def table(res: dict[str, Any]) -> str:
     s = res["signals"]
     lines += ["", f"MAE kNN beats random init: {'yes' if s['knn_mae_beats_random'] else 'NO'}; "
                   f"MAE fine-tune beats from scratch: {'yes' if s['finetune_mae_beats_scratch'] else 'NO'}."]
+    if bought := steps_bought(res):
+        lines += ["", bought]
     return "\n".join(lines) + "\n"
+
+
+def steps_bought(res: dict[str, Any]) -> str:
+    """What the budgets bought on this machine, in optimiser steps: a fine-tune comparison over a handful
+    of steps (a slow machine's 5 minutes) says nothing about the encoders, and this is where it shows."""
+    ft = res.get("finetune_steps") or {}
+    parts = [f"pre-training {res['pretrain_steps']}"] if res.get("pretrain_steps") else []
+    if ft.get("mae") and ft.get("scratch"):
+        parts.append(f"fine-tune {ft['mae']} from the MAE encoder, {ft['scratch']} from scratch")
+    return f"Steps the budgets bought: {'; '.join(parts)}." if parts else ""
