@@ -55,3 +55,16 @@ def maelab_process(*args: str, cwd: Path, timeout: float = 900):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "maelab.cli", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=timeout)
+
+
+def maelab_refusal(capsys, *args: str) -> tuple[int, str]:
+    """`maelab ARGS` run in this process: (exit code, stderr). For checks that refuse before anything
+    runs -- the same `main` the console script calls, without a second interpreter's start-up."""
+    from maelab.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    return code, capsys.readouterr().err
+

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import maelab_process, make_subset
+from conftest import maelab_process, maelab_refusal, make_subset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,9 +94,10 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     (["--setting", "decoder-embed-dim", "--values", "128", "130"], "130 is not divisible by decoder_num_heads=4"),
     (["--setting", "mask-ratio", "--values", "0.5", "--batch-size", "0"], "--batch-size must be at least 1"),
 ])
-def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, args, message):
-    out = ablate(*args, "--data", str(tmp_path), "--out", str(tmp_path / "sweep"), cwd=tmp_path)
-    assert out.returncode == 2 and message in out.stderr and not (tmp_path / "sweep").exists()
+def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, err = maelab_refusal(capsys, "ablate", *args, "--data", str(tmp_path), "--out", str(tmp_path / "sweep"))
+    assert code == 2 and message in err and not (tmp_path / "sweep").exists(), err
 
 
 def test_the_results_page_is_rendered_again_from_its_archive_when_the_runs_are_gone(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import maelab_process, make_subset
+from conftest import maelab_process, maelab_refusal, make_subset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,13 +103,14 @@ def test_the_table_and_the_page_say_how_many_steps_the_budgets_bought(tmp_path):
     (["--data", "DATA", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--data", "DATA", "--limit-images", "-5"], "--limit-images must be 0 (all images) or a positive count"),
 ])
-def test_bad_recipes_are_refused_before_anything_runs(tmp_path, args, message):
+def test_bad_recipes_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "d" / "train" / "a").mkdir(parents=True)
     (tmp_path / "d" / "test").mkdir()
     (tmp_path / "alone" / "a").mkdir(parents=True)
     subst = {"DATA": str(tmp_path / "d" / "train"), "MISSING": str(tmp_path / "nope"), "ALONE": str(tmp_path / "alone")}
-    out = recipe(*[subst.get(a, a) for a in args], "--out", str(tmp_path / "r"), cwd=tmp_path)
-    assert out.returncode == 2 and message in out.stderr, out.stderr
+    monkeypatch.chdir(tmp_path)
+    code, err = maelab_refusal(capsys, "recipe", *[subst.get(a, a) for a in args], "--out", str(tmp_path / "r"))
+    assert code == 2 and message in err, err
     assert not (tmp_path / "r").exists()
 
 
