@@ -23,8 +23,8 @@ from matplotlib.figure import Figure
 
 from maelab.commands.pretrain_config import PretrainConfig, check_buildable
 from maelab.commands.sections import ProcessConfig
-from maelab.commands.steps import (Chain, ChainDataConfig, check_chain_data, invoked, length_flags, machine,
-                                   no_budget, recorded_optim)
+from maelab.commands.steps import (Chain, ChainDataConfig, check_chain_data, check_image_counts, invoked,
+                                   length_flags, machine, no_budget, recorded_optim)
 from maelab.config import add_config_args, command_config, config_from_args, load_yaml, option, redefault
 from maelab.data.splits import subset_seed
 from maelab.errors import MaelabError
@@ -90,8 +90,7 @@ def validate(cfg: AblateConfig) -> None:
     if not no_budget(cfg.run.budget):
         parse_duration(cfg.run.budget)
     check_chain_data(cfg.data)
-    if cfg.data.pretrain_images is not None and cfg.data.pretrain_images < 0:
-        raise MaelabError(f"--pretrain-images must be 0 (all images) or a positive count, got {cfg.data.pretrain_images}")
+    check_image_counts(pretrain_images=cfg.data.pretrain_images)
     if len(set(cfg.run.seeds)) != len(cfg.run.seeds):
         raise MaelabError(f"--seeds repeats a seed: {cfg.run.seeds}")
     if is_seed_sweep(sw.setting):

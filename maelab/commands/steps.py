@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from maelab.commands.sections import at_least
 from maelab.config import load_yaml, option
 from maelab.errors import MaelabError
 from maelab.io import write_json
@@ -36,10 +37,15 @@ class ChainDataConfig:
 def check_chain_data(d: ChainDataConfig) -> None:
     """The numbers every step of the chain is passed, checked before the first one runs (a step would
     refuse them only after the steps before it had spent their budgets)."""
-    if d.batch_size < 1:
-        raise MaelabError(f"--batch-size must be at least 1, got {d.batch_size}")
-    if d.limit_images < 0:
-        raise MaelabError(f"--limit-images must be 0 (all images) or a positive count, got {d.limit_images}")
+    at_least(batch_size=(d.batch_size, 1))
+    check_image_counts(limit_images=d.limit_images)
+
+
+def check_image_counts(**counts: int | None) -> None:
+    """``name=count`` image counts of a chain, where 0 means all images."""
+    for name, n in counts.items():
+        if n is not None and n < 0:
+            raise MaelabError(f"--{name.replace('_', '-')} must be 0 (all images) or a positive count, got {n}")
 
 
 def machine() -> str:
