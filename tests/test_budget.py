@@ -21,8 +21,9 @@ from maelab.errors import MaelabError
 from maelab.io import read_weights
 from maelab.train import checkpoint as ckpt
 from maelab.train import loop
+from maelab.train import budget
 from maelab.train.budget import (MARGIN, BudgetPlan, Deadline, check_history, fit_steps, parse_duration, plan_steps,
-                                 schedule_position)
+                                 schedule_position, timed_pass)
 from maelab.train.optim import cosine_lr
 from maelab.train.loop import RunInterrupted
 from maelab.train.tasks import PretrainTask
@@ -122,6 +123,58 @@ def test_a_resumed_budget_run_follows_the_recorded_plan(cifar_tiny, tmp_path, mo
     result = run_pretrain(cfg_for(cifar_tiny, tmp_path / "budget", budget="1m"))
     assert result.global_step == 6
     assert same(weights(tmp_path / "budget"), weights(reference))
+
+
+class FakeClock:
+    """``time.perf_counter`` that moves only when told: the timing arithmetic, exactly."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_evaluation_pass_is_timed_on_its_first_batches(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(budget.time, "perf_counter", clock)
+    seen = []
+
+    def evaluate(batches):  # 2 s to start, the first batch 0.5 s, every other 0.1 s, 1 s to finish
+        clock.now += 2.0
+        for b in batches:
+            seen.append(b)
+            clock.now += 0.5 if b == 0 else 0.1
+        clock.now += 1.0
+
+    assert timed_pass(evaluate, iter(range(50)), total=50, sample=4) == pytest.approx(2.0 + 0.5 + 49 * 0.1 + 1.0)
+    assert seen == [0, 1, 2, 3]  # only the sample ran
+    seen.clear()
+    assert timed_pass(evaluate, iter(range(3)), total=3, sample=4) == pytest.approx(2.0 + 0.5 + 2 * 0.1 + 1.0)
+    assert seen == [0, 1, 2]  # a pass no longer than the sample is simply timed
+
+
+@pytest.mark.parametrize("share,forwards", [(1.0, 4), (1e-9, 3)])
+def test_the_calibration_times_fewer_steps_when_they_would_take_much_of_the_budget(cifar_tiny, tmp_path,
+                                                                                   monkeypatch, share, forwards):
+    """4 steps per epoch: 2 warm-up steps, then as many timed as the epoch holds (2) or, when the warm-up
+    says they would take more than ``share`` of the budget, one; either way the run is the same."""
+    original, calls, before_plan = PretrainTask.forward, [], []
+
+    def forward(self, runner, batch):
+        calls.append(1)
+        return original(self, runner, batch)
+
+    def plan(*args, **kw):
+        before_plan.append(len(calls))
+        return fixed_plan(6)(*args, **kw)
+
+    monkeypatch.setattr(PretrainTask, "forward", forward)
+    monkeypatch.setattr(session, "plan_steps", plan)
+    monkeypatch.setattr(session, "Deadline", lambda *a, **k: None)
+    monkeypatch.setattr(session, "CALIBRATION_SHARE", share)
+    result = run_pretrain(cfg_for(cifar_tiny, tmp_path / "r", budget="10m"))
+    assert before_plan == [forwards] and result.global_step == 6
 
 
 # --- re-planning as the run goes ---------------------------------------------------------------------

@@ -461,6 +461,38 @@ def test_finetune_from_scratch_end_to_end(dataset, tmp_path):
     assert json.loads((tmp_path / "scratch" / "results.json").read_text())["source"] == "none"
 
 
+@pytest.mark.parametrize("command", ["finetune", "linprobe"])
+def test_a_budget_run_times_the_validation_pass_on_its_first_batches(dataset, mae_ckpt, tmp_path, monkeypatch,
+                                                                      command):
+    """The plan's per-epoch evaluation time comes from the first 4 of the fine-tune's 6 validation batches
+    (the probe's cached features are one chunk: timed whole); the epoch's evaluation still sees them all."""
+    import importlib
+    from maelab.commands import session
+    from maelab.train.budget import BudgetPlan
+
+    module = importlib.import_module(f"maelab.commands.{command}")
+    original, seen, planned = module.evaluate_classifier, [], []
+
+    def counting(forward, batches, *args, **kw):
+        batches = list(batches)
+        seen.append(sum(len(y) for _, y in batches))
+        return original(forward, iter(batches), *args, **kw)
+
+    def plan(budget_s, spent_s, step_s, steps_per_epoch, warmup_epochs, per_epoch_s=0.0, final_s=0.0):
+        planned.append(per_epoch_s)
+        return BudgetPlan(2, 1, 0.0, step_s, 1.0)
+
+    monkeypatch.setattr(module, "evaluate_classifier", counting)
+    monkeypatch.setattr(session, "plan_steps", plan)
+    monkeypatch.setattr(session, "Deadline", lambda *a, **k: None)
+    assert main([command, "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--val-data",
+                 str(dataset / "test"), "--batch-size", "2", "--budget", "10m", "--out", str(tmp_path / "r"),
+                 *QUIET]) == 0
+    assert len(planned) == 1 and planned[0] > 0
+    assert seen == ([8, 12] if command == "finetune" else [12, 12])  # 12 validation images, 2 per batch
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["final_epoch"] == 1
+
+
 def test_linprobe_with_augmentation_end_to_end(dataset, mae_ckpt, tmp_path):
     out = tmp_path / "lp"
     assert main(["linprobe", "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--epochs", "1",

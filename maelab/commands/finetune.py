@@ -26,7 +26,7 @@ from maelab.errors import MaelabError
 from maelab.evaluate.metrics import evaluate_classifier
 from maelab.interop.encoders import resolve_encoder
 from maelab.models.vit import POOLS, build_vit, init_head, load_encoder_into, vit_meta
-from maelab.train.budget import timed
+from maelab.train.budget import timed_pass
 from maelab.train.loop import Trainer
 from maelab.train.optim import adamw, batch_and_lr, layer_decay_groups, scaled_lr
 from maelab.train.tasks import FinetuneTask
@@ -172,10 +172,12 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         val_split = s.eval_split(val, size, cfg.data)
         model.to(s.device)
 
-        def evaluate() -> dict[str, float]:
+        def val_batches():
+            return ((x, y) for x, y, _ in val_split.batches(s.device))
+
+        def evaluate(batches=None) -> dict[str, float]:
             model.eval()
-            return evaluate_classifier(model, ((x, y) for x, y, _ in val_split.batches(s.device)), s.device,
-                                       s.precision)
+            return evaluate_classifier(model, val_batches() if batches is None else batches, s.device, s.precision)
 
         meta = vit_meta(arch, size, num_classes=num_classes, global_pool=cfg.model.global_pool,
                         classes=train.classes, init=cfg.model.init)
@@ -186,8 +188,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         cfg.model.img_size = list(size)  # config.yaml records the size the run trains at
         trainer = Trainer(task=task, feeder=feeder, optim=cfg.optim, run=cfg.run, run_dir=run_dir, info=s.info,
                           device=s.device, optimizer_factory=lambda g: adamw(g, lr, tuple(cfg.optim.betas), s.device))
-        def measure() -> tuple[float, float]:  # the validation pass after every epoch, timed once
-            seconds = timed(evaluate)
+        def measure() -> tuple[float, float]:  # the validation pass after every epoch, from its first batches
+            seconds = timed_pass(evaluate, val_batches(), val_split.num_batches)
             model.train()
             return seconds, 0.0
 

@@ -34,7 +34,7 @@ from maelab.evaluate.features import extract_features, gather_split
 from maelab.evaluate.metrics import evaluate_classifier
 from maelab.models.heads import LinearProbeHead
 from maelab.models.vit import describe
-from maelab.train.budget import timed
+from maelab.train.budget import timed_pass
 from maelab.train.loop import Trainer
 from maelab.train.optim import batch_and_lr, lars, lars_param_groups, scaled_lr
 from maelab.train.tasks import LinprobeTask
@@ -149,11 +149,14 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
             feeder = Feeder(train, plan, s.device, size, in_memory=False, transform=EvalTransform(size, d.crop_pct),
                             num_workers=workers, bad_files=d.bad_files)
 
-        def evaluate() -> dict[str, float]:
+        chunk = max(d.batch_size, 256)
+
+        def val_batches():
+            return ((val_feats[i : i + chunk], val_labels[i : i + chunk]) for i in range(0, len(val_feats), chunk))
+
+        def evaluate(batches=None) -> dict[str, float]:
             head.eval()
-            bs = max(d.batch_size, 256)
-            chunks = ((val_feats[i : i + bs], val_labels[i : i + bs]) for i in range(0, len(val_feats), bs))
-            return evaluate_classifier(head, chunks, s.device, s.precision)
+            return evaluate_classifier(head, val_batches() if batches is None else batches, s.device, s.precision)
 
         meta = {"arch": "linprobe", "dim": arch["embed_dim"], "num_classes": num_classes, "classes": train.classes,
                 "global_pool": pool, "init": cfg.model.init, "encoder": describe(dict(arch, img_size=size))}
@@ -163,8 +166,8 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
         cfg.model.img_size = list(size)  # config.yaml records the size the run trains at
         trainer = Trainer(task=task, feeder=feeder, optim=cfg.optim, run=cfg.run, run_dir=run_dir, info=s.info,
                           device=s.device, optimizer_factory=lambda g: lars(g, lr, cfg.optim.momentum))
-        def measure() -> tuple[float, float]:  # the validation pass after every epoch, timed once
-            seconds = timed(evaluate)
+        def measure() -> tuple[float, float]:  # the validation pass after every epoch, from its first batches
+            seconds = timed_pass(evaluate, val_batches(), -(-len(val_feats) // chunk))
             head.train()
             return seconds, 0.0
 

@@ -35,7 +35,7 @@ from maelab.io import check_writable_folder, write_json
 from maelab.interop.encoders import resolve_encoder
 from maelab.models.vit import EncoderWeights, describe, features_model
 from maelab.train import checkpoint as ckpt
-from maelab.train.budget import MARGIN, Deadline, check_history, parse_duration, plan_steps, process_age
+from maelab.train.budget import CALIBRATION_SHARE, MARGIN, Deadline, check_history, parse_duration, plan_steps, process_age
 from maelab.train.distributed import cleanup, init_distributed, reduce_values
 from maelab.train.loop import LoopResult, Trainer
 from maelab.train.precision import resolve_precision
@@ -200,12 +200,12 @@ class Session:
                 raise MaelabError(f"{config}: {e}") from None
             self.budget_note = f"--budget: following the plan recorded when the run started ({o.max_steps} steps)"
             return
+        budget_s = parse_duration(o.budget)
         per_epoch_s, final_s = measure() if measure else (0.0, 0.0)
-        step_s = trainer.time_steps()
+        step_s = trainer.time_steps(max_seconds=CALIBRATION_SHARE * budget_s)
         # every process plans with the slowest one's numbers
         step_s, per_epoch_s, final_s, spent = reduce_values(
             [step_s, per_epoch_s, final_s, time.perf_counter() - self.started], self.info, self.device)
-        budget_s = parse_duration(o.budget)
         plan = plan_steps(budget_s, spent, step_s, trainer.steps_per_epoch, o.warmup_epochs, per_epoch_s, final_s)
         o.max_steps, o.epochs, o.warmup_epochs, o.plan_history = plan.steps, plan.epochs, plan.warmup_epochs, None
         # the steps must be over by then; the trainer re-sizes the run from the step time it actually gets

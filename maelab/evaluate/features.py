@@ -82,6 +82,11 @@ class EvalSplit:
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def num_batches(self) -> int:
+        """Batches in one pass over this process's shard (the last may be short)."""
+        return -(-len(self) // self.batch_size)
+
     def batches(self, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(normalised images on ``device``, labels, dataset indices) in order."""
         if self.in_memory:

@@ -222,19 +222,22 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def time_steps(self, steps: int = 5, warmup: int = 2) -> float:
+    def time_steps(self, steps: int = 5, warmup: int = 2, max_seconds: float = math.inf) -> float:
         """Seconds per optimizer step of this run (its task, data path, precision and processes), measured
         on the first batches of epoch 0 and then undone: weights, optimizer, scaler and RNG states are
         restored, so the run that follows is exactly the one that would have run without the measurement.
         The median step after ``warmup`` ones: the first steps (allocator, kernel selection) and a step that
         another process interrupts are slower than the run's typical one (a plan from the mean of three
-        steps once left 28 % of a 30-minute budget unused)."""
+        steps once left 28 % of a 30-minute budget unused). Fewer than ``steps`` are timed (at least one)
+        when the warm-up says they would take more than ``max_seconds``: seven 7.5-s steps were a sixth of
+        a 5-minute budget. Every process times the same number (from the slowest warm-up), as DDP needs."""
         model, accum = self.task.model, self.feeder.plan.accum
         saved = ({k: v.detach().clone() for k, v in model.state_dict().items()},
                  copy.deepcopy(self.optimizer.state_dict()), self.scaler.state_dict() if self.scaler else None,
                  rng_state(), [dict(g) for g in self.optimizer.param_groups])
         warmup = min(warmup, self.steps_per_epoch - 1)  # a tiny epoch: fewer warm-up steps, at least one timed
-        done, t0, times = 0, (time.perf_counter() if warmup < 1 else None), []
+        started = time.perf_counter()
+        done, t0, times = 0, (started if warmup < 1 else None), []
         try:
             for batch in self.feeder.epoch(0, 0):
                 with no_sync(self.ddp, batch.micro != accum - 1), autocast(self.device, self.precision):
@@ -249,6 +252,9 @@ class Trainer:
                 if t0 is not None:
                     times.append(now - t0)
                 t0 = now if done >= warmup else None
+                if done == warmup and math.isfinite(max_seconds):
+                    warm_s = reduce_values([(now - started) / warmup], self.info, self.device)[0]
+                    steps = max(1, min(steps, int(max_seconds // warm_s)))
                 if done == warmup + steps or done == self.steps_per_epoch:
                     break
             per_step = float(np.median(times)) if times else float("nan")
