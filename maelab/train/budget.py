@@ -61,7 +61,7 @@ def timed_pass(run: Callable[[Iterable], Any], batches: Iterable, total: int, sa
     """Seconds ``run(batches)`` would take over all ``total`` batches, from running it on the first ``sample``:
     what is not a steady batch (start-up, the first batch with its workers and allocations, the result)
     counted once, and the median of the other batches for each remaining one. Timing the whole validation
-    pass instead cost a 5-minute fine-tune on a 2-core fp32 CPU a third of its budget (10 000 images, 95 s)."""
+    pass instead cost a 5-minute fine-tune on a 2-core fp32 CPU nearly a third of its budget (10 000 images, over 90 s)."""
     times: list[float] = []
 
     def first() -> Iterator:
