@@ -157,7 +157,7 @@ def recipe_section(page: Page, folder: Path) -> None:
     command = res.get("command") or f"maelab recipe --config {name} --data {res['data']} --out {res['recipe']}"
     page.lines += [f"Command: `{command}` (seed {res['seed']}; precision {res.get('precision', 'auto')}; pre-training budget "
                    f"{b['pretrain']}, fine-tune budget {b['finetune']} each).",
-                   f"Machine: {res['machine']}. Accuracy: final epoch, on `{res['val_data']}`; one seed.", ""]
+                   f"Machine: {res['machine']}.{code_of(res)} Accuracy: final epoch, on `{res['val_data']}`; one seed.", ""]
     if "probe" in res:  # recorded from the runs' own configs (results written before that lack it)
         images, probe = res.get("evaluated_images") or {}, res["probe"]
         steps = f"{res['pretrain_steps']} pre-training steps; " if res.get("pretrain_steps") else ""
@@ -209,6 +209,12 @@ def preset_value(preset: str, setting: str):
             value = getattr(section, name)
             return PRESETS.get(cfg.model.model, {}).get(name) if value is None else value
     return None
+
+
+def code_of(res: dict) -> str:
+    """The page's note of the code a run recorded (maelab version, commit); empty for results written before
+    runs recorded it."""
+    return f" Code: {res['code']}." if res.get("code") else ""
 
 
 def cpu_of(res: dict) -> str:
@@ -475,7 +481,7 @@ def ablation_section(page: Page, folder: Path, groups: PresetRuns) -> None:
                    + (f" (subsets drawn with seed {res['subset_seed']} for every run)"
                       if res.get("subset_seed") is not None and evaluated else "")
                    + (f" (linear probe: {res['probe']}, on cached features)" if res.get("probe") else "")
-                   + f". Machine: {res.get('machine', 'not recorded')}.", "", read_record(folder / "results.md"), ""]
+                   + f". Machine: {res.get('machine', 'not recorded')}.{code_of(res)}", "", read_record(folder / "results.md"), ""]
     page.lines += overran(res)
     ours = [f"best {title} at **{b['value']}** ({b[key]:.2f})" for key, title in SCORES if (b := best(rows, key))]
     if setting in PAPER:

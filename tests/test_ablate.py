@@ -60,13 +60,14 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
                    check=True, capture_output=True)
     text = page.read_text()
     assert "## Sweep: `mask-ratio` (`sweep`)" in text and "Command: `maelab ablate --setting mask-ratio" in text
+    assert summary["code"].startswith("maelab ") and f"Code: {summary['code']}." in text
     assert "Paper: Fig. 5" in text and "Ours: best kNN at **" in text
     kept = tmp_path / "results" / "runs" / "sweep"  # archived: the page shows the pictures from there
     assert (kept / "ablation.png").is_file() and "(results/runs/sweep/ablation.png)" in text
     assert "(results/runs/sweep/losses.png)" in text
     assert (kept / "mask-ratio=0.5" / "pretrain" / "config.yaml").is_file() and (kept / "mask-ratio=0.5" / "knn.json").is_file()
     assert not list(kept.rglob("*.pth")) and not list(kept.rglob("*.safetensors")) and not list(kept.rglob("*.jsonl"))
-    for key in ("command", "precision", "seed", "evaluated_images", "pretrain_images"):
+    for key in ("command", "precision", "seed", "evaluated_images", "pretrain_images", "code"):
         summary.pop(key)  # a summary written before these were recorded: the page reads them from the runs
     (tmp_path / "sweep" / "results.json").write_text(json.dumps(summary))
     subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
@@ -75,6 +76,7 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     text = page.read_text()
     assert "re-created from the recorded settings" in text and "--limit-images 12 --pretrain-images 0" in text
     assert "precision fast), then evaluated on 12 images of each split" in text
+    assert "Code:" not in text  # not recorded then, so not claimed
 
 
 @pytest.mark.parametrize("args,message", [

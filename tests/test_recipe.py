@@ -46,6 +46,7 @@ def test_the_quick_chain_on_a_tiny_subset(tmp_path):
     assert res["probe"] == {"epochs": 2, "base_lr": 4.0} and res["evaluated_images"] == {"train": 32, "val": 16}
     assert res["pretrain_steps"] is None  # epochs, not a budget: no step count was planned
     assert res["command"] == "maelab recipe " + " ".join(args)  # quoted by the results page
+    assert res["code"].startswith("maelab ")  # + the commit when it runs from a checkout
     changed = recipe(*args, "--probe-base-lr", "2", cwd=tmp_path)  # another probe in the same folder: refused
     assert changed.returncode == 2 and "linprobe was run with other settings (--base-lr 4 -> 2)" in changed.stderr
     page = tmp_path / "results.md"  # the results page is generated from these outputs, never typed
@@ -56,6 +57,7 @@ def test_the_quick_chain_on_a_tiny_subset(tmp_path):
     assert "## `recipe_full`" in text and "Not run yet" in text
     assert f"Command: `maelab recipe --config recipe_quick --data {data} --batch-size 8 " in text
     assert "What ran: evaluations on 32 train / 16 validation images; linear probe 2 epochs at LARS base lr 4.0" in text
+    assert f"Code: {res['code']}." in text
     assert "![reconstructions](results/runs/r/reconstruction.png)" in text  # archived next to the page, shown from a clone
     kept = tmp_path / "results" / "runs" / "r"
     assert (kept / "reconstruction.png").read_bytes() == (tmp_path / "r" / "reconstruction.png").read_bytes()
@@ -86,6 +88,35 @@ def test_the_table_and_the_page_say_how_many_steps_the_budgets_bought(tmp_path):
                     "--out", str(page)], check=True, capture_output=True)
     assert ("What ran: 367 pre-training steps; fine-tune 5 steps from the MAE encoder, 6 from scratch; evaluations "
             "on 10000 train / 10000 validation images") in page.read_text()
+
+
+def test_the_code_version_names_the_commit_of_a_checkout_and_only_of_its_own(tmp_path, monkeypatch):
+    from maelab import __version__
+    from maelab.commands import steps
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path / "repo"), *args],
+                       check=True, capture_output=True)
+
+    package = tmp_path / "repo" / "maelab"
+    package.mkdir(parents=True)
+    (package / "core.py").write_text("x = 1\n")
+    monkeypatch.setattr(steps, "PACKAGE_ROOT", tmp_path / "repo")
+    assert steps.code_version() == f"maelab {__version__}"  # not a checkout
+    git("init", "-q")
+    git("add", "maelab")
+    git("commit", "-qm", "first")
+    sha = subprocess.run(["git", "-C", str(tmp_path / "repo"), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert steps.code_version() == f"maelab {__version__}, commit {sha}"
+    (package / "scratch.py").write_text("")  # an untracked file changes none of the committed code
+    assert steps.code_version() == f"maelab {__version__}, commit {sha}"
+    (package / "core.py").write_text("x = 2\n")
+    assert steps.code_version() == f"maelab {__version__}, commit {sha} + local changes"
+    inside = tmp_path / "repo" / ".venv" / "site-packages"  # an installed copy inside some checkout
+    inside.mkdir(parents=True)
+    monkeypatch.setattr(steps, "PACKAGE_ROOT", inside)
+    assert steps.code_version() == f"maelab {__version__}"
 
 
 @pytest.mark.parametrize("args,message", [

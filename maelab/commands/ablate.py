@@ -23,8 +23,8 @@ from matplotlib.figure import Figure
 
 from maelab.commands.pretrain_config import PretrainConfig, check_buildable
 from maelab.commands.sections import ProcessConfig
-from maelab.commands.steps import (Chain, ChainDataConfig, check_chain_data, check_image_counts, invoked,
-                                   length_flags, machine, no_budget, recorded_optim)
+from maelab.commands.steps import (Chain, ChainDataConfig, check_chain_data, check_image_counts, code_version,
+                                   invoked, length_flags, machine, no_budget, recorded_optim)
 from maelab.config import add_config_args, command_config, config_from_args, load_yaml, option, redefault
 from maelab.data.splits import subset_seed
 from maelab.errors import MaelabError
@@ -318,6 +318,7 @@ def run(cfg: AblateConfig) -> list[dict[str, Any]]:
         seeds = [int(v) for v in cfg.sweep.values]
     summary = {"setting": setting, "budget": cfg.run.budget, "data": cfg.data.data, "rows": rows,
                "preset": cfg.run.preset, "seed": seeds[0], "seeds": seeds, "precision": cfg.run.precision, "machine": machine(),
+               "code": code_version(),
                "evaluated_images": cfg.data.limit_images, "pretrain_images": cfg.data.pretrain_images,
                "subset_seed": cfg.data.subset_seed,
                "probe": probe_label(cfg) if "linprobe" in cfg.sweep.evaluate else None,

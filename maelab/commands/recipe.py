@@ -21,8 +21,8 @@ from typing import Any
 
 from maelab.commands.pretrain_config import PretrainConfig, check_buildable
 from maelab.commands.sections import ProcessConfig
-from maelab.commands.steps import (Chain, ChainDataConfig, check_chain_data, invoked, length_flags, machine,
-                                   no_budget, recorded_optim)
+from maelab.commands.steps import (Chain, ChainDataConfig, check_chain_data, code_version, invoked, length_flags,
+                                   machine, no_budget, recorded_optim)
 from maelab.config import build_config, command_config, load_yaml, option, redefault, resolve_preset
 from maelab.data.folders import scan_images, spread_sample
 from maelab.data.splits import default_val_dir
@@ -148,7 +148,7 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     probe_optim = recorded_optim(out / "linprobe")
     results = {
         "recipe": cfg.run.out, "data": d.data, "val_data": str(val), "seed": r.seed, "machine": machine(),
-        "precision": r.precision,
+        "code": code_version(), "precision": r.precision,
         "budgets": {"pretrain": st.pretrain_budget, "finetune": st.finetune_budget},
         "knn_mae_top1": knn_mae["knn_top1"], "knn_random_top1": knn_random["knn_top1"],
         "linprobe_top1": probe["val_top1"], "finetune_mae_top1": ft_mae["val_top1"],

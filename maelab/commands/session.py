@@ -35,7 +35,8 @@ from maelab.io import check_writable_folder, write_json
 from maelab.interop.encoders import resolve_encoder
 from maelab.models.vit import EncoderWeights, describe, features_model
 from maelab.train import checkpoint as ckpt
-from maelab.train.budget import CALIBRATION_SHARE, MARGIN, Deadline, check_history, parse_duration, plan_steps, process_age
+from maelab.train.budget import (CALIBRATION_SHARE, MARGIN, Deadline, check_history, parse_duration, plan_steps,
+                                 process_age)
 from maelab.train.distributed import cleanup, init_distributed, reduce_values
 from maelab.train.loop import LoopResult, Trainer
 from maelab.train.precision import resolve_precision

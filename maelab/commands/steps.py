@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from maelab import __version__
 from maelab.commands.sections import at_least
 from maelab.config import load_yaml, option
 from maelab.errors import MaelabError
@@ -59,6 +60,28 @@ def machine() -> str:
     bf16 = ", native bf16" if native_bf16(torch.device("cpu")) else ""
     gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{cpu}, {torch.get_num_threads()} threads{bf16}{gpu}"
+
+
+def code_version() -> str:
+    """The maelab that ran: its version and, run from a git checkout, its commit ("+ local changes" when the
+    package's tracked files differ from it), so a results page can tell runs of different code apart."""
+    text = f"maelab {__version__}"
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", "-C", str(PACKAGE_ROOT), *args], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    # an installed copy (site-packages, maybe inside some checkout's .venv) is not that checkout's code
+    if Path(git("rev-parse", "--show-toplevel") or "/nonexistent").resolve() != PACKAGE_ROOT.resolve():
+        return text
+    commit = git("rev-parse", "--short", "HEAD")
+    if commit:
+        text += f", commit {commit}" + (" + local changes" if git("status", "--porcelain", "--untracked-files=no",
+                                                                     "--", "maelab") else "")
+    return text
 
 
 def invoked(command: str) -> str | None:
