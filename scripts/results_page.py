@@ -507,8 +507,13 @@ def equal_minutes(ours: list[dict], theirs: list[dict], arms: list[str]) -> str:
     if not pairs:
         return ""
     lead = min(min(o[pool] - t[pool] for pool in ("token", "avg")) for o, t in pairs)
-    return (f"At equal or less time: against each {arms[1]} snapshot, the latest {arms[0]} snapshot taken no later "
-            f"leads by at least {lead:+.2f} points (cls and mean-pool).\n")
+    early = [f"{t['minutes']:.1f}" for t in theirs if all(o["minutes"] > t["minutes"] for o in ours)]
+    each = f"each {arms[1]} snapshot" + (f" from {pairs[0][1]['minutes']:.1f} min on" if early else "")
+    return (f"At equal or less time: against {each}, the latest {arms[0]} snapshot taken no later "
+            f"leads by at least {lead:+.2f} points (cls and mean-pool)"
+            + (f"; {arms[0]} has no snapshot as early as its {', '.join(early)}-min one"
+               f"{'s' if len(early) > 1 else ''}, so {'that is' if len(early) == 1 else 'those are'} not compared"
+               if early else "") + ".\n")
 
 
 def steps_taken(res: dict, arms: list[str]) -> str:

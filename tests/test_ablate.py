@@ -378,3 +378,21 @@ def test_the_results_page_says_which_runs_were_scored_on_other_subsets(tmp_path)
     text = render()
     assert "All were scored on the same evaluation subsets (drawn with seed 0)" in text
     assert "(subsets drawn with seed 0 for every run)" in text
+
+
+def test_the_equal_time_lead_names_the_snapshots_it_cannot_compare():
+    """A slow machine's first maelab snapshot can come after the alternative's first: that one is left out,
+    and the page says so instead of claiming a lead against each snapshot."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("results_page", REPO / "scripts" / "results_page.py")
+    page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page)
+    ours = [{"minutes": 7.3, "token": 29.0, "avg": 29.0}, {"minutes": 14.5, "token": 34.0, "avg": 33.0}]
+    theirs = [{"minutes": m, "token": 25.0, "avg": 24.0} for m in (6.0, 12.0, 18.0)]
+    text = page.equal_minutes(ours, theirs, ["maelab", "HF"])
+    assert text == ("At equal or less time: against each HF snapshot from 12.0 min on, the latest maelab snapshot "
+                    "taken no later leads by at least +4.00 points (cls and mean-pool); maelab has no snapshot as "
+                    "early as its 6.0-min one, so that is not compared.\n")
+    assert page.equal_minutes([{"minutes": 3.0, "token": 29.0, "avg": 29.0}], theirs, ["maelab", "HF"]) == (
+        "At equal or less time: against each HF snapshot, the latest maelab snapshot taken no later leads by at "
+        "least +4.00 points (cls and mean-pool).\n")
