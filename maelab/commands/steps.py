@@ -74,9 +74,9 @@ def code_version() -> str:
             return ""
         return done.stdout.strip() if done.returncode == 0 else ""
 
-    # an installed copy (site-packages, maybe inside some checkout's .venv) is not that checkout's code
-    if Path(git("rev-parse", "--show-toplevel") or "/nonexistent").resolve() != PACKAGE_ROOT.resolve():
-        return text
+    top = git("rev-parse", "--show-toplevel")
+    if not top or Path(top).resolve() != PACKAGE_ROOT.resolve():
+        return text  # not a checkout, or an installed copy inside one (a .venv): not that checkout's code
     commit = git("rev-parse", "--short", "HEAD")
     if commit:
         text += f", commit {commit}" + (" + local changes" if git("status", "--porcelain", "--untracked-files=no",

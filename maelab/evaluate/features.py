@@ -116,8 +116,7 @@ def extract_features(model: nn.Module, split: EvalSplit, device: torch.device, g
     feats, labels, index = [], [], []
     batches = it = split.batches(device)
     if progress:
-        it = tqdm(it, total=-(-len(split) // split.batch_size), desc="features", unit="batch", leave=False,
-                  disable=None)
+        it = tqdm(it, total=split.num_batches, desc="features", unit="batch", leave=False, disable=None)
     try:
         for x, y, i in it:
             with autocast(device, precision):
