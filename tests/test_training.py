@@ -128,6 +128,31 @@ def test_resume_after_a_crash_restarts_from_the_last_checkpoint_exactly(cifar_ti
     assert steps[0] == steps[1]
 
 
+def test_timed_checkpoints_leave_the_run_unchanged_and_a_crash_loses_only_the_steps_since_one(
+        cifar_tiny, tmp_path, monkeypatch, reference_run):
+    original, kept = PretrainTask.forward, []
+
+    def forward(self, runner, batch):
+        kept.append(sorted(d.name for d in ckpt.list_checkpoints(tmp_path)))
+        if batch.epoch == 1 and batch.step == 3:
+            raise RuntimeError("simulated crash")  # like kill -9: no handler gets to save
+        return original(self, runner, batch)
+
+    monkeypatch.setattr(PretrainTask, "forward", forward)
+    every_step = 1e-9  # minutes: a timed checkpoint after every step
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_pretrain(cfg_for(cifar_tiny, tmp_path, save_every_minutes=every_step))
+    # each timed checkpoint replaced the previous one; the epoch's own checkpoint stays
+    assert kept[-1] == ["epoch_0001", "step_00000007"] and kept[-2] == ["epoch_0001", "step_00000006"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000007"
+    monkeypatch.setattr(PretrainTask, "forward", original)
+    run_pretrain(cfg_for(cifar_tiny, tmp_path, save_every_minutes=every_step))
+    assert_same_weights(final_weights(tmp_path), final_weights(reference_run))
+    assert [d.name for d in ckpt.list_checkpoints(tmp_path)] == ["epoch_0002"]  # the timed ones are gone
+    meta = [json.loads((d / "checkpoints" / "epoch_0002" / ckpt.META).read_text()) for d in (tmp_path, reference_run)]
+    assert meta[0]["epoch_loss"] == pytest.approx(meta[1]["epoch_loss"], rel=1e-6)
+
+
 def test_gradient_accumulation_matches_one_big_batch(cifar_tiny, tmp_path, reference_run):
     run_pretrain(cfg_for(cifar_tiny, tmp_path, batch_size=8, accum_iter=2))
     assert_same_weights(final_weights(tmp_path), final_weights(reference_run), atol=3e-5)
@@ -149,11 +174,14 @@ def _flags(data, out, batch):
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(cifar_tiny, tmp_path, reference_run):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "29517"]
-    proc = _cli(*torchrun, "-m", "maelab.cli", "pretrain", *_flags(cifar_tiny, tmp_path, 8), threads=1)
+    # timed checkpoints at every log step: the processes agree on when to save, and saving changes nothing
+    proc = _cli(*torchrun, "-m", "maelab.cli", "pretrain", *_flags(cifar_tiny, tmp_path, 8),
+                "--save-every-minutes", "1e-9", threads=1)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     # same global batch (2 x 8 = 16), same data, same masks: same weights up to all-reduce rounding
     assert_same_weights(final_weights(tmp_path), final_weights(reference_run), atol=3e-5)
+    assert [d.name for d in ckpt.list_checkpoints(tmp_path)] == ["epoch_0002"]  # the timed ones are gone
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_weights(cifar_tiny, tmp_path, reference_run):

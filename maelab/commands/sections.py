@@ -65,6 +65,10 @@ class TrainRunConfig(ProcessConfig):
     log_every: int = option(20, "optimizer steps between log lines / host syncs")
     save_every: int = option(5, "keep a checkpoint every N epochs (the latest is always saved)")
     keep: int = option(3, "periodic checkpoints to keep (0 = all)")
+    save_every_minutes: float = option(10.0, "also write a checkpoint inside an epoch once this many minutes have "
+                                       "passed since the last one (it replaces the previous such one; the "
+                                       "epoch's end removes it), so a killed run loses at most that much; 0: "
+                                       "epoch ends only")
     compile: bool = option(False, "torch.compile the model")
 
 
@@ -188,11 +192,14 @@ def check_data_numbers(data) -> None:
 
 
 def check_run_numbers(run: TrainRunConfig) -> None:
-    """``--log-every`` and ``--keep`` of a training run section (``--keep -1`` used to keep everything
+    """``--log-every``, ``--keep`` and ``--save-every-minutes`` of a training run section (``--keep -1`` used to keep everything
     silently)."""
     at_least(log_every=(run.log_every, 1))
     if run.keep < 0:
         raise MaelabError(f"--keep must be 0 (keep all) or more, got {run.keep}")
+    if not 0 <= run.save_every_minutes < math.inf:
+        raise MaelabError(f"--save-every-minutes must be 0 (epoch ends only) or a positive number of minutes, "
+                          f"got {run.save_every_minutes}")
 
 
 def check_crop_scale(value: float) -> None:

@@ -206,11 +206,6 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def any_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any (a collective: call at the same point on all)."""
-    return reduce_values([1.0 if flag else 0.0], info, device)[0] > 0
-
-
 def reduce_values(values: list[float], info: DistInfo, device: torch.device, op=dist.ReduceOp.MAX) -> list[float]:
     """``values`` reduced over every rank with ``op`` (a collective; the values themselves in one process)."""
     if not info.enabled:

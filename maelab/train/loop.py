@@ -34,7 +34,7 @@ from maelab.models.attention import fused_attention_wanted, set_attention_kernel
 from maelab.models.state_dicts import check_state_dict
 from maelab.train import checkpoint as ckpt
 from maelab.train.budget import WARM_STEPS, Deadline, fit_steps, schedule_position
-from maelab.train.distributed import (DistInfo, any_flag, barrier, full_state, full_value, is_sharded, load_full_state,
+from maelab.train.distributed import (DistInfo, barrier, full_state, full_value, is_sharded, load_full_state,
                                       no_sync, peak_memory, reduce_values, wrap_ddp)
 from maelab.train.logs import RunLogger
 from maelab.train.optim import SCHEDULES, set_lr
@@ -293,7 +293,34 @@ class Trainer:
                     "model": self.task.meta(), **(extra_meta or {})}
             path = ckpt.save_checkpoint(self.run_dir, name, weights, self._train_state(optimizer_state), meta)
         barrier(self.info)
+        self._saved_at = time.monotonic()
         return path
+
+    def _stop_or_save(self, signalled: bool, log_now: bool) -> tuple[bool, bool]:
+        """(stop now, write a timed checkpoint now): a signal arrived, or ``--save-every-minutes`` have passed
+        since the last save. Under DDP every process must take the same branch, so both are agreed at log
+        steps in one collective (any process's signal or clock counts)."""
+        every = 60 * getattr(self.run_cfg, "save_every_minutes", 0.0)
+        due = every > 0 and time.monotonic() - self._saved_at >= every
+        if not self.info.enabled:
+            return signalled, due
+        if not log_now:
+            return False, False
+        stop_now, save_now = reduce_values([float(signalled), float(due)], self.info, self.device)
+        return stop_now > 0, save_now > 0
+
+    def _save_inside_epoch(self, epoch_sum: torch.Tensor, n_epoch: int) -> None:
+        """A timed checkpoint inside an epoch, so a run killed without warning (``kill -9``, the OOM killer, a
+        lost node) loses minutes, not an epoch: it holds the epoch's loss so far, like an interrupted run's,
+        and replaces the previous timed one; the epoch's own checkpoint removes it. With ``--budget`` its
+        time counts as step time, so the plan leaves room for the saves still to come."""
+        self.epoch_partial = (self._mean(epoch_sum, 1), n_epoch)
+        name = f"step_{self.global_step:08d}"
+        self.save(name)
+        self.epoch_partial = (0.0, 0)
+        if self.info.is_main:
+            ckpt.prune(self.run_dir, {d.name for d in ckpt.list_checkpoints(self.run_dir)
+                                      if not d.name.startswith("step_")} | {name})
 
     def open_run(self, config: Any, resume: Path | None) -> RunLogger:
         """Resume (which checks the checkpoint fits), read the first batch's images, and only then write
@@ -357,6 +384,7 @@ class Trainer:
         history: list[dict] = []
         params = [p for p in self.task.model.parameters() if p.requires_grad]
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._saved_at = time.monotonic()
         with _stop_signals() as stop:
             while self.epoch < cfg.epochs and self.global_step < self.total_steps:  # --max-steps may end it early
                 epoch = self.epoch
@@ -403,9 +431,12 @@ class Trainer:
                         loss_sum.zero_()
                         n_log, t_log = 0, time.perf_counter()
                     self.log.step(self.step, metrics)
-                    stop_now = stop["stop"] if not self.info.enabled else (log_now and any_flag(stop["stop"], self.info, self.device))
+                    stop_now, save_now = self._stop_or_save(stop["stop"], log_now)
                     if ends:
                         break  # the end of the epoch, or of a budget that ends inside it
+                    if save_now and not stop_now:
+                        self._check_finite(bad_step)
+                        self._save_inside_epoch(epoch_sum, n_epoch)
                     if stop_now:
                         self.log.end_epoch()
                         self.epoch_partial = (self._mean(epoch_sum, 1), n_epoch)

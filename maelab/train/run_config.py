@@ -20,6 +20,7 @@ from maelab.errors import MaelabError
 
 MAY_CHANGE = frozenset({
     "run.out", "run.resume", "run.device", "run.precision", "run.log_every", "run.save_every", "run.keep",
+    "run.save_every_minutes",
     "run.compile", "run.vis_every", "data.num_workers", "data.in_memory", "data.bad_files", "optim.epochs",
     "data.batch_size", "optim.accum_iter",  # how the global batch is split; the loop checks the global batch
     "optim.budget",  # a resumed budget run follows the plan recorded when it started
