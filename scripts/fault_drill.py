@@ -7,7 +7,10 @@ Every trial trains the same small run (ViT-Tiny/4 at 32 px, 3 epochs) on a fixed
 synthetic images when ../shared is absent), interrupts it, runs the same command again until it
 finishes, and compares the final weights with an uninterrupted reference bit for bit. Every checkpoint
 left on disk is loaded back. A trial survives when the run finished, the weights are equal and every
-checkpoint loads; "data lost" counts checkpoints that do not load.
+checkpoint loads; "checkpoints lost" counts checkpoints that do not load, and "steps redone" the
+optimizer steps the killed run had logged past the checkpoint it resumed from. The timed-checkpoint
+trials also save inside every epoch (``--save-every-minutes``, at most every 0.06 s here), so kills
+land while those are written and the previous one is removed.
 """
 
 from __future__ import annotations
@@ -71,9 +74,12 @@ def env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def command(data: Path, out: Path, workers: int) -> list[str]:
+TIMED = ["--save-every-minutes", "0.001"]  # a checkpoint inside the epoch after nearly every step
+
+
+def command(data: Path, out: Path, workers: int, extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "maelab.cli", "pretrain", "--data", str(data), "--out", str(out),
-            "--num-workers", str(workers), *FLAGS]
+            "--num-workers", str(workers), *FLAGS, *extra]
 
 
 def finish(cmd: list[str], tries: int = 5) -> int:
@@ -105,9 +111,22 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def interrupt_trial(data: Path, out: Path, reference: dict, sig: int, delay: float, workers: int) -> dict:
+def last_logged_step(run: Path) -> int:
+    log = run / "metrics.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    steps = [json.loads(x)["step"] for x in lines if x.strip().startswith("{")]
+    return max(steps, default=0)
+
+
+def resumed_step(run: Path) -> int:
+    latest = ckpt.latest_checkpoint(run)
+    return json.loads((latest / ckpt.META).read_text())["global_step"] if latest else 0
+
+
+def interrupt_trial(data: Path, out: Path, reference: dict, sig: int, delay: float, workers: int,
+                    extra: tuple[str, ...] = ()) -> dict:
     """Start the run, send ``sig`` after ``delay`` seconds of training, then finish it."""
-    proc = subprocess.Popen(command(data, out, workers), env=env(), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(command(data, out, workers, extra), env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     start = time.time()
     while proc.poll() is None and not (out / "metrics.jsonl").is_file() and time.time() - start < 300:
@@ -118,10 +137,12 @@ def interrupt_trial(data: Path, out: Path, reference: dict, sig: int, delay: flo
     _, err = proc.communicate(timeout=600)
     code = proc.returncode
     expected = {signal.SIGKILL: -9, signal.SIGTERM: 143}[sig]
-    final = finish(command(data, out, workers))
+    redone = max(0, last_logged_step(out) - resumed_step(out)) if code != 0 else 0
+    final = finish(command(data, out, workers, extra))
     lost = unreadable_checkpoints(out)
     equal = final == 0 and same(weights(out), reference)
-    return {"exit": code, "clean_exit": code in (expected, 0), "finished": final == 0, "equal": equal, "lost": lost}
+    return {"exit": code, "clean_exit": code in (expected, 0), "finished": final == 0, "equal": equal, "lost": lost,
+            "redone": redone}
 
 
 def bad_image_trial(data: Path, out: Path, workers: int) -> dict:
@@ -136,14 +157,16 @@ def bad_image_trial(data: Path, out: Path, workers: int) -> dict:
     try:
         res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
         ok = res.returncode == 2 and "bad.jpg" in res.stderr
-        return {"exit": res.returncode, "clean_exit": ok, "finished": ok, "equal": ok, "lost": 0}
+        return {"exit": res.returncode, "clean_exit": ok, "finished": ok, "equal": ok, "lost": 0, "redone": "-"}
     except subprocess.TimeoutExpired:
-        return {"exit": "hang", "clean_exit": False, "finished": False, "equal": False, "lost": 0}
+        return {"exit": "hang", "clean_exit": False, "finished": False, "equal": False, "lost": 0, "redone": "-"}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=6, help="SIGKILL trials (in-RAM and streamed data, alternating)")
+    p.add_argument("--timed-kills", type=int, default=4, help="SIGKILL trials of runs that write timed "
+                   "checkpoints inside every epoch (--save-every-minutes)")
     p.add_argument("--terms", type=int, default=4, help="SIGTERM-to-the-process-group trials")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "docs" / "fault_drill.md"))
@@ -163,6 +186,12 @@ def main() -> None:
         delay = rng.uniform(0.0, 2.5)
         rows.append((f"SIGKILL after {delay:.1f} s, {workers} loader workers",
                      interrupt_trial(data, work / f"kill_{i}", refs[workers], signal.SIGKILL, delay, workers)))
+    for i in range(args.timed_kills):
+        workers = 2 * (i % 2)
+        delay = rng.uniform(0.0, 2.5)
+        rows.append((f"SIGKILL after {delay:.1f} s, {workers} loader workers, timed checkpoints",
+                     interrupt_trial(data, work / f"timed_kill_{i}", refs[workers], signal.SIGKILL, delay, workers,
+                                     tuple(TIMED))))
     for i in range(args.terms):
         workers = 2 * (i % 2)
         delay = rng.uniform(0.0, 2.5)
@@ -174,21 +203,25 @@ def main() -> None:
     lines = [
         "# Fault drill",
         "",
-        f"Generated by `python scripts/fault_drill.py --kills {args.kills} --terms {args.terms} --seed {args.seed}` "
+        f"Generated by `python scripts/fault_drill.py --kills {args.kills} --timed-kills {args.timed_kills} "
+        f"--terms {args.terms} --seed {args.seed}` "
         f"on {machine()} ({os.cpu_count()} cores), torch {torch.__version__}, in "
         f"{(time.time() - t0) / 60:.1f} min. Data: {'CIFAR-10 subset' if CIFAR.is_dir() else 'synthetic images'}, "
         f"64 images, ViT-Tiny/4, 3 epochs, batch 16.",
         "",
         f"**{len(rows)} faults tried, {survived} survived, {lost} checkpoints lost.** A trial survives when the run, "
         "started again with the same command, finished with weights bit-equal to an uninterrupted run and every "
-        "checkpoint on disk loads (for the unreadable image: exit status 2 naming the file, no hang).",
+        "checkpoint on disk loads (for the unreadable image: exit status 2 naming the file, no hang). "
+        "Steps redone: the optimizer steps the killed run had logged past the checkpoint it resumed from (an "
+        "epoch here is 4 steps; the timed-checkpoint runs also save inside it, `--save-every-minutes "
+        f"{TIMED[1]}`).",
         "",
-        "| fault | first exit | clean exit | finished | weights equal | checkpoints lost |",
-        "|---|---|---|---|---|---|",
+        "| fault | first exit | clean exit | finished | weights equal | checkpoints lost | steps redone |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows:
         lines.append(f"| {name} | {r['exit']} | {'yes' if r['clean_exit'] else 'no'} | {'yes' if r['finished'] else 'no'}"
-                     f" | {'yes' if r['equal'] else 'no'} | {r['lost']} |")
+                     f" | {'yes' if r['equal'] else 'no'} | {r['lost']} | {r['redone']} |")
     Path(args.out).write_text("\n".join(lines) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     print("\n".join(lines))
