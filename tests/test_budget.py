@@ -23,7 +23,7 @@ from maelab.train import checkpoint as ckpt
 from maelab.train import loop
 from maelab.train import budget
 from maelab.train.budget import (MARGIN, BudgetPlan, Deadline, check_history, fit_steps, parse_duration, plan_steps,
-                                 schedule_position, timed_pass)
+                                 schedule_position, spread, timed_pass, timed_sample)
 from maelab.train.optim import cosine_lr
 from maelab.train.loop import RunInterrupted
 from maelab.train.tasks import PretrainTask
@@ -152,6 +152,22 @@ def test_an_evaluation_pass_is_timed_on_its_first_batches(monkeypatch):
     seen.clear()
     assert timed_pass(evaluate, iter(range(3)), total=3, sample=4) == pytest.approx(2.0 + 0.5 + 2 * 0.1 + 1.0)
     assert seen == [0, 1, 2]  # a pass no longer than the sample is simply timed
+
+
+def test_an_image_by_image_evaluation_is_timed_on_a_spread_sample(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(budget.time, "perf_counter", clock)
+    seen = []
+
+    def evaluate(indices):  # 1 s to start and score, 0.5 s per image
+        seen.append(list(indices))
+        clock.now += 1.0 + 0.5 * len(indices)
+
+    assert timed_sample(evaluate, total=100, sample=8) == pytest.approx((1.0 + 8 * 0.5) * 100 / 8)
+    assert seen == [spread(100, 8)] and seen[0][0] == 0 and seen[0][-1] == 99 and len(seen[0]) == 8
+    seen.clear()
+    assert timed_sample(evaluate, total=16, sample=8) == pytest.approx(1.0 + 16 * 0.5)  # short: run whole
+    assert seen == [list(range(16))]
 
 
 @pytest.mark.parametrize("share,forwards", [(1.0, 4), (1e-9, 3)])

@@ -354,6 +354,33 @@ def test_detect_train_eval_predict_and_an_interrupted_run_resumes_exactly(tmp_pa
     assert picture.is_file() and len(json.loads(picture.with_suffix(".json").read_text())["images"]) == 2
 
 
+def test_a_budget_run_times_the_scoring_on_a_few_images(tmp_path, monkeypatch):
+    """The plan's evaluation time comes from 8 of the 20 validation images; the final scoring sees all 20."""
+    from maelab.commands import detect, session
+    from maelab.train.budget import BudgetPlan
+
+    data = synthetic_coco(tmp_path / "data", n=20)
+    full = json.loads((data / "instances_train.json").read_text())
+    (data / "instances_val.json").write_text(json.dumps(full))
+    original, seen, planned = detect.evaluate_detector, [], []
+
+    def counting(model, images, *args, **kw):
+        seen.append(len(images))
+        return original(model, images, *args, **kw)
+
+    def plan(budget_s, spent_s, step_s, steps_per_epoch, warmup_epochs, per_epoch_s=0.0, final_s=0.0):
+        planned.append(final_s)
+        return BudgetPlan(2, 1, 0.0, step_s, 1.0)
+
+    monkeypatch.setattr(detect, "evaluate_detector", counting)
+    monkeypatch.setattr(session, "plan_steps", plan)
+    monkeypatch.setattr(session, "Deadline", lambda *a, **k: None)
+    assert main(train_args(data, tmp_path / "run", "--budget", "10m")) == 0
+    assert len(planned) == 1 and planned[0] > 0
+    assert seen == [8, 20]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["global_step"] == 2
+
+
 def test_detect_errors_are_one_line_and_leave_no_run_folder(coco, tmp_path, capsys):
     assert main(["detect", "train", "--ann", str(tmp_path / "none.json"), "--images", str(coco / "images"),
                  "--init", "none", "--model", "mae_vit_tiny_patch16", "--out", str(tmp_path / "r")]) == 2

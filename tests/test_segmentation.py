@@ -253,6 +253,36 @@ def test_segment_train_eval_predict_with_resume(capsys, tmp_path, camvid_tiny):
     assert len(masks) == 2 and np.asarray(Image.open(masks[0])).max() < 11
 
 
+def test_a_budget_run_times_the_evaluation_on_a_few_images(capsys, tmp_path, monkeypatch):
+    """The plan's per-epoch evaluation time comes from 8 of the 20 validation images, spread over them; the
+    epoch's evaluation still scores all 20."""
+    from maelab.commands import segment, session
+    from maelab.train.budget import BudgetPlan
+
+    data = synthetic(tmp_path / "seg", n_train=4, n_val=20)
+    original, seen, planned = segment.evaluate_segmenter, [], []
+
+    def counting(model, items, *args, **kw):
+        seen.append(len(items))
+        return original(model, items, *args, **kw)
+
+    def plan(budget_s, spent_s, step_s, steps_per_epoch, warmup_epochs, per_epoch_s=0.0, final_s=0.0):
+        planned.append(per_epoch_s)
+        return BudgetPlan(2, 1, 0.0, step_s, 1.0)
+
+    monkeypatch.setattr(segment, "evaluate_segmenter", counting)
+    monkeypatch.setattr(session, "plan_steps", plan)
+    monkeypatch.setattr(session, "Deadline", lambda *a, **k: None)
+    mae = save_mae(MaskedAutoencoder(**TINY_MAE), tmp_path / "mae.safetensors")
+    code, out, err = run_cli(capsys, "segment", "train", "--data", str(data), "--init", str(mae), "--img-size", "32",
+                             "64", "--batch-size", "2", "--decoder-channels", "16", "--num-workers", "0",
+                             "--pictures", "0", "--budget", "10m", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert len(planned) == 1 and planned[0] > 0
+    assert seen == [8, 20]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["val_images"] == 20
+
+
 def test_segment_errors_are_one_line(capsys, tmp_path, camvid_tiny):
     code, _, err = run_cli(capsys, "segment", "train", "--data", str(camvid_tiny), "--init", "none", "--model",
                            "mae_vit_tiny_patch16", "--batch-size", "1", "--out", str(tmp_path / "r"))

@@ -32,7 +32,7 @@ from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
 from maelab.interop.encoders import resolve_encoder
 from maelab.io import check_output_file, write_json
-from maelab.train.budget import timed
+from maelab.train.budget import timed_sample
 from maelab.train.loop import Trainer
 from maelab.train.optim import adamw, scaled_lr
 from maelab.transfer.detection import (ANCHOR_SIZES, HEADS, DetectTask, build_detector, detect, detector_groups,
@@ -271,8 +271,8 @@ def train(cfg) -> dict[str, Any]:
                                  cfg.augment.hflip, workers)
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
 
-        def scores() -> dict[str, float]:
-            return evaluate_detector(model, val, s.device, s.precision, s.info, 1, workers)
+        def scores(images: CocoData | None = None) -> dict[str, float]:
+            return evaluate_detector(model, val if images is None else images, s.device, s.precision, s.info, 1, workers)
 
         def after_epoch(epoch: int, last: bool) -> dict[str, float]:
             if val is None or not (last or (r.eval_every and (epoch + 1) % r.eval_every == 0)):
@@ -285,10 +285,10 @@ def train(cfg) -> dict[str, Any]:
         trainer = Trainer(task=task, feeder=feeder, optim=cfg.optim, run=r, run_dir=run_dir, info=s.info,
                           device=s.device, optimizer_factory=lambda g: adamw(g, lr, tuple(cfg.optim.betas), s.device))
 
-        def measure() -> tuple[float, float]:  # evaluation after epochs and at the end, timed once
+        def measure() -> tuple[float, float]:  # evaluation after epochs and at the end, timed on a few images
             if val is None:
                 return 0.0, 0.0
-            seconds = timed(scores)
+            seconds = timed_sample(lambda keep: scores(val.subset(keep)), len(val))
             model.train()
             return (seconds if r.eval_every else 0.0), seconds
 

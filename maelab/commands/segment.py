@@ -36,7 +36,7 @@ from maelab.interop.encoders import resolve_encoder
 from maelab.io import atomic_path, check_output_file, check_writable_folder, read_weights, write_json
 from maelab.models.checks import pair
 from maelab.models.vit import describe, vit_arch
-from maelab.train.budget import timed
+from maelab.train.budget import spread, timed, timed_sample
 from maelab.train.checkpoint import resolve_weights_path
 from maelab.train.loop import Trainer
 from maelab.train.optim import SCHEDULES, adamw, scaled_lr
@@ -276,12 +276,6 @@ def print_metrics(what: str, m: dict[str, Any], prefix: str = "val") -> None:
           f"({m[f'{prefix}_images']} images)", flush=True)
 
 
-def spread(n: int, k: int) -> list[int]:
-    """``k`` indices spread evenly over ``n`` items (the same ones every time)."""
-    k = min(n, k)
-    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}) if k else []
-
-
 # --- train -----------------------------------------------------------------------------------------
 def validate_train(cfg) -> None:
     check_data(cfg.data)
@@ -315,11 +309,11 @@ def train(cfg) -> dict[str, Any]:
         load_pair(train_items, 0)  # a broken first label fails here, before the run folder is written
         model.to(s.device)
 
-        def evaluate(every_epoch: bool = False) -> dict[str, Any]:
+        def evaluate(every_epoch: bool = False, items: SegList = val_items) -> dict[str, Any]:
             """After an epoch (``trainer.epoch`` already counts it): every ``--eval-every`` epochs and the last."""
             if every_epoch and trainer.epoch % cfg.eval.eval_every and trainer.epoch < cfg.optim.epochs:
                 return {}
-            return evaluate_segmenter(model, val_items, s.device, s.precision, settings["mode"], settings["base_size"],
+            return evaluate_segmenter(model, items, s.device, s.precision, settings["mode"], settings["base_size"],
                                       settings["crop"], settings["stride"], s.info.rank, s.info.world)
 
         meta = model_meta(arch, crop, cfg.model, spec, model.backbone)
@@ -332,8 +326,8 @@ def train(cfg) -> dict[str, Any]:
         picture = run_dir / "segmentation.png"
         shown = spread(len(val_items), cfg.eval.pictures)
 
-        def measure() -> tuple[float, float]:  # evaluation after every epoch, the pictures at the end
-            seconds = timed(evaluate) / cfg.eval.eval_every
+        def measure() -> tuple[float, float]:  # evaluation after every epoch (timed on a few images), the pictures
+            seconds = timed_sample(lambda keep: evaluate(items=val_items.subset(keep)), len(val_items)) / cfg.eval.eval_every
             drawing = timed(draw_items, model, val_items, shown, s.device, s.precision, settings, picture) if shown else 0.0
             model.train()
             return seconds, drawing

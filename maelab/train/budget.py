@@ -3,8 +3,8 @@
 ``--budget 30m`` (also ``90s``, ``2h``, ``1h30m``) measures this machine's step time for this model and
 data path (:meth:`maelab.train.loop.Trainer.time_steps`, undone afterwards; the timed steps stop at
 about 2 % of the budget), subtracts what the run has already spent (start-up, data scan) and what it
-will spend outside the steps (per-epoch evaluation, timed on its first batches by :func:`timed_pass`;
-the final pictures) plus a 5 % margin, and sets the number of steps. The cosine runs over
+will spend outside the steps (per-epoch evaluation, timed on its first batches by :func:`timed_pass`
+or, image by image, on a few images by :func:`timed_sample`; the final pictures) plus a 5 % margin, and sets the number of steps. The cosine runs over
 those steps and the warm-up is at most 10 % of them. The plan is written into the run's config
 (``max_steps``, ``epochs``, ``warmup_epochs``), so a resumed run follows it exactly.
 
@@ -37,6 +37,7 @@ REPLAN_EVERY = 0.1  # of the first plan's steps
 WARM_STEPS = 2  # optimizer steps before the re-plan clock starts (allocator, kernel selection)
 CALIBRATION_SHARE = 0.02  # of the budget: the timed calibration steps stop about there (at least one)
 SAMPLE_BATCHES = 4  # an evaluation pass is timed on its first few batches, not run whole
+SAMPLE_ITEMS = 8  # an image-by-image evaluation (segmentation, detection) is timed on this many images
 
 
 def process_age() -> float:
@@ -79,6 +80,23 @@ def timed_pass(run: Callable[[Iterable], Any], batches: Iterable, total: int, sa
         return seconds  # the whole pass ran
     steady = times[1:]
     return seconds - sum(steady) + (total - 1) * statistics.median(steady)
+
+
+def spread(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``n`` items (the same ones every time)."""
+    k = min(n, k)
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}) if k else []
+
+
+def timed_sample(run: Callable[[list[int]], Any], total: int, sample: int = SAMPLE_ITEMS) -> float:
+    """Seconds ``run`` would take over all ``total`` items, from running it on ``sample`` items spread over
+    them (``run`` takes their indices) and scaling by ``total / sample``. For evaluations that go image by
+    image over item lists (segmentation mIoU, detection AP), where :func:`timed_pass` has no batch stream to
+    cut. The fixed part (switching modes, the final reduction and scoring) is scaled too, so the estimate
+    errs long: the budget's safe side. Up to ``2 * sample`` items the whole pass runs."""
+    if total <= 2 * sample:
+        return timed(run, list(range(total)))
+    return timed(run, spread(total, sample)) * total / sample
 
 
 def parse_duration(text: str) -> float:
