@@ -544,6 +544,34 @@ def test_pretrain_knn_monitor_logs_knn_accuracy(dataset, tmp_path):
     assert len(summary) == 1 and summary[0]["epoch"] == 1 and 0 <= summary[0]["knn_top1"] <= 100
 
 
+def test_a_budget_plan_counts_the_knn_monitors_decoding_once_not_every_epoch(dataset, tmp_path, monkeypatch):
+    """Decoding the monitor's images (3 s here) happens once per run; the per-epoch cost the plan uses is
+    only the kNN evaluation itself."""
+    import time
+
+    from maelab.commands import session
+    from maelab.evaluate import features
+    from maelab.train.budget import BudgetPlan
+
+    original, planned = features.decode_all, []
+
+    def slow_decode(*args, **kw):
+        time.sleep(3.0)
+        return original(*args, **kw)
+
+    def plan(budget_s, spent_s, step_s, steps_per_epoch, warmup_epochs, per_epoch_s=0.0, final_s=0.0):
+        planned.append(per_epoch_s)
+        return BudgetPlan(2, 1, 0.0, step_s, 1.0)
+
+    monkeypatch.setattr(features, "decode_all", slow_decode)
+    monkeypatch.setattr(session, "plan_steps", plan)
+    monkeypatch.setattr(session, "Deadline", lambda *a, **k: None)
+    assert main(["pretrain", "--data", str(dataset / "train"), "--model", "mae_vit_tiny_patch4", "--img-size", "16",
+                 "--batch-size", "4", "--knn-every", "1", "--knn-max", "10", "--vis-every", "0", "--budget", "10m",
+                 "--out", str(tmp_path / "pt"), *QUIET]) == 0
+    assert len(planned) == 1 and 0 < planned[0] < 3.0
+
+
 def test_pretrain_knn_monitor_needs_labelled_held_out_data(capsys, tmp_path):
     make_folder(tmp_path / "images", 2, 4)
     msg = _error(capsys, ["pretrain", "--data", str(tmp_path / "images"), "--img-size", "16", "--epochs", "1",
