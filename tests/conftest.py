@@ -68,3 +68,32 @@ def maelab_refusal(capsys, *args: str) -> tuple[int, str]:
         code = e.code
     return code, capsys.readouterr().err
 
+
+
+def record_plans(monkeypatch, steps: int = 2) -> list[tuple[float, float]]:
+    """Make every ``--budget`` plan ``steps`` steps in one epoch, with no re-planning; returns the list that
+    collects each plan's (per-epoch, final) seconds outside the steps, as the command measured them."""
+    from maelab.commands import session
+    from maelab.train.budget import BudgetPlan
+
+    planned: list[tuple[float, float]] = []
+
+    def plan(budget_s, spent_s, step_s, steps_per_epoch, warmup_epochs, per_epoch_s=0.0, final_s=0.0):
+        planned.append((per_epoch_s, final_s))
+        return BudgetPlan(steps, 1, 0.0, step_s, 1.0)
+
+    monkeypatch.setattr(session, "plan_steps", plan)
+    monkeypatch.setattr(session, "Deadline", lambda *a, **k: None)
+    return planned
+
+
+def count_calls(monkeypatch, module, name: str, size=len) -> list:
+    """Wrap ``module.name`` so that each call's ``size(second argument)`` is recorded in the returned list."""
+    original, seen = getattr(module, name), []
+
+    def counting(first, items, *args, **kw):
+        seen.append(size(items))
+        return original(first, items, *args, **kw)
+
+    monkeypatch.setattr(module, name, counting)
+    return seen

@@ -27,6 +27,8 @@ from maelab.transfer.detection import DetectTask, build_detector, detector_group
 from maelab.transfer.pyramid import SimpleFeaturePyramid
 from maelab.viz.detection import save_detection_grid
 
+from conftest import count_calls, record_plans
+
 REPO = Path(__file__).resolve().parents[1]
 COCO128 = Path(os.environ.get("MAELAB_COCO128", REPO.parent / "shared" / "datasets" / "coco128"))
 TINY_VIT = dict(img_size=(64, 64), patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
@@ -356,27 +358,14 @@ def test_detect_train_eval_predict_and_an_interrupted_run_resumes_exactly(tmp_pa
 
 def test_a_budget_run_times_the_scoring_on_a_few_images(tmp_path, monkeypatch):
     """The plan's evaluation time comes from 8 of the 20 validation images; the final scoring sees all 20."""
-    from maelab.commands import detect, session
-    from maelab.train.budget import BudgetPlan
+    from maelab.commands import detect
 
     data = synthetic_coco(tmp_path / "data", n=20)
     full = json.loads((data / "instances_train.json").read_text())
     (data / "instances_val.json").write_text(json.dumps(full))
-    original, seen, planned = detect.evaluate_detector, [], []
-
-    def counting(model, images, *args, **kw):
-        seen.append(len(images))
-        return original(model, images, *args, **kw)
-
-    def plan(budget_s, spent_s, step_s, steps_per_epoch, warmup_epochs, per_epoch_s=0.0, final_s=0.0):
-        planned.append(final_s)
-        return BudgetPlan(2, 1, 0.0, step_s, 1.0)
-
-    monkeypatch.setattr(detect, "evaluate_detector", counting)
-    monkeypatch.setattr(session, "plan_steps", plan)
-    monkeypatch.setattr(session, "Deadline", lambda *a, **k: None)
+    seen, planned = count_calls(monkeypatch, detect, "evaluate_detector"), record_plans(monkeypatch)
     assert main(train_args(data, tmp_path / "run", "--budget", "10m")) == 0
-    assert len(planned) == 1 and planned[0] > 0
+    assert len(planned) == 1 and planned[0][1] > 0  # the final scoring
     assert seen == [8, 20]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["global_step"] == 2
 

@@ -17,6 +17,8 @@ from maelab.interop.mae_weights import model_meta
 from maelab.models.mae import MaskedAutoencoder
 from maelab.io import save_weights
 
+from conftest import record_plans
+
 TINY = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
             decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 QUIET = ["--num-workers", "0", "--log-every", "100"]
@@ -467,28 +469,21 @@ def test_a_budget_run_times_the_validation_pass_on_its_first_batches(dataset, ma
     """The plan's per-epoch evaluation time comes from the first 4 of the fine-tune's 6 validation batches
     (the probe's cached features are one chunk: timed whole); the epoch's evaluation still sees them all."""
     import importlib
-    from maelab.commands import session
-    from maelab.train.budget import BudgetPlan
 
     module = importlib.import_module(f"maelab.commands.{command}")
-    original, seen, planned = module.evaluate_classifier, [], []
+    original, seen = module.evaluate_classifier, []
 
     def counting(forward, batches, *args, **kw):
         batches = list(batches)
         seen.append(sum(len(y) for _, y in batches))
         return original(forward, iter(batches), *args, **kw)
 
-    def plan(budget_s, spent_s, step_s, steps_per_epoch, warmup_epochs, per_epoch_s=0.0, final_s=0.0):
-        planned.append(per_epoch_s)
-        return BudgetPlan(2, 1, 0.0, step_s, 1.0)
-
     monkeypatch.setattr(module, "evaluate_classifier", counting)
-    monkeypatch.setattr(session, "plan_steps", plan)
-    monkeypatch.setattr(session, "Deadline", lambda *a, **k: None)
+    planned = record_plans(monkeypatch)
     assert main([command, "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--val-data",
                  str(dataset / "test"), "--batch-size", "2", "--budget", "10m", "--out", str(tmp_path / "r"),
                  *QUIET]) == 0
-    assert len(planned) == 1 and planned[0] > 0
+    assert len(planned) == 1 and planned[0][0] > 0
     assert seen == ([8, 12] if command == "finetune" else [12, 12])  # 12 validation images, 2 per batch
     assert json.loads((tmp_path / "r" / "results.json").read_text())["final_epoch"] == 1
 
@@ -549,27 +544,20 @@ def test_a_budget_plan_counts_the_knn_monitors_decoding_once_not_every_epoch(dat
     only the kNN evaluation itself."""
     import time
 
-    from maelab.commands import session
     from maelab.evaluate import features
-    from maelab.train.budget import BudgetPlan
 
-    original, planned = features.decode_all, []
+    original = features.decode_all
 
     def slow_decode(*args, **kw):
         time.sleep(3.0)
         return original(*args, **kw)
 
-    def plan(budget_s, spent_s, step_s, steps_per_epoch, warmup_epochs, per_epoch_s=0.0, final_s=0.0):
-        planned.append(per_epoch_s)
-        return BudgetPlan(2, 1, 0.0, step_s, 1.0)
-
     monkeypatch.setattr(features, "decode_all", slow_decode)
-    monkeypatch.setattr(session, "plan_steps", plan)
-    monkeypatch.setattr(session, "Deadline", lambda *a, **k: None)
+    planned = record_plans(monkeypatch)
     assert main(["pretrain", "--data", str(dataset / "train"), "--model", "mae_vit_tiny_patch4", "--img-size", "16",
                  "--batch-size", "4", "--knn-every", "1", "--knn-max", "10", "--vis-every", "0", "--budget", "10m",
                  "--out", str(tmp_path / "pt"), *QUIET]) == 0
-    assert len(planned) == 1 and 0 < planned[0] < 3.0
+    assert len(planned) == 1 and 0 < planned[0][0] < 3.0
 
 
 def test_pretrain_knn_monitor_needs_labelled_held_out_data(capsys, tmp_path):

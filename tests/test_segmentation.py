@@ -28,7 +28,7 @@ from maelab.transfer.backbone import ViTBackbone
 from maelab.transfer.segment import UPerNetSegmenter, pixel_loss, predict_logits
 from maelab.viz.segmentation import palette, save_segmentation_figure
 
-from conftest import REPO, TINY_MAE
+from conftest import REPO, TINY_MAE, count_calls, record_plans
 
 CAMVID = Path(os.environ.get("MAELAB_CAMVID", REPO.parent / "shared" / "datasets" / "camvid"))
 ARCH = dict(img_size=(32, 32), patch_size=8, in_chans=3, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
@@ -256,29 +256,16 @@ def test_segment_train_eval_predict_with_resume(capsys, tmp_path, camvid_tiny):
 def test_a_budget_run_times_the_evaluation_on_a_few_images(capsys, tmp_path, monkeypatch):
     """The plan's per-epoch evaluation time comes from 8 of the 20 validation images, spread over them; the
     epoch's evaluation still scores all 20."""
-    from maelab.commands import segment, session
-    from maelab.train.budget import BudgetPlan
+    from maelab.commands import segment
 
     data = synthetic(tmp_path / "seg", n_train=4, n_val=20)
-    original, seen, planned = segment.evaluate_segmenter, [], []
-
-    def counting(model, items, *args, **kw):
-        seen.append(len(items))
-        return original(model, items, *args, **kw)
-
-    def plan(budget_s, spent_s, step_s, steps_per_epoch, warmup_epochs, per_epoch_s=0.0, final_s=0.0):
-        planned.append(per_epoch_s)
-        return BudgetPlan(2, 1, 0.0, step_s, 1.0)
-
-    monkeypatch.setattr(segment, "evaluate_segmenter", counting)
-    monkeypatch.setattr(session, "plan_steps", plan)
-    monkeypatch.setattr(session, "Deadline", lambda *a, **k: None)
+    seen, planned = count_calls(monkeypatch, segment, "evaluate_segmenter"), record_plans(monkeypatch)
     mae = save_mae(MaskedAutoencoder(**TINY_MAE), tmp_path / "mae.safetensors")
     code, out, err = run_cli(capsys, "segment", "train", "--data", str(data), "--init", str(mae), "--img-size", "32",
                              "64", "--batch-size", "2", "--decoder-channels", "16", "--num-workers", "0",
                              "--pictures", "0", "--budget", "10m", "--out", str(tmp_path / "run"))
     assert code == 0, err
-    assert len(planned) == 1 and planned[0] > 0
+    assert len(planned) == 1 and planned[0][0] > 0
     assert seen == [8, 20]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["val_images"] == 20
 
