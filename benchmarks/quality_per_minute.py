@@ -6,7 +6,9 @@
 Two arms on the same machine, one after the other, each with the same wall-clock pre-training budget:
 
 * **maelab**: ``maelab pretrain --config pretrain_cifar10_tiny --budget B --precision fast`` (its tuned
-  quick recipe; bf16 autocast where the CPU has native bf16), keeping every epoch's checkpoint;
+  quick recipe; bf16 autocast where the CPU has native bf16), keeping every epoch's checkpoint and the timed
+  ones it writes inside epochs (``--save-every-minutes``, B / points / 2 by default): each is hard-linked
+  into ``maelab_snapshots/`` as it appears, since the next save replaces it;
 * **the alternative**: Hugging Face ``ViTMAEForPreTraining`` (numerically the official model) of the same
   size, fed by a per-sample torchvision pipeline (``ImageFolder`` + ``RandomResizedCrop(32, scale 0.2-1,
   bicubic)`` + flip + normalise, ``DataLoader`` with one worker per core), trained with the paper's recipe
@@ -14,8 +16,10 @@ Two arms on the same machine, one after the other, each with the same wall-clock
   count set from the measured step time), saved with ``save_pretrained`` every B / points; fp32 as HF runs
   on a CPU out of the box (``--hf-precision bf16`` gives it the same autocast).
 
-Every snapshot is then scored by the same `maelab knn --precision fast` (k = 20, T = 0.07, cls token and
-mean-pool) on a fixed subset of both splits (``--eval-images``); scoring time is not part of the budget. Writes ``results.json`` (with the steps each arm took),
+The alternative's snapshots are scored, and for each of them maelab's latest snapshot taken no later (so
+every comparison is at equal or less time for maelab), and maelab's last. Each is scored by the same
+`maelab knn --precision fast` (k = 20, T = 0.07, cls token and mean-pool) on a fixed subset of both splits
+(``--eval-images``); scoring time is not part of the budget. Writes ``results.json`` (with the steps each arm took),
 ``curve.png`` (kNN top-1 against minutes of pre-training) and ``results.md`` to ``--out``.
 """
 
@@ -24,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +44,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.peers import SIZES, hf_model  # noqa: E402
 from maelab.commands.steps import child_command, recorded_optim  # noqa: E402
 from maelab.errors import MaelabError  # noqa: E402
+from maelab.train import checkpoint as ckpt  # noqa: E402
 from maelab.train.budget import parse_duration  # noqa: E402
 from maelab.train.precision import autocast  # noqa: E402
 
@@ -53,19 +60,48 @@ def maelab_cli(args: list[str], log: Path) -> None:
         raise SystemExit(f"`maelab {args[0]}` failed (exit {code}); see {log}")
 
 
+def harvest(run: Path, into: Path) -> None:
+    """Hard-link every complete checkpoint of ``run`` that ``into`` lacks: a timed checkpoint is removed by
+    the next save, and the link keeps its files (same inode, so the same modification time)."""
+    for folder in ckpt.list_checkpoints(run):
+        dest, part = into / folder.name, into / f".{folder.name}"
+        if dest.exists():
+            continue
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir(parents=True)
+        try:
+            for f in folder.iterdir():
+                os.link(f, part / f.name)
+        except FileNotFoundError:  # removed while being linked (the next save came first): not a snapshot
+            shutil.rmtree(part, ignore_errors=True)
+            continue
+        part.rename(dest)
+
+
 def run_maelab(args, out: Path) -> tuple[list[float], list[Path]]:
-    """(minutes since the run started, checkpoint) for every epoch of a budgeted maelab pre-training."""
-    run = out / "maelab"
+    """(minutes since the run started, snapshot) for every checkpoint of a budgeted maelab pre-training."""
+    run, snaps = out / "maelab", out / "maelab_snapshots"
     if not args.rescore:  # the arm's clock starts at launch: start-up and the budget's calibration count
         (out / "maelab_started.json").write_text(json.dumps({"unix_time": time.time()}))
-        maelab_cli(["pretrain", "--config", "pretrain_cifar10_tiny", "--data", args.data, "--budget", args.budget,
-                    "--precision", "fast",
-                    "--batch-size", str(args.batch_size), "--save-every", "1", "--keep", "0", "--vis-every", "0",
-                    "--seed", str(args.seed), "--out", str(run)], out / "log.txt")
+        every = args.snapshot_minutes or parse_duration(args.budget) / 60 / args.points / 2
+        argv, env = child_command(["pretrain", "--config", "pretrain_cifar10_tiny", "--data", args.data, "--budget",
+                                   args.budget, "--precision", "fast", "--batch-size", str(args.batch_size),
+                                   "--save-every", "1", "--keep", "0", "--save-every-minutes", f"{every:g}",
+                                   "--vis-every", "0", "--seed", str(args.seed), "--out", str(run)])
+        with open(out / "log.txt", "a") as log:
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+            while proc.poll() is None:
+                harvest(run, snaps)
+                time.sleep(1.0)
+        harvest(run, snaps)
+        if proc.returncode:
+            raise SystemExit(f"`maelab pretrain` failed (exit {proc.returncode}); see {out / 'log.txt'}")
     # not config.yaml's time: the budget planner rewrites it with the final step count at the end
     start = json.loads((out / "maelab_started.json").read_text())["unix_time"]
-    ckpts = sorted(p for p in (run / "checkpoints").iterdir() if p.name.startswith("epoch_"))
-    return [((c / "model.safetensors").stat().st_mtime - start) / 60 for c in ckpts], ckpts
+    found = snaps if snaps.is_dir() else run / "checkpoints"  # runs before snapshots were kept: epochs only
+    kept = sorted((p for p in found.iterdir() if not p.name.startswith(".") and (p / ckpt.WEIGHTS).is_file()),
+                  key=lambda p: (p / ckpt.WEIGHTS).stat().st_mtime)
+    return [((p / ckpt.WEIGHTS).stat().st_mtime - start) / 60 for p in kept], kept
 
 
 def run_hf(args, out: Path) -> tuple[list[float], list[Path]]:
@@ -154,12 +190,23 @@ def pick(times: list[float], paths: list[Path], points: int) -> list[tuple[float
     return [(times[i], paths[i]) for i in idx]
 
 
+def no_later_than(times: list[float], paths: list[Path], targets: list[float]) -> list[tuple[float, Path]]:
+    """For each target minute, the latest snapshot taken at or before it (none for a target earlier than
+    every snapshot), and the last snapshot: the points that compare at equal or less time."""
+    idx = {max(i for i, t in enumerate(times) if t <= target) for target in targets if times and times[0] <= target}
+    if paths:
+        idx.add(len(paths) - 1)
+    return [(times[i], paths[i]) for i in sorted(idx)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--val-data", required=True)
     ap.add_argument("--budget", default="30m")
-    ap.add_argument("--points", type=int, default=5)
+    ap.add_argument("--points", type=int, default=5, help="the alternative's snapshots, evenly over the budget")
+    ap.add_argument("--snapshot-minutes", type=float, default=0.0,
+                    help="maelab's timed checkpoints inside epochs (default: budget / points / 2)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--eval-images", type=int, default=5000, help="kNN on a fixed subset of N images of each split")
     ap.add_argument("--hf-precision", default="fp32", choices=("fp32", "bf16"),
@@ -175,7 +222,8 @@ def main() -> None:
         raise SystemExit(f"--rescore: {', '.join(map(str, missing))} not found: re-score a run this script "
                          "finished (it records them), or run it without --rescore")
     out.mkdir(parents=True, exist_ok=True)
-    arms = {"maelab": pick(*run_maelab(args, out), args.points), "HF ViTMAE + torchvision": pick(*run_hf(args, out), args.points)}
+    ours, theirs = run_maelab(args, out), pick(*run_hf(args, out), args.points)
+    arms = {"maelab": no_later_than(*ours, [t for t, _ in theirs]), "HF ViTMAE + torchvision": theirs}
     curves = {arm: [{"minutes": round(t, 2), **{pool: knn(p, pool, args, out) for pool in POOLS}} for t, p in snaps]
               for arm, snaps in arms.items()}
     results = {"budget": args.budget, "machine": common.machine_info(torch.device("cpu")), "load": common.load_note(),

@@ -61,6 +61,34 @@ def test_quality_per_minute_times_maelab_from_its_launch_and_rescores_without_tr
     assert res["maelab_steps"] == 42  # what maelab's planner settled on, kept beside the alternative's
 
 
+def test_quality_per_minute_keeps_maelabs_timed_checkpoints_and_compares_at_equal_or_less_time(tmp_path):
+    """A timed checkpoint is removed by the run's next save: the hard link keeps it, with its time. Each of
+    the alternative's snapshots is compared with maelab's latest snapshot taken no later."""
+    import json
+    import os
+
+    from benchmarks import quality_per_minute as qpm
+    from maelab.train import checkpoint as ckpt
+
+    run, snaps = tmp_path / "maelab", tmp_path / "snaps"
+    folder = run / "checkpoints" / "step_00000120"
+    folder.mkdir(parents=True)
+    for name in (ckpt.WEIGHTS, ckpt.STATE):
+        (folder / name).write_bytes(b"w")
+    (folder / ckpt.META).write_text(json.dumps({"global_step": 120}))
+    os.utime(folder / ckpt.WEIGHTS, (1000.0, 1000.0))
+    qpm.harvest(run, snaps)
+    qpm.harvest(run, snaps)  # already kept: left as it is
+    ckpt.prune(run, set())  # the run's next save removes it
+    assert not folder.exists() and (snaps / "step_00000120" / ckpt.WEIGHTS).read_bytes() == b"w"
+    assert (snaps / "step_00000120" / ckpt.WEIGHTS).stat().st_mtime == 1000.0
+    assert sorted(p.name for p in snaps.iterdir()) == ["step_00000120"]  # no half-linked folder left
+
+    times, paths = [2.9, 6.0, 7.3, 9.1, 12.2], [Path(f"s{i}") for i in range(5)]
+    picked = qpm.no_later_than(times, paths, [2.0, 6.1, 9.1, 12.0])
+    assert [t for t, _ in picked] == [6.0, 9.1, 12.2]  # none is as early as 2.0; the last always
+
+
 def test_quality_per_minute_rescore_of_a_run_without_its_records_stops_with_one_line(tmp_path, monkeypatch, capsys):
     import pytest
 

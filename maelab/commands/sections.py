@@ -192,8 +192,8 @@ def check_data_numbers(data) -> None:
 
 
 def check_run_numbers(run: TrainRunConfig) -> None:
-    """``--log-every``, ``--keep`` and ``--save-every-minutes`` of a training run section (``--keep -1`` used to keep everything
-    silently)."""
+    """``--log-every``, ``--keep`` and ``--save-every-minutes`` of a training run section (``--keep -1``
+    used to keep everything silently)."""
     at_least(log_every=(run.log_every, 1))
     if run.keep < 0:
         raise MaelabError(f"--keep must be 0 (keep all) or more, got {run.keep}")

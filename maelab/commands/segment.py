@@ -327,7 +327,8 @@ def train(cfg) -> dict[str, Any]:
         shown = spread(len(val_items), cfg.eval.pictures)
 
         def measure() -> tuple[float, float]:  # evaluation after every epoch (timed on a few images), the pictures
-            seconds = timed_sample(lambda keep: evaluate(items=val_items.subset(keep)), len(val_items)) / cfg.eval.eval_every
+            seconds = timed_sample(lambda keep: evaluate(items=val_items.subset(keep)), len(val_items))
+            seconds /= cfg.eval.eval_every
             drawing = timed(draw_items, model, val_items, shown, s.device, s.precision, settings, picture) if shown else 0.0
             model.train()
             return seconds, drawing

@@ -4,8 +4,8 @@
 data path (:meth:`maelab.train.loop.Trainer.time_steps`, undone afterwards; the timed steps stop at
 about 2 % of the budget), subtracts what the run has already spent (start-up, data scan) and what it
 will spend outside the steps (per-epoch evaluation, timed on its first batches by :func:`timed_pass`
-or, image by image, on a few images by :func:`timed_sample`; the final pictures) plus a 5 % margin, and sets the number of steps. The cosine runs over
-those steps and the warm-up is at most 10 % of them. The plan is written into the run's config
+or, image by image, on a few images by :func:`timed_sample`; the final pictures) plus a 5 % margin,
+and sets the number of steps. The cosine runs over those steps and the warm-up is at most 10 % of them. The plan is written into the run's config
 (``max_steps``, ``epochs``, ``warmup_epochs``), so a resumed run follows it exactly.
 
 A shared machine's step time drifts by +-20 % within a run, more than a margin can absorb, so the
