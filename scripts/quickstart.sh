@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e .
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir -e .
 DATA=${DATA:-../shared/datasets/cifar10/train}
 if [ ! -d "$DATA" ]; then
   "$VENV/bin/python" -m maelab.data.cifar data/cifar10
