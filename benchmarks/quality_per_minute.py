@@ -45,7 +45,7 @@ from benchmarks.peers import SIZES, hf_model  # noqa: E402
 from maelab.commands.steps import child_command, recorded_optim  # noqa: E402
 from maelab.errors import MaelabError  # noqa: E402
 from maelab.train import checkpoint as ckpt  # noqa: E402
-from maelab.train.budget import parse_duration  # noqa: E402
+from maelab.train.budget import latest_by, parse_duration  # noqa: E402
 from maelab.train.precision import autocast  # noqa: E402
 
 POOLS = ("token", "avg")
@@ -193,7 +193,7 @@ def pick(times: list[float], paths: list[Path], points: int) -> list[tuple[float
 def no_later_than(times: list[float], paths: list[Path], targets: list[float]) -> list[tuple[float, Path]]:
     """For each target minute, the latest snapshot taken at or before it (none for a target earlier than
     every snapshot), and the last snapshot: the points that compare at equal or less time."""
-    idx = {max(i for i, t in enumerate(times) if t <= target) for target in targets if times and times[0] <= target}
+    idx = {latest_by(times, target) for target in targets} - {None}
     if paths:
         idx.add(len(paths) - 1)
     return [(times[i], paths[i]) for i in sorted(idx)]

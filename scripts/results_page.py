@@ -37,7 +37,7 @@ from maelab.commands.pretrain import PretrainConfig
 from maelab.config import build_config
 from maelab.errors import MaelabError
 from maelab.models.presets import PRESETS
-from maelab.train.budget import parse_duration
+from maelab.train.budget import latest_by, parse_duration
 
 RECIPES = {"recipe_quick": "about 30 minutes on 2 CPU cores", "recipe_full": "the public small-scale recipe; needs a GPU"}
 STEPS = (("knn_mae_top1", "kNN (k=20, T=0.07), MAE encoder", "knn_mae"),
@@ -502,12 +502,12 @@ def ablation_section(page: Page, folder: Path, groups: PresetRuns) -> None:
 def equal_minutes(ours: list[dict], theirs: list[dict], arms: list[str]) -> str:
     """The smallest lead of ours at equal or less time: each of their snapshots against our latest one
     taken no later."""
-    pairs = [(max((o for o in ours if o["minutes"] <= t["minutes"]), key=lambda o: o["minutes"]), t)
-             for t in theirs if any(o["minutes"] <= t["minutes"] for o in ours)]
+    ours_at = [latest_by([o["minutes"] for o in ours], t["minutes"]) for t in theirs]
+    pairs = [(ours[i], t) for i, t in zip(ours_at, theirs) if i is not None]
     if not pairs:
         return ""
     lead = min(min(o[pool] - t[pool] for pool in ("token", "avg")) for o, t in pairs)
-    early = [f"{t['minutes']:.1f}" for t in theirs if all(o["minutes"] > t["minutes"] for o in ours)]
+    early = [f"{t['minutes']:.1f}" for i, t in zip(ours_at, theirs) if i is None]
     each = f"each {arms[1]} snapshot" + (f" from {pairs[0][1]['minutes']:.1f} min on" if early else "")
     return (f"At equal or less time: against {each}, the latest {arms[0]} snapshot taken no later "
             f"leads by at least {lead:+.2f} points (cls and mean-pool)"

@@ -22,8 +22,8 @@ from maelab.io import read_weights
 from maelab.train import checkpoint as ckpt
 from maelab.train import loop
 from maelab.train import budget
-from maelab.train.budget import (MARGIN, BudgetPlan, Deadline, check_history, fit_steps, parse_duration, plan_steps,
-                                 schedule_position, spread, timed_pass, timed_sample)
+from maelab.train.budget import (MARGIN, BudgetPlan, Deadline, check_history, fit_steps, latest_by, parse_duration,
+                                 plan_steps, schedule_position, spread, timed_pass, timed_sample)
 from maelab.train.optim import cosine_lr
 from maelab.train.loop import RunInterrupted
 from maelab.train.tasks import PretrainTask
@@ -169,6 +169,12 @@ def test_an_image_by_image_evaluation_is_timed_on_a_spread_sample(monkeypatch):
     assert timed_sample(evaluate, total=16, sample=8) == pytest.approx(1.0 + 16 * 0.5)  # short: run whole
     assert seen == [list(range(16))]
 
+
+
+def test_snapshots_pair_with_the_latest_one_no_later():
+    times = [3.6, 6.9, 1.2, 9.9]  # not sorted: the latest by time, not by position
+    assert latest_by(times, 6.0) == 0 and latest_by(times, 6.9) == 1 and latest_by(times, 100) == 3
+    assert latest_by(times, 1.0) is None and latest_by([], 5.0) is None
 
 @pytest.mark.parametrize("share,forwards", [(1.0, 4), (1e-9, 3)])
 def test_the_calibration_times_fewer_steps_when_they_would_take_much_of_the_budget(cifar_tiny, tmp_path,

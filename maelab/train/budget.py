@@ -88,6 +88,14 @@ def spread(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)}) if k else []
 
 
+def latest_by(times: list[float], limit: float) -> int | None:
+    """Index of the latest of ``times`` at or before ``limit`` (None when every one is later): how one run's
+    snapshots are paired with another's at equal or less wall-clock, so neither is credited with time it
+    did not have."""
+    before = [i for i, t in enumerate(times) if t <= limit]
+    return max(before, key=times.__getitem__) if before else None
+
+
 def timed_sample(run: Callable[[list[int]], Any], total: int, sample: int = SAMPLE_ITEMS) -> float:
     """Seconds ``run`` would take over all ``total`` items, from running it on ``sample`` items spread over
     them (``run`` takes their indices) and scaling by ``total / sample``. For evaluations that go image by
