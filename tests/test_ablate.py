@@ -43,11 +43,15 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     assert (tmp_path / "sweep" / "losses.png").stat().st_size > 1000  # every run's loss curve
     again = ablate(*args, cwd=tmp_path)  # finished values are skipped
     assert again.returncode == 0 and json.loads((tmp_path / "sweep" / "results.json").read_text()) == summary
-    more = ablate(*args, "--seeds", "0", "1", cwd=tmp_path)  # a second seed: only its runs are new
+    one = [*args[:2], "--values", "0.5", *args[5:]]  # a second seed for one value: only its runs are new
+    first = (tmp_path / "sweep" / "mask-ratio=0.5" / "knn.json").stat().st_mtime_ns
+    more = ablate(*one, "--seeds", "0", "1", cwd=tmp_path)
     assert more.returncode == 0, more.stderr[-3000:]
     assert "mask-ratio = 0.5, seed 1" in more.stderr
+    assert (tmp_path / "sweep" / "mask-ratio=0.5" / "knn.json").stat().st_mtime_ns == first  # seed 0: kept
     seeded = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert seeded["seeds"] == [0, 1] and (tmp_path / "sweep" / "mask-ratio=0.5" / "seed=1" / "knn.json").is_file()
+    assert [r["value"] for r in seeded["rows"]] == ["0.5"]
     for row, single in zip(seeded["rows"], summary["rows"]):
         assert row["seeds"] == [0, 1] and row["knn_top1_runs"][0] == single["knn_top1"]
         assert row["knn_top1"] == pytest.approx(sum(row["knn_top1_runs"]) / 2)
