@@ -402,6 +402,8 @@ def main(argv=None) -> None:
                     help="context row: HF with eager attention (auto: tiny config only)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per step kind")
     ap.add_argument("--no-write", action="store_true", help="print the section instead of writing docs")
+    ap.add_argument("--tag", default="", help="appended to the section's name (e.g. avx2), so that runs on "
+                    "other machines sit beside the existing sections instead of replacing them")
     ap.add_argument("--child", choices=["memory", "compile"], help=argparse.SUPPRESS)
     ap.add_argument("--impl", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -470,7 +472,7 @@ def main(argv=None) -> None:
         if args.no_write:
             print(section)
         else:
-            name = f"bench_step:{key}" + (f":{args.threads}t" if args.threads else "")
+            name = f"bench_step:{key}" + (f":{args.threads}t" if args.threads else "") + (f":{args.tag}" if args.tag else "")
             common.write_section(name, section)
             print(f"wrote section {name} of {common.DOC.relative_to(common.REPO)}")
         print(f"produced by: {common.command_line()}")
