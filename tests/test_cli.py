@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import shlex
+from pathlib import Path
+
 import pytest
 
-from maelab.cli import main
+from maelab.cli import build_parser, main
+from maelab.config import config_from_args
+
+REPO = Path(__file__).resolve().parents[1]
 
 FAST = ["--model", "mae_vit_tiny_patch4", "--decoder-depth", "1", "--epochs", "1", "--batch-size", "16",
         "--vis-every", "0", "--device", "cpu", "--num-workers", "0"]
@@ -60,6 +67,49 @@ def test_unknown_flag_is_rejected_by_the_parser(capsys):
         main(["pretrain", "--no-such-flag", "1"])
     assert e.value.code == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+# `maelab ...`, `python -m maelab.cli ...` or `torchrun ... -m maelab.cli ...`, after any VAR=value
+DOC_COMMAND = re.compile(r"^(?:[A-Z_]+=\S+ )*(?:maelab|python -m maelab\.cli|torchrun\b.*?-m maelab\.cli) ([a-z].*)$")
+
+
+def documented_commands(text: str) -> list[str]:
+    """The maelab command lines in a markdown text's code blocks (continuation lines joined)."""
+    lines = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            if m := DOC_COMMAND.match(line.strip()):
+                lines.append(m.group(1))
+    return lines
+
+
+def refusal(command: str, capsys) -> str:
+    """'' when today's parser takes a documented command and its config resolves (flags, choices, presets,
+    value types); the parser's or the config's message otherwise. `...` stands for more flags and is left out."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args([a for a in shlex.split(command, comments=True) if a != "..."])
+        if args.command_module.Config is not None:
+            config_from_args(args.command_module.Config, args)
+    except SystemExit as e:
+        return capsys.readouterr().err.strip().splitlines()[-1] if e.code else ""
+    except Exception as e:  # a config value the docs got wrong
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def test_every_command_the_docs_show_runs_with_todays_flags(capsys):
+    """A newcomer copies commands from the README and docs: a renamed or removed flag, a preset that is
+    gone or a value of the wrong type in any of them fails here, not in their terminal."""
+    docs = [REPO / "README.md", REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    commands = [(doc.relative_to(REPO), c) for doc in docs for c in documented_commands(doc.read_text())]
+    assert len(commands) >= 30 and {str(d) for d, _ in commands} >= {"README.md", "docs/scaling.md"}
+    stale = [f"{doc}: maelab {c}\n  -> {why}" for doc, c in commands if (why := refusal(c, capsys))]
+    assert not stale, "\n".join(stale)
+    # the check can fail: a removed flag, an unknown preset and a value of the wrong type are each caught
+    block = "```bash\nmaelab pretrain --data d --no-such-flag 1\nmaelab knn --config nope --data d\n" \
+            "OMP_NUM_THREADS=1 maelab pretrain --data d \\\n  --epochs ten\n```"
+    assert [bool(refusal(c, capsys)) for c in documented_commands(block)] == [True, True, True]
 
 
 def test_help_documents_every_flag(capsys):
