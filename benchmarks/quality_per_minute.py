@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.peers import SIZES, hf_model  # noqa: E402
-from maelab.commands.steps import child_command, recorded_optim  # noqa: E402
+from maelab.commands.steps import child_command, recorded_optim, run_child  # noqa: E402
 from maelab.errors import MaelabError  # noqa: E402
 from maelab.train import checkpoint as ckpt  # noqa: E402
 from maelab.train.budget import latest_by, parse_duration  # noqa: E402
@@ -53,9 +53,7 @@ hf_schedule: dict = {}  # the alternative's planned and finished steps, for resu
 
 
 def maelab_cli(args: list[str], log: Path) -> None:
-    argv, env = child_command(args)
-    with open(log, "a") as out:
-        code = subprocess.run(argv, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    code = run_child(args, log)
     if code:
         raise SystemExit(f"`maelab {args[0]}` failed (exit {code}); see {log}")
 

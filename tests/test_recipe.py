@@ -224,3 +224,52 @@ def test_a_step_run_with_other_settings_is_refused_not_read_back(tmp_path, monke
         steps.Chain(tmp_path, common, []).finetune("pre", ["--epochs", "3"], "ft", "finetune_cifar_tiny")
     assert steps.changed_flags(["knn", "--k", "20"], ["knn", "--k", "20", "--no-augment"]) == \
         "--no-augment (not given) -> (set)"
+
+
+CHILD = """
+import signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+signal.signal(signal.SIGINT, lambda *a: stop.append(1))
+(out / "ready").write_text("")
+while not stop:
+    time.sleep(0.05)
+time.sleep(1.0)  # a training step finishing, then its checkpoint being written
+(out / "saved").write_text("")
+sys.exit(143)
+"""
+
+
+def test_ctrl_c_during_a_chain_step_waits_for_the_step_to_save(tmp_path, monkeypatch):
+    """Ctrl-C of `maelab recipe` / `ablate` reaches the chain while a step runs. `subprocess.run` would
+    give the step a quarter of a second and then kill it, losing everything since its last checkpoint;
+    the chain asks it to stop and waits for its save, then says how to resume."""
+    import os
+    import signal
+    import threading
+
+    from maelab.commands import steps
+    from maelab.train.loop import RunInterrupted
+
+    monkeypatch.setattr(steps, "child_command", lambda args: ([sys.executable, "-c", CHILD, str(tmp_path)], dict(os.environ)))
+
+    def ctrl_c():
+        while not (tmp_path / "ready").exists():
+            threading.Event().wait(0.05)
+        threading.Event().wait(0.2)  # the chain is waiting on the step by now
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    try:
+        steps.maelab(["pretrain", "--out", str(tmp_path / "run")], tmp_path / "log.txt")
+        pytest.fail("the chain did not stop")
+    except KeyboardInterrupt:  # caught here, or pytest would take it as the user stopping the whole session
+        pytest.fail("the Ctrl-C went past the chain's wait: the step was killed, not asked to stop")
+    except RunInterrupted as e:
+        stopped = e
+    assert (tmp_path / "saved").is_file()  # the step saved instead of being killed
+    assert stopped.exit_code == 130
+    assert str(stopped) == (f"interrupted during `maelab pretrain` (the end of {tmp_path / 'log.txt'} says where "
+                                  "it stopped); run the same command again to resume")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from maelab.commands.sections import at_least
 from maelab.config import load_yaml, option
 from maelab.errors import MaelabError
 from maelab.io import write_json
+from maelab.train.loop import RunInterrupted
 from maelab.train.precision import native_bf16
 
 
@@ -106,12 +108,38 @@ def child_command(args: list[str]) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-P", "-m", "maelab.cli", *args], {**os.environ, "PYTHONPATH": path}
 
 
+def run_child(args: list[str], log: Path) -> int:
+    """Run `maelab ARGS` as a child process (output appended to ``log``); its exit status.
+
+    A Ctrl-C or SIGTERM that stops this process first waits for the child to stop: ``subprocess.run``
+    would give it a quarter of a second and then kill it, and a training step would lose everything
+    since its last checkpoint. The child is sent SIGTERM (a terminal's Ctrl-C has reached it already,
+    and a second SIGINT would abort it), so it saves at its next step boundary and running the same
+    command again resumes it. A second Ctrl-C stops the wait."""
+    argv, env = child_command(args)
+    with open(log, "a") as out:
+        proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            _let_stop(proc)
+            raise RunInterrupted(f"interrupted during `maelab {args[0]}` (the end of {log} says where it stopped); "
+                                 "run the same command again to resume") from None
+        except BaseException:
+            _let_stop(proc)
+            raise
+
+
+def _let_stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+
+
 def maelab(args: list[str], log: Path) -> float:
     """Run one `maelab` command as its own process (output appended to ``log``); seconds it took."""
     t0 = time.perf_counter()
-    argv, env = child_command(args)
-    with open(log, "a") as out:
-        code = subprocess.run(argv, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    code = run_child(args, log)
     if code != 0:
         raise MaelabError(f"`maelab {args[0]}` failed (exit {code}); its output is in {log}")
     return time.perf_counter() - t0
