@@ -593,8 +593,9 @@ def earlier_section(page: Page) -> None:
                        for p in pages] + [""]
 
 
-def inputs(args: argparse.Namespace, page: Page) -> tuple[list[Path], list[Path], list[Path], str]:
-    """The folders to show, and the command that named them: the ones given, else the archive's index."""
+def inputs(args: argparse.Namespace, page: Page, argv: list[str]) -> tuple[list[Path], list[Path], list[Path], str]:
+    """The folders to show, and the command that named them (``argv``): the ones given, else the archive's
+    index."""
     index_file = page.archive / "index.json"
     if args.recipe is None and args.ablation is None and args.quality is None and index_file.is_file():
         index = read_json(index_file)
@@ -609,10 +610,10 @@ def inputs(args: argparse.Namespace, page: Page) -> tuple[list[Path], list[Path]
         twice = sorted({n for n in names if names.count(n) > 1})
         raise SystemExit(f"results_page: folders are archived by name, and {', '.join(twice)} is named twice: "
                          "rename one of the run folders")
-    return recipe, ablation, quality, " ".join(["python scripts/results_page.py", *sys.argv[1:]])
+    return recipe, ablation, quality, " ".join(["python scripts/results_page.py", *argv])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipe", nargs="*", default=None,
                     help="`maelab recipe` output folders (default: runs/recipe_quick runs/recipe_full)")
@@ -621,9 +622,9 @@ def main() -> None:
                     help="output folders of benchmarks/quality_per_minute.py (maelab vs HF ViTMAE + torchvision), "
                          "one per machine (default: runs/quality_per_minute)")
     ap.add_argument("--out", default="docs/results.md")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     page = Page(Path(args.out))
-    recipe, ablation, quality, command = inputs(args, page)
+    recipe, ablation, quality, command = inputs(args, page, sys.argv[1:] if argv is None else argv)
     recipe, ablation, quality = ([page.keep(f) for f in folders] for folders in (recipe, ablation, quality))
     page.archive.mkdir(parents=True, exist_ok=True)
     (page.archive / "index.json").write_text(json.dumps(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import os
+import subprocess
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +72,27 @@ def maelab_refusal(capsys, *args: str) -> tuple[int, str]:
         code = e.code
     return code, capsys.readouterr().err
 
+
+
+def results_page(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """`python scripts/results_page.py ARGS` run in this process, from a fresh copy of the script's module:
+    the page tests render it many times, and each second interpreter spent ~5 s importing torch and timm.
+    Exit status, stdout and stderr as the script's own process would give them."""
+    spec = importlib.util.spec_from_file_location("results_page", REPO / "scripts" / "results_page.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            module.main(list(args))
+        except SystemExit as e:  # a message exits with status 1, as the interpreter does
+            code = e.code if isinstance(e.code, int) else 1 if e.code else 0
+            if isinstance(e.code, str):
+                print(e.code, file=err)
+    done = subprocess.CompletedProcess(["results_page.py", *args], code, out.getvalue(), err.getvalue())
+    if check:
+        done.check_returncode()
+    return done
 
 
 def record_plans(monkeypatch, steps: int = 2) -> list[tuple[float, float]]:

@@ -4,13 +4,11 @@ a table and a plot; a second run skips what is done; bad sweeps are refused befo
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import maelab_process, maelab_refusal, make_subset
+from conftest import maelab_process, maelab_refusal, make_subset, results_page
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,9 +57,8 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     assert "Mean ± standard deviation over 2 seeds" in (tmp_path / "sweep" / "results.md").read_text()
     (tmp_path / "sweep" / "results.json").write_text(json.dumps(summary))  # the page below reads the one-seed sweep
     page = tmp_path / "page.md"  # the results page shows the sweep, its command, the paper beside it, the plot
-    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
-                    str(tmp_path / "sweep"), "--quality", str(tmp_path / "none"), "--out", str(page)],
-                   check=True, capture_output=True)
+    results_page("--recipe", "--ablation",
+                 str(tmp_path / "sweep"), "--quality", str(tmp_path / "none"), "--out", str(page), check=True)
     text = page.read_text()
     assert "## Sweep: `mask-ratio` (`sweep`)" in text and "Command: `maelab ablate --setting mask-ratio" in text
     assert summary["code"].startswith("maelab ") and f"Code: {summary['code']}." in text
@@ -74,9 +71,8 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     for key in ("command", "precision", "seed", "evaluated_images", "pretrain_images", "code"):
         summary.pop(key)  # a summary written before these were recorded: the page reads them from the runs
     (tmp_path / "sweep" / "results.json").write_text(json.dumps(summary))
-    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
-                    str(tmp_path / "sweep"), "--quality", str(tmp_path / "none"), "--out", str(page)],
-                   check=True, capture_output=True)
+    results_page("--recipe", "--ablation",
+                 str(tmp_path / "sweep"), "--quality", str(tmp_path / "none"), "--out", str(page), check=True)
     text = page.read_text()
     assert "re-created from the recorded settings" in text and "--limit-images 12 --pretrain-images 0" in text
     assert "precision fast), then evaluated on 12 images of each split" in text
@@ -108,9 +104,9 @@ def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, monkeypatch, caps
 
 def test_the_results_page_is_rendered_again_from_its_archive_when_the_runs_are_gone(tmp_path):
     sweep = write_sweep(tmp_path / "runs" / "mask", "mask-ratio", {"0.5": 29.0, "0.75": 31.0})
-    page, script = tmp_path / "docs" / "results.md", str(REPO / "scripts" / "results_page.py")
-    subprocess.run([sys.executable, script, "--recipe", str(tmp_path / "runs" / "recipe_full"), "--ablation", str(sweep),
-                    "--quality", str(tmp_path / "runs" / "none"), "--out", str(page)], check=True, capture_output=True)
+    page = tmp_path / "docs" / "results.md"
+    results_page("--recipe", str(tmp_path / "runs" / "recipe_full"), "--ablation", str(sweep),
+                 "--quality", str(tmp_path / "runs" / "none"), "--out", str(page), check=True)
     first = page.read_text()
     assert "| `mask-ratio` | 4m | test | 0.75 | 31.00 |" in first and "## `recipe_full`" in first
     index = json.loads((tmp_path / "docs" / "results" / "runs" / "index.json").read_text())
@@ -118,21 +114,21 @@ def test_the_results_page_is_rendered_again_from_its_archive_when_the_runs_are_g
     import shutil
     shutil.rmtree(tmp_path / "runs")  # the machine that trained them is gone
     page.unlink()
-    again = subprocess.run([sys.executable, script, "--out", str(page)], capture_output=True, text=True)
+    again = results_page("--out", str(page))
     assert again.returncode == 0, again.stderr
     assert page.read_text() == first  # same page, same command in its header
     (tmp_path / "docs" / "results" / "earlier").mkdir()
     (tmp_path / "docs" / "results" / "earlier" / "old.md").write_text(
         "# Old runs on another machine\n\n## `recipe_full`\n\nNot run yet (needs a GPU).\n\n"
         "## Quality per CPU-minute: maelab against HF ViTMAE + torchvision\n\nCommand: `python benchmarks/...`\n")
-    subprocess.run([sys.executable, script, "--out", str(page)], check=True, capture_output=True)
+    results_page("--out", str(page), check=True)
     text = page.read_text()
     assert "- [Old runs on another machine](results/earlier/old.md)" in text
     quality, full = text.split("## Quality per CPU-minute")[1], text.split("## `recipe_full`")[1].split("##")[0]
     assert "Measured earlier, on another machine: [old](results/earlier/old.md)." in quality  # there, measured
     assert "Measured earlier" not in full  # there too, but never run
-    twice = subprocess.run([sys.executable, script, "--recipe", "--ablation", str(tmp_path / "a" / "mask"),
-                            str(tmp_path / "b" / "mask"), "--out", str(page)], capture_output=True, text=True)
+    twice = results_page("--recipe", "--ablation", str(tmp_path / "a" / "mask"),
+                         str(tmp_path / "b" / "mask"), "--out", str(page))
     assert twice.returncode != 0 and "mask is named twice" in twice.stderr
 
 
@@ -207,9 +203,8 @@ def test_the_results_page_measures_the_spread_and_calls_a_difference_only_beyond
               write_sweep(tmp_path / "mask_g", "mask-ratio", {"0.5": 20.0, "0.75": 41.0},
                           machine="test, 2 threads, native bf16, NVIDIA H100")]
     page = tmp_path / "page.md"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
-                    *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page)],
-                   check=True, capture_output=True)
+    results_page("--recipe", "--ablation",
+                 *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page), check=True)
     text = page.read_text()
     # at a budget with no repeats of its own, a gap is reported but never called a difference
     assert ("| `crop` | 8m | test | random-size | 32.50 | none | 34.00 | none beats random-size by 1.50, but the "
@@ -232,9 +227,8 @@ def test_the_results_page_measures_the_spread_and_calls_a_difference_only_beyond
             "run-to-run spread: no real difference.") in text
     (tmp_path / "depth" / "results.json").write_text((tmp_path / "depth" / "results.json").read_text()
                                                       .replace("35.0", "29.0").replace("30.0", "31.9"))
-    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
-                    *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page)],
-                   check=True, capture_output=True)
+    results_page("--recipe", "--ablation",
+                 *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page), check=True)
     assert "| `decoder-depth` | 4m | test | 8 | 31.90 | 8 | 31.90 | same winner, but by 0.40: within the 1.00-point spread |" in page.read_text()
 
 
@@ -245,8 +239,8 @@ def test_the_results_page_pools_every_seed_of_the_presets_value(tmp_path):
     summary["rows"][1].update(seeds=[0, 1, 2], knn_top1_runs=[30.0, 31.0, 32.0], knn_top1_std=1.0)
     (sweep / "results.json").write_text(json.dumps(summary))
     page = tmp_path / "page.md"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation", str(sweep),
-                    "--quality", str(tmp_path / "none"), "--out", str(page)], check=True, capture_output=True)
+    results_page("--recipe", "--ablation", str(sweep),
+                 "--quality", str(tmp_path / "none"), "--out", str(page), check=True)
     text = page.read_text()
     assert "pre-trained 3 times at the 4m budget" in text and "mask-ratio=0.75 seed 2: 32.00" in text
     assert "spread 2.00 points" in text and "(seeds 0, 1, 2, precision fast)" in text
@@ -255,8 +249,8 @@ def test_the_results_page_pools_every_seed_of_the_presets_value(tmp_path):
 def test_a_seed_sweep_reports_its_scatter_not_a_best_seed(tmp_path):
     sweep = write_sweep(tmp_path / "seed", "seed", {"1": 30.5, "2": 33.5, "3": 32.0})
     page = tmp_path / "page.md"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation", str(sweep),
-                    "--quality", str(tmp_path / "none"), "--out", str(page)], check=True, capture_output=True)
+    results_page("--recipe", "--ablation", str(sweep),
+                 "--quality", str(tmp_path / "none"), "--out", str(page), check=True)
     text = " ".join(page.read_text().split())
     assert "best kNN at" not in text  # no seed is the "best" one
     assert "Across these 3 seeds (mean ± standard deviation, range): kNN 32.00 ± 1.50 (30.50-33.50)." in text
@@ -298,9 +292,8 @@ def test_a_new_probe_setting_re_runs_only_the_probe_and_keeps_the_pretraining_ti
 def test_a_damaged_run_record_stops_the_page_with_one_line(tmp_path):
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "results.json").write_text('{"setting": ')  # cut while it was written
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
-                          str(tmp_path / "sweep"), "--out", str(tmp_path / "docs" / "results.md")],
-                         capture_output=True, text=True)
+    out = results_page("--recipe", "--ablation",
+                       str(tmp_path / "sweep"), "--out", str(tmp_path / "docs" / "results.md"))
     assert out.returncode != 0 and "cannot read" in out.stderr and "results.json" in out.stderr
     assert "Traceback" not in out.stderr
 
@@ -371,9 +364,8 @@ def test_the_results_page_says_which_runs_were_scored_on_other_subsets(tmp_path)
     page = tmp_path / "page.md"
 
     def render() -> str:
-        subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", "--ablation",
-                        *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page)],
-                       check=True, capture_output=True)
+        results_page("--recipe", "--ablation",
+                     *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page), check=True)
         return " ".join(page.read_text().split())
 
     assert "seed=1 was scored on other evaluation subsets than the rest" in render()

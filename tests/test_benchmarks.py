@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_asymmetry import BASELINE, build_models, loss_fn  # noqa: E402
+from conftest import results_page  # noqa: E402
 
 
 def test_asymmetry_variants_share_the_encoder_and_train():
@@ -119,14 +120,12 @@ def test_the_results_page_shows_each_machines_quality_run_and_renders_again_from
     """Runs from two machines each get a section named by the CPU, with their own verdict; the archive's
     index keeps both, and an index written before it held one name still renders."""
     import json
-    import subprocess
 
-    script, page = str(Path(__file__).resolve().parents[1] / "scripts" / "results_page.py"), tmp_path / "docs" / "r.md"
+    page = tmp_path / "docs" / "r.md"
     steps = {"maelab_steps": 2137, "hf_schedule": {"planned_steps": 883, "steps_done": 917}}
     runs = [write_quality(tmp_path / "runs" / "q_intel", "Intel Xeon", 38.0, 26.0, steps),
             write_quality(tmp_path / "runs" / "q_epyc", "AMD EPYC", 30.0, 27.0)]
-    subprocess.run([sys.executable, script, "--recipe", "--quality", *map(str, runs), "--out", str(page)],
-                   check=True, capture_output=True)
+    results_page("--recipe", "--quality", *map(str, runs), "--out", str(page), check=True)
     text = page.read_text()
     intel, epyc = text.split("### Intel Xeon (`q_intel`)")[1], text.split("### AMD EPYC (`q_epyc`)")[1]
     assert "+12.00 / +12.00 points. Target (at least +4): **met**" in intel.split("###")[0]
@@ -136,12 +135,12 @@ def test_the_results_page_shows_each_machines_quality_run_and_renders_again_from
     assert "Pre-training steps" not in epyc  # a run from before the counts were recorded: nothing made up
     index = tmp_path / "docs" / "results" / "runs" / "index.json"
     assert json.loads(index.read_text())["quality"] == ["q_intel", "q_epyc"]
-    again = subprocess.run([sys.executable, script, "--out", str(page)], capture_output=True, text=True)
+    again = results_page("--out", str(page))
     assert again.returncode == 0, again.stderr
     assert page.read_text() == text
     old = json.loads(index.read_text()) | {"quality": "q_epyc"}
     index.write_text(json.dumps(old))
-    subprocess.run([sys.executable, script, "--out", str(page)], check=True, capture_output=True)
+    results_page("--out", str(page), check=True)
     single = page.read_text()
     assert "###" not in single and "**not met**" in single and "`python benchmarks/quality_per_minute.py --out runs/q_epyc`" in single
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import maelab_process, maelab_refusal, make_subset
+from conftest import maelab_process, maelab_refusal, make_subset, results_page
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,8 +50,8 @@ def test_the_quick_chain_on_a_tiny_subset(tmp_path):
     changed = recipe(*args, "--probe-base-lr", "2", cwd=tmp_path)  # another probe in the same folder: refused
     assert changed.returncode == 2 and "linprobe was run with other settings (--base-lr 4 -> 2)" in changed.stderr
     page = tmp_path / "results.md"  # the results page is generated from these outputs, never typed
-    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", str(tmp_path / "r"),
-                    str(tmp_path / "recipe_full"), "--out", str(page)], check=True, capture_output=True)
+    results_page("--recipe", str(tmp_path / "r"),
+                 str(tmp_path / "recipe_full"), "--out", str(page), check=True)
     text = page.read_text()
     assert f"| fine-tune from scratch (same budget) | {res['finetune_scratch_top1']:.2f} |" in text
     assert "## `recipe_full`" in text and "Not run yet" in text
@@ -84,8 +84,8 @@ def test_the_table_and_the_page_say_how_many_steps_the_budgets_bought(tmp_path):
     folder.mkdir()
     (folder / "results.json").write_text(json.dumps(res))
     page = tmp_path / "page.md"
-    subprocess.run([sys.executable, str(REPO / "scripts" / "results_page.py"), "--recipe", str(folder), "--quality",
-                    "--out", str(page)], check=True, capture_output=True)
+    results_page("--recipe", str(folder), "--quality",
+                 "--out", str(page), check=True)
     assert ("What ran: 367 pre-training steps; fine-tune 5 steps from the MAE encoder, 6 from scratch; evaluations "
             "on 10000 train / 10000 validation images") in page.read_text()
 
