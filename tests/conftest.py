@@ -6,6 +6,7 @@ import importlib.util
 import io
 import os
 import subprocess
+import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -51,14 +52,25 @@ def cifar_tiny(tmp_path_factory) -> Path:
     return make_subset(tmp_path_factory.mktemp("cifar_tiny"), 16, classes=4)
 
 
-def maelab_process(*args: str, cwd: Path, timeout: float = 900):
-    """`python -m maelab.cli ARGS` as its own process (for commands that start others), output captured."""
-    import subprocess
-    import sys
+def maelab_here(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`maelab ARGS` run in this process from ``cwd``, as the console script would run it: exit status,
+    stdout and stderr, with ``sys.argv`` its command line. For `recipe` and `ablate`, whose steps are
+    child processes anyway: their own start-up in a second interpreter cost ~5 s a call."""
+    from maelab.cli import main
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "maelab.cli", *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=timeout)
+    out, err, here, argv = io.StringIO(), io.StringIO(), os.getcwd(), sys.argv
+    os.chdir(cwd)
+    sys.argv = ["maelab", *args]  # what the console script sees: the command line the runs record
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse's own refusals
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(here)
+        sys.argv = argv
+    return subprocess.CompletedProcess(["maelab", *args], code, out.getvalue(), err.getvalue())
 
 
 def maelab_refusal(capsys, *args: str) -> tuple[int, str]:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import maelab_process, maelab_refusal, make_subset, results_page
+from conftest import maelab_here, maelab_refusal, make_subset, results_page
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def ablate(*args: str, cwd: Path):
-    return maelab_process("ablate", *args, cwd=cwd)
+    return maelab_here("ablate", *args, cwd=cwd)
 
 
 def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):

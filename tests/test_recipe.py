@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import maelab_process, maelab_refusal, make_subset, results_page
+from conftest import maelab_here, maelab_refusal, make_subset, results_page
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def recipe(*args: str, cwd: Path):
-    return maelab_process("recipe", *args, cwd=cwd)
+    return maelab_here("recipe", *args, cwd=cwd)
 
 
 def test_the_quick_chain_on_a_tiny_subset(tmp_path):
