@@ -1,4 +1,8 @@
-"""`maelab <command>`: build the parser from :mod:`maelab.commands` and dispatch; errors become one line."""
+"""`maelab <command>`: build the parser from :mod:`maelab.commands` and dispatch; errors become one line.
+
+Only the command that runs is imported (with torch and the rest), so `maelab --help`, `--version` and a
+mistyped command answer at once.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,9 @@ import sys
 from pathlib import Path
 
 from maelab import __version__
-from maelab.commands import COMMANDS
+from maelab.commands import COMMANDS, load
 from maelab.config import add_config_args, config_from_args
-from maelab.errors import MaelabError, SameOnEveryRank
-from maelab.train.distributed import DistInfo, end_process
-from maelab.train.loop import RunInterrupted
+from maelab.errors import MaelabError, RunInterrupted, SameOnEveryRank
 
 CONFIG_NOTE = " Every flag is a config field; --config loads a YAML preset first (flags override it)."
 
@@ -28,13 +30,19 @@ def _terminate(signum, frame):
     raise Terminated
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with the flags of the command ``argv`` names (of every command when ``argv`` is None):
+    the other commands are listed by name and help only, without importing them."""
+    named = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     parser = argparse.ArgumentParser(prog="maelab", description="Masked Autoencoder pre-training and evaluation")
     parser.add_argument("--version", action="version", version=f"maelab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
-    for command in COMMANDS:
-        p = sub.add_parser(command.NAME, help=command.HELP,
-                           description=command.DESCRIPTION + (CONFIG_NOTE if command.Config else ""))
+    for name, help in COMMANDS.items():
+        if argv is not None and name != named:
+            sub.add_parser(name, help=help)
+            continue
+        command = load(name)
+        p = sub.add_parser(name, help=help, description=command.DESCRIPTION + (CONFIG_NOTE if command.Config else ""))
         if command.Config is not None:
             add_config_args(p, command.Config)
         else:
@@ -82,8 +90,8 @@ def _os_error_line(err: OSError, out: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread: signals stay as they are
@@ -119,6 +127,8 @@ def entry() -> None:
     process's. A torchrun worker of a group of several ends through :func:`end_process`, which skips the
     interpreter's finalisation (see there why)."""
     code = main()
+    from maelab.train.distributed import DistInfo, end_process  # loaded already by the command that ran
+
     if DistInfo.from_env().enabled:
         end_process(code)
     sys.exit(code)

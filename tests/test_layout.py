@@ -3,7 +3,7 @@
 Layers, lowest first: errors -> io, config -> data, models -> (the package root) -> train -> evaluate -> interop -> viz ->
 commands -> cli. A module may import its own package and lower layers; never a higher one, never a
 sibling of the same layer (data and models stay independent), never in a circle; a command never
-imports another command; maelab's own imports sit at module top.
+imports another command; maelab's own imports sit at module top (the CLI's deferred ones aside).
 """
 
 from __future__ import annotations
@@ -85,8 +85,10 @@ def test_imports_point_down_the_layers(module):
                                        f"in the layers")
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
+@pytest.mark.parametrize("module", sorted(set(MODULES) - {"maelab.cli"}))
 def test_maelab_imports_are_at_module_top(module):
+    """Except in the CLI, which imports the machinery of a command only once it runs one, so that
+    `maelab --help` does not load torch (tested in test_cli)."""
     inner = [(t, line) for t, line, at_top in imports_of(module) if not at_top]
     assert not inner, f"{module} imports maelab modules inside functions: {inner}"
 

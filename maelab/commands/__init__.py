@@ -1,15 +1,37 @@
-"""One module per `maelab` subcommand. Each has ``NAME``, ``HELP``, ``DESCRIPTION``, ``Config`` (its
-config dataclass, whose fields become the flags; ``None`` for commands with hand-written arguments and
-an ``add_arguments(parser)``) and ``run(cfg_or_args)``. What they all do around their work is
-:mod:`maelab.commands.session`; the config sections several of them share are
-:mod:`maelab.commands.sections`; `maelab pretrain`'s options, which the commands that run pre-trainings read, are
-:mod:`maelab.commands.pretrain_config`. A command never imports another command.
+"""One module per `maelab` subcommand, named as the command. Each has ``NAME``, ``DESCRIPTION``, ``Config``
+(its config dataclass, whose fields become the flags; ``None`` for commands with hand-written arguments
+and an ``add_arguments(parser)``) and ``run(cfg_or_args)``. ``COMMANDS`` lists them with their one-line
+help, in the order `maelab --help` shows them: the CLI imports only the module of the command it runs,
+because importing any of them loads torch, timm and torchvision, which the list does not need. What
+they all do around their work is :mod:`maelab.commands.session`; the config sections several of them
+share are :mod:`maelab.commands.sections`; `maelab pretrain`'s options, which the commands that run
+pre-trainings read, are :mod:`maelab.commands.pretrain_config`. A command never imports another
+command.
 """
 
-from maelab.commands import (ablate, convert, detect, features, finetune, knn, linprobe, models, pretrain, recipe,
-                             segment, shards, visualize)
+from importlib import import_module
+from types import ModuleType
 
-COMMANDS = (pretrain, visualize, convert, models, finetune, linprobe, knn, features, ablate, recipe, shards, segment,
-            detect)
+COMMANDS = {
+    "pretrain": "MAE pre-training on a folder of images",
+    "visualize": "reconstruction pictures from a run or checkpoint",
+    "convert": "convert MAE weights between maelab, official MAE and Hugging Face, and export them to timm",
+    "models": "list model presets",
+    "finetune": "fine-tune the encoder as a classifier (or train it from scratch with --init none)",
+    "linprobe": "linear probe: BatchNorm + Linear head on frozen features, LARS",
+    "knn": "weighted kNN accuracy of frozen features (k=20, T=0.07)",
+    "features": "embeddings of a folder of images to .npy / .safetensors, with the image paths",
+    "ablate": "sweep one pre-training setting: pre-train per value, then kNN / linear probe / fine-tune, table + plot",
+    "recipe": "pre-train -> kNN (vs random init) -> linear probe -> fine-tune (vs from scratch), each to a budget",
+    "shards": "write an image folder as WebDataset tar shards (for streaming: --data DIR, a pattern, URLs)",
+    "segment": "semantic segmentation: UPerNet on the encoder (train | eval | predict)",
+    "detect": "Mask R-CNN on a ViTDet feature pyramid of the encoder: train | eval | predict (COCO-format data)",
+}
 
-__all__ = ["COMMANDS"]
+
+def load(name: str) -> ModuleType:
+    """The module of command ``name``."""
+    return import_module(f"maelab.commands.{name}")
+
+
+__all__ = ["COMMANDS", "load"]

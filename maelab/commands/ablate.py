@@ -33,7 +33,6 @@ from maelab.train.budget import parse_duration
 from maelab.viz import plot_loss_overlay, save_figure_atomic
 
 NAME = "ablate"
-HELP = "sweep one pre-training setting: pre-train per value, then kNN / linear probe / fine-tune, table + plot"
 DESCRIPTION = ("Ablation of one setting, e.g. --setting mask-ratio --values 0.25 0.5 0.75 0.9 (paper Table 1). "
                "Every value is pre-trained to --budget, then evaluated.")
 EVALUATIONS = ("knn", "linprobe", "finetune")

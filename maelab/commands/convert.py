@@ -24,7 +24,6 @@ from maelab.interop.timm_export import save_timm_checkpoint, save_timm_classifie
 from maelab.io import save_weights
 
 NAME = "convert"
-HELP = "convert MAE weights between maelab, official MAE and Hugging Face, and export them to timm"
 DESCRIPTION = ("SRC (recognised by content): a maelab pre-training run / checkpoint folder / .safetensors, an "
                "official MAE .pth, or a Hugging Face ViTMAE folder; also a fine-tuned classifier (a maelab fine-tune "
                "run, an official / timm fine-tuned checkpoint) for --to timm / maelab / official. timm is a write-only target: timm and other encoder-only files have no decoder, so they "

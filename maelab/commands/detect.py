@@ -40,7 +40,6 @@ from maelab.transfer.detection import (ANCHOR_SIZES, HEADS, DetectTask, build_de
 from maelab.viz.detection import save_detection_grid
 
 NAME = "detect"
-HELP = "Mask R-CNN on a ViTDet feature pyramid of the encoder: train | eval | predict (COCO-format data)"
 DESCRIPTION = ("Object detection and instance segmentation: torchvision's Mask R-CNN on ViTDet's simple feature "
                "pyramid over any encoder maelab reads; COCO-format data, large-scale jitter, box and mask AP "
                "(pycocotools). `maelab detect train --help` lists the flags of each action.")

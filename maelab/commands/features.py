@@ -27,7 +27,6 @@ from maelab.io import atomic_write_bytes, check_output_file, read_weights, save_
 from maelab.models.vit import describe
 
 NAME = "features"
-HELP = "embeddings of a folder of images to .npy / .safetensors, with the image paths"
 DESCRIPTION = ("Encoder features (cls token or mean of the patch tokens after the final norm; never masked) for "
                "every image of a folder, in a fixed order.")
 

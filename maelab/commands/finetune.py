@@ -32,7 +32,6 @@ from maelab.train.optim import adamw, batch_and_lr, layer_decay_groups, scaled_l
 from maelab.train.tasks import FinetuneTask
 
 NAME = "finetune"
-HELP = "fine-tune the encoder as a classifier (or train it from scratch with --init none)"
 DESCRIPTION = ("End-to-end fine-tuning with the official MAE recipe (global-average-pool + fc_norm head, layer-wise lr "
                "decay, drop path, RandAugment, mixup / cutmix, label smoothing, random erasing, AdamW, warm-up + "
                "cosine); top-1 / top-5 on the validation split after every epoch; the headline is the final epoch.")

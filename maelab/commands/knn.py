@@ -21,7 +21,6 @@ from maelab.io import check_output_file, write_json
 from maelab.models.vit import describe
 
 NAME = "knn"
-HELP = "weighted kNN accuracy of frozen features (k=20, T=0.07)"
 DESCRIPTION = ("Weighted k-nearest-neighbour classification on L2-normalised features: the training split is the "
                "memory bank, the validation split the queries.")
 

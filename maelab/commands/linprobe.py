@@ -40,7 +40,6 @@ from maelab.train.optim import batch_and_lr, lars, lars_param_groups, scaled_lr
 from maelab.train.tasks import LinprobeTask
 
 NAME = "linprobe"
-HELP = "linear probe: BatchNorm + Linear head on frozen features, LARS"
 DESCRIPTION = ("Linear probing as in the paper: frozen encoder in eval mode, cls-token features after the final "
                "norm, BatchNorm1d(affine=False) + Linear head, LARS. --no-augment caches the features once (fast "
                "on a CPU).")

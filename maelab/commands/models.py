@@ -7,7 +7,6 @@ import argparse
 from maelab.models.presets import PRESETS
 
 NAME = "models"
-HELP = "list model presets"
 DESCRIPTION = "The MAE presets --model accepts: input size, patch, encoder and decoder sizes."
 Config = None
 

@@ -25,7 +25,6 @@ from maelab.train.tasks import PretrainTask
 from maelab.viz import PICTURE_IMAGES, plot_curves, reconstruction_grid, save_reconstruction_grid
 
 NAME = "pretrain"
-HELP = "MAE pre-training on a folder of images"
 DESCRIPTION = "Masked Autoencoder pre-training."
 
 

@@ -32,7 +32,6 @@ from maelab.train.budget import parse_duration
 from maelab.viz import PICTURE_IMAGES, plot_curves
 
 NAME = "recipe"
-HELP = "pre-train -> kNN (vs random init) -> linear probe -> fine-tune (vs from scratch), each to a budget"
 DESCRIPTION = ("The paper's protocol in one command: --config recipe_quick (about 30 min on 2 CPU cores) or "
                "recipe_full (the public small-scale CIFAR recipe, for a GPU). Re-running resumes.")
 RATIOS = (0.75, 0.85, 0.95)

@@ -47,7 +47,6 @@ from maelab.viz.curves import plot_curves
 from maelab.viz.segmentation import save_segmentation_figure
 
 NAME = "segment"
-HELP = "semantic segmentation: UPerNet on the encoder (train | eval | predict)"
 DESCRIPTION = ("UPerNet semantic segmentation on a ViT encoder (BEiT / MAE recipe): `train` fine-tunes it on a "
                "CamVid- or ADE20K-layout folder, `eval` gives mIoU / mAcc / aAcc / per-class IoU of a run, "
                "`predict` draws predicted masks.")

@@ -11,7 +11,6 @@ from maelab.data.folders import prepare_images
 from maelab.data.shards import MANIFEST, make_shards
 
 NAME = "shards"
-HELP = "write an image folder as WebDataset tar shards (for streaming: --data DIR, a pattern, URLs)"
 DESCRIPTION = ("make: pack the images of --data (an ImageFolder tree or a flat folder) into tar shards of "
                "--shard-size samples in --out, in a seeded random order, with their labels, and an index.json "
                f"({MANIFEST}: counts and class names). The image files are stored as they are (not re-encoded). "

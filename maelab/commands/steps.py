@@ -21,9 +21,8 @@ import torch
 from maelab import __version__
 from maelab.commands.sections import at_least
 from maelab.config import load_yaml, option
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, RunInterrupted
 from maelab.io import write_json
-from maelab.train.loop import RunInterrupted
 from maelab.train.precision import native_bf16
 
 

@@ -17,7 +17,6 @@ from maelab.train.distributed import pick_device
 from maelab.viz import PICTURE_IMAGES, save_reconstruction_grid
 
 NAME = "visualize"
-HELP = "reconstruction pictures from a run or checkpoint"
 DESCRIPTION = ("Per image a row: original | masked | reconstruction | reconstruction with the visible patches "
                "pasted in, for each mask ratio.")
 Config = None

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import yaml
 
 from maelab.data.loader import Batch, Feeder
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, RunInterrupted
 from maelab.io import atomic_write_bytes, read_weights, remove_stale_temps
 from maelab.models.attention import fused_attention_wanted, set_attention_kernel
 from maelab.models.state_dicts import check_state_dict
@@ -40,15 +40,6 @@ from maelab.train.logs import RunLogger
 from maelab.train.optim import SCHEDULES, set_lr
 from maelab.train.precision import autocast, resolve_precision
 from maelab.train.run_config import check_resume, recorded
-
-
-class RunInterrupted(MaelabError):
-    """The run was stopped by a signal after saving a resumable checkpoint; ``exit_code`` is the
-    shell convention for that signal (130 for SIGINT, 143 for SIGTERM)."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT):
-        super().__init__(message)
-        self.exit_code = 128 + int(signum)
 
 
 class NonFiniteLoss(MaelabError):
