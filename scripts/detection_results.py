@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
@@ -27,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import cpu_model  # noqa: E402
+from maelab.commands.steps import maelab as run_step  # noqa: E402
+from maelab.errors import MaelabError  # noqa: E402
 COCO128 = REPO.parent / "shared" / "datasets" / "coco128"
 MAE_FLAGS = ["--model", "mae_vit_tiny_patch16", "--img-size", "256", "--decoder-embed-dim", "128",
              "--decoder-depth", "2", "--decoder-num-heads", "4", "--batch-size", "16", "--lr", "1.5e-4", "--vis-every", "0"]
@@ -34,13 +34,12 @@ KEYS = ("box_AP", "box_AP50", "box_AP75", "mask_AP", "mask_AP50", "mask_AP75")
 
 
 def run(cmd: list[str], log: Path) -> float:
-    """Run a maelab command (its output to ``log``); the wall-clock seconds it took."""
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        status = subprocess.run([sys.executable, "-m", "maelab.cli", *cmd], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-    if status.returncode:
-        sys.exit(f"{' '.join(cmd[:2])} failed (status {status.returncode}); see {log}")
-    return time.perf_counter() - t0
+    """Run ``maelab CMD`` as a child process of this checkout's code (output appended to ``log``); the
+    wall-clock seconds it took. On Ctrl-C the run saves first (:func:`maelab.commands.steps.run_child`)."""
+    try:
+        return run_step(cmd, log)
+    except MaelabError as e:
+        sys.exit(f"detection_results: {e}")
 
 
 def train_images(work: Path, data: Path) -> Path:

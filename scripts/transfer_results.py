@@ -19,27 +19,29 @@ import json
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from maelab.commands.steps import maelab as run_step  # noqa: E402
+from maelab.errors import MaelabError  # noqa: E402
+
 CAMVID = REPO.parent / "shared" / "datasets" / "camvid"
 MODEL = "mae_vit_tiny_patch16"
 SIZE = ["128", "160"]
 
 
 def maelab(args: list[str], log: Path) -> float:
-    """Run ``python -m maelab.cli ARGS`` with its output in ``log``; seconds it took."""
+    """Run ``maelab ARGS`` as a child process of this checkout's code (output appended to ``log``); seconds
+    it took. On Ctrl-C the run saves first (:func:`maelab.commands.steps.run_child`)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        code = subprocess.call([sys.executable, "-m", "maelab.cli", *args], stdout=f, stderr=subprocess.STDOUT,
-                               cwd=REPO)
-    if code:
-        sys.exit(f"maelab {' '.join(args)} failed (status {code}); see {log}")
-    return time.perf_counter() - t0
+    try:
+        return run_step(args, log)
+    except MaelabError as e:
+        sys.exit(f"transfer_results: {e}")
 
 
 def cpu_name() -> str:

@@ -60,6 +60,12 @@ def test_missing_and_empty_data_folders(capsys, tmp_path):
     code, _, err = run(capsys, "pretrain", "--out", str(tmp_path / "r"), *FAST)
     assert code == 2 and "--data is required" in _one_clear_line(err)
     assert not (tmp_path / "r").exists()
+    for cmd in ("knn", "finetune", "linprobe"):  # a mistyped --data is named as such, not as a missing split
+        code, _, err = run(capsys, cmd, "--init", "none", "--model", "mae_vit_tiny_patch4", "--data", str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "r"))
+        assert code == 2 and _one_clear_line(err) == f"maelab: error: data folder {tmp_path / 'nope'} does not exist"
+    code, _, err = run(capsys, "knn", "--init", "none", "--model", "mae_vit_tiny_patch4", "--data", str(tmp_path / "empty"))
+    assert code == 2 and "no validation split: pass --val-data" in _one_clear_line(err)
 
 
 def test_unknown_flag_is_rejected_by_the_parser(capsys):

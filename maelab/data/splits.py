@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from maelab.data.folders import ImageList, subsample
-from maelab.data.shards import prepare_any
+from maelab.data.shards import is_shard_source, prepare_any
 from maelab.errors import MaelabError
 
 VAL_NAMES = ("val", "validation", "test")
@@ -65,6 +65,8 @@ def classification_splits(data: str, val_data: str, bad_files: str = "error",
     if not data:
         raise MaelabError("--data is required: the training split, an ImageFolder tree (<class>/<image>)")
     val = val_data or default_val_dir(data)
+    if not val and not is_shard_source(str(data)) and not Path(data).expanduser().exists():
+        raise MaelabError(f"data folder {data} does not exist")  # a mistyped --data, not a missing split
     if not val:
         raise MaelabError(f"no validation split: pass --val-data (no sibling {'/'.join(VAL_NAMES)} folder "
                           f"next to {data})")
