@@ -234,7 +234,9 @@ stop = []
 signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
 signal.signal(signal.SIGINT, lambda *a: stop.append(1))
 (out / "ready").write_text("")
-while not stop:
+for _ in range(600):  # 30 s at most: a chain that never passes the stop on fails, it does not hang
+    if stop:
+        break
     time.sleep(0.05)
 time.sleep(1.0)  # a training step finishing, then its checkpoint being written
 (out / "saved").write_text("")
@@ -261,6 +263,9 @@ def test_ctrl_c_during_a_chain_step_waits_for_the_step_to_save(tmp_path, monkeyp
         threading.Event().wait(0.2)  # the chain is waiting on the step by now
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Python's own Ctrl-C handler, also where this process was started with SIGINT ignored (a background
+    # job of a non-interactive shell), or the Ctrl-C below would never arrive
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=ctrl_c, daemon=True).start()
     try:
         steps.maelab(["pretrain", "--out", str(tmp_path / "run")], tmp_path / "log.txt")
@@ -269,7 +274,9 @@ def test_ctrl_c_during_a_chain_step_waits_for_the_step_to_save(tmp_path, monkeyp
         pytest.fail("the Ctrl-C went past the chain's wait: the step was killed, not asked to stop")
     except RunInterrupted as e:
         stopped = e
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert (tmp_path / "saved").is_file()  # the step saved instead of being killed
     assert stopped.exit_code == 130
     assert str(stopped) == (f"interrupted during `maelab pretrain` (the end of {tmp_path / 'log.txt'} says where "
-                                  "it stopped); run the same command again to resume")
+                            "it stopped); run the same command again to resume")
