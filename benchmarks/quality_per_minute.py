@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,7 +43,7 @@ import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks.peers import SIZES, hf_model  # noqa: E402
-from maelab.commands.steps import child_command, recorded_optim, run_child  # noqa: E402
+from maelab.commands.steps import child_command, recorded_optim, run_child, stop_child  # noqa: E402
 from maelab.errors import MaelabError  # noqa: E402
 from maelab.train import checkpoint as ckpt  # noqa: E402
 from maelab.train.budget import latest_by, parse_duration  # noqa: E402
@@ -88,9 +89,13 @@ def run_maelab(args, out: Path) -> tuple[list[float], list[Path]]:
                                    "--vis-every", "0", "--seed", str(args.seed), "--out", str(run)])
         with open(out / "log.txt", "a") as log:
             proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-            while proc.poll() is None:
-                harvest(run, snaps)
-                time.sleep(1.0)
+            try:
+                while proc.poll() is None:
+                    harvest(run, snaps)
+                    time.sleep(1.0)
+            except BaseException:  # Ctrl-C or SIGTERM: the run saves and stops with the benchmark, not later
+                stop_child(proc)
+                raise
         harvest(run, snaps)
         if proc.returncode:
             raise SystemExit(f"`maelab pretrain` failed (exit {proc.returncode}); see {out / 'log.txt'}")
@@ -198,6 +203,8 @@ def no_later_than(times: list[float], paths: list[Path], targets: list[float]) -
 
 
 def main() -> None:
+    # SIGTERM ends the benchmark through SystemExit, so the maelab run it started is stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--val-data", required=True)

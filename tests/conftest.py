@@ -107,6 +107,48 @@ def results_page(*args: str, check: bool = False) -> subprocess.CompletedProcess
     return done
 
 
+SAVING_CHILD = """
+import signal, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+signal.signal(signal.SIGINT, lambda *a: stop.append(1))
+(out / "ready").write_text("")
+for _ in range(600):  # 30 s at most: a parent that never passes the stop on fails its test, not hangs it
+    if stop:
+        break
+    time.sleep(0.05)
+time.sleep(1.0)  # a training step finishing, then its checkpoint being written
+(out / "saved").write_text("")
+sys.exit(143)
+"""
+
+
+def saving_child(folder: Path) -> tuple[list[str], dict[str, str]]:
+    """Argv and environment of a stand-in for a `maelab` training run: it writes ``folder/ready``, waits for
+    SIGTERM or SIGINT (30 s at most), takes 1 s to "save", writes ``folder/saved`` and exits 143."""
+    return [sys.executable, "-c", SAVING_CHILD, str(folder)], dict(os.environ)
+
+
+def ctrl_c_when_ready(folder: Path):
+    """Send this process SIGINT (a Ctrl-C) once ``folder/ready`` exists, from a thread; returns the SIGINT
+    handler to restore. Python's own handler is installed first: where this process was started with SIGINT
+    ignored (a background job of a non-interactive shell, as CI may be), the Ctrl-C would never arrive."""
+    import signal
+    import threading
+
+    def ctrl_c():
+        while not (folder / "ready").exists():
+            threading.Event().wait(0.05)
+        threading.Event().wait(0.2)  # the waiting side is in its wait by now
+        os.kill(os.getpid(), signal.SIGINT)
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    return before
+
+
 def record_plans(monkeypatch, steps: int = 2) -> list[tuple[float, float]]:
     """Make every ``--budget`` plan ``steps`` steps in one epoch, with no re-planning; returns the list that
     collects each plan's (per-epoch, final) seconds outside the steps, as the command measured them."""

@@ -6,12 +6,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_asymmetry import BASELINE, build_models, loss_fn  # noqa: E402
-from conftest import results_page  # noqa: E402
+from conftest import ctrl_c_when_ready, results_page, saving_child  # noqa: E402
 
 
 def test_asymmetry_variants_share_the_encoder_and_train():
@@ -60,6 +61,26 @@ def test_quality_per_minute_times_maelab_from_its_launch_and_rescores_without_tr
     assert [p["token"] for p in res["curves"]["HF ViTMAE + torchvision"]] == [20.0, 21.0]
     assert res["hf_schedule"] == {"planned_steps": 10, "steps_done": 10} and (out / "curve.png").is_file()
     assert res["maelab_steps"] == 42  # what maelab's planner settled on, kept beside the alternative's
+
+
+def test_quality_per_minute_stops_its_maelab_run_when_it_is_stopped(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM of the benchmark while its maelab arm trains: the run is asked to stop and saves
+    before the benchmark exits, instead of training on, orphaned, until its budget ends."""
+    import argparse
+    import signal
+
+    from benchmarks import quality_per_minute as qpm
+
+    monkeypatch.setattr(qpm, "child_command", lambda args: saving_child(tmp_path))
+    args = argparse.Namespace(rescore=False, snapshot_minutes=1.0, budget="30m", points=5, data="d", batch_size=8,
+                              seed=0)
+    before = ctrl_c_when_ready(tmp_path)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            qpm.run_maelab(args, tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert (tmp_path / "saved").is_file()  # it saved before the benchmark went on to exit
 
 
 def test_quality_per_minute_keeps_maelabs_timed_checkpoints_and_compares_at_equal_or_less_time(tmp_path):

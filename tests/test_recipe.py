@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import maelab_here, maelab_refusal, make_subset, results_page
+from conftest import ctrl_c_when_ready, maelab_here, maelab_refusal, make_subset, results_page, saving_child
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -226,47 +225,19 @@ def test_a_step_run_with_other_settings_is_refused_not_read_back(tmp_path, monke
         "--no-augment (not given) -> (set)"
 
 
-CHILD = """
-import signal, sys, time
-from pathlib import Path
-out = Path(sys.argv[1])
-stop = []
-signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
-signal.signal(signal.SIGINT, lambda *a: stop.append(1))
-(out / "ready").write_text("")
-for _ in range(600):  # 30 s at most: a chain that never passes the stop on fails, it does not hang
-    if stop:
-        break
-    time.sleep(0.05)
-time.sleep(1.0)  # a training step finishing, then its checkpoint being written
-(out / "saved").write_text("")
-sys.exit(143)
-"""
 
 
 def test_ctrl_c_during_a_chain_step_waits_for_the_step_to_save(tmp_path, monkeypatch):
     """Ctrl-C of `maelab recipe` / `ablate` reaches the chain while a step runs. `subprocess.run` would
     give the step a quarter of a second and then kill it, losing everything since its last checkpoint;
     the chain asks it to stop and waits for its save, then says how to resume."""
-    import os
     import signal
-    import threading
 
     from maelab.commands import steps
     from maelab.train.loop import RunInterrupted
 
-    monkeypatch.setattr(steps, "child_command", lambda args: ([sys.executable, "-c", CHILD, str(tmp_path)], dict(os.environ)))
-
-    def ctrl_c():
-        while not (tmp_path / "ready").exists():
-            threading.Event().wait(0.05)
-        threading.Event().wait(0.2)  # the chain is waiting on the step by now
-        os.kill(os.getpid(), signal.SIGINT)
-
-    # Python's own Ctrl-C handler, also where this process was started with SIGINT ignored (a background
-    # job of a non-interactive shell), or the Ctrl-C below would never arrive
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    threading.Thread(target=ctrl_c, daemon=True).start()
+    monkeypatch.setattr(steps, "child_command", lambda args: saving_child(tmp_path))
+    before = ctrl_c_when_ready(tmp_path)
     try:
         steps.maelab(["pretrain", "--out", str(tmp_path / "run")], tmp_path / "log.txt")
         pytest.fail("the chain did not stop")

@@ -121,15 +121,17 @@ def run_child(args: list[str], log: Path) -> int:
         try:
             return proc.wait()
         except KeyboardInterrupt:
-            _let_stop(proc)
+            stop_child(proc)
             raise RunInterrupted(f"interrupted during `maelab {args[0]}` (the end of {log} says where it stopped); "
                                  "run the same command again to resume") from None
         except BaseException:
-            _let_stop(proc)
+            stop_child(proc)
             raise
 
 
-def _let_stop(proc: subprocess.Popen) -> None:
+def stop_child(proc: subprocess.Popen) -> None:
+    """Ask a `maelab` child that is still running to stop (SIGTERM: it saves at its next step boundary)
+    and wait until it has."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         proc.wait()
