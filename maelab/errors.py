@@ -4,7 +4,6 @@ The CLI prints ``MaelabError`` as one line and exits with status 2; anything els
 its traceback.
 """
 
-
 import signal
 
 

@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import cpu_model  # noqa: E402
 from maelab.commands.steps import maelab as run_step  # noqa: E402
 from maelab.errors import MaelabError  # noqa: E402
+
 COCO128 = REPO.parent / "shared" / "datasets" / "coco128"
 MAE_FLAGS = ["--model", "mae_vit_tiny_patch16", "--img-size", "256", "--decoder-embed-dim", "128",
              "--decoder-depth", "2", "--decoder-num-heads", "4", "--batch-size", "16", "--lr", "1.5e-4", "--vis-every", "0"]

@@ -52,25 +52,34 @@ def cifar_tiny(tmp_path_factory) -> Path:
     return make_subset(tmp_path_factory.mktemp("cifar_tiny"), 16, classes=4)
 
 
+def in_process(call, shown: list[str]) -> subprocess.CompletedProcess:
+    """``call()`` run as if it were its own process: its exit status (a ``SystemExit`` mapped as the
+    interpreter maps it: none 0, a number itself, a message printed to stderr and 1), stdout and stderr."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = call() or 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1 if e.code else 0
+            if isinstance(e.code, str):
+                print(e.code, file=err)
+    return subprocess.CompletedProcess(shown, code, out.getvalue(), err.getvalue())
+
+
 def maelab_here(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """`maelab ARGS` run in this process from ``cwd``, as the console script would run it: exit status,
-    stdout and stderr, with ``sys.argv`` its command line. For `recipe` and `ablate`, whose steps are
-    child processes anyway: their own start-up in a second interpreter cost ~5 s a call."""
+    """`maelab ARGS` run in this process from ``cwd``, as the console script would run it, with ``sys.argv``
+    its command line. For `recipe` and `ablate`, whose steps are child processes anyway: their own start-up
+    in a second interpreter cost ~5 s a call."""
     from maelab.cli import main
 
-    out, err, here, argv = io.StringIO(), io.StringIO(), os.getcwd(), sys.argv
+    here, argv = os.getcwd(), sys.argv
     os.chdir(cwd)
     sys.argv = ["maelab", *args]  # what the console script sees: the command line the runs record
     try:
-        with redirect_stdout(out), redirect_stderr(err):
-            try:
-                code = main(list(args))
-            except SystemExit as e:  # argparse's own refusals
-                code = e.code if isinstance(e.code, int) else 1
+        return in_process(lambda: main(list(args)), ["maelab", *args])
     finally:
         os.chdir(here)
         sys.argv = argv
-    return subprocess.CompletedProcess(["maelab", *args], code, out.getvalue(), err.getvalue())
 
 
 def maelab_refusal(capsys, *args: str) -> tuple[int, str]:
@@ -88,20 +97,11 @@ def maelab_refusal(capsys, *args: str) -> tuple[int, str]:
 
 def results_page(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     """`python scripts/results_page.py ARGS` run in this process, from a fresh copy of the script's module:
-    the page tests render it many times, and each second interpreter spent ~5 s importing torch and timm.
-    Exit status, stdout and stderr as the script's own process would give them."""
+    the page tests render it many times, and each second interpreter spent ~5 s importing torch and timm."""
     spec = importlib.util.spec_from_file_location("results_page", REPO / "scripts" / "results_page.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            module.main(list(args))
-        except SystemExit as e:  # a message exits with status 1, as the interpreter does
-            code = e.code if isinstance(e.code, int) else 1 if e.code else 0
-            if isinstance(e.code, str):
-                print(e.code, file=err)
-    done = subprocess.CompletedProcess(["results_page.py", *args], code, out.getvalue(), err.getvalue())
+    done = in_process(lambda: module.main(list(args)), ["results_page.py", *args])
     if check:
         done.check_returncode()
     return done
