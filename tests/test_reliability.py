@@ -89,6 +89,31 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_run_resumes(capsys,
     assert ckpt.latest_checkpoint(out).name == "epoch_0002"
 
 
+@pytest.mark.parametrize("damaged", ["model.safetensors", "state.pt"])
+def test_a_damaged_checkpoint_names_the_one_to_continue_from_and_that_resumes(capsys, tmp_path, damaged):
+    """A save never leaves a damaged file, but a half-copied run folder can: the error must say which of
+    the run's other checkpoints to continue from, and continuing from it must work."""
+    from maelab.cli import main
+    from maelab.train import checkpoint as ckpt
+
+    data, out = png_folder(tmp_path / "data", 8), tmp_path / "run"
+    flags = ["pretrain", "--data", str(data), "--out", str(out), *FAST, "--num-workers", "0", "--save-every", "1"]
+    assert main([*flags, "--epochs", "2"]) == 0
+    newest = out / "checkpoints" / "epoch_0002"
+    (newest / damaged).write_bytes((newest / damaged).read_bytes()[:100])
+    capsys.readouterr()
+    assert main([*flags, "--epochs", "3"]) == 2
+    line = _error_line(capsys)
+    assert str(newest / damaged) in line, line
+    assert f"other checkpoints (epoch_0001): continue from the newest of them with --resume " \
+           f"{out / 'checkpoints' / 'epoch_0001'}" in line, line
+    assert main([*flags, "--epochs", "3", "--resume", str(out / "checkpoints" / "epoch_0001")]) == 0
+    assert "continuing at epoch 2" in capsys.readouterr().err
+    assert ckpt.latest_checkpoint(out).name == "epoch_0003"
+    assert main([*flags, "--epochs", "3"]) == 0  # the damaged folder was replaced by the re-run's epoch 2
+    assert ckpt.read_checkpoint(newest)[1]["epoch"] == 2
+
+
 def test_temp_checkpoints_a_killed_run_left_are_removed_and_live_ones_kept(capsys, monkeypatch, tmp_path):
     from maelab.cli import main
     from maelab.train import checkpoint as ckpt

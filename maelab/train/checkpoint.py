@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from maelab.errors import MaelabError
-from maelab.io import atomic_path, atomic_write_bytes, default_mode, fsync_dir, save_weights, temp_prefix
+from maelab.io import atomic_path, atomic_write_bytes, default_mode, fsync_dir, read_weights, save_weights, temp_prefix
 
 WEIGHTS, STATE, META, LATEST = "model.safetensors", "state.pt", "meta.json", "latest"
 # how a full disk surfaces: OSError, safetensors' "(os error 28)", torch.save's "unexpected pos"
@@ -144,6 +144,21 @@ def load_train_state(folder: Path) -> dict[str, Any]:
         return torch.load(folder / STATE, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable state is the same user error
         raise MaelabError(f"cannot read training state {folder / STATE}: {e}".splitlines()[0]) from None
+
+
+def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(weights, training state) to resume from. A save never leaves a damaged file, but an interrupted
+    copy of a run or a failing disk can: then the error also names the run's other checkpoints, since
+    resuming from one of them loses only the steps between the two."""
+    try:
+        weights, _ = read_weights(folder / WEIGHTS)
+        return weights, load_train_state(folder)
+    except MaelabError as e:
+        others = [d for d in list_checkpoints(folder.parent.parent) if d.resolve() != folder.resolve()]
+        if not others:
+            raise
+        raise MaelabError(f"{str(e).rstrip('.')}. The run has other checkpoints ({', '.join(d.name for d in others)}): continue from "
+                          f"the newest of them with --resume {others[-1]}") from None
 
 
 def resolve_weights_path(path: str | Path) -> Path:

@@ -29,7 +29,7 @@ import yaml
 
 from maelab.data.loader import Batch, Feeder
 from maelab.errors import MaelabError, RunInterrupted
-from maelab.io import atomic_write_bytes, read_weights, remove_stale_temps
+from maelab.io import atomic_write_bytes, remove_stale_temps
 from maelab.models.attention import fused_attention_wanted, set_attention_kernel
 from maelab.models.state_dicts import check_state_dict
 from maelab.train import checkpoint as ckpt
@@ -339,9 +339,8 @@ class Trainer:
                            yaml.safe_dump(recorded(dataclasses.asdict(self._config)), sort_keys=False).encode())
 
     def resume_from(self, folder: Path) -> None:
-        weights, _ = read_weights(folder / ckpt.WEIGHTS)
+        weights, state = ckpt.read_checkpoint(folder)
         check_state_dict(self.task.model, weights, f"checkpoint {folder}")
-        state = ckpt.load_train_state(folder)
         if state["global_batch"] != self.global_batch:
             raise MaelabError(
                 f"checkpoint {folder} was trained with a global batch of {state['global_batch']}, this run "
