@@ -114,6 +114,40 @@ def test_a_damaged_checkpoint_names_the_one_to_continue_from_and_that_resumes(ca
     assert ckpt.read_checkpoint(newest)[1]["epoch"] == 2
 
 
+def test_a_second_process_in_a_running_runs_folder_is_refused_and_a_killed_holder_leaves_no_lock(capsys,
+                                                                                                tmp_path):
+    """The same command started twice (or a recipe step orphaned by a killed parent, then run again) would
+    resume from one checkpoint twice and interleave two runs' checkpoints and logs."""
+    import signal
+    import time
+
+    from maelab.cli import main
+
+    data, out = png_folder(tmp_path / "data", 20), tmp_path / "run"
+    flags = ["pretrain", "--data", str(data), "--out", str(out), *FAST, "--num-workers", "0"]
+    assert main(flags) == 0
+    assert (out / ".maelab.lock").is_file()  # released at the end of the run: the next command may run
+    log = tmp_path / "holder.log"
+    with open(log, "w") as sink:
+        holder = subprocess.Popen([sys.executable, "-m", "maelab.cli", *flags, "--epochs", "400"], stdout=sink,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO),
+                                                                 "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        while "resumed from" not in log.read_text() and holder.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert holder.poll() is None, log.read_text()
+        capsys.readouterr()
+        assert main([*flags, "--epochs", "400"]) == 2
+        line = _error_line(capsys)
+        assert f"{out} is in use by another maelab process (pid {holder.pid})" in line, line
+        assert f"kill {holder.pid}" in line
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no chance to clean up: the kernel drops the lock
+        holder.wait()
+    assert main(flags) == 0, capsys.readouterr().err
+
+
 def test_temp_checkpoints_a_killed_run_left_are_removed_and_live_ones_kept(capsys, monkeypatch, tmp_path):
     from maelab.cli import main
     from maelab.train import checkpoint as ckpt

@@ -40,6 +40,7 @@ from maelab.train.budget import (CALIBRATION_SHARE, MARGIN, Deadline, check_hist
 from maelab.train.distributed import cleanup, init_distributed, reduce_values
 from maelab.train.loop import LoopResult, Trainer
 from maelab.train.precision import resolve_precision
+from maelab.train.run_lock import RunLock
 
 BEST_NOTE = "best epoch selected on the validation split itself (optimistic); the headline is the final epoch"
 
@@ -137,6 +138,7 @@ class Session:
         """``seed`` seeds torch's global generator (random initialisation) once the process has started."""
         self.started = time.perf_counter() - process_age()  # a --budget counts from the process start
         self.budget_note: str | None = None
+        self.lock: RunLock | None = None
         self.info, self.device = init_distributed(device)
         self.precision = resolve_precision(precision, self.device)
         if seed is not None:
@@ -146,6 +148,8 @@ class Session:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
         cleanup(self.info)
 
     @property
@@ -168,9 +172,14 @@ class Session:
         return encoder, enc, arch, size, notes
 
     def run_folder(self, run_cfg) -> tuple[Path, Path | None]:
-        """(run folder, checkpoint to resume from or None) for a run section (``out``, ``resume``)."""
+        """(run folder, checkpoint to resume from or None) for a run section (``out``, ``resume``). An
+        existing folder is locked for this process (:mod:`maelab.train.run_lock`), so a second process in it
+        stops here, before it reads a checkpoint."""
         run_dir = Path(run_cfg.out).expanduser()
-        return run_dir, find_resume(run_cfg.resume, run_dir)
+        resume = find_resume(run_cfg.resume, run_dir)
+        self.lock = RunLock(run_dir, self.is_main)
+        self.lock.take()
+        return run_dir, resume
 
     def eval_split(self, images: ImageList, size: tuple[int, int], data) -> EvalSplit:
         """This process's shard of ``images`` in the evaluation view, read as an images section says
@@ -215,7 +224,7 @@ class Session:
 
     def fit(self, trainer: Trainer, cfg: Any, resume: Path | None, header: str) -> LoopResult:
         """Resume (refusing changed settings), write the run folder, log ``header``, train, close the log."""
-        logger = trainer.open_run(cfg, resume)  # checks a resumed checkpoint before writing
+        logger = trainer.open_run(cfg, resume, self.lock)  # checks a resumed checkpoint before writing
         if self.is_main:
             logger.info(header)
             if self.budget_note:

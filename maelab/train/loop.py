@@ -40,6 +40,7 @@ from maelab.train.logs import RunLogger
 from maelab.train.optim import SCHEDULES, set_lr
 from maelab.train.precision import autocast, resolve_precision
 from maelab.train.run_config import check_resume, recorded
+from maelab.train.run_lock import RunLock
 
 
 class NonFiniteLoss(MaelabError):
@@ -313,9 +314,10 @@ class Trainer:
             ckpt.prune(self.run_dir, {d.name for d in ckpt.list_checkpoints(self.run_dir)
                                       if not d.name.startswith("step_")} | {name})
 
-    def open_run(self, config: Any, resume: Path | None) -> RunLogger:
+    def open_run(self, config: Any, resume: Path | None, lock: RunLock | None = None) -> RunLogger:
         """Resume (which checks the checkpoint fits), read the first batch's images, and only then write
-        the run folder: logs and ``config.yaml``. Nothing is written for a run that cannot start."""
+        the run folder: logs and ``config.yaml``. Nothing is written for a run that cannot start. A new
+        folder is locked (``lock``) as soon as it exists, before anything is written in it."""
         self._config = config
         settings = dataclasses.asdict(config)
         changes: list[str] = []
@@ -324,6 +326,9 @@ class Trainer:
             self.resume_from(resume)
         if self.epoch < self.optim_cfg.epochs:
             self.feeder.check_start(self.epoch, self.step)
+        if lock is not None and self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            lock.take()
         self.log = RunLogger(self.run_dir, enabled=self.info.is_main, start_step=self.global_step)
         if self.info.is_main:
             self._write_config()

@@ -1,0 +1,61 @@
+"""One process writes a run folder at a time.
+
+Two processes in one folder (the same command started twice, a Slurm job requeued while the old one still
+runs, a chain step left running when its `maelab recipe` parent was killed and the recipe run again)
+would both resume from the same checkpoint and then interleave their checkpoints, logs and config: a
+run silently made of two. The process that writes the folder (rank 0) holds an exclusive ``flock`` on
+``<run>/.maelab.lock`` for its whole life; the kernel drops it when the process ends, however it ends,
+so a killed run never leaves a stale lock behind. A file system without locks (some network mounts)
+runs unguarded, as before.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from maelab.errors import MaelabError
+from maelab.io import default_mode
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locking
+    fcntl = None
+
+LOCK_NAME = ".maelab.lock"
+
+
+class RunLock:
+    """The lock of ``run_dir`` for this process (``enabled`` only in the process that writes it)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.run_dir, self.enabled = Path(run_dir), enabled and fcntl is not None
+        self._fd: int | None = None
+
+    def take(self) -> None:
+        """Hold the lock if the folder exists (a new folder is locked once it is created, before anything
+        is written in it); refuse in one line, naming the holder, if another process holds it."""
+        if not self.enabled or self._fd is not None or not self.run_dir.is_dir():
+            return
+        path = self.run_dir / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, default_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise MaelabError(
+                f"{self.run_dir} is in use by another maelab process (pid {holder}): two processes writing one run "
+                f"would mix their checkpoints and logs. Wait for it to end, or stop it (on SIGTERM it saves a "
+                f"checkpoint: kill {holder}) and run this command again to continue the run") from None
+        except OSError:  # no locks on this file system
+            os.close(fd)
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
