@@ -13,6 +13,12 @@ from conftest import maelab_here, maelab_refusal, make_subset, results_page
 REPO = Path(__file__).resolve().parents[1]
 
 
+def ablation_page(tmp_path: Path, page: Path, *sweeps: Path) -> None:
+    """The results page of these sweeps alone (no recipe, no quality runs), written to ``page``."""
+    results_page("--recipe", "--ablation", *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page),
+                 check=True)
+
+
 def ablate(*args: str, cwd: Path):
     return maelab_here("ablate", *args, cwd=cwd)
 
@@ -57,8 +63,7 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     assert "Mean ± standard deviation over 2 seeds" in (tmp_path / "sweep" / "results.md").read_text()
     (tmp_path / "sweep" / "results.json").write_text(json.dumps(summary))  # the page below reads the one-seed sweep
     page = tmp_path / "page.md"  # the results page shows the sweep, its command, the paper beside it, the plot
-    results_page("--recipe", "--ablation",
-                 str(tmp_path / "sweep"), "--quality", str(tmp_path / "none"), "--out", str(page), check=True)
+    ablation_page(tmp_path, page, tmp_path / "sweep")
     text = page.read_text()
     assert "## Sweep: `mask-ratio` (`sweep`)" in text and "Command: `maelab ablate --setting mask-ratio" in text
     assert summary["code"].startswith("maelab ") and f"Code: {summary['code']}." in text
@@ -71,8 +76,7 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     for key in ("command", "precision", "seed", "evaluated_images", "pretrain_images", "code"):
         summary.pop(key)  # a summary written before these were recorded: the page reads them from the runs
     (tmp_path / "sweep" / "results.json").write_text(json.dumps(summary))
-    results_page("--recipe", "--ablation",
-                 str(tmp_path / "sweep"), "--quality", str(tmp_path / "none"), "--out", str(page), check=True)
+    ablation_page(tmp_path, page, tmp_path / "sweep")
     text = page.read_text()
     assert "re-created from the recorded settings" in text and "--limit-images 12 --pretrain-images 0" in text
     assert "precision fast), then evaluated on 12 images of each split" in text
@@ -203,8 +207,7 @@ def test_the_results_page_measures_the_spread_and_calls_a_difference_only_beyond
               write_sweep(tmp_path / "mask_g", "mask-ratio", {"0.5": 20.0, "0.75": 41.0},
                           machine="test, 2 threads, native bf16, NVIDIA H100")]
     page = tmp_path / "page.md"
-    results_page("--recipe", "--ablation",
-                 *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page), check=True)
+    ablation_page(tmp_path, page, *sweeps)
     text = page.read_text()
     # at a budget with no repeats of its own, a gap is reported but never called a difference
     assert ("| `crop` | 8m | test | random-size | 32.50 | none | 34.00 | none beats random-size by 1.50, but the "
@@ -227,8 +230,7 @@ def test_the_results_page_measures_the_spread_and_calls_a_difference_only_beyond
             "run-to-run spread: no real difference.") in text
     (tmp_path / "depth" / "results.json").write_text((tmp_path / "depth" / "results.json").read_text()
                                                       .replace("35.0", "29.0").replace("30.0", "31.9"))
-    results_page("--recipe", "--ablation",
-                 *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page), check=True)
+    ablation_page(tmp_path, page, *sweeps)
     assert "| `decoder-depth` | 4m | test | 8 | 31.90 | 8 | 31.90 | same winner, but by 0.40: within the 1.00-point spread |" in page.read_text()
 
 
@@ -239,8 +241,7 @@ def test_the_results_page_pools_every_seed_of_the_presets_value(tmp_path):
     summary["rows"][1].update(seeds=[0, 1, 2], knn_top1_runs=[30.0, 31.0, 32.0], knn_top1_std=1.0)
     (sweep / "results.json").write_text(json.dumps(summary))
     page = tmp_path / "page.md"
-    results_page("--recipe", "--ablation", str(sweep),
-                 "--quality", str(tmp_path / "none"), "--out", str(page), check=True)
+    ablation_page(tmp_path, page, sweep)
     text = page.read_text()
     assert "pre-trained 3 times at the 4m budget" in text and "mask-ratio=0.75 seed 2: 32.00" in text
     assert "spread 2.00 points" in text and "(seeds 0, 1, 2, precision fast)" in text
@@ -249,8 +250,7 @@ def test_the_results_page_pools_every_seed_of_the_presets_value(tmp_path):
 def test_a_seed_sweep_reports_its_scatter_not_a_best_seed(tmp_path):
     sweep = write_sweep(tmp_path / "seed", "seed", {"1": 30.5, "2": 33.5, "3": 32.0})
     page = tmp_path / "page.md"
-    results_page("--recipe", "--ablation", str(sweep),
-                 "--quality", str(tmp_path / "none"), "--out", str(page), check=True)
+    ablation_page(tmp_path, page, sweep)
     text = " ".join(page.read_text().split())
     assert "best kNN at" not in text  # no seed is the "best" one
     assert "Across these 3 seeds (mean ± standard deviation, range): kNN 32.00 ± 1.50 (30.50-33.50)." in text
@@ -292,8 +292,7 @@ def test_a_new_probe_setting_re_runs_only_the_probe_and_keeps_the_pretraining_ti
 def test_a_damaged_run_record_stops_the_page_with_one_line(tmp_path):
     (tmp_path / "sweep").mkdir()
     (tmp_path / "sweep" / "results.json").write_text('{"setting": ')  # cut while it was written
-    out = results_page("--recipe", "--ablation",
-                       str(tmp_path / "sweep"), "--out", str(tmp_path / "docs" / "results.md"))
+    out = results_page("--recipe", "--ablation", str(tmp_path / "sweep"), "--out", str(tmp_path / "docs" / "results.md"))
     assert out.returncode != 0 and "cannot read" in out.stderr and "results.json" in out.stderr
     assert "Traceback" not in out.stderr
 
@@ -364,8 +363,7 @@ def test_the_results_page_says_which_runs_were_scored_on_other_subsets(tmp_path)
     page = tmp_path / "page.md"
 
     def render() -> str:
-        results_page("--recipe", "--ablation",
-                     *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page), check=True)
+        ablation_page(tmp_path, page, *sweeps)
         return " ".join(page.read_text().split())
 
     assert "seed=1 was scored on other evaluation subsets than the rest" in render()

@@ -49,8 +49,7 @@ def test_the_quick_chain_on_a_tiny_subset(tmp_path):
     changed = recipe(*args, "--probe-base-lr", "2", cwd=tmp_path)  # another probe in the same folder: refused
     assert changed.returncode == 2 and "linprobe was run with other settings (--base-lr 4 -> 2)" in changed.stderr
     page = tmp_path / "results.md"  # the results page is generated from these outputs, never typed
-    results_page("--recipe", str(tmp_path / "r"),
-                 str(tmp_path / "recipe_full"), "--out", str(page), check=True)
+    results_page("--recipe", str(tmp_path / "r"), str(tmp_path / "recipe_full"), "--out", str(page), check=True)
     text = page.read_text()
     assert f"| fine-tune from scratch (same budget) | {res['finetune_scratch_top1']:.2f} |" in text
     assert "## `recipe_full`" in text and "Not run yet" in text
@@ -83,8 +82,7 @@ def test_the_table_and_the_page_say_how_many_steps_the_budgets_bought(tmp_path):
     folder.mkdir()
     (folder / "results.json").write_text(json.dumps(res))
     page = tmp_path / "page.md"
-    results_page("--recipe", str(folder), "--quality",
-                 "--out", str(page), check=True)
+    results_page("--recipe", str(folder), "--quality", "--out", str(page), check=True)
     assert ("What ran: 367 pre-training steps; fine-tune 5 steps from the MAE encoder, 6 from scratch; evaluations "
             "on 10000 train / 10000 validation images") in page.read_text()
 

@@ -120,12 +120,11 @@ def run_child(args: list[str], log: Path) -> int:
         proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             return proc.wait()
-        except KeyboardInterrupt:
+        except BaseException as stopped:
             stop_child(proc)
-            raise RunInterrupted(f"interrupted during `maelab {args[0]}` (the end of {log} says where it stopped); "
-                                 "run the same command again to resume") from None
-        except BaseException:
-            stop_child(proc)
+            if isinstance(stopped, KeyboardInterrupt):
+                raise RunInterrupted(f"interrupted during `maelab {args[0]}` (the end of {log} says where it "
+                                     "stopped); run the same command again to resume") from None
             raise
 
 

@@ -157,8 +157,9 @@ def read_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         others = [d for d in list_checkpoints(folder.parent.parent) if d.resolve() != folder.resolve()]
         if not others:
             raise
-        raise MaelabError(f"{str(e).rstrip('.')}. The run has other checkpoints ({', '.join(d.name for d in others)}): continue from "
-                          f"the newest of them with --resume {others[-1]}") from None
+        names = ", ".join(d.name for d in others)
+        raise MaelabError(f"{str(e).rstrip('.')}. The run has other checkpoints ({names}): continue from the newest "
+                          f"of them with --resume {others[-1]}") from None
 
 
 def resolve_weights_path(path: str | Path) -> Path:
