@@ -27,7 +27,7 @@ from maelab.data.folders import prepare_images  # noqa: E402
 from maelab.data.loader import Feeder, StepPlan  # noqa: E402
 from maelab.data.shards import ShardFeeder, ShardPlan, make_shards, open_shards  # noqa: E402
 from maelab.data.transforms import PretrainTransform  # noqa: E402
-from maelab.models.presets import create_model  # noqa: E402
+from maelab.models.mae import create_model  # noqa: E402
 
 CPU = torch.device("cpu")
 

@@ -27,7 +27,7 @@ from maelab.data.folders import prepare_images  # noqa: E402
 from maelab.data.loader import Feeder, StepPlan  # noqa: E402
 from maelab.data.workers import default_workers
 from maelab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from maelab.models.presets import create_model
+from maelab.models.mae import create_model
 from maelab.train.optim import adamw, param_groups
 
 

@@ -11,7 +11,7 @@ from maelab.errors import MaelabError
 __version__ = "0.1.0"
 _MODEL_API = {"MaskedAutoencoder": "maelab.models.mae", "patchify": "maelab.models.mae",
               "random_masking": "maelab.models.mae", "unpatchify": "maelab.models.mae",
-              "PRESETS": "maelab.models.presets", "create_model": "maelab.models.presets"}
+              "PRESETS": "maelab.models.presets", "create_model": "maelab.models.mae"}
 __all__ = ["MaelabError", *_MODEL_API, "__version__"]
 
 

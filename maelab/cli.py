@@ -1,7 +1,8 @@
 """`maelab <command>`: build the parser from :mod:`maelab.commands` and dispatch; errors become one line.
 
-Only the command that runs is imported (with torch and the rest), so `maelab --help`, `--version` and a
-mistyped command answer at once.
+The parser needs only the commands' options (:mod:`maelab.commands.options`, no torch), so `maelab --help`,
+`maelab <command> --help`, `--version`, a mistyped command or flag answer at once; the command that runs is
+imported (with torch and the rest) after the flags are parsed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 from maelab import __version__
-from maelab.commands import COMMANDS, load
+from maelab.commands import COMMANDS, load, options_of
 from maelab.config import add_config_args, config_from_args
 from maelab.errors import MaelabError, RunInterrupted, SameOnEveryRank
 
@@ -41,22 +42,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if argv is not None and name != named:
             sub.add_parser(name, help=help)
             continue
-        command = load(name)
-        p = sub.add_parser(name, help=help, description=command.DESCRIPTION + (CONFIG_NOTE if command.Config else ""))
-        if command.Config is not None:
-            add_config_args(p, command.Config)
+        opts = options_of(name)
+        p = sub.add_parser(name, help=help, description=opts.DESCRIPTION + (CONFIG_NOTE if opts.Config else ""))
+        if opts.Config is not None:
+            add_config_args(p, opts.Config)
         else:
-            command.add_arguments(p)
-        p.set_defaults(command_module=command)
+            opts.add_arguments(p)
+        p.set_defaults(command_options=opts)
     return parser
 
 
 def dispatch(args: argparse.Namespace) -> int:
-    command = args.command_module
-    if command.Config is None:
+    opts, command = args.command_options, load(args.command)
+    if opts.Config is None:
         command.run(args)
         return 0
-    cfg = config_from_args(command.Config, args)
+    cfg = config_from_args(opts.Config, args)
     args.out = cfg.run.out  # named by the OSError line in main()
     command.run(cfg)
     return 0
@@ -127,10 +128,11 @@ def entry() -> None:
     process's. A torchrun worker of a group of several ends through :func:`end_process`, which skips the
     interpreter's finalisation (see there why)."""
     code = main()
-    from maelab.train.distributed import DistInfo, end_process  # loaded already by the command that ran
+    if "maelab.train.distributed" in sys.modules:  # loaded by every command that can run under torchrun
+        from maelab.train.distributed import DistInfo, end_process
 
-    if DistInfo.from_env().enabled:
-        end_process(code)
+        if DistInfo.from_env().enabled:
+            end_process(code)
     sys.exit(code)
 
 

@@ -54,11 +54,11 @@ def test_shipped_presets_load():
 
 
 def _command_configs() -> dict[str, type]:
-    from maelab.commands.detect import DetectTrainConfig
+    from maelab.commands.options.detect import DetectTrainConfig
     from maelab.commands.finetune import FinetuneConfig
     from maelab.commands.linprobe import LinprobeConfig
     from maelab.commands.recipe import RecipeConfig
-    from maelab.commands.segment import TrainConfig as SegmentTrainConfig
+    from maelab.commands.options.segment import TrainConfig as SegmentTrainConfig
     return {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linprobe": LinprobeConfig,
             "recipe": RecipeConfig, "detect": DetectTrainConfig, "segment": SegmentTrainConfig}
 
@@ -79,9 +79,10 @@ def test_every_shipped_config_builds_against_its_command(path):
 
 # --- check_schedule / check_augment: the optimizer and augmentation numbers every command shares -------
 from maelab.commands.features import FeaturesConfig  # noqa: E402
-from maelab.commands.finetune import AugmentConfig, FinetuneOptimConfig, check_augment  # noqa: E402
-from maelab.commands.linprobe import ProbeOptimConfig  # noqa: E402
-from maelab.commands.sections import OptimConfig, check_schedule  # noqa: E402
+from maelab.commands.options.finetune import FinetuneOptimConfig  # noqa: E402
+from maelab.commands.finetune import AugmentConfig, check_augment  # noqa: E402
+from maelab.commands.options.linprobe import ProbeOptimConfig  # noqa: E402
+from maelab.commands.options.sections import OptimConfig, check_schedule  # noqa: E402
 
 
 @pytest.mark.parametrize("section", [OptimConfig, FinetuneOptimConfig, ProbeOptimConfig])

@@ -383,7 +383,8 @@ def test_detect_errors_are_one_line_and_leave_no_run_folder(coco, tmp_path, caps
 
 @pytest.mark.parametrize("preset", ["detect_vitdet_base", "detect_coco128_tiny"])
 def test_shipped_detection_presets_load_and_pass_the_checks(preset):
-    from maelab.commands.detect import DetectTrainConfig, validate
+    from maelab.commands.options.detect import DetectTrainConfig
+    from maelab.commands.detect import validate
     from maelab.config import build_config
 
     cfg = build_config(DetectTrainConfig, yaml_path=preset)

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from maelab.cli import main
-from maelab.commands.segment import TrainConfig, validate_train
+from maelab.commands.options.segment import TrainConfig
+from maelab.commands.segment import validate_train
 from maelab.config import build_config
 from maelab.data.segmentation import (IGNORE, SPECS, SegAugment, SegTrainTransform, label_spec, load_pair, read_label,
                                       scan_segmentation)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from maelab.choices import SHARD_MANIFEST
 from maelab.cli import main
 from maelab.commands.pretrain import PretrainConfig
 from maelab.commands.pretrain import run as run_pretrain
@@ -61,7 +62,7 @@ def feeder(shards, **kw):
 
 
 def test_make_keeps_labels_classes_and_counts_in_the_manifest(folder, shard_dir):
-    manifest = json.loads((shard_dir / sh.MANIFEST).read_text())
+    manifest = json.loads((shard_dir / SHARD_MANIFEST).read_text())
     assert manifest["classes"] == ["c0", "c1", "c2"] and manifest["total"] == 39
     assert [s["count"] for s in manifest["shards"]] == [5] * 7 + [4]
     images = scan_images(folder)
@@ -93,7 +94,7 @@ def test_a_killed_make_leaves_no_shard_set_and_a_rerun_completes(folder, tmp_pat
         sh.make_shards(scan_images(folder), out, 5, progress=False)
     monkeypatch.setattr(Path, "read_bytes", real)
     assert sorted(p.name for p in out.glob("*.tar")) == ["train-0000.tar"]  # the half shard is a temp file
-    assert not (out / sh.MANIFEST).exists()
+    assert not (out / SHARD_MANIFEST).exists()
     with pytest.raises(MaelabError, match="did not finish"):
         sh.open_shards(str(out))
     sh.make_shards(scan_images(folder), out, 5, progress=False)
@@ -163,7 +164,7 @@ def test_an_unreadable_shard_is_named_with_its_error(shard_dir, tmp_path):
         sh.count_samples("pipe:exit 3")
     broken = tmp_path / "broken"
     broken.mkdir()
-    for name in ("train-0000.tar", sh.MANIFEST):
+    for name in ("train-0000.tar", SHARD_MANIFEST):
         (broken / name).write_bytes((shard_dir / name).read_bytes())
     (broken / "train-0000.tar").write_bytes((shard_dir / "train-0000.tar").read_bytes()[:1500])  # truncated
     shards = sh.ShardSet("x", [str(broken / "train-0000.tar")], [5])

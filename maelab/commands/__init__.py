@@ -1,12 +1,13 @@
-"""One module per `maelab` subcommand, named as the command. Each has ``NAME``, ``DESCRIPTION``, ``Config``
-(its config dataclass, whose fields become the flags; ``None`` for commands with hand-written arguments
-and an ``add_arguments(parser)``) and ``run(cfg_or_args)``. ``COMMANDS`` lists them with their one-line
-help, in the order `maelab --help` shows them: the CLI imports only the module of the command it runs,
-because importing any of them loads torch, timm and torchvision, which the list does not need. What
-they all do around their work is :mod:`maelab.commands.session`; the config sections several of them
-share are :mod:`maelab.commands.sections`; `maelab pretrain`'s options, which the commands that run
-pre-trainings read, are :mod:`maelab.commands.pretrain_config`. A command never imports another
-command.
+"""One module per `maelab` subcommand, named as the command, with ``run(cfg_or_args)``; its options sit
+apart in :mod:`maelab.commands.options` (same name): ``NAME``, ``DESCRIPTION`` and ``Config`` (its config
+dataclass, whose fields become the flags; ``None`` for commands with hand-written arguments and an
+``add_arguments(parser)``). ``COMMANDS`` lists them with their one-line help, in the order `maelab --help`
+shows them.
+
+Why two modules per command: the options import nothing heavy, so `maelab <command> --help` and a
+refused flag answer at once; the CLI imports the command's own module (and with it torch, timm and
+torchvision) only to run it. What every command does around its work is
+:mod:`maelab.commands.session`. A command never imports another command.
 """
 
 from importlib import import_module
@@ -29,9 +30,14 @@ COMMANDS = {
 }
 
 
+def options_of(name: str) -> ModuleType:
+    """The options of command ``name``: ``DESCRIPTION``, ``Config`` or ``add_arguments`` (no torch)."""
+    return import_module(f"maelab.commands.options.{name}")
+
+
 def load(name: str) -> ModuleType:
-    """The module of command ``name``."""
+    """The module that runs command ``name`` (its ``run``)."""
     return import_module(f"maelab.commands.{name}")
 
 
-__all__ = ["COMMANDS", "load"]
+__all__ = ["COMMANDS", "load", "options_of"]

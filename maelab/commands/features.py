@@ -10,36 +10,20 @@ fixed order, written with the image paths.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from maelab.commands.sections import EncoderConfig, EvalRunConfig, ImagesConfig, check_data_numbers
+from maelab.commands.options.features import FeaturesConfig
+from maelab.commands.options.sections import check_data_numbers
 from maelab.commands.session import Session, encoder_header
-from maelab.config import command_config, option
 from maelab.data.shards import prepare_any
 from maelab.errors import MaelabError
 from maelab.evaluate.features import extract_features, gather_split
 from maelab.io import atomic_write_bytes, check_output_file, read_weights, save_weights
 from maelab.models.vit import describe
-
-NAME = "features"
-DESCRIPTION = ("Encoder features (cls token or mean of the patch tokens after the final norm; never masked) for "
-               "every image of a folder, in a fixed order.")
-
-
-@dataclass
-class FeaturesRunConfig(EvalRunConfig):
-    seed: int = option(0, "seed for the random encoder of --init none")
-    out: str = option("features.npy", "output: .npy (+ .paths.txt, and .labels.npy for class folders) or .safetensors "
-                                  "(features, labels; paths in the header, and .paths.txt)")
-
-
-FeaturesConfig = Config = command_config(
-    "FeaturesConfig", __name__, model=EncoderConfig, data=ImagesConfig, run=FeaturesRunConfig)
 
 FORMATS = (".npy", ".safetensors")
 

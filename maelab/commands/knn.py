@@ -4,36 +4,20 @@ No training, so it is the quickest read of representation quality."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from maelab.commands.sections import ClassDataConfig, EncoderConfig, EvalRunConfig, check_data_numbers
+from maelab.commands.options.knn import KnnConfig
+from maelab.commands.options.sections import check_data_numbers
 from maelab.commands.session import Session, device_name, encoder_header
-from maelab.config import command_config, option
 from maelab.data.splits import load_splits
 from maelab.errors import MaelabError
 from maelab.evaluate.features import extract_features, gather_split
 from maelab.evaluate.knn import knn_accuracy
 from maelab.io import check_output_file, write_json
 from maelab.models.vit import describe
-
-NAME = "knn"
-DESCRIPTION = ("Weighted k-nearest-neighbour classification on L2-normalised features: the training split is the "
-               "memory bank, the validation split the queries.")
-
-
-@dataclass
-class KnnParams:
-    k: int = option(20, "neighbours that vote")
-    temperature: float = option(0.07, "vote weight exp(cosine similarity / temperature)")
-
-
-KnnConfig = Config = command_config(
-    "KnnConfig", __name__, model=EncoderConfig, data=ClassDataConfig, knn=KnnParams, run=EvalRunConfig)
-
 
 def run(cfg: KnnConfig) -> dict[str, Any]:
     check_data_numbers(cfg.data)

@@ -16,15 +16,13 @@ The validation features never change (frozen encoder, fixed view), so they are a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
-from maelab.commands.sections import (ClassDataConfig, EncoderConfig, ScheduleConfig, TrainRunConfig,
-                                      check_crop_scale, check_data_numbers, check_run_numbers, check_schedule)
+from maelab.commands.options.linprobe import LinprobeConfig
+from maelab.commands.options.sections import check_crop_scale, check_data_numbers, check_run_numbers, check_schedule
 from maelab.commands.session import Session, encoder_header
-from maelab.config import command_config, option, redefault
 from maelab.data.loader import Batch, Feeder, StepPlan, choose_in_memory, plan_for
 from maelab.data.splits import load_splits
 from maelab.data.transforms import EvalTransform, PretrainTransform
@@ -38,45 +36,6 @@ from maelab.train.budget import timed_pass
 from maelab.train.loop import Trainer
 from maelab.train.optim import batch_and_lr, lars, lars_param_groups, scaled_lr
 from maelab.train.tasks import LinprobeTask
-
-NAME = "linprobe"
-DESCRIPTION = ("Linear probing as in the paper: frozen encoder in eval mode, cls-token features after the final "
-               "norm, BatchNorm1d(affine=False) + Linear head, LARS. --no-augment caches the features once (fast "
-               "on a CPU).")
-
-
-@dataclass
-class ProbeAugmentConfig:
-    """RandomResizedCrop + flip as in the paper, or the fixed evaluation view with cached features."""
-
-    augment: bool = option(True, "RandomResizedCrop + flip on the training split (the paper); --no-augment trains "
-                             "on the evaluation view")
-    min_crop_scale: float = option(0.08, "RandomResizedCrop minimum area fraction")
-    hflip: bool = option(True, "random horizontal flip")
-    cache_features: bool = option(True, "with --no-augment: extract the features once and train the head on the "
-                                    "cached tensor (minutes instead of hours on a CPU; same result)")
-
-
-@dataclass
-class ProbeOptimConfig(ScheduleConfig):
-    """The paper's linear-probe recipe (appendix A.2): LARS, no weight decay, warm-up + cosine."""
-
-    epochs: int = option(90, "training epochs (recipe: 90 for ViT-B, 50 for L/H)")
-    warmup_epochs: float = redefault(ScheduleConfig, "warmup_epochs", 10.0)
-    base_lr: float = redefault(ScheduleConfig, "base_lr", 0.1)
-    weight_decay: float = option(0.0, "LARS weight decay on the Linear weight (never on 1-D parameters)")
-    momentum: float = option(0.9, "LARS momentum")
-
-
-@dataclass
-class ProbeRunConfig(TrainRunConfig):
-    out: str = option("runs/linprobe", "run folder (config, head checkpoints, logs, results.json); an existing run resumes")
-
-
-LinprobeConfig = Config = command_config(
-    "LinprobeConfig", __name__, model=EncoderConfig, data=ClassDataConfig, augment=ProbeAugmentConfig,
-    optim=ProbeOptimConfig, run=ProbeRunConfig)
-
 
 class TensorFeeder:
     """The Feeder interface over tensors already in memory (cached features): the same

@@ -6,15 +6,6 @@ import argparse
 
 from maelab.models.presets import PRESETS
 
-NAME = "models"
-DESCRIPTION = "The MAE presets --model accepts: input size, patch, encoder and decoder sizes."
-Config = None
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    pass
-
-
 def run(args: argparse.Namespace) -> None:
     for name, kw in PRESETS.items():
         print(f"{name:24s} img {kw['img_size']}  patch {kw['patch_size']:2d}  encoder {kw['embed_dim']}x{kw['depth']} "

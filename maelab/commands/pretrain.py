@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from maelab.commands.pretrain_config import Config, PretrainConfig, model_kwargs, validate  # noqa: F401 (Config: the CLI's)
+from maelab.commands.options.pretrain import PretrainConfig, model_kwargs, validate
 from maelab.commands.session import Session
 from maelab.data.folders import ImageList, prepare_images, spread_sample
 from maelab.data.loader import Feeder, choose_in_memory, plan_for
@@ -24,8 +24,6 @@ from maelab.train.optim import adamw, batch_and_lr, scaled_lr
 from maelab.train.tasks import PretrainTask
 from maelab.viz import PICTURE_IMAGES, plot_curves, reconstruction_grid, save_reconstruction_grid
 
-NAME = "pretrain"
-DESCRIPTION = "Masked Autoencoder pre-training."
 
 
 def run(cfg: PretrainConfig) -> LoopResult:

@@ -19,21 +19,23 @@ from typing import Any
 import torch
 
 from maelab import __version__
-from maelab.commands.sections import at_least
-from maelab.config import load_yaml, option
+from maelab.commands.options.pretrain import PretrainConfig, model_kwargs, validate
+from maelab.commands.options.sections import ChainDataConfig, at_least
+from maelab.config import load_yaml
 from maelab.errors import MaelabError, RunInterrupted
 from maelab.io import write_json
+from maelab.models.mae import MaskedAutoencoder
 from maelab.train.precision import native_bf16
 
 
-@dataclass
-class ChainDataConfig:
-    """The data section of a chain of commands (``ablate``, ``recipe``)."""
-
-    data: str = option("", "training images: an ImageFolder tree (labels for kNN / probe / fine-tune)")
-    val_data: str = option("", "labelled validation images (default: a sibling val / test folder)")
-    limit_images: int = option(0, "a fixed seeded subset of N images of each split for the evaluations (0 = all)")
-    batch_size: int = option(256, "images per process per step, for pre-training and evaluation")
+def check_buildable(cfg: PretrainConfig) -> None:
+    """What `maelab pretrain` refuses at its start, checked by a chain before its first step spends a budget:
+    :func:`~maelab.commands.options.pretrain.validate`, then its model built on PyTorch's meta device (no
+    memory, no time), which refuses a shape that cannot be built (an image size the patch size does not
+    divide, a decoder width its heads do not divide)."""
+    validate(cfg)
+    with torch.device("meta"):
+        MaskedAutoencoder(**model_kwargs(cfg))
 
 
 def check_chain_data(d: ChainDataConfig) -> None:

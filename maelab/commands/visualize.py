@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from maelab.choices import RECONSTRUCTION_PNG
 from maelab.config import load_yaml
 from maelab.data.folders import scan_images, spread_sample
 from maelab.data.shards import is_shard_source, shard_images
@@ -16,32 +17,12 @@ from maelab.models.checks import check_masks_something, num_visible
 from maelab.train.distributed import pick_device
 from maelab.viz import PICTURE_IMAGES, save_reconstruction_grid
 
-NAME = "visualize"
-DESCRIPTION = ("Per image a row: original | masked | reconstruction | reconstruction with the visible patches "
-               "pasted in, for each mask ratio.")
-Config = None
-VIS_NAME = "reconstruction.png"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder, .safetensors or official .pth")
-    p.add_argument("--images", nargs="+", help=f"image files (default: {PICTURE_IMAGES} images of the run's data)")
-    p.add_argument("--mask-ratio", nargs="+", type=float, default=[0.75], help="one or more mask ratios")
-    p.add_argument("--seed", type=int, default=0, help="masking seed (same seed, same picture)")
-    p.add_argument("--out", default=VIS_NAME,
-                   help=f"output PNG; a folder (existing, or written with a trailing /) gets {VIS_NAME}")
-    p.add_argument("--img-size", nargs="+", type=int, default=None, metavar="PX",
-                   help="draw at this input size (one number, or height width) instead of the checkpoint's: the "
-                        "model keeps its weights and takes the position tables of the new patch grid")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
-
-
 def output_path(out: str) -> Path:
     """``--out``: a file, or a folder (existing, or named with a trailing slash) that gets ``reconstruction.png``.
     A file must be named ``.png``: the grid is always a PNG, and ``recon.txt`` would hold one."""
     path = Path(out).expanduser()
     if out.endswith(("/", os.sep)) or path.is_dir():
-        return path / VIS_NAME
+        return path / RECONSTRUCTION_PNG
     if path.suffix.lower() != ".png":
         raise MaelabError(f"--out {out}: visualize writes a PNG; name the file {path.stem}.png "
                           f"(or end --out with / for a folder)")

@@ -31,10 +31,10 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from maelab.choices import EMPTY_POLICIES
 from maelab.data.folders import open_rgb
 from maelab.errors import MaelabError
 
-EMPTY_POLICIES = ("skip", "keep")
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A shard set is tar files of samples ``<index>.<ext>`` (the image file's own bytes, never re-encoded),
 ``<index>.cls`` (class index, -1 outside a class folder) and ``<index>.src.txt`` (the image's path
-inside the source folder), plus ``index.json`` (:data:`MANIFEST`: shard names, sample counts, class
+inside the source folder), plus ``index.json`` (:data:`SHARD_MANIFEST`: shard names, sample counts, class
 names). ``--data`` takes a shard folder, a manifest, a brace pattern (``train-{0000..0127}.tar``),
 ``https://`` URLs or ``pipe:`` commands (``pipe:aws s3 cp s3://b/train-{0000..0127}.tar -``); URLs are
 expanded and opened by the ``webdataset`` package, tar streams parsed by it.
@@ -44,6 +44,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from maelab.choices import SHARD_MANIFEST
 from maelab.data.folders import ImageList, member_path, open_rgb, prepare_images, scan_images
 from maelab.data.loader import Batch, StepPlan
 from maelab.data.seeding import make_generator, mix_seed
@@ -52,7 +53,6 @@ from maelab.data.workers import ignore_stop_signals, stop_workers, worker_batche
 from maelab.errors import MaelabError, SameOnEveryRank
 from maelab.io import fsync_dir, write_json
 
-MANIFEST = "index.json"
 FORMAT = "maelab-shards/1"
 TMP_MARK = ".tmp-"
 
@@ -76,8 +76,8 @@ def make_shards(images: ImageList, out: str | Path, shard_size: int, prefix: str
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", prefix):
         raise MaelabError(f"--prefix {prefix!r}: use letters, digits, '_', '-' and '.' only")
     out = Path(out).expanduser()
-    if (out / MANIFEST).exists():
-        raise MaelabError(f"{out} already holds a shard set ({MANIFEST}); choose another --out or remove it")
+    if (out / SHARD_MANIFEST).exists():
+        raise MaelabError(f"{out} already holds a shard set ({SHARD_MANIFEST}); choose another --out or remove it")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f"{prefix}-*.tar{TMP_MARK}*"):  # left by a killed run
         stale.unlink()
@@ -110,7 +110,7 @@ def make_shards(images: ImageList, out: str | Path, shard_size: int, prefix: str
     fsync_dir(out)
     manifest = {"format": FORMAT, "total": len(images), "classes": images.classes, "shards": shards,
                 "source": str(root), "shard_size": shard_size, "seed": seed}
-    write_json(out / MANIFEST, manifest)
+    write_json(out / SHARD_MANIFEST, manifest)
     return manifest
 
 
@@ -146,7 +146,7 @@ def is_shard_source(spec: str) -> bool:
     if "{" in spec and ".." in spec:
         return True
     p = Path(spec).expanduser()
-    return spec.endswith((".tar", ".json")) or (p.is_dir() and (p / MANIFEST).is_file())
+    return spec.endswith((".tar", ".json")) or (p.is_dir() and (p / SHARD_MANIFEST).is_file())
 
 
 def _read_url(url: str) -> bytes:
@@ -159,12 +159,12 @@ def _manifest_beside(url: str) -> tuple[str, dict] | None:
     if url.startswith("pipe:"):
         return None
     if re.match(r"^https?://", url):
-        where = urllib.parse.urljoin(url, MANIFEST)
+        where = urllib.parse.urljoin(url, SHARD_MANIFEST)
         try:
             return where, json.loads(_read_url(where))
         except Exception:  # noqa: BLE001 - no manifest there: the shards are counted instead
             return None
-    where = Path(url.removeprefix("file://")).expanduser().parent / MANIFEST
+    where = Path(url.removeprefix("file://")).expanduser().parent / SHARD_MANIFEST
     if not where.is_file():
         return None
     return str(where), _load_manifest(where)
@@ -185,9 +185,9 @@ def open_shards(spec: str) -> ShardSet:
     folder given, or beside the shards); shards it does not list are counted by reading them once."""
     p = Path(spec).expanduser()
     if p.is_dir() or spec.endswith(".json"):
-        where = p / MANIFEST if p.is_dir() else spec
-        if p.is_dir() and not (p / MANIFEST).is_file():
-            raise MaelabError(f"{p} has no {MANIFEST}: `maelab shards make` did not finish writing it; run it again")
+        where = p / SHARD_MANIFEST if p.is_dir() else spec
+        if p.is_dir() and not (p / SHARD_MANIFEST).is_file():
+            raise MaelabError(f"{p} has no {SHARD_MANIFEST}: `maelab shards make` did not finish writing it; run it again")
         manifest = (_load_manifest(where) if not re.match(r"^https?://", spec)
                     else _load_manifest(spec, _read_url(spec)))
         base = str(where).rsplit("/", 1)[0] + "/" if "/" in str(where) else ""
@@ -528,5 +528,5 @@ def shard_pictures(shards: ShardSet, k: int, size: tuple[int, int], bad_files: s
     return torch.stack(images), titles
 
 
-__all__ = ["MANIFEST", "ShardFeeder", "ShardPlan", "ShardSet", "ShardStream", "is_shard_source", "make_shards",
+__all__ = ["SHARD_MANIFEST", "ShardFeeder", "ShardPlan", "ShardSet", "ShardStream", "is_shard_source", "make_shards",
            "open_shards", "read_samples", "shard_pictures"]

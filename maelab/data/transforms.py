@@ -16,12 +16,13 @@ from PIL import Image, ImageOps
 from timm.data import create_transform
 from torchvision.transforms import InterpolationMode
 
+from maelab.choices import CROPS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-CROPS = ("random-size", "fixed-size", "none")  # the paper's augmentation ablation (Table 1e)
 
 
 def crop_range(crop: str, min_scale: float, height: int, width: int) -> tuple[tuple[float, float], tuple[float, float]]:

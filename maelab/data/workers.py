@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Iterator
-
-from torch.utils.data import DataLoader
+from typing import TYPE_CHECKING, Iterator
 
 from maelab.errors import MaelabError
+
+if TYPE_CHECKING:  # a type only: the CLI checks --num-workers without loading torch
+    from torch.utils.data import DataLoader
 
 
 def cpu_cores() -> int:

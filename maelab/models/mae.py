@@ -11,6 +11,7 @@ Parameter names follow the official release (encoder = timm ``VisionTransformer`
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,7 @@ from maelab.models import fast_path
 from maelab.models.attention import attention_for_autocast
 from maelab.models.checks import check_mae, check_masks_something, num_visible, pair
 from maelab.models.pos_embed import sincos_2d
+from maelab.models.presets import preset_kwargs
 from maelab.models.state_dicts import ENCODER_PREFIXES
 
 
@@ -274,3 +276,10 @@ class MaskedAutoencoder(nn.Module):
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights under timm ``VisionTransformer`` names (what downstream tasks load)."""
         return {k: v for k, v in self.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+
+
+def create_model(name: str, **overrides: Any) -> MaskedAutoencoder:
+    """Build a preset, e.g. ``create_model("mae_vit_tiny_patch4", img_size=32, norm_pix_loss=True)``.
+
+    Any constructor argument can be overridden (``img_size=(32, 64)`` for non-square inputs)."""
+    return MaskedAutoencoder(**preset_kwargs(name, **overrides))

@@ -16,10 +16,10 @@ import math
 
 import torch
 
+from maelab.choices import MASK_TYPES
 from maelab.errors import MaelabError
 from maelab.models.checks import num_visible
 
-MASK_TYPES = ("random", "block", "grid")
 
 
 def mask_noise(kind: str, n: int, grid: tuple[int, int], mask_ratio: float, generator: torch.Generator,

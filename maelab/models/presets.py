@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 from maelab.errors import MaelabError
-from maelab.models.mae import MaskedAutoencoder
 
 _PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 _SMALL_DECODER = dict(decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4)
@@ -45,9 +44,3 @@ def preset_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return kwargs
 
-
-def create_model(name: str, **overrides: Any) -> MaskedAutoencoder:
-    """Build a preset, e.g. ``create_model("mae_vit_tiny_patch4", img_size=32, norm_pix_loss=True)``.
-
-    Any constructor argument can be overridden (``img_size=(32, 64)`` for non-square inputs)."""
-    return MaskedAutoencoder(**preset_kwargs(name, **overrides))

@@ -24,13 +24,13 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
+from maelab.choices import POOLS
 from maelab.errors import MaelabError
 from maelab.models.checks import check_dims, check_image_size, pair
 from maelab.models.pos_embed import resize_pos_embed, sincos_2d
 from maelab.models.state_dicts import state_dict_mismatch
 
 ARCH_KEYS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
-POOLS = ("token", "avg")
 
 
 def check_pool(global_pool: str) -> None:

@@ -28,6 +28,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 
+from maelab.choices import DETECTOR_HEADS
 from maelab.data.coco import CocoData, read_image
 from maelab.data.loader import Batch
 from maelab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -45,20 +46,16 @@ from maelab.train.tasks import SupervisedTask
 from maelab.transfer.backbone import ViTBackbone, layer_decay_groups
 from maelab.transfer.pyramid import SimpleFeaturePyramid
 
-ANCHOR_SIZES = (32, 64, 128, 256, 512)  # one per level, stride 4 .. 64 (detectron2 / torchvision FPN)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
-# ViTDet / torchvision sizes: head convolutions 256 wide, box fc 1024, 512 sampled RoIs per image, 2000
-# (training) / 1000 (inference) RPN proposals per image
-HEADS = {"head_width": 256, "fc_width": 1024, "roi_batch": 512, "proposals": 2000}
 
 
 def detector_spec(arch: dict[str, Any], img_size: int, categories: list[dict[str, Any]], window_size: int | None,
                   global_blocks: list[int], out_channels: int, anchor_sizes: list[int],
                   heads: dict[str, int] | None = None) -> dict[str, Any]:
     """Everything :func:`build_detector` needs, as JSON: what a checkpoint records (``meta``) so that
-    ``eval`` and ``predict`` rebuild the same model. ``heads`` overrides :data:`HEADS` (small heads for
+    ``eval`` and ``predict`` rebuild the same model. ``heads`` overrides :data:`DETECTOR_HEADS` (small heads for
     CPU-scale runs and tests)."""
-    sizes = dict(HEADS, **(heads or {}))
+    sizes = dict(DETECTOR_HEADS, **(heads or {}))
     bad = {k: v for k, v in sizes.items() if int(v) < 1}
     if bad:
         raise MaelabError(f"head sizes must be positive, got {bad}")
@@ -84,7 +81,7 @@ def build_detector(spec: dict[str, Any], enc: EncoderWeights | None = None, drop
     backbone = ViTBackbone(enc, vit_arch, size, out_indices=(int(vit_arch["depth"]) - 1,), drop_path_rate=drop_path,
                            window_size=spec["window_size"], global_blocks=spec["global_blocks"])
     pyramid = SimpleFeaturePyramid(backbone, spec["out_channels"])
-    c, h = pyramid.out_channels, dict(HEADS, **spec.get("heads", {}))
+    c, h = pyramid.out_channels, dict(DETECTOR_HEADS, **spec.get("heads", {}))
     proposals = int(h["proposals"])
     anchors = AnchorGenerator(sizes=tuple((s,) for s in anchor_sizes), aspect_ratios=(ASPECT_RATIOS,) * 5)
     model = MaskRCNN(

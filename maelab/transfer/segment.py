@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 
+from maelab.choices import SEGMENT_MODES
 from maelab.data.loader import Batch
 from maelab.data.segmentation import IGNORE, SegList, eval_image, load_pair
 from maelab.errors import MaelabError
@@ -26,7 +27,6 @@ from maelab.train.precision import autocast
 from maelab.train.tasks import ClassifyTask
 from maelab.transfer.backbone import MultiLevelNeck, ViTBackbone
 
-MODES = ("whole", "slide")
 
 
 class UPerNetSegmenter(nn.Module):
@@ -94,8 +94,8 @@ def predict_logits(model: nn.Module, x: torch.Tensor, mode: str = "whole", crop:
     ``whole``: the image at once, padded on the right / bottom to a multiple of the patch size.
     ``slide``: ``crop``-sized windows every ``stride`` pixels (the last one flush with the border, as
     mmseg), each padded to the crop, logits averaged where windows overlap."""
-    if mode not in MODES:
-        raise MaelabError(f"inference mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in SEGMENT_MODES:
+        raise MaelabError(f"inference mode must be one of {', '.join(SEGMENT_MODES)}, got {mode!r}")
     p = model.backbone.patch_size
     h, w = x.shape[-2:]
     if mode == "whole":

@@ -4,11 +4,11 @@ Everything draws on bare ``matplotlib.figure.Figure`` objects (Agg canvas), so n
 and importing this package does not touch pyplot or the global backend. PNGs are written atomically.
 """
 
+from maelab.choices import PICTURE_IMAGES
 from maelab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
 from maelab.viz.curves import plot_curves, plot_loss_overlay, read_metrics, save_figure_atomic
 from maelab.viz.reconstruct import (
     NORM_PIX_CAPTION,
-    PICTURE_IMAGES,
     load_images_for_model,
     reconstruct,
     reconstruction_grid,

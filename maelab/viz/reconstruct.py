@@ -31,7 +31,6 @@ from maelab.errors import MaelabError
 from maelab.viz.curves import save_figure_atomic
 
 MASK_GREY = 0.5
-PICTURE_IMAGES = 8  # rows of the pictures a run draws of its own data
 NORM_PIX_CAPTION = (
     "norm-pix model: predicted patches shown de-normalised with the true patch mean/std "
     "(this leaks the patch statistics)"

@@ -1,23 +1,24 @@
-"""`maelab pretrain`'s options and the checks on them, apart from the command so that the commands which
-run pre-trainings (`maelab ablate`, `maelab recipe`) can refuse what `maelab pretrain` would refuse before
-they start, not after earlier steps have spent their budgets."""
+"""`maelab pretrain`'s options and the cheap checks on them. The commands which run pre-trainings
+(`maelab ablate`, `maelab recipe`) read them too, to refuse what `maelab pretrain` would refuse before they
+start, not after earlier steps have spent their budgets (with the model built on the meta device:
+:func:`maelab.commands.steps.check_buildable`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from maelab.commands.sections import (OptimConfig, TrainRunConfig, check_crop_scale, check_run_numbers,
+from maelab.choices import CROPS, MASK_TYPES
+from maelab.commands.options.sections import (OptimConfig, TrainRunConfig, check_crop_scale, check_run_numbers,
                                       check_schedule)
 from maelab.config import command_config, option
-from maelab.data.transforms import CROPS
 from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
 from maelab.models.checks import num_visible
-from maelab.models.mae import MaskedAutoencoder
-from maelab.models.masking import MASK_TYPES
 from maelab.models.presets import preset_kwargs
+
+
+NAME = "pretrain"
+DESCRIPTION = "Masked Autoencoder pre-training."
 
 
 @dataclass
@@ -113,11 +114,3 @@ def validate(cfg: PretrainConfig) -> None:
         raise MaelabError("--fsdp with --precision fp16 is not supported (fp16's gradient scaler does not handle "
                           "sharded gradients); use --precision bf16")
 
-
-def check_buildable(cfg: PretrainConfig) -> None:
-    """What `maelab pretrain` refuses at its start: :func:`validate`, then its model built on PyTorch's meta
-    device (no memory, no time), which refuses a shape that cannot be built (an image size the patch
-    size does not divide, a decoder width its heads do not divide)."""
-    validate(cfg)
-    with torch.device("meta"):
-        MaskedAutoencoder(**model_kwargs(cfg))

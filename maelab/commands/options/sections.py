@@ -10,10 +10,10 @@ import math
 import os
 from dataclasses import dataclass
 
+from maelab.choices import POOLS
 from maelab.config import option
 from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
-from maelab.models.vit import POOLS
 from maelab.train.budget import check_history, parse_duration
 
 
@@ -116,6 +116,16 @@ class ClassDataConfig(ImagesConfig):
 class EvalRunConfig(ProcessConfig):
     out: str = option("", "also write the results as JSON to this file")
     seed: int = option(0, "seed for --limit-images subsets and --init none")
+
+
+@dataclass
+class ChainDataConfig:
+    """The data section of a chain of commands (``ablate``, ``recipe``)."""
+
+    data: str = option("", "training images: an ImageFolder tree (labels for kNN / probe / fine-tune)")
+    val_data: str = option("", "labelled validation images (default: a sibling val / test folder)")
+    limit_images: int = option(0, "a fixed seeded subset of N images of each split for the evaluations (0 = all)")
+    batch_size: int = option(256, "images per process per step, for pre-training and evaluation")
 
 
 def _finite(flag: str, value: float) -> float:
