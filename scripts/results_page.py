@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import yaml
 
-from maelab.commands.pretrain import PretrainConfig
+from maelab.commands.options.pretrain import PretrainConfig
 from maelab.config import build_config
 from maelab.errors import MaelabError
 from maelab.models.presets import PRESETS
@@ -184,6 +184,44 @@ def recipe_section(page: Page, folder: Path) -> None:
         page.picture(folder / "reconstruction.png", "reconstructions")
     for curve in sorted((folder / "curves").glob("*.png")):
         page.picture(curve, f"loss curve: {curve.stem}")
+
+
+REPEATED = ("machine", "budgets", "precision")  # what the runs of a repeats table must share
+
+
+def recipe_repeats_section(page: Page, folders: list[Path]) -> None:
+    """Recipe runs that repeat one configuration on one machine (same command apart from --seed and --out):
+    every run's numbers, their mean ± standard deviation, and in how many runs each signal held. One run
+    cannot say whether its signal is robust; this table can."""
+    runs = [(f.name, read_json(f / "results.json")) for f in folders]
+    first = runs[0][1]
+    for name, res in runs[1:]:
+        for key in REPEATED:
+            if res.get(key) != first.get(key):
+                raise SystemExit(f"results_page: --recipe-repeats: {name} has {key} {res.get(key)!r}, "
+                                 f"{runs[0][0]} has {first.get(key)!r}; repeats must share {', '.join(REPEATED)}")
+    b = first["budgets"]
+    words = first.get("command", "").split()
+    preset = words[words.index("--config") + 1] if "--config" in words[:-1] else "the recipe"
+    page.lines += [f"## Repeats of `{preset}`: {cpu_of(first)}", "",
+                   f"The same recipe ({len(runs)} runs, seeds {', '.join(str(r['seed']) for _, r in runs)}) on "
+                   f"{first['machine']}, precision {first.get('precision', 'auto')}, pre-training budget "
+                   f"{b['pretrain']}, fine-tune budget {b['finetune']} each. Their sections above give each run's "
+                   "command and pictures. Accuracy: final epoch, top-1 (%).", "",
+                   "| run | seed | pre-training steps | " + " | ".join(title for _, title, _ in STEPS) + " |",
+                   "|---|---|---|" + "---|" * len(STEPS)]
+    for name, res in runs:
+        page.lines.append(f"| `{name}` | {res['seed']} | {res.get('pretrain_steps', '–')} | "
+                          + " | ".join(f"{res[key]:.2f}" for key, _, _ in STEPS) + " |")
+    steps = [r["pretrain_steps"] for _, r in runs if r.get("pretrain_steps")]
+    page.lines.append("| mean ± sd | | " + (f"{statistics.mean(steps):.0f}" if steps else "–") + " | "
+                      + " | ".join(mean_sd([r[key] for _, r in runs]) for key, _, _ in STEPS) + " |")
+    knn = [r["knn_mae_top1"] - r["knn_random_top1"] for _, r in runs]
+    ft = [r["finetune_mae_top1"] - r["finetune_scratch_top1"] for _, r in runs]
+    page.lines += ["", f"MAE kNN beats random init in **{sum(g > 0 for g in knn)} of {len(runs)}** runs (lead "
+                       f"{mean_sd(knn)} points, smallest {min(knn):+.2f}); MAE fine-tune beats from scratch at equal "
+                       f"fine-tune time in **{sum(g > 0 for g in ft)} of {len(runs)}** runs (lead {mean_sd(ft)} "
+                       f"points, smallest {min(ft):+.2f}).", ""]
 
 
 def best(rows: list[dict], key: str) -> dict | None:
@@ -593,15 +631,18 @@ def earlier_section(page: Page) -> None:
                        for p in pages] + [""]
 
 
-def inputs(args: argparse.Namespace, page: Page, argv: list[str]) -> tuple[list[Path], list[Path], list[Path], str]:
-    """The folders to show, and the command that named them (``argv``): the ones given, else the archive's
-    index."""
+def inputs(args: argparse.Namespace, page: Page,
+           argv: list[str]) -> tuple[list[Path], list[Path], list[Path], list[str], str]:
+    """The folders to show, the names of the recipe folders that repeat one configuration, and the command
+    that named them (``argv``): the ones given, else the archive's index."""
     index_file = page.archive / "index.json"
-    if args.recipe is None and args.ablation is None and args.quality is None and index_file.is_file():
+    given = (args.recipe, args.ablation, args.quality, args.recipe_repeats)
+    if all(g is None for g in given) and index_file.is_file():
         index = read_json(index_file)
         quality = index["quality"]  # one name in indexes written before several machines' runs were shown
         return ([page.archive / n for n in index["recipe"]], [page.archive / n for n in index["ablation"]],
-                [page.archive / n for n in ([quality] if isinstance(quality, str) else quality)], index["command"])
+                [page.archive / n for n in ([quality] if isinstance(quality, str) else quality)],
+                index.get("recipe_repeats", []), index["command"])
     recipe = [Path(f) for f in (["runs/recipe_quick", "runs/recipe_full"] if args.recipe is None else args.recipe)]
     ablation = [Path(f) for f in args.ablation or []]
     quality = [Path(f) for f in (["runs/quality_per_minute"] if args.quality is None else args.quality)]
@@ -610,7 +651,11 @@ def inputs(args: argparse.Namespace, page: Page, argv: list[str]) -> tuple[list[
         twice = sorted({n for n in names if names.count(n) > 1})
         raise SystemExit(f"results_page: folders are archived by name, and {', '.join(twice)} is named twice: "
                          "rename one of the run folders")
-    return recipe, ablation, quality, " ".join(["python scripts/results_page.py", *argv])
+    repeats = [Path(f).name for f in args.recipe_repeats or []]
+    if repeats and (len(repeats) < 2 or not set(repeats) <= {f.name for f in recipe}):
+        raise SystemExit("results_page: --recipe-repeats names two or more of the --recipe folders (runs of one "
+                         f"configuration); got {', '.join(repeats)}")
+    return recipe, ablation, quality, repeats, " ".join(["python scripts/results_page.py", *argv])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -621,15 +666,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quality", nargs="*", default=None,
                     help="output folders of benchmarks/quality_per_minute.py (maelab vs HF ViTMAE + torchvision), "
                          "one per machine (default: runs/quality_per_minute)")
+    ap.add_argument("--recipe-repeats", nargs="*", default=None,
+                    help="--recipe folders that repeat one configuration on one machine (another --seed): a table "
+                         "of their mean ± standard deviation and in how many runs each signal held")
     ap.add_argument("--out", default="docs/results.md")
     args = ap.parse_args(argv)
     page = Page(Path(args.out))
-    recipe, ablation, quality, command = inputs(args, page, sys.argv[1:] if argv is None else argv)
+    recipe, ablation, quality, repeats, command = inputs(args, page, sys.argv[1:] if argv is None else argv)
     recipe, ablation, quality = ([page.keep(f) for f in folders] for folders in (recipe, ablation, quality))
+    repeats = [f for f in recipe if f.name in repeats]
     page.archive.mkdir(parents=True, exist_ok=True)
     (page.archive / "index.json").write_text(json.dumps(
         {"command": command, "recipe": [f.name for f in recipe], "ablation": [f.name for f in ablation],
-         "quality": [f.name for f in quality]}, indent=1) + "\n")
+         "quality": [f.name for f in quality], "recipe_repeats": [f.name for f in repeats]}, indent=1) + "\n")
     page.lines += ["# Results", "",
                    f"Generated by `{command}` from the run folders named below. What it read is archived in "
                    f"[{page.archive.relative_to(page.out.parent).as_posix()}/]"
@@ -638,6 +687,8 @@ def main(argv: list[str] | None = None) -> None:
                    "paper's own numbers quoted beside each sweep. Re-run the commands to check any number.", ""]
     for folder in recipe:
         recipe_section(page, folder)
+    if repeats:
+        recipe_repeats_section(page, repeats)
     quality_sections(page, quality)
     sweeps = [read_json(f / "results.json") for f in ablation if (f / "results.json").is_file()]
     groups = preset_runs(sweeps)

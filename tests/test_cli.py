@@ -143,6 +143,22 @@ def test_every_registered_command_has_its_module():
         assert opts.Config is not None or callable(opts.add_arguments)
 
 
+def test_python_dash_m_maelab_is_the_console_script():
+    """Where the console script is not on PATH (a cluster's module system, a venv not activated),
+    `python -m maelab` is the command a user tries first."""
+    import subprocess
+    import sys
+
+    from maelab import __version__
+
+    done = subprocess.run([sys.executable, "-m", "maelab", "--version"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip() == f"maelab {__version__}", done.stdout + done.stderr
+    done = subprocess.run([sys.executable, "-m", "maelab", "pretrain", "--data", "nowhere/at/all"], capture_output=True,
+                          text=True, cwd=REPO)
+    assert done.returncode == 2 and done.stderr.startswith("maelab: error:") and "nowhere/at/all" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_every_commands_help_and_a_refused_flag_answer_without_loading_torch():
     """`maelab <command> --help` used to import the command, and with it torch, timm and torchvision: 5 s
     (8 s cold) on a 2-core CPU before the flags were shown. The flags now come from the options modules

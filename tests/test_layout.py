@@ -27,7 +27,7 @@ LAYERS = [
     ("maelab.transfer",),
     ("maelab.viz",),
     ("maelab.commands",),
-    ("maelab.cli",),
+    ("maelab.cli", "maelab.__main__"),
 ]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 SHARED_COMMAND_MODULES = {"maelab.commands", "maelab.commands.session", "maelab.commands.steps"}

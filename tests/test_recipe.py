@@ -87,6 +87,43 @@ def test_the_table_and_the_page_say_how_many_steps_the_budgets_bought(tmp_path):
             "on 10000 train / 10000 validation images") in page.read_text()
 
 
+def recipe_result(folder: Path, seed: int, knn: float, ft: float, **changes) -> Path:
+    """A finished recipe folder (results.json only) with kNN / fine-tune scores against fixed baselines."""
+    res = {"recipe": f"runs/{folder.name}", "data": "c10/train", "val_data": "c10/test", "seed": seed,
+           "machine": "CPU, 2 threads", "precision": "fast", "budgets": {"pretrain": "15m", "finetune": "5m"},
+           "knn_mae_top1": knn, "knn_random_top1": 29.0, "linprobe_top1": 43.0, "finetune_mae_top1": ft,
+           "finetune_scratch_top1": 19.0, "minutes": {"pretrain": 14.2}, "pretrain_steps": 400 + seed,
+           "command": f"maelab recipe --config recipe_quick --seed {seed} --out runs/{folder.name}",
+           "signals": {"knn_mae_beats_random": knn > 29.0, "finetune_mae_beats_scratch": ft > 19.0}, **changes}
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(res))
+    return folder
+
+
+def test_repeated_recipe_runs_get_their_mean_spread_and_how_often_each_signal_held(tmp_path):
+    """One run cannot say whether its signal is robust: runs of one configuration (other seeds) are summed up
+    as mean ± standard deviation with the count of runs each signal held in; the page says it again when
+    re-rendered from its archive, and runs from other machines or budgets are refused as repeats."""
+    runs = [recipe_result(tmp_path / f"s{seed}", seed, knn, ft)
+            for seed, knn, ft in ((0, 34.0, 25.0), (1, 33.0, 18.0), (2, 35.0, 23.0))]
+    page = tmp_path / "page.md"
+    results_page("--recipe", *map(str, runs), "--recipe-repeats", *map(str, runs), "--quality", "--out", str(page),
+                 check=True)
+    text = page.read_text()
+    assert "## Repeats of `recipe_quick`: CPU" in text
+    assert "| `s1` | 1 | 401 | 33.00 | 29.00 | 43.00 | 18.00 | 19.00 |" in text
+    assert "| mean ± sd | | 401 | 34.00 ± 1.00 | 29.00 ± 0.00 | 43.00 ± 0.00 | 22.00 ± 3.61 | 19.00 ± 0.00 |" in text
+    assert ("MAE kNN beats random init in **3 of 3** runs (lead 5.00 ± 1.00 points, smallest +4.00); MAE fine-tune "
+            "beats from scratch at equal fine-tune time in **2 of 3** runs (lead 3.00 ± 3.61 points, smallest "
+            "-1.00).") in text
+    results_page("--out", str(page), check=True)  # from the archive alone
+    assert page.read_text() == text
+    other = recipe_result(tmp_path / "other", 3, 34.0, 25.0, machine="GPU box")
+    done = results_page("--recipe", str(runs[0]), str(other), "--recipe-repeats", str(runs[0]), str(other),
+                        "--quality", "--out", str(page))
+    assert done.returncode != 0 and "other has machine 'GPU box'" in done.stderr
+
+
 def test_the_code_version_names_the_commit_of_a_checkout_and_only_of_its_own(tmp_path, monkeypatch):
     from maelab import __version__
     from maelab.commands import steps
@@ -221,8 +258,6 @@ def test_a_step_run_with_other_settings_is_refused_not_read_back(tmp_path, monke
         steps.Chain(tmp_path, common, []).finetune("pre", ["--epochs", "3"], "ft", "finetune_cifar_tiny")
     assert steps.changed_flags(["knn", "--k", "20"], ["knn", "--k", "20", "--no-augment"]) == \
         "--no-augment (not given) -> (set)"
-
-
 
 
 def test_ctrl_c_during_a_chain_step_waits_for_the_step_to_save(tmp_path, monkeypatch):

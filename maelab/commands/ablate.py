@@ -31,6 +31,7 @@ from maelab.io import atomic_write_bytes, write_json
 from maelab.train.budget import parse_duration
 from maelab.viz import plot_loss_overlay, save_figure_atomic
 
+
 def validate(cfg: AblateConfig) -> None:
     sw = cfg.sweep
     if not sw.setting or not sw.values:

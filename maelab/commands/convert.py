@@ -23,6 +23,7 @@ from maelab.interop.official import export_official, save_official
 from maelab.interop.timm_export import save_timm_checkpoint, save_timm_classifier
 from maelab.io import save_weights
 
+
 def run(args: argparse.Namespace) -> Path:
     out = convert(args.src, args.out, args.to, args.global_pool, args.hf_naming, not args.encoder_only, args.num_heads)
     added = out.name != Path(args.out).expanduser().name

@@ -37,6 +37,7 @@ from maelab.transfer.detection import (DetectTask, build_detector, detect, detec
                                        evaluate_detector, load_detector)
 from maelab.viz.detection import save_detection_grid
 
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cls = ACTIONS[args.action][0]
     cfg = config_from_args(cls, args)

@@ -19,6 +19,7 @@ from maelab.evaluate.knn import knn_accuracy
 from maelab.io import check_output_file, write_json
 from maelab.models.vit import describe
 
+
 def run(cfg: KnnConfig) -> dict[str, Any]:
     check_data_numbers(cfg.data)
     if cfg.knn.k < 1 or cfg.knn.temperature <= 0:

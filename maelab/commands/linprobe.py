@@ -37,6 +37,7 @@ from maelab.train.loop import Trainer
 from maelab.train.optim import batch_and_lr, lars, lars_param_groups, scaled_lr
 from maelab.train.tasks import LinprobeTask
 
+
 class TensorFeeder:
     """The Feeder interface over tensors already in memory (cached features): the same
     :class:`~maelab.data.loader.StepPlan`, so step ``s`` of epoch ``e`` holds the same images as the

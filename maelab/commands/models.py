@@ -6,6 +6,7 @@ import argparse
 
 from maelab.models.presets import PRESETS
 
+
 def run(args: argparse.Namespace) -> None:
     for name, kw in PRESETS.items():
         print(f"{name:24s} img {kw['img_size']}  patch {kw['patch_size']:2d}  encoder {kw['embed_dim']}x{kw['depth']} "

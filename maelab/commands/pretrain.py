@@ -25,7 +25,6 @@ from maelab.train.tasks import PretrainTask
 from maelab.viz import PICTURE_IMAGES, plot_curves, reconstruction_grid, save_reconstruction_grid
 
 
-
 def run(cfg: PretrainConfig) -> LoopResult:
     validate(cfg)
     kwargs = model_kwargs(cfg)

@@ -30,6 +30,7 @@ from maelab.io import atomic_write_bytes, write_json
 from maelab.train.budget import parse_duration
 from maelab.viz import PICTURE_IMAGES, plot_curves
 
+
 def validate(cfg: RecipeConfig) -> Path:
     """The validation folder; every budget and number checked before anything runs."""
     if not cfg.data.data:

@@ -45,6 +45,7 @@ from maelab.transfer.segment import SegmentTask, UPerNetSegmenter, evaluate_segm
 from maelab.viz.curves import plot_curves
 from maelab.viz.segmentation import save_segmentation_figure
 
+
 def run(args: argparse.Namespace):
     cls = SUBCOMMANDS[args.segment_command]
     cfg = config_from_args(cls, args)

@@ -10,6 +10,7 @@ from pathlib import Path
 from maelab.data.folders import prepare_images
 from maelab.data.shards import make_shards
 
+
 def run(args: argparse.Namespace) -> dict:
     images = prepare_images(args.data, args.bad_files, args.limit_images, args.seed)
     manifest = make_shards(images, args.out, args.shard_size, args.prefix, args.seed,

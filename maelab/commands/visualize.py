@@ -17,6 +17,7 @@ from maelab.models.checks import check_masks_something, num_visible
 from maelab.train.distributed import pick_device
 from maelab.viz import PICTURE_IMAGES, save_reconstruction_grid
 
+
 def output_path(out: str) -> Path:
     """``--out``: a file, or a folder (existing, or named with a trailing slash) that gets ``reconstruction.png``.
     A file must be named ``.png``: the grid is always a PNG, and ``recon.txt`` would hold one."""

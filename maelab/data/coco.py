@@ -36,7 +36,6 @@ from maelab.data.folders import open_rgb
 from maelab.errors import MaelabError
 
 
-
 @dataclass
 class CocoImage:
     id: int

@@ -23,8 +23,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
-
-
 def crop_range(crop: str, min_scale: float, height: int, width: int) -> tuple[tuple[float, float], tuple[float, float]]:
     """(area scale range, aspect-ratio range) of :func:`sample_crop_boxes` for a crop mode:
     ``random-size`` is RandomResizedCrop (area in [min_scale, 1], aspect 3/4-4/3); ``fixed-size`` keeps the

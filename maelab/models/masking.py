@@ -21,7 +21,6 @@ from maelab.errors import MaelabError
 from maelab.models.checks import num_visible
 
 
-
 def mask_noise(kind: str, n: int, grid: tuple[int, int], mask_ratio: float, generator: torch.Generator,
                device: torch.device | str = "cpu") -> torch.Tensor:
     """(n, rows * cols) noise whose highest values are the patches to mask."""

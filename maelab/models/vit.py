@@ -126,7 +126,6 @@ class EncoderWeights:
     notes: list[str] = field(default_factory=list)
 
 
-
 def load_encoder_into(model: VisionTransformer, enc: EncoderWeights) -> list[str]:
     """Load ``enc`` into a :func:`build_vit` model; resize ``pos_embed`` if the grid differs. Returns
     notes for the log. Only ``head.*`` (and ``fc_norm.*`` for a fresh global-pool head) stay new."""
@@ -158,13 +157,11 @@ def load_encoder_into(model: VisionTransformer, enc: EncoderWeights) -> list[str
     return notes
 
 
-
 def init_head(model: VisionTransformer, std: float) -> None:
     """Head weights ~ trunc_normal(std), bias 0 (official: 2e-5 for fine-tuning, 0.01 for probing)."""
     if isinstance(model.head, nn.Linear):
         trunc_normal_(model.head.weight, std=std)
         nn.init.zeros_(model.head.bias)
-
 
 
 def features_model(enc: EncoderWeights | None, arch: dict[str, Any], img_size: tuple[int, int] | None = None,

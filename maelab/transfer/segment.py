@@ -28,7 +28,6 @@ from maelab.train.tasks import ClassifyTask
 from maelab.transfer.backbone import MultiLevelNeck, ViTBackbone
 
 
-
 class UPerNetSegmenter(nn.Module):
     """backbone -> neck (strides 4/8/16/32) -> UPerNet -> per-pixel logits at the input size."""
 
