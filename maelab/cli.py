@@ -35,7 +35,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser, with the flags of the command ``argv`` names (of every command when ``argv`` is None):
     the other commands are listed by name and help only, without importing them."""
     named = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
-    parser = argparse.ArgumentParser(prog="maelab", description="Masked Autoencoder pre-training and evaluation")
+    parser = argparse.ArgumentParser(prog="maelab", description="Masked Autoencoder pre-training and evaluation",
+                                     epilog="`maelab <command> --help` lists a command's flags, with their defaults.")
     parser.add_argument("--version", action="version", version=f"maelab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
     for name, help in COMMANDS.items():

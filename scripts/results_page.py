@@ -5,7 +5,9 @@ benchmarks/quality_per_minute.py -- no hand-typed numbers.
         --ablation runs/ablate_mask_ratio ... --quality runs/quality_per_minute --out docs/results.md
 
 Each recipe folder contributes its results.json (accuracy per step, minutes, machine, seed, budgets) and
-the command that re-creates it; each sweep folder its results.json table, command and plot; the quality
+the command that re-creates it (recipe folders named again in ``--recipe-repeats``, runs of one
+configuration on one machine with other seeds, also make one table: mean ± standard deviation, and in
+how many runs each signal held); each sweep folder its results.json table, command and plot; the quality
 benchmark its curve. What the page reads -- each folder's results, tables, pictures and its runs'
 configs, never checkpoints or logs -- is first archived next to the page (``docs/results/runs/<folder
 name>/``) and the page is rendered from that archive, with ``index.json`` naming the folders: run
@@ -207,7 +209,9 @@ def recipe_repeats_section(page: Page, folders: list[Path]) -> None:
                    f"The same recipe ({len(runs)} runs, seeds {', '.join(str(r['seed']) for _, r in runs)}) on "
                    f"{first['machine']}, precision {first.get('precision', 'auto')}, pre-training budget "
                    f"{b['pretrain']}, fine-tune budget {b['finetune']} each. Their sections above give each run's "
-                   "command and pictures. Accuracy: final epoch, top-1 (%).", "",
+                   "command and pictures." + (" Runs of one seed differ in the steps their budgets bought (the "
+                   "machine's speed when each measured it)." if len({r["seed"] for _, r in runs}) < len(runs) else "")
+                   + " Accuracy: final epoch, top-1 (%).", "",
                    "| run | seed | pre-training steps | " + " | ".join(title for _, title, _ in STEPS) + " |",
                    "|---|---|---|" + "---|" * len(STEPS)]
     for name, res in runs:

@@ -27,7 +27,8 @@ LAYERS = [
     ("maelab.transfer",),
     ("maelab.viz",),
     ("maelab.commands",),
-    ("maelab.cli", "maelab.__main__"),
+    ("maelab.cli",),
+    ("maelab.__main__",),  # `python -m maelab`: the CLI
 ]
 RANK = {unit: i for i, units in enumerate(LAYERS) for unit in units}
 SHARED_COMMAND_MODULES = {"maelab.commands", "maelab.commands.session", "maelab.commands.steps"}
