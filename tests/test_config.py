@@ -154,3 +154,22 @@ def test_help_texts_say_what_is_accepted():
     text = _help(PretrainConfig)
     assert "fraction of patches removed, in (0, 1)" in text  # --mask-ratio 0 masks nothing: refused
     assert "--limit-images" not in _help(FeaturesConfig)  # features has no subsets to seed
+
+
+def test_every_choice_a_flag_offers_has_its_implementation():
+    """A flag's choices live in maelab.choices (no torch, so --help is instant); the code that runs them is
+    elsewhere and must take every one of them, and only those."""
+    from maelab.choices import CROPS, LR_SCHEDULES, POOLS
+    from maelab.data.transforms import crop_range
+    from maelab.models.vit import check_pool
+    from maelab.train.optim import SCHEDULES
+
+    assert tuple(SCHEDULES) == LR_SCHEDULES
+    for crop in CROPS:
+        crop_range(crop, 0.2, 32, 32)
+    for pool in POOLS:
+        check_pool(pool)
+    with pytest.raises(ValueError):
+        crop_range("center", 0.2, 32, 32)
+    with pytest.raises(MaelabError):
+        check_pool("max")

@@ -11,8 +11,6 @@ import math
 import torch
 from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 
-from maelab.choices import LR_SCHEDULES
-
 NO_DECAY = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed", "dist_token", "reg_token")
 
 
@@ -62,7 +60,7 @@ def poly_lr(it: float, total: float, warmup: float, lr: float, min_lr: float, po
     return min_lr + (lr - min_lr) * (1.0 - progress) ** power
 
 
-SCHEDULES = dict(zip(LR_SCHEDULES, (cosine_lr, poly_lr)))
+SCHEDULES = {"cosine": cosine_lr, "poly": poly_lr}  # one per name of maelab.choices.LR_SCHEDULES (--schedule)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

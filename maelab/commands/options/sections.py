@@ -1,7 +1,7 @@
 """Config sections shared by several commands, and the checks of the numbers in them.
 
-A command's own sections sit in its module (:mod:`maelab.commands.pretrain`, ...). Defaults follow the
-official ViT-B recipes.
+A command's own sections sit in its options module (:mod:`maelab.commands.options.pretrain`, ...); like
+them, this module imports no torch. Defaults follow the official ViT-B recipes.
 """
 
 from __future__ import annotations
