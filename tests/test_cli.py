@@ -118,18 +118,29 @@ def test_every_command_the_docs_show_runs_with_todays_flags(capsys):
     assert [bool(refusal(c, parser, capsys)) for c in documented_commands(block)] == [True, True, True]
 
 
+def main_in_a_fresh_python(argvs: list[list[str]], modules: tuple[str, ...]):
+    """``main(argv)`` for each of ``argvs`` in one new interpreter: (the process, each argv's exit status,
+    which of ``modules`` it had loaded at the end)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom maelab.cli import main\n"
+             f"for argv in {argvs!r}:\n"
+             "    try:\n        main(argv)\n    except SystemExit as e:\n        print('exit', e.code)\n"
+             f"print(sorted(m for m in {modules!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    lines = done.stdout.strip().splitlines()
+    assert lines and lines[-1].startswith("["), done.stdout[-2000:] + done.stderr[-2000:]
+    return done, [line for line in lines if line.startswith("exit ")], lines[-1]
+
+
 def test_the_command_list_and_a_mistyped_command_answer_without_loading_torch():
     """`maelab --help`, `--version` and a typo used to import every command, and with them torch, timm and
     torchvision: 6.5 s on a 2-core CPU before a word was printed. Now the list comes from the registry and
     only the command that runs is imported."""
-    import subprocess
-    import sys
-
-    probe = ("import sys\nfrom maelab.cli import main\nfor argv in (['--help'], ['--version'], ['pretrian']):\n"
-             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-             "print('torch' in sys.modules, 'maelab.commands.pretrain' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
-    assert done.stdout.strip().splitlines()[-1] == "False False", done.stdout + done.stderr
+    done, _, loaded = main_in_a_fresh_python([["--help"], ["--version"], ["pretrian"]],
+                                             ("torch", "maelab.commands.pretrain"))
+    assert loaded == "[]", done.stdout + done.stderr
     assert "invalid choice: 'pretrian'" in done.stderr
     assert "pretrain" in done.stdout and "MAE pre-training on a folder of images" in done.stdout  # the list
 
@@ -163,23 +174,15 @@ def test_every_commands_help_and_a_refused_flag_answer_without_loading_torch():
     """`maelab <command> --help` used to import the command, and with it torch, timm and torchvision: 5 s
     (8 s cold) on a 2-core CPU before the flags were shown. The flags now come from the options modules
     alone; the command's own module is imported only to run it."""
-    import subprocess
-    import sys
-
     from maelab.commands import COMMANDS
 
     argvs = [[name, "--help"] for name in COMMANDS]
     argvs += [["segment", action, "--help"] for action in ("train", "eval", "predict")]
     argvs += [["detect", action, "--help"] for action in ("train", "eval", "predict")]
     argvs += [["pretrain", "--data", "d", "--mask-type", "nope"], ["finetune", "--global-pool", "max"]]
-    probe = ("import sys\nfrom maelab.cli import main\n"
-             f"for argv in {argvs!r}:\n"
-             "    try:\n        main(argv)\n    except SystemExit as e:\n        print('exit', e.code)\n"
-             "print(sorted(m for m in ('torch', 'timm', 'torchvision', 'numpy', 'PIL', 'matplotlib') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
-    lines = done.stdout.strip().splitlines()
-    assert lines[-1] == "[]", done.stdout[-2000:] + done.stderr[-2000:]
-    assert [line for line in lines if line.startswith("exit ")] == ["exit 0"] * (len(argvs) - 2) + ["exit 2"] * 2
+    done, exits, loaded = main_in_a_fresh_python(argvs, ("torch", "timm", "torchvision", "numpy", "PIL", "matplotlib"))
+    assert loaded == "[]", done.stdout[-2000:] + done.stderr[-2000:]
+    assert exits == ["exit 0"] * (len(argvs) - 2) + ["exit 2"] * 2
     assert "--mask-ratio" in done.stdout and "--decoder-depth" in done.stdout and "--layer-decay" in done.stdout
     assert "invalid choice: 'nope'" in done.stderr and "invalid choice: 'max'" in done.stderr
 

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from maelab import MaelabError
-from maelab.commands.pretrain import PretrainConfig
+from maelab.commands.options.pretrain import PretrainConfig
 from maelab.config import CONFIG_DIR, add_config_args, build_config, config_from_args, resolve_preset
 
 
@@ -55,9 +55,9 @@ def test_shipped_presets_load():
 
 def _command_configs() -> dict[str, type]:
     from maelab.commands.options.detect import DetectTrainConfig
-    from maelab.commands.finetune import FinetuneConfig
-    from maelab.commands.linprobe import LinprobeConfig
-    from maelab.commands.recipe import RecipeConfig
+    from maelab.commands.options.finetune import FinetuneConfig
+    from maelab.commands.options.linprobe import LinprobeConfig
+    from maelab.commands.options.recipe import RecipeConfig
     from maelab.commands.options.segment import TrainConfig as SegmentTrainConfig
     return {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linprobe": LinprobeConfig,
             "recipe": RecipeConfig, "detect": DetectTrainConfig, "segment": SegmentTrainConfig}
@@ -78,9 +78,9 @@ def test_every_shipped_config_builds_against_its_command(path):
 
 
 # --- check_schedule / check_augment: the optimizer and augmentation numbers every command shares -------
-from maelab.commands.features import FeaturesConfig  # noqa: E402
-from maelab.commands.options.finetune import FinetuneOptimConfig  # noqa: E402
-from maelab.commands.finetune import AugmentConfig, check_augment  # noqa: E402
+from maelab.commands.finetune import check_augment  # noqa: E402
+from maelab.commands.options.features import FeaturesConfig  # noqa: E402
+from maelab.commands.options.finetune import AugmentConfig, FinetuneOptimConfig  # noqa: E402
 from maelab.commands.options.linprobe import ProbeOptimConfig  # noqa: E402
 from maelab.commands.options.sections import OptimConfig, check_schedule  # noqa: E402
 
