@@ -153,6 +153,52 @@ def test_the_code_version_names_the_commit_of_a_checkout_and_only_of_its_own(tmp
     assert steps.code_version() == f"maelab {__version__}"
 
 
+def test_a_chain_records_the_code_each_step_started_with(tmp_path, monkeypatch):
+    """A chain runs for hours while its checkout may move on: its results name the code of each step,
+    not only the code present at the end (a resumed step that ran two versions names both)."""
+    from maelab.commands import steps
+    from maelab.errors import MaelabError
+    version = ["maelab 1, commit aaa"]
+    monkeypatch.setattr(steps, "code_version", lambda: version[0])
+    cut = []
+
+    def fake_maelab(args, log):
+        out = Path(args[args.index("--out") + 1])
+        if args[0] == "finetune":
+            out.mkdir(parents=True, exist_ok=True)
+            if not cut:  # the first attempt is killed after it wrote its folder
+                cut.append(1)
+                raise MaelabError("`maelab finetune` failed (exit 1)")
+            (out / "results.json").write_text(json.dumps({"val_top1": 40.0}))
+        else:
+            out.write_text(json.dumps({"knn_top1": 30.0}))
+        return 1.0
+
+    monkeypatch.setattr(steps, "maelab", fake_maelab)
+    chain = steps.Chain(tmp_path / "c", ["--seed", "0"], [])
+    assert chain.code() == "maelab 1, commit aaa"  # nothing ran yet: the code running now
+    chain.knn("pre", "knn_a")
+    with pytest.raises(MaelabError):
+        chain.finetune("pre", ["--epochs", "2"], "ft")
+    assert chain.code() == "maelab 1, commit aaa"
+    version[0] = "maelab 1, commit bbb + local changes"
+    chain = steps.Chain(tmp_path / "c", ["--seed", "0"], [])  # the same command again, on newer code
+    chain.knn("pre", "knn_a")  # finished: read back, no new record
+    chain.finetune("pre", ["--epochs", "2"], "ft")
+    chain.knn("pre", "knn_b")
+    assert chain.code() == "maelab 1, commit aaa (knn_a, ft); maelab 1, commit bbb + local changes (ft, knn_b)"
+    assert json.loads((tmp_path / "c" / "code.json").read_text())["ft"] == ["maelab 1, commit aaa",
+                                                                           "maelab 1, commit bbb + local changes"]
+    record = json.loads((tmp_path / "c" / "steps.json").read_text())
+    (tmp_path / "c" / "steps.json").write_text(json.dumps({"old": ["knn"], **record}))  # from before code.json
+    assert steps.chains_code({"mask_ratio=0.5": tmp_path / "c"}) == (
+        "maelab 1, commit aaa (mask_ratio=0.5/knn_a, mask_ratio=0.5/ft); maelab 1, commit bbb + local changes "
+        "(mask_ratio=0.5/ft, mask_ratio=0.5/knn_b); not recorded (mask_ratio=0.5/old)")
+    (tmp_path / "c" / "code.json").write_text("{")
+    with pytest.raises(MaelabError, match="code.json is unreadable"):
+        steps.Chain(tmp_path / "c", ["--seed", "0"], [])
+
+
 @pytest.mark.parametrize("args,message", [
     ([], "--data is required"),
     (["--data", "MISSING"], "no such folder"),
@@ -239,6 +285,7 @@ def test_a_step_run_with_other_settings_is_refused_not_read_back(tmp_path, monke
     with pytest.raises(MaelabError, match="failed"):
         steps.Chain(tmp_path, common, []).knn("pre", "knn", ["--k", "0"])
     assert "knn" not in json.loads((tmp_path / "steps.json").read_text())  # so the corrected flags may run
+    assert "knn" not in json.loads((tmp_path / "code.json").read_text())  # nor its code: it never ran
     def fake_knn(args, log):
         ran.append(args)
         Path(args[args.index("--out") + 1]).write_text(json.dumps({"top1": 30.0}))

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from maelab.commands.options.ablate import AblateConfig, NAME
 from maelab.commands.options.pretrain import PretrainConfig
-from maelab.commands.steps import (Chain, check_buildable, check_chain_data, check_image_counts, code_version, invoked,
+from maelab.commands.steps import (Chain, check_buildable, check_chain_data, check_image_counts, chains_code, invoked,
                                    length_flags, machine, no_budget, recorded_optim)
 from maelab.config import add_config_args, config_from_args, load_yaml
 from maelab.data.splits import subset_seed
@@ -272,7 +272,8 @@ def run(cfg: AblateConfig) -> list[dict[str, Any]]:
         seeds = [int(v) for v in cfg.sweep.values]
     summary = {"setting": setting, "budget": cfg.run.budget, "data": cfg.data.data, "rows": rows,
                "preset": cfg.run.preset, "seed": seeds[0], "seeds": seeds, "precision": cfg.run.precision, "machine": machine(),
-               "code": code_version(),
+               "code": chains_code({str(where.relative_to(out)): where for value in cfg.sweep.values
+                                    for _, where in runs_of(cfg, value, folder[value])}),
                "evaluated_images": cfg.data.limit_images, "pretrain_images": cfg.data.pretrain_images,
                "subset_seed": cfg.data.subset_seed,
                "probe": probe_label(cfg) if "linprobe" in cfg.sweep.evaluate else None,

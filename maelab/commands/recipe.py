@@ -20,7 +20,7 @@ from typing import Any
 
 from maelab.commands.options.recipe import NAME, RecipeConfig
 from maelab.commands.options.pretrain import PretrainConfig
-from maelab.commands.steps import (Chain, check_buildable, check_chain_data, code_version, invoked, length_flags,
+from maelab.commands.steps import (Chain, check_buildable, check_chain_data, invoked, length_flags,
                                    machine, no_budget, recorded_optim)
 from maelab.config import build_config, load_yaml, resolve_preset
 from maelab.data.folders import scan_images, spread_sample
@@ -113,7 +113,7 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     probe_optim = recorded_optim(out / "linprobe")
     results = {
         "recipe": cfg.run.out, "data": d.data, "val_data": str(val), "seed": r.seed, "machine": machine(),
-        "code": code_version(), "precision": r.precision,
+        "code": chain.code(), "precision": r.precision,
         "budgets": {"pretrain": st.pretrain_budget, "finetune": st.finetune_budget},
         "knn_mae_top1": knn_mae["knn_top1"], "knn_random_top1": knn_random["knn_top1"],
         "linprobe_top1": probe["val_top1"], "finetune_mae_top1": ft_mae["val_top1"],

@@ -87,6 +87,43 @@ def code_version() -> str:
     return text
 
 
+def chains_code(folders: dict[str, Path]) -> str:
+    """Which code ran the steps of the chains in ``folders`` (label -> a :class:`Chain`'s folder; steps are
+    named ``label/step``), as one line: the version when all steps ran one, else each version followed by
+    the steps that ran it. Steps started before versions were recorded are named as such; with nothing
+    recorded at all, the code running now."""
+    steps: dict[str, list[str]] = {}
+    unrecorded = []
+    for label, folder in folders.items():
+        codes = read_record(folder / "code.json", "the code each step ran")
+        for name in read_record(folder / "steps.json", "how each step ran"):
+            where = f"{label}/{name}" if label else name
+            for version in codes.get(name, []):
+                steps.setdefault(version, []).append(where)
+            if name not in codes:
+                unrecorded.append(where)
+    if not steps:
+        return code_version()
+    if len(steps) == 1 and not unrecorded:
+        return next(iter(steps))
+    parts = [f"{version} ({named(names)})" for version, names in steps.items()]
+    if unrecorded:
+        parts.append(f"not recorded ({named(unrecorded)})")
+    return "; ".join(parts)
+
+
+def named(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def read_record(path: Path, what: str) -> dict[str, Any]:
+    """A chain's JSON record at ``path`` ({} when there is none yet); ``what`` it records, for the error."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise MaelabError(f"{path} is unreadable ({e}); it records {what}") from e
+
+
 def invoked(command: str) -> str | None:
     """The ``maelab <command> ...`` line that started this process, for its results page to quote
     (None when the command was called in-process, where argv is someone else's)."""
@@ -176,23 +213,38 @@ class Chain:
     Every step's command line is kept in ``steps.json``: a step finished (or cut short) with other flags
     is refused, not read back, so changing a setting and running again in the same folder can never
     report the old setting's result as the new one's. A step that failed before it wrote its ``--out``
-    left nothing to protect: its record is dropped, so the corrected command runs."""
+    left nothing to protect: its record is dropped, so the corrected command runs.
+
+    ``code.json`` keeps the code version each step started with (:func:`code_version`), every attempt
+    that ran other code than the one before it: a chain that ran for hours while the checkout moved on
+    says which steps ran which code, not only the code present at its end."""
 
     folder: Path
     common: list[str]
     split: list[str]
     log: Path = field(init=False)
     record: dict[str, list[str]] = field(init=False)
+    codes: dict[str, list[str]] = field(init=False)
 
     def __post_init__(self):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log = self.folder / "log.txt"
-        path = self.folder / "steps.json"
-        try:
-            self.record = json.loads(path.read_text()) if path.is_file() else {}
-        except (OSError, ValueError) as e:
-            raise MaelabError(f"{path} is unreadable ({e}); it records how each step ran: delete it to accept "
-                              "the finished steps as they are") from e
+        self.record = read_record(self.folder / "steps.json",
+                                  "how each step ran: delete it to accept the finished steps as they are")
+        self.codes = read_record(self.folder / "code.json",
+                                 "the code each step ran: delete it to record it from now on")
+
+    def note_code(self, name: str) -> None:
+        """Record the code ``name`` runs with now (once per change: a step resumed by the same code adds
+        nothing)."""
+        now, seen = code_version(), self.codes.setdefault(name, [])
+        if seen[-1:] != [now]:
+            seen.append(now)
+            write_json(self.folder / "code.json", self.codes)
+
+    def code(self) -> str:
+        """Which code ran this chain's steps, for its results: one version, or each version with its steps."""
+        return chains_code({"": self.folder})
 
     def run(self, name: str, args: list[str], done: bool) -> float | None:
         """Run step ``name`` (``maelab ARGS``) unless it is ``done``; seconds it took (None: not run).
@@ -206,6 +258,7 @@ class Chain:
             return None
         self.record[name] = here
         write_json(self.folder / "steps.json", self.record)
+        self.note_code(name)
         try:
             return maelab(args, self.log)
         except MaelabError:
@@ -213,6 +266,8 @@ class Chain:
             if recorded is None and out is not None and not out.exists():  # refused before it wrote anything:
                 del self.record[name]  # nothing to protect, so the corrected command may run here
                 write_json(self.folder / "steps.json", self.record)
+                self.codes.pop(name, None)
+                write_json(self.folder / "code.json", self.codes)
             raise
 
     def knn(self, init: str, name: str, extra: list[str] = ()) -> dict[str, Any]:
