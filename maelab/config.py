@@ -80,7 +80,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if typing.get_origin(inner) is list:
             (item,) = typing.get_args(inner)
             seq = value if isinstance(value, (list, tuple)) else [value]
-            return [item(v) for v in seq]
+            return [_scalar(v, item) for v in seq]
         if inner is bool:
             if isinstance(value, bool):
                 return value
@@ -89,11 +89,19 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             if str(value).lower() in ("0", "false", "no", "off"):
                 return False
             raise ValueError(value)
-        if inner is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return inner(value)
+        return _scalar(value, inner)
     except (TypeError, ValueError):
         raise MaelabError(f"{name}: cannot read {value!r} as {getattr(inner, '__name__', inner)}") from None
+
+
+def _scalar(value: Any, tp: type) -> Any:
+    """``value`` as a number or string of type ``tp``. Python would read ``true`` as the number 1 (a YAML
+    ``batch_size: true`` ran with batch 1) and ``[a, b]`` as the string "['a', 'b']": both are refused."""
+    number = tp in (int, float)
+    if isinstance(value, (list, tuple, dict)) or (number and isinstance(value, bool)) \
+            or (tp is int and isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return tp(value)
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -128,7 +136,7 @@ def resolve_preset(path_or_name: str) -> Path:
 def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise MaelabError(f"cannot read config {path}: {e}".splitlines()[0]) from None
     if data is None:
         return {}

@@ -99,6 +99,12 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     (["--setting", "decoder-depth", "--values", "2", "two"], "cannot read 'two' as int"),
     (["--setting", "decoder-embed-dim", "--values", "128", "130"], "130 is not divisible by decoder_num_heads=4"),
     (["--setting", "mask-ratio", "--values", "0.5", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--setting", "mask-ratio", "--values", "0.5", "--finetune-budget", "0s"], "--finetune-budget must be longer"),
+    # flags that say where and on what a run works: a sweep over them would write outside --out or
+    # evaluate on other data than it pre-trained on
+    (["--setting", "out", "--values", "a", "b"], "--setting out is not a setting to sweep: every value's run"),
+    (["--setting", "data", "--values", "x", "y"], "--setting data is not a setting to sweep: every evaluation"),
+    (["--setting", "limit_images", "--values", "5", "6"], "not a setting to sweep: ablate's --pretrain-images"),
 ])
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)

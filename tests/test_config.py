@@ -47,6 +47,28 @@ def test_unknown_field_and_bad_type_are_clear_errors(tmp_path):
         resolve_preset("no_such_preset")
 
 
+@pytest.mark.parametrize("text,message", [
+    ("data:\n  batch_size: true\n", "batch_size: cannot read True as int"),  # Python's bool is an int: batch 1
+    ("optim:\n  base_lr: false\n", "base_lr: cannot read False as float"),
+    ("run:\n  out: [a, b]\n", "out: cannot read ['a', 'b'] as str"),
+    ("model:\n  img_size: [32, yes]\n", "img_size: cannot read [32, True] as list"),
+    ("epochs: 1.5\n", "epochs: cannot read 1.5 as int"),
+])
+def test_yaml_values_of_another_kind_are_refused_not_converted(tmp_path, text, message):
+    y = tmp_path / "c.yaml"
+    y.write_text(text)
+    with pytest.raises(MaelabError) as refused:
+        build_config(PretrainConfig, yaml_path=str(y))
+    assert message in str(refused.value)
+
+
+def test_a_config_that_is_not_text_is_a_clear_error(tmp_path):
+    y = tmp_path / "binary.yaml"
+    y.write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(MaelabError, match=f"cannot read config {y}: 'utf-8' codec can't decode"):
+        build_config(PretrainConfig, yaml_path=str(y))
+
+
 def test_shipped_presets_load():
     for name in ("pretrain_cifar10_tiny", "pretrain_vit_base"):
         cfg = build_config(PretrainConfig, yaml_path=name)

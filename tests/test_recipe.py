@@ -213,6 +213,14 @@ def test_a_chain_records_the_code_each_step_started_with(tmp_path, monkeypatch):
     (["--data", "DATA", "--img-size", "30"], "--img-size 30: image size 30x30 is not divisible by the patch size 4"),
     (["--data", "DATA", "--batch-size", "0"], "--batch-size must be at least 1"),
     (["--data", "DATA", "--limit-images", "-5"], "--limit-images must be 0 (all images) or a positive count"),
+    (["--data", "DATA", "--val-data", "MISSING"], "--val-data MISSING_PATH: no such folder"),
+    (["--data", "DATA", "--pretrain-budget", "abc"], "--pretrain-budget 'abc' is not a duration"),
+    (["--data", "DATA", "--finetune-budget", "0s"], "--finetune-budget must be longer than zero"),
+    # another command's preset would fail only when its step starts, after the steps before it
+    (["--data", "DATA", "--probe-preset", "pretrain_cifar10_tiny"],
+     "--probe-preset pretrain_cifar10_tiny: not a `maelab linprobe` preset (unknown config field"),
+    (["--data", "DATA", "--finetune-preset", "linprobe_cifar_tiny"],
+     "--finetune-preset linprobe_cifar_tiny: not a `maelab finetune` preset ("),
 ])
 def test_bad_recipes_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "d" / "train" / "a").mkdir(parents=True)
@@ -221,7 +229,7 @@ def test_bad_recipes_are_refused_before_anything_runs(tmp_path, monkeypatch, cap
     subst = {"DATA": str(tmp_path / "d" / "train"), "MISSING": str(tmp_path / "nope"), "ALONE": str(tmp_path / "alone")}
     monkeypatch.chdir(tmp_path)
     code, err = maelab_refusal(capsys, "recipe", *[subst.get(a, a) for a in args], "--out", str(tmp_path / "r"))
-    assert code == 2 and message in err, err
+    assert code == 2 and message.replace("MISSING_PATH", subst["MISSING"]) in err, err
     assert not (tmp_path / "r").exists()
 
 

@@ -32,15 +32,30 @@ from maelab.train.budget import parse_duration
 from maelab.viz import plot_loss_overlay, save_figure_atomic
 
 
+NOT_SETTINGS = {  # `maelab pretrain` flags that say where and on what a run works, not how it trains
+    "out": "every value's run has its own folder under ablate's --out",
+    "resume": "every value's run has its own folder under ablate's --out, and resumes there",
+    "config": "ablate's --preset names the pretrain preset every value starts from",
+    "data": "every evaluation reads ablate's --data: run one sweep per data set",
+    "knn-data": "the evaluations read ablate's --data and --val-data",
+    "device": "ablate's --device places every run",
+    "limit-images": "ablate's --pretrain-images sizes the pre-training subset",
+    "subset-seed": "ablate's --subset-seed draws the subsets",
+    "plan-history": "it is the budget planner's record of a run",
+}
+
+
 def validate(cfg: AblateConfig) -> None:
     sw = cfg.sweep
     if not sw.setting or not sw.values:
         raise MaelabError("--setting and --values are required, e.g. --setting mask-ratio --values 0.5 0.75")
+    if (why := NOT_SETTINGS.get(flag_name(sw.setting))) is not None:
+        raise MaelabError(f"--setting {sw.setting} is not a setting to sweep: {why}")
     if len(set(sw.values)) != len(sw.values):
         raise MaelabError(f"--values repeats a value: {sw.values}")
     if not cfg.data.data:
         raise MaelabError("--data is required: an ImageFolder tree")
-    parse_duration(cfg.run.finetune_budget)
+    parse_duration(cfg.run.finetune_budget, "--finetune-budget")
     if not no_budget(cfg.run.budget):
         parse_duration(cfg.run.budget)
     check_chain_data(cfg.data)

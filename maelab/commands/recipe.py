@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from maelab.commands.options.finetune import FinetuneConfig
+from maelab.commands.options.linprobe import LinprobeConfig
 from maelab.commands.options.recipe import NAME, RecipeConfig
 from maelab.commands.options.pretrain import PretrainConfig
 from maelab.commands.steps import (Chain, check_buildable, check_chain_data, invoked, length_flags,
@@ -40,13 +42,15 @@ def validate(cfg: RecipeConfig) -> Path:
     check_chain_data(cfg.data)
     for name in ("pretrain_budget", "finetune_budget"):
         if not no_budget(getattr(cfg.steps, name)):
-            parse_duration(getattr(cfg.steps, name))
+            parse_duration(getattr(cfg.steps, name), "--" + name.replace("_", "-"))
     if cfg.steps.probe_epochs < 1:
         raise MaelabError(f"--probe-epochs must be at least 1, got {cfg.steps.probe_epochs}")
     if cfg.steps.probe_base_lr is not None and not cfg.steps.probe_base_lr > 0:
         raise MaelabError(f"--probe-base-lr must be positive, got {cfg.steps.probe_base_lr}")
     if not cfg.steps.mask_ratios or not all(0 < r < 1 for r in cfg.steps.mask_ratios):
         raise MaelabError(f"--mask-ratios must be in (0, 1), got {cfg.steps.mask_ratios}")
+    if cfg.data.val_data and not Path(cfg.data.val_data).expanduser().is_dir():
+        raise MaelabError(f"--val-data {cfg.data.val_data}: no such folder")
     val = Path(cfg.data.val_data).expanduser() if cfg.data.val_data else default_val_dir(cfg.data.data)
     if val is None or not val.is_dir():
         raise MaelabError("--val-data is required (no sibling val / test folder next to --data)")
@@ -66,11 +70,17 @@ def check_presets(cfg: RecipeConfig) -> None:
     except MaelabError as e:
         raise MaelabError(f"--pretrain-preset {st.pretrain_preset}"
                           + (f" --img-size {st.img_size}" if st.img_size else "") + f": {e}") from None
-    for flag, preset in (("--probe-preset", st.probe_preset), ("--finetune-preset", st.finetune_preset)):
+    for flag, preset, config in (("--probe-preset", st.probe_preset, LinprobeConfig),
+                                 ("--finetune-preset", st.finetune_preset, FinetuneConfig)):
         try:
-            load_yaml(resolve_preset(preset))
+            path = resolve_preset(preset)
         except MaelabError as e:
             raise MaelabError(f"{flag} {preset}: {e}") from None
+        try:  # another command's preset (a pretrain preset given as the probe's) fails here, not hours later
+            build_config(config, yaml_path=str(path))
+        except MaelabError as e:
+            command = flag.removeprefix("--").removesuffix("-preset").replace("probe", "linprobe")
+            raise MaelabError(f"{flag} {preset}: not a `maelab {command}` preset ({e})") from None
 
 
 def run(cfg: RecipeConfig) -> dict[str, Any]:

@@ -107,15 +107,15 @@ def timed_sample(run: Callable[[list[int]], Any], total: int, sample: int = SAMP
     return timed(run, spread(total, sample)) * total / sample
 
 
-def parse_duration(text: str) -> float:
-    """``"90s"``, ``"30m"``, ``"2h"``, ``"1h30m"``, ``"1.5h"`` -> seconds."""
+def parse_duration(text: str, flag: str = "--budget") -> float:
+    """``"90s"``, ``"30m"``, ``"2h"``, ``"1h30m"``, ``"1.5h"`` -> seconds; ``flag`` names it in an error."""
     s = str(text).strip().lower().replace(" ", "")
     parts = _PART.findall(s)
     if not s or "".join(n + u for n, u in parts) != s:
-        raise MaelabError(f"--budget {text!r} is not a duration: use a number with a unit, e.g. 90s, 30m, 2h, 1h30m")
+        raise MaelabError(f"{flag} {text!r} is not a duration: use a number with a unit, e.g. 90s, 30m, 2h, 1h30m")
     seconds = sum(float(n) * _UNITS[u] for n, u in parts)
     if seconds <= 0:
-        raise MaelabError(f"--budget must be longer than zero, got {text!r}")
+        raise MaelabError(f"{flag} must be longer than zero, got {text!r}")
     return seconds
 
 
