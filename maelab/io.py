@@ -148,7 +148,12 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
-        raise MaelabError(f"cannot read weights {path}: {e}") from None
+        raise MaelabError(f"cannot read weights {path}: {e}{damaged(e)}") from None
+
+
+def damaged(error: Exception) -> str:
+    """What a reader's complaint about a safetensors file's bytes means (a disk error says it itself)."""
+    return "" if isinstance(error, OSError) else " (a truncated or damaged safetensors file: copy or download it again)"
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
@@ -166,5 +171,5 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise MaelabError(f"cannot read weights {path}: {e}") from None
+        raise MaelabError(f"cannot read weights {path}: {e}{damaged(e)}") from None
     return tensors, info

@@ -230,3 +230,19 @@ def test_files_are_recognised_by_content_not_by_name(tmp_path):
     pth = tmp_path / "official.safetensors"  # torch.save content under a .safetensors name
     torch.save({"model": sd}, pth)
     assert weights_format(pth) == "torch" and set(load_official_state_dict(pth)) == set(sd)
+
+
+@pytest.mark.parametrize("header_len", [19_280, 1_000])  # 19 280 = b"PK\x00..." little-endian, like a zip's "PK"
+def test_a_truncated_safetensors_file_is_called_so_whatever_its_header_length(tmp_path, header_len):
+    """Cut short by a failed copy, a safetensors file must say it is damaged: one whose header length
+    starts with the bytes "PK" was taken for a torch zip, and torch's error advised weights_only=False."""
+    from maelab.interop.formats import weights_format
+
+    header = b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'.ljust(header_len)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(header_len.to_bytes(8, "little") + header[:500])
+    assert weights_format(cut) == "safetensors"
+    with pytest.raises(MaelabError) as refused:
+        load_official_state_dict(cut)
+    assert "a truncated or damaged safetensors file" in str(refused.value)
+    assert "weights_only" not in str(refused.value)

@@ -317,7 +317,8 @@ def test_a_run_folder_of_another_command_is_refused(tmp_path):
 
     saved = tmp_path / "config.yaml"
     saved.write_text(yaml.safe_dump(recorded(to_dict(build_config(PretrainConfig)))))
-    with pytest.raises(MaelabError, match="another kind"):
+    with pytest.raises(MaelabError, match=r"holds a run of another command \(its config.yaml has settings this "
+                                          r"command does not: data.color_jitter, .*or a --resume of this command's"):
         check_resume(saved, to_dict(build_config(FinetuneConfig)))
     assert check_resume(saved, to_dict(build_config(PretrainConfig, {"epochs": 9}))) == ["optim.epochs: 10 -> 9"]
 

@@ -45,8 +45,8 @@ def weights_format(path: str | Path) -> str:
     looks_safetensors = head[8:9] == b"{" and 2 <= header_len <= _MAX_SAFETENSORS_HEADER
     if looks_safetensors and 8 + header_len <= size:
         return SAFETENSORS
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return TORCH
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # a zip's full magic: a safetensors header of 19 280
+        return TORCH  # bytes starts with "PK" too
     if looks_safetensors:
         return SAFETENSORS  # truncated: the safetensors reader says so
     for magic, what in _MAGIC:

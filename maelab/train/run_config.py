@@ -79,9 +79,12 @@ def check_resume(saved_file: Path, config: dict[str, Any]) -> list[str]:
     except (OSError, yaml.YAMLError, AttributeError) as e:
         raise MaelabError(f"cannot read {saved_file} to check the resumed run's settings: {e}") from None
     now = _flat(recorded(config))
-    if len(set(saved) - set(now)) >= 2:  # settings this command does not have: another command's run
-        raise MaelabError(f"{saved_file.parent} holds a run of another kind (its config.yaml has other settings "
-                          f"than this command's); choose another --out")
+    if len(extra := sorted(set(saved) - set(now))) >= 2:  # settings this command does not have: another command's
+        # run, found in --out or named by --resume
+        raise MaelabError(f"{saved_file.parent} holds a run of another command (its config.yaml has settings this "
+                          f"command does not: {', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}); a run "
+                          f"resumes only with the command that started it: choose another --out, or a --resume "
+                          f"of this command's runs")
     changed = [(k, saved[k], now[k]) for k in now if k in saved and not _same(k, saved[k], now[k])]
     refused = [c for c in changed if c[0] not in MAY_CHANGE]
     if refused:
