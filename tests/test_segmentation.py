@@ -281,6 +281,9 @@ def test_segment_errors_are_one_line(capsys, tmp_path, camvid_tiny):
     mae = save_mae(MaskedAutoencoder(**TINY_MAE), tmp_path / "mae.safetensors")
     code, _, err = run_cli(capsys, "segment", "eval", "--checkpoint", str(mae), "--data", str(camvid_tiny))
     assert code == 2 and "not a segmentation model" in err
+    code, _, err = run_cli(capsys, "segment", "train", "--data", str(camvid_tiny), "--init", str(mae), "--img-size",
+                           "16", "--batch-size", "2", "--out", str(tmp_path / "r"))  # the stride-32 level: 0 px
+    assert code == 2 and "--img-size 16x16 is too small for the UPerNet pyramid: its stride-32 level needs" in err, err
     assert not (tmp_path / "r").exists()
 
 

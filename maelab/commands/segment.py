@@ -40,7 +40,7 @@ from maelab.train.checkpoint import resolve_weights_path
 from maelab.train.loop import Trainer
 from maelab.train.optim import adamw, scaled_lr
 from maelab.train.precision import autocast
-from maelab.transfer.backbone import ViTBackbone, layer_decay_groups
+from maelab.transfer.backbone import STRIDES, ViTBackbone, layer_decay_groups
 from maelab.transfer.segment import SegmentTask, UPerNetSegmenter, evaluate_segmenter, predict_mask
 from maelab.viz.curves import plot_curves
 from maelab.viz.segmentation import save_segmentation_figure
@@ -88,6 +88,9 @@ def inference_settings(ev: SegEvalConfig, crop: tuple[int, int], base_size: int 
 
 def build_segmenter(enc, arch: dict[str, Any], crop: tuple[int, int], m: SegModelConfig,
                     num_classes: int) -> UPerNetSegmenter:
+    if min(crop) < max(STRIDES):  # the coarsest level would have no pixel (a max-pool to size 0 in the first step)
+        raise MaelabError(f"--img-size {crop[0]}x{crop[1]} is too small for the UPerNet pyramid: its stride-"
+                          f"{max(STRIDES)} level needs at least {max(STRIDES)} px a side")
     backbone = ViTBackbone(enc, arch, crop, m.out_indices, m.drop_path, m.window_size, m.global_blocks)
     return UPerNetSegmenter(backbone, num_classes, m.decoder_channels, m.aux_weight)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from maelab.data.seeding import make_generator
@@ -187,7 +187,15 @@ def open_rgb(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
     except IsADirectoryError:
         raise MaelabError(f"not an image file: {path} is a folder") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise MaelabError(f"cannot read image {path}: {e}") from None
+        raise MaelabError(f"cannot read image {path}: {why_unreadable(e)}") from None
+
+
+def why_unreadable(error: Exception) -> str:
+    """PIL's reason, without the file object it names for an image read from a tar shard
+    ("cannot identify image file <_io.BytesIO object at 0x7f...>")."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image PIL can identify (an empty, cut-short or non-image file)"
+    return str(error)
 
 
 def _png_data_missing(path: str | os.PathLike, data: bytes | None = None) -> bool:
@@ -236,7 +244,7 @@ def _probe(path: str) -> str | None:
             img.verify()
         return None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
-        return f"cannot read image {path}: {e}"
+        return f"cannot read image {path}: {why_unreadable(e)}"
 
 
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap height and width
