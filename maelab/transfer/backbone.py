@@ -31,7 +31,7 @@ from maelab.models.pos_embed import resize_pos_embed
 from maelab.models.vit import EncoderWeights, build_vit, grid_of, load_encoder_into
 from maelab.train.optim import layer_decay_groups as _timm_layer_decay_groups
 
-STRIDES = (4, 8, 16, 32)
+STRIDES = (4, 8, 16, 32)  # the feature-pyramid levels of both transfer heads (UPerNet neck, ViTDet pyramid)
 
 
 def default_out_indices(depth: int, count: int = 4) -> tuple[int, ...]:

@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 
 from maelab.errors import MaelabError
-from maelab.transfer.backbone import ViTBackbone
-
-STRIDES = (4, 8, 16, 32)
+from maelab.transfer.backbone import STRIDES, ViTBackbone
 
 
 def _resample(dim: int, factor: float) -> tuple[nn.Module, int]:
