@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 from maelab import __version__
 from maelab.commands import COMMANDS, load, options_of
 from maelab.config import add_config_args, config_from_args
-from maelab.errors import MaelabError, RunInterrupted, SameOnEveryRank
+from maelab.errors import MaelabError, RunInterrupted, SameOnEveryRank, is_disk_full
 
 CONFIG_NOTE = " Every flag is a config field; --config loads a YAML preset first (flags override it)."
 
@@ -91,6 +92,16 @@ def _os_error_line(err: OSError, out: str | None) -> str:
     return f"cannot {'write' if writing else 'use'} {path}: {reason}"
 
 
+def _disk_full_line(out: str | None) -> str:
+    """A write that found the disk full, from any writer (results, features, converted weights; a
+    checkpoint says more itself): where, and how much is free."""
+    where = Path(out).expanduser().absolute() if out else Path.cwd()
+    disk = next((p for p in (where, *where.parents) if p.is_dir()), Path("/"))
+    free = shutil.disk_usage(disk).free / 2**20
+    return (f"no space left on the disk of {out or disk} ({free:.1f} MB free): free some space and run the same "
+            f"command again")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
@@ -113,9 +124,15 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, SameOnEveryRank) or os.environ.get("RANK", "0") == "0":
             print(f"maelab: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except OSError as e:  # a path the system refused (exists as a file, no such folder, permission): no traceback
-        print(f"maelab: error: {_os_error_line(e, getattr(args, 'out', None))}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        out = getattr(args, "out", None)
+        if is_disk_full(e):  # whichever writer hit it: an OSError, safetensors' or torch.save's own error
+            print(f"maelab: error: {_disk_full_line(out)}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError):  # a path the system refused (exists as a file, no such folder, permission)
+            print(f"maelab: error: {_os_error_line(e, out)}", file=sys.stderr)
+            return 2
+        raise  # a bug: its traceback
     except KeyboardInterrupt:
         print("maelab: interrupted", file=sys.stderr)
         return 130

@@ -4,6 +4,7 @@ The CLI prints ``MaelabError`` as one line and exits with status 2; anything els
 its traceback.
 """
 
+import errno
 import signal
 
 
@@ -23,3 +24,16 @@ class RunInterrupted(MaelabError):
     def __init__(self, message: str, signum: int = signal.SIGINT):
         super().__init__(message)
         self.exit_code = 128 + int(signum)
+
+
+# how a full disk surfaces: OSError, safetensors' "(os error 28)", torch.save's "unexpected pos"
+DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122", "unexpected pos")
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether a write failed for lack of space (or quota), whichever writer reported it (an OSError, a
+    safetensors ``SafetensorError``, torch.save's RuntimeError). Torch-free, for the CLI."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    writer = isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "SafetensorError"
+    return writer and any(s in str(err) for s in DISK_FULL)

@@ -361,8 +361,12 @@ def test_convert_explains_encoder_only_and_non_checkpoint_files(capsys, tmp_path
         code, _, err = run(capsys, *cmd)
         assert code == 2 and "it is a text file, not a PyTorch (.pth / .pt / .bin) or safetensors checkpoint" \
             in _one_clear_line(err)
-    code, _, err = run(capsys, "convert", str(mae_file), str(tmp_path / "x.pth"), "--to", "timm")
-    assert code == 2 and "name the output x.pth.safetensors or x.safetensors" in _one_clear_line(err)
+    for to, name, wanted in (("timm", "x.pth", "x.pth.safetensors or x.safetensors"),
+                             ("maelab", "x.pth", "x.pth.safetensors or x.safetensors"),
+                             ("official", "x.safetensors", "x.safetensors.pth or x.pth")):
+        code, _, err = run(capsys, "convert", str(mae_file), str(tmp_path / name), "--to", to)
+        assert code == 2 and f"name the output {wanted}" in _one_clear_line(err)  # other tools go by the suffix
+    assert not (tmp_path / "x.pth").exists() and not (tmp_path / "x.safetensors").exists()
 
 
 def test_convert_reads_formats_by_content_and_adds_missing_suffixes(capsys, tmp_path, mae_file):
@@ -402,3 +406,36 @@ def test_an_output_file_that_is_a_folder_is_refused_before_the_work(capsys, tmp_
     code, out, err = run(capsys, cmd, "--init", "none", "--model", "mae_vit_tiny_patch4", "--device", "cpu",
                          "--data", str(cifar_tiny), "--out", str(tmp_path / "adir.npy"))
     assert code == 2 and "is a folder" in _one_clear_line(err) and "top-1" not in out
+
+
+def test_a_full_disk_is_one_line_whichever_writer_hit_it(capsys, tmp_path, mae_file, monkeypatch):
+    """safetensors and torch.save report a full disk in their own words (and an OSError may name no file):
+    every command says it in one line, and `convert --to hf` leaves no folder that looks like a model."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from maelab.commands import convert
+
+    def full_after_config(model, directory, naming):
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / "config.json").write_text("{}")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(convert, "save_hf_pretrained", full_after_config)
+    code, _, err = run(capsys, "convert", str(mae_file), str(tmp_path / "hf"), "--to", "hf")
+    assert code == 2 and f"no space left on the disk of {tmp_path / 'hf'} (" in _one_clear_line(err)
+    assert not (tmp_path / "hf").exists()
+    for error in (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 10240320 vs 10240208"),
+                  OSError(errno.ENOSPC, "No space left on device")):  # torch.save's words; an OSError naming no file
+        def full(*args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(convert, "export_official", full)
+        code, _, err = run(capsys, "convert", str(mae_file), str(tmp_path / "o.pth"), "--to", "official")
+        assert code == 2 and "MB free): free some space and run the same command again" in _one_clear_line(err)
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(convert, "export_official", bug)
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        main(["convert", str(mae_file), str(tmp_path / "o.pth"), "--to", "official"])

@@ -249,6 +249,19 @@ def test_hf_config_with_mask_ratio_zero_loads_with_the_papers_ratio(tmp_path):
     assert back.mask_ratio == 0.75
 
 
+@pytest.mark.parametrize("text,message", [
+    (b"{not json", "cannot read .*config.json: Expecting property name"),
+    (b"\xff\xfe", "cannot read .*config.json: 'utf-8' codec can't decode"),
+    (b"[1, 2]", "config.json is not a Hugging Face config"),
+    (b'{"model_type": "vit_mae", "hidden_size": "wide"}', "config.json holds a setting maelab cannot read"),
+])
+def test_a_broken_hf_config_is_one_clear_error(tmp_path, text, message):
+    save_hf_pretrained(randomize(MaskedAutoencoder(**TINY), seed=12), tmp_path)
+    (tmp_path / "config.json").write_bytes(text)
+    with pytest.raises(MaelabError, match=message):
+        load_hf_pretrained_dir(tmp_path)
+
+
 # --- folders transformers itself writes ---------------------------------------------------------------
 def hf_saved(tmp_path, model, name: str, **save_kwargs):
     """``model`` written by transformers' own ``save_pretrained`` (5.x writes 4.x names for the encoder

@@ -12,6 +12,7 @@ All key mapping lives in ``maelab.interop``; this module only reads the source a
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from maelab.errors import MaelabError
@@ -33,11 +34,14 @@ def run(args: argparse.Namespace) -> Path:
 
 TARGETS = ("maelab", "official", "timm", "hf")
 SUFFIX = {"maelab": ".safetensors", "official": ".pth", "timm": ".safetensors"}
+SUFFIXES = {"maelab": (".safetensors",), "official": (".pth", ".pt", ".bin"), "timm": (".safetensors",)}
+WRITES = {"maelab": "safetensors", "official": "a torch.save checkpoint", "timm": "safetensors"}
 
 
 def output_path(out: str | Path, to: str) -> Path:
-    """``out`` with the suffix its format needs added when it has none (timm chooses its loader by the
-    file extension); a timm output with another suffix is refused."""
+    """``out`` with the suffix its format needs added when it has none; a suffix of another format is
+    refused: maelab reads files by their content, but timm and torch.load / safetensors users pick the
+    reader by the extension, so a safetensors file named ``.pth`` fails for them."""
     out = Path(out).expanduser()
     if to not in SUFFIX:
         return out
@@ -46,9 +50,9 @@ def output_path(out: str | Path, to: str) -> Path:
                           f"{out / ('model' + SUFFIX[to])}")
     if not out.suffix:
         return out.with_name(out.name + SUFFIX[to])
-    if to == "timm" and out.suffix != ".safetensors":
-        raise MaelabError(f"--to timm writes safetensors, and timm picks its loader by the file extension: name the "
-                          f"output {out.name}.safetensors or {out.stem}.safetensors")
+    if out.suffix.lower() not in SUFFIXES[to]:
+        raise MaelabError(f"--to {to} writes {WRITES[to]}, and other tools pick their reader by the file extension: "
+                          f"name the output {out.name}{SUFFIX[to]} or {out.stem}{SUFFIX[to]}")
     return out
 
 
@@ -77,7 +81,13 @@ def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None =
     if to == "timm":
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(save_timm_checkpoint(model, out, global_pool=global_pool or "token"))
-    return Path(save_hf_pretrained(model, out, naming=hf_naming))
+    created = not out.exists()
+    try:
+        return Path(save_hf_pretrained(model, out, naming=hf_naming))
+    except BaseException:  # a full disk after config.json: no folder that looks like a model but is not one
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def convert_classifier(src: str | Path, weights: dict, meta: dict, out: Path, to: str, global_pool: str | None) -> Path:

@@ -369,8 +369,17 @@ def load_hf_pretrained_dir(path: str | os.PathLike, **overrides: Any) -> nn.Modu
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise MaelabError(f"{path} is not a Hugging Face model folder (no config.json)")
-    with open(cfg_file) as fh:
-        kwargs = mae_kwargs_from_hf_config(json.load(fh))
+    try:
+        with open(cfg_file, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise MaelabError(f"cannot read {cfg_file}: {e}") from None
+    if not isinstance(config, dict):
+        raise MaelabError(f"{cfg_file} is not a Hugging Face config (a JSON object of settings)")
+    try:
+        kwargs = mae_kwargs_from_hf_config(config)
+    except (TypeError, ValueError) as e:  # a setting that is not a number where one is needed
+        raise MaelabError(f"{cfg_file} holds a setting maelab cannot read: {e}") from None
     kwargs.update(overrides)
     model = MaskedAutoencoder(**kwargs)
     sd = hf_to_mae_state_dict(_read_hf_weights(path))

@@ -9,7 +9,6 @@ replaced atomically) names the newest. An incomplete folder is never taken for a
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -20,21 +19,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, is_disk_full
 from maelab.io import atomic_path, atomic_write_bytes, default_mode, fsync_dir, read_weights, save_weights, temp_prefix
 
 WEIGHTS, STATE, META, LATEST = "model.safetensors", "state.pt", "meta.json", "latest"
-# how a full disk surfaces: OSError, safetensors' "(os error 28)", torch.save's "unexpected pos"
-DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122", "unexpected pos")
-
-
-def is_disk_full(err: BaseException) -> bool:
-    """Whether a write failed for lack of space (or quota), whichever writer reported it."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return isinstance(err, (OSError, RuntimeError, SafetensorError)) and any(s in str(err) for s in DISK_FULL)
-
-
 def tensor_bytes(obj: Any) -> int:
     """Bytes of every tensor inside nested dicts / lists: about what a checkpoint of ``obj`` takes."""
     if isinstance(obj, torch.Tensor):
