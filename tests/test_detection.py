@@ -120,6 +120,19 @@ def test_windowed_attention_with_global_blocks_reaches_the_pyramid():
     assert model.backbone(torch.rand(1, 3, 64, 64))["0"].shape == (1, 16, 16, 16)
 
 
+def test_a_thin_strip_is_detected_at_its_own_size():
+    """torchvision resizes the long side to the detector's max size: a 1 x 500 strip at 64 px became 0 x 64
+    and failed inside torchvision. It is padded just enough, and the outputs cut back to the strip."""
+    from maelab.transfer.detection import detect
+
+    model, _ = tiny_model()
+    strips = [torch.randint(0, 256, (3, 1, 500), dtype=torch.uint8), torch.randint(0, 256, (3, 900, 2), dtype=torch.uint8)]
+    for strip, out in zip(strips, detect(model, strips, torch.device("cpu"), "fp32")):
+        h, w = strip.shape[-2:]
+        assert out["masks"].shape[-2:] == (h, w)
+        assert (out["boxes"][:, 0::2] <= w).all() and (out["boxes"][:, 1::2] <= h).all()
+
+
 def test_layer_decay_covers_every_parameter_once_and_scales_the_blocks():
     model, _ = tiny_model()
     groups = detector_groups(model, 1e-3, 0.05, 0.5)

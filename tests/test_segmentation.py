@@ -196,6 +196,8 @@ def test_whole_and_sliding_window_inference():
     assert torch.allclose(one, predict_logits(model, x[..., :32, :32], "whole"), atol=1e-5)  # one window = whole
     with pytest.raises(MaelabError, match="inference mode"):
         predict_logits(model, x, "tiles")
+    strip = predict_logits(model, torch.randn(1, 3, 1, 128), "whole")  # thinner than the stride-32 level: padded
+    assert strip.shape == (1, 4, 1, 128) and torch.isfinite(strip).all()
 
 
 def test_drawing_writes_a_png_with_fixed_colours(tmp_path):
@@ -293,3 +295,17 @@ def test_the_ade20k_preset_is_the_full_recipe():
     assert cfg.data.batch_size * 8 == 16 and cfg.optim.base_lr * 16 / 256 == pytest.approx(1e-4)
     assert cfg.eval.eval_mode == "slide" and cfg.eval.eval_stride == [341, 341] and cfg.optim.layer_decay == 0.65
     validate_train(cfg)
+
+
+def test_an_evaluation_view_caps_the_long_side_of_a_thin_strip():
+    """The short side goes to the base size, the long side to at most 4 base sizes (mmseg's keep-ratio
+    resize): a 1 x 500 strip at base 32 used to become 32 x 16 000 pixels and run for minutes."""
+    from PIL import Image
+
+    from maelab.data.segmentation import eval_image
+
+    x, size = eval_image(Image.new("RGB", (500, 1)), 32)
+    assert x.shape == (1, 3, 1, 128) and size == (1, 500)
+    x, size = eval_image(Image.new("RGB", (960, 720)), 512)  # CamVid's shape: the short-side rule alone
+    assert x.shape == (1, 3, 512, 683) and size == (720, 960)
+    assert eval_image(Image.new("RGB", (40, 30)), None)[0].shape == (1, 3, 30, 40)

@@ -302,12 +302,16 @@ class SegTrainDataset(Dataset):
         return self.transform(img, target, g)
 
 
+MAX_ASPECT = 4  # the long side at most this many base sizes: mmseg's keep-ratio resize to (2048, 512)
+
+
 def eval_image(img: Image.Image, base_size: int | None) -> tuple[torch.Tensor, tuple[int, int]]:
     """An evaluation view: (1, 3, h, w) normalised, the short side resized to ``base_size`` (None: as
-    it is), and the original (H, W) the prediction is compared at."""
+    it is) with the long side at most ``MAX_ASPECT`` times that, and the original (H, W) the prediction is
+    compared at. Without the cap a 1 x 500 strip became 32 x 16 000 pixels: minutes of windows."""
     x = TF.pil_to_tensor(img)
     h, w = x.shape[-2:]
-    if base_size and min(h, w) != base_size:
-        s = base_size / min(h, w)
+    s = min(base_size / min(h, w), MAX_ASPECT * base_size / max(h, w)) if base_size else 1.0
+    if s != 1.0:
         x = TF.resize(x, [max(1, round(h * s)), max(1, round(w * s))], TF.InterpolationMode.BILINEAR, antialias=True)
     return normalize(TF.to_dtype(x, torch.float32, scale=True)[None]), (int(h), int(w))

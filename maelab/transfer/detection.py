@@ -14,12 +14,14 @@ five losses, layer-wise lr decay groups, box / mask AP after an epoch.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models.detection import MaskRCNN
@@ -140,8 +142,26 @@ def detect(model: MaskRCNN, images: list[torch.Tensor], device: torch.device, pr
     uint8 images, in eval mode."""
     model.eval()
     with autocast(device, precision):
-        outputs = model([im.to(device).float().div_(255.0) for im in images])
-    return [{k: v.float() if v.is_floating_point() else v for k, v in out.items()} for out in outputs]
+        outputs = model([thick_enough(im.to(device).float().div_(255.0), model.transform.max_size) for im in images])
+    outputs = [{k: v.float() if v.is_floating_point() else v for k, v in out.items()} for out in outputs]
+    for im, out in zip(images, outputs):  # back to the image itself where thick_enough padded it
+        h, w = im.shape[-2:]
+        out["boxes"][:, 0::2] = out["boxes"][:, 0::2].clamp(max=w)
+        out["boxes"][:, 1::2] = out["boxes"][:, 1::2].clamp(max=h)
+        if "masks" in out:
+            out["masks"] = out["masks"][..., :h, :w]
+    return outputs
+
+
+def thick_enough(image: torch.Tensor, max_size: int) -> torch.Tensor:
+    """``image`` (3, H, W), padded with zeros at the bottom / right so that torchvision's resize (the long
+    side to at most ``max_size``) leaves its short side at least one pixel: a 1 x 500 strip at a 32-px
+    detector was resized to 0 x 32 and failed inside torchvision."""
+    h, w = image.shape[-2:]
+    least = math.ceil(max(h, w) / max_size) + 1  # + 1: the resize floors a scaled size that may be 0.999...
+    if min(h, w) >= least:
+        return image
+    return F.pad(image, (0, max(least - w, 0), 0, max(least - h, 0)))
 
 
 def evaluate_detector(model: MaskRCNN, data: CocoData, device: torch.device, precision: str, info: DistInfo,

@@ -25,7 +25,7 @@ from maelab.errors import MaelabError
 from maelab.evaluate.segmentation import confusion_matrix, reduce_confusion, segmentation_metrics
 from maelab.train.precision import autocast
 from maelab.train.tasks import ClassifyTask
-from maelab.transfer.backbone import MultiLevelNeck, ViTBackbone
+from maelab.transfer.backbone import STRIDES, MultiLevelNeck, ViTBackbone
 
 
 class UPerNetSegmenter(nn.Module):
@@ -90,7 +90,8 @@ def predict_logits(model: nn.Module, x: torch.Tensor, mode: str = "whole", crop:
                    stride: tuple[int, int] | None = None) -> torch.Tensor:
     """(B, K, h, w) logits of normalised images ``x`` (B, 3, h, w) of any size.
 
-    ``whole``: the image at once, padded on the right / bottom to a multiple of the patch size.
+    ``whole``: the image at once, padded on the right / bottom to a multiple of the patch size, and to at
+    least the pyramid's coarsest stride (a thinner strip has no pixel at that level).
     ``slide``: ``crop``-sized windows every ``stride`` pixels (the last one flush with the border, as
     mmseg), each padded to the crop, logits averaged where windows overlap."""
     if mode not in SEGMENT_MODES:
@@ -98,7 +99,8 @@ def predict_logits(model: nn.Module, x: torch.Tensor, mode: str = "whole", crop:
     p = model.backbone.patch_size
     h, w = x.shape[-2:]
     if mode == "whole":
-        return model(_pad_to(x, (math.ceil(h / p) * p, math.ceil(w / p) * p)))[..., :h, :w]
+        least = max(STRIDES)
+        return model(_pad_to(x, (max(math.ceil(h / p) * p, least), max(math.ceil(w / p) * p, least))))[..., :h, :w]
     if crop is None or stride is None:
         raise MaelabError("sliding-window inference needs a crop size and a stride")
     (ch, cw), (sh, sw) = crop, stride
