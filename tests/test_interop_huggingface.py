@@ -262,6 +262,15 @@ def test_a_broken_hf_config_is_one_clear_error(tmp_path, text, message):
         load_hf_pretrained_dir(tmp_path)
 
 
+def test_a_config_edited_apart_from_its_weights_names_the_width(tmp_path):
+    save_hf_pretrained(randomize(MaskedAutoencoder(**TINY), seed=12), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    width = cfg["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "hidden_size": 2 * width}))
+    with pytest.raises(MaelabError, match=f"says hidden_size {2 * width}, but the weights beside it are {width} wide"):
+        load_hf_pretrained_dir(tmp_path)
+
+
 # --- folders transformers itself writes ---------------------------------------------------------------
 def hf_saved(tmp_path, model, name: str, **save_kwargs):
     """``model`` written by transformers' own ``save_pretrained`` (5.x writes 4.x names for the encoder

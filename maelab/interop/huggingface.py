@@ -380,6 +380,9 @@ def load_hf_pretrained_dir(path: str | os.PathLike, **overrides: Any) -> nn.Modu
         kwargs = mae_kwargs_from_hf_config(config)
     except (TypeError, ValueError) as e:  # a setting that is not a number where one is needed
         raise MaelabError(f"{cfg_file} holds a setting maelab cannot read: {e}") from None
+    except MaelabError:
+        check_width(cfg_file, config, _read_hf_weights(path))  # a config edited apart from its weights says so
+        raise
     kwargs.update(overrides)
     model = MaskedAutoencoder(**kwargs)
     sd = hf_to_mae_state_dict(_read_hf_weights(path))
@@ -389,6 +392,16 @@ def load_hf_pretrained_dir(path: str | os.PathLike, **overrides: Any) -> nn.Modu
             sd[table] = own[table].clone()
     load_into_mae(model, sd)
     return model
+
+
+def check_width(cfg_file: str, config: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+    """Refuse a config.json whose ``hidden_size`` is not the width of its folder's weights (the patch
+    embedding's output channels): a consequence of it, such as an MLP ratio, would otherwise be named."""
+    patch = next((v for k, v in weights.items() if k.endswith("patch_embeddings.projection.weight")), None)
+    width = config.get("hidden_size", 768)
+    if patch is not None and patch.shape[0] != width:
+        raise MaelabError(f"{cfg_file} says hidden_size {width}, but the weights beside it are {patch.shape[0]} "
+                          f"wide: the config does not belong to these weights")
 
 
 def save_hf_pretrained(model: nn.Module, directory: str | os.PathLike, naming: str = "v5") -> str:
