@@ -112,3 +112,14 @@ def test_a_torchrun_worker_ends_without_the_interpreters_finalisation(cifar_tiny
     assert done.returncode == 0, log[-4000:]
     assert "reconstructions: " in done.stdout, log[-3000:]  # rank 0's last line was flushed before the exit
     assert log.count("interpreter finalised") == (0 if nproc > 1 else 1), log[-3000:]
+
+
+def test_fsdp_in_a_single_process_says_it_does_not_shard():
+    from maelab.models.mae import MaskedAutoencoder
+    from maelab.train.distributed import DistInfo, wrap_ddp
+
+    from conftest import TINY_MAE
+
+    model = MaskedAutoencoder(**TINY_MAE)
+    with pytest.warns(UserWarning, match="in a single process it is not sharded"):
+        assert wrap_ddp(model, DistInfo(), torch.device("cpu"), fsdp=True) is model

@@ -11,6 +11,7 @@ import logging
 import os
 import resource
 import sys
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -129,6 +130,9 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device, fsdp:
         for block in transformer_blocks(model):
             checkpoint_activations(block)
     if not info.enabled:
+        if fsdp:
+            warnings.warn("--fsdp shards the model across torchrun's processes; in a single process it is not "
+                          "sharded (the same training, without the memory saving)")
         return model
     if fsdp:
         in_parts = getattr(model, "called_in_parts", list)()
