@@ -17,7 +17,7 @@ from pathlib import Path
 from maelab import __version__
 from maelab.commands import COMMANDS, load, options_of
 from maelab.config import add_config_args, config_from_args
-from maelab.errors import MaelabError, RunInterrupted, SameOnEveryRank, is_disk_full
+from maelab.errors import MaelabError, RunInterrupted, SameOnEveryRank, is_disk_full, megabytes
 
 CONFIG_NOTE = " Every flag is a config field; --config loads a YAML preset first (flags override it)."
 
@@ -97,9 +97,8 @@ def _disk_full_line(out: str | None) -> str:
     checkpoint says more itself): where, and how much is free."""
     where = Path(out).expanduser().absolute() if out else Path.cwd()
     disk = next((p for p in (where, *where.parents) if p.is_dir()), Path("/"))
-    free = shutil.disk_usage(disk).free / 2**20
-    return (f"no space left on the disk of {out or disk} ({free:.1f} MB free): free some space and run the same "
-            f"command again")
+    return (f"no space left on the disk of {out or disk} ({megabytes(shutil.disk_usage(disk).free)} free): free "
+            f"some space and run the same command again")
 
 
 def main(argv: list[str] | None = None) -> int:

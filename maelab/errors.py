@@ -37,3 +37,8 @@ def is_disk_full(err: BaseException) -> bool:
         return True
     writer = isinstance(err, (OSError, RuntimeError)) or type(err).__name__ == "SafetensorError"
     return writer and any(s in str(err) for s in DISK_FULL)
+
+
+def megabytes(n: float) -> str:
+    """Bytes as the disk-full messages give them."""
+    return f"{n / 2**20:.1f} MB"

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from maelab.commands.options.finetune import FinetuneConfig
-from maelab.commands.options.linprobe import LinprobeConfig
+from maelab.commands.options import finetune as finetune_options, linprobe as linprobe_options
 from maelab.commands.options.recipe import NAME, RecipeConfig
 from maelab.commands.options.pretrain import PretrainConfig
 from maelab.commands.steps import (Chain, check_buildable, check_chain_data, invoked, length_flags,
@@ -70,17 +69,16 @@ def check_presets(cfg: RecipeConfig) -> None:
     except MaelabError as e:
         raise MaelabError(f"--pretrain-preset {st.pretrain_preset}"
                           + (f" --img-size {st.img_size}" if st.img_size else "") + f": {e}") from None
-    for flag, preset, config in (("--probe-preset", st.probe_preset, LinprobeConfig),
-                                 ("--finetune-preset", st.finetune_preset, FinetuneConfig)):
+    for flag, preset, command in (("--probe-preset", st.probe_preset, linprobe_options),
+                                  ("--finetune-preset", st.finetune_preset, finetune_options)):
         try:
             path = resolve_preset(preset)
         except MaelabError as e:
             raise MaelabError(f"{flag} {preset}: {e}") from None
         try:  # another command's preset (a pretrain preset given as the probe's) fails here, not hours later
-            build_config(config, yaml_path=str(path))
+            build_config(command.Config, yaml_path=str(path))
         except MaelabError as e:
-            command = flag.removeprefix("--").removesuffix("-preset").replace("probe", "linprobe")
-            raise MaelabError(f"{flag} {preset}: not a `maelab {command}` preset ({e})") from None
+            raise MaelabError(f"{flag} {preset}: not a `maelab {command.NAME}` preset ({e})") from None
 
 
 def run(cfg: RecipeConfig) -> dict[str, Any]:

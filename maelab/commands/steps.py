@@ -87,6 +87,11 @@ def code_version() -> str:
     return text
 
 
+# a chain's records: file -> what it records, for the error when it cannot be read
+STEPS = ("steps.json", "how each step ran: delete it to accept the finished steps as they are")
+CODES = ("code.json", "the code each step ran: delete it to record it from now on")
+
+
 def chains_code(folders: dict[str, Path]) -> str:
     """Which code ran the steps of the chains in ``folders`` (label -> a :class:`Chain`'s folder; steps are
     named ``label/step``), as one line: the version when all steps ran one, else each version followed by
@@ -95,8 +100,8 @@ def chains_code(folders: dict[str, Path]) -> str:
     steps: dict[str, list[str]] = {}
     unrecorded = []
     for label, folder in folders.items():
-        codes = read_record(folder / "code.json", "the code each step ran")
-        for name in read_record(folder / "steps.json", "how each step ran"):
+        codes = read_record(folder, CODES)
+        for name in read_record(folder, STEPS):
             where = f"{label}/{name}" if label else name
             for version in codes.get(name, []):
                 steps.setdefault(version, []).append(where)
@@ -116,8 +121,9 @@ def named(names: list[str], most: int = 6) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def read_record(path: Path, what: str) -> dict[str, Any]:
-    """A chain's JSON record at ``path`` ({} when there is none yet); ``what`` it records, for the error."""
+def read_record(folder: Path, record: tuple[str, str]) -> dict[str, Any]:
+    """A chain's JSON ``record`` (:data:`STEPS`, :data:`CODES`) in ``folder``; {} when there is none yet."""
+    path, what = folder / record[0], record[1]
     try:
         return json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError) as e:
@@ -229,10 +235,7 @@ class Chain:
     def __post_init__(self):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log = self.folder / "log.txt"
-        self.record = read_record(self.folder / "steps.json",
-                                  "how each step ran: delete it to accept the finished steps as they are")
-        self.codes = read_record(self.folder / "code.json",
-                                 "the code each step ran: delete it to record it from now on")
+        self.record, self.codes = read_record(self.folder, STEPS), read_record(self.folder, CODES)
 
     def note_code(self, name: str) -> None:
         """Record the code ``name`` runs with now (once per change: a step resumed by the same code adds
@@ -240,7 +243,7 @@ class Chain:
         now, seen = code_version(), self.codes.setdefault(name, [])
         if seen[-1:] != [now]:
             seen.append(now)
-            write_json(self.folder / "code.json", self.codes)
+            write_json(self.folder / CODES[0], self.codes)
 
     def code(self) -> str:
         """Which code ran this chain's steps, for its results: one version, or each version with its steps."""
@@ -257,7 +260,7 @@ class Chain:
         if done:
             return None
         self.record[name] = here
-        write_json(self.folder / "steps.json", self.record)
+        write_json(self.folder / STEPS[0], self.record)
         self.note_code(name)
         try:
             return maelab(args, self.log)
@@ -265,9 +268,9 @@ class Chain:
             out = Path(args[args.index("--out") + 1]) if "--out" in args else None
             if recorded is None and out is not None and not out.exists():  # refused before it wrote anything:
                 del self.record[name]  # nothing to protect, so the corrected command may run here
-                write_json(self.folder / "steps.json", self.record)
+                write_json(self.folder / STEPS[0], self.record)
                 self.codes.pop(name, None)
-                write_json(self.folder / "code.json", self.codes)
+                write_json(self.folder / CODES[0], self.codes)
             raise
 
     def knn(self, init: str, name: str, extra: list[str] = ()) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from maelab.errors import MaelabError, is_disk_full
+from maelab.errors import MaelabError, is_disk_full, megabytes
 from maelab.io import atomic_path, atomic_write_bytes, default_mode, fsync_dir, read_weights, save_weights, temp_prefix
 
 WEIGHTS, STATE, META, LATEST = "model.safetensors", "state.pt", "meta.json", "latest"
@@ -32,10 +32,6 @@ def tensor_bytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(tensor_bytes(v) for v in obj)
     return 0
-
-
-def _megabytes(n: int) -> str:
-    return f"{n / 2**20:.1f} MB"
 
 
 def save_checkpoint(
@@ -57,8 +53,8 @@ def save_checkpoint(
         free = shutil.disk_usage(ckpt_root if ckpt_root.is_dir() else run_dir).free
         previous = latest_checkpoint(run_dir)
         raise MaelabError(
-            f"no space left in {ckpt_root} to save checkpoint {name}: it needs about {_megabytes(needed)} free "
-            f"({_megabytes(free)} now); " + (f"{previous} is intact" if previous else "no checkpoint was written")
+            f"no space left in {ckpt_root} to save checkpoint {name}: it needs about {megabytes(needed)} free "
+            f"({megabytes(free)} now); " + (f"{previous} is intact" if previous else "no checkpoint was written")
             + "; free some space and run the same command again to resume") from None
 
 

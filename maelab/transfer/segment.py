@@ -99,8 +99,8 @@ def predict_logits(model: nn.Module, x: torch.Tensor, mode: str = "whole", crop:
     p = model.backbone.patch_size
     h, w = x.shape[-2:]
     if mode == "whole":
-        least = max(STRIDES)
-        return model(_pad_to(x, (max(math.ceil(h / p) * p, least), max(math.ceil(w / p) * p, least))))[..., :h, :w]
+        least = max(STRIDES)  # then whole patches: the pad is a multiple of the patch size whatever it is
+        return model(_pad_to(x, tuple(math.ceil(max(n, least) / p) * p for n in (h, w))))[..., :h, :w]
     if crop is None or stride is None:
         raise MaelabError("sliding-window inference needs a crop size and a stride")
     (ch, cw), (sh, sw) = crop, stride
