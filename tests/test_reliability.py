@@ -236,6 +236,26 @@ def test_convert_to_an_existing_folder_for_a_file_format_is_refused(capsys, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exports"] and not any(folder.iterdir())
 
 
+def test_convert_refuses_to_overwrite_its_source(capsys, tmp_path, mae_file):
+    from maelab.cli import main
+
+    source = tmp_path / "mae.safetensors"
+    source.write_bytes(mae_file.read_bytes())
+    assert main(["convert", str(source), str(source), "--to", "maelab"]) == 2
+    assert f"the output {source} is the source: converting would overwrite" in _error_line(capsys)
+    assert source.read_bytes() == mae_file.read_bytes()
+    hf = tmp_path / "hf"
+    assert main(["convert", str(source), str(hf), "--to", "hf"]) == 0
+    weights = next(hf.glob("*.safetensors"))
+    before = weights.read_bytes()
+    assert main(["convert", str(hf), str(weights), "--to", "timm"]) == 2
+    assert f"is a file inside the source folder {hf}" in _error_line(capsys)
+    assert main(["convert", str(hf), str(hf), "--to", "hf"]) == 2
+    assert "is the source" in _error_line(capsys)
+    assert weights.read_bytes() == before
+    assert main(["convert", str(hf), str(hf / "encoder.safetensors"), "--to", "timm"]) == 0  # a new file is fine
+
+
 def test_an_empty_yaml_section_is_accepted_and_a_non_mapping_section_explained(tmp_path):
     from maelab.commands.pretrain import PretrainConfig
     from maelab.config import build_config

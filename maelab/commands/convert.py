@@ -56,6 +56,17 @@ def output_path(out: str | Path, to: str) -> Path:
     return out
 
 
+def refuse_overwriting_source(src: str | Path, out: Path) -> None:
+    """The output may not be the source, nor a file that exists inside a source folder (a run's
+    checkpoint, a Hugging Face folder's weights): the conversion would replace the weights it came from."""
+    source, target = Path(src).expanduser().resolve(), out.resolve()
+    inside = source.is_dir() and source in target.parents and target.exists()
+    if target == source or inside:
+        what = "is the source" if target == source else f"is a file inside the source folder {src}"
+        raise MaelabError(f"the output {out} {what}: converting would overwrite the weights it reads; "
+                          f"choose another output path")
+
+
 def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None = None, hf_naming: str = "v5",
             include_decoder: bool = True, num_heads: int | None = None) -> Path:
     """Read ``src`` (maelab run/checkpoint/file, official ``.pth``, or Hugging Face folder; for ``to="timm"``
@@ -65,6 +76,7 @@ def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None =
     if to not in TARGETS:
         raise MaelabError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     out = output_path(out, to)
+    refuse_overwriting_source(src, out)
     classifier = read_classifier(src, num_heads)
     if classifier is not None:
         for note in classifier[1].get("notes", []):

@@ -281,6 +281,9 @@ def hf_config_from_mae(model: nn.Module, mask_ratio: float | None = None):
     )
 
 
+HF_DEFAULT_WIDTH = 768  # ViTMAEConfig's hidden_size when a config.json leaves it out
+
+
 def mae_kwargs_from_hf_config(config: Mapping[str, Any] | Any) -> dict[str, Any]:
     """:class:`MaskedAutoencoder` kwargs from a ViTMAE config (``ViTMAEConfig`` or its ``config.json`` dict).
 
@@ -297,7 +300,7 @@ def mae_kwargs_from_hf_config(config: Mapping[str, Any] | Any) -> dict[str, Any]
         raise MaelabError(f"hidden_act={act!r} is not supported; maelab blocks use exact GELU ('gelu')")
     if not get("qkv_bias", True):
         raise MaelabError("qkv_bias=False is not supported; MAE uses a qkv bias")
-    hidden, dec_hidden = int(get("hidden_size", 768)), int(get("decoder_hidden_size", 512))
+    hidden, dec_hidden = int(get("hidden_size", HF_DEFAULT_WIDTH)), int(get("decoder_hidden_size", 512))
     ratio = int(get("intermediate_size", 3072)) / hidden
     dec_ratio = int(get("decoder_intermediate_size", 2048)) / dec_hidden
     if ratio != dec_ratio:
@@ -398,7 +401,7 @@ def check_width(cfg_file: str, config: dict[str, Any], weights: dict[str, torch.
     """Refuse a config.json whose ``hidden_size`` is not the width of its folder's weights (the patch
     embedding's output channels): a consequence of it, such as an MLP ratio, would otherwise be named."""
     patch = next((v for k, v in weights.items() if k.endswith("patch_embeddings.projection.weight")), None)
-    width = config.get("hidden_size", 768)
+    width = config.get("hidden_size", HF_DEFAULT_WIDTH)
     if patch is not None and patch.shape[0] != width:
         raise MaelabError(f"{cfg_file} says hidden_size {width}, but the weights beside it are {patch.shape[0]} "
                           f"wide: the config does not belong to these weights")
