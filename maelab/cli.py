@@ -8,10 +8,12 @@ imported (with torch and the rest) after the flags are parsed.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from maelab import __version__
@@ -101,6 +103,18 @@ def _disk_full_line(out: str | None) -> str:
             f"some space and run the same command again")
 
 
+PACKAGE = str(Path(__file__).parent)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None, *, show):
+    """maelab's own warnings are messages to the user: one ``maelab: warning:`` line, without the source file
+    and line Python adds (other libraries' warnings keep them: they help to report a problem upstream)."""
+    if str(filename).startswith(PACKAGE):
+        print(f"maelab: warning: {_one_line(message)}", file=file or sys.stderr, flush=True)
+    else:
+        show(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
@@ -108,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread: signals stay as they are
         previous = None
+    shown = warnings.showwarning
+    warnings.showwarning = functools.partial(_show_warning, show=shown)
     try:
         return dispatch(args)
     except Terminated:
@@ -136,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print("maelab: interrupted", file=sys.stderr)
         return 130
     finally:
+        warnings.showwarning = shown
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 

@@ -102,6 +102,7 @@ class Page:
 
     def __init__(self, out: Path):
         self.out, self.lines = out, []
+        self.replaced: list[tuple[Path, Path]] = []  # (archived folder, the copy it replaced)
         self.assets = out.parent / "results"
         self.archive = self.assets / "runs"
 
@@ -126,7 +127,9 @@ class Page:
 
     def keep(self, folder: Path) -> Path:
         """Archive the records of a run ``folder`` that has finished (it has results.json) and return the
-        archived copy; a folder never run returns its archived copy from an earlier page, if any."""
+        archived copy; a folder never run returns its archived copy from an earlier page, if any. Every JSON
+        record is read from ``folder`` before the archive changes (a damaged one stops here, named), and the
+        copy it replaces is set aside until the page is written (:meth:`commit`; :meth:`roll_back` on failure)."""
         kept = self.archive / folder.name
         if (folder / "results.json").is_file() and folder.resolve() != kept.resolve():
             staging = self.archive / f".{folder.name}.new"
@@ -138,10 +141,31 @@ class Page:
                     if src.suffix == ".png":
                         shutil.copyfile(src, dst)
                     else:
-                        dst.write_text(portable(src.read_text()))
-            shutil.rmtree(kept, ignore_errors=True)
+                        text = read_record(src)
+                        if src.suffix == ".json":
+                            read_record(src, json.loads)
+                        dst.write_text(portable(text))
+            old = self.archive / f".{folder.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if kept.exists():
+                kept.rename(old)
             staging.rename(kept)
+            self.replaced.append((kept, old))
         return kept if (kept / "results.json").is_file() else folder
+
+    def commit(self, index: dict) -> None:
+        """Write the index and the page, then drop the archived copies the new ones replaced."""
+        (self.archive / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+        self.out.write_text("\n".join(self.lines).rstrip() + "\n")
+        for _, old in self.replaced:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def roll_back(self) -> None:
+        """Put back the archived copies that this run replaced: the page and the index were not written."""
+        for kept, old in reversed(self.replaced):
+            shutil.rmtree(kept, ignore_errors=True)
+            if old.exists():
+                old.rename(kept)
 
 
 def recipe_section(page: Page, folder: Path) -> None:
@@ -150,8 +174,11 @@ def recipe_section(page: Page, folder: Path) -> None:
     page.lines += [f"## `{name}`", ""]
     if not res_file.is_file():
         what = RECIPES.get(name, "")
-        page.lines += [f"Not run yet{f' ({what})' if what else ''}. Run `maelab recipe --config {name} --data "
-                       f".../cifar10/train --out runs/{name}` and regenerate this page."
+        preset = name if name in RECIPES else "recipe_quick"
+        state = (f"Not finished ({folder} has no results.json: the chain was stopped; running its command again "
+                 f"finishes it)" if folder.is_dir() else f"Not run yet{f' ({what})' if what else ''}")
+        page.lines += [f"{state}. Run `maelab recipe --config {preset} --data .../cifar10/train --out runs/{name}` and "
+                       f"regenerate this page."
                        + page.measured_earlier(f"## `{name}`"), ""]
         return
     res = read_json(res_file)
@@ -495,7 +522,9 @@ def seed_sentence(rows: list[dict], in_spread: bool) -> str:
 def ablation_section(page: Page, folder: Path, groups: PresetRuns) -> None:
     res_file = folder / "results.json"
     if not res_file.is_file():
-        page.lines += [f"## Sweep `{folder.name}`", "", "Not run yet.", ""]
+        page.lines += [f"## Sweep `{folder.name}`", "",
+                       f"Not finished: {folder} has no results.json (the sweep was stopped; running its `maelab "
+                       f"ablate` command again finishes it)." if folder.is_dir() else "Not run yet.", ""]
         return
     res = read_json(res_file)
     spread = spread_of(res, groups)
@@ -635,6 +664,11 @@ def earlier_section(page: Page) -> None:
                        for p in pages] + [""]
 
 
+def _index_names(index: dict) -> list[str]:
+    quality = index["quality"]  # one name in indexes written before several machines' runs were shown
+    return [*index["recipe"], *index["ablation"], *([quality] if isinstance(quality, str) else quality)]
+
+
 def inputs(args: argparse.Namespace, page: Page,
            argv: list[str]) -> tuple[list[Path], list[Path], list[Path], list[str], str]:
     """The folders to show, the names of the recipe folders that repeat one configuration, and the command
@@ -655,6 +689,16 @@ def inputs(args: argparse.Namespace, page: Page,
         twice = sorted({n for n in names if names.count(n) > 1})
         raise SystemExit(f"results_page: folders are archived by name, and {', '.join(twice)} is named twice: "
                          "rename one of the run folders")
+    for folder in [Path(f) for f in (args.recipe or []) + (args.ablation or []) + (args.quality or [])]:
+        known = folder.name in RECIPES  # a recipe not run (yet) has its place on the page
+        if not known and not folder.is_dir() and not (page.archive / folder.name / "results.json").is_file():
+            raise SystemExit(f"results_page: no such run folder: {folder} (nor an archived copy in {page.archive})")
+    if index_file.is_file():
+        dropped = sorted(set(_index_names(read_json(index_file))) - set(names))
+        if dropped:
+            print(f"results_page: the page drops {len(dropped)} archived folder(s) not named here: "
+                  f"{', '.join(dropped)}; their copies stay in {page.archive} (name them again from there to keep "
+                  f"them, e.g. --ablation {page.archive / dropped[0]})", file=sys.stderr)
     repeats = [Path(f).name for f in args.recipe_repeats or []]
     if repeats and (len(repeats) < 2 or not set(repeats) <= {f.name for f in recipe}):
         raise SystemExit("results_page: --recipe-repeats names two or more of the --recipe folders (runs of one "
@@ -677,12 +721,21 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     page = Page(Path(args.out))
     recipe, ablation, quality, repeats, command = inputs(args, page, sys.argv[1:] if argv is None else argv)
-    recipe, ablation, quality = ([page.keep(f) for f in folders] for folders in (recipe, ablation, quality))
-    repeats = [f for f in recipe if f.name in repeats]
     page.archive.mkdir(parents=True, exist_ok=True)
-    (page.archive / "index.json").write_text(json.dumps(
-        {"command": command, "recipe": [f.name for f in recipe], "ablation": [f.name for f in ablation],
-         "quality": [f.name for f in quality], "recipe_repeats": [f.name for f in repeats]}, indent=1) + "\n")
+    try:
+        recipe, ablation, quality = ([page.keep(f) for f in folders] for folders in (recipe, ablation, quality))
+        render(page, recipe, ablation, quality, [f for f in recipe if f.name in repeats], command)
+        page.commit({"command": command, "recipe": [f.name for f in recipe], "ablation": [f.name for f in ablation],
+                     "quality": [f.name for f in quality],
+                     "recipe_repeats": [f.name for f in recipe if f.name in repeats]})
+    except BaseException:
+        page.roll_back()
+        raise
+    print(f"wrote {page.out}")
+
+
+def render(page: Page, recipe: list[Path], ablation: list[Path], quality: list[Path], repeats: list[Path],
+           command: str) -> None:
     page.lines += ["# Results", "",
                    f"Generated by `{command}` from the run folders named below. What it read is archived in "
                    f"[{page.archive.relative_to(page.out.parent).as_posix()}/]"
@@ -704,8 +757,6 @@ def main(argv: list[str] | None = None) -> None:
         page.lines += ["## Ablations", "", "No ablation sweep has been run for this page yet (`maelab ablate`, see "
                        "the README).", ""]
     earlier_section(page)
-    page.out.write_text("\n".join(page.lines).rstrip() + "\n")
-    print(f"wrote {page.out}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def ablation_page(tmp_path: Path, page: Path, *sweeps: Path) -> None:
     """The results page of these sweeps alone (no recipe, no quality runs), written to ``page``."""
-    results_page("--recipe", "--ablation", *map(str, sweeps), "--quality", str(tmp_path / "none"), "--out", str(page),
+    results_page("--recipe", "--ablation", *map(str, sweeps), "--quality", "--out", str(page),
                  check=True)
 
 
@@ -116,7 +116,7 @@ def test_the_results_page_is_rendered_again_from_its_archive_when_the_runs_are_g
     sweep = write_sweep(tmp_path / "runs" / "mask", "mask-ratio", {"0.5": 29.0, "0.75": 31.0})
     page = tmp_path / "docs" / "results.md"
     results_page("--recipe", str(tmp_path / "runs" / "recipe_full"), "--ablation", str(sweep),
-                 "--quality", str(tmp_path / "runs" / "none"), "--out", str(page), check=True)
+                 "--quality", "--out", str(page), check=True)
     first = page.read_text()
     assert "| `mask-ratio` | 4m | test | 0.75 | 31.00 |" in first and "## `recipe_full`" in first
     index = json.loads((tmp_path / "docs" / "results" / "runs" / "index.json").read_text())
@@ -140,6 +140,32 @@ def test_the_results_page_is_rendered_again_from_its_archive_when_the_runs_are_g
     twice = results_page("--recipe", "--ablation", str(tmp_path / "a" / "mask"),
                          str(tmp_path / "b" / "mask"), "--out", str(page))
     assert twice.returncode != 0 and "mask is named twice" in twice.stderr
+
+
+def test_the_archive_survives_a_damaged_input_and_a_partial_command_says_what_it_drops(tmp_path):
+    """A damaged results.json given again used to replace its good archived copy before it was read, and the
+    page, its pictures and the index went with it; naming one folder dropped the others without a word."""
+    page = tmp_path / "docs" / "results.md"
+    a = write_sweep(tmp_path / "runs" / "a", "mask-ratio", {"0.5": 29.0, "0.75": 31.0})
+    b = write_sweep(tmp_path / "runs" / "b", "mask-ratio", {"0.5": 30.0, "0.75": 32.0})
+    results_page("--recipe", "--ablation", str(a), str(b), "--quality", "--out", str(page), check=True)
+    archive = tmp_path / "docs" / "results" / "runs"
+    before = {p: p.read_bytes() for p in sorted(archive.rglob("*")) if p.is_file()}
+    first = page.read_text()
+    (b / "results.json").write_text('{"setting": ')  # cut while it was written
+    out = results_page("--recipe", "--ablation", str(a), str(b), "--quality", "--out", str(page))
+    assert out.returncode != 0 and f"cannot read {b / 'results.json'}" in out.stderr, out.stderr
+    assert {p: p.read_bytes() for p in sorted(archive.rglob("*")) if p.is_file()} == before
+    assert page.read_text() == first
+    partial = results_page("--recipe", "--ablation", str(a), "--quality", "--out", str(page), check=True)
+    assert "the page drops 1 archived folder(s) not named here: b" in partial.stderr
+    assert (archive / "b" / "results.json").is_file()  # still there to be named again
+    missing = results_page("--recipe", "--ablation", str(tmp_path / "runs" / "typo"), "--out", str(page))
+    assert missing.returncode != 0 and "no such run folder" in missing.stderr
+    (tmp_path / "runs" / "stopped").mkdir()  # a sweep stopped before its results.json
+    results_page("--recipe", "--ablation", str(a), str(tmp_path / "runs" / "stopped"), "--quality", "--out",
+                 str(page), check=True)
+    assert "Not finished:" in page.read_text()
 
 
 def test_several_seeds_give_a_mean_and_a_spread_per_value():

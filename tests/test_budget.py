@@ -104,7 +104,7 @@ def test_max_steps_inside_the_epochs_ends_the_run_there(cifar_tiny, tmp_path):
     assert max(r.get("epoch", 0) for r in rows) == 2
 
 
-def test_a_resumed_budget_run_follows_the_recorded_plan(cifar_tiny, tmp_path, monkeypatch):
+def test_a_resumed_budget_run_follows_the_recorded_plan(cifar_tiny, tmp_path, monkeypatch, capfd):
     reference = tmp_path / "reference"
     run_pretrain(cfg_for(cifar_tiny, reference, epochs=2, max_steps=6, warmup_epochs=0.25))
     original = PretrainTask.forward
@@ -122,6 +122,9 @@ def test_a_resumed_budget_run_follows_the_recorded_plan(cifar_tiny, tmp_path, mo
     # another machine, another budget: the run still follows the plan it started with
     result = run_pretrain(cfg_for(cifar_tiny, tmp_path / "budget", budget="1m"))
     assert result.global_step == 6
+    log = capfd.readouterr().err
+    assert ("following the plan recorded when the run started (6 steps for --budget 10m; --budget 1m would need a "
+            "new --out") in log, log
     assert same(weights(tmp_path / "budget"), weights(reference))
 
 

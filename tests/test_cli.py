@@ -439,3 +439,18 @@ def test_a_full_disk_is_one_line_whichever_writer_hit_it(capsys, tmp_path, mae_f
     monkeypatch.setattr(convert, "export_official", bug)
     with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
         main(["convert", str(mae_file), str(tmp_path / "o.pth"), "--to", "official"])
+
+
+def test_maelab_warnings_are_one_line_without_the_source_location(capsys, tmp_path):
+    """A warning is a message to the user: Python's default adds the module path, line and source line."""
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "bad.png").write_text("x")
+    code, _, err = run(capsys, "features", "--init", "none", "--model", "mae_vit_tiny_patch4", "--img-size", "32",
+                       "--data", str(tmp_path), "--bad-files", "skip", "--num-workers", "0",
+                       "--out", str(tmp_path / "f.npy"))
+    assert code == 0
+    assert "maelab: warning: skipping unreadable image: cannot read image" in err and "bad.png" in err
+    assert "UserWarning" not in err and "folders.py" not in err, err

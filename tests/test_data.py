@@ -57,6 +57,30 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
         scan_images(tmp_path)
 
 
+def test_gif_and_jfif_are_images_and_other_files_are_counted_aloud(tmp_path):
+    """Pillow reads both (a GIF gives its first frame); they were left out without a word. Files of other
+    extensions (.heic from a phone, notes) are still left out, but the count is said."""
+    _save(tmp_path / "a" / "x.gif", "P")
+    _save(tmp_path / "a" / "y.jfif", "RGB")
+    _save(tmp_path / "b" / "z.png", "RGB")
+    (tmp_path / "b" / "photo.heic").write_bytes(b"not for Pillow")
+    (tmp_path / "b" / "notes.txt").write_text("labels")
+    (tmp_path / "b" / ".DS_Store").write_bytes(b"hidden")
+    found = scan_images(tmp_path)
+    assert len(found) == 3 and found.left_out == {".heic": 1, ".txt": 1}
+    with pytest.warns(UserWarning, match=r"2 file\(s\) under .* are not images by their extension and were left "
+                                         r"out \(.heic: 1, .txt: 1\)"):
+        assert len(prepare_images(str(tmp_path), "error")) == 3
+    assert open_rgb(found.paths[0]).size == (20, 16)
+
+
+def test_a_folder_of_tar_shards_without_their_manifest_says_so(tmp_path):
+    (tmp_path / "train-0000.tar").write_bytes(b"")
+    with pytest.raises(MaelabError, match=r"no images found .*; it holds 1 .tar file\(s\) but no index.json: if "
+                                          r"`maelab shards make` wrote them, it did not finish"):
+        scan_images(tmp_path)
+
+
 def test_corrupt_image_is_named_or_skipped(tmp_path):
     for i in range(3):
         _save(tmp_path / "a" / f"{i}.png", "RGB")

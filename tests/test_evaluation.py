@@ -405,6 +405,14 @@ def test_train_and_val_class_folders_must_match(capsys, dataset, mae_ckpt, tmp_p
     msg = _error(capsys, ["knn", "--init", str(mae_ckpt), "--data", str(dataset / "train"),
                           "--val-data", str(tmp_path / "val"), *QUIET[:2]])
     assert "same class folders" in msg and "class3" in msg
+    for c in (dataset / "train").iterdir():
+        (tmp_path / "train" / c.name).mkdir(parents=True)
+        for f in c.iterdir():
+            (tmp_path / "train" / c.name / f.name).symlink_to(f)
+    (tmp_path / "train" / "class3").mkdir()  # an empty class folder is not a class: say why it is missing
+    msg = _error(capsys, ["knn", "--init", str(mae_ckpt), "--data", str(tmp_path / "train"),
+                          "--val-data", str(tmp_path / "val"), *QUIET[:2]])
+    assert "only in the validation split: class3 (its folder in the training split holds no images)" in msg, msg
 
 
 def test_empty_split_is_one_clear_error(capsys, dataset, mae_ckpt, tmp_path):

@@ -128,6 +128,31 @@ def test_export_official_round_trips_full_and_encoder_only(tmp_path):
         assert torch.equal(clone(x, noise=noise)[1], model(x, noise=noise)[1])
 
 
+def test_the_objective_survives_the_official_layout(tmp_path):
+    """The loss target (per-patch normalised pixels) and the mask ratio are not in the weights: a round trip
+    through the official layout trained with another loss. maelab records them, and reads the `args` the
+    official training script saves in its own checkpoints."""
+    import argparse
+
+    from maelab.interop.mae_weights import load_mae
+
+    model = MaskedAutoencoder(**TINY, norm_pix_loss=True, mask_ratio=0.6)
+    path = export_official(model, tmp_path / "full.pth")
+    assert (load_mae(path)[0].norm_pix_loss, load_mae(path)[0].mask_ratio) == (True, 0.6)
+    clone = mae_from_official(path, num_heads=2, decoder_num_heads=2)  # heads are not in the shapes either
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        assert torch.equal(clone(x, noise=noise)[0], model(x, noise=noise)[0])  # the same loss
+    sd = official_layout(generator=_gen(3))
+    torch.save({"model": sd, "args": argparse.Namespace(norm_pix_loss=True, mask_ratio=0.8, lr=None)},
+               tmp_path / "checkpoint-799.pth")
+    official, _ = load_mae(tmp_path / "checkpoint-799.pth")
+    assert (official.norm_pix_loss, official.mask_ratio) == (True, 0.8)
+    torch.save({"model": sd}, tmp_path / "release.pth")  # the released files say nothing: the defaults
+    released, _ = load_mae(tmp_path / "release.pth")
+    assert (released.norm_pix_loss, released.mask_ratio) == (False, 0.75)
+
+
 def test_infer_architecture_reads_paper_sizes_from_shapes():
     # ViT-L/16 + reference decoder, shapes only (meta tensors: nothing allocated, so the position table
     # cannot show its grid: the size to try is given, and taken because its grid has the table's rows).

@@ -7,6 +7,7 @@ import errno
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,6 @@ def test_a_second_process_in_a_running_runs_folder_is_refused_and_a_killed_holde
     """The same command started twice (or a recipe step orphaned by a killed parent, then run again) would
     resume from one checkpoint twice and interleave two runs' checkpoints and logs."""
     import signal
-    import time
 
     from maelab.cli import main
 
@@ -146,6 +146,36 @@ def test_a_second_process_in_a_running_runs_folder_is_refused_and_a_killed_holde
         holder.send_signal(signal.SIGKILL)  # no chance to clean up: the kernel drops the lock
         holder.wait()
     assert main(flags) == 0, capsys.readouterr().err
+
+
+def _linger(ready) -> None:
+    ready.set()
+    time.sleep(30)
+
+
+def test_a_forked_child_does_not_keep_the_run_lock(tmp_path):
+    """A DataLoader worker is forked while its run holds the lock; when the run is killed, the orphaned worker
+    lingers for seconds and, holding a copy of the lock's descriptor, refused the rerun in its dead parent's name."""
+    import multiprocessing as mp
+
+    from maelab.train.run_lock import RunLock
+
+    tmp_path.joinpath("run").mkdir()
+    lock = RunLock(tmp_path / "run")
+    lock.take()
+    ctx = mp.get_context("fork")
+    ready = ctx.Event()
+    child = ctx.Process(target=_linger, args=(ready,))
+    child.start()
+    try:
+        assert ready.wait(30)  # the child runs (its fork hooks have run)
+        lock.release()  # as the kernel does for a killed holder
+        again = RunLock(tmp_path / "run")
+        again.take()  # the lingering child does not hold it
+        again.release()
+    finally:
+        child.kill()
+        child.join()
 
 
 def test_temp_checkpoints_a_killed_run_left_are_removed_and_live_ones_kept(capsys, monkeypatch, tmp_path):

@@ -226,10 +226,28 @@ def test_pretrain_streams_shards_and_resumes_exactly(shard_dir, tmp_path, monkey
     run_pretrain(cfg(tmp_path / "run"))
     a, b = (read_weights(ckpt.latest_checkpoint(d) / ckpt.WEIGHTS)[0] for d in (tmp_path / "ref", tmp_path / "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((ckpt.latest_checkpoint(tmp_path / "run") / ckpt.META).read_text())[sh.STREAM_WORKERS] == 2
     assert (tmp_path / "run" / "reconstruction.png").is_file()
     # visualize finds the run's own (shard) images
     assert main(["visualize", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "v.png")]) == 0
     assert (tmp_path / "v.png").is_file()
+
+
+def test_a_resumed_stream_keeps_the_worker_count_it_started_with(tmp_path, capsys):
+    """The order of streamed samples depends on the loader worker count, and -1 means one per core: a
+    resume on a machine with other cores keeps the recorded count; an explicit other count warns."""
+    from maelab.commands.pretrain import stream_workers
+
+    checkpoint = tmp_path / "step_00000019"
+    checkpoint.mkdir()
+    (checkpoint / ckpt.META).write_text(json.dumps({sh.STREAM_WORKERS: 1}))
+    assert stream_workers(-1, 2, checkpoint, True) == 1
+    assert "1 loader workers, as when the run started" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="--num-workers 2 differs from the 1 this run started with"):
+        assert stream_workers(2, 2, checkpoint, True) == 2
+    assert stream_workers(-1, 2, None, True) == 2 and stream_workers(-1, 1, checkpoint, True) == 1
+    (checkpoint / ckpt.META).write_text(json.dumps({}))  # a checkpoint from before the record
+    assert stream_workers(-1, 2, checkpoint, True) == 2
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +288,58 @@ def test_knn_and_finetune_take_shards_as_their_splits(folder, split_shards, tmp_
 def test_remote_shards_are_refused_by_the_random_access_commands(split_shards):
     with pytest.raises(MaelabError, match="random access, from local files"):
         sh.shard_images(f"pipe:cat {split_shards}/train/train-{{0000..0001}}.tar")
+
+
+def _copy_set(src: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for f in src.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def test_a_truncated_local_shard_is_refused_by_the_random_access_commands(split_shards, tmp_path):
+    """The evaluation commands counted what the cut tar still held and scored fewer images without a word."""
+    cut = _copy_set(split_shards / "train", tmp_path / "cut")
+    with tarfile.open(cut / "train-0001.tar") as tar:
+        members = tar.getmembers()
+    first_of_sixth = next(m for m in members if m.name.startswith(sorted({m.name.split(".")[0] for m in members})[5]))
+    os.truncate(cut / "train-0001.tar", first_of_sixth.offset)  # at a sample boundary: a valid, shorter tar
+    with pytest.raises(MaelabError, match=r"train-0001.tar: it holds 5 samples, its manifest says 10"):
+        sh.shard_images(str(cut))
+
+
+def test_a_pattern_over_shard_sets_with_other_classes_is_refused_where_labels_count(folder, split_shards, tmp_path):
+    """Each set's `.cls` numbers its own class list: mixed, a label named another class."""
+    other = tmp_path / "other"
+    for c in ("c1", "c2", "c3"):
+        (other / c).mkdir(parents=True)
+        for f in sorted((folder / "c1").iterdir())[:4]:
+            (other / c / f.name).write_bytes(f.read_bytes())
+    assert main(["shards", "make", "--data", str(other), "--out", str(tmp_path / "set"), "--shard-size", "10"]) == 0
+    pattern = f"{{{split_shards / 'train'},{tmp_path / 'set'}}}/train-0000.tar"
+    with pytest.raises(MaelabError, match=r"come from shard sets with different classes .*c0, c1, c2.*c1, c2, c3"):
+        sh.shard_images(pattern)
+    assert sh.open_shards(pattern).counts == [10, 10]  # pre-training ignores labels: each set's own counts
+    same = f"{{{split_shards / 'train'},{split_shards / 'val'}}}/train-0000.tar"
+    assert len(sh.shard_images(same)) == 20
+
+
+def test_tars_from_other_tools_read_alike_by_stream_and_by_index(folder, tmp_path):
+    """`tar -C dir .` writes `./key.ext`, other tools a folder inside the tar; the key is the member path up to
+    the first dot of its file name (webdataset's rule), for the stream and the random-access reader alike."""
+    images = sorted((folder / "c2").iterdir())[:3]
+    for name, prefix in (("dot", "./"), ("sub", "part/")):
+        (tmp_path / name).mkdir()
+        with tarfile.open(tmp_path / name / "a-0000.tar", "w") as tar:
+            for i, f in enumerate(images):
+                for ext, data in (("png", f.read_bytes()), ("cls", b"2")):
+                    info = tarfile.TarInfo(f"{prefix}{i:06d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        url = str(tmp_path / name / "a-0000.tar")
+        streamed = list(sh.read_samples(url))
+        indexed = sh.shard_images(url)
+        assert len(streamed) == len(indexed) == 3 and indexed.labels == [2, 2, 2]
+        for s, path, f in zip(streamed, indexed.paths, images):
+            assert np.array_equal(np.asarray(open_rgb(path)), np.asarray(open_rgb(f)))
+            assert np.array_equal(np.asarray(sh.decode_sample(s)), np.asarray(open_rgb(f)))

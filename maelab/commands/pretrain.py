@@ -3,13 +3,18 @@ loop wired together, then reconstruction pictures and a loss curve."""
 
 from __future__ import annotations
 
+import json
+import warnings
+from pathlib import Path
+
 import torch
 
 from maelab.commands.options.pretrain import PretrainConfig, model_kwargs, validate
 from maelab.commands.session import Session
 from maelab.data.folders import ImageList, prepare_images, spread_sample
 from maelab.data.loader import Feeder, choose_in_memory, plan_for
-from maelab.data.shards import ShardFeeder, ShardPlan, is_shard_source, open_shards, shard_images, shard_pictures
+from maelab.data.shards import (STREAM_WORKERS, ShardFeeder, ShardPlan, is_shard_source, open_shards, shard_images,
+                                shard_pictures)
 from maelab.data.splits import subset_seed
 from maelab.data.transforms import PretrainTransform
 from maelab.data.workers import default_workers
@@ -19,6 +24,7 @@ from maelab.interop.mae_weights import model_meta
 from maelab.models.mae import MaskedAutoencoder
 from maelab.train.loop import LoopResult, Trainer
 from maelab.train.budget import timed
+from maelab.train.checkpoint import META
 from maelab.train.distributed import plain_copy
 from maelab.train.optim import adamw, batch_and_lr, scaled_lr
 from maelab.train.tasks import PretrainTask
@@ -36,7 +42,7 @@ def run(cfg: PretrainConfig) -> LoopResult:
         transform = PretrainTransform(model.img_size, cfg.data.min_crop_scale, cfg.data.hflip, cfg.data.crop,
                                       cfg.data.color_jitter)
         if is_shard_source(cfg.data.data):
-            images, feeder, vis, titles = shard_data(cfg, model.img_size, s, workers, transform)
+            images, feeder, vis, titles = shard_data(cfg, model.img_size, s, workers, transform, resume)
             plan, count, in_memory = feeder.plan, images.total, False
         else:
             images = prepare_images(cfg.data.data, cfg.data.bad_files, cfg.data.limit_images,
@@ -106,7 +112,8 @@ def run(cfg: PretrainConfig) -> LoopResult:
         return result
 
 
-def shard_data(cfg: PretrainConfig, size: tuple[int, int], s: Session, workers: int, transform):
+def shard_data(cfg: PretrainConfig, size: tuple[int, int], s: Session, workers: int, transform,
+               resume: Path | None = None):
     """(shard set, feeder, picture images, their titles) of a ``--data`` naming tar shards."""
     if cfg.data.limit_images:
         raise MaelabError("--limit-images needs an image folder; with shards, pass fewer of them (a brace "
@@ -114,11 +121,31 @@ def shard_data(cfg: PretrainConfig, size: tuple[int, int], s: Session, workers: 
     if cfg.data.in_memory == "yes":
         raise MaelabError("--in-memory yes needs an image folder; shards are streamed (--in-memory auto or no)")
     shards = open_shards(cfg.data.data)
+    workers = stream_workers(cfg.data.num_workers, workers, resume, s.is_main)
     plan = ShardPlan(shards, cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank, cfg.run.seed,
                      workers)
     feeder = ShardFeeder(plan, s.device, transform, cfg.data.bad_files, cfg.data.shuffle_buffer)
     vis, titles = shard_pictures(shards, PICTURE_IMAGES, size, cfg.data.bad_files)
     return shards, feeder, vis, titles
+
+
+def stream_workers(requested: int, workers: int, resume: Path | None, say: bool) -> int:
+    """The loader worker count of a streamed run: the order of a stream's samples depends on it, so a resume
+    keeps the count its run started with when ``--num-workers`` is left at -1 (one per core), which would
+    otherwise follow this machine's cores; an explicit other count is taken with a warning."""
+    recorded = json.loads((resume / META).read_text()).get(STREAM_WORKERS) if resume is not None else None
+    if recorded is None or recorded == workers:
+        return workers
+    if requested == -1:
+        if say:
+            print(f"maelab pretrain: {recorded} loader workers, as when the run started (the order of streamed "
+                  f"samples depends on the count; -1 would give {workers} here)", flush=True)
+        return recorded
+    if say:
+        warnings.warn(f"--num-workers {workers} differs from the {recorded} this run started with: from here on "
+                      f"the shards are read in another order than an uninterrupted run reads them (pass "
+                      f"--num-workers {recorded} for an exact resume)", stacklevel=2)
+    return workers
 
 
 def finish_pictures(model: MaskedAutoencoder, run_dir, vis, cfg: PretrainConfig, titles=None) -> None:

@@ -208,7 +208,11 @@ class Session:
                 check_history(o.plan_history)
             except MaelabError as e:
                 raise MaelabError(f"{config}: {e}") from None
-            self.budget_note = f"--budget: following the plan recorded when the run started ({o.max_steps} steps)"
+            started = recorded.get("budget")
+            self.budget_note = (f"--budget: following the plan recorded when the run started ({o.max_steps} steps"
+                                + (f" for --budget {started}; --budget {o.budget} would need a new --out, the "
+                                   f"schedule being sized to the budget" if started and started != o.budget else "")
+                                + ")")
             return
         budget_s = parse_duration(o.budget)
         per_epoch_s, final_s = measure() if measure else (0.0, 0.0)

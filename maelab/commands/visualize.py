@@ -35,9 +35,13 @@ def run_images(path: Path) -> list[str]:
     for folder in (path, *path.parents[:3]):
         if (folder / "config.yaml").is_file():
             data = (load_yaml(folder / "config.yaml").get("data") or {}).get("data")
-            if data:
+            if not data:
+                break
+            try:
                 return spread_sample(shard_images(data) if is_shard_source(data) else scan_images(data),
                                      PICTURE_IMAGES)
+            except MaelabError as e:
+                raise MaelabError(f"the run's data: {e}; or name the images to draw with --images") from None
     raise MaelabError("--images is required unless --checkpoint is a run folder whose data is still there")
 
 

@@ -14,8 +14,9 @@ import re
 import struct
 import warnings
 import zlib
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,14 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from maelab.choices import SHARD_MANIFEST
 from maelab.data.seeding import make_generator
 from maelab.data.transforms import EvalTransform
 from maelab.data.workers import cpu_cores
 from maelab.errors import MaelabError
 
-IMAGE_EXTENSIONS = tuple(sorted(set(IMG_EXTENSIONS) | {".jpeg", ".tif", ".tiff", ".webp"}))
+# torchvision's list, plus what Pillow reads that cameras and the web write (a GIF gives its first frame)
+IMAGE_EXTENSIONS = tuple(sorted(set(IMG_EXTENSIONS) | {".jpeg", ".jfif", ".tif", ".tiff", ".webp", ".gif"}))
 
 
 @dataclass
@@ -39,6 +42,7 @@ class ImageList:
     paths: list[str]
     labels: list[int]
     classes: list[str]
+    left_out: dict[str, int] = field(default_factory=dict)  # files that are not images, by extension
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -80,6 +84,7 @@ def scan_images(root: str | os.PathLike) -> ImageList:
     paths: list[str] = []
     tops: list[str] = []
     seen: set[str] = set()
+    left_out: Counter[str] = Counter()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink cycle: do not walk forever
@@ -93,12 +98,18 @@ def scan_images(root: str | os.PathLike) -> ImageList:
             if _is_image(name):
                 paths.append(os.path.join(dirpath, name))
                 tops.append(top)
+            elif not name.startswith("."):
+                left_out[Path(name).suffix.lower() or "(no extension)"] += 1
     if not paths:
-        raise MaelabError(f"no images found under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+        tars = left_out.get(".tar", 0)
+        raise MaelabError(f"no images found under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})" + (
+            f"; it holds {tars} .tar file(s) but no {SHARD_MANIFEST}: if `maelab shards make` wrote them, it did not "
+            f"finish (run it again); other tar shards are read by a brace pattern, e.g. {root}/name-{{0000..0009}}.tar"
+            if tars else ""))
     classes = sorted({t for t in tops if t})
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[t] if t else -1 for t in tops]
-    return ImageList(str(root), paths, labels, classes)
+    return ImageList(str(root), paths, labels, classes, dict(left_out))
 
 
 # Images above MAX_PIXELS (Pillow's own warning limit, ~9459 x 9459) are decoded downscaled to fit under
@@ -137,7 +148,7 @@ def to_rgb(img: Image.Image, bits: int | None = None) -> Image.Image:
 
 # An image stored inside an uncompressed tar shard: "<shard>.tar@<offset>+<size>/<member name>" (see
 # maelab.data.shards.shard_images); every reader here opens it with one seek, as it opens a file.
-TAR_MEMBER = re.compile(r"^(.+\.tar)@(\d+)\+(\d+)/([^/]+)$")
+TAR_MEMBER = re.compile(r"^(.+\.tar)@(\d+)\+(\d+)/(.+)$")  # the member's name may hold folders
 
 
 def member_path(tar: str, offset: int, size: int, name: str) -> str:
@@ -313,6 +324,10 @@ def prepare_images(root: str, bad_files: str, limit: int = 0, seed: int = 0, sca
     """Scan ``root`` (with ``scan``: a folder; ``maelab.data.shards.shard_images``: local shards); optionally
     keep a fixed seeded subset of ``limit`` images; apply the bad-file policy."""
     images = scan(root)
+    if images.left_out:
+        kinds = ", ".join(f"{ext}: {n}" for ext, n in sorted(images.left_out.items()))
+        warnings.warn(f"{sum(images.left_out.values())} file(s) under {root} are not images by their extension and "
+                      f"were left out ({kinds})", stacklevel=2)
     if limit < 0:
         raise MaelabError(f"--limit-images must be 0 (all) or positive, got {limit}")
     if 0 < limit < len(images):

@@ -180,9 +180,11 @@ def _load_manifest(path: str | Path, text: bytes | None = None) -> dict:
     return data
 
 
-def open_shards(spec: str) -> ShardSet:
+def open_shards(spec: str, labelled: bool = False) -> ShardSet:
     """The :class:`ShardSet` of ``--data``. Counts come from the manifest (``index.json`` given, in the
-    folder given, or beside the shards); shards it does not list are counted by reading them once."""
+    folder given, or beside each shard); shards it does not list are counted by reading them once.
+    ``labelled``: the labels will be used, so a pattern over shard sets with different class lists is
+    refused (pre-training ignores labels and may mix them)."""
     p = Path(spec).expanduser()
     if p.is_dir() or spec.endswith(".json"):
         where = p / SHARD_MANIFEST if p.is_dir() else spec
@@ -194,11 +196,28 @@ def open_shards(spec: str) -> ShardSet:
         urls = [s["name"] if re.match(r"^[a-z]+:", s["name"]) else base + s["name"] for s in manifest["shards"]]
         return ShardSet(spec, urls, [int(s["count"]) for s in manifest["shards"]], list(manifest.get("classes", [])))
     urls = wds.shardlists.expand_urls(spec)
-    found = _manifest_beside(urls[0])
-    listed = {s["name"]: int(s["count"]) for s in found[1]["shards"]} if found else {}
-    counts = [listed.get(_basename(u)) for u in urls]
-    counts = [c if c is not None else count_samples(u) for c, u in zip(counts, urls)]
-    return ShardSet(spec, urls, counts, list(found[1].get("classes", [])) if found else [])
+    beside: dict[str, tuple[str, dict] | None] = {}  # manifest of each folder the pattern spans
+    for u in urls:
+        if _folder(u) not in beside:
+            beside[_folder(u)] = _manifest_beside(u)
+    manifests = [m for m in beside.values() if m is not None]
+    classes = {tuple(m.get("classes", [])) for _, m in manifests}
+    if labelled and len(classes) > 1:
+        raise MaelabError(f"the shards of {spec} come from shard sets with different classes ("
+                          + "; ".join(f"{where}: {', '.join(m.get('classes', [])) or 'none'}" for where, m in manifests)
+                          + "): each set's labels count its own class list, so they cannot be mixed; write the "
+                          "images as one set with `maelab shards make`")
+    counts = []
+    for u in urls:
+        found = beside[_folder(u)]
+        listed = {s["name"]: int(s["count"]) for s in found[1]["shards"]} if found else {}
+        count = listed.get(_basename(u))
+        counts.append(count if count is not None else count_samples(u))
+    return ShardSet(spec, urls, counts, list(manifests[0][1].get("classes", [])) if manifests else [])
+
+
+def _folder(url: str) -> str:
+    return url.rsplit("/", 1)[0] if "/" in url else ""
 
 
 def _basename(url: str) -> str:
@@ -216,9 +235,9 @@ def shard_images(spec: str) -> ImageList:
     (:data:`maelab.data.folders.TAR_MEMBER`), so every command that reads images by index (evaluation
     splits, fine-tuning's exact step plan, features) reads shards as it reads a folder: one seek per
     image. The order is the shards' own; the labels are their ``.cls``, the classes the manifest's."""
-    shards = open_shards(spec)
+    shards = open_shards(spec, labelled=True)
     paths, labels = [], []
-    for url in shards.urls:
+    for url, count in zip(shards.urls, shards.counts):
         local = url.removeprefix("file://")
         if re.match(r"^[a-z][a-z0-9+.-]*:", local) or not Path(local).is_file():
             raise MaelabError(f"this command reads shards by random access, from local files; {url} is not one "
@@ -227,13 +246,17 @@ def shard_images(spec: str) -> ImageList:
             with tarfile.open(local, "r:") as tar:
                 found: dict[str, dict] = {}
                 for m in tar.getmembers():
-                    if m.isreg():
-                        key, _, ext = m.name.partition(".")
+                    key, ext = wds.tariterators.base_plus_ext(m.name)  # the stream's own key rule
+                    if m.isreg() and key is not None:
                         found.setdefault(key, {})[ext.lower()] = m
+                if len(found) != count:
+                    raise MaelabError(f"cannot read shard {url}: it holds {len(found)} samples, its manifest says "
+                                      f"{count} (a truncated or replaced file?)")
                 for key, members in found.items():
                     ext = next((e for e in IMAGE_EXTS if e in members), None)
                     if ext is None:
-                        raise MaelabError(f"cannot read shard {url}: sample {key} holds no image file")
+                        raise MaelabError(f"cannot read shard {url}: sample {key} holds no image file "
+                                          f"({', '.join(sorted(members))})")
                     m = members[ext]
                     paths.append(member_path(local, m.offset_data, m.size, m.name))
                     cls = members.get("cls")
@@ -262,7 +285,9 @@ class Sample:
     label: int
 
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
+# every extension of an image folder (what `maelab shards make` writes), the usual photo formats first: a
+# sample with two images (a photo and its mask) is read by its first
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "jfif", "bmp", "tif", "tiff", "ppm", "pgm", "gif")
 
 
 def read_samples(url: str, expected: int | None = None) -> Iterator[Sample]:
@@ -325,6 +350,9 @@ def decode_sample(s: Sample):
     return open_rgb(f"{s.url}#{s.key}.{s.ext}", s.data)
 
 
+STREAM_WORKERS = "stream_workers"
+
+
 class ShardPlan(StepPlan):
     """Which shards each rank and loader worker reads, and how many steps an epoch has."""
 
@@ -339,6 +367,7 @@ class ShardPlan(StepPlan):
         self.rank_shards = [list(range(r, n, world)) for r in range(world)]
         per_rank = [sum(shards.counts[i] for i in s) for s in self.rank_shards]
         super().__init__(world * min(per_rank), batch_size, accum_iter, world, rank, seed)
+        self.requested_workers = num_workers  # recorded in checkpoints: a resume reads the shards alike
         self.workers = min(num_workers, len(self.rank_shards[rank]))
         self.first = shards.first_index()
 
@@ -461,6 +490,11 @@ class ShardFeeder:
     @property
     def steps_per_epoch(self) -> int:
         return self.plan.steps_per_epoch
+
+    @property
+    def record(self) -> dict[str, int]:
+        """For the checkpoint's meta: the order of a stream's samples depends on the loader worker count."""
+        return {STREAM_WORKERS: self.plan.requested_workers}
 
     def check_start(self, epoch: int, step: int) -> None:
         """Open this rank's first shard and decode its first sample before the run folder is written,

@@ -43,11 +43,16 @@ def check_same_classes(train: ImageList, val: ImageList, train_name: str = "trai
         return
     only_train = sorted(set(train.classes) - set(val.classes))
     only_val = sorted(set(val.classes) - set(train.classes))
+    def named(names: list[str], other: ImageList, other_name: str) -> str:
+        """A class folder that the other split has, but without images, is named as such."""
+        return ", ".join(f"{n} (its folder in the {other_name} holds no images)"
+                         if (Path(other.root).expanduser() / n).is_dir() else n for n in names[:5])
+
     detail = []
     if only_train:
-        detail.append(f"only in the {train_name}: {', '.join(only_train[:5])}")
+        detail.append(f"only in the {train_name}: {named(only_train, val, val_name)}")
     if only_val:
-        detail.append(f"only in the {val_name}: {', '.join(only_val[:5])}")
+        detail.append(f"only in the {val_name}: {named(only_val, train, train_name)}")
     raise MaelabError(f"the {train_name} ({len(train.classes)} classes) and the {val_name} ({len(val.classes)} "
                       f"classes) must have the same class folders ({'; '.join(detail)})")
 

@@ -79,11 +79,32 @@ def maelab_file(path: str | Path) -> tuple[Path, dict[str, Any]] | None:
     return weights_path, read_header(weights_path)
 
 
-def size_record(img_size: tuple[int, int] | list[int], patch_size: int, norm_eps: float = 1e-6) -> dict[str, Any]:
+OBJECTIVE = ("norm_pix_loss", "mask_ratio")  # the MAE's training target, recorded beside its size
+
+
+def size_record(img_size: tuple[int, int] | list[int], patch_size: int, norm_eps: float = 1e-6,
+                objective: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What an official / timm weights file cannot say by its shapes alone: the image size (so the
-    patch grid is never guessed from a count), the patch size and the LayerNorm eps."""
+    patch grid is never guessed from a count), the patch size and the LayerNorm eps; for an MAE also its
+    objective (``norm_pix_loss``, ``mask_ratio``), so a round trip keeps the loss it trains with."""
     h, w = (int(s) for s in img_size)
-    return {"img_size": [h, w], "patch_size": int(patch_size), "norm_eps": float(norm_eps)}
+    record = {"img_size": [h, w], "patch_size": int(patch_size), "norm_eps": float(norm_eps)}
+    return {**record, **objective_of(objective or {})}
+
+
+def objective_of(settings: Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
+    """``norm_pix_loss`` / ``mask_ratio`` from a record, or from the ``args`` the official training script
+    saves in its checkpoints (an argparse.Namespace); values of another kind are ignored."""
+    settings = vars(settings) if isinstance(settings, argparse.Namespace) else settings
+    if not isinstance(settings, Mapping):
+        return {}
+    found: dict[str, Any] = {}
+    if isinstance(settings.get("norm_pix_loss"), bool):
+        found["norm_pix_loss"] = settings["norm_pix_loss"]
+    ratio = settings.get("mask_ratio")
+    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 1:
+        found["mask_ratio"] = float(ratio)
+    return found
 
 
 def record_metadata(record: dict[str, Any]) -> dict[str, str]:
@@ -106,7 +127,7 @@ def read_record(path: str | Path, obj: Any = None) -> dict[str, Any] | None:
         return None
     try:
         h, w = (int(s) for s in raw["img_size"])
-        return size_record((h, w), int(raw["patch_size"]), float(raw.get("norm_eps", 1e-6)))
+        return size_record((h, w), int(raw["patch_size"]), float(raw.get("norm_eps", 1e-6)), raw)
     except (KeyError, TypeError, ValueError):
         raise MaelabError(f"cannot read weights {path}: its {SIZE_KEY} entry {raw!r} is not "
                           f"{{img_size: [h, w], patch_size: p}}") from None

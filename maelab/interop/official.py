@@ -16,7 +16,8 @@ from typing import Any, Mapping
 import torch
 
 from maelab.errors import MaelabError
-from maelab.interop.formats import SAFETENSORS, SIZE_KEY, check_weights_file, load_torch, read_record, size_record
+from maelab.interop.formats import (SAFETENSORS, SIZE_KEY, check_weights_file, load_torch, objective_of, read_record,
+                                    size_record)
 from maelab.io import atomic_path, read_weights
 from maelab.models.checks import pair
 from maelab.models.mae import MaskedAutoencoder
@@ -66,7 +67,9 @@ def read_official(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     if check_weights_file(path) == SAFETENSORS:  # judged by content: the same weights saved as safetensors
         return unwrap_state_dict(read_weights(path)[0], source=path), read_record(path)
     obj = load_torch(path)
-    return unwrap_state_dict(obj, source=path), read_record(path, obj)
+    record = read_record(path, obj)
+    trained = objective_of(obj.get("args", {})) if isinstance(obj, Mapping) else {}  # the official script's args
+    return unwrap_state_dict(obj, source=path), ({**trained, **(record or {})} if trained else record)
 
 
 def load_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -138,7 +141,7 @@ def patch_grid(sd: Mapping[str, torch.Tensor], patch_size: int, img_size: int | 
     if pos is None or pos.ndim != 3 or pos.shape[1] < 2:
         raise MaelabError("checkpoint has no usable pos_embed (1, 1 + patches, width)")
     rows = int(pos.shape[1]) - 1
-    if record is not None:
+    if record is not None and "img_size" in record:
         h, w = record["img_size"]
         if record["patch_size"] != patch_size or h % patch_size or w % patch_size:
             raise MaelabError(f"the file records patch {record['patch_size']} and {h}x{w} px, but its patch embedding "
@@ -208,6 +211,7 @@ def infer_mae_architecture(
     kwargs["img_size"] = patch_grid(sd, patch_size, img_size, record, notes)
     if record is not None and record.get("norm_eps", 1e-6) != 1e-6:
         kwargs["norm_eps"] = record["norm_eps"]
+    kwargs.update(objective_of(record or {}))
     if "decoder_embed.weight" in sd:
         dec_dim, dec_hidden = _widths(sd, "decoder_blocks.", {"decoder_embed.weight": 0, "mask_token": 2,
                                                               "decoder_pos_embed": 2, "decoder_norm.weight": 0})
@@ -314,12 +318,14 @@ def mae_from_official(path: str | os.PathLike, **overrides: Any) -> torch.nn.Mod
 def export_official(model: torch.nn.Module, path: str | os.PathLike, include_decoder: bool = True) -> str:
     """Write ``{"model": state_dict}`` in the official layout (encoder only when ``include_decoder`` is
     False, like ``mae_pretrain_*.pth``), plus a ``maelab_size`` entry (image size, patch size, LayerNorm
-    eps) that the official code ignores and maelab reads back. Written atomically. Returns the path."""
+    eps, and the objective: ``norm_pix_loss``, ``mask_ratio``) that the official code ignores and maelab reads
+    back. Written atomically. Returns the path."""
     sd = model.state_dict()
     if not include_decoder:
         sd = {k: v for k, v in sd.items() if k.startswith(ENCODER_PREFIXES)}
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-    record = size_record(model.img_size, model.patch_size, getattr(model, "norm_eps", 1e-6))
+    record = size_record(model.img_size, model.patch_size, getattr(model, "norm_eps", 1e-6),
+                         {"norm_pix_loss": model.norm_pix_loss, "mask_ratio": model.mask_ratio})
     return save_official(sd, path, record)
 
 

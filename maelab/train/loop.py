@@ -282,7 +282,7 @@ class Trainer:
                 raise NonFiniteLoss(f"weights became non-finite by step {self.global_step}; nothing saved "
                                     f"(the last good checkpoint is kept)")
             meta = {"name": name, "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
-                    "model": self.task.meta(), **(extra_meta or {})}
+                    "model": self.task.meta(), **getattr(self.feeder, "record", {}), **(extra_meta or {})}
             path = ckpt.save_checkpoint(self.run_dir, name, weights, self._train_state(optimizer_state), meta)
         barrier(self.info)
         self._saved_at = time.monotonic()

@@ -6,7 +6,8 @@ would both resume from the same checkpoint and then interleave their checkpoints
 run silently made of two. The process that writes the folder (rank 0) holds an exclusive ``flock`` on
 ``<run>/.maelab.lock`` for its whole life; the kernel drops it when the process ends, however it ends,
 so a killed run never leaves a stale lock behind. A file system without locks (some network mounts)
-runs unguarded, as before.
+runs unguarded, as before. A forked child (a DataLoader worker) closes its copy of the descriptor: a
+worker orphaned by a killed run, which lingers for a few seconds, would otherwise hold the lock for it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ except ImportError:  # not POSIX: no locking
     fcntl = None
 
 LOCK_NAME = ".maelab.lock"
+_HELD: set[int] = set()  # this process's lock descriptors
+
+
+def _close_in_child() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 class RunLock:
@@ -54,8 +69,10 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        _HELD.add(fd)
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD.discard(self._fd)
             os.close(self._fd)  # closing the descriptor drops the lock
             self._fd = None
