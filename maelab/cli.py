@@ -115,6 +115,39 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, *, 
         show(message, category, filename, lineno, file, line)
 
 
+def _output_closed() -> int:
+    """Point stdout and stderr at /dev/null (Python's own advice: the flush at exit would fail again); the
+    status a shell gives SIGPIPE. Returning lets the error's frames go, and with them the loaders whose
+    worker processes they held."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(null, stream.fileno())
+        except (OSError, ValueError):  # not a real file (captured output)
+            pass
+    os.close(null)
+    return 128 + signal.SIGPIPE
+
+
+def _stop_loader_workers() -> None:
+    """Kill the DataLoader worker processes (daemonic children) an escaping error left alive: they ignore
+    SIGTERM (the job's signal is for the main process), so Python's exit, which terminates daemonic children
+    with SIGTERM and then joins them, would wait for them forever while the error's frames hold their loader."""
+    import multiprocessing
+
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if not children:
+        return
+    watcher = signal.getsignal(signal.SIGCHLD)  # torch's: it would report the killed workers as a failure
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        for child in children:
+            child.kill()
+            child.join(5)
+    finally:
+        signal.signal(signal.SIGCHLD, watcher)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
@@ -126,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = functools.partial(_show_warning, show=shown)
     try:
         return dispatch(args)
+    except BrokenPipeError:  # the reader of the output went away (`maelab ... | head`): stop quietly, as shell tools do
+        return _output_closed()
     except Terminated:
         if os.environ.get("RANK", "0") == "0":
             print("maelab: stopped by SIGTERM outside the training loop; checkpoints already written are kept",
@@ -147,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError):  # a path the system refused (exists as a file, no such folder, permission)
             print(f"maelab: error: {_os_error_line(e, out)}", file=sys.stderr)
             return 2
+        _stop_loader_workers()
         raise  # a bug: its traceback
     except KeyboardInterrupt:
         print("maelab: interrupted", file=sys.stderr)

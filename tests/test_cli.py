@@ -454,3 +454,27 @@ def test_maelab_warnings_are_one_line_without_the_source_location(capsys, tmp_pa
     assert code == 0
     assert "maelab: warning: skipping unreadable image: cannot read image" in err and "bad.png" in err
     assert "UserWarning" not in err and "folders.py" not in err, err
+
+
+def test_a_reader_that_goes_away_ends_the_command_without_a_hang(tmp_path):
+    """`maelab features ... 2>&1 | head -1`: the write after the reader left raised BrokenPipeError with the
+    loader's workers alive (they ignore SIGTERM), and Python's exit waited for them forever."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    for i in range(24):
+        Image.new("RGB", (32, 32), (i * 10, 0, 0)).save(tmp_path / f"{i:02d}.png")
+    cmd = [sys.executable, "-m", "maelab.cli", "features", "--init", "none", "--model", "mae_vit_tiny_patch4",
+           "--img-size", "48", "--crop-pct", "1.0", "--num-workers", "2", "--data", str(tmp_path),
+           "--out", str(tmp_path / "f.npy")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    assert proc.stdout.readline().startswith(b"maelab features:")
+    proc.stdout.close()  # the reader goes away, as `head -1` does
+    try:
+        assert proc.wait(timeout=120) == 141  # 128 + SIGPIPE, as a shell tool ends
+    finally:
+        proc.kill()

@@ -271,3 +271,24 @@ def test_a_truncated_safetensors_file_is_called_so_whatever_its_header_length(tm
         load_official_state_dict(cut)
     assert "a truncated or damaged safetensors file" in str(refused.value)
     assert "weights_only" not in str(refused.value)
+
+
+def test_downstream_commands_refuse_an_encoder_of_other_channels_and_name_a_fitting_preset(tmp_path):
+    """A 1-channel encoder (HF num_channels=1) met RGB batches in a convolution: a traceback after the run
+    folder was written. A preset that does not fit the checkpoint names one that does (the preset may come
+    from a --config file, which the user cannot leave out)."""
+    from types import SimpleNamespace
+
+    from maelab.interop.encoders import encoder_for, resolve_encoder
+    from maelab.interop.mae_weights import save_mae
+    from maelab.models.presets import preset_kwargs
+
+    torch.save({"model": official_layout(chans=1, generator=_gen(4))}, tmp_path / "gray.pth")
+    cfg = SimpleNamespace(init=str(tmp_path / "gray.pth"), model=None, num_heads=None, img_size=None)
+    with pytest.raises(MaelabError, match="takes 1-channel images; maelab reads every image as 3-channel RGB"):
+        resolve_encoder(cfg)
+    tiny = save_mae(MaskedAutoencoder(**preset_kwargs("mae_vit_tiny_patch4", img_size=32)), tmp_path / "t.safetensors")
+    with pytest.raises(MaelabError, match=r"--model mae_vit_tiny_patch16 is .*leave --model out to use the "
+                                          r"checkpoint's; over a --config preset's model, --model mae_vit_tiny_patch4 "
+                                          r"fits it\)"):
+        encoder_for(str(tiny), "mae_vit_tiny_patch16")

@@ -284,6 +284,13 @@ def test_convert_refuses_to_overwrite_its_source(capsys, tmp_path, mae_file):
     assert "is the source" in _error_line(capsys)
     assert weights.read_bytes() == before
     assert main(["convert", str(hf), str(hf / "encoder.safetensors"), "--to", "timm"]) == 0  # a new file is fine
+    run = tmp_path / "run"  # a folder of other things (a maelab run): HF files beside them change its --init
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("run: {}\n")
+    assert main(["convert", str(source), str(run), "--to", "hf"]) == 2
+    assert "holds other files (checkpoints, config.yaml) and is not a Hugging Face model folder" in _error_line(capsys)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
+    assert main(["convert", str(source), str(hf), "--to", "hf"]) == 0  # an HF folder is written again
 
 
 def test_an_empty_yaml_section_is_accepted_and_a_non_mapping_section_explained(tmp_path):

@@ -93,6 +93,11 @@ def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None =
     if to == "timm":
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(save_timm_checkpoint(model, out, global_pool=global_pool or "token"))
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
+        raise MaelabError(f"{out} holds other files ({held}) and is not a Hugging Face model folder: config.json and "
+                          f"model.safetensors written beside them would change what --init {out} loads; choose a new "
+                          f"or empty folder")
     created = not out.exists()
     try:
         return Path(save_hf_pretrained(model, out, naming=hf_naming))

@@ -22,7 +22,7 @@ from maelab.interop.mae_weights import load_mae
 from maelab.interop.official import classify_official, infer_mae_architecture, read_official
 from maelab.io import read_weights
 from maelab.models.checks import pair
-from maelab.models.presets import preset_kwargs
+from maelab.models.presets import PRESETS, preset_kwargs
 from maelab.models.state_dicts import DECODER_PREFIXES, ENCODER_PREFIXES
 from maelab.models.vit import EncoderWeights, describe, pooled_norm, vit_arch, vit_meta
 from maelab.train.checkpoint import resolve_weights_path
@@ -147,11 +147,16 @@ def check_arch(enc: EncoderWeights, preset: str | None) -> None:
     """When the user names a preset next to a checkpoint, the two must describe the same encoder."""
     if not preset:
         return
-    want = vit_arch(preset_kwargs(preset))
-    keys = ("patch_size", "embed_dim", "depth", "num_heads", "in_chans")
-    if any(int(want[k]) != int(enc.arch[k]) for k in keys) or float(want["mlp_ratio"]) != float(enc.arch["mlp_ratio"]):
+    if not same_encoder(vit_arch(preset_kwargs(preset)), enc.arch):
+        fits = [name for name in PRESETS if same_encoder(vit_arch(preset_kwargs(name)), enc.arch)]
         raise MaelabError(f"checkpoint {enc.path} holds a {describe(enc.arch)}; --model {preset} is a "
-                          f"{describe(want)} (leave --model out to use the checkpoint's)")
+                          f"{describe(vit_arch(preset_kwargs(preset)))} (leave --model out to use the checkpoint's"
+                          + (f"; over a --config preset's model, --model {fits[0]} fits it" if fits else "") + ")")
+
+
+def same_encoder(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("patch_size", "embed_dim", "depth", "num_heads", "in_chans")
+    return all(int(a[k]) == int(b[k]) for k in keys) and float(a["mlp_ratio"]) == float(b["mlp_ratio"])
 
 
 
@@ -200,4 +205,7 @@ def resolve_encoder(model_cfg) -> tuple[EncoderWeights | None, dict[str, Any], t
     size = img_size_arg(model_cfg.img_size)
     enc = encoder_for(model_cfg.init, model_cfg.model, model_cfg.num_heads, img_size=size)
     arch = arch_for(enc, model_cfg.model, model_cfg.num_heads)
+    if int(arch.get("in_chans", 3)) != 3:
+        raise MaelabError(f"the encoder of {model_cfg.init} takes {arch['in_chans']}-channel images; maelab reads every "
+                          f"image as 3-channel RGB (the pre-training, evaluation and transfer commands alike)")
     return enc, arch, size or tuple(arch["img_size"])
