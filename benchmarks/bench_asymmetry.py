@@ -203,11 +203,11 @@ def report(results: list[dict], device, args) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="mae_vit_large_patch16", help="maelab preset (paper: ViT-L/16)")
-    ap.add_argument("--batch", type=int, default=None, help="images per step (default 4; --quick 2)")
-    ap.add_argument("--reps", type=int, default=None, help="interleaved rounds (default 5; --quick 2)")
+    ap.add_argument("--batch", type=common.at_least(1), default=None, help="images per step (default 4; --quick 2)")
+    ap.add_argument("--reps", type=common.at_least(1), default=None, help="interleaved rounds (default 5; --quick 2)")
     ap.add_argument("--precision", choices=["fp32", "bf16", "all"], default="all")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--threads", type=common.at_least(1), default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--quiet-wait", type=float, default=120.0,
                     help="seconds per measurement that may be spent waiting for other processes to go quiet")
     ap.add_argument("--attn", choices=["sdpa", "math"], default="sdpa",
@@ -240,4 +240,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import REPO, count_flops, md_table, publish, stamp  # noqa: E402
+from common import REPO, at_least, cli, count_flops, md_table, publish, stamp  # noqa: E402
 
 from maelab.data.folders import prepare_images  # noqa: E402
 from maelab.data.loader import Feeder, StepPlan  # noqa: E402
@@ -59,12 +59,12 @@ def vit_b_flops_per_image() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "cifar10" / "train"))
-    ap.add_argument("--images", type=int, default=4096, help="fixed random subset")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[32, 224])
-    ap.add_argument("--shard-size", type=int, default=512)
-    ap.add_argument("--reps", type=int, default=2, help="interleaved rounds; medians")
+    ap.add_argument("--images", type=at_least(1), default=4096, help="fixed random subset")
+    ap.add_argument("--batch-size", type=at_least(1), default=128)
+    ap.add_argument("--workers", type=at_least(0), nargs="+", default=[0, 1, 2])
+    ap.add_argument("--sizes", type=at_least(1), nargs="+", default=[32, 224])
+    ap.add_argument("--shard-size", type=at_least(1), default=512)
+    ap.add_argument("--reps", type=at_least(1), default=2, help="interleaved rounds; medians")
     ap.add_argument("--gpu-tflops", type=float, default=312.0, help="assumed GPU dense bf16 peak (A100: 312)")
     ap.add_argument("--gpu-mfu", type=float, default=0.5, help="assumed share of the peak MAE training reaches")
     ap.add_argument("--no-write", action="store_true")
@@ -137,4 +137,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
-from common import REPO, md_table, pick_device, stamp, synchronize, write_section  # noqa: E402
+from common import REPO, at_least, cli, md_table, pick_device, stamp, synchronize, write_section  # noqa: E402
 
 from maelab.data.folders import prepare_images  # noqa: E402
 from maelab.data.loader import Feeder, StepPlan  # noqa: E402
@@ -47,10 +47,10 @@ def official_loader(root: str, keep: list[int], batch: int, workers: int, seed: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "cifar10" / "train"))
-    ap.add_argument("--images", type=int, default=10000, help="fixed random subset (0 = all)")
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--segments", type=int, default=4, help="segments per pipeline, alternated")
-    ap.add_argument("--steps", type=int, default=20, help="training steps per segment (0 = a full epoch)")
+    ap.add_argument("--images", type=at_least(0), default=10000, help="fixed random subset (0 = all)")
+    ap.add_argument("--batch-size", type=at_least(1), default=128)
+    ap.add_argument("--segments", type=at_least(1), default=4, help="segments per pipeline, alternated")
+    ap.add_argument("--steps", type=at_least(0), default=20, help="training steps per segment (0 = a full epoch)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-write", action="store_true")
@@ -148,4 +148,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common import REPO, maelab_run, md_table, publish, stamp, torchrun  # noqa: E402
+from common import REPO, at_least, cli, maelab_run, md_table, publish, stamp, torchrun  # noqa: E402
 
 VARIANTS = {"DDP": [], "FSDP": ["--fsdp"], "FSDP + activation checkpointing": ["--fsdp", "--activation-checkpointing"]}
 
@@ -35,8 +35,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "cifar10" / "train"))
     ap.add_argument("--model", default="mae_vit_base_patch16")
-    ap.add_argument("--images", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=2, help="per process")
+    ap.add_argument("--images", type=at_least(1), default=12)
+    ap.add_argument("--batch-size", type=at_least(1), default=2, help="per process")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -58,4 +58,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

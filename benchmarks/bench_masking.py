@@ -30,9 +30,9 @@ def main() -> None:
     ap.add_argument("--config", choices=sorted(peers.SIZES), default="tiny")
     ap.add_argument("--precision", choices=("fp32", "bf16", "fast"), default="fast",
                     help="the step's autocast; fast = bf16 where the hardware has it (the ablation runs' setting)")
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=common.at_least(1), default=7)
     ap.add_argument("--quick", action="store_true", help="2 rounds: a smoke test")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", type=common.at_least(0), default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quiet-wait", type=float, default=0.0)
     ap.add_argument("--no-write", action="store_true")
@@ -72,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

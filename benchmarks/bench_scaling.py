@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common import REPO, maelab_run, md_table, publish, stamp, torchrun  # noqa: E402
+from common import REPO, at_least, cli, maelab_run, md_table, publish, stamp, torchrun  # noqa: E402
 
 
 def run(nproc: int, args, out: Path) -> dict:
@@ -33,15 +33,19 @@ def run(nproc: int, args, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "datasets" / "cifar10" / "train"))
-    ap.add_argument("--images", type=int, default=2048)
+    ap.add_argument("--images", type=at_least(1), default=2048)
     ap.add_argument("--model", default="mae_vit_tiny_patch4")
-    ap.add_argument("--global-batch", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--log-every", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1, help="OMP threads per process")
+    ap.add_argument("--global-batch", type=at_least(1), default=64)
+    ap.add_argument("--epochs", type=at_least(1), default=1)
+    ap.add_argument("--log-every", type=at_least(1), default=4)
+    ap.add_argument("--threads", type=at_least(1), default=1, help="OMP threads per process")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    steps = args.images // args.global_batch * args.epochs
+    if steps // args.log_every < 2:  # the first interval is left out: one would leave no measurement
+        ap.error(f"{steps} steps give {steps // args.log_every} log interval(s) of {args.log_every} steps, and the "
+                 f"first is left out: raise --images or --epochs, or lower --log-every")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         results = {n: run(n, args, Path(tmp) / f"p{n}") for n in (1, 2)}
@@ -64,4 +68,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -385,14 +385,14 @@ def main(argv=None) -> None:
     ap.add_argument("--config", choices=["tiny", "base", "all"], default="all")
     ap.add_argument("--precision", choices=["fp32", "bf16", "all"], default="all")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--threads", type=common.at_least(1), default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--quiet-wait", type=float, default=120.0,
                     help="seconds per measurement that may be spent waiting for other processes to go quiet")
-    ap.add_argument("--reps", type=int, default=None, help="interleaved rounds (default: tiny 7, base 4)")
+    ap.add_argument("--reps", type=common.at_least(1), default=None, help="interleaved rounds (default: tiny 7, base 4)")
     ap.add_argument("--quick", action="store_true", help="2 rounds, no compile, no memory, no opt lever")
     ap.add_argument("--compile-budget", type=float, default=300.0,
                     help="seconds allowed for torch.compile's first two steps (0: skip compile)")
-    ap.add_argument("--compile-reps", type=int, default=None, help="rounds in the compile process")
+    ap.add_argument("--compile-reps", type=common.at_least(1), default=None, help="rounds in the compile process")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--threads-lever", choices=["auto", "on", "off"], default="auto",
                     help="also time maelab with 1 thread (or all cores when --threads 1; auto: tiny config only)")
@@ -480,4 +480,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

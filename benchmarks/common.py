@@ -10,6 +10,7 @@ median step time per variant and, for comparisons, the median of the per-round r
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -34,6 +35,32 @@ DOC = REPO / "docs" / "benchmarks.md"
 
 
 # --- device / precision ---------------------------------------------------------------------------
+def at_least(low: int) -> Callable[[str], int]:
+    """argparse type: a whole number >= ``low`` (rounds, threads, images), refused in argparse's one line
+    instead of failing later in a median of nothing or in torch."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        return value
+    return parse
+
+
+def cli(main: Callable[[], None]) -> None:
+    """Run a benchmark's ``main``: maelab's own errors (a missing data folder, an unknown model, a bad
+    duration) end in one line and status 2, as the maelab command does, not in a traceback."""
+    from maelab.errors import MaelabError
+
+    try:
+        main()
+    except MaelabError as e:
+        print(f"{Path(sys.argv[0]).stem}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -209,11 +209,11 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--val-data", required=True)
     ap.add_argument("--budget", default="30m")
-    ap.add_argument("--points", type=int, default=5, help="the alternative's snapshots, evenly over the budget")
+    ap.add_argument("--points", type=common.at_least(1), default=5, help="the alternative's snapshots, evenly over the budget")
     ap.add_argument("--snapshot-minutes", type=float, default=0.0,
                     help="maelab's timed checkpoints inside epochs (default: budget / points / 2)")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--eval-images", type=int, default=5000, help="kNN on a fixed subset of N images of each split")
+    ap.add_argument("--batch-size", type=common.at_least(1), default=256)
+    ap.add_argument("--eval-images", type=common.at_least(1), default=5000, help="kNN on a fixed subset of N images of each split")
     ap.add_argument("--hf-precision", default="fp32", choices=("fp32", "bf16"),
                     help="the alternative's autocast (fp32: HF ViTMAE as it runs on a CPU out of the box)")
     ap.add_argument("--seed", type=int, default=0)
@@ -260,4 +260,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    common.cli(main)

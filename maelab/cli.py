@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import shutil
 import signal
 import sys
@@ -115,6 +116,26 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, *, 
         show(message, category, filename, lineno, file, line)
 
 
+PEER_GONE = re.compile(r"Connection (reset|closed) by peer|Broken pipe|NCCL communicator was aborted|"
+                       r"remote process exited|Socket Timeout", re.IGNORECASE)
+
+
+def _peer_lost(err: BaseException) -> str | None:
+    """In a job of several processes, a collective that failed because another process died (a SIGKILL, an
+    out-of-memory kill, a lost node) -- a 30-line traceback from gloo or NCCL that reads like a bug of this
+    process -- as one line that says what happened and what comes next."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or not isinstance(err, RuntimeError):
+        return None
+    text = str(err)
+    found = PEER_GONE.search(text)
+    if found is None:
+        return None
+    rank = os.environ.get("RANK", "?")
+    return (f"process {rank}: another process of this job stopped ({found.group(0)} in a collective); under "
+            f"`torchrun --max-restarts N` the group restarts and resumes from the last checkpoint, otherwise run "
+            f"the same command again to resume")
+
+
 def _output_closed() -> int:
     """Point stdout and stderr at /dev/null (Python's own advice: the flush at exit would fail again); the
     status a shell gives SIGPIPE. Returning lets the error's frames go, and with them the loaders whose
@@ -182,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, OSError):  # a path the system refused (exists as a file, no such folder, permission)
             print(f"maelab: error: {_os_error_line(e, out)}", file=sys.stderr)
             return 2
+        lost = _peer_lost(e)
+        if lost:
+            print(f"maelab: error: {lost}", file=sys.stderr)
+            return 1
         _stop_loader_workers()
         raise  # a bug: its traceback
     except KeyboardInterrupt:

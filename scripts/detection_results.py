@@ -123,6 +123,9 @@ def main() -> None:
     p.add_argument("--doc", default=str(REPO / "docs" / "transfer_detection.md"))
     a = p.parse_args()
     data, work = Path(a.data), Path(a.work)
+    for needed in ("instances_train.json", "instances_val.json", "images"):
+        if not (data / needed).exists():  # before anything is written or trained
+            p.error(f"--data {data} has no {needed}: give the coco128 folder of ../shared/datasets (see its README)")
     work.mkdir(parents=True, exist_ok=True)
     timings_file = work / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}

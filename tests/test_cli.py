@@ -478,3 +478,27 @@ def test_a_reader_that_goes_away_ends_the_command_without_a_hang(tmp_path):
         assert proc.wait(timeout=120) == 141  # 128 + SIGPIPE, as a shell tool ends
     finally:
         proc.kill()
+
+
+def test_a_collective_broken_by_a_dead_peer_is_one_line(capsys, monkeypatch):
+    """Under torchrun, the survivors of a killed process used to print gloo's 30-line traceback before the
+    elastic restart (which then resumed bit-equal): it read like a bug of their own."""
+    import maelab.cli as cli
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:5521: "
+                        "Connection reset by peer")
+
+    def dispatch(args):
+        raise gloo
+
+    monkeypatch.setattr(cli, "dispatch", dispatch)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "process 1: another process of this job stopped (Connection reset by peer" in err
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no peer to lose, so an error of its own (a traceback)
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        cli.main(["models"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli._peer_lost(RuntimeError("CUDA out of memory")) is None
