@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
+    if args.global_batch % 2:  # the 2-process run splits it in halves
+        ap.error(f"--global-batch must be even (two processes take half each), got {args.global_batch}")
     steps = args.images // args.global_batch * args.epochs
     if steps // args.log_every < 2:  # the first interval is left out: one would leave no measurement
         ap.error(f"{steps} steps give {steps // args.log_every} log interval(s) of {args.log_every} steps, and the "

@@ -5,11 +5,14 @@
 # Uses ../shared/datasets/cifar10/train when present, else downloads CIFAR-10 with torchvision.
 # Override the data with DATA=/path/to/images; extra arguments go to `maelab pretrain`.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-if [ -n "${DATA:-}" ] && [ ! -d "$DATA" ]; then  # the user's own folder: never silently train on another
-  echo "quickstart: DATA=$DATA is not a folder" >&2
-  exit 2
+if [ -n "${DATA:-}" ]; then  # the user's own folder, relative to where the script was started
+  if [ ! -d "$DATA" ]; then  # never silently train on another
+    echo "quickstart: DATA=$DATA is not a folder" >&2
+    exit 2
+  fi
+  DATA=$(cd "$DATA" && pwd)
 fi
+cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-cache-dir -e .

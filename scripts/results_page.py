@@ -728,6 +728,11 @@ def main(argv: list[str] | None = None) -> None:
         page.commit({"command": command, "recipe": [f.name for f in recipe], "ablation": [f.name for f in ablation],
                      "quality": [f.name for f in quality],
                      "recipe_repeats": [f.name for f in recipe if f.name in repeats]})
+    except (KeyError, TypeError, IndexError) as e:  # valid JSON of another kind (a recipe's given as a sweep)
+        page.roll_back()
+        raise SystemExit(f"results_page: a results.json lacks {e} or holds another kind of value: is each folder "
+                         "the output of its flag's command (--recipe: maelab recipe, --ablation: maelab ablate, "
+                         "--quality: benchmarks/quality_per_minute.py)? The archive is unchanged") from None
     except BaseException:
         page.roll_back()
         raise

@@ -162,6 +162,12 @@ def test_the_archive_survives_a_damaged_input_and_a_partial_command_says_what_it
     assert (archive / "b" / "results.json").is_file()  # still there to be named again
     missing = results_page("--recipe", "--ablation", str(tmp_path / "runs" / "typo"), "--out", str(page))
     assert missing.returncode != 0 and "no such run folder" in missing.stderr
+    (tmp_path / "runs" / "recipe_x").mkdir()  # a recipe's results given as a sweep: valid JSON, another kind
+    (tmp_path / "runs" / "recipe_x" / "results.json").write_text('{"rows": []}')
+    wrong = results_page("--recipe", "--ablation", str(a), str(tmp_path / "runs" / "recipe_x"), "--quality",
+                         "--out", str(page))
+    assert wrong.returncode != 0 and "a results.json lacks 'setting'" in wrong.stderr, wrong.stderr
+    assert "Traceback" not in wrong.stderr and not (archive / "recipe_x").exists()
     (tmp_path / "runs" / "stopped").mkdir()  # a sweep stopped before its results.json
     results_page("--recipe", "--ablation", str(a), str(tmp_path / "runs" / "stopped"), "--quality", "--out",
                  str(page), check=True)

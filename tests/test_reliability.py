@@ -288,9 +288,19 @@ def test_convert_refuses_to_overwrite_its_source(capsys, tmp_path, mae_file):
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("run: {}\n")
     assert main(["convert", str(source), str(run), "--to", "hf"]) == 2
-    assert "holds other files (checkpoints, config.yaml) and is not a Hugging Face model folder" in _error_line(capsys)
+    assert "holds other files (checkpoints, config.yaml) and is not a Hugging Face ViTMAE folder" in _error_line(capsys)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
     assert main(["convert", str(source), str(hf), "--to", "hf"]) == 0  # an HF folder is written again
+    app = tmp_path / "app"  # another program's config.json is not a Hugging Face ViTMAE's
+    app.mkdir()
+    (app / "config.json").write_text('{"model_type": "bert"}')
+    assert main(["convert", str(source), str(app), "--to", "hf"]) == 2
+    assert "holds other files (config.json) and is not a Hugging Face ViTMAE folder" in _error_line(capsys)
+    assert (app / "config.json").read_text() == '{"model_type": "bert"}'
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / ".keep").write_text("")  # hidden files only: an empty folder for this purpose
+    assert main(["convert", str(source), str(kept), "--to", "hf"]) == 0
 
 
 def test_an_empty_yaml_section_is_accepted_and_a_non_mapping_section_explained(tmp_path):

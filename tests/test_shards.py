@@ -343,3 +343,33 @@ def test_tars_from_other_tools_read_alike_by_stream_and_by_index(folder, tmp_pat
         for s, path, f in zip(streamed, indexed.paths, images):
             assert np.array_equal(np.asarray(open_rgb(path)), np.asarray(open_rgb(f)))
             assert np.array_equal(np.asarray(sh.decode_sample(s)), np.asarray(open_rgb(f)))
+
+
+def test_labels_whose_class_list_is_unknown_or_too_short_are_refused(split_shards, tmp_path):
+    """A tar without a manifest beside it, in a pattern with a set that has one, had its labels read against
+    the other set's classes; labels beyond the manifest's classes ended in an index error in kNN."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "train-0000.tar").write_bytes((split_shards / "train" / "train-0000.tar").read_bytes())
+    mixed = f"{{{split_shards / 'train'},{bare}}}/train-0000.tar"
+    with pytest.raises(MaelabError, match=r"have no index.json beside them, so the class list their labels count "
+                                          r"is unknown"):
+        sh.shard_images(mixed)
+    assert sh.open_shards(mixed).counts == [10, 10]  # pre-training reads them
+    short = _copy_set(split_shards / "train", tmp_path / "short")
+    manifest = json.loads((short / SHARD_MANIFEST).read_text())
+    (short / SHARD_MANIFEST).write_text(json.dumps({**manifest, "classes": ["c0", "c1"]}))
+    with pytest.raises(MaelabError, match=r"hold label 2, but their index.json lists 2 classes"):
+        sh.shard_images(str(short))
+
+
+def test_shards_without_labels_are_named_as_such_by_the_labelled_commands(folder, tmp_path):
+    from maelab.data.splits import labelled_split
+
+    with tarfile.open(tmp_path / "nocls-0000.tar", "w") as tar:
+        for i, f in enumerate(sorted((folder / "c0").iterdir())[:3]):
+            tar.add(f, arcname=f"{i:06d}.png")
+    assert len(sh.shard_images(str(tmp_path / "nocls-0000.tar"))) == 3  # features needs no label
+    with pytest.raises(MaelabError, match=r"needs a class label for every sample, but 3 sample\(s\) of its shards "
+                                          r"have no .cls"):
+        labelled_split(str(tmp_path / "nocls-0000.tar"))

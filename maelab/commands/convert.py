@@ -12,6 +12,7 @@ All key mapping lives in ``maelab.interop``; this module only reads the source a
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -67,6 +68,14 @@ def refuse_overwriting_source(src: str | Path, out: Path) -> None:
                           f"choose another output path")
 
 
+def is_vit_mae_folder(folder: Path) -> bool:
+    """A folder written by ``--to hf`` (or ``save_pretrained``): a ViTMAE config.json, which may be replaced."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == "vit_mae"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None = None, hf_naming: str = "v5",
             include_decoder: bool = True, num_heads: int | None = None) -> Path:
     """Read ``src`` (maelab run/checkpoint/file, official ``.pth``, or Hugging Face folder; for ``to="timm"``
@@ -93,11 +102,11 @@ def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None =
     if to == "timm":
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(save_timm_checkpoint(model, out, global_pool=global_pool or "token"))
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        held = ", ".join(sorted(p.name for p in out.iterdir())[:4])
-        raise MaelabError(f"{out} holds other files ({held}) and is not a Hugging Face model folder: config.json and "
-                          f"model.safetensors written beside them would change what --init {out} loads; choose a new "
-                          f"or empty folder")
+    held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if held and not is_vit_mae_folder(out):
+        raise MaelabError(f"{out} holds other files ({', '.join(held[:4])}) and is not a Hugging Face ViTMAE folder: "
+                          f"config.json and model.safetensors written there would replace or sit beside them (and "
+                          f"change what --init {out} loads); choose a new or empty folder")
     created = not out.exists()
     try:
         return Path(save_hf_pretrained(model, out, naming=hf_naming))

@@ -324,7 +324,7 @@ def prepare_images(root: str, bad_files: str, limit: int = 0, seed: int = 0, sca
     """Scan ``root`` (with ``scan``: a folder; ``maelab.data.shards.shard_images``: local shards); optionally
     keep a fixed seeded subset of ``limit`` images; apply the bad-file policy."""
     images = scan(root)
-    if images.left_out:
+    if images.left_out and os.environ.get("RANK", "0") == "0":  # said once under torchrun
         kinds = ", ".join(f"{ext}: {n}" for ext, n in sorted(images.left_out.items()))
         warnings.warn(f"{sum(images.left_out.values())} file(s) under {root} are not images by their extension and "
                       f"were left out ({kinds})", stacklevel=2)

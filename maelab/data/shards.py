@@ -201,6 +201,11 @@ def open_shards(spec: str, labelled: bool = False) -> ShardSet:
         if _folder(u) not in beside:
             beside[_folder(u)] = _manifest_beside(u)
     manifests = [m for m in beside.values() if m is not None]
+    if labelled and manifests and len(manifests) < len(beside):
+        bare = sorted(f or "." for f, m in beside.items() if m is None)
+        raise MaelabError(f"the shards of {spec} in {', '.join(bare)} have no {SHARD_MANIFEST} beside them, so the class "
+                          f"list their labels count is unknown, while other shards have one: write the images as one "
+                          f"set with `maelab shards make`")
     classes = {tuple(m.get("classes", [])) for _, m in manifests}
     if labelled and len(classes) > 1:
         raise MaelabError(f"the shards of {spec} come from shard sets with different classes ("
@@ -264,6 +269,9 @@ def shard_images(spec: str) -> ImageList:
         except (OSError, tarfile.TarError, ValueError) as e:
             raise MaelabError(f"cannot read shard {url}: {_reason(e)}") from None
     classes = shards.classes or [str(c) for c in range(max(labels) + 1)]
+    if max(labels) >= len(classes):
+        raise MaelabError(f"the shards of {spec} hold label {max(labels)}, but their {SHARD_MANIFEST} lists "
+                          f"{len(classes)} classes: the shards and the manifest do not belong together")
     return ImageList(spec, paths, labels, classes)
 
 

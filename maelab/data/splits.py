@@ -29,6 +29,9 @@ def labelled_split(root: str | Path, bad_files: str = "error", what: str = "trai
         raise MaelabError(f"no {what} given")
     images = prepare_any(str(root), bad_files)
     outside = [p for p, y in zip(images.paths, images.labels) if y < 0]
+    if outside and is_shard_source(str(root)):
+        raise MaelabError(f"the {what} {root} needs a class label for every sample, but {len(outside)} sample(s) of its "
+                          f"shards have no .cls, e.g. {outside[0]}")
     if outside:
         raise MaelabError(f"the {what} {root} must be an ImageFolder tree (<class>/<image>), but "
                           f"{len(outside)} image(s) are outside a class folder, e.g. {outside[0]}")
