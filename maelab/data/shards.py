@@ -183,8 +183,8 @@ def _load_manifest(path: str | Path, text: bytes | None = None) -> dict:
 def open_shards(spec: str, labelled: bool = False) -> ShardSet:
     """The :class:`ShardSet` of ``--data``. Counts come from the manifest (``index.json`` given, in the
     folder given, or beside each shard); shards it does not list are counted by reading them once.
-    ``labelled``: the labels will be used, so a pattern over shard sets with different class lists is
-    refused (pre-training ignores labels and may mix them)."""
+    ``labelled``: the labels will be used, so a pattern over shard sets with different class lists, or over
+    sets with and without a manifest, is refused (pre-training ignores labels and may mix them)."""
     p = Path(spec).expanduser()
     if p.is_dir() or spec.endswith(".json"):
         where = p / SHARD_MANIFEST if p.is_dir() else spec
@@ -268,9 +268,10 @@ def shard_images(spec: str) -> ImageList:
                     labels.append(int(tar.extractfile(cls).read()) if cls is not None else -1)
         except (OSError, tarfile.TarError, ValueError) as e:
             raise MaelabError(f"cannot read shard {url}: {_reason(e)}") from None
-    classes = shards.classes or [str(c) for c in range(max(labels) + 1)]
-    if max(labels) >= len(classes):
-        raise MaelabError(f"the shards of {spec} hold label {max(labels)}, but their {SHARD_MANIFEST} lists "
+    top = max(labels, default=-1)
+    classes = shards.classes or [str(c) for c in range(top + 1)]
+    if top >= len(classes):
+        raise MaelabError(f"the shards of {spec} hold label {top}, but their {SHARD_MANIFEST} lists "
                           f"{len(classes)} classes: the shards and the manifest do not belong together")
     return ImageList(spec, paths, labels, classes)
 
