@@ -505,7 +505,7 @@ def test_linprobe_with_augmentation_end_to_end(dataset, mae_ckpt, tmp_path):
     assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
 
 
-def test_knn_end_to_end_separates_coloured_classes(dataset, mae_ckpt, tmp_path):
+def test_knn_end_to_end_separates_coloured_classes(dataset, mae_ckpt, tmp_path, capsys):
     out = tmp_path / "knn.json"
     assert main(["knn", "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--global-pool", "avg",
                  "--out", str(out), *QUIET[:2]]) == 0
@@ -516,6 +516,8 @@ def test_knn_end_to_end_separates_coloured_classes(dataset, mae_ckpt, tmp_path):
                  "--out", str(out), *QUIET[:2]]) == 0
     res = json.loads(out.read_text())
     assert res["train_images"] == 5 and res["val_images"] == 5
+    assert res["k"] == 5  # a bank smaller than k votes with all it has, and the record says so
+    assert "maelab: warning: --k 20 is more than the 5 images of the bank: all 5 vote" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".safetensors"])

@@ -4,6 +4,7 @@ No training, so it is the quickest read of representation quality."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,17 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
             dev = s.device if s.device.type == "cuda" else torch.device("cpu")
             results.update(knn_accuracy(ft.to(dev), lt.to(dev), fv.to(dev), lv.to(dev), len(train.classes),
                                         cfg.knn.k, cfg.knn.temperature))
-            results.update(k=cfg.knn.k, temperature=cfg.knn.temperature, global_pool=cfg.model.global_pool,
+            k = min(cfg.knn.k, len(train))  # a bank smaller than k votes with all it has
+            if k < cfg.knn.k:
+                warnings.warn(f"--k {cfg.knn.k} is more than the {len(train)} images of the bank: all {k} vote",
+                              stacklevel=2)
+            results.update(k=k, temperature=cfg.knn.temperature, global_pool=cfg.model.global_pool,
                            init=cfg.model.init, source=enc.source if enc else "none",
                            encoder=describe(dict(arch, img_size=size)), num_classes=len(train.classes),
                            train_images=len(train), val_images=len(val), processes=s.info.world,
                            device=device_name(s.device))
             top5 = f"top-5 {results['knn_top5']:.2f}  " if results.get("knn_top5") is not None else ""
-            print(f"knn: top-1 {results['knn_top1']:.2f}  {top5}(k={cfg.knn.k}, "
+            print(f"knn: top-1 {results['knn_top1']:.2f}  {top5}(k={k}, "
                   f"T={cfg.knn.temperature}, {len(train)} bank / {len(val)} query images, {cfg.model.global_pool} "
                   f"features)", flush=True)
             if cfg.run.out:
