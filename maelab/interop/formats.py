@@ -79,9 +79,6 @@ def maelab_file(path: str | Path) -> tuple[Path, dict[str, Any]] | None:
     return weights_path, read_header(weights_path)
 
 
-OBJECTIVE = ("norm_pix_loss", "mask_ratio")  # the MAE's training target, recorded beside its size
-
-
 def size_record(img_size: tuple[int, int] | list[int], patch_size: int, norm_eps: float = 1e-6,
                 objective: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What an official / timm weights file cannot say by its shapes alone: the image size (so the
