@@ -147,10 +147,11 @@ def check_arch(enc: EncoderWeights, preset: str | None) -> None:
     """When the user names a preset next to a checkpoint, the two must describe the same encoder."""
     if not preset:
         return
-    if not same_encoder(vit_arch(preset_kwargs(preset)), enc.arch):
+    want = vit_arch(preset_kwargs(preset))
+    if not same_encoder(want, enc.arch):
         fits = [name for name in PRESETS if same_encoder(vit_arch(preset_kwargs(name)), enc.arch)]
         raise MaelabError(f"checkpoint {enc.path} holds a {describe(enc.arch)}; --model {preset} is a "
-                          f"{describe(vit_arch(preset_kwargs(preset)))} (leave --model out to use the checkpoint's"
+                          f"{describe(want)} (leave --model out to use the checkpoint's"
                           + (f"; over a --config preset's model, --model {fits[0]} fits it" if fits else "") + ")")
 
 
