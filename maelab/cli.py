@@ -20,6 +20,7 @@ from pathlib import Path
 from maelab import __version__
 from maelab.commands import COMMANDS, load, options_of
 from maelab.config import add_config_args, config_from_args
+from maelab.data.workers import kill_orphaned_workers
 from maelab.errors import MaelabError, RunInterrupted, SameOnEveryRank, is_disk_full, megabytes
 
 CONFIG_NOTE = " Every flag is a config field; --config loads a YAML preset first (flags override it)."
@@ -150,25 +151,6 @@ def _output_closed() -> int:
     return 128 + signal.SIGPIPE
 
 
-def _stop_loader_workers() -> None:
-    """Kill the DataLoader worker processes (daemonic children) an escaping error left alive: they ignore
-    SIGTERM (the job's signal is for the main process), so Python's exit, which terminates daemonic children
-    with SIGTERM and then joins them, would wait for them forever while the error's frames hold their loader."""
-    import multiprocessing
-
-    children = [c for c in multiprocessing.active_children() if c.daemon]
-    if not children:
-        return
-    watcher = signal.getsignal(signal.SIGCHLD)  # torch's: it would report the killed workers as a failure
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    try:
-        for child in children:
-            child.kill()
-            child.join(5)
-    finally:
-        signal.signal(signal.SIGCHLD, watcher)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
@@ -207,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if lost:
             print(f"maelab: error: {lost}", file=sys.stderr)
             return 1
-        _stop_loader_workers()
+        kill_orphaned_workers()
         raise  # a bug: its traceback
     except KeyboardInterrupt:
         print("maelab: interrupted", file=sys.stderr)

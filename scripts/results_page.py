@@ -664,9 +664,13 @@ def earlier_section(page: Page) -> None:
                        for p in pages] + [""]
 
 
-def _index_names(index: dict) -> list[str]:
+def _index_quality(index: dict) -> list[str]:
     quality = index["quality"]  # one name in indexes written before several machines' runs were shown
-    return [*index["recipe"], *index["ablation"], *([quality] if isinstance(quality, str) else quality)]
+    return [quality] if isinstance(quality, str) else quality
+
+
+def _index_names(index: dict) -> list[str]:
+    return [*index["recipe"], *index["ablation"], *_index_quality(index)]
 
 
 def inputs(args: argparse.Namespace, page: Page,
@@ -677,9 +681,8 @@ def inputs(args: argparse.Namespace, page: Page,
     given = (args.recipe, args.ablation, args.quality, args.recipe_repeats)
     if all(g is None for g in given) and index_file.is_file():
         index = read_json(index_file)
-        quality = index["quality"]  # one name in indexes written before several machines' runs were shown
         return ([page.archive / n for n in index["recipe"]], [page.archive / n for n in index["ablation"]],
-                [page.archive / n for n in ([quality] if isinstance(quality, str) else quality)],
+                [page.archive / n for n in _index_quality(index)],
                 index.get("recipe_repeats", []), index["command"])
     recipe = [Path(f) for f in (["runs/recipe_quick", "runs/recipe_full"] if args.recipe is None else args.recipe)]
     ablation = [Path(f) for f in args.ablation or []]

@@ -12,14 +12,13 @@ All key mapping lives in ``maelab.interop``; this module only reads the source a
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
 from maelab.errors import MaelabError
 from maelab.interop.encoders import read_classifier
 from maelab.interop.formats import size_record
-from maelab.interop.huggingface import save_hf_pretrained
+from maelab.interop.huggingface import is_vit_mae_folder, save_hf_pretrained
 from maelab.interop.mae_weights import load_mae, require_decoder, save_mae
 from maelab.interop.official import export_official, save_official
 from maelab.interop.timm_export import save_timm_checkpoint, save_timm_classifier
@@ -44,7 +43,12 @@ def output_path(out: str | Path, to: str) -> Path:
     refused: maelab reads files by their content, but timm and torch.load / safetensors users pick the
     reader by the extension, so a safetensors file named ``.pth`` fails for them."""
     out = Path(out).expanduser()
-    if to not in SUFFIX:
+    if to not in SUFFIX:  # a Hugging Face folder: new, empty, or a ViTMAE folder written again
+        held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+        if held and not is_vit_mae_folder(out):
+            raise MaelabError(f"{out} holds other files ({', '.join(held[:4])}) and is not a Hugging Face ViTMAE "
+                              f"folder: config.json and model.safetensors written there would replace or sit beside "
+                              f"them (and change what --init {out} loads); choose a new or empty folder")
         return out
     if out.is_dir():  # the added suffix would write beside the folder, not into it
         raise MaelabError(f"{out} is a folder, and --to {to} writes one file: give a file name, e.g. "
@@ -66,14 +70,6 @@ def refuse_overwriting_source(src: str | Path, out: Path) -> None:
         what = "is the source" if target == source else f"is a file inside the source folder {src}"
         raise MaelabError(f"the output {out} {what}: converting would overwrite the weights it reads; "
                           f"choose another output path")
-
-
-def is_vit_mae_folder(folder: Path) -> bool:
-    """A folder written by ``--to hf`` (or ``save_pretrained``): a ViTMAE config.json, which may be replaced."""
-    try:
-        return json.loads((folder / "config.json").read_text()).get("model_type") == "vit_mae"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None = None, hf_naming: str = "v5",
@@ -102,11 +98,6 @@ def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None =
     if to == "timm":
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(save_timm_checkpoint(model, out, global_pool=global_pool or "token"))
-    held = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
-    if held and not is_vit_mae_folder(out):
-        raise MaelabError(f"{out} holds other files ({', '.join(held[:4])}) and is not a Hugging Face ViTMAE folder: "
-                          f"config.json and model.safetensors written there would replace or sit beside them (and "
-                          f"change what --init {out} loads); choose a new or empty folder")
     created = not out.exists()
     try:
         return Path(save_hf_pretrained(model, out, naming=hf_naming))

@@ -3,7 +3,6 @@ loop wired together, then reconstruction pictures and a loss curve."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from maelab.interop.mae_weights import model_meta
 from maelab.models.mae import MaskedAutoencoder
 from maelab.train.loop import LoopResult, Trainer
 from maelab.train.budget import timed
-from maelab.train.checkpoint import META
+from maelab.train.checkpoint import read_meta
 from maelab.train.distributed import plain_copy
 from maelab.train.optim import adamw, batch_and_lr, scaled_lr
 from maelab.train.tasks import PretrainTask
@@ -133,7 +132,7 @@ def stream_workers(requested: int, workers: int, resume: Path | None, say: bool)
     """The loader worker count of a streamed run: the order of a stream's samples depends on it, so a resume
     keeps the count its run started with when ``--num-workers`` is left at -1 (one per core), which would
     otherwise follow this machine's cores; an explicit other count is taken with a warning."""
-    recorded = json.loads((resume / META).read_text()).get(STREAM_WORKERS) if resume is not None else None
+    recorded = read_meta(resume).get(STREAM_WORKERS) if resume is not None else None
     if recorded is None or recorded == workers:
         return workers
     if requested == -1:

@@ -3,6 +3,7 @@ are stopped when a run ends by an error."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 from typing import TYPE_CHECKING, Iterator
@@ -58,3 +59,20 @@ def worker_batches(loader: DataLoader) -> Iterator:
     except BaseException:
         stop_workers(loader, it)
         raise
+
+
+def kill_orphaned_workers() -> None:
+    """Kill the DataLoader worker processes (daemonic children) an escaping error left alive: they ignore
+    SIGTERM (the job's signal is for the main process), so Python's exit, which terminates daemonic children
+    with SIGTERM and then joins them, would wait for them forever while the error's frames hold their loader."""
+    children = [c for c in multiprocessing.active_children() if c.daemon]
+    if not children:
+        return
+    watcher = signal.getsignal(signal.SIGCHLD)  # torch's: it would report the killed workers as a failure
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    try:
+        for child in children:
+            child.kill()
+            child.join(5)
+    finally:
+        signal.signal(signal.SIGCHLD, watcher)

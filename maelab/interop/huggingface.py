@@ -361,6 +361,30 @@ def _read_hf_weights(path: str) -> dict[str, torch.Tensor]:
     raise MaelabError(f"{path} has no model.safetensors or pytorch_model.bin")
 
 
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` of a Hugging Face model folder as a dict; a missing, unreadable or non-object file
+    is a one-line :class:`MaelabError` naming it."""
+    cfg_file = os.path.join(os.fspath(path), "config.json")
+    if not os.path.isfile(cfg_file):
+        raise MaelabError(f"{os.fspath(path)} is not a Hugging Face model folder (no config.json)")
+    try:
+        with open(cfg_file, encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise MaelabError(f"cannot read {cfg_file}: {e}") from None
+    if not isinstance(config, dict):
+        raise MaelabError(f"{cfg_file} is not a Hugging Face config (a JSON object of settings)")
+    return config
+
+
+def is_vit_mae_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a ViTMAE ``config.json`` (a folder ``--to hf`` may write over)."""
+    try:
+        return read_hf_config(path).get("model_type") == "vit_mae"
+    except MaelabError:
+        return False
+
+
 def load_hf_pretrained_dir(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     """A maelab :class:`MaskedAutoencoder` from a local HF ViTMAE folder (``config.json`` +
     ``model.safetensors`` / ``pytorch_model.bin``, sharded or not; 4.x or 5.x names).
@@ -370,15 +394,7 @@ def load_hf_pretrained_dir(path: str | os.PathLike, **overrides: Any) -> nn.Modu
     ``overrides`` go to the constructor (e.g. ``norm_pix_loss=True``)."""
     path = os.fspath(path)
     cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        raise MaelabError(f"{path} is not a Hugging Face model folder (no config.json)")
-    try:
-        with open(cfg_file, encoding="utf-8") as fh:
-            config = json.load(fh)
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
-        raise MaelabError(f"cannot read {cfg_file}: {e}") from None
-    if not isinstance(config, dict):
-        raise MaelabError(f"{cfg_file} is not a Hugging Face config (a JSON object of settings)")
+    config = read_hf_config(path)
     try:
         kwargs = mae_kwargs_from_hf_config(config)
     except (TypeError, ValueError) as e:  # a setting that is not a number where one is needed

@@ -88,6 +88,17 @@ def _complete(folder: Path) -> bool:
     return (folder / META).is_file() and (folder / WEIGHTS).is_file() and (folder / STATE).is_file()
 
 
+def read_meta(folder: Path) -> dict[str, Any]:
+    """A checkpoint's ``meta.json`` (step, epoch, model, stream workers); damaged is a one-line error."""
+    try:
+        meta = json.loads((Path(folder) / META).read_text())
+    except (OSError, ValueError) as e:
+        raise MaelabError(f"cannot read {Path(folder) / META}: {e}") from None
+    if not isinstance(meta, dict):
+        raise MaelabError(f"{Path(folder) / META} is not a checkpoint's meta (a JSON object)")
+    return meta
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoint folders, oldest first (by the global step in their meta)."""
     root = Path(run_dir) / "checkpoints"
@@ -97,8 +108,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     for d in root.iterdir():
         if d.is_dir() and not d.name.startswith(".") and _complete(d):
             try:
-                step = json.loads((d / META).read_text()).get("global_step", -1)
-            except (OSError, json.JSONDecodeError):
+                step = read_meta(d).get("global_step", -1)
+            except MaelabError:
                 continue
             found.append((step, d.name, d))
     return [d for _, _, d in sorted(found)]
