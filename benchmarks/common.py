@@ -436,4 +436,3 @@ def torchrun(nproc: int) -> list[str]:
     if nproc == 1:
         return [sys.executable]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-

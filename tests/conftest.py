@@ -94,7 +94,6 @@ def maelab_refusal(capsys, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-
 def results_page(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     """`python scripts/results_page.py ARGS` run in this process, from a fresh copy of the script's module:
     the page tests render it many times, and each second interpreter spent ~5 s importing torch and timm."""

@@ -173,11 +173,11 @@ def test_an_image_by_image_evaluation_is_timed_on_a_spread_sample(monkeypatch):
     assert seen == [list(range(16))]
 
 
-
 def test_snapshots_pair_with_the_latest_one_no_later():
     times = [3.6, 6.9, 1.2, 9.9]  # not sorted: the latest by time, not by position
     assert latest_by(times, 6.0) == 0 and latest_by(times, 6.9) == 1 and latest_by(times, 100) == 3
     assert latest_by(times, 1.0) is None and latest_by([], 5.0) is None
+
 
 @pytest.mark.parametrize("share,forwards", [(1.0, 4), (1e-9, 3)])
 def test_the_calibration_times_fewer_steps_when_they_would_take_much_of_the_budget(cifar_tiny, tmp_path,

@@ -285,6 +285,34 @@ def test_knn_and_finetune_take_shards_as_their_splits(folder, split_shards, tmp_
     assert json.loads((tmp_path / "ft" / "results.json").read_text())["final_epoch"] == 1
 
 
+def test_features_of_shards_name_the_files_the_samples_came_from(folder, split_shards, tmp_path):
+    from maelab.commands.features import read_features
+
+    flags = ["--init", "none", "--model", "mae_vit_tiny_patch4", "--img-size", "16", "--num-workers", "0"]
+    for name, data in (("folder", folder), ("shards", split_shards / "train")):
+        assert main(["features", *flags, "--data", str(data), "--out", str(tmp_path / f"{name}.safetensors")]) == 0
+    a, b = (read_features(tmp_path / f"{n}.safetensors") for n in ("folder", "shards"))
+    assert sorted(b["paths"]) == sorted(a["paths"])  # the original files, not tar members
+    assert (tmp_path / "shards.paths.txt").read_text().splitlines() == b["paths"]
+    row = {p: i for i, p in enumerate(a["paths"])}
+    order = [row[p] for p in b["paths"]]
+    assert torch.allclose(b["features"], a["features"][order], atol=1e-5)
+    assert b["labels"].tolist() == a["labels"][order].tolist()
+    members = b["meta"]["members"]  # where each row is inside its shard, readable back by maelab
+    assert len(members) == 39 and np.array_equal(np.asarray(open_rgb(members[0])), np.asarray(open_rgb(b["paths"][0])))
+    images = sh.shard_images(str(split_shards / "train"))
+    assert images.subset([3, 1]).names() == [images.names()[3], images.names()[1]]
+
+
+def test_pictures_of_a_run_on_shards_are_titled_by_their_source_files(folder, split_shards, tmp_path):
+    from maelab.commands.visualize import run_images
+
+    (tmp_path / "config.yaml").write_text(f"data:\n  data: {split_shards / 'train'}\n")
+    paths, titles = run_images(tmp_path)
+    assert len(paths) == len(titles) > 0 and all(".tar@" in p for p in paths)
+    assert all(t.split("/")[0] in ("c0", "c1", "c2") and (folder / t).is_file() for t in titles)
+
+
 def test_remote_shards_are_refused_by_the_random_access_commands(split_shards):
     with pytest.raises(MaelabError, match="random access, from local files"):
         sh.shard_images(f"pipe:cat {split_shards}/train/train-{{0000..0001}}.tar")

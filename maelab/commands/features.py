@@ -5,6 +5,9 @@ fixed order, written with the image paths.
   (class index per row, -1 outside a class folder) and ``out.classes.txt`` when there are class folders.
 * ``out.safetensors``: tensors ``features`` (and ``labels``); the header holds ``paths``, ``classes``
   and how the features were made (JSON); ``out.paths.txt`` as well.
+
+For shards the paths are the files the samples were made from (what a user knows them by); the header's
+``members`` says where each row is inside its shard.
 """
 
 from __future__ import annotations
@@ -89,9 +92,12 @@ def run(cfg: FeaturesConfig) -> dict[str, Any]:
                                                               s.precision, s.is_main), s.device)
         result = {"out": str(out), "images": len(images), "dim": int(feats.shape[1])}
         if s.is_main:
-            paths = [images.paths[i] for i in index.tolist()]
+            rows = index.tolist()
+            paths = [images.names()[i] for i in rows]
             meta = {"init": cfg.model.init, "source": enc.source if enc else "none", "global_pool": cfg.model.global_pool,
                     "encoder": describe(dict(arch, img_size=size)), "root": images.root}
+            if images.sources is not None:  # shard samples: where each one is inside its shard, too
+                meta["members"] = [images.paths[i] for i in rows]
             written = write_features(out, feats, labels if images.classes else None, paths, images.classes, meta)
             print(f"features: {tuple(feats.shape)} ({cfg.model.global_pool}) -> " + ", ".join(map(str, written)),
                   flush=True)

@@ -16,6 +16,7 @@ from maelab.interop.mae_weights import load_mae, require_decoder
 from maelab.models.checks import check_masks_something, num_visible
 from maelab.train.distributed import pick_device
 from maelab.viz import PICTURE_IMAGES, save_reconstruction_grid
+from maelab.viz.reconstruct import row_title
 
 
 def output_path(out: str) -> Path:
@@ -30,16 +31,19 @@ def output_path(out: str) -> Path:
     return path
 
 
-def run_images(path: Path) -> list[str]:
-    """Images of the run's own data (the ones its pictures show), when pointed at a run folder without --images."""
+def run_images(path: Path) -> tuple[list[str], list[str]]:
+    """Images of the run's own data (the ones its pictures show) and their row titles, when pointed at a run
+    folder without --images. Shard samples are titled by the file they were made from."""
     for folder in (path, *path.parents[:3]):
         if (folder / "config.yaml").is_file():
             data = (load_yaml(folder / "config.yaml").get("data") or {}).get("data")
             if not data:
                 break
             try:
-                return spread_sample(shard_images(data) if is_shard_source(data) else scan_images(data),
-                                     PICTURE_IMAGES)
+                images = shard_images(data) if is_shard_source(data) else scan_images(data)
+                chosen = spread_sample(images, PICTURE_IMAGES)
+                name = dict(zip(images.paths, images.names()))
+                return chosen, [row_title(name[p]) for p in chosen]
             except MaelabError as e:
                 raise MaelabError(f"the run's data: {e}; or name the images to draw with --images") from None
     raise MaelabError("--images is required unless --checkpoint is a run folder whose data is still there")
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> Path:
         print(f"maelab visualize: {note}", flush=True)
     for r in args.mask_ratio:
         check_masks_something(model.num_patches, r)
-    images = args.images or run_images(Path(args.checkpoint))
-    out = save_reconstruction_grid(model, images, args.mask_ratio, out, seed=args.seed)
+    images, titles = (args.images, None) if args.images else run_images(Path(args.checkpoint))
+    out = save_reconstruction_grid(model, images, args.mask_ratio, out, seed=args.seed, titles=titles)
     print(f"wrote {out}")
     return out

@@ -43,12 +43,20 @@ class ImageList:
     labels: list[int]
     classes: list[str]
     left_out: dict[str, int] = field(default_factory=dict)  # files that are not images, by extension
+    # where each image came from when ``paths`` are not the user's own files (shard samples: the file
+    # `maelab shards make` read), for what a command writes out; None: ``paths`` themselves
+    sources: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, keep: list[int]) -> "ImageList":
-        return ImageList(self.root, [self.paths[i] for i in keep], [self.labels[i] for i in keep], self.classes)
+        return ImageList(self.root, [self.paths[i] for i in keep], [self.labels[i] for i in keep], self.classes,
+                         sources=[self.sources[i] for i in keep] if self.sources is not None else None)
+
+    def names(self) -> list[str]:
+        """The images as a user knows them: their source files where recorded, else their paths."""
+        return self.sources if self.sources is not None else self.paths
 
 
 def _is_image(name: str) -> bool:

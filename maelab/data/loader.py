@@ -22,6 +22,7 @@ from maelab.data.seeding import clone_generator, make_generator, mix_seed
 from maelab.data.workers import ignore_stop_signals, stop_workers, worker_batches
 from maelab.errors import MaelabError, SameOnEveryRank
 
+
 @dataclass
 class Batch:
     """One micro-batch for this process."""

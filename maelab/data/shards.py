@@ -241,12 +241,17 @@ def shard_images(spec: str) -> ImageList:
     splits, fine-tuning's exact step plan, features) reads shards as it reads a folder: one seek per
     image. The order is the shards' own; the labels are their ``.cls``, the classes the manifest's."""
     shards = open_shards(spec, labelled=True)
-    paths, labels = [], []
+    paths, labels, sources = [], [], []
+    roots: dict[str, str] = {}  # each folder's source folder, from its manifest
     for url, count in zip(shards.urls, shards.counts):
         local = url.removeprefix("file://")
         if re.match(r"^[a-z][a-z0-9+.-]*:", local) or not Path(local).is_file():
             raise MaelabError(f"this command reads shards by random access, from local files; {url} is not one "
                               f"(copy the shards to a local or mounted folder, or use an image folder)")
+        if _folder(local) not in roots:
+            found_manifest = _manifest_beside(local)
+            roots[_folder(local)] = str(found_manifest[1].get("source", "")) if found_manifest else ""
+        root = roots[_folder(local)]
         try:
             with tarfile.open(local, "r:") as tar:
                 found: dict[str, dict] = {}
@@ -264,8 +269,10 @@ def shard_images(spec: str) -> ImageList:
                                           f"({', '.join(sorted(members))})")
                     m = members[ext]
                     paths.append(member_path(local, m.offset_data, m.size, m.name))
-                    cls = members.get("cls")
+                    cls, src = members.get("cls"), members.get("src.txt")
                     labels.append(int(tar.extractfile(cls).read()) if cls is not None else -1)
+                    name = tar.extractfile(src).read().decode(errors="replace").strip() if src is not None else ""
+                    sources.append(_source_name(root, name) if name else paths[-1])
         except (OSError, tarfile.TarError, ValueError) as e:
             raise MaelabError(f"cannot read shard {url}: {_reason(e)}") from None
     top = max(labels, default=-1)
@@ -273,7 +280,12 @@ def shard_images(spec: str) -> ImageList:
     if top >= len(classes):
         raise MaelabError(f"the shards of {spec} hold label {top}, but their {SHARD_MANIFEST} lists "
                           f"{len(classes)} classes: the shards and the manifest do not belong together")
-    return ImageList(spec, paths, labels, classes)
+    return ImageList(spec, paths, labels, classes, sources=sources)
+
+
+def _source_name(root: str, name: str) -> str:
+    """A sample's ``src.txt`` (the path inside the folder `maelab shards make` read) as that file's path."""
+    return name if not root or Path(name).is_absolute() else str(Path(root) / name)
 
 
 def prepare_any(data: str, bad_files: str, limit: int = 0, seed: int = 0) -> ImageList:

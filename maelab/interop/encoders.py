@@ -36,7 +36,6 @@ def _from_mae_model(model: nn.Module, source: str, path: str, preset: str | None
     return EncoderWeights(sd, arch, source, path, preset)
 
 
-
 def _from_vit_state_dict(sd: dict[str, torch.Tensor], source: str, path: str,
                          arch: dict[str, Any] | None = None, num_heads: int | None = None,
                          record: dict[str, Any] | None = None, img_size: tuple[int, int] | None = None) -> EncoderWeights:
@@ -58,7 +57,6 @@ def _from_vit_state_dict(sd: dict[str, torch.Tensor], source: str, path: str,
         shown = ", ".join(extra[:3]) + (f" (+{len(extra) - 3} more)" if len(extra) > 3 else "")
         raise MaelabError(f"{path} has weights that are not part of a ViT encoder: {shown}")
     return EncoderWeights(sd, arch, source, path, None, notes)
-
 
 
 def read_encoder(path: str | Path, num_heads: int | None = None,
@@ -83,11 +81,9 @@ def read_encoder(path: str | Path, num_heads: int | None = None,
     return enc
 
 
-
 def _check_num_heads(num_heads: int | None) -> None:
     if num_heads is not None and num_heads < 1:
         raise MaelabError(f"--num-heads must be at least 1, got {num_heads}")
-
 
 
 def _read_encoder(p: Path, num_heads: int | None, img_size: tuple[int, int] | None) -> EncoderWeights:
@@ -114,7 +110,6 @@ def _read_encoder(p: Path, num_heads: int | None, img_size: tuple[int, int] | No
         raise MaelabError(f"{weights_path} holds a {arch_name!r} model, not a ViT encoder")
     return _from_vit_state_dict(weights, "timm", str(weights_path), num_heads=num_heads,
                                 record=read_record(weights_path), img_size=img_size)
-
 
 
 def read_classifier(path: str | Path, num_heads: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
@@ -160,7 +155,6 @@ def same_encoder(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(int(a[k]) == int(b[k]) for k in keys) and float(a["mlp_ratio"]) == float(b["mlp_ratio"])
 
 
-
 def encoder_for(init: str, preset: str | None, num_heads: int | None = None,
                 what: str = "--init", img_size: tuple[int, int] | None = None) -> EncoderWeights | None:
     """``none`` -> None (random init: needs a preset); otherwise the checkpoint, checked against
@@ -175,7 +169,6 @@ def encoder_for(init: str, preset: str | None, num_heads: int | None = None,
     enc = read_encoder(init, num_heads, img_size)
     check_arch(enc, preset)
     return enc
-
 
 
 def arch_for(enc: EncoderWeights | None, preset: str | None, num_heads: int | None = None) -> dict[str, Any]:

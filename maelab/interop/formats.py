@@ -66,7 +66,6 @@ def check_weights_file(path: str | Path) -> str:
     return fmt
 
 
-
 def maelab_file(path: str | Path) -> tuple[Path, dict[str, Any]] | None:
     """(weights file, its maelab header) when ``path`` is a maelab run / checkpoint folder or a
     safetensors file; None for an official / timm ``.pth`` or a Hugging Face folder."""

@@ -43,4 +43,3 @@ def preset_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
     kwargs = dict(PRESETS[name])
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     return kwargs
-

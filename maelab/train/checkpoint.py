@@ -23,6 +23,8 @@ from maelab.errors import MaelabError, is_disk_full, megabytes
 from maelab.io import atomic_path, atomic_write_bytes, default_mode, fsync_dir, read_weights, save_weights, temp_prefix
 
 WEIGHTS, STATE, META, LATEST = "model.safetensors", "state.pt", "meta.json", "latest"
+
+
 def tensor_bytes(obj: Any) -> int:
     """Bytes of every tensor inside nested dicts / lists: about what a checkpoint of ``obj`` takes."""
     if isinstance(obj, torch.Tensor):

@@ -205,7 +205,6 @@ class Trainer:
         self.log.info(f"--budget: re-planned at step {self.global_step} from {step_s:.3g} s/step since step {s0} "
                       f"and {max(0.0, d.ends_at - now):.0f} s left: {total} steps (was {old})")
 
-
     def _optimizer_step(self) -> None:
         if self.scaler:
             self.scaler.step(self.optimizer)

@@ -109,6 +109,11 @@ def _ratio_label(r: float) -> str:
     return f"{r * 100:.4g}%"
 
 
+def row_title(path: str | os.PathLike) -> str:
+    """A picture row's label: class folder / file."""
+    return str(Path(Path(path).parent.name) / Path(path).name)
+
+
 def _prepare(model, images, titles):
     if isinstance(images, torch.Tensor):
         if images.ndim == 3:
@@ -118,7 +123,7 @@ def _prepare(model, images, titles):
     ):
         paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
         if titles is None:
-            titles = [str(Path(Path(p).parent.name) / Path(p).name) for p in paths]  # class folder / file
+            titles = [row_title(p) for p in paths]
         images = load_images_for_model(paths, model.img_size)
     else:
         raise MaelabError("images must be a (N, 3, H, W) tensor or a list of image paths")

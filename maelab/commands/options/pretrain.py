@@ -113,4 +113,3 @@ def validate(cfg: PretrainConfig) -> None:
     if cfg.run.fsdp and cfg.run.precision == "fp16":
         raise MaelabError("--fsdp with --precision fp16 is not supported (fp16's gradient scaler does not handle "
                           "sharded gradients); use --precision bf16")
-
