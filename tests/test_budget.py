@@ -229,6 +229,19 @@ def test_a_re_plan_stretches_the_rest_of_the_first_schedule_continuously():
     assert max(abs(b - a) for a, b in zip(lrs[6:], lrs[7:])) < 0.04  # no jump at a re-plan
 
 
+def test_a_re_plan_at_the_end_of_a_short_first_plan_gives_the_added_steps_a_schedule():
+    """A calibration on a busy machine planned 4 steps and the first check came when they were over: the
+    added steps used to run at the final learning rate (0) to the end of the budget."""
+    history = [4, 4, 11, 6, 27, 8, 17]  # as such a run recorded it (trimmed)
+    lrs = [cosine_lr(schedule_position(i, history)[0], 4.0, 0.4, 1.0, 0.0) for i in range(17)]
+    assert lrs[:4] == pytest.approx([cosine_lr(i, 4.0, 0.4, 1.0, 0.0) for i in range(4)])  # the first plan
+    assert lrs[4] == 0.0 and all(lr > 0.01 for lr in lrs[5:16]) and max(lrs[5:]) > 0.9  # warm-up, cosine again
+    assert all(b <= a for a, b in zip(lrs[5:], lrs[6:]))  # then down, to the end at the last total
+    assert schedule_position(17, history)[0] == pytest.approx(4.0)
+    mid = [4, 2, 11]  # a re-plan inside the plan still stretches what is left, continuously
+    assert schedule_position(2, mid)[0] == pytest.approx(2.0) and schedule_position(11, mid)[0] == pytest.approx(4.0)
+
+
 @pytest.mark.parametrize("history", [[0], [10, 5], [10, 5, 4], [10, 5, 20, 5, 30], [10, 6, 20, 4, 30]])
 def test_a_malformed_plan_history_is_refused(history):
     with pytest.raises(MaelabError, match="plan-history"):

@@ -12,7 +12,8 @@ A shared machine's step time drifts by +-20 % within a run, more than a margin c
 run re-plans as it goes (:class:`Deadline`): every tenth of the first plan's steps it re-sizes the
 total from the step time it has had since the last re-plan and the time left. The
 cosine is not restarted: the rest of the first plan's schedule is stretched or squeezed over the new
-remaining steps (:func:`schedule_position`), so the learning rate stays continuous. Every re-plan is
+remaining steps (:func:`schedule_position`), so the learning rate stays continuous (unless the first plan was
+over by its first check: then the added steps get a schedule of their own). Every re-plan is
 appended to ``plan_history`` in the run's config, and the schedule is a function of that record, so a
 run resumed after a re-plan takes exactly the steps the uninterrupted one took.
 """
@@ -152,7 +153,12 @@ def schedule_position(it: float, history: list[int] | None) -> tuple[float, floa
     """(iteration, total) to evaluate the schedule at for optimizer step ``it`` of a run re-planned as
     ``history`` says: ``[first total, step, new total, step, new total, ...]``. Between re-plans the
     position on the first plan's schedule advances linearly, reaching its end exactly at the last total;
-    without re-plans it is ``(it, None)``: the caller's own total."""
+    without re-plans it is ``(it, None)``: the caller's own total.
+
+    A re-plan at the very end of the schedule so far (a first plan of a few steps, from a calibration on a
+    busy machine, whose first check comes when it is over) has nothing left to stretch: the added steps
+    would all run at the final learning rate. They get the whole schedule again instead (warm-up and
+    cosine over the new steps)."""
     if not history or len(history) < 3:
         return it, None
     first = float(history[0])
@@ -162,6 +168,8 @@ def schedule_position(it: float, history: list[int] | None) -> tuple[float, floa
         if it < step:
             break
         v += (step - s) * (first - v) / (t - s)
+        if step >= t:  # the schedule was over: start it again
+            v = 0.0
         s, t = step, total
     return v + (it - s) * (first - v) / (t - s), first
 

@@ -203,7 +203,9 @@ class Trainer:
             self._write_config()
         self.log.set_epoch_steps(self.epoch_steps(self.epoch), o.epochs)
         self.log.info(f"--budget: re-planned at step {self.global_step} from {step_s:.3g} s/step since step {s0} "
-                      f"and {max(0.0, d.ends_at - now):.0f} s left: {total} steps (was {old})")
+                      f"and {max(0.0, d.ends_at - now):.0f} s left: {total} steps (was {old})"
+                      + ("; that plan was over, so the added steps get a warm-up and cosine of their own"
+                         if self.global_step >= old else ""))
 
     def _optimizer_step(self) -> None:
         if self.scaler:
