@@ -247,6 +247,12 @@ def test_ap_is_100_for_perfect_detections_and_0_for_none_or_the_wrong_class(coco
     assert all(v == pytest.approx(100.0) for v in coco_ap(gt, perfect).values())
     assert all(v == 0.0 for v in coco_ap(gt, []).values())
     assert all(v == 0.0 for v in coco_ap(gt, wrong).values())
+    # annotation ids numbered from 0, all the same, or missing: the file's ids do not count
+    anns = data.dataset["annotations"]
+    for ids in ([i for i in range(len(anns))], [7] * len(anns), [None, None, 1] + list(range(2, len(anns) - 1))):
+        renumbered = dict(data.dataset, annotations=[{k: v for k, v in dict(a, id=i).items() if v is not None}
+                                                     for a, i in zip(anns, ids)])
+        assert all(v == pytest.approx(100.0) for v in coco_ap(ground_truth(renumbered), perfect).values()), ids
 
 
 # --- pictures --------------------------------------------------------------------------------------

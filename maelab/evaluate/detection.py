@@ -48,7 +48,9 @@ def coco_results(image_id: int, output: dict[str, torch.Tensor], cat_id: Callabl
 
 def ground_truth(dataset: dict[str, Any], image_ids: list[int] | None = None) -> COCO:
     """A pycocotools ``COCO`` index over the annotation JSON (restricted to ``image_ids``), built quietly.
-    Annotations without an ``area`` get their box area (COCOeval's area ranges need one)."""
+    Annotations without an ``area`` get their box area (COCOeval's area ranges need one). Every annotation
+    gets its own id here (1, 2, ...): COCOeval takes id 0 for "unmatched" and merges annotations that share
+    an id, so a file numbered from 0, or with repeated or missing ids, would score a perfect detector low."""
     d = copy.copy(dataset)
     keep = set(image_ids) if image_ids is not None else None
     d["images"] = [im for im in dataset["images"] if keep is None or int(im["id"]) in keep]
@@ -57,7 +59,7 @@ def ground_truth(dataset: dict[str, Any], image_ids: list[int] | None = None) ->
         if keep is not None and int(a["image_id"]) not in keep:
             continue
         a = dict(a)
-        a.setdefault("id", i + 1)
+        a["id"] = i + 1
         a.setdefault("iscrowd", 0)
         a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
         anns.append(a)
