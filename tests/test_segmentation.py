@@ -92,6 +92,20 @@ def test_camvid_and_ade20k_layouts_and_label_meanings(tmp_path):
     assert SPECS["ade20k"].num_classes == 150 and SPECS["camvid"].num_classes == 11
 
 
+def test_16_bit_labels_of_many_classes_keep_class_255(tmp_path):
+    """With more than 255 classes, raw value 255 is a class: the ignore value must never be one."""
+    raw = np.zeros((4, 6), np.uint16)
+    raw[:2] = 255
+    raw[3, 5] = 299
+    Image.fromarray(raw).save(tmp_path / "l.png")
+    target = read_label(str(tmp_path / "l.png"), label_spec("custom", 300))
+    assert (target[:2] == 255).all() and target[3, 5] == 299 and (target != IGNORE).all()
+    conf = confusion_matrix(torch.from_numpy(target), torch.from_numpy(target), 300, IGNORE)
+    assert int(conf[255, 255]) == 12 and int(conf.sum()) == 24
+    ignored = read_label(str(tmp_path / "l.png"), label_spec("custom", 256, 299))
+    assert ignored[3, 5] == IGNORE and (ignored[:2] == 255).all()
+
+
 def test_bad_labels_give_clear_errors(tmp_path):
     root = synthetic(tmp_path / "d", n_train=2, n_val=1)
     items = scan_segmentation(root, "train", SPECS["camvid"])

@@ -26,7 +26,7 @@ from maelab.commands.session import Session, device_name, encoder_header
 from maelab.config import config_from_args
 from maelab.data.folders import image_files, open_rgb
 from maelab.data.loader import Feeder, plan_for
-from maelab.data.segmentation import (IGNORE, SPECS, LabelSpec, SegAugment, SegList, SegTrainDataset,
+from maelab.data.segmentation import (SPECS, LabelSpec, SegAugment, SegList, SegTrainDataset,
                                       SegTrainTransform, eval_image, label_spec, load_pair, read_label,
                                       scan_segmentation)
 from maelab.data.workers import default_workers
@@ -312,6 +312,6 @@ def predict(cfg) -> dict[str, Any]:
                 Image.fromarray(pred.astype(np.uint8 if spec.num_classes < 256 else np.uint16)).save(tmp, format="PNG")
             written.append(str(mask_path))
         save_segmentation_figure(out, images, preds, targets, list(spec.classes), [Path(p).name for p in paths])
-        print(f"segment predict: {len(paths)} image(s) -> {out} and {masks_dir}/ (class indices, {IGNORE} never "
-              f"predicted)", file=sys.stdout, flush=True)
+        print(f"segment predict: {len(paths)} image(s) -> {out} and {masks_dir}/ (class indices 0.."
+              f"{spec.num_classes - 1})", file=sys.stdout, flush=True)
         return {"picture": str(out), "masks": written}

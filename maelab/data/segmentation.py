@@ -35,7 +35,10 @@ from maelab.data.seeding import make_generator
 from maelab.data.transforms import normalize
 from maelab.errors import MaelabError
 
-IGNORE = 255  # target value of pixels that count in neither the loss nor the metrics
+# target value of pixels that count in neither the loss nor the metrics: never a class index, however many
+# classes (16-bit labels may hold class 255); cross-entropy's own default
+IGNORE = -100
+NOT_ALLOWED = -1  # in a label lookup table: a raw value that is neither a class nor ignored
 
 CAMVID_CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign/symbol", "fence", "car",
                   "pedestrian", "bicyclist")
@@ -75,8 +78,9 @@ class LabelSpec:
         return len(self.classes)
 
     def lookup(self) -> np.ndarray:
-        """A 256-entry table raw value -> target (-1 = not allowed), for uint8 and wider labels alike."""
-        table = np.full(max(256, self.offset + self.num_classes, *(v + 1 for v in self.ignore)), -1, np.int64)
+        """A table raw value -> target (:data:`NOT_ALLOWED` for other values), for uint8 and wider labels alike."""
+        table = np.full(max(256, self.offset + self.num_classes, *(v + 1 for v in self.ignore)), NOT_ALLOWED,
+                        np.int64)
         table[self.offset : self.offset + self.num_classes] = np.arange(self.num_classes)
         for v in self.ignore:
             table[v] = IGNORE
@@ -209,8 +213,8 @@ def read_label(path: str, spec: LabelSpec, size: tuple[int, int] | None = None) 
         bad = int(raw.max())
         raise MaelabError(f"label {path} holds value {bad}; {spec.name} labels take {spec.describe_values()}")
     target = table[raw]
-    if (target < 0).any():
-        bad = sorted(set(np.unique(raw[target < 0]).tolist()))
+    if (target == NOT_ALLOWED).any():
+        bad = sorted(set(np.unique(raw[target == NOT_ALLOWED]).tolist()))
         raise MaelabError(f"label {path} holds value(s) {bad[:5]} outside the class range; {spec.name} labels "
                           f"take {spec.describe_values()}")
     return target
