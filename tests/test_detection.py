@@ -4,6 +4,7 @@ bad inputs, and `maelab detect train -> eval -> predict` with an exact resume (t
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 from pathlib import Path
@@ -292,9 +293,18 @@ def test_bad_annotation_files_are_refused_with_what_is_wrong(coco, tmp_path):
     with pytest.raises(MaelabError, match="other category ids"):
         load_coco(write_json(tmp_path / "v.json", d["images"], [], CATEGORIES[:1]), imgs, categories=CATEGORIES)
     wrong_size = [dict(im, width=50) if im["id"] == 10 else im for im in d["images"]]
-    data = load_coco(write_json(tmp_path / "s.json", wrong_size, []), imgs)
+    with pytest.raises(MaelabError, match=r"1 of the \d+ images .* have another size than the file says, e.g. "
+                                          r".* is 64x64 but the file says 50x64"):
+        load_coco(write_json(tmp_path / "s.json", wrong_size, []), imgs)  # up front, before any training
+    data = load_coco(tmp_path / "s.json", imgs, check_files=False)
     with pytest.raises(MaelabError, match="64x64 but its annotation file says 50x64"):
         read_image(data.images[0])
+    broken = tmp_path / "broken"
+    shutil.copytree(imgs, broken)
+    last = sorted(broken.iterdir())[-1]
+    last.write_bytes(b"not an image at all")
+    with pytest.raises(MaelabError, match=rf"1 of the \d+ images .* cannot be read, e.g. .*{last.name}"):
+        load_coco(coco / "instances_train.json", broken)
     rle = dict(d["annotations"][1], segmentation=dict(d["annotations"][1]["segmentation"], size=[32, 32]))
     data = load_coco(write_json(tmp_path / "r.json", d["images"], [rle]), imgs)
     with pytest.raises(MaelabError, match="RLE mask is 32x32"):

@@ -32,7 +32,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maelab.choices import EMPTY_POLICIES
-from maelab.data.folders import open_rgb
+from maelab.data.folders import image_sizes, open_rgb, unreadable
 from maelab.errors import MaelabError
 
 
@@ -150,9 +150,27 @@ def load_coco(ann_file: str | os.PathLike, images_dir: str | os.PathLike, catego
         if missing:
             raise MaelabError(f"{len(missing)} of the {len(images)} images listed in {path} are missing from "
                               f"{root}, e.g. {missing[0]}")
+        check_sizes(list(images.values()), path)
     cat_ids = sorted(cat_names)
     return CocoData(str(path), sorted(images.values(), key=lambda im: im.id), cat_ids,
                     [cat_names[c] for c in cat_ids], data)
+
+
+def check_sizes(images: list[CocoImage], ann_file: Path) -> None:
+    """Every image's size, from its header (no decoding, EXIF orientation applied), against the annotation
+    file's: masks are decoded at the file's size, and a box outside a wrongly declared size would be
+    dropped without a word. Unreadable headers are named too, before any training."""
+    sizes = image_sizes([im.path for im in images])
+    bad = [im for im, hw in zip(images, sizes) if hw is None]
+    if bad:
+        raise MaelabError(f"{len(bad)} of the {len(images)} images listed in {ann_file} cannot be read, e.g. "
+                          + (unreadable([bad[0].path]) or [bad[0].path])[0])
+    wrong = [(im, hw) for im, hw in zip(images, sizes) if hw != (im.height, im.width)]
+    if wrong:
+        im, (h, w) = wrong[0]
+        raise MaelabError(f"{len(wrong)} of the {len(images)} images listed in {ann_file} have another size than the "
+                          f"file says, e.g. {im.path} is {w}x{h} but the file says {im.width}x{im.height}: the boxes "
+                          f"and masks would not line up")
 
 
 def decode_mask(seg: Any, height: int, width: int, where: str) -> np.ndarray | None:
