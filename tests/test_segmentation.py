@@ -250,7 +250,9 @@ def test_segment_train_eval_predict_with_resume(capsys, tmp_path, camvid_tiny):
     resumed, _ = read_weights(resolve_weights_path(run_dir))
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)  # resume is exact
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["epochs"] == 2 and results["steps"] == 4 and len(results["epoch_mIoU"]) >= 1
+    assert results["epochs"] == 2 and results["steps"] == 4 and len(results["epoch_mIoU"]) == 2  # both processes'
+    code, out, err = run_cli(capsys, *common, "--epochs", "2", "--save-every", "1", "--keep", "0")  # finished: again
+    assert code == 0 and json.loads((run_dir / "results.json").read_text())["epoch_mIoU"] == results["epoch_mIoU"]
     assert results["source"] == "maelab" and (run_dir / "segmentation.png").is_file()
     assert set(results["val_per_class"]) == set(SPECS["camvid"].classes)
     code, out, err = run_cli(capsys, "segment", "eval", "--checkpoint", str(run_dir), "--data", str(camvid_tiny),
@@ -268,6 +270,28 @@ def test_segment_train_eval_predict_with_resume(capsys, tmp_path, camvid_tiny):
     assert (tmp_path / "pred.png").is_file()
     masks = sorted((tmp_path / "pred_masks").iterdir())
     assert len(masks) == 2 and np.asarray(Image.open(masks[0])).max() < 11
+
+
+def test_a_bad_validation_label_after_training_an_epoch_keeps_that_epoch(capsys, tmp_path):
+    """The validation labels are read at the first epoch's end: a bad one stops the run there, but the
+    epoch's training is saved first, so the rerun after the fix goes on from it."""
+    data = synthetic(tmp_path / "seg")
+    bad = sorted((data / "val" / "labels").iterdir())[-1]
+    good = bad.read_bytes()
+    label = np.asarray(Image.open(bad)).copy()
+    label[5, 5] = 40
+    Image.fromarray(label).save(bad)
+    mae = save_mae(MaskedAutoencoder(**TINY_MAE), tmp_path / "mae.safetensors")
+    cmd = ["segment", "train", "--data", str(data), "--init", str(mae), "--img-size", "32", "64", "--batch-size", "2",
+           "--decoder-channels", "16", "--num-workers", "0", "--pictures", "0", "--epochs", "2",
+           "--out", str(tmp_path / "run")]
+    code, out, err = run_cli(capsys, *cmd)
+    assert code == 2 and f"label {bad} holds value(s) [40]" in err, err
+    assert "after epoch 1's training, which is saved to" in err and "run the same command again" in err
+    assert (tmp_path / "run" / "checkpoints" / "epoch_0001").is_dir()
+    bad.write_bytes(good)
+    code, out, err = run_cli(capsys, *cmd)
+    assert code == 0 and "continuing at epoch 2" in out + err, err
 
 
 def test_a_budget_run_times_the_evaluation_on_a_few_images(capsys, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from PIL import Image
 
 from maelab.commands.options.segment import SUBCOMMANDS, SegDataConfig, SegEvalConfig, SegModelConfig
 from maelab.commands.options.sections import at_least, check_run_numbers, check_schedule
-from maelab.commands.session import Session, device_name, encoder_header
+from maelab.commands.session import Session, device_name, encoder_header, epoch_results
 from maelab.config import config_from_args
 from maelab.data.folders import image_files, open_rgb
 from maelab.data.loader import Feeder, plan_for
@@ -241,7 +241,8 @@ def train(cfg) -> dict[str, Any]:
                    "device": device_name(s.device), "inference": settings["mode"],
                    "checkpoint": str(run_dir / "checkpoints"),
                    **{k: v for k, v in final.items() if k.startswith("val_")},
-                   "epoch_mIoU": [r["val_mIoU"] for r in result.history if "val_mIoU" in r]}
+                   # every epoch's, from the run's metrics (also those of a process that was stopped and resumed)
+                   "epoch_mIoU": [r["val_mIoU"] for r in epoch_results(run_dir, result.history, "val_mIoU")]}
         if s.is_main:
             if shown:
                 draw_items(model, val_items, shown, s.device, s.precision, settings, picture)
