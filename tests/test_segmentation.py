@@ -106,6 +106,14 @@ def test_16_bit_labels_of_many_classes_keep_class_255(tmp_path):
     assert ignored[3, 5] == IGNORE and (ignored[:2] == 255).all()
 
 
+def test_two_images_of_one_stem_are_refused(tmp_path):
+    data = synthetic(tmp_path / "seg")
+    first = sorted((data / "train" / "images").iterdir())[0]
+    Image.open(first).save(first.with_suffix(".jpg" if first.suffix != ".jpg" else ".png"))
+    with pytest.raises(MaelabError, match=rf"holds .* and .*: images and labels are paired by file name"):
+        scan_segmentation(data, "train", SPECS["camvid"])
+
+
 def test_bad_labels_give_clear_errors(tmp_path):
     root = synthetic(tmp_path / "d", n_train=2, n_val=1)
     items = scan_segmentation(root, "train", SPECS["camvid"])

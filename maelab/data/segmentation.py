@@ -154,8 +154,17 @@ def split_folders(root: str | Path, split: str) -> tuple[Path, Path]:
 
 
 def _files(folder: Path, extensions: tuple[str, ...]) -> dict[str, str]:
-    return {Path(n).stem: str(folder / n) for n in sorted(os.listdir(folder))
-            if n.lower().endswith(extensions) and not n.startswith(".")}
+    """The files of ``folder`` by stem; two of one stem (``a.jpg`` and ``a.png``) are an error, as the
+    pairing by stem would keep one of them without a word."""
+    found: dict[str, str] = {}
+    for n in sorted(os.listdir(folder)):
+        if n.lower().endswith(extensions) and not n.startswith("."):
+            stem = Path(n).stem
+            if stem in found:
+                raise MaelabError(f"{folder} holds {Path(found[stem]).name} and {n}: images and labels are paired by "
+                                  f"file name without the extension, so keep one of them")
+            found[stem] = str(folder / n)
+    return found
 
 
 def scan_segmentation(root: str | Path, split: str, spec: LabelSpec, limit: int = 0, seed: int = 0) -> SegList:
