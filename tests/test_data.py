@@ -50,6 +50,14 @@ def test_every_image_mode_becomes_rgb(tmp_path, mode, ext):
     assert img.mode == "RGB" and img.size == (20, 16)
 
 
+def test_images_named_on_the_command_line_are_each_read_once(tmp_path):
+    from maelab.data.folders import image_files
+
+    for name in ("b.png", "a.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    assert image_files([str(tmp_path / "b.png"), str(tmp_path)]) == [str(tmp_path / "b.png"), str(tmp_path / "a.png")]
+
+
 def test_missing_and_empty_folders_are_clear_errors(tmp_path):
     with pytest.raises(MaelabError, match="does not exist"):
         scan_images(tmp_path / "nope")

@@ -65,7 +65,7 @@ def _is_image(name: str) -> bool:
 
 def image_files(entries: list[str], flag: str = "--images", limit: int = 0) -> list[str]:
     """Images named on a command line (``predict``): files as given, folders by the images directly in
-    them (sorted); the first ``limit`` (0 = all). A missing path or no image at all is an error."""
+    them (sorted), each file once; the first ``limit`` (0 = all). A missing path or no image at all is an error."""
     if not entries:
         raise MaelabError(f"{flag} is required: image files or folders of images")
     found: list[str] = []
@@ -79,6 +79,8 @@ def image_files(entries: list[str], flag: str = "--images", limit: int = 0) -> l
             raise MaelabError(f"{flag} {p} does not exist")
     if not found:
         raise MaelabError(f"no images in {', '.join(entries)}")
+    seen: set[str] = set()  # a file named and also inside a named folder is drawn once
+    found = [f for f in found if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
     return found[:limit] if limit > 0 else found
 
 
