@@ -280,9 +280,11 @@ def test_knn_and_finetune_take_shards_as_their_splits(folder, split_shards, tmp_
         assert main(["knn", *flags, "--data", str(root / "train"), "--out", str(tmp_path / f"{name}.json")]) == 0
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("folder", "shards"))
     assert a["knn_top1"] == pytest.approx(b["knn_top1"]) and b["train_images"] == b["val_images"] == 39
+    assert a["precision"] == "fp32"  # what ran (--precision fp32 is the default of the evaluation commands)
     assert main(["finetune", *flags, "--data", str(split_shards / "train"), "--epochs", "1", "--batch-size", "12",
                  "--log-every", "100", "--out", str(tmp_path / "ft")]) == 0
-    assert json.loads((tmp_path / "ft" / "results.json").read_text())["final_epoch"] == 1
+    ft = json.loads((tmp_path / "ft" / "results.json").read_text())
+    assert ft["final_epoch"] == 1 and ft["precision"] in ("fp32", "bf16")
 
 
 def test_features_of_shards_name_the_files_the_samples_came_from(folder, split_shards, tmp_path):
@@ -298,6 +300,7 @@ def test_features_of_shards_name_the_files_the_samples_came_from(folder, split_s
     order = [row[p] for p in b["paths"]]
     assert torch.allclose(b["features"], a["features"][order], atol=1e-5)
     assert b["labels"].tolist() == a["labels"][order].tolist()
+    assert b["meta"]["precision"] == "fp32"
     members = b["meta"]["members"]  # where each row is inside its shard, readable back by maelab
     assert len(members) == 39 and np.array_equal(np.asarray(open_rgb(members[0])), np.asarray(open_rgb(b["paths"][0])))
     images = sh.shard_images(str(split_shards / "train"))

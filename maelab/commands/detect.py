@@ -169,7 +169,7 @@ def train(cfg) -> dict[str, Any]:
                    "init": m.init or "none", "source": enc.source if enc else "none", "img_size": size,
                    "train_images": len(train_data), "skipped_empty": skipped,
                    "val_images": len(val) if val is not None else 0, "global_batch": plan.global_size,
-                   "processes": s.info.world, "device": device_name(s.device),
+                   "processes": s.info.world, "device": device_name(s.device), "precision": s.precision,
                    "checkpoint": str(run_dir / "checkpoints"),
                    **{k: v for k, v in (final or {}).items() if k != "epoch"}}
         if s.is_main:
@@ -219,7 +219,8 @@ def evaluate(cfg) -> dict[str, Any]:
         data = _limited(load_coco(ann, images, categories=spec["categories"]), d.limit_images, cfg.run.seed)
         model.to(s.device)
         results = {"command": "detect eval", "checkpoint": str(weights), "annotations": str(ann),
-                   "images": len(data), "min_score": cfg.run.min_score, "processes": s.info.world, "device": device_name(s.device),
+                   "images": len(data), "min_score": cfg.run.min_score, "processes": s.info.world,
+                   "device": device_name(s.device), "precision": s.precision,
                    **evaluate_detector(model, data, s.device, s.precision, s.info, d.batch_size, workers)}
         if s.is_main:
             print(headline(results) + f"  ({len(data)} images of {ann})", flush=True)

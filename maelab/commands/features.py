@@ -86,7 +86,7 @@ def run(cfg: FeaturesConfig) -> dict[str, Any]:
         images = prepare_any(cfg.data.data, cfg.data.bad_files)
         encoder, enc, arch, size, notes = s.frozen_encoder(cfg.model)
         if s.is_main:
-            print(f"maelab features: {encoder_header(enc, arch, size, notes)}", flush=True)
+            print(f"maelab features: {encoder_header(enc, arch, size, notes)}; on {s.where}", flush=True)
         split = s.eval_split(images, size, cfg.data)
         feats, labels, index = gather_split(*extract_features(encoder, split, s.device, cfg.model.global_pool,
                                                               s.precision, s.is_main), s.device)
@@ -95,7 +95,7 @@ def run(cfg: FeaturesConfig) -> dict[str, Any]:
             rows = index.tolist()
             paths = [images.names()[i] for i in rows]
             meta = {"init": cfg.model.init, "source": enc.source if enc else "none", "global_pool": cfg.model.global_pool,
-                    "encoder": describe(dict(arch, img_size=size)), "root": images.root}
+                    "encoder": describe(dict(arch, img_size=size)), "root": images.root, "precision": s.precision}
             if images.sources is not None:  # shard samples: where each one is inside its shard, too
                 meta["members"] = [images.paths[i] for i in rows]
             written = write_features(out, feats, labels if images.classes else None, paths, images.classes, meta)

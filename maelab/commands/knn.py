@@ -31,7 +31,7 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
         train, val = load_splits(cfg.data, cfg.run.seed)
         encoder, enc, arch, size, notes = s.frozen_encoder(cfg.model)
         if s.is_main:
-            print(f"maelab knn: {encoder_header(enc, arch, size, notes)}", flush=True)
+            print(f"maelab knn: {encoder_header(enc, arch, size, notes)}; on {s.where}", flush=True)
         (ft, lt, _), (fv, lv, _) = (
             gather_split(*extract_features(encoder, s.eval_split(images, size, cfg.data), s.device,
                                            cfg.model.global_pool, s.precision, s.is_main), s.device)
@@ -49,7 +49,7 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
                            init=cfg.model.init, source=enc.source if enc else "none",
                            encoder=describe(dict(arch, img_size=size)), num_classes=len(train.classes),
                            train_images=len(train), val_images=len(val), processes=s.info.world,
-                           device=device_name(s.device))
+                           device=device_name(s.device), precision=s.precision)
             top5 = f"top-5 {results['knn_top5']:.2f}  " if results.get("knn_top5") is not None else ""
             print(f"knn: top-1 {results['knn_top1']:.2f}  {top5}(k={k}, "
                   f"T={cfg.knn.temperature}, {len(train)} bank / {len(val)} query images, {cfg.model.global_pool} "

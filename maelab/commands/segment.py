@@ -238,7 +238,7 @@ def train(cfg) -> dict[str, Any]:
                    "encoder": describe(dict(arch, img_size=crop)), "dataset": spec.name, "classes": list(spec.classes),
                    "train_images": len(train_items), "val_images": len(val_items), "global_batch": plan.global_size,
                    "steps": trainer.global_step, "epochs": trainer.epoch, "processes": s.info.world,
-                   "device": device_name(s.device), "inference": settings["mode"],
+                   "device": device_name(s.device), "precision": s.precision, "inference": settings["mode"],
                    "checkpoint": str(run_dir / "checkpoints"),
                    **{k: v for k, v in final.items() if k.startswith("val_")},
                    # every epoch's, from the run's metrics (also those of a process that was stopped and resumed)
@@ -270,6 +270,7 @@ def evaluate(cfg) -> dict[str, Any]:
         results = {"command": "segment eval", "checkpoint": cfg.weights.checkpoint, "dataset": spec.name,
                    "split": cfg.data.val_split or spec.splits[1], "inference": settings["mode"],
                    "base_size": settings["base_size"], "processes": s.info.world, "device": device_name(s.device),
+                   "precision": s.precision,
                    **metrics}
         if s.is_main:
             print_metrics(f"segment eval ({settings['mode']})", metrics)

@@ -245,7 +245,7 @@ class Session:
     def finish(self, run_dir: Path, command: str, result: LoopResult, extra: dict[str, Any]) -> dict[str, Any]:
         """The results of a classification run: ``results.json`` in the run folder and the headline line."""
         extra = {**extra, "processes": self.info.world, "device": device_name(self.device),
-                 "checkpoint": str(run_dir / "checkpoints")}
+                 "precision": self.precision, "checkpoint": str(run_dir / "checkpoints")}
         results = summarize(run_dir, command, None if self.is_main else result.history, extra)
         if self.is_main:
             write_json(run_dir / "results.json", results)
