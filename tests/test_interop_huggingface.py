@@ -271,6 +271,19 @@ def test_a_config_edited_apart_from_its_weights_names_the_width(tmp_path):
         load_hf_pretrained_dir(tmp_path)
 
 
+@pytest.mark.parametrize("key,message", [
+    ("image_size", r"shape mismatch.*\(config.json does not set image_size: Hugging Face's defaults 224 were taken"),
+    ("intermediate_size", r"MLP ratio .* \(config.json does not set intermediate_size: Hugging Face's defaults 3072"),
+])
+def test_a_config_without_a_shape_setting_names_the_default_that_was_taken(tmp_path, key, message):
+    save_hf_pretrained(randomize(MaskedAutoencoder(**TINY), seed=12), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg[key]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MaelabError, match=message):
+        load_hf_pretrained_dir(tmp_path)
+
+
 # --- folders transformers itself writes ---------------------------------------------------------------
 def hf_saved(tmp_path, model, name: str, **save_kwargs):
     """``model`` written by transformers' own ``save_pretrained`` (5.x writes 4.x names for the encoder

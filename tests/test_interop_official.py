@@ -210,6 +210,15 @@ def test_wrong_architecture_checkpoint_raises_maelab_error_naming_keys_and_shape
     enc_extra["blocks.0.attn.q_norm.weight"] = torch.ones(32)
     with pytest.raises(MaelabError, match=r"encoder checkpoint .*unexpected 1: blocks\.0\.attn\.q_norm\.weight"):
         load_into_mae(model, enc_extra)
+    stray = official_layout(generator=_gen(11))
+    stray["blocks.2.norm1.weight"] = torch.ones(64)  # one tensor of a third block: not depth 3 with 11 missing
+    with pytest.raises(MaelabError, match=r"blocks\.2 holds 1 of the 12 tensors of blocks\.0 \(norm1\.weight\): a "
+                                          r"stray tensor or a block cut off, which would read as a model of depth 3"):
+        infer_mae_architecture(stray)
+    no_decoder = official_layout(decoder=False, generator=_gen(12))
+    no_decoder["decoder_embed.weight"] = torch.ones(32, 64)
+    with pytest.raises(MaelabError, match=r"decoder_embed\.weight but no decoder_blocks"):
+        infer_mae_architecture(no_decoder)
     enc_wrong = official_layout(decoder=False, patch=4, grid=(8, 8), generator=_gen(10))
     with pytest.raises(MaelabError, match=r"pos_embed \(1, 65, 64\) vs model \(1, 17, 64\)"):
         load_into_mae(model, enc_wrong)

@@ -399,9 +399,9 @@ def load_hf_pretrained_dir(path: str | os.PathLike, **overrides: Any) -> nn.Modu
         kwargs = mae_kwargs_from_hf_config(config)
     except (TypeError, ValueError) as e:  # a setting that is not a number where one is needed
         raise MaelabError(f"{cfg_file} holds a setting maelab cannot read: {e}") from None
-    except MaelabError:
+    except MaelabError as e:
         check_width(cfg_file, config, _read_hf_weights(path))  # a config edited apart from its weights says so
-        raise
+        raise MaelabError(f"{e}{defaults_taken(config)}") from None
     kwargs.update(overrides)
     model = MaskedAutoencoder(**kwargs)
     sd = hf_to_mae_state_dict(_read_hf_weights(path))
@@ -409,8 +409,28 @@ def load_hf_pretrained_dir(path: str | os.PathLike, **overrides: Any) -> nn.Modu
     for table in ("pos_embed", "decoder_pos_embed"):
         if table not in sd and (table == "pos_embed" or "decoder_embed.weight" in sd):
             sd[table] = own[table].clone()
-    load_into_mae(model, sd)
+    try:
+        load_into_mae(model, sd)
+    except MaelabError as e:
+        raise MaelabError(f"{e}{defaults_taken(config)}") from None
     return model
+
+
+# the settings that shape a ViTMAE's weights, with ViTMAEConfig's defaults (what transformers takes too)
+SHAPE_DEFAULTS = {"image_size": 224, "patch_size": 16, "num_channels": 3, "hidden_size": HF_DEFAULT_WIDTH,
+                  "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+                  "decoder_hidden_size": 512, "decoder_num_hidden_layers": 8, "decoder_num_attention_heads": 16,
+                  "decoder_intermediate_size": 2048}
+
+
+def defaults_taken(config: dict[str, Any]) -> str:
+    """For a message about weights that do not fit: the shape settings config.json leaves out, whose
+    Hugging Face defaults were taken (often the cause, in a hand-written or trimmed config)."""
+    missing = [k for k in SHAPE_DEFAULTS if k not in config]
+    if not missing:
+        return ""
+    return (f" (config.json does not set {', '.join(missing)}: Hugging Face's defaults "
+            f"{', '.join(str(SHAPE_DEFAULTS[k]) for k in missing)} were taken, as transformers takes them)")
 
 
 def check_width(cfg_file: str, config: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:

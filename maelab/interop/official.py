@@ -92,10 +92,21 @@ def classify_official(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 
 def _depth(keys, prefix: str) -> int:
-    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
-    idx = {int(m.group(1)) for k in keys if (m := pat.match(k))}
+    """The number of blocks under ``prefix``; a last block with at most half the tensors of the first (a
+    stray tensor of one more block, or a block cut off) is named, as it would read as a deeper model."""
+    pat = re.compile(re.escape(prefix) + r"(\d+)\.(.+)")
+    parts: dict[int, list[str]] = {}
+    for k in keys:
+        if m := pat.match(k):
+            parts.setdefault(int(m.group(1)), []).append(m.group(2))
+    idx = set(parts)
     if idx and idx != set(range(max(idx) + 1)):
         raise MaelabError(f"checkpoint has gaps in {prefix}N: found indices {sorted(idx)}")
+    last = max(idx, default=0)
+    if last > 0 and 2 * len(parts[last]) <= len(parts[0]):
+        raise MaelabError(f"checkpoint's {prefix}{last} holds {len(parts[last])} of the {len(parts[0])} tensors of "
+                          f"{prefix}0 ({', '.join(sorted(parts[last])[:4])}): a stray tensor or a block cut off, which "
+                          f"would read as a model of depth {last + 1}")
     return len(idx)
 
 
@@ -213,6 +224,9 @@ def infer_mae_architecture(
         kwargs["norm_eps"] = record["norm_eps"]
     kwargs.update(objective_of(record or {}))
     if "decoder_embed.weight" in sd:
+        if not any(k.startswith("decoder_blocks.") for k in sd):
+            raise MaelabError("checkpoint has decoder_embed.weight but no decoder_blocks: a decoder cut off, or a stray "
+                              "tensor in an encoder checkpoint (remove it to load the encoder alone)")
         dec_dim, dec_hidden = _widths(sd, "decoder_blocks.", {"decoder_embed.weight": 0, "mask_token": 2,
                                                               "decoder_pos_embed": 2, "decoder_norm.weight": 0})
         kwargs.update(
