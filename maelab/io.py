@@ -148,12 +148,24 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
-        raise MaelabError(f"cannot read weights {path}: {e}{damaged(e)}") from None
+        raise MaelabError(f"cannot read weights {path}: {e}{damaged(e, path)}") from None
 
 
-def damaged(error: Exception) -> str:
-    """What a reader's complaint about a safetensors file's bytes means (a disk error says it itself)."""
-    return "" if isinstance(error, OSError) else " (a truncated or damaged safetensors file: copy or download it again)"
+def damaged(error: Exception, path: str | Path | None = None) -> str:
+    """What a reader's complaint about a safetensors file's bytes means (a disk error says it itself): a
+    truncated or damaged one, or no safetensors file at all (named by what its first bytes show)."""
+    if isinstance(error, OSError):
+        return ""
+    if path is not None:
+        from maelab.interop.formats import SAFETENSORS, TORCH, weights_format  # the one sniffer of weight files
+
+        try:
+            kind = weights_format(path)
+        except MaelabError:
+            kind = SAFETENSORS
+        if kind != SAFETENSORS:
+            return f" (it is not a safetensors file but {'a PyTorch checkpoint' if kind == TORCH else kind})"
+    return " (a truncated or damaged safetensors file: copy or download it again)"
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
@@ -171,5 +183,5 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise MaelabError(f"cannot read weights {path}: {e}{damaged(e)}") from None
+        raise MaelabError(f"cannot read weights {path}: {e}{damaged(e, path)}") from None
     return tensors, info

@@ -282,6 +282,19 @@ def test_a_truncated_safetensors_file_is_called_so_whatever_its_header_length(tm
     assert "weights_only" not in str(refused.value)
 
 
+def test_a_file_read_as_safetensors_that_is_none_says_what_it_is(tmp_path):
+    from maelab.io import read_weights
+
+    junk = tmp_path / "random.bin"
+    junk.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(MaelabError, match=r"it is not a safetensors file but a file of an unknown format"):
+        read_weights(junk)
+    pth = tmp_path / "model.safetensors"
+    torch.save({"w": torch.ones(1)}, pth)
+    with pytest.raises(MaelabError, match=r"it is not a safetensors file but a PyTorch checkpoint"):
+        read_weights(pth)
+
+
 def test_downstream_commands_refuse_an_encoder_of_other_channels_and_name_a_fitting_preset(tmp_path):
     """A 1-channel encoder (HF num_channels=1) met RGB batches in a convolution: a traceback after the run
     folder was written. A preset that does not fit the checkpoint names one that does (the preset may come
