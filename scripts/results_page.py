@@ -196,10 +196,14 @@ def recipe_section(page: Page, folder: Path) -> None:
         page.lines += [f"What ran: {steps}evaluations on {images.get('train')} train / {images.get('val')} validation "
                        f"images; linear probe {probe.get('epochs')} epochs at LARS base lr {probe.get('base_lr')} on "
                        "cached features.", ""]
+    def minutes(step: str):  # null: a step another process finished, whose time the recipe did not see
+        m = res["minutes"].get(step)
+        return "–" if m is None else m
+
     page.lines += ["| step | top-1 (%) | minutes |", "|---|---|---|",
-                   f"| pre-training (MAE) | – | {res['minutes'].get('pretrain', '–')} |"]
+                   f"| pre-training (MAE) | – | {minutes('pretrain')} |"]
     for key, title, step in STEPS:
-        page.lines.append(f"| {title} | {res[key]:.2f} | {res['minutes'].get(step, '–')} |")
+        page.lines.append(f"| {title} | {res[key]:.2f} | {minutes(step)} |")
     s = res["signals"]
     total = sum(v for v in res["minutes"].values() if isinstance(v, (int, float)))
     page.lines += ["", f"Total {total:.1f} minutes. MAE kNN beats random init: "

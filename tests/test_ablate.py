@@ -47,6 +47,11 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     assert (tmp_path / "sweep" / "losses.png").stat().st_size > 1000  # every run's loss curve
     again = ablate(*args, cwd=tmp_path)  # finished values are skipped
     assert again.returncode == 0 and json.loads((tmp_path / "sweep" / "results.json").read_text()) == summary
+    longer = [a if a != "1" else "2" for a in args]  # --pretrain-epochs 2: finished values are no answer to it
+    changed = ablate(*longer, cwd=tmp_path)
+    assert changed.returncode == 2 and "mask-ratio=0.5/pretrain was run with other settings (--epochs 1 -> 2)" \
+        in changed.stderr, changed.stderr[-2000:]
+    assert json.loads((tmp_path / "sweep" / "results.json").read_text()) == summary
     one = [*args[:2], "--values", "0.5", *args[5:]]  # a second seed for one value: only its runs are new
     first = (tmp_path / "sweep" / "mask-ratio=0.5" / "knn.json").stat().st_mtime_ns
     more = ablate(*one, "--seeds", "0", "1", cwd=tmp_path)
@@ -86,6 +91,7 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--values", "0.5"], "--setting and --values"),
     (["--setting", "mask-ratio", "--values", "0.5", "0.5"], "repeats"),
+    (["--setting", "mask-ratio", "--values", "0.5", ".50"], "--values 0.5 and .50 are the same mask-ratio"),
     (["--setting", "mask-ratio", "--values", "0.5", "--budget", "soon"], "not a duration"),
     (["--setting", "mask-ratio", "--values", "0.5", "--pretrain-images", "-3"], "--pretrain-images must be"),
     (["--setting", "mask-ratio", "--values", "0.5", "--probe-base-lr", "-1"], "--probe-base-lr must be positive"),
@@ -200,7 +206,7 @@ def test_a_folder_that_holds_another_seeds_run_is_refused(tmp_path):
         run_value(cfg, "0.75", folder, 0)
 
 
-def test_a_seed_sweep_runs_and_records_each_value_as_the_seed_of_its_whole_chain(tmp_path, monkeypatch):
+def test_a_seed_sweep_runs_and_records_each_value_as_the_seed_of_its_whole_chain(tmp_path, monkeypatch, cifar_tiny):
     from maelab.commands import ablate as module
     calls = []
 
@@ -213,7 +219,8 @@ def test_a_seed_sweep_runs_and_records_each_value_as_the_seed_of_its_whole_chain
     monkeypatch.setattr(module, "run_value", fake_run_value)
     cfg = module.AblateConfig()
     cfg.sweep.setting, cfg.sweep.values, cfg.sweep.evaluate = "seed", ["1", "2"], ["knn"]
-    cfg.data.data, cfg.run.out, cfg.run.seed = str(tmp_path), str(tmp_path / "sweep"), 0
+    cfg.data.data, cfg.data.val_data, cfg.run.out, cfg.run.seed = str(cifar_tiny), str(cifar_tiny), str(tmp_path / "sweep"), 0
+    cfg.data.batch_size = 16
     module.run(cfg)
     assert calls == [("1", "seed=1", 1), ("2", "seed=2", 2)]  # not the sweep's --seed 0, and no seed=S/ nesting
     summary = json.loads((tmp_path / "sweep" / "results.json").read_text())

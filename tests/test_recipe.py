@@ -233,6 +233,53 @@ def test_bad_recipes_are_refused_before_anything_runs(tmp_path, monkeypatch, cap
     assert not (tmp_path / "r").exists()
 
 
+def test_what_the_evaluations_cannot_read_is_refused_before_the_pre_training(tmp_path, monkeypatch, capsys):
+    """A flat folder, or too few images for one batch, used to spend the whole pre-training budget and then
+    fail in kNN; under torchrun every process ran the whole chain into one folder."""
+    from PIL import Image
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(flat / f"{i}.png")
+    labelled = make_subset(tmp_path / "c10" / "train", 2, classes=2)
+    make_subset(tmp_path / "c10" / "test", 2, classes=2, split="test")
+    out = ["--out", str(tmp_path / "r")]
+    code, err = maelab_refusal(capsys, "recipe", "--data", str(flat), "--val-data", str(flat), *out)
+    assert code == 2 and "the --data " in err and "must be an ImageFolder tree (<class>/<image>)" in err, err
+    code, err = maelab_refusal(capsys, "recipe", "--data", str(labelled), "--batch-size", "8", *out)
+    assert code == 2 and "pre-training takes whole batches of --batch-size 8, but it would read 4 image(s)" in err
+    code, err = maelab_refusal(capsys, "recipe", "--data", str(labelled), "--val-data", str(flat), *out)
+    assert code == 2 and "the --val-data " in err and "must be an ImageFolder tree" in err, err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = maelab_refusal(capsys, "recipe", "--data", str(labelled), "--batch-size", "2", *out)
+    assert code == 2 and "runs each of its steps as a process of its own: start it without torchrun" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_failed_step_says_why_and_a_moved_folder_matches_only_its_own_paths(tmp_path, monkeypatch):
+    from maelab.commands import steps
+    from maelab.commands.recipe import StepClock
+    from maelab.errors import MaelabError
+
+    log = tmp_path / "log.txt"
+    log.write_text("maelab: error: an earlier attempt's error\n")
+    monkeypatch.setattr(steps, "run_child", lambda args, log: log.open("a").write(
+        "epoch 1\nmaelab: error: the run folder r/knn is in use by another maelab process (pid 12)\n") and 2)
+    with pytest.raises(MaelabError, match=r"`maelab knn` failed \(exit 2\): the run folder r/knn is in use by another "
+                                          r"maelab process \(pid 12\); its output is in"):
+        steps.maelab(["knn"], log)
+    monkeypatch.chdir(tmp_path)
+    chain = steps.Chain(Path("r1"), [], [])  # a short relative --out, inside other flags' values ("cifa-r1-0")
+    assert [chain.portable(t) for t in ("pretrain_cifar10_tiny", "r1", "r1/pretrain", "r10/x")] == \
+        ["pretrain_cifar10_tiny", "{out}", "{out}/pretrain", "r10/x"]
+    clock = StepClock(tmp_path / "minutes.json", chain)
+    clock.run("knn_mae", lambda: None)  # found finished (an orphan of a killed recipe finished it): time unknown
+    chain.ran.add("knn_random")
+    clock.run("knn_random", lambda: None)
+    assert clock.minutes["knn_mae"] is None and clock.minutes["knn_random"] == 0.0
+
+
 def test_a_chain_step_runs_this_maelab_even_beside_another_maelab_folder(tmp_path, monkeypatch):
     """`python -m` puts the working directory first on the path: a user standing in a folder that holds
     another `maelab/` (an older checkout) must still get the code that launched the chain."""

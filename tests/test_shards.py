@@ -314,6 +314,15 @@ def test_pictures_of_a_run_on_shards_are_titled_by_their_source_files(folder, sp
     paths, titles = run_images(tmp_path)
     assert len(paths) == len(titles) > 0 and all(".tar@" in p for p in paths)
     assert all(t.split("/")[0] in ("c0", "c1", "c2") and (folder / t).is_file() for t in titles)
+    from conftest import TINY_MAE
+    from maelab.interop.mae_weights import save_mae
+    from maelab.models.mae import MaskedAutoencoder
+
+    mae = save_mae(MaskedAutoencoder(**TINY_MAE), tmp_path / "mae.safetensors")
+    # a shard set as --images (what `maelab recipe` passes for a --val-data of shards): a sample of it
+    assert main(["visualize", "--checkpoint", str(mae), "--images", str(split_shards / "val"),
+                 "--out", str(tmp_path / "r.png")]) == 0
+    assert (tmp_path / "r.png").stat().st_size > 1000
 
 
 def test_remote_shards_are_refused_by_the_random_access_commands(split_shards):

@@ -12,6 +12,7 @@ other flags is refused (``steps.json`` in each value's folder records them).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -22,8 +23,9 @@ from matplotlib.figure import Figure
 
 from maelab.commands.options.ablate import AblateConfig, NAME
 from maelab.commands.options.pretrain import PretrainConfig
-from maelab.commands.steps import (Chain, check_buildable, check_chain_data, check_image_counts, chains_code, invoked,
-                                   length_flags, machine, no_budget, recorded_optim)
+from maelab.commands.steps import (Chain, check_buildable, check_chain_data, check_chain_splits, check_image_counts,
+                                   chains_code, invoked, length_flags, machine, no_budget, recorded_optim,
+                                   refuse_torchrun, STEPS)
 from maelab.config import add_config_args, config_from_args, load_yaml
 from maelab.data.splits import subset_seed
 from maelab.errors import MaelabError
@@ -46,6 +48,7 @@ NOT_SETTINGS = {  # `maelab pretrain` flags that say where and on what a run wor
 
 
 def validate(cfg: AblateConfig) -> None:
+    refuse_torchrun(NAME)
     sw = cfg.sweep
     if not sw.setting or not sw.values:
         raise MaelabError("--setting and --values are required, e.g. --setting mask-ratio --values 0.5 0.75")
@@ -74,6 +77,9 @@ def validate(cfg: AblateConfig) -> None:
     if not cfg.run.probe_base_lr > 0:
         raise MaelabError(f"--probe-base-lr must be positive, got {cfg.run.probe_base_lr}")
     check_values(cfg)
+    d = cfg.data
+    check_chain_splits(d.data, d.val_data, d.limit_images if d.pretrain_images is None else d.pretrain_images,
+                       d.batch_size)
 
 
 class _RefusingParser(argparse.ArgumentParser):
@@ -88,13 +94,20 @@ def check_values(cfg: AblateConfig) -> None:
     parser = _RefusingParser(prog="maelab pretrain", add_help=False)
     add_config_args(parser, PretrainConfig)
     passed = ["--config", cfg.run.preset, "--data", cfg.data.data, "--batch-size", str(cfg.data.batch_size)]
+    read: dict[str, str] = {}  # what pretrain reads -> the value that gave it: 0.5, 0.50 and .5 are one run
     for value in cfg.sweep.values:
         flags = setting_flags(cfg.sweep.setting, value)
         try:
-            check_buildable(config_from_args(PretrainConfig, parser.parse_args([*passed, *flags])))
+            pre = config_from_args(PretrainConfig, parser.parse_args([*passed, *flags]))
+            check_buildable(pre)
         except MaelabError as e:
             raise MaelabError(f"--setting {cfg.sweep.setting} --values {value}: `maelab pretrain "
                               f"{' '.join(flags)}` would refuse it: {e}") from None
+        key = repr(dataclasses.asdict(pre))
+        if key in read and not is_seed_sweep(cfg.sweep.setting):
+            raise MaelabError(f"--values {read[key]} and {value} are the same {cfg.sweep.setting} for `maelab pretrain`: "
+                              f"give each value once")
+        read[key] = value
 
 
 def flag_name(setting: str) -> str:
@@ -161,7 +174,9 @@ def finished(result: dict[str, Any], cfg: AblateConfig) -> bool:
 def run_value(cfg: AblateConfig, value: str, folder: Path, seed: int) -> dict[str, Any]:
     """Pre-train and evaluate one value with one seed. What is finished is kept: the pre-training (its
     time and steps in ``pretrain.json``, so a sweep cut during an evaluation never re-times it), each
-    evaluation's own result file, and a probe with other settings runs again in a folder of its own."""
+    evaluation's own result file, and a probe with other settings runs again in a folder of its own. Every
+    step, finished or not, is held to the flags it ran with (``steps.json``): a sweep run again with another
+    preset, batch or length is refused, never answered with the old result."""
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / "result.json"
     result: dict[str, Any] = json.loads(done.read_text()) if done.is_file() else {}
@@ -175,8 +190,8 @@ def run_value(cfg: AblateConfig, value: str, folder: Path, seed: int) -> dict[st
     if drawn not in (subsets, None):
         raise MaelabError(f"{folder} holds a run evaluated on the subsets of seed {drawn}, not {subsets}: use another "
                           f"--out, or --subset-seed {drawn}")
-    if result and finished(result, cfg):
-        return {**result, "seed": seed, "subset_seed": subsets}
+    if result and finished(result, cfg) and not (folder / STEPS[0]).is_file():
+        return {**result, "seed": seed, "subset_seed": subsets}  # a sweep from before steps.json: nothing to check
     common = ["--device", r.device, "--precision", r.precision, "--seed", str(seed), "--data", d.data,
               "--batch-size", str(d.batch_size), *([] if subsets == seed else ["--subset-seed", str(subsets)])]
     chain = Chain(folder, common, ["--limit-images", str(d.limit_images)] + (["--val-data", d.val_data] if d.val_data else []))

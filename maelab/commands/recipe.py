@@ -21,11 +21,11 @@ from typing import Any
 from maelab.commands.options import finetune as finetune_options, linprobe as linprobe_options
 from maelab.commands.options.recipe import NAME, RecipeConfig
 from maelab.commands.options.pretrain import PretrainConfig
-from maelab.commands.steps import (Chain, check_buildable, check_chain_data, invoked, length_flags,
-                                   machine, no_budget, recorded_optim)
+from maelab.commands.steps import (Chain, check_buildable, check_chain_data, check_chain_splits, check_split_paths,
+                                   invoked, length_flags, machine, no_budget, recorded_optim, refuse_torchrun)
 from maelab.config import build_config, load_yaml, resolve_preset
 from maelab.data.folders import scan_images, spread_sample
-from maelab.data.splits import default_val_dir
+from maelab.data.shards import is_shard_source
 from maelab.errors import MaelabError
 from maelab.io import atomic_write_bytes, write_json
 from maelab.train.budget import parse_duration
@@ -33,11 +33,11 @@ from maelab.viz import PICTURE_IMAGES, plot_curves
 
 
 def validate(cfg: RecipeConfig) -> Path:
-    """The validation folder; every budget and number checked before anything runs."""
+    """The validation split; every budget, number and split checked before anything runs."""
+    refuse_torchrun(NAME)
     if not cfg.data.data:
-        raise MaelabError("--data is required: an ImageFolder tree with a class per sub-folder")
-    if not Path(cfg.data.data).expanduser().is_dir():
-        raise MaelabError(f"--data {cfg.data.data}: no such folder")
+        raise MaelabError("--data is required: an ImageFolder tree with a class per sub-folder (or labelled shards)")
+    check_split_paths(cfg.data.data, cfg.data.val_data)
     check_chain_data(cfg.data)
     for name in ("pretrain_budget", "finetune_budget"):
         if not no_budget(getattr(cfg.steps, name)):
@@ -48,13 +48,8 @@ def validate(cfg: RecipeConfig) -> Path:
         raise MaelabError(f"--probe-base-lr must be positive, got {cfg.steps.probe_base_lr}")
     if not cfg.steps.mask_ratios or not all(0 < r < 1 for r in cfg.steps.mask_ratios):
         raise MaelabError(f"--mask-ratios must be in (0, 1), got {cfg.steps.mask_ratios}")
-    if cfg.data.val_data and not Path(cfg.data.val_data).expanduser().is_dir():
-        raise MaelabError(f"--val-data {cfg.data.val_data}: no such folder")
-    val = Path(cfg.data.val_data).expanduser() if cfg.data.val_data else default_val_dir(cfg.data.data)
-    if val is None or not val.is_dir():
-        raise MaelabError("--val-data is required (no sibling val / test folder next to --data)")
     check_presets(cfg)
-    return val
+    return check_chain_splits(cfg.data.data, cfg.data.val_data, 0, cfg.data.batch_size)
 
 
 def check_presets(cfg: RecipeConfig) -> None:
@@ -89,7 +84,7 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
               "--batch-size", str(d.batch_size)]
     chain = Chain(out, common, ["--limit-images", str(d.limit_images), "--val-data", str(val)])
     say = lambda msg: print(f"recipe: {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    clock = StepClock(out / "minutes.json")
+    clock = StepClock(out / "minutes.json", chain)
     pre = out / "pretrain"
     say(f"pre-training ({st.pretrain_preset}, budget {st.pretrain_budget})")
     size = ["--img-size", str(st.img_size)] if st.img_size else []
@@ -112,7 +107,8 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
     ft_scratch = clock.run("finetune_scratch", lambda: chain.finetune("none", ft_length, "finetune_scratch",
                                                                       st.finetune_preset, random))
     pictures = out / "reconstruction.png"
-    images = spread_sample(scan_images(val), PICTURE_IMAGES)
+    # shards: visualize draws its own spread sample of them, titled by the files the samples came from
+    images = [str(val)] if is_shard_source(str(val)) else spread_sample(scan_images(val), PICTURE_IMAGES)
     chain.run("visualize", ["visualize", "--checkpoint", str(pre), "--images", *images, "--mask-ratio",
                             *map(str, st.mask_ratios), "--device", r.device, "--out", str(pictures)], pictures.is_file())
     curves = {name: str(plot_curves(out / name / "metrics.jsonl", out / "curves" / f"{name}.png"))
@@ -145,11 +141,12 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
 
 class StepClock:
     """Runs each named step once (a finished step is skipped when the recipe runs again) and keeps the
-    wall-clock minutes of the attempt that finished it in ``minutes.json``."""
+    wall-clock minutes of the attempt that finished it in ``minutes.json``: null (shown as "–") for a step
+    found finished by another process (the orphan of a killed recipe), whose time this one did not see."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.minutes: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+    def __init__(self, path: Path, chain: Chain):
+        self.path, self.chain = path, chain
+        self.minutes: dict[str, float | None] = json.loads(path.read_text()) if path.is_file() else {}
         self.done: set[str] = set(self.minutes)
 
     def run(self, name: str, step):
@@ -158,7 +155,7 @@ class StepClock:
         t0 = time.perf_counter()
         result = step()
         if name not in self.done:
-            self.minutes[name] = round((time.perf_counter() - t0) / 60, 2)
+            self.minutes[name] = round((time.perf_counter() - t0) / 60, 2) if name in self.chain.ran else None
             self.done.add(name)
             write_json(self.path, self.minutes)
         return result

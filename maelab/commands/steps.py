@@ -22,7 +22,9 @@ from maelab import __version__
 from maelab.commands.options.pretrain import PretrainConfig, model_kwargs, validate
 from maelab.commands.options.sections import ChainDataConfig, at_least
 from maelab.config import load_yaml
-from maelab.errors import MaelabError, RunInterrupted
+from maelab.data.shards import is_shard_source
+from maelab.data.splits import check_same_classes, default_val_dir, labelled_split
+from maelab.errors import MaelabError, RunInterrupted, SameOnEveryRank
 from maelab.io import write_json
 from maelab.models.mae import MaskedAutoencoder
 from maelab.train.precision import native_bf16
@@ -43,6 +45,39 @@ def check_chain_data(d: ChainDataConfig) -> None:
     refuse them only after the steps before it had spent their budgets)."""
     at_least(batch_size=(d.batch_size, 1))
     check_image_counts(limit_images=d.limit_images)
+
+
+def check_chain_splits(data: str, val: str | Path | None, pretrain_images: int, batch_size: int) -> Path:
+    """What the chain's steps read, checked before the first one spends a budget: the evaluations need
+    labelled training and validation splits with the same classes (a flat folder, or shards without
+    labels, would fail in kNN after the pre-training), and pre-training a whole batch of images. Returns
+    the validation split (``val``, or the sibling ``val`` / ``test`` folder of ``--data``)."""
+    check_split_paths(data, val)
+    val = Path(val).expanduser() if val else default_val_dir(data)
+    if val is None:
+        raise MaelabError(f"--val-data is required (no sibling val / validation / test folder next to {data})")
+    train = labelled_split(data, what="--data")
+    check_same_classes(train, labelled_split(str(val), what="--val-data"), "--data", "--val-data")
+    n = min(pretrain_images, len(train)) if pretrain_images else len(train)
+    if n < batch_size:
+        raise MaelabError(f"pre-training takes whole batches of --batch-size {batch_size}, but it would read {n} "
+                          f"image(s) of --data: lower --batch-size")
+    return val
+
+
+def check_split_paths(data: str, val: str | Path | None) -> None:
+    """``--data`` and ``--val-data`` exist (a folder, or shards)."""
+    for flag, path in (("--data", data), ("--val-data", val)):
+        if path and not is_shard_source(str(path)) and not Path(path).expanduser().exists():
+            raise MaelabError(f"{flag} {path}: no such folder")
+
+
+def refuse_torchrun(command: str) -> None:
+    """A chain runs each step as a child process of one process: under torchrun every process would run
+    the whole chain into one folder, and their children would join one process group by accident."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SameOnEveryRank(f"`maelab {command}` runs each of its steps as a process of its own: start it without "
+                              f"torchrun (a step under torchrun is a `maelab pretrain` / `finetune` command of its own)")
 
 
 def check_image_counts(**counts: int | None) -> None:
@@ -182,12 +217,27 @@ def stop_child(proc: subprocess.Popen) -> None:
 
 
 def maelab(args: list[str], log: Path) -> float:
-    """Run one `maelab` command as its own process (output appended to ``log``); seconds it took."""
-    t0 = time.perf_counter()
+    """Run one `maelab` command as its own process (output appended to ``log``); seconds it took. A step
+    that fails says why in the error itself: its last ``maelab: error:`` line, when it wrote one."""
+    t0, start = time.perf_counter(), log.stat().st_size if log.is_file() else 0
     code = run_child(args, log)
     if code != 0:
-        raise MaelabError(f"`maelab {args[0]}` failed (exit {code}); its output is in {log}")
+        why = last_error(log, start)
+        raise MaelabError(f"`maelab {args[0]}` failed (exit {code})" + (f": {why}" if why else "")
+                          + f"; its output is in {log}")
     return time.perf_counter() - t0
+
+
+def last_error(log: Path, start: int) -> str:
+    """The last ``maelab: error:`` line a step wrote to ``log`` past byte ``start`` (empty if none)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.split("maelab: error:", 1)[1].strip() for line in text.splitlines() if "maelab: error:" in line]
+    return lines[-1] if lines else ""
 
 
 def flag_values(args: list[str]) -> dict[str, str]:
@@ -231,11 +281,20 @@ class Chain:
     log: Path = field(init=False)
     record: dict[str, list[str]] = field(init=False)
     codes: dict[str, list[str]] = field(init=False)
+    ran: set[str] = field(init=False, default_factory=set)  # the steps this process ran (not found done)
 
     def __post_init__(self):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log = self.folder / "log.txt"
         self.record, self.codes = read_record(self.folder, STEPS), read_record(self.folder, CODES)
+
+    def portable(self, token: str) -> str:
+        """A path inside the chain's folder as ``{out}/...``; any other token as it is (``--out r1`` must not
+        turn ``pretrain_cifar10_tiny`` into ``pretrain_cifa{out}0_tiny``)."""
+        root = str(self.folder)
+        if token == root or token.startswith(root.rstrip(os.sep) + os.sep):
+            return "{out}" + token[len(root):]
+        return token
 
     def note_code(self, name: str) -> None:
         """Record the code ``name`` runs with now (once per change: a step resumed by the same code adds
@@ -252,7 +311,7 @@ class Chain:
     def run(self, name: str, args: list[str], done: bool) -> float | None:
         """Run step ``name`` (``maelab ARGS``) unless it is ``done``; seconds it took (None: not run).
         Recorded before it starts, so a step cut short resumes only with the same flags."""
-        here = [token.replace(str(self.folder), "{out}") for token in args]  # a moved --out folder still matches
+        here = [self.portable(token) for token in args]  # a moved --out folder still matches
         recorded = self.record.get(name)
         if recorded is not None and (diff := changed_flags(recorded, here)):
             raise MaelabError(f"{self.folder / name} was run with other settings ({diff}): use another --out, "
@@ -263,7 +322,9 @@ class Chain:
         write_json(self.folder / STEPS[0], self.record)
         self.note_code(name)
         try:
-            return maelab(args, self.log)
+            seconds = maelab(args, self.log)
+            self.ran.add(name)
+            return seconds
         except MaelabError:
             out = Path(args[args.index("--out") + 1]) if "--out" in args else None
             if recorded is None and out is not None and not out.exists():  # refused before it wrote anything:

@@ -31,19 +31,25 @@ def output_path(out: str) -> Path:
     return path
 
 
+def sample_of(data: str) -> tuple[list[str], list[str]]:
+    """A fixed spread-out sample of an image folder or of local shards, with row titles (shard samples are
+    titled by the file they were made from)."""
+    images = shard_images(data) if is_shard_source(data) else scan_images(data)
+    chosen = spread_sample(images, PICTURE_IMAGES)
+    name = dict(zip(images.paths, images.names()))
+    return chosen, [row_title(name[p]) for p in chosen]
+
+
 def run_images(path: Path) -> tuple[list[str], list[str]]:
     """Images of the run's own data (the ones its pictures show) and their row titles, when pointed at a run
-    folder without --images. Shard samples are titled by the file they were made from."""
+    folder without --images."""
     for folder in (path, *path.parents[:3]):
         if (folder / "config.yaml").is_file():
             data = (load_yaml(folder / "config.yaml").get("data") or {}).get("data")
             if not data:
                 break
             try:
-                images = shard_images(data) if is_shard_source(data) else scan_images(data)
-                chosen = spread_sample(images, PICTURE_IMAGES)
-                name = dict(zip(images.paths, images.names()))
-                return chosen, [row_title(name[p]) for p in chosen]
+                return sample_of(data)
             except MaelabError as e:
                 raise MaelabError(f"the run's data: {e}; or name the images to draw with --images") from None
     raise MaelabError("--images is required unless --checkpoint is a run folder whose data is still there")
@@ -59,7 +65,12 @@ def run(args: argparse.Namespace) -> Path:
         print(f"maelab visualize: {note}", flush=True)
     for r in args.mask_ratio:
         check_masks_something(model.num_patches, r)
-    images, titles = (args.images, None) if args.images else run_images(Path(args.checkpoint))
+    if not args.images:
+        images, titles = run_images(Path(args.checkpoint))
+    elif len(args.images) == 1 and is_shard_source(args.images[0]):
+        images, titles = sample_of(args.images[0])  # shards: a spread sample of them
+    else:
+        images, titles = args.images, None
     out = save_reconstruction_grid(model, images, args.mask_ratio, out, seed=args.seed, titles=titles)
     print(f"wrote {out}")
     return out

@@ -15,7 +15,8 @@ Config = None
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder, .safetensors or official .pth")
-    p.add_argument("--images", nargs="+", help=f"image files (default: {PICTURE_IMAGES} images of the run's data)")
+    p.add_argument("--images", nargs="+", help=f"image files, or one shard set of `maelab shards make` "
+                   f"({PICTURE_IMAGES} of its samples; default: {PICTURE_IMAGES} images of the run's data)")
     p.add_argument("--mask-ratio", nargs="+", type=float, default=[0.75], help="one or more mask ratios")
     p.add_argument("--seed", type=int, default=0, help="masking seed (same seed, same picture)")
     p.add_argument("--out", default=RECONSTRUCTION_PNG,
