@@ -21,15 +21,9 @@ from maelab import __version__
 from maelab.commands import COMMANDS, load, options_of
 from maelab.config import add_config_args, config_from_args
 from maelab.data.workers import kill_orphaned_workers
-from maelab.errors import MaelabError, RunInterrupted, SameOnEveryRank, is_disk_full, megabytes
+from maelab.errors import MaelabError, RunInterrupted, SameOnEveryRank, Terminated, is_disk_full, megabytes
 
 CONFIG_NOTE = " Every flag is a config field; --config loads a YAML preset first (flags override it)."
-
-
-class Terminated(BaseException):
-    """SIGTERM outside the training loop (which saves and stops itself): stop as Ctrl-C does, with one
-    line and status 143, instead of dying silently with -15. A BaseException, so that no ``except
-    Exception`` (or the bad-file policy's ``except MaelabError``) swallows it."""
 
 
 def _terminate(signum, frame):

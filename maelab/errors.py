@@ -26,6 +26,12 @@ class RunInterrupted(MaelabError):
         self.exit_code = 128 + int(signum)
 
 
+class Terminated(BaseException):
+    """SIGTERM outside the training loop (which saves and stops itself): stop as Ctrl-C does, with one
+    line and status 143, instead of dying silently with -15. A BaseException, so that no ``except
+    Exception`` (or the bad-file policy's ``except MaelabError``) swallows it."""
+
+
 # how a full disk surfaces: OSError, safetensors' "(os error 28)", torch.save's "unexpected pos"
 DISK_FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122", "unexpected pos")
 

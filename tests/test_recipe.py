@@ -5,6 +5,7 @@ recipes refused before anything runs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -386,3 +387,31 @@ def test_ctrl_c_during_a_chain_step_waits_for_the_step_to_save(tmp_path, monkeyp
     assert stopped.exit_code == 130
     assert str(stopped) == (f"interrupted during `maelab pretrain` (the end of {tmp_path / 'log.txt'} says where "
                             "it stopped); run the same command again to resume")
+
+
+def test_sigterm_to_a_chain_waits_for_the_step_and_says_how_to_resume(tmp_path, monkeypatch):
+    """A scheduler's SIGTERM to the recipe process: the step saves, and the chain says to run it again (it
+    used to say "stopped by SIGTERM outside the training loop")."""
+    import signal
+    import threading
+
+    from maelab.cli import _terminate
+    from maelab.commands import steps
+    from maelab.train.loop import RunInterrupted
+
+    monkeypatch.setattr(steps, "child_command", lambda args: saving_child(tmp_path))
+
+    def term():
+        while not (tmp_path / "ready").exists():
+            threading.Event().wait(0.05)
+        threading.Event().wait(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.signal(signal.SIGTERM, _terminate)  # what `maelab` installs
+    threading.Thread(target=term, daemon=True).start()
+    try:
+        with pytest.raises(RunInterrupted, match="run the same command again to resume") as stopped:
+            steps.maelab(["pretrain", "--out", str(tmp_path / "run")], tmp_path / "log.txt")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert (tmp_path / "saved").is_file() and stopped.value.exit_code == 143

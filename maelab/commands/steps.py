@@ -24,7 +24,7 @@ from maelab.commands.options.sections import ChainDataConfig, at_least
 from maelab.config import load_yaml
 from maelab.data.shards import is_shard_source
 from maelab.data.splits import check_same_classes, default_val_dir, labelled_split
-from maelab.errors import MaelabError, RunInterrupted, SameOnEveryRank
+from maelab.errors import MaelabError, RunInterrupted, SameOnEveryRank, Terminated
 from maelab.io import write_json
 from maelab.models.mae import MaskedAutoencoder
 from maelab.train.precision import native_bf16
@@ -202,9 +202,10 @@ def run_child(args: list[str], log: Path) -> int:
             return proc.wait()
         except BaseException as stopped:
             stop_child(proc)
-            if isinstance(stopped, KeyboardInterrupt):
+            if isinstance(stopped, (KeyboardInterrupt, Terminated)):
                 raise RunInterrupted(f"interrupted during `maelab {args[0]}` (the end of {log} says where it "
-                                     "stopped); run the same command again to resume") from None
+                                     "stopped); run the same command again to resume",
+                                     signal.SIGTERM if isinstance(stopped, Terminated) else signal.SIGINT) from None
             raise
 
 
