@@ -133,9 +133,24 @@ def resolve_preset(path_or_name: str) -> Path:
     raise MaelabError(f"config {path_or_name!r} not found (presets: {', '.join(names) or 'none'})")
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last one without a
+    word, so the line a user edited could be the one that is ignored."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.load(Path(path).read_text(), Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise MaelabError(f"cannot read config {path}: {e}".splitlines()[0]) from None
     if data is None:
@@ -152,13 +167,16 @@ def _flatten(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
     for key, value in values.items():
         key = key.replace("-", "_")
         if key in sections and (value is None or isinstance(value, dict)):
-            flat.update(_flatten(cls, value or {}, source))  # `optim:` with nothing under it: an empty section
+            part = _flatten(cls, value or {}, source)  # `optim:` with nothing under it: an empty section
         elif key in leaves:
-            flat[key] = value
+            part = {key: value}
         elif key in sections:
             raise MaelabError(f"config section {key!r} in {source} must hold `field: value` lines, got {value!r}")
         else:
             raise MaelabError(f"unknown config field {key!r} in {source}; valid fields: {', '.join(leaves)}")
+        if twice := sorted(set(part) & set(flat)):
+            raise MaelabError(f"config field {twice[0]!r} is given twice in {source} (in two sections?): keep one")
+        flat.update(part)
     return flat
 
 

@@ -48,6 +48,18 @@ def test_unknown_field_and_bad_type_are_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
+    ("optim:\n  lr: 0.1\n  lr: 0.2\n", "cannot read config .*: the key 'lr' is given twice"),  # YAML keeps the last
+    ("lr: 0.1\noptim:\n  lr: 0.2\n", "config field 'lr' is given twice in .*: keep one"),
+    ("optim:\n  epochs: 2\noptim:\n  base_lr: 0.1\n", "the key 'optim' is given twice"),
+])
+def test_a_setting_given_twice_is_refused_not_left_to_the_last_line(tmp_path, text, message):
+    y = tmp_path / "twice.yaml"
+    y.write_text(text)
+    with pytest.raises(MaelabError, match=message):
+        build_config(PretrainConfig, yaml_path=str(y))
+
+
+@pytest.mark.parametrize("text,message", [
     ("data:\n  batch_size: true\n", "batch_size: cannot read True as int"),  # Python's bool is an int: batch 1
     ("optim:\n  base_lr: false\n", "base_lr: cannot read False as float"),
     ("run:\n  out: [a, b]\n", "out: cannot read ['a', 'b'] as str"),
