@@ -120,3 +120,6 @@ def test_slurm_template_checkpoints_requeues_and_the_requeued_job_resumes_exactl
     assert "resumed from" in log and "continuing at epoch 2" in log, log[-3000:]
     a, b = weights(out), weights(reference)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    own_out = subprocess.run([*job, "--out", str(tmp_path / "elsewhere")], env=job_env, capture_output=True, text=True)
+    assert own_out.returncode == 2 and "give the run folder as OUT=..., not --out" in own_out.stderr
+    assert not (tmp_path / "elsewhere").exists()
