@@ -399,6 +399,21 @@ def test_a_budget_run_times_the_scoring_on_a_few_images(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run" / "results.json").read_text())["global_step"] == 2
 
 
+def test_a_small_patch_at_the_default_size_is_warned_of_its_token_count():
+    """A patch-4 CIFAR encoder at detect's default 1024 px: 65 536 tokens in global attention, a step of hours on
+    a CPU that looked like a hang (SIGTERM waits for the step)."""
+    import warnings
+
+    from maelab.commands.detect import warn_token_count
+
+    with pytest.warns(UserWarning, match=r"--img-size 1024 with patch 4 gives 65536 tokens .* --img-size 256 gives 4096"):
+        warn_token_count(1024, 4, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_token_count(1024, 16, None)  # ViTDet itself
+        warn_token_count(1024, 4, 14)  # windowed attention
+
+
 def test_detect_errors_are_one_line_and_leave_no_run_folder(coco, tmp_path, capsys):
     assert main(["detect", "train", "--ann", str(tmp_path / "none.json"), "--images", str(coco / "images"),
                  "--init", "none", "--model", "mae_vit_tiny_patch16", "--out", str(tmp_path / "r")]) == 2

@@ -287,7 +287,7 @@ def test_knn_and_finetune_take_shards_as_their_splits(folder, split_shards, tmp_
     assert ft["final_epoch"] == 1 and ft["precision"] in ("fp32", "bf16")
 
 
-def test_features_of_shards_name_the_files_the_samples_came_from(folder, split_shards, tmp_path):
+def test_features_of_shards_name_the_files_the_samples_came_from(folder, split_shards, tmp_path, monkeypatch):
     from maelab.commands.features import read_features
 
     flags = ["--init", "none", "--model", "mae_vit_tiny_patch4", "--img-size", "16", "--num-workers", "0"]
@@ -305,6 +305,10 @@ def test_features_of_shards_name_the_files_the_samples_came_from(folder, split_s
     assert len(members) == 39 and np.array_equal(np.asarray(open_rgb(members[0])), np.asarray(open_rgb(b["paths"][0])))
     images = sh.shard_images(str(split_shards / "train"))
     assert images.subset([3, 1]).names() == [images.names()[3], images.names()[1]]
+    monkeypatch.chdir(folder.parent)  # a relative --data: the manifest still names the folder from anywhere
+    sh.make_shards(scan_images(folder.name), tmp_path / "rel", 100, progress=False)
+    monkeypatch.chdir(tmp_path)
+    assert sorted(sh.shard_images(str(tmp_path / "rel")).names()) == sorted(a["paths"])
 
 
 def test_pictures_of_a_run_on_shards_are_titled_by_their_source_files(folder, split_shards, tmp_path):

@@ -12,6 +12,7 @@ picture of detections beside the ground truth. ``eval`` scores a trained run on 
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,20 @@ def validate(cfg) -> int:
     return size
 
 
+VITDET_TOKENS = (1024 // 16) ** 2  # ViTDet's input: 1024 px at patch 16
+
+
+def warn_token_count(size: int, patch: int, window_size: int | None) -> None:
+    """A small-patch encoder at the default 1024 px gives a token count whose global attention makes one step
+    take hours on a CPU (a patch-4 CIFAR encoder: 65 536 tokens, 16x ViTDet's), which looks like a hang."""
+    tokens = (size // patch) ** 2
+    if window_size is None and tokens > 4 * VITDET_TOKENS:
+        fit = int(patch * VITDET_TOKENS ** 0.5)
+        warnings.warn(f"--img-size {size} with patch {patch} gives {tokens} tokens per image in global attention, "
+                      f"{tokens // VITDET_TOKENS}x ViTDet's {VITDET_TOKENS}: a step may take very long; --img-size {fit} "
+                      f"gives {VITDET_TOKENS}, or --window-size 14 attends in windows", stacklevel=2)
+
+
 def train(cfg) -> dict[str, Any]:
     size = validate(cfg)
     m, d, r = cfg.model, cfg.data, cfg.run
@@ -121,6 +136,8 @@ def train(cfg) -> dict[str, Any]:
         train_data, skipped = training_images(train_all, d.empty_images)
         enc, arch, _ = resolve_encoder(argparse.Namespace(init=m.init, model=m.model, num_heads=m.num_heads,
                                                           img_size=[size, size]))
+        if s.is_main:
+            warn_token_count(size, int(arch["patch_size"]), m.window_size)
         categories = [{"id": c, "name": n} for c, n in zip(train_data.cat_ids, train_data.names)]
         spec = detector_spec(arch, size, categories, m.window_size, m.global_blocks or [], m.out_channels,
                              m.anchor_sizes, {"head_width": m.head_width, "fc_width": m.fc_width,

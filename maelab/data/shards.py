@@ -81,7 +81,7 @@ def make_shards(images: ImageList, out: str | Path, shard_size: int, prefix: str
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f"{prefix}-*.tar{TMP_MARK}*"):  # left by a killed run
         stale.unlink()
-    root = Path(images.root)
+    root = Path(os.path.abspath(Path(images.root).expanduser()))  # the manifest's source: a path from anywhere
     order = torch.randperm(len(images), generator=make_generator(seed, 9)).tolist()
     n = math.ceil(len(images) / shard_size)
     shards = []
@@ -98,9 +98,10 @@ def make_shards(images: ImageList, out: str | Path, shard_size: int, prefix: str
                         data = path.read_bytes()
                     except OSError as e:
                         raise MaelabError(f"cannot read image {path}: {e}") from None
+                    full = Path(os.path.abspath(path))
                     tar.write({"__key__": f"{s * shard_size + k:09d}", path.suffix.lower().lstrip("."): data,
                                "cls": str(images.labels[i]).encode(),
-                               "src.txt": str(path.relative_to(root) if path.is_relative_to(root) else path).encode()})
+                               "src.txt": str(full.relative_to(root) if full.is_relative_to(root) else full).encode()})
                     bar.update()
             f.flush()
             os.fsync(f.fileno())
@@ -284,8 +285,10 @@ def shard_images(spec: str) -> ImageList:
 
 
 def _source_name(root: str, name: str) -> str:
-    """A sample's ``src.txt`` (the path inside the folder `maelab shards make` read) as that file's path."""
-    return name if not root or Path(name).is_absolute() else str(Path(root) / name)
+    """A sample's ``src.txt`` (the path inside the folder `maelab shards make` read) as that file's path. A
+    relative source (manifests written before it was made absolute) says nothing of where it was relative
+    to, so the name inside the source folder is all that is known."""
+    return name if not root or not Path(root).is_absolute() or Path(name).is_absolute() else str(Path(root) / name)
 
 
 def prepare_any(data: str, bad_files: str, limit: int = 0, seed: int = 0) -> ImageList:

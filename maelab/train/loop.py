@@ -14,8 +14,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import random
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -103,6 +105,10 @@ def _stop_signals():
     def handler(signum, frame):
         if flag["stop"] and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not flag["stop"] and os.environ.get("RANK", "0") == "0":  # a long step (a big input) must not look hung
+            sys.stderr.write(f"maelab: {signal.Signals(signum).name}: stopping with a checkpoint after the current "
+                             f"step" + (" (Ctrl-C again aborts at once)\n" if signum == signal.SIGINT else "\n"))
+            sys.stderr.flush()
         flag["stop"], flag["signum"] = True, signum
 
     try:
