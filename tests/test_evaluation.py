@@ -597,3 +597,30 @@ def test_torchrun_two_processes_give_the_same_features_and_train(dataset, mae_ck
                         "--out", str(out), *QUIET], check=True, env=env, capture_output=True)
         res = json.loads((out / "results.json").read_text())
         assert res["processes"] == 2 and res["global_batch"] == 8 and res["val_images"] == 12
+
+
+def _score_with_rank0_buffers(rank: int, store: str) -> None:
+    import torch.distributed as dist
+
+    from maelab.train.distributed import DistInfo, share_buffers
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        bn = torch.nn.BatchNorm1d(3)
+        bn.train()
+        bn(torch.randn(4, 3) + 10 * rank)  # each process's last micro-batch moved its own statistics
+        share_buffers(bn, DistInfo(rank, 2))
+        mine = torch.cat([bn.running_mean, bn.running_var, bn.num_batches_tracked.float().view(1)])
+        gathered = [torch.zeros_like(mine) for _ in range(2)]
+        dist.all_gather(gathered, mine)
+        assert torch.equal(gathered[0], gathered[1])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_process_scores_the_linear_probe_with_rank_0s_batchnorm_statistics(tmp_path):
+    """Under torchrun each process's BatchNorm statistics follow its own last micro-batch, so its share of the
+    validation split was scored by another head than the one saved (reported 25 %, the saved head 15 %)."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_score_with_rank0_buffers, args=(str(tmp_path / "store"),), nprocs=2, start_method="spawn")

@@ -33,6 +33,7 @@ from maelab.evaluate.metrics import evaluate_classifier
 from maelab.models.heads import LinearProbeHead
 from maelab.models.vit import describe
 from maelab.train.budget import timed_pass
+from maelab.train.distributed import share_buffers
 from maelab.train.loop import Trainer
 from maelab.train.optim import batch_and_lr, lars, lars_param_groups, scaled_lr
 from maelab.train.tasks import LinprobeTask
@@ -114,6 +115,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
             return ((val_feats[i : i + chunk], val_labels[i : i + chunk]) for i in range(0, len(val_feats), chunk))
 
         def evaluate(batches=None) -> dict[str, float]:
+            share_buffers(head, s.info)  # every process scores rank 0's head: the one that is saved
             head.eval()
             return evaluate_classifier(head, val_batches() if batches is None else batches, s.device, s.precision)
 

@@ -11,6 +11,7 @@ import math
 import multiprocessing as mp
 import os
 import re
+import signal
 import struct
 import warnings
 import zlib
@@ -290,8 +291,24 @@ def _map_files(fn, paths: list[str]) -> list:
     workers = min(8, cpu_cores())
     if len(paths) < 4096 or workers < 2 or "fork" not in mp.get_all_start_methods():
         return [fn(p) for p in paths]
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-        return list(pool.map(fn, paths, chunksize=-(-len(paths) // (4 * workers))))
+    # A stop signal while the workers fork would meet maelab's handler inside Python's at-fork hooks, which
+    # swallow its exception (the command then ran to its end), and in the workers (tracebacks). So the
+    # signals wait until the pool is done -- shutting it down waits for its work anyway -- and the workers
+    # leave them to this process.
+    stop = {signal.SIGINT, signal.SIGTERM}
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_probe_worker) as pool:
+            return list(pool.map(fn, paths, chunksize=-(-len(paths) // (4 * workers))))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _probe_worker() -> None:
+    """A probe worker: Ctrl-C is for the command (which waits for the pool), SIGTERM ends the worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def unreadable(paths: list[str]) -> list[str]:

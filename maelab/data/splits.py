@@ -7,7 +7,7 @@ from pathlib import Path
 
 from maelab.data.folders import ImageList, subsample
 from maelab.data.shards import is_shard_source, prepare_any
-from maelab.errors import MaelabError
+from maelab.errors import SameOnEveryRank  # the splits are the same on every process: said once
 
 VAL_NAMES = ("val", "validation", "test")
 
@@ -26,17 +26,17 @@ def default_val_dir(train: str | Path) -> Path | None:
 def labelled_split(root: str | Path, bad_files: str = "error", what: str = "training split") -> ImageList:
     """The images of an ImageFolder tree (or of local tar shards); every image must sit inside a class folder."""
     if not str(root):
-        raise MaelabError(f"no {what} given")
+        raise SameOnEveryRank(f"no {what} given")
     images = prepare_any(str(root), bad_files)
     outside = [p for p, y in zip(images.paths, images.labels) if y < 0]
     if outside and is_shard_source(str(root)):
-        raise MaelabError(f"the {what} {root} needs a class label for every sample, but {len(outside)} sample(s) of its "
+        raise SameOnEveryRank(f"the {what} {root} needs a class label for every sample, but {len(outside)} sample(s) of its "
                           f"shards have no .cls, e.g. {outside[0]}")
     if outside:
-        raise MaelabError(f"the {what} {root} must be an ImageFolder tree (<class>/<image>), but "
+        raise SameOnEveryRank(f"the {what} {root} must be an ImageFolder tree (<class>/<image>), but "
                           f"{len(outside)} image(s) are outside a class folder, e.g. {outside[0]}")
     if len(images.classes) < 2:
-        raise MaelabError(f"the {what} {root} has {len(images.classes)} class folder(s); classification needs at least 2")
+        raise SameOnEveryRank(f"the {what} {root} has {len(images.classes)} class folder(s); classification needs at least 2")
     return images
 
 
@@ -56,14 +56,14 @@ def check_same_classes(train: ImageList, val: ImageList, train_name: str = "trai
         detail.append(f"only in the {train_name}: {named(only_train, val, val_name)}")
     if only_val:
         detail.append(f"only in the {val_name}: {named(only_val, train, train_name)}")
-    raise MaelabError(f"the {train_name} ({len(train.classes)} classes) and the {val_name} ({len(val.classes)} "
+    raise SameOnEveryRank(f"the {train_name} ({len(train.classes)} classes) and the {val_name} ({len(val.classes)} "
                       f"classes) must have the same class folders ({'; '.join(detail)})")
 
 
 def check_num_classes(expected: int | None, images: ImageList, where: str) -> int:
     found = len(images.classes)
     if expected is not None and expected != found:
-        raise MaelabError(f"--num-classes {expected} does not match the {found} class folders of {where}")
+        raise SameOnEveryRank(f"--num-classes {expected} does not match the {found} class folders of {where}")
     return found
 
 
@@ -71,12 +71,12 @@ def classification_splits(data: str, val_data: str, bad_files: str = "error",
                           num_classes: int | None = None) -> tuple[ImageList, ImageList]:
     """(training split, validation split), checked: labelled, same classes, expected class count."""
     if not data:
-        raise MaelabError("--data is required: the training split, an ImageFolder tree (<class>/<image>)")
+        raise SameOnEveryRank("--data is required: the training split, an ImageFolder tree (<class>/<image>)")
     val = val_data or default_val_dir(data)
     if not val and not is_shard_source(str(data)) and not Path(data).expanduser().exists():
-        raise MaelabError(f"data folder {data} does not exist")  # a mistyped --data, not a missing split
+        raise SameOnEveryRank(f"data folder {data} does not exist")  # a mistyped --data, not a missing split
     if not val:
-        raise MaelabError(f"no validation split: pass --val-data (no sibling {'/'.join(VAL_NAMES)} folder "
+        raise SameOnEveryRank(f"no validation split: pass --val-data (no sibling {'/'.join(VAL_NAMES)} folder "
                           f"next to {data})")
     train_images = labelled_split(data, bad_files, "training split")
     val_images = labelled_split(val, bad_files, "validation split")

@@ -145,6 +145,15 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device, fsdp:
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def share_buffers(module: torch.nn.Module, info: DistInfo) -> None:
+    """Give every process rank 0's buffers (a BatchNorm's running statistics). DDP does so at each training
+    forward, but that forward then moves each process's statistics with its own micro-batch: scored as they
+    are, each process's share of a validation split would meet another model than the one rank 0 saves."""
+    if info.enabled:
+        for b in module.buffers():
+            dist.broadcast(b.data, src=0)
+
+
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, Block)]
 
