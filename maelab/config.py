@@ -10,6 +10,7 @@ unique across sections, so a YAML file may be flat (``epochs: 10``) or sectioned
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import dataclasses
 import types
 import typing
@@ -141,6 +142,8 @@ class _UniqueKeys(yaml.SafeLoader):
         seen: set = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, collections.abc.Hashable):
+                break  # the safe loader's own error names an unhashable key
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
                                                         key_node.start_mark)

@@ -51,6 +51,7 @@ def test_unknown_field_and_bad_type_are_clear_errors(tmp_path):
     ("optim:\n  lr: 0.1\n  lr: 0.2\n", "cannot read config .*: the key 'lr' is given twice"),  # YAML keeps the last
     ("lr: 0.1\noptim:\n  lr: 0.2\n", "config field 'lr' is given twice in .*: keep one"),
     ("optim:\n  epochs: 2\noptim:\n  base_lr: 0.1\n", "the key 'optim' is given twice"),
+    ("? [a, b]\n: 1\n", "cannot read config .*: while constructing a mapping"),  # the check meets no unhashable key
 ])
 def test_a_setting_given_twice_is_refused_not_left_to_the_last_line(tmp_path, text, message):
     y = tmp_path / "twice.yaml"

@@ -92,8 +92,8 @@ def run(cfg: FeaturesConfig) -> dict[str, Any]:
                                                               s.precision, s.is_main), s.device)
         result = {"out": str(out), "images": len(images), "dim": int(feats.shape[1])}
         if s.is_main:
-            rows = index.tolist()
-            paths = [images.names()[i] for i in rows]
+            rows, names = index.tolist(), images.names()
+            paths = [names[i] for i in rows]
             meta = {"init": cfg.model.init, "source": enc.source if enc else "none", "global_pool": cfg.model.global_pool,
                     "encoder": describe(dict(arch, img_size=size)), "root": images.root, "precision": s.precision}
             if images.sources is not None:  # shard samples: where each one is inside its shard, too

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from maelab.choices import RECONSTRUCTION_PNG
 from maelab.config import load_yaml
-from maelab.data.folders import scan_images, spread_sample
-from maelab.data.shards import is_shard_source, shard_images
+from maelab.data.folders import spread_sample
+from maelab.data.shards import is_shard_source, scan_any
 from maelab.errors import MaelabError
 from maelab.interop.encoders import img_size_arg
 from maelab.interop.mae_weights import load_mae, require_decoder
@@ -34,7 +34,7 @@ def output_path(out: str) -> Path:
 def sample_of(data: str) -> tuple[list[str], list[str]]:
     """A fixed spread-out sample of an image folder or of local shards, with row titles (shard samples are
     titled by the file they were made from)."""
-    images = shard_images(data) if is_shard_source(data) else scan_images(data)
+    images = scan_any(data)
     chosen = spread_sample(images, PICTURE_IMAGES)
     name = dict(zip(images.paths, images.names()))
     return chosen, [row_title(name[p]) for p in chosen]

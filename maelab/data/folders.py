@@ -80,8 +80,10 @@ def image_files(entries: list[str], flag: str = "--images", limit: int = 0) -> l
             raise MaelabError(f"{flag} {p} does not exist")
     if not found:
         raise MaelabError(f"no images in {', '.join(entries)}")
-    seen: set[str] = set()  # a file named and also inside a named folder is drawn once
-    found = [f for f in found if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
+    unique: dict[str, str] = {}  # a file named and also inside a named folder is drawn once, as first named
+    for f in found:
+        unique.setdefault(os.path.realpath(f), f)
+    found = list(unique.values())
     return found[:limit] if limit > 0 else found
 
 

@@ -119,12 +119,14 @@ def make_shards(images: ImageList, out: str | Path, shard_size: int, prefix: str
 
 @dataclass
 class ShardSet:
-    """The shards of one ``--data``: their URLs, sample counts and class names."""
+    """The shards of one ``--data``: their URLs, sample counts and class names, and the folder each shard's
+    images were read from (its manifest's ``source``; "" where none says)."""
 
     source: str
     urls: list[str]
     counts: list[int]
     classes: list[str] = field(default_factory=list)
+    made_from: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -195,7 +197,8 @@ def open_shards(spec: str, labelled: bool = False) -> ShardSet:
                     else _load_manifest(spec, _read_url(spec)))
         base = str(where).rsplit("/", 1)[0] + "/" if "/" in str(where) else ""
         urls = [s["name"] if re.match(r"^[a-z]+:", s["name"]) else base + s["name"] for s in manifest["shards"]]
-        return ShardSet(spec, urls, [int(s["count"]) for s in manifest["shards"]], list(manifest.get("classes", [])))
+        return ShardSet(spec, urls, [int(s["count"]) for s in manifest["shards"]], list(manifest.get("classes", [])),
+                        [str(manifest.get("source", ""))] * len(urls))
     urls = wds.shardlists.expand_urls(spec)
     beside: dict[str, tuple[str, dict] | None] = {}  # manifest of each folder the pattern spans
     for u in urls:
@@ -219,7 +222,8 @@ def open_shards(spec: str, labelled: bool = False) -> ShardSet:
         listed = {s["name"]: int(s["count"]) for s in found[1]["shards"]} if found else {}
         count = listed.get(_basename(u))
         counts.append(count if count is not None else count_samples(u))
-    return ShardSet(spec, urls, counts, list(manifests[0][1].get("classes", [])) if manifests else [])
+    made_from = [str(beside[_folder(u)][1].get("source", "")) if beside[_folder(u)] else "" for u in urls]
+    return ShardSet(spec, urls, counts, list(manifests[0][1].get("classes", [])) if manifests else [], made_from)
 
 
 def _folder(url: str) -> str:
@@ -243,16 +247,11 @@ def shard_images(spec: str) -> ImageList:
     image. The order is the shards' own; the labels are their ``.cls``, the classes the manifest's."""
     shards = open_shards(spec, labelled=True)
     paths, labels, sources = [], [], []
-    roots: dict[str, str] = {}  # each folder's source folder, from its manifest
-    for url, count in zip(shards.urls, shards.counts):
+    for url, count, root in zip(shards.urls, shards.counts, shards.made_from or [""] * len(shards.urls)):
         local = url.removeprefix("file://")
         if re.match(r"^[a-z][a-z0-9+.-]*:", local) or not Path(local).is_file():
             raise MaelabError(f"this command reads shards by random access, from local files; {url} is not one "
                               f"(copy the shards to a local or mounted folder, or use an image folder)")
-        if _folder(local) not in roots:
-            found_manifest = _manifest_beside(local)
-            roots[_folder(local)] = str(found_manifest[1].get("source", "")) if found_manifest else ""
-        root = roots[_folder(local)]
         try:
             with tarfile.open(local, "r:") as tar:
                 found: dict[str, dict] = {}
@@ -291,9 +290,14 @@ def _source_name(root: str, name: str) -> str:
     return name if not root or not Path(root).is_absolute() or Path(name).is_absolute() else str(Path(root) / name)
 
 
+def scan_any(data: str) -> ImageList:
+    """The images of an image folder or of local shards (:func:`scan_images` / :func:`shard_images`)."""
+    return shard_images(data) if is_shard_source(data) else scan_images(data)
+
+
 def prepare_any(data: str, bad_files: str, limit: int = 0, seed: int = 0) -> ImageList:
     """:func:`maelab.data.folders.prepare_images` of an image folder or of local shards."""
-    return prepare_images(data, bad_files, limit, seed, scan=shard_images if is_shard_source(data) else scan_images)
+    return prepare_images(data, bad_files, limit, seed, scan=scan_any)
 
 
 # --- reading -----------------------------------------------------------------------------------------

@@ -30,13 +30,14 @@ def labelled_split(root: str | Path, bad_files: str = "error", what: str = "trai
     images = prepare_any(str(root), bad_files)
     outside = [p for p, y in zip(images.paths, images.labels) if y < 0]
     if outside and is_shard_source(str(root)):
-        raise SameOnEveryRank(f"the {what} {root} needs a class label for every sample, but {len(outside)} sample(s) of its "
-                          f"shards have no .cls, e.g. {outside[0]}")
+        raise SameOnEveryRank(f"the {what} {root} needs a class label for every sample, but {len(outside)} sample(s) "
+                              f"of its shards have no .cls, e.g. {outside[0]}")
     if outside:
         raise SameOnEveryRank(f"the {what} {root} must be an ImageFolder tree (<class>/<image>), but "
-                          f"{len(outside)} image(s) are outside a class folder, e.g. {outside[0]}")
+                              f"{len(outside)} image(s) are outside a class folder, e.g. {outside[0]}")
     if len(images.classes) < 2:
-        raise SameOnEveryRank(f"the {what} {root} has {len(images.classes)} class folder(s); classification needs at least 2")
+        raise SameOnEveryRank(f"the {what} {root} has {len(images.classes)} class folder(s); classification needs "
+                              f"at least 2")
     return images
 
 
@@ -56,8 +57,8 @@ def check_same_classes(train: ImageList, val: ImageList, train_name: str = "trai
         detail.append(f"only in the {train_name}: {named(only_train, val, val_name)}")
     if only_val:
         detail.append(f"only in the {val_name}: {named(only_val, train, train_name)}")
-    raise SameOnEveryRank(f"the {train_name} ({len(train.classes)} classes) and the {val_name} ({len(val.classes)} "
-                      f"classes) must have the same class folders ({'; '.join(detail)})")
+    raise SameOnEveryRank(f"the {train_name} ({len(train.classes)} classes) and the {val_name} "
+                          f"({len(val.classes)} classes) must have the same class folders ({'; '.join(detail)})")
 
 
 def check_num_classes(expected: int | None, images: ImageList, where: str) -> int:
@@ -77,7 +78,7 @@ def classification_splits(data: str, val_data: str, bad_files: str = "error",
         raise SameOnEveryRank(f"data folder {data} does not exist")  # a mistyped --data, not a missing split
     if not val:
         raise SameOnEveryRank(f"no validation split: pass --val-data (no sibling {'/'.join(VAL_NAMES)} folder "
-                          f"next to {data})")
+                              f"next to {data})")
     train_images = labelled_split(data, bad_files, "training split")
     val_images = labelled_split(val, bad_files, "validation split")
     check_same_classes(train_images, val_images)

@@ -451,13 +451,13 @@ class Trainer:
                 self.epoch, self.step = epoch + 1, 0
                 epoch_loss = self._mean(epoch_sum, max(n_epoch, 1))
                 last = self.epoch == cfg.epochs or self.global_step >= self.total_steps
-                extra = self._epoch_end_task(epoch, last, epoch_loss)
+                name = f"epoch_{self.epoch:04d}"
+                extra = self._epoch_end_task(epoch, last, name, epoch_loss)
                 summary = {"epoch": self.epoch, "epoch_loss": epoch_loss, **extra}
                 self.log.scalars(summary, self.global_step, prefix="epoch")
                 self.log.info(f"epoch {self.epoch}/{cfg.epochs}  loss {epoch_loss:.4f}"
                               + "".join(f"  {k} {v:.4g}" for k, v in extra.items() if isinstance(v, float)))
                 history.append(summary)
-                name = f"epoch_{self.epoch:04d}"
                 if self.peak is None:  # before the first save, which gathers the full state on rank 0 under FSDP
                     self.peak = peak_memory(self.info, self.device)
                 self.save(name, {"epoch_loss": epoch_loss})
@@ -473,7 +473,7 @@ class Trainer:
                           + ", ".join(f"{g:.2f}" for g in self.peak) + " GiB")
         return LoopResult(self.run_dir, self.epoch, self.global_step, history)
 
-    def _epoch_end_task(self, epoch: int, last: bool, epoch_loss: float) -> dict[str, float]:
+    def _epoch_end_task(self, epoch: int, last: bool, name: str, epoch_loss: float) -> dict[str, float]:
         """The task's epoch end (evaluation). Should it fail (a bad validation label or image), the epoch's
         training is saved first, in one process where that needs no other process, so fixing the input and
         rerunning goes on from there."""
@@ -484,7 +484,7 @@ class Trainer:
         except MaelabError as e:
             if self.info.world > 1:
                 raise
-            path = self.save(f"epoch_{self.epoch:04d}", {"epoch_loss": epoch_loss})
+            path = self.save(name, {"epoch_loss": epoch_loss})
             raise MaelabError(f"{e} (after epoch {self.epoch}'s training, which is saved to {path or self.run_dir}: "
                               f"run the same command again to go on from there)") from None
 
