@@ -71,6 +71,12 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def is_switch(cls: type, flag: str) -> bool:
+    """Whether ``--flag`` of config ``cls`` is an on/off switch (``--flag`` / ``--no-flag``)."""
+    leaf = _leaf_fields(cls).get(flag.strip("-").replace("-", "_"))
+    return leaf is not None and _unwrap_optional(_field_type(cls, leaf[0], leaf[1].name))[0] is bool
+
+
 def _coerce(value: Any, tp: Any, name: str) -> Any:
     inner, optional = _unwrap_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):

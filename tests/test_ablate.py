@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import maelab_here, maelab_refusal, make_subset, results_page
+from maelab.errors import MaelabError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -226,6 +227,24 @@ def test_a_seed_sweep_runs_and_records_each_value_as_the_seed_of_its_whole_chain
     summary = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert summary["seeds"] == [1, 2] and [r["seed"] for r in summary["rows"]] == [1, 2]
     assert module.setting_flags("mask-ratio", "0.5") == ["--mask-ratio", "0.5"]
+
+
+def test_an_on_off_setting_takes_1_and_0_and_names_them_true_and_false(cifar_tiny, tmp_path):
+    import maelab.commands.ablate as module
+    cfg = module.AblateConfig()
+    cfg.sweep.setting, cfg.sweep.values = "norm-pix-loss", ["1", "0"]
+    cfg.data.data, cfg.data.val_data, cfg.run.out, cfg.data.batch_size = str(cifar_tiny), str(cifar_tiny), str(tmp_path), 16
+    module.validate(cfg)
+    assert cfg.sweep.values == ["true", "false"]  # one folder and one table row per state, however it was typed
+    assert module.setting_flags("norm_pix_loss", "0") == ["--no-norm-pix-loss"]
+    assert module.setting_flags("norm-pix-loss", "On") == ["--norm-pix-loss"]
+    assert module.setting_flags("decoder-depth", "1") == ["--decoder-depth", "1"]  # a number stays a number
+    cfg.sweep.values = ["yes", "1"]
+    with pytest.raises(MaelabError, match="repeats a value"):
+        module.validate(cfg)
+    cfg.sweep.values = ["maybe"]
+    with pytest.raises(MaelabError, match="--values maybe"):
+        module.validate(cfg)
 
 
 def write_sweep(folder: Path, setting: str, scores: dict[str, float], minutes: float = 4.0, budget: str = "4m",

@@ -26,7 +26,7 @@ from maelab.commands.options.pretrain import PretrainConfig
 from maelab.commands.steps import (Chain, check_buildable, check_chain_data, check_chain_splits, check_image_counts,
                                    chains_code, invoked, length_flags, machine, no_budget, recorded_optim,
                                    refuse_torchrun, STEPS)
-from maelab.config import add_config_args, config_from_args, load_yaml
+from maelab.config import add_config_args, config_from_args, is_switch, load_yaml
 from maelab.data.splits import subset_seed
 from maelab.errors import MaelabError
 from maelab.io import atomic_write_bytes, write_json
@@ -54,6 +54,8 @@ def validate(cfg: AblateConfig) -> None:
         raise MaelabError("--setting and --values are required, e.g. --setting mask-ratio --values 0.5 0.75")
     if (why := NOT_SETTINGS.get(flag_name(sw.setting))) is not None:
         raise MaelabError(f"--setting {sw.setting} is not a setting to sweep: {why}")
+    if is_switch(PretrainConfig, flag_name(sw.setting)):  # one spelling per state: folders and tables say true / false
+        sw.values = [switch_word(v) for v in sw.values]
     if len(set(sw.values)) != len(sw.values):
         raise MaelabError(f"--values repeats a value: {sw.values}")
     if not cfg.data.data:
@@ -115,13 +117,21 @@ def flag_name(setting: str) -> str:
     return setting.strip("-").replace("_", "-")
 
 
+SWITCH_ON, SWITCH_OFF = ("true", "on", "yes", "1"), ("false", "off", "no", "0")
+
+
+def switch_word(value: str) -> str:
+    """An on/off value as ``true`` / ``false``; anything else unchanged (pretrain's parser then names it)."""
+    low = value.lower()
+    return "true" if low in SWITCH_ON else "false" if low in SWITCH_OFF else value
+
+
 def setting_flags(setting: str, value: str) -> list[str]:
-    """``--name value``; on/off settings (``true`` / ``false``) become ``--name`` / ``--no-name``."""
+    """``--name value``; an on/off setting's ``true`` / ``false`` (``1`` / ``0``, ...) become ``--name`` /
+    ``--no-name``."""
     flag = flag_name(setting)
-    if value.lower() in ("true", "on", "yes"):
-        return [f"--{flag}"]
-    if value.lower() in ("false", "off", "no"):
-        return [f"--no-{flag}"]
+    if is_switch(PretrainConfig, flag) and (word := switch_word(value)) in ("true", "false"):
+        return [f"--{flag}" if word == "true" else f"--no-{flag}"]
     return [f"--{flag}", value]
 
 

@@ -18,7 +18,7 @@ EVALUATIONS = ("knn", "linprobe", "finetune")
 class SweepConfig:
     setting: str = option("", "the `maelab pretrain` flag to vary, without dashes: mask-ratio, decoder-depth, "
                               "decoder-embed-dim, mask-type, norm-pix-loss, min-crop-scale, ...")
-    values: list[str] = option([], "the values to try (for on/off flags: true false)")
+    values: list[str] = option([], "the values to try (for on/off flags: true false, or 1 0)")
     evaluate: list[str] = option(["knn", "linprobe"], "evaluations of every encoder: knn, linprobe, finetune",
                                  choices=EVALUATIONS)
 
