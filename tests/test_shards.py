@@ -313,11 +313,15 @@ def test_features_of_shards_name_the_files_the_samples_came_from(folder, split_s
 
 def test_pictures_of_a_run_on_shards_are_titled_by_their_source_files(folder, split_shards, tmp_path):
     from maelab.commands.visualize import run_images
+    from maelab.viz.reconstruct import row_title
 
     (tmp_path / "config.yaml").write_text(f"data:\n  data: {split_shards / 'train'}\n")
     paths, titles = run_images(tmp_path)
     assert len(paths) == len(titles) > 0 and all(".tar@" in p for p in paths)
     assert all(t.split("/")[0] in ("c0", "c1", "c2") and (folder / t).is_file() for t in titles)
+    # and so are the pictures a streamed pre-training draws (they were "train-0000.tar/000003")
+    _, names = sh.shard_pictures(sh.open_shards(str(split_shards / "train")), 4, (16, 16))
+    assert len(names) == 4 and all((folder / row_title(n)).is_file() for n in names)
     from conftest import TINY_MAE
     from maelab.interop.mae_weights import save_mae
     from maelab.models.mae import MaskedAutoencoder

@@ -28,6 +28,7 @@ from maelab.train.distributed import plain_copy
 from maelab.train.optim import adamw, batch_and_lr, scaled_lr
 from maelab.train.tasks import PretrainTask
 from maelab.viz import PICTURE_IMAGES, plot_curves, reconstruction_grid, save_reconstruction_grid
+from maelab.viz.reconstruct import row_title
 
 
 def run(cfg: PretrainConfig) -> LoopResult:
@@ -124,8 +125,8 @@ def shard_data(cfg: PretrainConfig, size: tuple[int, int], s: Session, workers: 
     plan = ShardPlan(shards, cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank, cfg.run.seed,
                      workers)
     feeder = ShardFeeder(plan, s.device, transform, cfg.data.bad_files, cfg.data.shuffle_buffer)
-    vis, titles = shard_pictures(shards, PICTURE_IMAGES, size, cfg.data.bad_files)
-    return shards, feeder, vis, titles
+    vis, names = shard_pictures(shards, PICTURE_IMAGES, size, cfg.data.bad_files)
+    return shards, feeder, vis, [row_title(n) for n in names]
 
 
 def stream_workers(requested: int, workers: int, resume: Path | None, say: bool) -> int:

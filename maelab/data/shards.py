@@ -311,6 +311,7 @@ class Sample:
     ext: str
     data: bytes
     label: int
+    source: str = ""  # the file `maelab shards make` read (its ``src.txt``), "" in shards written without it
 
 
 # every extension of an image folder (what `maelab shards make` writes), the usual photo formats first: a
@@ -332,7 +333,8 @@ def read_samples(url: str, expected: int | None = None) -> Iterator[Sample]:
                 raise MaelabError(f"cannot read shard {url}: sample {s['__key__']} holds no image file "
                                   f"({', '.join(sorted(s))}); is the shard truncated?")
             n += 1
-            yield Sample(url, s["__key__"], ext, s[ext], int(s["cls"]) if "cls" in s else -1)
+            yield Sample(url, s["__key__"], ext, s[ext], int(s["cls"]) if "cls" in s else -1,
+                         s["src.txt"].decode(errors="replace").strip() if "src.txt" in s else "")
         failed = _command_failed(stream)
         if failed:
             raise MaelabError(f"cannot read shard {url}: {failed}")
@@ -573,8 +575,9 @@ class ShardFeeder:
 
 
 def shard_pictures(shards: ShardSet, k: int, size: tuple[int, int], bad_files: str = "error"):
-    """The first ``k`` readable samples of the first shard in the evaluation view, with "shard/key"
-    titles: the fixed images a pre-training run draws its reconstructions from."""
+    """The first ``k`` readable samples of the first shard in the evaluation view, with the names of the
+    files they were made from ("shard/key" where the shard does not record it): the fixed images a
+    pre-training run draws its reconstructions from."""
     view, images, titles = EvalTransform(size, 1.0), [], []
     for sample in read_samples(shards.urls[0]):
         try:
@@ -584,7 +587,7 @@ def shard_pictures(shards: ShardSet, k: int, size: tuple[int, int], bad_files: s
                 raise
             warnings.warn(f"leaving out unreadable sample: {e}", stacklevel=2)
             continue
-        titles.append(f"{_basename(sample.url)}/{sample.key}")
+        titles.append(sample.source or f"{_basename(sample.url)}/{sample.key}")
         if len(images) == k:
             break
     return torch.stack(images), titles
