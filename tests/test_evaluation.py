@@ -539,6 +539,25 @@ def test_features_end_to_end_with_paths(dataset, mae_ckpt, tmp_path, suffix):
         torch.testing.assert_close(got["features"][0], encode(tiny_mae(), x)[0], rtol=0, atol=1e-4)
 
 
+def test_features_of_a_flat_folder_over_labelled_ones_leave_no_stale_labels(dataset, mae_ckpt, tmp_path):
+    """`--out f.npy` again on a folder without classes kept the first run's f.labels.npy (12 labels beside 4 rows)."""
+    from maelab.commands.features import read_features
+
+    flat, out = tmp_path / "flat", tmp_path / "f.npy"
+    flat.mkdir()
+    for p in sorted((dataset / "test" / "class1").iterdir())[:4]:
+        (flat / p.name).write_bytes(p.read_bytes())
+    assert main(["features", "--init", str(mae_ckpt), "--data", str(dataset / "test"), "--out", str(out), *QUIET[:2]]) == 0
+    assert len(read_features(out)["labels"]) == 12
+    assert main(["features", "--init", str(mae_ckpt), "--data", str(flat), "--out", str(out), *QUIET[:2]]) == 0
+    got = read_features(out)
+    assert got["labels"] is None and got["classes"] == [] and len(got["features"]) == len(got["paths"]) == 4
+    assert not (tmp_path / "f.labels.npy").exists() and not (tmp_path / "f.classes.txt").exists()
+    (tmp_path / "f.paths.txt").write_text("a\nb\n")  # side files of another run (a copy, a cut-off write)
+    with pytest.raises(MaelabError, match="has 4 rows but its paths 2: the files are from different runs"):
+        read_features(out)
+
+
 def test_pretrain_knn_monitor_logs_knn_accuracy(dataset, tmp_path):
     out = tmp_path / "pt"
     assert main(["pretrain", "--data", str(dataset / "train"), "--model", "mae_vit_tiny_patch4", "--img-size", "16",

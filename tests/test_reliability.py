@@ -148,6 +148,34 @@ def test_a_second_process_in_a_running_runs_folder_is_refused_and_a_killed_holde
     assert main(flags) == 0, capsys.readouterr().err
 
 
+def test_a_run_that_another_process_made_and_finished_during_this_ones_start_is_not_overwritten(capsys, tmp_path,
+                                                                                                  monkeypatch):
+    """The same command started twice into a new --out: the second chose "new run" before the first made the
+    folder, the first finished (releasing the lock) while the second was still starting, and the second then
+    trained from scratch over the finished run, with whatever settings it had."""
+    from maelab.cli import main
+    from maelab.train.loop import Trainer
+
+    data, out = png_folder(tmp_path / "data", 8), tmp_path / "run"
+    flags = ["pretrain", "--data", str(data), "--out", str(out), *FAST, "--num-workers", "0"]
+    original, raced = Trainer.open_run, []
+
+    def open_run(self, config, resume, lock=None):
+        if not raced:  # the other process runs to its end just before this one writes the folder
+            raced.append(True)
+            monkeypatch.setattr(Trainer, "open_run", original)
+            assert main([*flags, "--mask-ratio", "0.5"]) == 0
+        return original(self, config, resume, lock)
+
+    monkeypatch.setattr(Trainer, "open_run", open_run)
+    capsys.readouterr()
+    assert main(flags) == 2
+    line = _error_line(capsys)
+    assert f"{out} was started by another maelab process while this one was starting" in line, line
+    assert "mask_ratio: 0.5" in (out / "config.yaml").read_text()  # the finished run is kept as it was
+    assert main(flags) == 2 and "--mask-ratio 0.75 (the run has 0.5)" in _error_line(capsys)  # and guarded as usual
+
+
 def _linger(ready) -> None:
     ready.set()
     time.sleep(30)

@@ -37,26 +37,33 @@ def _sidecar(out: Path, suffix: str) -> Path:
 
 def write_features(out: Path, feats: torch.Tensor, labels: torch.Tensor | None, paths: list[str],
                    classes: list[str], info: dict[str, Any]) -> list[Path]:
+    """Write the features and their side files; the features file last, so a run killed half-way leaves no
+    features file beside another run's side files (:func:`read_features` checks the row counts)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    written = [out]
+    written = []
+    if out.suffix == ".npy":
+        label_files = [_sidecar(out, ".labels.npy"), _sidecar(out, ".classes.txt")]
+        if labels is not None:
+            buf = io.BytesIO()
+            np.save(buf, labels.numpy().astype(np.int64))
+            atomic_write_bytes(label_files[0], buf.getvalue())
+            atomic_write_bytes(label_files[1], ("\n".join(classes) + "\n").encode())
+            written += label_files
+        else:  # an earlier run's labels would be read as these rows'
+            for f in label_files:
+                f.unlink(missing_ok=True)
+    atomic_write_bytes(_sidecar(out, ".paths.txt"), ("\n".join(paths) + "\n").encode())
+    written.append(_sidecar(out, ".paths.txt"))
     if out.suffix == ".npy":
         buf = io.BytesIO()
         np.save(buf, feats.numpy().astype(np.float32))
         atomic_write_bytes(out, buf.getvalue())
-        if labels is not None:
-            buf = io.BytesIO()
-            np.save(buf, labels.numpy().astype(np.int64))
-            atomic_write_bytes(_sidecar(out, ".labels.npy"), buf.getvalue())
-            atomic_write_bytes(_sidecar(out, ".classes.txt"), ("\n".join(classes) + "\n").encode())
-            written += [_sidecar(out, ".labels.npy"), _sidecar(out, ".classes.txt")]
     else:
         tensors = {"features": feats.float().contiguous()}
         if labels is not None:
             tensors["labels"] = labels.long().contiguous()
-        meta = {"paths": paths, "classes": classes, **info}
-        save_weights(out, tensors, meta)
-    atomic_write_bytes(_sidecar(out, ".paths.txt"), ("\n".join(paths) + "\n").encode())
-    return written + [_sidecar(out, ".paths.txt")]
+        save_weights(out, tensors, {"paths": paths, "classes": classes, **info})
+    return [out, *written]
 
 
 def read_features(path: str | Path) -> dict[str, Any]:
@@ -66,12 +73,20 @@ def read_features(path: str | Path) -> dict[str, Any]:
     paths = paths_file.read_text().splitlines() if paths_file.is_file() else []
     if p.suffix == ".npy":
         labels_file, classes_file = _sidecar(p, ".labels.npy"), _sidecar(p, ".classes.txt")
-        return {"features": torch.from_numpy(np.load(p)), "paths": paths,
-                "labels": torch.from_numpy(np.load(labels_file)) if labels_file.is_file() else None,
-                "classes": classes_file.read_text().splitlines() if classes_file.is_file() else []}
-    tensors, meta = read_weights(p)
-    return {"features": tensors["features"], "labels": tensors.get("labels"), "paths": meta.get("paths", paths),
-            "classes": meta.get("classes", []), "meta": meta}
+        got = {"features": torch.from_numpy(np.load(p)), "paths": paths,
+               "labels": torch.from_numpy(np.load(labels_file)) if labels_file.is_file() else None,
+               "classes": classes_file.read_text().splitlines() if classes_file.is_file() else []}
+    else:
+        tensors, meta = read_weights(p)
+        got = {"features": tensors["features"], "labels": tensors.get("labels"), "paths": meta.get("paths", paths),
+               "classes": meta.get("classes", []), "meta": meta}
+    rows = len(got["features"])
+    sides = {"paths": len(got["paths"]) or rows, "labels": rows if got["labels"] is None else len(got["labels"])}
+    for name, n in sides.items():
+        if n != rows:
+            raise MaelabError(f"{p} has {rows} rows but its {name} {n}: the files are from different runs "
+                              f"(run `maelab features` again)")
+    return got
 
 
 def run(cfg: FeaturesConfig) -> dict[str, Any]:

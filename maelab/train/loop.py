@@ -336,6 +336,12 @@ class Trainer:
         if lock is not None and self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             lock.take()
+            if lock.deferred and resume is None and (self.run_dir / "config.yaml").exists():
+                # another process made and ran it since (the same command started twice): starting over here
+                # would overwrite its run
+                raise MaelabError(f"{self.run_dir} was started by another maelab process while this one was "
+                                  f"starting; nothing was written. Run this command again to continue that run "
+                                  f"(or choose another --out)")
         self.log = RunLogger(self.run_dir, enabled=self.info.is_main, start_step=self.global_step)
         if self.info.is_main:
             self._write_config()

@@ -46,11 +46,15 @@ class RunLock:
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.run_dir, self.enabled = Path(run_dir), enabled and fcntl is not None
         self._fd: int | None = None
+        self.deferred = False  # the folder did not exist yet when the run chose to start (or resume)
 
     def take(self) -> None:
         """Hold the lock if the folder exists (a new folder is locked once it is created, before anything
         is written in it); refuse in one line, naming the holder, if another process holds it."""
-        if not self.enabled or self._fd is not None or not self.run_dir.is_dir():
+        if not self.run_dir.is_dir():
+            self.deferred = True
+            return
+        if not self.enabled or self._fd is not None:
             return
         path = self.run_dir / LOCK_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT, default_mode())
