@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from maelab.cli import main
@@ -462,6 +463,33 @@ def test_finetune_end_to_end_writes_results_and_resumes(dataset, mae_ckpt, tmp_p
     # the fine-tuned run is itself an encoder source
     assert main(["knn", "--init", str(out), "--data", str(dataset / "train"), "--out", str(tmp_path / "k.json"),
                  *QUIET[:2]]) == 0
+
+
+def test_a_train_valid_test_layout_scores_on_valid_and_a_run_keeps_the_folder_it_scored_on(mae_ckpt, tmp_path,
+                                                                                             capsys):
+    """Roboflow / Kaggle exports are train/valid/test: `valid` was not looked for, the 2-image `test` was
+    scored instead, and a resume after a `val` folder appeared scored epoch 2 on other images than epoch 1."""
+    root = tmp_path / "export"
+    make_folder(root / "train", 3, 4, seed=0)
+    make_folder(root / "valid", 3, 3, seed=1)
+    make_folder(root / "test", 3, 1, seed=2)
+    assert main(["knn", "--init", str(mae_ckpt), "--data", str(root / "train"), "--out", str(tmp_path / "k.json"),
+                 *QUIET[:2]]) == 0
+    assert json.loads((tmp_path / "k.json").read_text())["val_images"] == 9
+    assert f"validation split {root / 'valid'} (the folder beside --data" in capsys.readouterr().out
+    out = tmp_path / "ft"
+    args = ["finetune", "--init", str(mae_ckpt), "--data", str(root / "train"), "--batch-size", "6", "--out", str(out),
+            *QUIET]
+    assert main([*args, "--epochs", "1"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["val_data"] == str(root / "valid")
+    (root / "valid").rename(root / "val")  # the folder the run scored on is now found under another name
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"--val-data '{root / 'val'}' (the run has '{root / 'valid'}')" in err, err
+    assert main([*args, "--epochs", "2", "--val-data", str(root / "val")]) == 2  # the folder it recorded is gone
+    (root / "val").rename(root / "valid")
+    assert main([*args, "--epochs", "2"]) == 0
 
 
 def test_finetune_from_scratch_end_to_end(dataset, tmp_path):

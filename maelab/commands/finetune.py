@@ -113,7 +113,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     validate(cfg)
     with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
         run_dir, resume = s.run_folder(cfg.run)
-        train, val = load_splits(cfg.data, cfg.run.seed)
+        train, val = load_splits(cfg.data, cfg.run.seed, say=s.is_main)
         num_classes = len(train.classes)
         model, arch, size, enc, notes = build_model(cfg, num_classes)
         plan = plan_for(train, cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank,

@@ -28,7 +28,7 @@ def run(cfg: KnnConfig) -> dict[str, Any]:
     if cfg.run.out:
         check_output_file(cfg.run.out)
     with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
-        train, val = load_splits(cfg.data, cfg.run.seed)
+        train, val = load_splits(cfg.data, cfg.run.seed, say=s.is_main)
         encoder, enc, arch, size, notes = s.frozen_encoder(cfg.model)
         if s.is_main:
             print(f"maelab knn: {encoder_header(enc, arch, size, notes)}; on {s.where}", flush=True)

@@ -84,7 +84,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
     validate(cfg)
     with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
         encoder, enc, arch, size, notes = s.frozen_encoder(cfg.model)
-        train, val = load_splits(cfg.data, cfg.run.seed)
+        train, val = load_splits(cfg.data, cfg.run.seed, say=s.is_main)
         num_classes = len(train.classes)
         head = LinearProbeHead(arch["embed_dim"], num_classes).to(s.device)
         run_dir, resume = s.run_folder(cfg.run)

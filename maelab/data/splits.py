@@ -9,11 +9,12 @@ from maelab.data.folders import ImageList, subsample
 from maelab.data.shards import is_shard_source, prepare_any
 from maelab.errors import SameOnEveryRank  # the splits are the same on every process: said once
 
-VAL_NAMES = ("val", "validation", "test")
+VAL_NAMES = ("val", "validation", "valid", "test")  # in this order: a test folder is the last resort
 
 
 def default_val_dir(train: str | Path) -> Path | None:
-    """A sibling ``val`` / ``validation`` / ``test`` folder when the training folder is called ``train``."""
+    """A sibling ``val`` / ``validation`` / ``valid`` / ``test`` folder when the training folder is called
+    ``train`` (``valid``: the train / valid / test layout of Roboflow and Kaggle exports)."""
     p = Path(train).expanduser()
     if p.name.lower() not in ("train", "training"):
         return None
@@ -94,10 +95,17 @@ def subset_seed(data, seed: int) -> int:
     return seed if fixed is None else fixed
 
 
-def load_splits(data, seed: int) -> tuple[ImageList, ImageList]:
+def load_splits(data, seed: int, say: bool = False) -> tuple[ImageList, ImageList]:
     """Checked training / validation splits of a class-data config section (``data``, ``val_data``,
     ``bad_files``, ``num_classes``, ``limit_images``, ``subset_seed``), each subsampled to
-    ``limit_images`` (drawn with :func:`subset_seed`)."""
+    ``limit_images`` (drawn with :func:`subset_seed`). A validation folder found beside ``data`` is
+    written into ``data.val_data`` (and said when ``say``): the run's config records the folder it scored
+    on, and a resume that would find another one is refused as a changed setting."""
+    if not data.val_data and data.data and (found := default_val_dir(data.data)) is not None:
+        data.val_data = str(found)
+        if say:
+            print(f"maelab: validation split {found} (the folder beside --data; --val-data chooses another)",
+                  flush=True)
     train, val = classification_splits(data.data, data.val_data, data.bad_files, data.num_classes)
     seed = subset_seed(data, seed)
     return subsample(train, data.limit_images, seed), subsample(val, data.limit_images, seed + 1)

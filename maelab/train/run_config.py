@@ -61,6 +61,8 @@ def _same(key: str, old: Any, new: Any) -> bool:
     """Whether two recorded values mean the same. Image sizes: one number is a square, and a size left
     to its default (``None``, as runs recorded it before the resolved size was written) is the size the
     command resolves now; the checkpoint's shapes are checked when it loads."""
+    if key == "data.val_data" and not old:  # recorded before the validation folder found beside --data was
+        return True
     if key.endswith(".img_size"):
         if old is None or new is None:
             return True

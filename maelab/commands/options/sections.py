@@ -104,8 +104,8 @@ class ImagesConfig:
 class ClassDataConfig(ImagesConfig):
     data: str = option("", "training split: an ImageFolder tree (<class>/<image>) or local tar shards "
                            "(`maelab shards make` folder, index.json or brace pattern)")
-    val_data: str = option("", "validation split, same class folders (default: a sibling val / validation / test "
-                           "folder when --data is called train)")
+    val_data: str = option("", "validation split, same class folders (default: a sibling val / validation / valid / "
+                           "test folder when --data is called train)")
     num_classes: int | None = option(None, "expected number of classes, checked against the class folders")
     limit_images: int = option(0, "use a fixed seeded random subset of N images of each split (0 = all); for quick runs")
     subset_seed: int | None = option(None, "seed of the --limit-images subsets (default: --seed); the same value "
@@ -123,7 +123,7 @@ class ChainDataConfig:
     """The data section of a chain of commands (``ablate``, ``recipe``)."""
 
     data: str = option("", "training images: an ImageFolder tree (labels for kNN / probe / fine-tune)")
-    val_data: str = option("", "labelled validation images (default: a sibling val / test folder)")
+    val_data: str = option("", "labelled validation images (default: a sibling val / validation / valid / test folder)")
     limit_images: int = option(0, "a fixed seeded subset of N images of each split for the evaluations (0 = all)")
     batch_size: int = option(256, "images per process per step, for pre-training and evaluation")
 
