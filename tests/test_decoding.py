@@ -30,6 +30,29 @@ def test_exif_orientation_is_applied_and_header_sizes_follow_it(tmp_path):
     assert image_sizes([str(path)]) == [(40, 20)]  # (height, width), the same as decoded
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp", ".tif"])
+def test_header_sizes_equal_decoded_sizes_for_every_rotated_format(tmp_path, suffix):
+    """Pillow's TIFF reader reports a rotated TIFF's size as displayed already; it was swapped once more, so
+    `--in-memory auto`, segmentation's label check and detection's size check saw 32x64 for a 64x32 image."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / f"upright{suffix}"
+    Image.new("RGB", (64, 32), "red").save(path, exif=exif.tobytes())
+    width, height = open_rgb(path).size
+    assert (width, height) == (32, 64) and image_sizes([str(path)]) == [(height, width)]
+
+
+def test_header_reads_of_a_big_image_print_no_pillow_warning(tmp_path, monkeypatch):
+    """The folder scan's probe and size read printed Pillow's DecompressionBombWarning (two raw lines per
+    file) for images open_rgb then downscales by design."""
+    path = tmp_path / "big.png"
+    Image.new("RGB", (12, 12)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 144 pixels: over the warning limit, under twice it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert folders._probe(str(path)) is None and image_sizes([str(path)]) == [(12, 12)]
+
+
 def test_32_bit_integer_images_use_the_range_of_their_values(tmp_path):
     values = np.linspace(0, 255_000, 16 * 16).reshape(16, 16).astype(np.int32)
     path = tmp_path / "counts.tif"

@@ -261,10 +261,18 @@ def bit_depth(img: Image.Image) -> int:
     return 16
 
 
+def _open_header(path: str) -> Image.Image:
+    """The image's header, without Pillow's warning for a big image: the size policy is ours (MAX_PIXELS,
+    :func:`open_rgb`), and the warning came as two raw lines per file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(image_file(path))
+
+
 def _probe(path: str) -> str | None:
     """Cheap readability check (header + structure, no full decode); the reason if it fails."""
     try:
-        with Image.open(image_file(path)) as img:
+        with _open_header(path) as img:
             img.verify()
         return None
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
@@ -276,10 +284,11 @@ _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap height and width
 
 def _header_size(path: str) -> tuple[int, int] | None:
     """(height, width) after the EXIF orientation, from the file header without decoding the pixels;
-    None if it cannot be read."""
+    None if it cannot be read. Pillow's TIFF reader already reports a rotated TIFF's size as displayed
+    (it turns the pixels itself when it decodes them)."""
     try:
-        with Image.open(image_file(path)) as img:
-            if img.getexif().get(0x0112) in _ROTATED:
+        with _open_header(path) as img:
+            if img.format != "TIFF" and img.getexif().get(0x0112) in _ROTATED:
                 return img.width, img.height
             return img.height, img.width
     except Exception:  # noqa: BLE001 - the decode that follows names the file

@@ -12,11 +12,10 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from maelab.data.folders import image_file, open_rgb
+from maelab.data.folders import open_rgb
 from maelab.data.transforms import crop_range, jitter_colors, jitter_factors, normalize, sample_crop_boxes
 from maelab.data.workers import ignore_stop_signals
 from maelab.errors import MaelabError
@@ -67,8 +66,8 @@ def decode_all(
         other.extend(start + int(i) for i in torch.nonzero(~fits).flatten())
         start += len(images)
     if other:
-        with Image.open(image_file(paths[other[0]])) as img:
-            example = f"{paths[other[0]]} is {img.height}x{img.width}"
+        width, height = open_rgb(paths[other[0]]).size  # as decoded: after its EXIF orientation
+        example = f"{paths[other[0]]} is {height}x{width}"
         raise MaelabError(
             f"decoding into RAM (--in-memory yes) needs every image at the input size {size[0]}x{size[1]} "
             f"(height x width), but {len(other)} of {len(paths)} are not ({example}); use --in-memory auto "
