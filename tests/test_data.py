@@ -199,6 +199,23 @@ def test_symlink_cycles_do_not_hang_the_scan(tmp_path):
     _save(tmp_path / "a" / "0.png", "RGB")
     (tmp_path / "a" / "loop").symlink_to(tmp_path / "a", target_is_directory=True)
     assert len(scan_images(tmp_path)) == 1
+    _save(tmp_path / "b" / "1.png", "RGB")  # two folders linking to each other: each walked once from each side
+    (tmp_path / "a" / "to_b").symlink_to(tmp_path / "b", target_is_directory=True)
+    (tmp_path / "b" / "to_a").symlink_to(tmp_path / "a", target_is_directory=True)
+    assert len(scan_images(tmp_path)) == 4  # a/0, a/to_b/1, b/1, b/to_a/0
+
+
+def test_two_class_folders_linking_to_one_folder_are_two_classes_as_torchvision_reads_them(tmp_path):
+    """The second link to an already walked folder was dropped without a word: a class went missing."""
+    from torchvision.datasets import ImageFolder
+
+    _save(tmp_path / "shared" / "0.png", "RGB")
+    _save(tmp_path / "data" / "a" / "0.png", "RGB")
+    for name in ("b_copy", "z_copy"):
+        (tmp_path / "data" / name).symlink_to(tmp_path / "shared", target_is_directory=True)
+    images, reference = scan_images(tmp_path / "data"), ImageFolder(str(tmp_path / "data"))
+    assert images.classes == reference.classes == ["a", "b_copy", "z_copy"]
+    assert images.labels == [y for _, y in reference.samples]
 
 
 def test_images_of_mixed_sizes_stream_at_the_model_size(tmp_path):

@@ -87,6 +87,13 @@ def image_files(entries: list[str], flag: str = "--images", limit: int = 0) -> l
     return found[:limit] if limit > 0 else found
 
 
+def _inside_itself(root: Path, rel: Path) -> bool:
+    """Whether folder ``root / rel`` is (through a symlink) one of the folders above it: walking it would
+    never end. Two links to one folder elsewhere are two class folders, as torchvision reads them."""
+    real = os.path.realpath(root / rel)
+    return any(os.path.realpath(root / Path(*rel.parts[:i])) == real for i in range(len(rel.parts)))
+
+
 def scan_images(root: str | os.PathLike) -> ImageList:
     """List the images under ``root``; class = first-level sub-folder (sorted), as torchvision does."""
     root = Path(root).expanduser()
@@ -96,16 +103,13 @@ def scan_images(root: str | os.PathLike) -> ImageList:
         raise MaelabError(f"data path {root} is not a folder")
     paths: list[str] = []
     tops: list[str] = []
-    seen: set[str] = set()
     left_out: Counter[str] = Counter()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink cycle: do not walk forever
+        rel = Path(dirpath).relative_to(root)
+        if _inside_itself(root, rel):  # a symlink cycle: do not walk forever
             dirnames[:] = []
             continue
-        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel = Path(dirpath).relative_to(root)
         top = rel.parts[0] if rel.parts else ""
         for name in sorted(filenames):
             if _is_image(name):
