@@ -416,6 +416,23 @@ def test_train_and_val_class_folders_must_match(capsys, dataset, mae_ckpt, tmp_p
     assert "only in the validation split: class3 (its folder in the training split holds no images)" in msg, msg
 
 
+def test_class_names_that_differ_only_in_their_unicode_form_are_named_as_such():
+    """`café` written on macOS (decomposed) and on Linux (composed) gave "only in the training split: café;
+    only in the validation split: café": two names that print alike."""
+    from maelab.data.folders import ImageList
+    from maelab.data.splits import check_same_classes
+
+    nfd, nfc = "cafe\u0301", "caf\u00e9"
+    train, val = ImageList("t", [], [], [nfd, "tea"]), ImageList("v", [], [], [nfc, "tea"])
+    with pytest.raises(MaelabError, match="same names written with different Unicode characters") as e:
+        check_same_classes(train, val)
+    assert "convmv" in str(e.value)
+    with pytest.raises(MaelabError) as e:  # beside a real difference, each name says how it differs
+        check_same_classes(ImageList("t", [], [], [nfd, "dog"]), ImageList("v", [], [], [nfc, "tea"]))
+    assert (f"only in the training split: {nfd} (the validation split writes it with other Unicode characters), dog; "
+            f"only in the validation split: {nfc} (the training split writes it") in str(e.value)
+
+
 def test_empty_split_is_one_clear_error(capsys, dataset, mae_ckpt, tmp_path):
     (tmp_path / "empty" / "class0").mkdir(parents=True)
     msg = _error(capsys, ["linprobe", "--init", str(mae_ckpt), "--data", str(dataset / "train"),

@@ -3,6 +3,7 @@ first-level folders are the classes. The training and validation splits must hav
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 from maelab.data.folders import ImageList, subsample
@@ -48,16 +49,31 @@ def check_same_classes(train: ImageList, val: ImageList, train_name: str = "trai
         return
     only_train = sorted(set(train.classes) - set(val.classes))
     only_val = sorted(set(val.classes) - set(train.classes))
-    def named(names: list[str], other: ImageList, other_name: str) -> str:
-        """A class folder that the other split has, but without images, is named as such."""
-        return ", ".join(f"{n} (its folder in the {other_name} holds no images)"
-                         if (Path(other.root).expanduser() / n).is_dir() else n for n in names[:5])
 
+    def nfc(name: str) -> str:  # composed accents; macOS writes names decomposed, Linux usually composed
+        return unicodedata.normalize("NFC", name)
+
+    def named(names: list[str], other: ImageList, other_name: str, other_only: list[str]) -> str:
+        """A class folder that the other split has, but without images, or that it spells with other Unicode
+        characters (the two print alike), is named as such."""
+        def why(n: str) -> str:
+            if nfc(n) in {nfc(o) for o in other_only}:
+                return f" (the {other_name} writes it with other Unicode characters)"
+            empty = (Path(other.root).expanduser() / n).is_dir()
+            return f" (its folder in the {other_name} holds no images)" if empty else ""
+        return ", ".join(n + why(n) for n in names[:5])
+
+    if {nfc(c) for c in only_train} == {nfc(c) for c in only_val}:
+        raise SameOnEveryRank(  # the names look identical in any message: say how they differ
+            f"the class folders of the {train_name} and the {val_name} have the same names written with different "
+            f"Unicode characters (composed and decomposed accents, as Linux and macOS write them: "
+            f"{', '.join(only_train[:5])}); rename the folders of one split, e.g. with `convmv -r -f utf8 -t utf8 "
+            f"--nfc --notest <folder>`")
     detail = []
     if only_train:
-        detail.append(f"only in the {train_name}: {named(only_train, val, val_name)}")
+        detail.append(f"only in the {train_name}: {named(only_train, val, val_name, only_val)}")
     if only_val:
-        detail.append(f"only in the {val_name}: {named(only_val, train, train_name)}")
+        detail.append(f"only in the {val_name}: {named(only_val, train, train_name, only_train)}")
     raise SameOnEveryRank(f"the {train_name} ({len(train.classes)} classes) and the {val_name} "
                           f"({len(val.classes)} classes) must have the same class folders ({'; '.join(detail)})")
 
