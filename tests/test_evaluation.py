@@ -584,7 +584,7 @@ def test_features_end_to_end_with_paths(dataset, mae_ckpt, tmp_path, suffix):
         torch.testing.assert_close(got["features"][0], encode(tiny_mae(), x)[0], rtol=0, atol=1e-4)
 
 
-def test_features_of_a_flat_folder_over_labelled_ones_leave_no_stale_labels(dataset, mae_ckpt, tmp_path):
+def test_features_of_a_flat_folder_over_labelled_ones_leave_no_stale_labels(dataset, mae_ckpt, tmp_path, capsys):
     """`--out f.npy` again on a folder without classes kept the first run's f.labels.npy (12 labels beside 4 rows)."""
     from maelab.commands.features import read_features
 
@@ -601,6 +601,9 @@ def test_features_of_a_flat_folder_over_labelled_ones_leave_no_stale_labels(data
     (tmp_path / "f.paths.txt").write_text("a\nb\n")  # side files of another run (a copy, a cut-off write)
     with pytest.raises(MaelabError, match="has 4 rows but its paths 2: the files are from different runs"):
         read_features(out)
+    sorted(flat.iterdir())[0].rename(flat / "line\nbreak.png")  # legal on Linux: paths.txt would get 5 lines for 4 rows
+    assert main(["features", "--init", str(mae_ckpt), "--data", str(flat), "--out", str(out), *QUIET[:2]]) == 2
+    assert "holds a line break" in capsys.readouterr().err
 
 
 def test_pretrain_knn_monitor_logs_knn_accuracy(dataset, tmp_path):

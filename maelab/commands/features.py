@@ -66,6 +66,15 @@ def write_features(out: Path, feats: torch.Tensor, labels: torch.Tensor | None, 
     return [out, *written]
 
 
+def check_line_breaks(names: list[str], out: Path) -> None:
+    """``<stem>.paths.txt`` holds one path per line: a file name with a line break in it (legal on Linux)
+    would shift every row after it. Said before any image is encoded."""
+    broken = next((n for n in names if "\n" in n or "\r" in n), None)
+    if broken is not None:
+        raise MaelabError(f"the image file name {broken!r} holds a line break, which {_sidecar(out, '.paths.txt')} "
+                          f"(one path per line) cannot hold: rename it")
+
+
 def read_features(path: str | Path) -> dict[str, Any]:
     """``{"features", "labels" (or None), "paths", "classes"}`` from a file written by `maelab features`."""
     p = Path(path)
@@ -99,6 +108,7 @@ def run(cfg: FeaturesConfig) -> dict[str, Any]:
         raise MaelabError("--data is required: a folder of images (ImageFolder tree or flat)")
     with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
         images = prepare_any(cfg.data.data, cfg.data.bad_files)
+        check_line_breaks(images.names(), out)
         encoder, enc, arch, size, notes = s.frozen_encoder(cfg.model)
         if s.is_main:
             print(f"maelab features: {encoder_header(enc, arch, size, notes)}; on {s.where}", flush=True)
