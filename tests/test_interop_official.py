@@ -153,6 +153,32 @@ def test_the_objective_survives_the_official_layout(tmp_path):
     assert (released.norm_pix_loss, released.mask_ratio) == (False, 0.75)
 
 
+def test_head_counts_survive_the_official_and_timm_layouts(tmp_path):
+    """Head counts are not in the shapes: a round trip took the paper's table (decoder 8 heads -> 1 for width
+    32; a Hugging Face model of width 96 with 4 heads -> 1) and gave another model without a word."""
+    from maelab.interop.encoders import read_encoder
+    from maelab.interop.mae_weights import load_mae
+    from maelab.interop.timm_export import save_timm_checkpoint
+
+    model = MaskedAutoencoder(**dict(TINY, num_heads=4, decoder_num_heads=8))
+    path = export_official(model, tmp_path / "full.pth")
+    back, _ = load_mae(path)
+    assert (back.init_kwargs["num_heads"], back.init_kwargs["decoder_num_heads"]) == (4, 8)
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        assert torch.equal(back(x, noise=noise)[1], model(x, noise=noise)[1])
+    enc = read_encoder(path)
+    assert enc.arch["num_heads"] == 4 and not any("heads assumed" in n for n in enc.notes)
+    assert read_encoder(save_timm_checkpoint(model, tmp_path / "timm.safetensors")).arch["num_heads"] == 4
+    with pytest.raises(MaelabError, match="records 4 attention heads"):
+        read_encoder(path, num_heads=2)
+    with pytest.raises(MaelabError, match="records 8 decoder attention heads"):
+        mae_from_official(path, decoder_num_heads=2)
+    torch.save({"model": model.state_dict()}, tmp_path / "bare.pth")  # a file of the official code: it cannot say
+    _, meta = load_mae(tmp_path / "bare.pth")
+    assert "attention heads: 1 encoder, 1 decoder (the paper's table for these widths" in " ".join(meta["notes"])
+
+
 def test_infer_architecture_reads_paper_sizes_from_shapes():
     # ViT-L/16 + reference decoder, shapes only (meta tensors: nothing allocated, so the position table
     # cannot show its grid: the size to try is given, and taken because its grid has the table's rows).

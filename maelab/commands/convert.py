@@ -88,6 +88,8 @@ def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None =
             print(f"maelab convert: {note}", flush=True)
         return convert_classifier(src, *classifier, out, to, global_pool)
     model, meta = load_mae(src)
+    for note in meta.get("notes", []):
+        print(f"maelab convert: {note}", flush=True)
     if to != "timm" and not (to == "official" and not include_decoder):
         require_decoder(meta, src, f"--to {to}", "`--to timm` or `--to official --encoder-only` export its encoder")
     if to == "maelab":
@@ -116,8 +118,9 @@ def convert_classifier(src: str | Path, weights: dict, meta: dict, out: Path, to
         save_weights(out, weights, meta)
         return out
     if to == "official":
-        return Path(save_official(weights, out, size_record(meta["vit"]["img_size"], meta["vit"]["patch_size"],
-                                                            meta["vit"].get("norm_eps", 1e-6))))
+        vit = meta["vit"]
+        return Path(save_official(weights, out, size_record(vit["img_size"], vit["patch_size"],
+                                                            vit.get("norm_eps", 1e-6), heads=vit)))
     raise MaelabError(f"{src} is a fine-tuned classifier ({meta.get('num_classes')} classes, {meta.get('global_pool')} "
                       f"pooling): it has no decoder, and a Hugging Face ViTMAE needs one; export it with --to timm, "
                       f"--to maelab or --to official, or use it with --init of finetune / linprobe / knn / features")

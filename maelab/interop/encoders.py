@@ -50,7 +50,7 @@ def _from_vit_state_dict(sd: dict[str, torch.Tensor], source: str, path: str,
     if arch is None:
         kwargs = infer_mae_architecture(sd, img_size=img_size, num_heads=num_heads, record=record, notes=notes)
         arch = vit_arch(kwargs)
-        if num_heads is None:
+        if num_heads is None and "num_heads" not in (record or {}):
             notes.append(f"{arch['num_heads']} attention heads assumed (not stored in the file; set --num-heads)")
     extra = sorted(k for k in sd if not k.startswith(ENCODER_PREFIXES) and not k.startswith("fc_norm."))
     if extra:

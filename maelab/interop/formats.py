@@ -42,13 +42,21 @@ def maelab_file(path: str | Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def size_record(img_size: tuple[int, int] | list[int], patch_size: int, norm_eps: float = 1e-6,
-                objective: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                objective: Mapping[str, Any] | None = None, heads: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What an official / timm weights file cannot say by its shapes alone: the image size (so the
-    patch grid is never guessed from a count), the patch size and the LayerNorm eps; for an MAE also its
-    objective (``norm_pix_loss``, ``mask_ratio``), so a round trip keeps the loss it trains with."""
+    patch grid is never guessed from a count), the patch size, the LayerNorm eps and the attention head
+    counts (``heads``: ``num_heads``, ``decoder_num_heads``; a round trip would otherwise take the paper's
+    table, silently another model where it was trained with others); for an MAE also its objective
+    (``norm_pix_loss``, ``mask_ratio``), so a round trip keeps the loss it trains with."""
     h, w = (int(s) for s in img_size)
     record = {"img_size": [h, w], "patch_size": int(patch_size), "norm_eps": float(norm_eps)}
-    return {**record, **objective_of(objective or {})}
+    return {**record, **heads_of(heads or {}), **objective_of(objective or {})}
+
+
+def heads_of(settings: Mapping[str, Any]) -> dict[str, int]:
+    """``num_heads`` / ``decoder_num_heads`` of a record or of model constructor arguments (whole numbers >= 1)."""
+    return {k: int(v) for k in ("num_heads", "decoder_num_heads")
+            if isinstance(v := settings.get(k), int) and not isinstance(v, bool) and v >= 1}
 
 
 def objective_of(settings: Mapping[str, Any] | argparse.Namespace) -> dict[str, Any]:
@@ -86,7 +94,7 @@ def read_record(path: str | Path, obj: Any = None) -> dict[str, Any] | None:
         return None
     try:
         h, w = (int(s) for s in raw["img_size"])
-        return size_record((h, w), int(raw["patch_size"]), float(raw.get("norm_eps", 1e-6)), raw)
+        return size_record((h, w), int(raw["patch_size"]), float(raw.get("norm_eps", 1e-6)), raw, raw)
     except (KeyError, TypeError, ValueError):
         raise MaelabError(f"cannot read weights {path}: its {SIZE_KEY} entry {raw!r} is not "
                           f"{{img_size: [h, w], patch_size: p}}") from None

@@ -74,7 +74,13 @@ def _mae_from_state_dict(sd: dict[str, torch.Tensor], record: dict[str, Any] | N
                          notes: list[str]) -> tuple[MaskedAutoencoder, str]:
     """An official-layout state dict -> (model shaped like it, loaded strictly; "full" / "encoder" / "finetuned")."""
     kind = classify_official(sd)
-    model = MaskedAutoencoder(**infer_mae_architecture(sd, record=record, notes=notes))
+    kwargs = infer_mae_architecture(sd, record=record, notes=notes)
+    model = MaskedAutoencoder(**kwargs)
+    assumed = [f"{kwargs[k]} {what}" for k, what in (("num_heads", "encoder"), ("decoder_num_heads", "decoder"))
+               if k in kwargs and k not in (record or {})]
+    if assumed:  # files maelab wrote record them
+        notes.append(f"attention heads: {', '.join(assumed)} (the paper's table for these widths; the file does not "
+                     f"record them)")
     load_into_mae(model, sd)
     return model, kind
 

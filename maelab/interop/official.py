@@ -197,10 +197,17 @@ def infer_mae_architecture(
     Widths, depths, patch size, channels and the MLP ratio are read from shapes, each from every tensor
     that holds it (one damaged tensor is named, not blamed on the others); the image size by
     :func:`patch_grid` (``record``: the file's own size record; ``img_size``: a size to try). Head counts
-    are not stored in a checkpoint: they come from the paper's table (or 64-dim heads; decoder 32-dim)
-    unless given. Decoder kwargs are returned only when the checkpoint has a decoder.
+    are not in the shapes: given, else the record's (files maelab wrote), else the paper's table (or
+    64-dim heads; decoder 32-dim). Decoder kwargs are returned only when the checkpoint has a decoder.
     """
     sd = state_dict
+    recorded = record or {}
+    for name, given in (("num_heads", num_heads), ("decoder_num_heads", decoder_num_heads)):
+        if given is not None and recorded.get(name) not in (None, given):
+            raise MaelabError(f"this file records {recorded[name]} {'decoder ' if 'decoder' in name else ''}attention "
+                              f"heads (its {name}), not {given}: leave the head count out")
+    num_heads = num_heads or recorded.get("num_heads")
+    decoder_num_heads = decoder_num_heads or recorded.get("decoder_num_heads")
     classify_official(sd)
     w = sd["patch_embed.proj.weight"]
     if w.ndim != 4 or w.shape[2] != w.shape[3]:
@@ -332,14 +339,15 @@ def mae_from_official(path: str | os.PathLike, **overrides: Any) -> torch.nn.Mod
 def export_official(model: torch.nn.Module, path: str | os.PathLike, include_decoder: bool = True) -> str:
     """Write ``{"model": state_dict}`` in the official layout (encoder only when ``include_decoder`` is
     False, like ``mae_pretrain_*.pth``), plus a ``maelab_size`` entry (image size, patch size, LayerNorm
-    eps, and the objective: ``norm_pix_loss``, ``mask_ratio``) that the official code ignores and maelab reads
-    back. Written atomically. Returns the path."""
+    eps, head counts, and the objective: ``norm_pix_loss``, ``mask_ratio``) that the official code ignores and
+    maelab reads back. Written atomically. Returns the path."""
     sd = model.state_dict()
     if not include_decoder:
         sd = {k: v for k, v in sd.items() if k.startswith(ENCODER_PREFIXES)}
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+    heads = {k: v for k, v in model.init_kwargs.items() if k == "num_heads" or (include_decoder and k == "decoder_num_heads")}
     record = size_record(model.img_size, model.patch_size, getattr(model, "norm_eps", 1e-6),
-                         {"norm_pix_loss": model.norm_pix_loss, "mask_ratio": model.mask_ratio})
+                         {"norm_pix_loss": model.norm_pix_loss, "mask_ratio": model.mask_ratio}, heads)
     return save_official(sd, path, record)
 
 

@@ -90,7 +90,8 @@ def save_timm_checkpoint(
     or ``timm.create_model(name, checkpoint_path=path, num_classes=0)``. Returns the path."""
     sd = to_timm_state_dict(model, global_pool)
     sd = {k: v.to("cpu").contiguous().clone() for k, v in sd.items()}
-    record = (size_record(model.img_size, model.patch_size, getattr(model, "norm_eps", 1e-6))
+    record = (size_record(model.img_size, model.patch_size, getattr(model, "norm_eps", 1e-6),
+                          heads={"num_heads": getattr(model, "init_kwargs", {}).get("num_heads")})
               if isinstance(model, nn.Module) else None)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -122,5 +123,5 @@ def save_timm_classifier(
     with atomic_path(path) as tmp:
         save_file(sd, tmp, metadata={"format": "pt", "global_pool": pool, "num_classes": str(num_classes),
                                      **record_metadata(size_record(arch["img_size"], arch["patch_size"],
-                                                                   arch.get("norm_eps", 1e-6)))})
+                                                                   arch.get("norm_eps", 1e-6), heads=arch))})
     return path
