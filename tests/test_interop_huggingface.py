@@ -321,6 +321,21 @@ def test_vitmae_model_folder_written_by_transformers_loads_into_the_encoder(tmp_
     assert (out.last_hidden_state - latent).abs().max().item() < 1e-5
 
 
+def test_a_vitmae_model_folder_is_encoder_only_for_what_needs_a_decoder(tmp_path, capsys):
+    """A ViTMAEModel folder converted to --to hf / official (and drawn) with a fresh random decoder, which
+    the written file then passed off as a trained one."""
+    folder = hf_saved(tmp_path, randomize(ViTMAEModel(hf_config(norm_pix_loss=False)), seed=24, hf_tables=True), "enc")
+    assert load_mae(folder)[1]["kind"] == "encoder"
+    for to in ("hf", "official", "maelab"):
+        assert main(["convert", str(folder), str(tmp_path / f"out_{to}"), "--to", to]) == 2
+        assert "is an encoder-only checkpoint" in capsys.readouterr().err
+    assert main(["convert", str(folder), str(tmp_path / "enc.pth"), "--to", "official", "--encoder-only"]) in (0, None)
+    assert main(["convert", str(folder), str(tmp_path / "t"), "--to", "timm"]) in (0, None)
+    full = hf_saved(tmp_path, randomize(ViTMAEForPreTraining(hf_config(norm_pix_loss=False)), seed=25, hf_tables=True),
+                    "full")
+    assert load_mae(full)[1]["kind"] == "full"
+
+
 def test_the_same_weight_under_two_hf_names_is_refused():
     v5 = mae_to_hf_state_dict(MaskedAutoencoder(**TINY), naming="v5")
     v5["vit.encoder.layer.0.layernorm_before.weight"] = v5["vit.layers.0.layernorm_before.weight"]

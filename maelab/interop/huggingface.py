@@ -392,6 +392,13 @@ def load_hf_pretrained_dir(path: str | os.PathLike, **overrides: Any) -> nn.Modu
     A ``ViTMAEModel`` folder (encoder only) loads into the encoder; the decoder keeps its fresh init.
     Position tables missing from the file keep maelab's own sin-cos tables (the same numbers).
     ``overrides`` go to the constructor (e.g. ``norm_pix_loss=True``)."""
+    return load_hf_folder(path, **overrides)[0]
+
+
+def load_hf_folder(path: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, str]:
+    """:func:`load_hf_pretrained_dir` and what the folder held: ``"full"`` (``ViTMAEForPreTraining``) or
+    ``"encoder"`` (``ViTMAEModel``: the decoder is a fresh one, which reconstructions and conversions that
+    keep a decoder must not take for a trained one)."""
     path = os.fspath(path)
     cfg_file = os.path.join(path, "config.json")
     config = read_hf_config(path)
@@ -410,10 +417,10 @@ def load_hf_pretrained_dir(path: str | os.PathLike, **overrides: Any) -> nn.Modu
         if table not in sd and (table == "pos_embed" or "decoder_embed.weight" in sd):
             sd[table] = own[table].clone()
     try:
-        load_into_mae(model, sd)
+        loaded = load_into_mae(model, sd)
     except MaelabError as e:
         raise MaelabError(f"{e}{defaults_taken(config)}") from None
-    return model
+    return model, loaded["kind"]
 
 
 # the settings that shape a ViTMAE's weights, with ViTMAEConfig's defaults (what transformers takes too)

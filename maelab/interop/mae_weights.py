@@ -15,7 +15,7 @@ import torch
 
 from maelab.errors import MaelabError
 from maelab.interop.formats import TORCH, check_weights_file, read_record
-from maelab.interop.huggingface import detect_hf_naming, load_hf_pretrained_dir
+from maelab.interop.huggingface import detect_hf_naming, load_hf_folder
 from maelab.interop.official import classify_official, infer_mae_architecture, load_into_mae, read_official, resize_mae
 from maelab.io import read_weights, save_weights
 from maelab.models.checks import pair
@@ -124,7 +124,8 @@ def _load_mae(p: Path) -> tuple[MaskedAutoencoder, dict[str, Any]]:
         model, kind = _mae_from_state_dict(*read_official(p), notes)
         return model, {"arch": "mae", "preset": None, "source": "official", "kind": kind, "notes": notes}
     if p.is_dir() and (p / "config.json").is_file():
-        return load_hf_pretrained_dir(p), {"arch": "mae", "preset": None, "source": "huggingface"}
+        model, kind = load_hf_folder(p)
+        return model, {"arch": "mae", "preset": None, "source": "huggingface", "kind": kind}
     weights_path = resolve_weights_path(p)
     weights, meta = read_weights(weights_path)
     if meta.get("arch") == "mae" and "kwargs" in meta:
