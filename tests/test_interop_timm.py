@@ -121,6 +121,10 @@ def test_fine_tuned_classifier_exports_to_timm_with_its_head(tmp_path, pool):
     load_checkpoint(timm_vit, str(path), strict=True)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(timm_vit.eval()(x), vit(x))
+    # docs/interop.md's recipe: a registered name, the classifier's own settings, checkpoint_path=
+    documented = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2,
+                                   num_heads=2, num_classes=7, global_pool=pool, checkpoint_path=str(path))
+    torch.testing.assert_close(documented.eval()(x), vit(x))
     with pytest.raises(MaelabError, match="fine-tuned with global pool"):
         save_timm_classifier(vit.state_dict(), meta, tmp_path / "x.safetensors",
                              global_pool="token" if pool == "avg" else "avg")
