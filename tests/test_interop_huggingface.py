@@ -336,6 +336,33 @@ def test_a_vitmae_model_folder_is_encoder_only_for_what_needs_a_decoder(tmp_path
     assert load_mae(full)[1]["kind"] == "full"
 
 
+def test_vit_variants_maelab_cannot_read_are_named_not_sent_to_the_grid_advice(tmp_path, capsys):
+    """A HF ViTModel was told about ViTMAE's decoder defaults; timm ViTs without a cls token or with register
+    / distillation tokens were told to pass an --img-size whose grid has 195 (or a prime 197) patches."""
+    import timm
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=8)).save_pretrained(tmp_path / "vit")
+    cases = {"vit": ("not a ViTMAE config (model_type='vit'): maelab reads Hugging Face ViTMAE folders", "decoder")}
+    for name, kwargs, said in (("nocls", dict(class_token=False, global_pool="avg"), "no cls_token"),
+                               ("reg", dict(reg_tokens=4, no_embed_class=True), "holds reg_token"),
+                               ("deit", None, "holds dist_token")):
+        model = (timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8) if kwargs is None
+                 else timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, **kwargs))
+        torch.save(model.state_dict(), tmp_path / f"{name}.pth")
+        cases[f"{name}.pth"] = (said, "--img-size")
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "images" / "a.png")
+    for name, (said, not_said) in cases.items():
+        assert main(["features", "--init", str(tmp_path / name), "--data", str(tmp_path / "images"), "--out",
+                     str(tmp_path / "f.npy")]) == 2
+        err = capsys.readouterr().err
+        assert said in err and not_said not in err, err
+
+
 def test_the_same_weight_under_two_hf_names_is_refused():
     v5 = mae_to_hf_state_dict(MaskedAutoencoder(**TINY), naming="v5")
     v5["vit.encoder.layer.0.layernorm_before.weight"] = v5["vit.layers.0.layernorm_before.weight"]

@@ -293,7 +293,9 @@ def mae_kwargs_from_hf_config(config: Mapping[str, Any] | Any) -> dict[str, Any]
     ``mask_ratio=0`` (masks nothing) becomes 0.75, the paper's ratio."""
     cfg = config if isinstance(config, Mapping) else config.to_dict()
     if cfg.get("model_type", "vit_mae") != "vit_mae":
-        raise MaelabError(f"not a ViTMAE config (model_type={cfg.get('model_type')!r})")
+        raise MaelabError(f"not a ViTMAE config (model_type={cfg.get('model_type')!r}): maelab reads Hugging Face "
+                          f"ViTMAE folders (ViTMAEForPreTraining, ViTMAEModel), not other models such as ViTModel "
+                          f"or ViTForImageClassification")
     get = lambda k, default: cfg.get(k, default)  # noqa: E731 - HF defaults below
     act = get("hidden_act", "gelu")
     if act != "gelu":
@@ -407,6 +409,8 @@ def load_hf_folder(path: str | os.PathLike, **overrides: Any) -> tuple[nn.Module
     except (TypeError, ValueError) as e:  # a setting that is not a number where one is needed
         raise MaelabError(f"{cfg_file} holds a setting maelab cannot read: {e}") from None
     except MaelabError as e:
+        if config.get("model_type", "vit_mae") != "vit_mae":
+            raise MaelabError(f"{cfg_file}: {e}") from None
         check_width(cfg_file, config, _read_hf_weights(path))  # a config edited apart from its weights says so
         raise MaelabError(f"{e}{defaults_taken(config)}") from None
     kwargs.update(overrides)

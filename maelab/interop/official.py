@@ -84,6 +84,13 @@ def classify_official(state_dict: Mapping[str, torch.Tensor]) -> str:
         raise MaelabError(
             f"not an MAE/ViT checkpoint: no patch_embed.proj.weight or blocks.* (keys start: {few(keys)})"
         )
+    other = next((k for k in ("dist_token", "reg_token", "head_dist.weight") if k in keys), None)
+    if other is not None:  # their position tables hold extra rows: the grid advice that would follow misleads
+        raise MaelabError(f"not an MAE/ViT encoder maelab reads: it holds {other} (a ViT with distillation or "
+                          f"register tokens, e.g. DeiT or timm's reg_tokens); maelab's encoder has one cls token")
+    if "cls_token" not in keys:
+        raise MaelabError("not an MAE/ViT encoder maelab reads: it has no cls_token (a ViT without a class "
+                          "token, e.g. timm's class_token=False); maelab's encoder has one")
     if any(k.startswith(DECODER_PREFIXES) for k in keys):
         return "full"
     if any(k.startswith(HEAD_PREFIXES) for k in keys):
