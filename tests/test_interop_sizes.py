@@ -169,10 +169,11 @@ def test_official_finetuned_average_features_are_its_pre_logits(tmp_path):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def test_official_finetuned_converts_to_timm_and_maelab(tmp_path):
+def test_official_finetuned_converts_to_timm_and_maelab(tmp_path, capsys):
     vit = official_classifier(tmp_path / "ft.pth")
     x = torch.randn(2, 3, 32, 32)
     assert main(["convert", str(tmp_path / "ft.pth"), str(tmp_path / "t.safetensors"), "--to", "timm"]) == 0
+    assert "ignored" not in capsys.readouterr().out  # the classifier keeps its head: nothing was left out
     back = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5,
                              global_pool="avg").eval()
     from safetensors.torch import load_file

@@ -27,6 +27,8 @@ from maelab.models.state_dicts import DECODER_PREFIXES, ENCODER_PREFIXES
 from maelab.models.vit import EncoderWeights, describe, pooled_norm, vit_arch, vit_meta
 from maelab.train.checkpoint import resolve_weights_path
 
+DROPPED_NOTE = "ignored"  # the note that names what reading an encoder left out of a file
+
 
 def _from_mae_model(model: nn.Module, source: str, path: str, preset: str | None) -> EncoderWeights:
     sd = {k: v.detach().clone() for k, v in model.encoder_state_dict().items()}
@@ -44,7 +46,7 @@ def _from_vit_state_dict(sd: dict[str, torch.Tensor], source: str, path: str,
     dropped = sorted(k for k in sd if k.startswith(DECODER_PREFIXES) or k.startswith("head."))
     sd = {k: v for k, v in sd.items() if k not in dropped}
     if dropped:
-        notes.append(f"ignored {len(dropped)} decoder/head tensor(s)")
+        notes.append(f"{DROPPED_NOTE} {len(dropped)} decoder/head tensor(s)")
     if pooled_norm(sd):  # timm's / the official classifier's global-pool layout: fc_norm after pooling
         notes.append("global-pool layout: fc_norm normalises the pooled features (as its classifier did)")
     if arch is None:
@@ -133,8 +135,9 @@ def read_classifier(path: str | Path, num_heads: int | None = None) -> tuple[dic
     if "head.weight" not in sd or any(k.startswith(DECODER_PREFIXES) for k in sd):
         return None
     enc = _from_vit_state_dict(sd, "official", str(p), num_heads=num_heads, record=record)
+    notes = [n for n in enc.notes if not n.startswith(DROPPED_NOTE)]  # the classifier keeps its head
     meta = vit_meta(enc.arch, tuple(enc.arch["img_size"]), num_classes=int(sd["head.weight"].shape[0]),
-                    global_pool="avg" if pooled_norm(sd) else "token", init=str(p), notes=enc.notes)
+                    global_pool="avg" if pooled_norm(sd) else "token", init=str(p), notes=notes)
     return sd, meta
 
 
