@@ -142,8 +142,22 @@ def test_knn_vote_weighting_matches_hand_computation():
     nearest = sorted(range(4), key=lambda j: -sims[j])[:3]  # 2, 0, 1 -- the last one does not vote
     expected = [0.0, 0.0]
     for j in nearest:
-        expected[int(labels[j])] += float(np.exp(sims[j] / t))
+        expected[int(labels[j])] += float(np.exp((sims[j] - sims[nearest[0]]) / t))  # over the nearest one's vote
     torch.testing.assert_close(scores[0], torch.tensor(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_a_tiny_temperature_gives_the_nearest_neighbours_class_not_an_overflow():
+    """exp(cos / T) overflowed to inf for T < 0.0113: every vote inf, the tie to class 0, a plausible-looking
+    accuracy. As T -> 0 weighted kNN becomes 1-NN."""
+    from maelab.evaluate.knn import knn_accuracy, knn_scores
+
+    g = torch.Generator().manual_seed(0)
+    bank, query = torch.randn(50, 8, generator=g), torch.randn(40, 8, generator=g)
+    labels, truth = torch.randint(0, 5, (50,), generator=g), torch.randint(0, 5, (40,), generator=g)
+    one_nn = knn_accuracy(bank, labels, query, truth, 5, k=1)["knn_top1"]
+    for t in (0.005, 1e-9):
+        assert torch.isfinite(knn_scores(bank, labels, query, 5, k=20, temperature=t)).all()
+        assert knn_accuracy(bank, labels, query, truth, 5, k=20, temperature=t)["knn_top1"] == one_nn
 
 
 def test_knn_chunking_does_not_change_scores():

@@ -27,7 +27,10 @@ from maelab.evaluate.metrics import top5_percent, topk_correct
 @torch.no_grad()
 def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
                num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 512) -> torch.Tensor:
-    """(Q, num_classes) summed votes ``sum_j exp(cos(q, x_j) / T)`` over the ``k`` nearest ``x_j``."""
+    """(Q, num_classes) summed votes ``sum_j exp(cos(q, x_j) / T)`` over the ``k`` nearest ``x_j``, each
+    query's divided by its nearest neighbour's vote ``exp(cos(q, x_1) / T)``: one factor per query, so the
+    same ranking, and finite where ``exp(1 / T)`` alone overflows (T < 0.0113 in float32 made every vote
+    inf, and the tie went to class 0)."""
     if train_feats.shape[0] == 0:
         raise MaelabError("kNN needs at least one training feature")
     if k < 1 or temperature <= 0:
@@ -39,7 +42,7 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feat
     for start in range(0, query_feats.shape[0], chunk):
         q = F.normalize(query_feats[start : start + chunk].float().to(bank.device), dim=1)
         sims, idx = (q @ bank.T).topk(k, dim=1)
-        weights = (sims / temperature).exp()
+        weights = ((sims - sims[:, :1]) / temperature).exp()  # topk sorts: column 0 is the nearest
         votes = torch.zeros(q.shape[0], num_classes, device=bank.device)
         votes.scatter_add_(1, labels[idx], weights)
         out.append(votes)
