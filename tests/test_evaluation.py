@@ -430,6 +430,13 @@ def test_train_and_val_class_folders_must_match(capsys, dataset, mae_ckpt, tmp_p
     assert "only in the validation split: class3 (its folder in the training split holds no images)" in msg, msg
 
 
+def test_the_training_split_as_validation_split_is_warned_about(dataset, mae_ckpt, capsys):
+    """`--val-data` = `--data` scored 100 % kNN (each image finds itself) without a word."""
+    assert main(["knn", "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--val-data",
+                 str(dataset / "." / "train") + "/", *QUIET[:2]]) == 0
+    assert "maelab: warning: the validation split" in capsys.readouterr().err
+
+
 def test_class_names_that_differ_only_in_their_unicode_form_are_named_as_such():
     """`café` written on macOS (decomposed) and on Linux (composed) gave "only in the training split: café;
     only in the validation split: café": two names that print alike."""
