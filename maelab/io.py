@@ -64,6 +64,20 @@ def check_output_file(path: str | Path, flag: str = "--out") -> None:
     check_writable_folder(p.parent, flag, p)
 
 
+def refuse_out_inside(out: str | Path, *inputs: str | None) -> None:
+    """Refuse a run folder inside a folder the run reads: the next run would read its pictures as data (in
+    an image folder, a class of them), and a resume would train on other images than the run began with."""
+    if not out:
+        return
+    target = Path(out).expanduser().resolve()
+    for data in inputs:
+        root = Path(data).expanduser().resolve() if data else None
+        if root is not None and root.is_dir() and (target == root or root in target.parents):
+            raise MaelabError(f"--out {out} is inside {data}, which this run reads: its pictures and files would be "
+                              f"read as images by the next run (in an image folder, as a class of their own); choose "
+                              f"an --out outside it")
+
+
 def temp_prefix(name: str) -> str:
     """Prefix of a temp file or folder written for ``name``: hidden, and naming the writing process, so
     a later run can tell what a killed writer left from a write still in progress."""

@@ -176,6 +176,21 @@ def test_a_run_that_another_process_made_and_finished_during_this_ones_start_is_
     assert main(flags) == 2 and "--mask-ratio 0.75 (the run has 0.5)" in _error_line(capsys)  # and guarded as usual
 
 
+def test_a_run_folder_inside_the_data_it_reads_is_refused(capsys, tmp_path):
+    """`--out data/train/run` was taken: the resumed run then read its own pictures as 3 more training images
+    (and knn later found a class `run`)."""
+    from maelab.cli import main
+
+    data = png_folder(tmp_path / "data", 8)
+    for out in (data / "run", data):
+        assert main(["pretrain", "--data", str(data), "--out", str(out), *FAST, "--num-workers", "0"]) == 2
+        assert f"--out {out} is inside {data}, which this run reads" in _error_line(capsys)
+    assert not (data / "run").exists()
+    assert main(["ablate", "--setting", "mask-ratio", "--values", "0.5", "--data", str(data), "--out",
+                 str(data / "sweep")]) == 2
+    assert "is inside" in _error_line(capsys)
+
+
 def _linger(ready) -> None:
     ready.set()
     time.sleep(30)

@@ -29,7 +29,7 @@ from maelab.commands.steps import (Chain, check_buildable, check_chain_data, che
 from maelab.config import add_config_args, config_from_args, is_switch, load_yaml
 from maelab.data.splits import subset_seed
 from maelab.errors import MaelabError
-from maelab.io import atomic_write_bytes, write_json
+from maelab.io import atomic_write_bytes, refuse_out_inside, write_json
 from maelab.train.budget import parse_duration
 from maelab.viz import plot_loss_overlay, save_figure_atomic
 
@@ -60,6 +60,7 @@ def validate(cfg: AblateConfig) -> None:
         raise MaelabError(f"--values repeats a value: {sw.values}")
     if not cfg.data.data:
         raise MaelabError("--data is required: an ImageFolder tree")
+    refuse_out_inside(cfg.run.out, cfg.data.data, cfg.data.val_data)
     parse_duration(cfg.run.finetune_budget, "--finetune-budget")
     if not no_budget(cfg.run.budget):
         parse_duration(cfg.run.budget)

@@ -87,7 +87,7 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
         train, val = load_splits(cfg.data, cfg.run.seed, say=s.is_main)
         num_classes = len(train.classes)
         head = LinearProbeHead(arch["embed_dim"], num_classes).to(s.device)
-        run_dir, resume = s.run_folder(cfg.run)
+        run_dir, resume = s.run_folder(cfg.run, cfg.data.data, cfg.data.val_data)
         workers = default_workers(cfg.data.num_workers)
         d, aug, pool = cfg.data, cfg.augment, cfg.model.global_pool
         cached = not aug.augment and aug.cache_features

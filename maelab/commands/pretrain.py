@@ -37,7 +37,7 @@ def run(cfg: PretrainConfig) -> LoopResult:
     torch.manual_seed(cfg.run.seed)
     model = MaskedAutoencoder(**kwargs)  # validates sizes before any file is written
     with Session(cfg.run.device, cfg.run.precision) as s:
-        run_dir, resume = s.run_folder(cfg.run)
+        run_dir, resume = s.run_folder(cfg.run, cfg.data.data, cfg.monitor.knn_data)
         workers = default_workers(cfg.data.num_workers)
         transform = PretrainTransform(model.img_size, cfg.data.min_crop_scale, cfg.data.hflip, cfg.data.crop,
                                       cfg.data.color_jitter)

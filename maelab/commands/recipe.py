@@ -27,7 +27,7 @@ from maelab.config import build_config, load_yaml, resolve_preset
 from maelab.data.folders import scan_images, spread_sample
 from maelab.data.shards import is_shard_source
 from maelab.errors import MaelabError
-from maelab.io import atomic_write_bytes, write_json
+from maelab.io import atomic_write_bytes, refuse_out_inside, write_json
 from maelab.train.budget import parse_duration
 from maelab.viz import PICTURE_IMAGES, plot_curves
 
@@ -38,6 +38,7 @@ def validate(cfg: RecipeConfig) -> Path:
     if not cfg.data.data:
         raise MaelabError("--data is required: an ImageFolder tree with a class per sub-folder (or labelled shards)")
     check_split_paths(cfg.data.data, cfg.data.val_data)
+    refuse_out_inside(cfg.run.out, cfg.data.data, cfg.data.val_data)
     check_chain_data(cfg.data)
     for name in ("pretrain_budget", "finetune_budget"):
         if not no_budget(getattr(cfg.steps, name)):

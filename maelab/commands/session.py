@@ -31,7 +31,7 @@ from maelab.data.workers import default_workers
 from maelab.config import load_yaml
 from maelab.errors import MaelabError
 from maelab.evaluate.features import EvalSplit
-from maelab.io import check_writable_folder, write_json
+from maelab.io import check_writable_folder, refuse_out_inside, write_json
 from maelab.interop.encoders import resolve_encoder
 from maelab.models.vit import EncoderWeights, describe, features_model
 from maelab.train import checkpoint as ckpt
@@ -171,10 +171,12 @@ class Session:
         encoder = features_model(enc, arch, size, notes).to(self.device)
         return encoder, enc, arch, size, notes
 
-    def run_folder(self, run_cfg) -> tuple[Path, Path | None]:
-        """(run folder, checkpoint to resume from or None) for a run section (``out``, ``resume``). An
-        existing folder is locked for this process (:mod:`maelab.train.run_lock`), so a second process in it
-        stops here, before it reads a checkpoint."""
+    def run_folder(self, run_cfg, *inputs: str | None) -> tuple[Path, Path | None]:
+        """(run folder, checkpoint to resume from or None) for a run section (``out``, ``resume``), which
+        may not lie inside one of the folders the run reads (``inputs``). An existing folder is locked for
+        this process (:mod:`maelab.train.run_lock`), so a second process in it stops here, before it reads
+        a checkpoint."""
+        refuse_out_inside(run_cfg.out, *inputs)
         run_dir = Path(run_cfg.out).expanduser()
         resume = find_resume(run_cfg.resume, run_dir)
         self.lock = RunLock(run_dir, self.is_main)
