@@ -203,11 +203,25 @@ def build_config(cls: type, overrides: dict[str, Any] | None = None, yaml_path: 
     for name, value in flat.items():
         section, _ = leaves[name]
         value = _coerce(value, _field_type(cls, section, name), name)
+        if name in SEED_FIELDS:
+            for seed in value if isinstance(value, list) else [value]:
+                check_seed(seed, "--" + name.replace("_", "-"))
         (sections.setdefault(section, {}) if section else top)[name] = value
     for f in fields(cls):
         if dataclasses.is_dataclass(hints[f.name]):
             top[f.name] = hints[f.name](**sections.get(f.name, {}))
     return cls(**top)
+
+
+SEED_FIELDS = ("seed", "subset_seed", "seeds")
+SEED_LIMIT = 2**63  # torch takes seeds below 2**64 and wraps negative ones onto them (-1 is 2**64 - 1)
+
+
+def check_seed(value: int | None, flag: str = "--seed") -> None:
+    """A seed every generator maelab seeds takes as it is, with ``seed + 1`` (the validation subset's) too."""
+    if value is not None and not 0 <= value < SEED_LIMIT:
+        raise MaelabError(f"{flag} must be a whole number from 0 to 2**63 - 1, got {value} (torch refuses seeds from "
+                          f"2**64 on, and reads a negative seed as a large one)")
 
 
 def config_from_args(cls: type, args: argparse.Namespace):

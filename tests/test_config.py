@@ -208,3 +208,22 @@ def test_every_choice_a_flag_offers_has_its_implementation():
         crop_range("center", 0.2, 32, 32)
     with pytest.raises(MaelabError):
         check_pool("max")
+
+
+@pytest.mark.parametrize("args", [["pretrain", "--data", "d", "--seed", str(2**64)],
+                                  ["pretrain", "--data", "d", "--seed", "-1"],
+                                  ["knn", "--data", "d", "--subset-seed", str(2**63)],
+                                  ["ablate", "--data", "d", "--setting", "mask-ratio", "--values", "0.5",
+                                   "--seeds", "0", str(2**64)],
+                                  ["visualize", "--checkpoint", "c", "--images", "i.png", "--seed", "-5"],
+                                  ["shards", "make", "--data", "d", "--out", "o", "--seed", str(2**64)]])
+def test_a_seed_out_of_torchs_range_is_refused_naming_the_flag(args, capsys, tmp_path, monkeypatch):
+    """2**64 ended in torch's bare OverflowError (ablate: after the earlier seeds had spent their budgets), and
+    -1 silently gave the run of 2**64 - 1."""
+    from maelab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    flag = next(a for a in args if "seed" in a)
+    assert f"maelab: error: {flag} must be a whole number from 0 to 2**63 - 1" in err and "Traceback" not in err, err

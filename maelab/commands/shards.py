@@ -7,11 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from maelab.config import check_seed
 from maelab.data.folders import prepare_images
 from maelab.data.shards import make_shards
 
 
 def run(args: argparse.Namespace) -> dict:
+    check_seed(args.seed)
     images = prepare_images(args.data, args.bad_files, args.limit_images, args.seed)
     manifest = make_shards(images, args.out, args.shard_size, args.prefix, args.seed,
                            progress=sys.stderr.isatty())

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from maelab.choices import RECONSTRUCTION_PNG
-from maelab.config import load_yaml
+from maelab.config import check_seed, load_yaml
 from maelab.data.folders import spread_sample
 from maelab.data.shards import is_shard_source, scan_any
 from maelab.errors import MaelabError
@@ -57,6 +57,7 @@ def run_images(path: Path) -> tuple[list[str], list[str]]:
 
 def run(args: argparse.Namespace) -> Path:
     out = output_path(args.out)
+    check_seed(args.seed)
     for r in args.mask_ratio:
         num_visible(1, r)  # the range, before the checkpoint is read
     model, meta = load_mae(args.checkpoint, pick_device(args.device), img_size=img_size_arg(args.img_size))
