@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,6 +44,19 @@ from maelab.train.precision import resolve_precision
 from maelab.train.run_lock import RunLock
 
 BEST_NOTE = "best epoch selected on the validation split itself (optimistic); the headline is the final epoch"
+
+
+def warn_endless_warmup(trainer: Trainer) -> None:
+    """A warm-up as long as the run (``--epochs 3`` under linprobe's 10 warm-up epochs) never reaches the
+    learning rate the header prints, and the decay never starts: said, not changed (a budget run sizes
+    its warm-up itself)."""
+    o = trainer.optim_cfg
+    warmup = getattr(o, "warmup_epochs", 0) * trainer.steps_per_epoch
+    if 0 < trainer.total_steps <= warmup:
+        warnings.warn(f"--warmup-epochs {o.warmup_epochs:g} is not shorter than the run ({o.epochs} epoch(s), "
+                      f"{trainer.total_steps} steps): the learning rate climbs the whole run, reaching "
+                      f"{trainer.lr_at(0, trainer.total_steps - 1):.3g} of {trainer.peak_lr:.3g} at the end, and never "
+                      f"decays; pass a shorter --warmup-epochs (or more --epochs)", stacklevel=2)
 
 
 def find_resume(resume: str, run_dir: Path) -> Path | None:
@@ -232,6 +246,7 @@ class Session:
         """Resume (refusing changed settings), write the run folder, log ``header``, train, close the log."""
         logger = trainer.open_run(cfg, resume, self.lock)  # checks a resumed checkpoint before writing
         if self.is_main:
+            warn_endless_warmup(trainer)
             logger.info(header)
             if self.budget_note:
                 logger.info(self.budget_note)
