@@ -334,3 +334,15 @@ def test_streamed_feeder_with_workers_keeps_the_global_rng_and_resumes_exactly(c
     serial = [b.images for b in feeder(0).epoch(1, start_step=3)]  # worker identity never matters
     assert all(torch.equal(x, y) for x, y in zip(serial, resumed, strict=True))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_worker_count_far_beyond_the_cores_is_capped_with_a_warning(monkeypatch):
+    """--num-workers 1000 on 2 cores forked ~1 700 processes (22 GB) and was still starting after 9 minutes."""
+    from maelab.data import workers
+
+    monkeypatch.setattr(workers, "cpu_cores", lambda: 2)
+    assert workers.default_workers(8) == 8 and workers.default_workers(0) == 0 and workers.default_workers(-1) == 2
+    with pytest.warns(UserWarning, match="--num-workers 1000 is more than 4 per CPU core \\(2 cores\\): using 8"):
+        assert workers.default_workers(1000) == 8
+    monkeypatch.setattr(workers, "cpu_cores", lambda: 64)
+    assert workers.default_workers(100) == 100  # a big machine keeps what it asks for
