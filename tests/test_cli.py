@@ -31,10 +31,12 @@ def _one_clear_line(err: str):
 
 @pytest.mark.parametrize("extra,message", [
     (["--img-size", "30"], "not divisible by the patch size"),
-    (["--mask-ratio", "1.0"], "mask ratio must be in [0, 1)"),
-    (["--mask-ratio", "-0.5"], "mask ratio must be in [0, 1)"),
+    (["--mask-ratio", "1.0"], "mask ratio (--mask-ratio) must be in [0, 1)"),
+    (["--mask-ratio", "-0.5"], "mask ratio (--mask-ratio) must be in [0, 1)"),
     (["--model", "mae_vit_gigantic"], "unknown model"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--save-every", "-2"], "--save-every must be at least 1"),  # kept a checkpoint every epoch
+    (["--vis-every", "-1"], "--vis-every must be at least 0"),
     (["--epochs", "ten"], "epochs: cannot read 'ten'"),
     (["--batch-size", "1000"], "fewer than one global batch"),
     (["--mask-ratio", "0"], "mask ratio 0.0 masks none of the 64 patches"),

@@ -67,3 +67,18 @@ def test_pretraining_with_block_masks_runs(cifar_tiny, tmp_path):
                                             num_workers=0, mask_type="block"))
     result = run_pretrain(cfg)
     assert result.global_step == 4 and "mask_type: block" in (tmp_path / "config.yaml").read_text()
+
+
+def test_a_ratio_that_would_hide_every_patch_says_the_ratio_that_runs():
+    """--mask-ratio 0.999 on 64 patches trained at 63/64 = 0.984 without a word (one patch stays visible)."""
+    import warnings
+
+    from maelab.models.mae import MaskedAutoencoder
+
+    with pytest.warns(UserWarning, match="mask ratio 0.999 would hide all 64 patches; one stays visible .* 0.9844"):
+        MaskedAutoencoder(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
+                          decoder_depth=1, decoder_num_heads=2, mask_ratio=0.999)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MaskedAutoencoder(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
+                          decoder_depth=1, decoder_num_heads=2, mask_ratio=0.98)  # 1 of 64 visible: as asked

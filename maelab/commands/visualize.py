@@ -13,7 +13,7 @@ from maelab.data.shards import is_shard_source, scan_any
 from maelab.errors import MaelabError
 from maelab.interop.encoders import img_size_arg
 from maelab.interop.mae_weights import load_mae, require_decoder
-from maelab.models.checks import check_masks_something, num_visible
+from maelab.models.checks import check_masks_something, num_visible, warn_if_one_is_kept
 from maelab.train.distributed import pick_device
 from maelab.viz import PICTURE_IMAGES, save_reconstruction_grid
 from maelab.viz.reconstruct import row_title
@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> Path:
         print(f"maelab visualize: {note}", flush=True)
     for r in args.mask_ratio:
         check_masks_something(model.num_patches, r)
+        warn_if_one_is_kept(model.num_patches, r)
     if not args.images:
         images, titles = run_images(Path(args.checkpoint))
     elif len(args.images) == 1 and is_shard_source(args.images[0]):

@@ -7,6 +7,7 @@ Kept apart from :mod:`maelab.models.mae` so that file reads as the method; every
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Any
 
 from maelab.errors import MaelabError
@@ -30,8 +31,15 @@ def pair(size: Any) -> tuple[int, int]:
 def num_visible(num_patches: int, mask_ratio: float) -> int:
     """Patches kept per sample: ``int(L * (1 - r))``, the same for every sample so batches stay dense."""
     if not 0.0 <= mask_ratio < 1.0:
-        raise MaelabError(f"mask ratio must be in [0, 1), got {mask_ratio}")
+        raise MaelabError(f"mask ratio (--mask-ratio) must be in [0, 1), got {mask_ratio}")
     return max(1, int(num_patches * (1 - mask_ratio)))
+
+
+def warn_if_one_is_kept(num_patches: int, mask_ratio: float) -> None:
+    """A ratio that would hide every patch (0.999 of 64) keeps one visible: said, with the ratio that runs."""
+    if num_patches > 1 and int(num_patches * (1 - mask_ratio)) < 1:
+        warnings.warn(f"mask ratio {mask_ratio:g} would hide all {num_patches} patches; one stays visible (the encoder "
+                      f"needs a token), so the ratio that runs is {1 - 1 / num_patches:.4g}", stacklevel=3)
 
 
 def check_masks_something(num_patches: int, mask_ratio: float) -> None:
@@ -81,4 +89,5 @@ def check_mae(img_size: tuple[int, int], patch_size: int, embed_dim: int, depth:
     grid = check_image_size(img_size, patch_size)
     check_dims(embed_dim, num_heads, decoder_embed_dim, decoder_num_heads)
     check_masks_something(grid[0] * grid[1], mask_ratio)  # the default ratio, before any run starts
+    warn_if_one_is_kept(grid[0] * grid[1], mask_ratio)
     return grid

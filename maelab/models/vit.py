@@ -95,7 +95,7 @@ def build_vit(
     official fine-tuning code). ``num_classes=0`` gives no head (features)."""
     check_pool(global_pool)
     if not 0.0 <= drop_path_rate < 1.0:
-        raise MaelabError(f"drop path rate must be in [0, 1), got {drop_path_rate}")
+        raise MaelabError(f"drop path rate (--drop-path) must be in [0, 1), got {drop_path_rate}")
     check_dims(arch["embed_dim"], arch["num_heads"])
     if arch["depth"] < 1 or arch["patch_size"] < 1:
         raise MaelabError(f"a ViT needs depth >= 1 and patch_size >= 1, got depth={arch['depth']}, "

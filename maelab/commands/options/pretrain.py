@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from maelab.choices import CROPS, MASK_TYPES
-from maelab.commands.options.sections import (OptimConfig, TrainRunConfig, check_crop_scale, check_run_numbers,
+from maelab.commands.options.sections import (OptimConfig, TrainRunConfig, at_least, check_crop_scale, check_run_numbers,
                                       check_schedule)
 from maelab.config import command_config, option
 from maelab.data.workers import default_workers
@@ -105,6 +105,7 @@ def validate(cfg: PretrainConfig) -> None:
     if cfg.data.batch_size < 1:
         raise MaelabError(f"--batch-size must be at least 1, got {cfg.data.batch_size}")
     check_run_numbers(cfg.run)
+    at_least(vis_every=(cfg.run.vis_every, 0), knn_every=(cfg.monitor.knn_every, 0), knn_max=(cfg.monitor.knn_max, 0))
     default_workers(cfg.data.num_workers)
     check_schedule(cfg.optim, cfg.data.batch_size)
     check_crop_scale(cfg.data.min_crop_scale)

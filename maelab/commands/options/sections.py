@@ -63,7 +63,7 @@ class TrainRunConfig(ProcessConfig):
     seed: int = option(0, "seed for initialisation, data order, augmentation and mixup")
     resume: str = option("auto", "auto (continue a run found in --out) | never | PATH of a checkpoint")
     log_every: int = option(20, "optimizer steps between log lines / host syncs")
-    save_every: int = option(5, "keep a checkpoint every N epochs (the latest is always saved)")
+    save_every: int = option(5, "keep a checkpoint every N >= 1 epochs (the latest is always saved)")
     keep: int = option(3, "periodic checkpoints to keep (0 = all)")
     save_every_minutes: float = option(10.0, "also write a checkpoint inside an epoch once this many minutes have "
                                        "passed since the last one (it replaces the previous such one; the "
@@ -202,9 +202,9 @@ def check_data_numbers(data) -> None:
 
 
 def check_run_numbers(run: TrainRunConfig) -> None:
-    """``--log-every``, ``--keep`` and ``--save-every-minutes`` of a training run section (``--keep -1``
-    used to keep everything silently)."""
-    at_least(log_every=(run.log_every, 1))
+    """``--log-every``, ``--save-every``, ``--keep`` and ``--save-every-minutes`` of a training run section
+    (``--keep -1`` used to keep everything silently, ``--save-every -2`` every epoch)."""
+    at_least(log_every=(run.log_every, 1), save_every=(run.save_every, 1))
     if run.keep < 0:
         raise MaelabError(f"--keep must be 0 (keep all) or more, got {run.keep}")
     if not 0 <= run.save_every_minutes < math.inf:
