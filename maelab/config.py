@@ -98,7 +98,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ValueError(value)
         return _scalar(value, inner)
     except (TypeError, ValueError):
-        raise MaelabError(f"{name}: cannot read {value!r} as {getattr(inner, '__name__', inner)}") from None
+        if typing.get_origin(inner) is list:  # `list` alone would not say of what
+            what = f"a list of {typing.get_args(inner)[0].__name__}"
+        else:
+            what = getattr(inner, "__name__", inner)
+        raise MaelabError(f"{name}: cannot read {value!r} as {what}") from None
 
 
 def _scalar(value: Any, tp: type) -> Any:

@@ -64,7 +64,7 @@ def test_a_setting_given_twice_is_refused_not_left_to_the_last_line(tmp_path, te
     ("data:\n  batch_size: true\n", "batch_size: cannot read True as int"),  # Python's bool is an int: batch 1
     ("optim:\n  base_lr: false\n", "base_lr: cannot read False as float"),
     ("run:\n  out: [a, b]\n", "out: cannot read ['a', 'b'] as str"),
-    ("model:\n  img_size: [32, yes]\n", "img_size: cannot read [32, True] as list"),
+    ("model:\n  img_size: [32, yes]\n", "img_size: cannot read [32, True] as a list of int"),
     ("epochs: 1.5\n", "epochs: cannot read 1.5 as int"),
 ])
 def test_yaml_values_of_another_kind_are_refused_not_converted(tmp_path, text, message):
