@@ -115,7 +115,8 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
 ])
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
-    code, err = maelab_refusal(capsys, "ablate", *args, "--data", str(tmp_path), "--out", str(tmp_path / "sweep"))
+    (tmp_path / "data").mkdir()
+    code, err = maelab_refusal(capsys, "ablate", *args, "--data", str(tmp_path / "data"), "--out", str(tmp_path / "sweep"))
     assert code == 2 and message in err and not (tmp_path / "sweep").exists(), err
 
 
@@ -245,6 +246,10 @@ def test_an_on_off_setting_takes_1_and_0_and_names_them_true_and_false(cifar_tin
     cfg.sweep.values = ["maybe"]
     with pytest.raises(MaelabError, match="--values maybe"):
         module.validate(cfg)
+    (tmp_path / "norm-pix-loss=on").mkdir()  # a sweep run before: its folder keeps its spelling, not run again
+    cfg.sweep.values = ["on", "off"]
+    module.validate(cfg)
+    assert cfg.sweep.values == ["on", "false"]
 
 
 def write_sweep(folder: Path, setting: str, scores: dict[str, float], minutes: float = 4.0, budget: str = "4m",

@@ -527,6 +527,12 @@ def test_a_train_valid_test_layout_scores_on_valid_and_a_run_keeps_the_folder_it
     assert f"--val-data '{root / 'val'}' (the run has '{root / 'valid'}')" in err, err
     assert main([*args, "--epochs", "2", "--val-data", str(root / "val")]) == 2  # the folder it recorded is gone
     (root / "val").rename(root / "valid")
+    config = out / "config.yaml"
+    recorded = config.read_text()
+    config.write_text(recorded.replace(f"val_data: {root / 'valid'}", "val_data: ''"))  # a run from before
+    assert main([*args, "--epochs", "2"]) == 2  # it scored on `test` (valid was not looked for): not mixed
+    assert f"(the run has '{root / 'test'}')" in capsys.readouterr().err
+    config.write_text(recorded)
     assert main([*args, "--epochs", "2"]) == 0
 
 
@@ -632,6 +638,9 @@ def test_features_of_a_flat_folder_over_labelled_ones_leave_no_stale_labels(data
     (tmp_path / "f.paths.txt").write_text("a\nb\n")  # side files of another run (a copy, a cut-off write)
     with pytest.raises(MaelabError, match="has 4 rows but its paths 2: the files are from different runs"):
         read_features(out)
+    sorted(flat.iterdir())[0].rename(flat / "odd\u2028name.png")  # not a line break for paths.txt: read back whole
+    assert main(["features", "--init", str(mae_ckpt), "--data", str(flat), "--out", str(out), *QUIET[:2]]) == 0
+    assert str(flat / "odd\u2028name.png") in read_features(out)["paths"]
     sorted(flat.iterdir())[0].rename(flat / "line\nbreak.png")  # legal on Linux: paths.txt would get 5 lines for 4 rows
     assert main(["features", "--init", str(mae_ckpt), "--data", str(flat), "--out", str(out), *QUIET[:2]]) == 2
     assert "holds a line break" in capsys.readouterr().err

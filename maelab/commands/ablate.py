@@ -54,8 +54,9 @@ def validate(cfg: AblateConfig) -> None:
         raise MaelabError("--setting and --values are required, e.g. --setting mask-ratio --values 0.5 0.75")
     if (why := NOT_SETTINGS.get(flag_name(sw.setting))) is not None:
         raise MaelabError(f"--setting {sw.setting} is not a setting to sweep: {why}")
-    if is_switch(PretrainConfig, flag_name(sw.setting)):  # one spelling per state: folders and tables say true / false
-        sw.values = [switch_word(v) for v in sw.values]
+    if is_switch(PretrainConfig, flag_name(sw.setting)):  # one spelling per state: folders and tables say true / false,
+        out = Path(cfg.run.out).expanduser()  # except where a sweep of another spelling (=on) already ran
+        sw.values = [v if (out / f"{flag_name(sw.setting)}={v}").is_dir() else switch_word(v) for v in sw.values]
     if len(set(sw.values)) != len(sw.values):
         raise MaelabError(f"--values repeats a value: {sw.values}")
     if not cfg.data.data:

@@ -47,12 +47,12 @@ def write_features(out: Path, feats: torch.Tensor, labels: torch.Tensor | None, 
             buf = io.BytesIO()
             np.save(buf, labels.numpy().astype(np.int64))
             atomic_write_bytes(label_files[0], buf.getvalue())
-            atomic_write_bytes(label_files[1], ("\n".join(classes) + "\n").encode())
+            atomic_write_bytes(label_files[1], _lines(classes))
             written += label_files
         else:  # an earlier run's labels would be read as these rows'
             for f in label_files:
                 f.unlink(missing_ok=True)
-    atomic_write_bytes(_sidecar(out, ".paths.txt"), ("\n".join(paths) + "\n").encode())
+    atomic_write_bytes(_sidecar(out, ".paths.txt"), _lines(paths))
     written.append(_sidecar(out, ".paths.txt"))
     if out.suffix == ".npy":
         buf = io.BytesIO()
@@ -75,16 +75,28 @@ def check_line_breaks(names: list[str], out: Path) -> None:
                           f"(one path per line) cannot hold: rename it")
 
 
+def _lines(names: list[str]) -> bytes:
+    """One name per line, as UTF-8 (a file name that is no valid UTF-8 keeps its bytes)."""
+    return ("\n".join(names) + "\n").encode("utf-8", "surrogateescape")
+
+
+def _read_lines(file: Path) -> list[str]:
+    """:func:`_lines` read back: "\n" alone ends a line (``splitlines`` would also split a name at U+2028,
+    \x1c, ...), whatever the locale's encoding."""
+    text = file.read_bytes().decode("utf-8", "surrogateescape") if file.is_file() else ""
+    return text.removesuffix("\n").split("\n") if text else []
+
+
 def read_features(path: str | Path) -> dict[str, Any]:
     """``{"features", "labels" (or None), "paths", "classes"}`` from a file written by `maelab features`."""
     p = Path(path)
     paths_file = _sidecar(p, ".paths.txt")
-    paths = paths_file.read_text().splitlines() if paths_file.is_file() else []
+    paths = _read_lines(paths_file)
     if p.suffix == ".npy":
         labels_file, classes_file = _sidecar(p, ".labels.npy"), _sidecar(p, ".classes.txt")
         got = {"features": torch.from_numpy(np.load(p)), "paths": paths,
                "labels": torch.from_numpy(np.load(labels_file)) if labels_file.is_file() else None,
-               "classes": classes_file.read_text().splitlines() if classes_file.is_file() else []}
+               "classes": _read_lines(classes_file)}
     else:
         tensors, meta = read_weights(p)
         got = {"features": tensors["features"], "labels": tensors.get("labels"), "paths": meta.get("paths", paths),

@@ -56,7 +56,8 @@ def warn_endless_warmup(trainer: Trainer) -> None:
         warnings.warn(f"--warmup-epochs {o.warmup_epochs:g} is not shorter than the run ({o.epochs} epoch(s), "
                       f"{trainer.total_steps} steps): the learning rate climbs the whole run, reaching "
                       f"{trainer.lr_at(0, trainer.total_steps - 1):.3g} of {trainer.peak_lr:.3g} at the end, and never "
-                      f"decays; pass a shorter --warmup-epochs (or more --epochs)", stacklevel=2)
+                      f"decays; a shorter --warmup-epochs (or more --epochs) needs a new --out, as this run's folder "
+                      f"keeps its settings", stacklevel=2)
 
 
 def find_resume(resume: str, run_dir: Path) -> Path | None:
@@ -246,7 +247,8 @@ class Session:
         """Resume (refusing changed settings), write the run folder, log ``header``, train, close the log."""
         logger = trainer.open_run(cfg, resume, self.lock)  # checks a resumed checkpoint before writing
         if self.is_main:
-            warn_endless_warmup(trainer)
+            if resume is None:  # a resumed run's schedule was said when it started
+                warn_endless_warmup(trainer)
             logger.info(header)
             if self.budget_note:
                 logger.info(self.budget_note)

@@ -12,15 +12,16 @@ from maelab.data.shards import is_shard_source, prepare_any
 from maelab.errors import SameOnEveryRank  # the splits are the same on every process: said once
 
 VAL_NAMES = ("val", "validation", "valid", "test")  # in this order: a test folder is the last resort
+LEGACY_VAL_NAMES = ("val", "validation", "test")  # before `valid` (runs that did not record the folder)
 
 
-def default_val_dir(train: str | Path) -> Path | None:
+def default_val_dir(train: str | Path, names: tuple[str, ...] = VAL_NAMES) -> Path | None:
     """A sibling ``val`` / ``validation`` / ``valid`` / ``test`` folder when the training folder is called
     ``train`` (``valid``: the train / valid / test layout of Roboflow and Kaggle exports)."""
     p = Path(train).expanduser()
     if p.name.lower() not in ("train", "training"):
         return None
-    for name in VAL_NAMES:
+    for name in names:
         if (p.parent / name).is_dir():
             return p.parent / name
     return None

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from maelab.data.splits import LEGACY_VAL_NAMES, default_val_dir
 from maelab.errors import MaelabError
 
 MAY_CHANGE = frozenset({
@@ -61,8 +62,6 @@ def _same(key: str, old: Any, new: Any) -> bool:
     """Whether two recorded values mean the same. Image sizes: one number is a square, and a size left
     to its default (``None``, as runs recorded it before the resolved size was written) is the size the
     command resolves now; the checkpoint's shapes are checked when it loads."""
-    if key == "data.val_data" and not old:  # recorded before the validation folder found beside --data was
-        return True
     if key.endswith(".img_size"):
         if old is None or new is None:
             return True
@@ -81,6 +80,10 @@ def check_resume(saved_file: Path, config: dict[str, Any]) -> list[str]:
     except (OSError, yaml.YAMLError, AttributeError) as e:
         raise MaelabError(f"cannot read {saved_file} to check the resumed run's settings: {e}") from None
     now = _flat(recorded(config))
+    if saved.get("data.val_data") == "" and now.get("data.val_data") and saved.get("data.data"):
+        # recorded before the folder found beside --data was written down: the one the rule of then found
+        found = default_val_dir(saved["data.data"], LEGACY_VAL_NAMES)
+        saved["data.val_data"] = str(found.resolve()) if found is not None else now["data.val_data"]
     if len(extra := sorted(set(saved) - set(now))) >= 2:  # settings this command does not have: another command's
         # run, found in --out or named by --resume
         raise MaelabError(f"{saved_file.parent} holds a run of another command (its config.yaml has settings this "
