@@ -335,14 +335,16 @@ def test_official_timm_and_hugging_face_files_give_the_same_encoder(tmp_path, ma
     with torch.no_grad():
         expected = mae.forward_features(x)[:, 0]
     for name, path in sources.items():
-        enc = read_encoder(path, num_heads=2)  # official / timm files do not record the head count
+        enc = read_encoder(path, num_heads=2)  # agrees with what the files record
         assert enc.arch["embed_dim"] == 32 and enc.arch["depth"] == 2 and tuple(enc.arch["img_size"]) == (16, 16)
         for k, v in want.items():  # the avg export keeps the final norm as timm's fc_norm (global-pool layout)
             key = "fc_norm." + k[len("norm."):] if name == "timm-avg" and k.startswith("norm.") else k
             assert torch.equal(enc.state_dict[key], v), (name, k)
         with torch.no_grad():  # LayerNorm is per token: fc_norm(cls) == norm(tokens)[:, 0]
             torch.testing.assert_close(encode(features_model(enc, enc.arch), x), expected, rtol=0, atol=1e-5)
-    assert read_encoder(sources["official"]).arch["num_heads"] == 1  # width 32 is not in the paper's table
+    assert read_encoder(sources["official"]).arch["num_heads"] == 2  # maelab's exports record it
+    torch.save({"model": mae.state_dict()}, tmp_path / "elsewhere.pth")  # a file that cannot say: the table's
+    assert read_encoder(tmp_path / "elsewhere.pth").arch["num_heads"] == 1  # (width 32 is not in the table)
     with pytest.raises(MaelabError, match="records 2 attention heads"):
         read_encoder(mae_ckpt, num_heads=4)
 
