@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from PIL import Image
@@ -341,8 +343,12 @@ def test_a_worker_count_far_beyond_the_cores_is_capped_with_a_warning(monkeypatc
     from maelab.data import workers
 
     monkeypatch.setattr(workers, "cpu_cores", lambda: 2)
+    monkeypatch.setattr(workers, "_CAPPED", set())
     assert workers.default_workers(8) == 8 and workers.default_workers(0) == 0 and workers.default_workers(-1) == 2
     with pytest.warns(UserWarning, match="--num-workers 1000 is more than 4 per CPU core \\(2 cores\\): using 8"):
         assert workers.default_workers(1000) == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert workers.default_workers(1000) == 8  # said once per run, not once per loader
     monkeypatch.setattr(workers, "cpu_cores", lambda: 64)
     assert workers.default_workers(100) == 100  # a big machine keeps what it asks for

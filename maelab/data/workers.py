@@ -19,6 +19,9 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+_CAPPED: set[int] = set()
+
+
 def default_workers(requested: int) -> int:
     """``-1``: one worker per CPU core, at most 8; otherwise the number asked for, up to 4 per core (at
     least 8): 1000 workers on 2 cores took 22 GB and minutes of start-up before the first batch (other
@@ -27,7 +30,8 @@ def default_workers(requested: int) -> int:
         raise MaelabError(f"--num-workers must be 0 or more, or -1 for one per CPU core, got {requested}")
     if requested >= 0:
         limit = max(8, 4 * cpu_cores())
-        if requested > limit:
+        if requested > limit and requested not in _CAPPED:  # said once, though every loader asks
+            _CAPPED.add(requested)
             warnings.warn(f"--num-workers {requested} is more than 4 per CPU core ({cpu_cores()} cores): using "
                           f"{limit}", stacklevel=2)
         return min(requested, limit)

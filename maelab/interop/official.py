@@ -352,7 +352,8 @@ def export_official(model: torch.nn.Module, path: str | os.PathLike, include_dec
     if not include_decoder:
         sd = {k: v for k, v in sd.items() if k.startswith(ENCODER_PREFIXES)}
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
-    heads = {k: v for k, v in model.init_kwargs.items() if k == "num_heads" or (include_decoder and k == "decoder_num_heads")}
+    heads = {k: v for k, v in model.init_kwargs.items()
+             if k == "num_heads" or (include_decoder and k == "decoder_num_heads")}
     record = size_record(model.img_size, model.patch_size, getattr(model, "norm_eps", 1e-6),
                          {"norm_pix_loss": model.norm_pix_loss, "mask_ratio": model.mask_ratio}, heads)
     return save_official(sd, path, record)
