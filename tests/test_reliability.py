@@ -189,6 +189,12 @@ def test_a_run_folder_inside_the_data_it_reads_is_refused(capsys, tmp_path):
     assert main(["ablate", "--setting", "mask-ratio", "--values", "0.5", "--data", str(data), "--out",
                  str(data / "sweep")]) == 2
     assert "is inside" in _error_line(capsys)
+    for split in ("train/a", "train/b", "valid/a", "valid/b"):  # the validation folder found beside --data too
+        png_folder(tmp_path / "export" / split, 4)
+    out = tmp_path / "export" / "valid" / "run"
+    assert main(["finetune", "--init", "none", "--model", "mae_vit_tiny_patch4", "--data", str(tmp_path / "export" / "train"),
+                 "--out", str(out), "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--num-workers", "0"]) == 2
+    assert f"--out {out} is inside {tmp_path / 'export' / 'valid'}" in _error_line(capsys)
 
 
 def _linger(ready) -> None:

@@ -112,8 +112,8 @@ def build_model(cfg: FinetuneConfig, num_classes: int):
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
     validate(cfg)
     with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
+        train, val = load_splits(cfg.data, cfg.run.seed, say=s.is_main)  # first: it finds the validation folder
         run_dir, resume = s.run_folder(cfg.run, cfg.data.data, cfg.data.val_data)
-        train, val = load_splits(cfg.data, cfg.run.seed, say=s.is_main)
         num_classes = len(train.classes)
         model, arch, size, enc, notes = build_model(cfg, num_classes)
         plan = plan_for(train, cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank,
