@@ -570,7 +570,7 @@ def test_a_budget_run_times_the_validation_pass_on_its_first_batches(dataset, ma
     assert json.loads((tmp_path / "r" / "results.json").read_text())["final_epoch"] == 1
 
 
-def test_a_warmup_as_long_as_the_run_is_warned_about(dataset, mae_ckpt, tmp_path, capsys):
+def test_a_warmup_as_long_as_the_run_is_warned_about(dataset, mae_ckpt, tmp_path, capsys, monkeypatch):
     """linprobe --epochs 3 under its 10 warm-up epochs ended at 28 % of the learning rate its header printed."""
     args = ["linprobe", "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--batch-size", "6", *QUIET]
     assert main([*args, "--epochs", "2", "--out", str(tmp_path / "a")]) == 0
@@ -578,6 +578,9 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(dataset, mae_ckpt, tmp_path
     assert "maelab: warning: --warmup-epochs 10 is not shorter than the run (2 epoch(s), 8 steps)" in err, err
     assert main([*args, "--epochs", "2", "--warmup-epochs", "1", "--out", str(tmp_path / "b")]) == 0
     assert "--warmup-epochs" not in capsys.readouterr().err
+    monkeypatch.setenv("MAELAB_CHAIN_STEP", "1")  # a step of recipe / ablate: the user did not pass its flags
+    assert main([*args, "--epochs", "2", "--out", str(tmp_path / "c")]) == 0
+    assert "the step's preset sets the warm-up: more epochs for this step, or a budget" in capsys.readouterr().err
 
 
 def test_linprobe_with_augmentation_end_to_end(dataset, mae_ckpt, tmp_path):

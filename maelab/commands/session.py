@@ -17,6 +17,7 @@ you report overstates the result.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import warnings
@@ -26,6 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from maelab.commands.steps import CHAIN_STEP
 from maelab.data.folders import ImageList
 from maelab.data.loader import choose_in_memory
 from maelab.data.workers import default_workers
@@ -53,11 +55,13 @@ def warn_endless_warmup(trainer: Trainer) -> None:
     o = trainer.optim_cfg
     warmup = getattr(o, "warmup_epochs", 0) * trainer.steps_per_epoch
     if 0 < trainer.total_steps <= warmup:
+        fix = ("the step's preset sets the warm-up: more epochs for this step, or a budget (which sizes the warm-up), "
+               "avoid it" if os.environ.get(CHAIN_STEP) else "a shorter --warmup-epochs (or more --epochs) needs a "
+               "new --out, as this run's folder keeps its settings")
         warnings.warn(f"--warmup-epochs {o.warmup_epochs:g} is not shorter than the run ({o.epochs} epoch(s), "
                       f"{trainer.total_steps} steps): the learning rate climbs the whole run, reaching "
                       f"{trainer.lr_at(0, trainer.total_steps - 1):.3g} of {trainer.peak_lr:.3g} at the end, and never "
-                      f"decays; a shorter --warmup-epochs (or more --epochs) needs a new --out, as this run's folder "
-                      f"keeps its settings", stacklevel=2)
+                      f"decays; {fix}", stacklevel=2)
 
 
 def find_resume(resume: str, run_dir: Path) -> Path | None:

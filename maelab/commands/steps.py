@@ -178,13 +178,16 @@ def no_budget(budget: str | None) -> bool:
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds this `maelab` package
 
 
+CHAIN_STEP = "MAELAB_CHAIN_STEP"  # set for the steps of `recipe` / `ablate`, whose flags are not the user's
+
+
 def child_command(args: list[str]) -> tuple[list[str], dict[str, str]]:
     """Argv and environment of a `maelab` child process that runs this very code. Plain ``python -m``
     puts the working directory first on the path, so a `maelab/` folder where the user stands (another
     checkout, an older copy) would run instead of the code that launched it: ``-P`` stops that, and
     PYTHONPATH names this package's root, installed or not."""
     path = os.pathsep.join(p for p in (str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return [sys.executable, "-P", "-m", "maelab.cli", *args], {**os.environ, "PYTHONPATH": path}
+    return [sys.executable, "-P", "-m", "maelab.cli", *args], {**os.environ, "PYTHONPATH": path, CHAIN_STEP: "1"}
 
 
 def run_child(args: list[str], log: Path) -> int:
