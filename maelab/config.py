@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, SameOnEveryRank
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped inside the package
 
@@ -224,7 +224,7 @@ SEED_LIMIT = 2**63  # torch takes seeds below 2**64 and wraps negative ones onto
 def check_seed(value: int | None, flag: str = "--seed") -> None:
     """A seed every generator maelab seeds takes as it is, with ``seed + 1`` (the validation subset's) too."""
     if value is not None and not 0 <= value < SEED_LIMIT:
-        raise MaelabError(f"{flag} must be a whole number from 0 to 2**63 - 1, got {value} (torch refuses seeds from "
+        raise SameOnEveryRank(f"{flag} must be a whole number from 0 to 2**63 - 1, got {value} (torch refuses seeds from "
                           f"2**64 on, and reads a negative seed as a large one)")
 
 

@@ -5,7 +5,9 @@ its traceback.
 """
 
 import errno
+import os
 import signal
+import warnings
 
 
 class MaelabError(Exception):
@@ -15,6 +17,13 @@ class MaelabError(Exception):
 class SameOnEveryRank(MaelabError):
     """An error every process of a torchrun job raises alike, as it depends only on the settings, the
     data and the number of processes: only rank 0 prints it, so the job says it once."""
+
+
+def warn_for_job(message: str, stacklevel: int = 2) -> None:
+    """A warning that every process of a torchrun job would give alike (it depends only on the settings and
+    the data): given by rank 0 alone, so the job says it once."""
+    if os.environ.get("RANK", "0") == "0":
+        warnings.warn(message, stacklevel=stacklevel + 1)
 
 
 class RunInterrupted(MaelabError):

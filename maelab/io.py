@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, SameOnEveryRank
 
 
 def fsync_dir(path: Path) -> None:
@@ -73,7 +73,7 @@ def refuse_out_inside(out: str | Path, *inputs: str | None) -> None:
     for data in inputs:
         root = Path(data).expanduser().resolve() if data else None
         if root is not None and root.is_dir() and (target == root or root in target.parents):
-            raise MaelabError(f"--out {out} is inside {data}, which this run reads: its pictures and files would be "
+            raise SameOnEveryRank(f"--out {out} is inside {data}, which this run reads: its pictures and files would be "
                               f"read as images by the next run (in an image folder, as a class of their own); choose "
                               f"an --out outside it")
 

@@ -504,3 +504,29 @@ def test_a_collective_broken_by_a_dead_peer_is_one_line(capsys, monkeypatch):
         cli.main(["models"])
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert cli._peer_lost(RuntimeError("CUDA out of memory")) is None
+
+
+def test_errors_and_warnings_of_the_settings_are_said_by_rank_0_alone(capsys, tmp_path, monkeypatch):
+    """Under torchrun every process printed them: 8 alike lines per node (an --out inside --data, a missing
+    folder, --init none without --model, a seed out of range; the --num-workers cap and val = train warnings)."""
+    import warnings
+
+    from maelab.data import workers
+    from maelab.errors import warn_for_job
+
+    (tmp_path / "data").mkdir()
+    cases = [["pretrain", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "data" / "run")],
+             ["pretrain", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")],
+             ["knn", "--init", "none", "--data", str(tmp_path / "data")],
+             ["pretrain", "--data", str(tmp_path / "data"), "--seed", "-1"]]
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        for args in cases:
+            assert main(args) == 2
+            assert ("maelab: error:" in capsys.readouterr().err) == said, (rank, args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_for_job("alike on every process")
+            monkeypatch.setattr(workers, "_CAPPED", set())
+            workers.default_workers(10_000)
+        assert len(caught) == (2 if said else 0), rank

@@ -33,7 +33,7 @@ from pycocotools import mask as mask_utils
 
 from maelab.choices import EMPTY_POLICIES
 from maelab.data.folders import image_sizes, open_rgb, unreadable
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, SameOnEveryRank
 
 
 @dataclass
@@ -258,7 +258,7 @@ def find_split(folder: str | os.PathLike, split: str) -> tuple[Path, Path]:
     ``annotations/instances_<split>*.json``) and ``images/`` (or ``<split>*/`` beside it)."""
     root = Path(folder).expanduser()
     if not root.is_dir():
-        raise MaelabError(f"--data {root} is not a folder (expected instances_train.json, instances_val.json, "
+        raise SameOnEveryRank(f"--data {root} is not a folder (expected instances_train.json, instances_val.json, "
                           f"images/)")
     candidates = [root / f"instances_{split}.json", *sorted((root / "annotations").glob(f"instances_{split}*.json"))]
     ann = next((c for c in candidates if c.is_file()), None)

@@ -29,7 +29,7 @@ from maelab.choices import SHARD_MANIFEST
 from maelab.data.seeding import make_generator
 from maelab.data.transforms import EvalTransform
 from maelab.data.workers import cpu_cores
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, SameOnEveryRank
 
 # torchvision's list, plus what Pillow reads that cameras and the web write (a GIF gives its first frame)
 IMAGE_EXTENSIONS = tuple(sorted(set(IMG_EXTENSIONS) | {".jpeg", ".jfif", ".tif", ".tiff", ".webp", ".gif"}))
@@ -98,9 +98,9 @@ def scan_images(root: str | os.PathLike) -> ImageList:
     """List the images under ``root``; class = first-level sub-folder (sorted), as torchvision does."""
     root = Path(root).expanduser()
     if not root.exists():
-        raise MaelabError(f"data folder {root} does not exist")
+        raise SameOnEveryRank(f"data folder {root} does not exist")
     if not root.is_dir():
-        raise MaelabError(f"data path {root} is not a folder")
+        raise SameOnEveryRank(f"data path {root} is not a folder")
     paths: list[str] = []
     tops: list[str] = []
     left_out: Counter[str] = Counter()

@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from maelab.data.folders import IMAGE_EXTENSIONS, ImageList, image_sizes, open_rgb
 from maelab.data.seeding import make_generator
 from maelab.data.transforms import normalize
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, SameOnEveryRank
 
 # target value of pixels that count in neither the loss nor the metrics: never a class index, however many
 # classes (16-bit labels may hold class 255); cross-entropy's own default
@@ -138,7 +138,7 @@ def split_folders(root: str | Path, split: str) -> tuple[Path, Path]:
     """(images folder, labels folder) of ``split`` under ``root``, in either layout."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise MaelabError(f"segmentation data folder {root} does not exist")
+        raise SameOnEveryRank(f"segmentation data folder {root} does not exist")
     candidates = [(root / split / "images", root / split / "labels"),
                   (root / split / "images", root / split / "annotations"),
                   (root / "images" / split, root / "annotations" / split),

@@ -4,12 +4,11 @@ first-level folders are the classes. The training and validation splits must hav
 from __future__ import annotations
 
 import unicodedata
-import warnings
 from pathlib import Path
 
 from maelab.data.folders import ImageList, subsample
 from maelab.data.shards import is_shard_source, prepare_any
-from maelab.errors import SameOnEveryRank  # the splits are the same on every process: said once
+from maelab.errors import SameOnEveryRank, warn_for_job  # the splits are the same on every process: said once
 
 VAL_NAMES = ("val", "validation", "valid", "test")  # in this order: a test folder is the last resort
 LEGACY_VAL_NAMES = ("val", "validation", "test")  # before `valid` (runs that did not record the folder)
@@ -101,9 +100,8 @@ def classification_splits(data: str, val_data: str, bad_files: str = "error",
     train_images = labelled_split(data, bad_files, "training split")
     val_images = labelled_split(val, bad_files, "validation split")
     if not is_shard_source(str(data)) and Path(data).expanduser().resolve() == Path(val).expanduser().resolve():
-        warnings.warn(f"the validation split {val} is the training split: its accuracy says how well the training "
-                      f"images are remembered, not how well unseen ones are classified (kNN: each image finds "
-                      f"itself)", stacklevel=2)
+        warn_for_job(f"the validation split {val} is the training split: its accuracy says how well the training "
+                     f"images are remembered, not how well unseen ones are classified (kNN: each image finds itself)")
     check_same_classes(train_images, val_images)
     check_num_classes(num_classes, train_images, str(data))
     return train_images, val_images

@@ -6,10 +6,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
-import warnings
 from typing import TYPE_CHECKING, Iterator
 
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, warn_for_job
 
 if TYPE_CHECKING:  # a type only: the CLI checks --num-workers without loading torch
     from torch.utils.data import DataLoader
@@ -32,8 +31,7 @@ def default_workers(requested: int) -> int:
         limit = max(8, 4 * cpu_cores())
         if requested > limit and requested not in _CAPPED:  # said once, though every loader asks
             _CAPPED.add(requested)
-            warnings.warn(f"--num-workers {requested} is more than 4 per CPU core ({cpu_cores()} cores): using "
-                          f"{limit}", stacklevel=2)
+            warn_for_job(f"--num-workers {requested} is more than 4 per CPU core ({cpu_cores()} cores): using {limit}")
         return min(requested, limit)
     return max(1, min(8, cpu_cores()))
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, SameOnEveryRank
 from maelab.interop.formats import TORCH, check_weights_file, maelab_file, read_record
 from maelab.interop.huggingface import load_hf_pretrained_dir
 from maelab.interop.mae_weights import load_mae
@@ -167,7 +167,7 @@ def encoder_for(init: str, preset: str | None, num_heads: int | None = None,
                           f"folder) or `none` for a randomly initialised encoder")
     if init.lower() == "none":
         if not preset:
-            raise MaelabError(f"{what} none needs --model (a preset, see `maelab models`)")
+            raise SameOnEveryRank(f"{what} none needs --model (a preset, see `maelab models`)")
         return None
     enc = read_encoder(init, num_heads, img_size)
     check_arch(enc, preset)
