@@ -352,3 +352,19 @@ def test_a_worker_count_far_beyond_the_cores_is_capped_with_a_warning(monkeypatc
         assert workers.default_workers(1000) == 8  # said once per run, not once per loader
     monkeypatch.setattr(workers, "cpu_cores", lambda: 64)
     assert workers.default_workers(100) == 100  # a big machine keeps what it asks for
+
+
+def test_a_dataset_root_as_pretraining_data_is_warned_about_and_named_for_classification(tmp_path, capsys):
+    """`--data tvt` (train/valid/test inside) pre-trained on the test images too without a word, and the
+    classification commands said only "pass --val-data"."""
+    from maelab.cli import main
+
+    for split in ("train", "valid", "test"):
+        for c in ("a", "b"):
+            _save(tmp_path / "tvt" / split / c / "0.png", "RGB")
+    assert main(["pretrain", "--data", str(tmp_path / "tvt"), "--model", "mae_vit_tiny_patch4", "--epochs", "1",
+                 "--batch-size", "2", "--vis-every", "0", "--num-workers", "0", "--out", str(tmp_path / "r")]) == 0
+    assert (f"maelab: warning: --data {tmp_path / 'tvt'} holds the split folders train, valid, test: pre-training "
+            f"reads all of them") in capsys.readouterr().err
+    assert main(["knn", "--init", "none", "--model", "mae_vit_tiny_patch4", "--data", str(tmp_path / "tvt")]) == 2
+    assert f"looks like the dataset's root: --data {tmp_path / 'tvt' / 'train'}" in capsys.readouterr().err

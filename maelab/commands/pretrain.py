@@ -14,7 +14,7 @@ from maelab.data.folders import ImageList, prepare_images, spread_sample
 from maelab.data.loader import Feeder, choose_in_memory, plan_for
 from maelab.data.shards import (STREAM_WORKERS, ShardFeeder, ShardPlan, is_shard_source, open_shards, shard_images,
                                 shard_pictures)
-from maelab.data.splits import subset_seed
+from maelab.data.splits import subset_seed, warn_if_split_root
 from maelab.data.transforms import PretrainTransform
 from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
@@ -47,6 +47,7 @@ def run(cfg: PretrainConfig) -> LoopResult:
         else:
             images = prepare_images(cfg.data.data, cfg.data.bad_files, cfg.data.limit_images,
                                     subset_seed(cfg.data, cfg.run.seed))
+            warn_if_split_root(images)
             in_memory = choose_in_memory(cfg.data.in_memory, images, model.img_size)
             plan = plan_for(images, cfg.data.batch_size, cfg.optim.accum_iter, s.info.world, s.info.rank,
                             cfg.run.seed)

@@ -26,6 +26,24 @@ def default_val_dir(train: str | Path, names: tuple[str, ...] = VAL_NAMES) -> Pa
     return None
 
 
+def split_folders(images: ImageList) -> list[str]:
+    """The first-level folders of ``images`` that are named like a dataset's splits (``train`` beside
+    ``val`` / ``validation`` / ``valid`` / ``test``): ``--data`` names the dataset's root, not its training split."""
+    names = {c.lower(): c for c in images.classes}
+    train = [names[t] for t in ("train", "training") if t in names]
+    held_out = [names[n] for n in VAL_NAMES if n in names]
+    return train + held_out if train and held_out else []
+
+
+def warn_if_split_root(images: ImageList, flag: str = "--data") -> None:
+    """Pre-training reads every image under ``--data``: a dataset root would train on its held-out split."""
+    found = split_folders(images)
+    if found:
+        warn_for_job(f"{flag} {images.root} holds the split folders {', '.join(found)}: pre-training reads all of "
+                     f"them, the held-out images included; pass {flag} {Path(images.root) / found[0]} to train on the "
+                     f"training split alone")
+
+
 def labelled_split(root: str | Path, bad_files: str = "error", what: str = "training split") -> ImageList:
     """The images of an ImageFolder tree (or of local tar shards); every image must sit inside a class folder."""
     if not str(root):
@@ -95,8 +113,11 @@ def classification_splits(data: str, val_data: str, bad_files: str = "error",
     if not val and not is_shard_source(str(data)) and not Path(data).expanduser().exists():
         raise SameOnEveryRank(f"data folder {data} does not exist")  # a mistyped --data, not a missing split
     if not val:
+        root = Path(data).expanduser()
+        inside = [n for n in ("train", "training") if (root / n).is_dir()]
+        hint = f"; {data} looks like the dataset's root: --data {root / inside[0]}" if inside else ""
         raise SameOnEveryRank(f"no validation split: pass --val-data (no sibling {'/'.join(VAL_NAMES)} folder "
-                              f"next to {data})")
+                              f"next to {data}){hint}")
     train_images = labelled_split(data, bad_files, "training split")
     val_images = labelled_split(val, bad_files, "validation split")
     if not is_shard_source(str(data)) and Path(data).expanduser().resolve() == Path(val).expanduser().resolve():
