@@ -459,3 +459,19 @@ def test_the_equal_time_lead_names_the_snapshots_it_cannot_compare():
     assert page.equal_minutes([{"minutes": 3.0, "token": 29.0, "avg": 29.0}], theirs, ["maelab", "HF"]) == (
         "At equal or less time: against each HF snapshot, the latest maelab snapshot taken no later leads by at "
         "least +4.00 points (cls and mean-pool).\n")
+
+
+def test_a_step_recorded_without_its_split_is_held_to_the_folder_it_scored_on(tmp_path):
+    """ablate passed --val-data only when given: after a `valid` folder appeared beside `test`, a re-run read
+    back the finished values' kNN (scored on test) beside new values scored on valid, in one table."""
+    from maelab.commands.steps import changed_flags, with_implied_split
+
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+    recorded = ["knn", "--data", str(tmp_path / "train"), "--out", "{out}/knn.json"]
+    on_test = [*recorded[:3], "--val-data", str(tmp_path / "test"), *recorded[3:]]
+    assert changed_flags(with_implied_split(recorded, on_test), on_test) == ""  # the same split: read back
+    (tmp_path / "valid").mkdir()
+    on_valid = [*recorded[:3], "--val-data", str(tmp_path / "valid"), *recorded[3:]]
+    assert "--val-data (not given) -> " in changed_flags(with_implied_split(recorded, on_valid), on_valid)
+    assert with_implied_split(None, on_valid) is None

@@ -82,8 +82,10 @@ def validate(cfg: AblateConfig) -> None:
         raise MaelabError(f"--probe-base-lr must be positive, got {cfg.run.probe_base_lr}")
     check_values(cfg)
     d = cfg.data
-    check_chain_splits(d.data, d.val_data, d.limit_images if d.pretrain_images is None else d.pretrain_images,
-                       d.batch_size)
+    # the validation folder found beside --data is passed to every step by name and recorded with it, so a
+    # folder added later (a `valid` beside `test`) cannot score some values on one split and some on another
+    d.val_data = str(check_chain_splits(d.data, d.val_data, d.limit_images if d.pretrain_images is None
+                                        else d.pretrain_images, d.batch_size))
 
 
 class _RefusingParser(argparse.ArgumentParser):
@@ -312,7 +314,8 @@ def run(cfg: AblateConfig) -> list[dict[str, Any]]:
         rows.append(combine(runs))
     if is_seed_sweep(setting):
         seeds = [int(v) for v in cfg.sweep.values]
-    summary = {"setting": setting, "budget": cfg.run.budget, "data": cfg.data.data, "rows": rows,
+    summary = {"setting": setting, "budget": cfg.run.budget, "data": cfg.data.data, "val_data": cfg.data.val_data,
+               "rows": rows,
                "preset": cfg.run.preset, "seed": seeds[0], "seeds": seeds, "precision": cfg.run.precision, "machine": machine(),
                "code": chains_code({str(where.relative_to(out)): where for value in cfg.sweep.values
                                     for _, where in runs_of(cfg, value, folder[value])}),
@@ -321,9 +324,10 @@ def run(cfg: AblateConfig) -> list[dict[str, Any]]:
                "probe": probe_label(cfg) if "linprobe" in cfg.sweep.evaluate else None,
                "command": invoked(NAME)}
     write_json(out / "results.json", summary)
-    atomic_write_bytes(out / "results.md", table(setting, rows).encode())
+    scored = f"Evaluated on {cfg.data.val_data} (validation), {cfg.data.data} (training / kNN bank).\n\n"
+    atomic_write_bytes(out / "results.md", (scored + table(setting, rows)).encode())
     plot(setting, rows, out / "ablation.png")
     plot_losses(cfg, {v: runs_of(cfg, v, f)[0][1] for v, f in folder.items()}, out, setting)
-    print(table(setting, rows) + f"ablate: wrote {out / 'results.md'}, {out / 'ablation.png'} and "
+    print(scored + table(setting, rows) + f"ablate: wrote {out / 'results.md'}, {out / 'ablation.png'} and "
           f"{out / 'losses.png'}", flush=True)
     return rows

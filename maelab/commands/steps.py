@@ -23,7 +23,7 @@ from maelab.commands.options.pretrain import PretrainConfig, model_kwargs, valid
 from maelab.commands.options.sections import ChainDataConfig, at_least
 from maelab.config import load_yaml
 from maelab.data.shards import is_shard_source
-from maelab.data.splits import check_same_classes, default_val_dir, labelled_split
+from maelab.data.splits import LEGACY_VAL_NAMES, check_same_classes, default_val_dir, labelled_split
 from maelab.errors import MaelabError, RunInterrupted, SameOnEveryRank, Terminated
 from maelab.io import write_json
 from maelab.models.mae import MaskedAutoencoder
@@ -266,6 +266,19 @@ def changed_flags(old: list[str], new: list[str]) -> str:
                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
+def with_implied_split(recorded: list[str] | None, now: list[str]) -> list[str] | None:
+    """A step recorded without ``--val-data`` (ablate passed it only when given) scored on the folder the
+    rule of then found beside ``--data``: that folder, written out, so the same split compares equal and
+    another one (a `valid` added since) is refused."""
+    if recorded is None or "--val-data" in recorded or "--val-data" not in now or "--data" not in recorded:
+        return recorded
+    implied = default_val_dir(recorded[recorded.index("--data") + 1], LEGACY_VAL_NAMES)
+    given = now[now.index("--val-data") + 1]
+    if implied is None or implied.resolve() != Path(given).expanduser().resolve():
+        return recorded
+    return [*recorded, "--val-data", given]
+
+
 @dataclass
 class Chain:
     """The flags every step shares (device, precision, seed, data, batch) and the evaluation split.
@@ -316,7 +329,7 @@ class Chain:
         """Run step ``name`` (``maelab ARGS``) unless it is ``done``; seconds it took (None: not run).
         Recorded before it starts, so a step cut short resumes only with the same flags."""
         here = [self.portable(token) for token in args]  # a moved --out folder still matches
-        recorded = self.record.get(name)
+        recorded = with_implied_split(self.record.get(name), here)
         if recorded is not None and (diff := changed_flags(recorded, here)):
             raise MaelabError(f"{self.folder / name} was run with other settings ({diff}): use another --out, "
                               f"or delete that step's output and its entry in {self.folder / 'steps.json'} to run it again")
