@@ -303,3 +303,15 @@ def test_16_bit_pgm_is_scaled_by_bit_depth_like_the_training_path(tmp_path):
     with Image.open(path) as im:
         shown = np.asarray(_to_rgb(im))
     assert shown.max() <= 1 and np.array_equal(shown, np.asarray(open_rgb(str(path))))
+
+
+def test_visualize_on_a_recipe_or_sweep_folder_names_the_runs_inside(tmp_path, capsys):
+    """`visualize --checkpoint runs/recipe` said only "holds no checkpoint"; its pre-training is one level down."""
+    from maelab.cli import main
+
+    for run in ("recipe/pretrain", "recipe/finetune_mae", "sweep/mask-ratio=0.75/pretrain"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "config.yaml").write_text("run: {}\n")
+    for folder, named in (("recipe", "recipe/finetune_mae"), ("sweep", "sweep/mask-ratio=0.75/pretrain")):
+        assert main(["visualize", "--checkpoint", str(tmp_path / folder), "--images", "a.png"]) == 2
+        assert f"it holds runs, e.g. {tmp_path / named}" in capsys.readouterr().err

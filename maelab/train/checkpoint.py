@@ -172,5 +172,8 @@ def resolve_weights_path(path: str | Path) -> Path:
     if latest is None and (p / LATEST).is_file():  # the checkpoints/ folder itself
         latest = latest_checkpoint(p.parent)
     if latest is None:
-        raise MaelabError(f"{p} holds no checkpoint (expected a run folder, a checkpoint folder or a file)")
+        # a recipe's steps (pretrain/, ...); an ablate sweep's (mask-ratio=0.75/pretrain, ...)
+        runs = sorted(str(r.parent) for pattern in ("*/config.yaml", "*=*/*/config.yaml") for r in p.glob(pattern))
+        hint = f"; it holds runs, e.g. {', '.join(runs[:3])}" if runs else ""
+        raise MaelabError(f"{p} holds no checkpoint (expected a run folder, a checkpoint folder or a file){hint}")
     return latest / WEIGHTS
