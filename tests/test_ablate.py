@@ -44,6 +44,8 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     assert knn["train_images"] == 12 and knn["val_images"] == 12
     table = (tmp_path / "sweep" / "results.md").read_text()
     assert "| mask-ratio | kNN top-1 | linear probe top-1 | pre-training time | steps |" in table
+    assert f"Evaluated on {tmp_path / 'c10' / 'test'} (validation)" in table and "input 32x32 px" in table
+    assert summary["img_size"] == [32, 32] and summary["val_data"] == str(tmp_path / "c10" / "test")
     assert (tmp_path / "sweep" / "ablation.png").stat().st_size > 1000
     assert (tmp_path / "sweep" / "losses.png").stat().st_size > 1000  # every run's loss curve
     again = ablate(*args, cwd=tmp_path)  # finished values are skipped
@@ -53,6 +55,8 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     assert changed.returncode == 2 and "mask-ratio=0.5/pretrain was run with other settings (--epochs 1 -> 2)" \
         in changed.stderr, changed.stderr[-2000:]
     assert json.loads((tmp_path / "sweep" / "results.json").read_text()) == summary
+    resized = ablate(*args, "--img-size", "16", cwd=tmp_path)  # every pre-training at another size: a new sweep
+    assert resized.returncode == 2 and "--img-size (not given) -> 16" in resized.stderr, resized.stderr[-2000:]
     one = [*args[:2], "--values", "0.5", *args[5:]]  # a second seed for one value: only its runs are new
     first = (tmp_path / "sweep" / "mask-ratio=0.5" / "knn.json").stat().st_mtime_ns
     more = ablate(*one, "--seeds", "0", "1", cwd=tmp_path)

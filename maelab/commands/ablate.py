@@ -59,6 +59,10 @@ def validate(cfg: AblateConfig) -> None:
         sw.values = [v if (out / f"{flag_name(sw.setting)}={v}").is_dir() else switch_word(v) for v in sw.values]
     if len(set(sw.values)) != len(sw.values):
         raise MaelabError(f"--values repeats a value: {sw.values}")
+    if cfg.run.img_size and flag_name(sw.setting) == "img-size":
+        raise MaelabError("--img-size fixes the size of every value; --setting img-size sweeps it: give one of them")
+    if cfg.run.img_size < 0:
+        raise MaelabError(f"--img-size must be 0 (the preset's) or a positive size, got {cfg.run.img_size}")
     if not cfg.data.data:
         raise MaelabError("--data is required: an ImageFolder tree")
     refuse_out_inside(cfg.run.out, cfg.data.data, cfg.data.val_data)
@@ -99,7 +103,8 @@ def check_values(cfg: AblateConfig) -> None:
     heads do not divide) fails now, not after the earlier values spent their budgets."""
     parser = _RefusingParser(prog="maelab pretrain", add_help=False)
     add_config_args(parser, PretrainConfig)
-    passed = ["--config", cfg.run.preset, "--data", cfg.data.data, "--batch-size", str(cfg.data.batch_size)]
+    passed = ["--config", cfg.run.preset, "--data", cfg.data.data, "--batch-size", str(cfg.data.batch_size),
+              *size_flags(cfg)]
     read: dict[str, str] = {}  # what pretrain reads -> the value that gave it: 0.5, 0.50 and .5 are one run
     for value in cfg.sweep.values:
         flags = setting_flags(cfg.sweep.setting, value)
@@ -114,6 +119,20 @@ def check_values(cfg: AblateConfig) -> None:
             raise MaelabError(f"--values {read[key]} and {value} are the same {cfg.sweep.setting} for `maelab pretrain`: "
                               f"give each value once")
         read[key] = value
+
+
+def trained_size(cfg: AblateConfig, folder: dict[str, Path]) -> list[int] | None:
+    """The input size the pre-trainings ran at, as the first one recorded it (None in a sweep of the size)."""
+    if flag_name(cfg.sweep.setting) == "img-size":
+        return None
+    value = cfg.sweep.values[0]
+    config = runs_of(cfg, value, folder[value])[0][1] / "pretrain" / "config.yaml"
+    return (load_yaml(config).get("model") or {}).get("img_size") if config.is_file() else None
+
+
+def size_flags(cfg: AblateConfig) -> list[str]:
+    """``--img-size N`` for every pre-training when the sweep sets one (nothing: the preset's size)."""
+    return ["--img-size", str(cfg.run.img_size)] if cfg.run.img_size else []
 
 
 def flag_name(setting: str) -> str:
@@ -213,7 +232,8 @@ def run_value(cfg: AblateConfig, value: str, folder: Path, seed: int) -> dict[st
     if "pretrain_s" in result and not timing.is_file():  # a result written before pretrain.json existed
         write_json(timing, {k: result.get(k) for k in ("pretrain_s", "pretrain_steps")})
     pretrain_images = d.limit_images if d.pretrain_images is None else d.pretrain_images
-    seconds = chain.run("pretrain", ["pretrain", "--config", r.preset, *common, "--limit-images", str(pretrain_images),
+    seconds = chain.run("pretrain", ["pretrain", "--config", r.preset, *size_flags(cfg), *common,
+                                     "--limit-images", str(pretrain_images),
                                      *length_flags(r.budget, r.pretrain_epochs), "--out", str(pre),
                                      *([] if is_seed_sweep(cfg.sweep.setting) else setting_flags(cfg.sweep.setting, value))],
                         timing.is_file())
@@ -315,6 +335,7 @@ def run(cfg: AblateConfig) -> list[dict[str, Any]]:
     if is_seed_sweep(setting):
         seeds = [int(v) for v in cfg.sweep.values]
     summary = {"setting": setting, "budget": cfg.run.budget, "data": cfg.data.data, "val_data": cfg.data.val_data,
+               "img_size": trained_size(cfg, folder),
                "rows": rows,
                "preset": cfg.run.preset, "seed": seeds[0], "seeds": seeds, "precision": cfg.run.precision, "machine": machine(),
                "code": chains_code({str(where.relative_to(out)): where for value in cfg.sweep.values
@@ -324,7 +345,9 @@ def run(cfg: AblateConfig) -> list[dict[str, Any]]:
                "probe": probe_label(cfg) if "linprobe" in cfg.sweep.evaluate else None,
                "command": invoked(NAME)}
     write_json(out / "results.json", summary)
-    scored = f"Evaluated on {cfg.data.val_data} (validation), {cfg.data.data} (training / kNN bank).\n\n"
+    size = summary["img_size"]
+    scored = (f"Evaluated on {cfg.data.val_data} (validation), {cfg.data.data} (training / kNN bank)"
+              + (f"; input {size[0]}x{size[1]} px" if size else "") + ".\n\n")
     atomic_write_bytes(out / "results.md", (scored + table(setting, rows)).encode())
     plot(setting, rows, out / "ablation.png")
     plot_losses(cfg, {v: runs_of(cfg, v, f)[0][1] for v, f in folder.items()}, out, setting)

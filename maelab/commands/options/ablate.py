@@ -38,6 +38,7 @@ class SweepRunConfig(ProcessConfig):
     precision: str = redefault(ProcessConfig, "precision", "fast")  # a budget buys more steps in bf16
     out: str = option("runs/ablate", "sweep folder: one sub-folder per value, results.json / .md, ablation.png")
     preset: str = option("pretrain_cifar10_tiny", "`maelab pretrain` preset every value starts from")
+    img_size: int = option(0, "input size of every pre-training (0: the preset's); the evaluations take the encoder's")
     budget: str = option("5m", "wall-clock budget of each pre-training (none: --pretrain-epochs, else the preset's)")
     pretrain_epochs: int | None = option(None, "pre-training epochs when --budget is none")
     finetune_budget: str = option("5m", "wall-clock budget of each fine-tune (with --evaluate finetune)")
