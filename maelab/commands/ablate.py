@@ -56,7 +56,7 @@ def validate(cfg: AblateConfig) -> None:
         raise MaelabError(f"--setting {sw.setting} is not a setting to sweep: {why}")
     if is_switch(PretrainConfig, flag_name(sw.setting)):  # one spelling per state: folders and tables say true / false,
         out = Path(cfg.run.out).expanduser()  # except where a sweep of another spelling (=on) already ran
-        sw.values = [v if (out / f"{flag_name(sw.setting)}={v}").is_dir() else switch_word(v) for v in sw.values]
+        sw.values = [v if value_folder(out, sw.setting, v).is_dir() else switch_word(v) for v in sw.values]
     if len(set(sw.values)) != len(sw.values):
         raise MaelabError(f"--values repeats a value: {sw.values}")
     if cfg.run.img_size and flag_name(sw.setting) == "img-size":
@@ -133,6 +133,11 @@ def trained_size(cfg: AblateConfig, folder: dict[str, Path]) -> list[int] | None
 def size_flags(cfg: AblateConfig) -> list[str]:
     """``--img-size N`` for every pre-training when the sweep sets one (nothing: the preset's size)."""
     return ["--img-size", str(cfg.run.img_size)] if cfg.run.img_size else []
+
+
+def value_folder(out: Path, setting: str, value: str) -> Path:
+    """Where a value's runs live: ``<out>/mask-ratio=0.75``."""
+    return out / f"{flag_name(setting)}={value}"
 
 
 def flag_name(setting: str) -> str:
@@ -325,7 +330,7 @@ def run(cfg: AblateConfig) -> list[dict[str, Any]]:
     out = Path(cfg.run.out).expanduser()
     setting = flag_name(cfg.sweep.setting)
     rows, seeds = [], seeds_of(cfg)
-    folder = {value: out / f"{setting}={value}" for value in cfg.sweep.values}
+    folder = {value: value_folder(out, setting, value) for value in cfg.sweep.values}
     for value in cfg.sweep.values:
         runs = []
         for seed, where in runs_of(cfg, value, folder[value]):

@@ -11,14 +11,15 @@ from maelab.data.shards import is_shard_source, prepare_any
 from maelab.errors import SameOnEveryRank, warn_for_job  # the splits are the same on every process: said once
 
 VAL_NAMES = ("val", "validation", "valid", "test")  # in this order: a test folder is the last resort
-LEGACY_VAL_NAMES = ("val", "validation", "test")  # before `valid` (runs that did not record the folder)
+LEGACY_VAL_NAMES = ("val", "validation", "test")
+TRAIN_NAMES = ("train", "training")  # before `valid` (runs that did not record the folder)
 
 
 def default_val_dir(train: str | Path, names: tuple[str, ...] = VAL_NAMES) -> Path | None:
     """A sibling ``val`` / ``validation`` / ``valid`` / ``test`` folder when the training folder is called
     ``train`` (``valid``: the train / valid / test layout of Roboflow and Kaggle exports)."""
     p = Path(train).expanduser()
-    if p.name.lower() not in ("train", "training"):
+    if p.name.lower() not in TRAIN_NAMES:
         return None
     for name in names:
         if (p.parent / name).is_dir():
@@ -30,7 +31,7 @@ def split_folders(images: ImageList) -> list[str]:
     """The first-level folders of ``images`` that are named like a dataset's splits (``train`` beside
     ``val`` / ``validation`` / ``valid`` / ``test``): ``--data`` names the dataset's root, not its training split."""
     names = {c.lower(): c for c in images.classes}
-    train = [names[t] for t in ("train", "training") if t in names]
+    train = [names[t] for t in TRAIN_NAMES if t in names]
     held_out = [names[n] for n in VAL_NAMES if n in names]
     return train + held_out if train and held_out else []
 
@@ -114,7 +115,7 @@ def classification_splits(data: str, val_data: str, bad_files: str = "error",
         raise SameOnEveryRank(f"data folder {data} does not exist")  # a mistyped --data, not a missing split
     if not val:
         root = Path(data).expanduser()
-        inside = [n for n in ("train", "training") if (root / n).is_dir()]
+        inside = [n for n in TRAIN_NAMES if (root / n).is_dir()]
         hint = f"; {data} looks like the dataset's root: --data {root / inside[0]}" if inside else ""
         raise SameOnEveryRank(f"no validation split: pass --val-data (no sibling {'/'.join(VAL_NAMES)} folder "
                               f"next to {data}){hint}")
