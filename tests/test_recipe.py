@@ -281,6 +281,49 @@ def test_a_failed_step_says_why_and_a_moved_folder_matches_only_its_own_paths(tm
     assert clock.minutes["knn_mae"] is None and clock.minutes["knn_random"] == 0.0
 
 
+def test_a_steps_time_counts_its_interrupted_attempts(tmp_path, monkeypatch):
+    """A pre-training interrupted twice and finished by a third attempt took the three attempts' time: the
+    recipe's minutes and ablate's pre-training time used to show the last attempt's alone."""
+    from maelab.commands import steps
+    from maelab.commands.recipe import StepClock
+    from maelab.errors import RunInterrupted
+
+    clock_now = [0.0]
+    monkeypatch.setattr(steps.time, "perf_counter", lambda: clock_now[0])
+    attempts = iter([60.0, 90.0, 30.0])  # seconds each attempt runs; the first two are interrupted
+
+    def child(args, log):
+        clock_now[0] += next(attempts)
+        if clock_now[0] <= 150:
+            raise RunInterrupted("interrupted during `maelab pretrain`")
+        return 30.0
+
+    monkeypatch.setattr(steps, "maelab", child)
+    (tmp_path / "pretrain").mkdir()  # the run folder the interrupted attempts wrote
+    args = ["pretrain", "--out", str(tmp_path / "pretrain")]
+    for _ in range(2):
+        with pytest.raises(RunInterrupted):
+            steps.Chain(tmp_path, [], []).run("pretrain", args, False)
+    assert json.loads((tmp_path / "unfinished.json").read_text()) == {"pretrain": 150.0}
+    chain = steps.Chain(tmp_path, [], [])  # the third run of the same command finishes it
+    clock = StepClock(tmp_path / "minutes.json", chain)  # the recipe's clock: the 30 s it saw, and the 150 before
+    assert clock.run("pretrain", lambda: chain.run("pretrain", args, False)) == 180.0
+    assert json.loads((tmp_path / "unfinished.json").read_text()) == {}
+    assert clock.minutes["pretrain"] == 3.0
+
+
+def test_a_step_run_anew_does_not_inherit_the_time_of_the_attempts_before(tmp_path, monkeypatch):
+    """Deleting a step's record (the way the chain's refusal says to run it again with other flags) starts
+    its time from zero."""
+    from maelab.commands import steps
+
+    (tmp_path / "unfinished.json").write_text('{"pretrain": 500.0}')
+    monkeypatch.setattr(steps, "maelab", lambda args, log: 7.0)
+    chain = steps.Chain(tmp_path, [], [])
+    assert chain.run("pretrain", ["pretrain", "--out", str(tmp_path / "p")], False) == 7.0
+    assert json.loads((tmp_path / "unfinished.json").read_text()) == {}
+
+
 def test_a_chain_step_runs_this_maelab_even_beside_another_maelab_folder(tmp_path, monkeypatch):
     """`python -m` puts the working directory first on the path: a user standing in a folder that holds
     another `maelab/` (an older checkout) must still get the code that launched the chain."""
@@ -345,6 +388,7 @@ def test_a_step_run_with_other_settings_is_refused_not_read_back(tmp_path, monke
     def fake_knn(args, log):
         ran.append(args)
         Path(args[args.index("--out") + 1]).write_text(json.dumps({"top1": 30.0}))
+        return 1.0
 
     monkeypatch.setattr(steps, "maelab", fake_knn)
     assert steps.Chain(tmp_path, common, []).knn("pre", "knn", ["--k", "20"]) == {"top1": 30.0}

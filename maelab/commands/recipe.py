@@ -142,8 +142,9 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
 
 class StepClock:
     """Runs each named step once (a finished step is skipped when the recipe runs again) and keeps the
-    wall-clock minutes of the attempt that finished it in ``minutes.json``: null (shown as "–") for a step
-    found finished by another process (the orphan of a killed recipe), whose time this one did not see."""
+    wall-clock minutes in ``minutes.json``, those of its interrupted attempts included (``Chain``): null
+    (shown as "–") for a step found finished by another process (the orphan of a killed recipe), whose time
+    this one did not see."""
 
     def __init__(self, path: Path, chain: Chain):
         self.path, self.chain = path, chain
@@ -156,7 +157,8 @@ class StepClock:
         t0 = time.perf_counter()
         result = step()
         if name not in self.done:
-            self.minutes[name] = round((time.perf_counter() - t0) / 60, 2) if name in self.chain.ran else None
+            seconds = time.perf_counter() - t0 + self.chain.carried.get(name, 0.0)
+            self.minutes[name] = round(seconds / 60, 2) if name in self.chain.ran else None
             self.done.add(name)
             write_json(self.path, self.minutes)
         return result

@@ -125,6 +125,8 @@ def code_version() -> str:
 # a chain's records: file -> what it records, for the error when it cannot be read
 STEPS = ("steps.json", "how each step ran: delete it to accept the finished steps as they are")
 CODES = ("code.json", "the code each step ran: delete it to record it from now on")
+SPENT = ("unfinished.json", "the seconds spent in attempts of a step that did not finish: delete it to count "
+         "only the attempt that finishes")
 
 
 def chains_code(folders: dict[str, Path]) -> str:
@@ -290,7 +292,12 @@ class Chain:
 
     ``code.json`` keeps the code version each step started with (:func:`code_version`), every attempt
     that ran other code than the one before it: a chain that ran for hours while the checkout moved on
-    says which steps ran which code, not only the code present at its end."""
+    says which steps ran which code, not only the code present at its end.
+
+    A step's time is the sum of its attempts: an attempt cut short (Ctrl-C, SIGTERM, a failure) keeps its
+    seconds in ``unfinished.json`` until the attempt that finishes the step adds them to its own, so a
+    pre-training interrupted twice is not reported at the length of its last third. Only an attempt whose
+    chain was killed outright (SIGKILL, power loss) goes uncounted: nothing was left to write it down."""
 
     folder: Path
     common: list[str]
@@ -299,11 +306,14 @@ class Chain:
     record: dict[str, list[str]] = field(init=False)
     codes: dict[str, list[str]] = field(init=False)
     ran: set[str] = field(init=False, default_factory=set)  # the steps this process ran (not found done)
+    spent: dict[str, float] = field(init=False)  # seconds of attempts cut short, per step not yet finished
+    carried: dict[str, float] = field(init=False, default_factory=dict)  # those seconds, of the steps finished now
 
     def __post_init__(self):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log = self.folder / "log.txt"
         self.record, self.codes = read_record(self.folder, STEPS), read_record(self.folder, CODES)
+        self.spent = read_record(self.folder, SPENT)
 
     def portable(self, token: str) -> str:
         """A path inside the chain's folder as ``{out}/...``; any other token as it is (``--out r1`` must not
@@ -326,7 +336,8 @@ class Chain:
         return chains_code({"": self.folder})
 
     def run(self, name: str, args: list[str], done: bool) -> float | None:
-        """Run step ``name`` (``maelab ARGS``) unless it is ``done``; seconds it took (None: not run).
+        """Run step ``name`` (``maelab ARGS``) unless it is ``done``; seconds it took, earlier attempts that
+        were cut short included (None: not run).
         Recorded before it starts, so a step cut short resumes only with the same flags."""
         here = [self.portable(token) for token in args]  # a moved --out folder still matches
         recorded = with_implied_split(self.record.get(name), here)
@@ -335,13 +346,14 @@ class Chain:
                               f"or delete that step's output and its entry in {self.folder / 'steps.json'} to run it again")
         if done:
             return None
+        if recorded is None and self.spent.pop(name, None) is not None:  # its record deleted to run it anew
+            write_json(self.folder / SPENT[0], self.spent)
         self.record[name] = here
         write_json(self.folder / STEPS[0], self.record)
         self.note_code(name)
+        t0 = time.perf_counter()
         try:
             seconds = maelab(args, self.log)
-            self.ran.add(name)
-            return seconds
         except MaelabError:
             out = Path(args[args.index("--out") + 1]) if "--out" in args else None
             if recorded is None and out is not None and not out.exists():  # refused before it wrote anything:
@@ -349,7 +361,22 @@ class Chain:
                 write_json(self.folder / STEPS[0], self.record)
                 self.codes.pop(name, None)
                 write_json(self.folder / CODES[0], self.codes)
+            else:
+                self.spend(name, time.perf_counter() - t0)
             raise
+        except BaseException:  # interrupted: the child saved at a step boundary, and its time counts
+            self.spend(name, time.perf_counter() - t0)
+            raise
+        self.ran.add(name)
+        self.carried[name] = self.spent.pop(name, 0.0)
+        if self.carried[name]:
+            write_json(self.folder / SPENT[0], self.spent)
+        return seconds + self.carried[name]
+
+    def spend(self, name: str, seconds: float) -> None:
+        """Keep the seconds of an attempt at ``name`` that did not finish it."""
+        self.spent[name] = round(self.spent.get(name, 0.0) + seconds, 3)
+        write_json(self.folder / SPENT[0], self.spent)
 
     def knn(self, init: str, name: str, extra: list[str] = ()) -> dict[str, Any]:
         out = self.folder / f"{name}.json"
