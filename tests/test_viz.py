@@ -165,7 +165,8 @@ def test_grid_from_paths(tmp_path):
     p = tmp_path / "pic.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(p)
     fig = reconstruction_grid(model, [p], [0.75])
-    assert f"{tmp_path.name}/pic.png" in figure_texts(fig)  # folder (the class of an ImageFolder) / file
+    # folder (the class of an ImageFolder) / file, broken into lines that fit beside the row
+    assert f"{tmp_path.name}/pic.png" in [t.replace("\n", "") for t in figure_texts(fig)]
 
 
 # --- image loading --------------------------------------------------------------------------------
@@ -315,3 +316,29 @@ def test_visualize_on_a_recipe_or_sweep_folder_names_the_runs_inside(tmp_path, c
     for folder, named in (("recipe", "recipe/finetune_mae"), ("sweep", "sweep/mask-ratio=0.75/pretrain")):
         assert main(["visualize", "--checkpoint", str(tmp_path / folder), "--images", "a.png"]) == 2
         assert f"it holds runs, e.g. {tmp_path / named}" in capsys.readouterr().err
+
+
+def test_long_row_labels_stay_beside_their_own_row():
+    """A long `class/file` label, drawn up the side of its row, ran into the rows above and below: it is
+    broken into lines (after the `/` first) that fit the panel's height, and shortened around "…" when even
+    three lines would not hold it; the figure widens its left margin for the lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from maelab.viz.reconstruct import fit_label
+
+    model = tiny_model(img_size=(32, 32))
+    long = "a_very_long_class_name_of_birds/IMG_20240101_123456_very_long_camera_file_name_001.jpg"
+    titles = ["airplane/0001.jpg", long, "x/" + "y" * 200 + ".png"]
+    fig = reconstruction_grid(model, batch(model, n=3), 0.75, titles=titles)
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    labelled = [ax for ax in fig.axes if ax.get_ylabel()]
+    assert [ax.get_ylabel() for ax in labelled] == [fit_label(t, 1.6) for t in titles]
+    assert labelled[0].get_ylabel() == "airplane/0001.jpg"  # a short label is left whole
+    assert labelled[1].get_ylabel().endswith("_001.jpg") and "…" in labelled[1].get_ylabel()  # the file name ends it
+    assert labelled[2].get_ylabel().endswith("yyy.png")  # the file's suffix survives the shortening
+    boxes = [ax.yaxis.label.get_window_extent(renderer) for ax in labelled]
+    rows = [ax.get_window_extent(renderer) for ax in labelled]
+    for box, row in zip(boxes, rows):
+        assert row.y0 - 1 <= box.y0 and box.y1 <= row.y1 + 1  # within its own row's height
+        assert box.x0 >= 0  # and inside the figure

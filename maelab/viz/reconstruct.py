@@ -19,6 +19,7 @@ is needed and the global backend is untouched.
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -114,6 +115,27 @@ def row_title(path: str | os.PathLike) -> str:
     return str(Path(Path(path).parent.name) / Path(path).name)
 
 
+ROW_LABEL_POINTS = 8  # font size of a row's label, drawn up the side of its first panel
+
+
+def fit_label(text: str, panel_inches: float, most_lines: int = 3) -> str:
+    """A row label broken into lines that fit the height of its panel (it is drawn rotated, along the
+    panel's side): a long ``class/file`` ran into the rows above and below. Breaks after ``/`` first; a
+    label that needs more than ``most_lines`` keeps its start and its end (the file name) around "…"."""
+    chars = max(8, int(panel_inches * 72 * 0.95 / (0.7 * ROW_LABEL_POINTS)))  # a wide glyph is ~0.7 em
+    parts = [p + "/" for p in text.split("/")[:-1]] + [text.split("/")[-1]]
+    lines: list[str] = []
+    for chunk in (c for part in parts for c in textwrap.wrap(part, chars, break_on_hyphens=False)):
+        if lines and len(lines[-1]) + len(chunk) <= chars and lines[-1].endswith("/"):
+            lines[-1] += chunk  # short parts share a line
+        else:
+            lines.append(chunk)
+    lines = lines or [""]
+    if len(lines) > most_lines:
+        lines = lines[:1] + ["…" + lines[-(most_lines - 1)][-(chars - 1):]] + lines[len(lines) - most_lines + 2:]
+    return "\n".join(lines)
+
+
 def _prepare(model, images, titles):
     if isinstance(images, torch.Tensor):
         if images.ndim == 3:
@@ -168,7 +190,8 @@ def reconstruction_grid(
     panel_h = float(panel_height)
     panel_w = panel_h * width / height
     space = 0.04  # between panels, fraction of a panel
-    left = 0.35 if titles else 0.1
+    labels = [fit_label(t, panel_height) for t in titles] if titles else None
+    left = 0.2 + 0.14 * max(label.count("\n") + 1 for label in labels) if labels else 0.1
     right, top = 0.1, 0.45
     caption = NORM_PIX_CAPTION if model.norm_pix_loss else None
     bottom = 0.4 if caption else 0.1
@@ -205,8 +228,8 @@ def reconstruction_grid(
     for i in range(n):
         ax = fig.add_subplot(gs[i, 0])
         show(ax, results[0]["original"][i], "original" if i == 0 else None)
-        if titles:
-            ax.set_ylabel(titles[i], fontsize=8)
+        if labels:
+            ax.set_ylabel(labels[i], fontsize=ROW_LABEL_POINTS)
         for k, (r, res) in enumerate(zip(mask_ratios, results)):
             for j, key in enumerate(PANELS):
                 title = None
