@@ -121,6 +121,15 @@ def test_windowed_attention_with_global_blocks_reaches_the_pyramid():
     assert model.backbone(torch.rand(1, 3, 64, 64))["0"].shape == (1, 16, 16, 16)
 
 
+def test_validating_on_the_training_annotations_is_warned_about(coco):
+    """`detect train --val-ann` naming the training file scored the training images without a word."""
+    from maelab.commands.detect import load_train_val
+    from maelab.commands.options.detect import CocoDataConfig
+
+    with pytest.warns(UserWarning, match=r"its AP says how well the training images are remembered"):
+        load_train_val(CocoDataConfig(data=str(coco), val_ann=str(coco / "." / "instances_train.json")), 0)
+
+
 def test_a_thin_strip_is_detected_at_its_own_size():
     """torchvision resizes the long side to the detector's max size: a 1 x 500 strip at 64 px became 0 x 64
     and failed inside torchvision. It is padded just enough, and the outputs cut back to the strip."""

@@ -682,6 +682,15 @@ def test_a_budget_plan_counts_the_knn_monitors_decoding_once_not_every_epoch(dat
     assert len(planned) == 1 and 0 < planned[0][0] < 3.0
 
 
+def test_a_knn_monitor_on_the_pre_training_images_is_warned_about(dataset, tmp_path, capsys):
+    """`pretrain --knn-data` = `--data` logged a kNN of each image finding itself, without a word."""
+    assert main(["pretrain", "--data", str(dataset / "train"), "--knn-data", str(dataset / "train") + "/",
+                 "--model", "mae_vit_tiny_patch4", "--img-size", "16", "--epochs", "1", "--batch-size", "12",
+                 "--knn-every", "1", "--knn-max", "10", "--vis-every", "0", "--out", str(tmp_path / "pt"), *QUIET]) == 0
+    err = capsys.readouterr().err
+    assert "maelab: warning: the validation split" in err and "kNN accuracy (--knn-data)" in err
+
+
 def test_pretrain_knn_monitor_needs_labelled_held_out_data(capsys, tmp_path):
     make_folder(tmp_path / "images", 2, 4)
     msg = _error(capsys, ["pretrain", "--data", str(tmp_path / "images"), "--img-size", "16", "--epochs", "1",

@@ -335,6 +335,19 @@ def test_segment_errors_are_one_line(capsys, tmp_path, camvid_tiny):
     assert not (tmp_path / "r").exists()
 
 
+def test_validating_on_the_training_split_is_warned_about(capsys, tmp_path, camvid_tiny):
+    """`--val-split train` scored the images the model trained on without a word (as `--val-data` = `--data`
+    of the classification commands is warned about)."""
+    mae = save_mae(MaskedAutoencoder(**TINY_MAE), tmp_path / "mae.safetensors")
+    code, _, err = run_cli(capsys, "segment", "train", "--data", str(camvid_tiny), "--init", str(mae), "--img-size",
+                           "32", "64", "--batch-size", "2", "--decoder-channels", "16", "--num-workers", "0",
+                           "--val-split", "train", "--epochs", "1", "--warmup-epochs", "0", "--pictures", "0",
+                           "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    assert "maelab: warning: the validation split" in err and "its mIoU says how well the training images" in err
+    assert "(--train-split train, --val-split train)" in err
+
+
 def test_the_ade20k_preset_is_the_full_recipe():
     cfg = build_config(TrainConfig, {"data": "/data/ade"}, "segment_ade20k_vit_base")
     assert cfg.optim.max_steps == 160000 and cfg.model.img_size == [512, 512] and cfg.data.dataset == "ade20k"

@@ -27,6 +27,7 @@ from maelab.data.detection_feed import DetectionFeeder
 from maelab.data.folders import image_files, open_rgb
 from maelab.data.loader import StepPlan
 from maelab.data.lsj import check_scale_range
+from maelab.data.splits import warn_if_training_split
 from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
 from maelab.interop.encoders import resolve_encoder
@@ -80,6 +81,7 @@ def load_train_val(d: CocoDataConfig, seed: int) -> tuple[CocoData, CocoData | N
         val_ann = next((c for c in (Path(d.data).expanduser() / "instances_val.json",) if c.is_file()), None)
     if val_ann is None:
         return train_data, None
+    warn_if_training_split(ann, val_ann, "AP", "detected (--val-ann is the training annotations)")
     val_images = Path(d.val_images).expanduser() if d.val_images else images
     val = load_coco(val_ann, val_images, categories=train_data.dataset["categories"])
     return train_data, _limited(val, d.limit_images, seed)

@@ -29,6 +29,7 @@ from maelab.data.loader import Feeder, plan_for
 from maelab.data.segmentation import (SPECS, LabelSpec, SegAugment, SegList, SegTrainDataset,
                                       SegTrainTransform, eval_image, label_spec, load_pair, read_label,
                                       scan_segmentation)
+from maelab.data.splits import warn_if_training_split
 from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
 from maelab.interop.encoders import resolve_encoder
@@ -188,6 +189,9 @@ def train(cfg) -> dict[str, Any]:
         run_dir, resume = s.run_folder(cfg.run)
         train_items = split_items(cfg.data, spec, "train", cfg.run.seed)
         val_items = split_items(cfg.data, spec, "val", cfg.run.seed)
+        names = [split or default for split, default in zip((cfg.data.train_split, cfg.data.val_split), spec.splits)]
+        warn_if_training_split(Path(cfg.data.data) / names[0], Path(cfg.data.data) / names[1], "mIoU",
+                               f"segmented (--train-split {names[0]}, --val-split {names[1]})")
         enc, arch, crop = resolve_encoder(cfg.model)
         model = build_segmenter(enc, arch, crop, cfg.model, spec.num_classes)
         settings = inference_settings(cfg.eval, crop, cfg.data.base_size)

@@ -121,12 +121,19 @@ def classification_splits(data: str, val_data: str, bad_files: str = "error",
                               f"next to {data}){hint}")
     train_images = labelled_split(data, bad_files, "training split")
     val_images = labelled_split(val, bad_files, "validation split")
-    if not is_shard_source(str(data)) and Path(data).expanduser().resolve() == Path(val).expanduser().resolve():
-        warn_for_job(f"the validation split {val} is the training split: its accuracy says how well the training "
-                     f"images are remembered, not how well unseen ones are classified (kNN: each image finds itself)")
+    warn_if_training_split(data, val, "accuracy", "classified (kNN: each image finds itself)")
     check_same_classes(train_images, val_images)
     check_num_classes(num_classes, train_images, str(data))
     return train_images, val_images
+
+
+def warn_if_training_split(train: str | Path, val: str | Path, score: str, unseen: str) -> None:
+    """Warn when the split that scores a run is the one it trains on (by any path to it): a perfect score
+    that says nothing about unseen images, given without a word before. Shards too: the same manifest,
+    tar or URL."""
+    if str(train) == str(val) or Path(train).expanduser().resolve() == Path(val).expanduser().resolve():
+        warn_for_job(f"the validation split {val} is the training split: its {score} says how well the training "
+                     f"images are remembered, not how well unseen ones are {unseen}", stacklevel=3)
 
 
 def subset_seed(data, seed: int) -> int:

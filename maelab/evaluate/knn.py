@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from maelab.data.folders import ImageList, subsample
 from maelab.data.loader import choose_in_memory
-from maelab.data.splits import check_same_classes, default_val_dir, labelled_split, subset_seed
+from maelab.data.splits import check_same_classes, default_val_dir, labelled_split, subset_seed, warn_if_training_split
 from maelab.errors import MaelabError
 from maelab.evaluate.features import EvalSplit, extract_features
 from maelab.evaluate.metrics import top5_percent, topk_correct
@@ -113,6 +113,8 @@ def pretrain_knn_monitor(cfg, images: ImageList, size: tuple[int, int], device: 
     if not queries_root:
         raise MaelabError(f"--knn-every needs labelled held-out images: pass --knn-data (no sibling val / test "
                           f"folder next to {cfg.data.data})")
+    warn_if_training_split(cfg.data.data, queries_root, "kNN accuracy (--knn-data)",
+                           "classified (each image finds itself)")
     queries = labelled_split(queries_root, cfg.data.bad_files, "kNN data")
     return KnnMonitor(images, queries, size, device, m.knn_max, cfg.data.batch_size, num_workers,
                       subset_seed(cfg.data, cfg.run.seed), precision=precision, in_memory=cfg.data.in_memory,
