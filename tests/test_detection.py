@@ -16,7 +16,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from maelab.cli import main
-from maelab.data.coco import instance_targets, load_coco, read_image, training_images
+from maelab.data.coco import boxes_beyond, instance_targets, load_coco, read_image, training_images
 from maelab.data.lsj import large_scale_jitter, masks_to_boxes
 from maelab.errors import MaelabError
 from maelab.evaluate.detection import coco_ap, coco_results, ground_truth
@@ -263,6 +263,61 @@ def test_ap_is_100_for_perfect_detections_and_0_for_none_or_the_wrong_class(coco
         renumbered = dict(data.dataset, annotations=[{k: v for k, v in dict(a, id=i).items() if v is not None}
                                                      for a, i in zip(anns, ids)])
         assert all(v == pytest.approx(100.0) for v in coco_ap(ground_truth(renumbered), perfect).values()), ids
+
+
+def test_ids_written_as_strings_and_box_only_annotations_are_scored_as_they_are_trained(coco, tmp_path):
+    """A file with ``"id": "7"`` trained (the loader reads numbers) and then scored AP 0 (pycocotools
+    compared "7" with the detections' 7); one whose annotations have no (or an empty) segmentation trained
+    on the box as mask and then failed in pycocotools at the end of the first epoch (KeyError /
+    IndexError), losing the epoch. Both score a perfect detector 100 now."""
+    data = load_coco(coco / "instances_val.json", coco / "images")
+    perfect = []
+    for image in data.images:
+        t = instance_targets(image, data)
+        box_masks = torch.zeros_like(t["masks"])
+        for m, (x1, y1, x2, y2) in zip(box_masks, t["boxes"].round().int().tolist()):
+            m[y1:y2, x1:x2] = 1
+        out = {"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"])),
+               "masks": box_masks[:, None].float()}
+        perfect += coco_results(image.id, out, data.cat_id)
+    d = data.dataset
+    as_strings = {"images": [dict(im, id=str(im["id"])) for im in d["images"]],
+                  "categories": [dict(c, id=str(c["id"])) for c in d["categories"]],
+                  "annotations": [dict(a, image_id=str(a["image_id"]), category_id=str(a["category_id"]))
+                                  for a in d["annotations"]]}
+    for i, seg in enumerate((None, [], [[1.0, 2.0]], "no")):  # missing, empty, a polygon of one point, junk
+        anns = [{k: v for k, v in a.items() if k != "segmentation"} | ({} if seg is None else {"segmentation": seg})
+                for a in as_strings["annotations"]]
+        path = tmp_path / f"boxes{i}.json"
+        path.write_text(json.dumps(dict(as_strings, annotations=anns)))
+        loaded = load_coco(path, coco / "images")  # what training reads
+        assert [im.id for im in loaded.images] == [im.id for im in data.images]
+        assert all(v == pytest.approx(100.0) for v in coco_ap(ground_truth(loaded.dataset), perfect).values()), seg
+
+
+def test_boxes_that_reach_past_their_image_are_counted_for_each_split(coco, tmp_path):
+    """Training clips boxes to the image and leaves out those with nothing inside, while the COCO protocol
+    scores the file as written: a perfect detector scored 87 AP on a file of boxes hanging past the edge,
+    without a word on either side."""
+    from maelab.commands.detect import load_train_val
+    from maelab.commands.options.detect import CocoDataConfig
+
+    d = json.loads((coco / "instances_train.json").read_text())
+    anns = d["annotations"]
+    anns[0]["bbox"] = [-10.0, 2.0, 20.0, 5.0]  # 10 px past the left edge: clipped
+    anns[1]["bbox"] = [1000.0, 2.0, 5.0, 5.0]  # wholly outside: left out
+    anns[2]["bbox"] = [3.0, 3.0, 0.0, 4.0]  # no area: left out
+    anns[3]["iscrowd"] = 1
+    anns[3]["bbox"] = [-5.0, 0.0, 10.0, 10.0]  # a crowd region is not trained on: not counted
+    (tmp_path / "train.json").write_text(json.dumps(d))
+    assert boxes_beyond(load_coco(tmp_path / "train.json", coco / "images")) == (1, 2)
+    cfg = CocoDataConfig(ann=str(tmp_path / "train.json"), images=str(coco / "images"), val_ann=str(tmp_path / "train.json"))
+    with pytest.warns(UserWarning) as said:
+        load_train_val(cfg, 0)
+    messages = [str(w.message) for w in said]
+    assert any("1 reach past their image and 2 have no area inside it of the training boxes; training clips" in m
+               for m in messages), messages
+    assert any("of the validation boxes; they are scored as written (the COCO protocol)" in m for m in messages)
 
 
 # --- pictures --------------------------------------------------------------------------------------

@@ -278,6 +278,17 @@ def test_segment_train_eval_predict_with_resume(capsys, tmp_path, camvid_tiny):
     assert (tmp_path / "pred.png").is_file()
     masks = sorted((tmp_path / "pred_masks").iterdir())
     assert len(masks) == 2 and np.asarray(Image.open(masks[0])).max() < 11
+    # images that share a name (x.jpg in two folders, y.jpg beside y.png) each keep their own mask
+    first = sorted(images.iterdir())[0]
+    for name in ("a/x.jpg", "b/x.jpg", "a/y.jpg", "a/y.png", "a/z.jpg"):
+        (tmp_path / "same" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.open(first).save(tmp_path / "same" / name)
+    code, out, err = run_cli(capsys, "segment", "predict", "--checkpoint", str(run_dir), "--images",
+                             str(tmp_path / "same" / "a"), str(tmp_path / "same" / "b"), "--out", str(tmp_path / "s.png"))
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "s_masks").iterdir()) == \
+        ["a_x.jpg.png", "a_y.jpg.png", "a_y.png.png", "b_x.jpg.png", "z.png"]
+    assert "images that share a name have masks named <folder>_<file>.png" in out
 
 
 def test_a_bad_validation_label_after_training_an_epoch_keeps_that_epoch(capsys, tmp_path):

@@ -22,14 +22,14 @@ from maelab.commands.options.detect import ACTIONS, CocoDataConfig
 from maelab.commands.options.sections import at_least, check_run_numbers, check_schedule
 from maelab.commands.session import Session, device_name, encoder_header
 from maelab.config import config_from_args
-from maelab.data.coco import CocoData, find_split, instance_targets, load_coco, pixels_of, read_image, training_images
+from maelab.data.coco import CocoData, boxes_beyond, find_split, instance_targets, load_coco, pixels_of, read_image, training_images
 from maelab.data.detection_feed import DetectionFeeder
 from maelab.data.folders import image_files, open_rgb
 from maelab.data.loader import StepPlan
 from maelab.data.lsj import check_scale_range
 from maelab.data.splits import warn_if_training_split
 from maelab.data.workers import default_workers
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, warn_for_job
 from maelab.interop.encoders import resolve_encoder
 from maelab.io import check_output_file, write_json
 from maelab.train.budget import timed_sample
@@ -76,6 +76,7 @@ def load_train_val(d: CocoDataConfig, seed: int) -> tuple[CocoData, CocoData | N
     when there is one, else None: no evaluation), sharing one category list."""
     ann, images = coco_files(d.data, d.ann, d.images, "train")
     train_data = _limited(load_coco(ann, images), d.limit_images, seed)
+    warn_beyond(train_data, "training")
     val_ann = Path(d.val_ann).expanduser() if d.val_ann else None
     if val_ann is None and d.data:
         val_ann = next((c for c in (Path(d.data).expanduser() / "instances_val.json",) if c.is_file()), None)
@@ -84,7 +85,25 @@ def load_train_val(d: CocoDataConfig, seed: int) -> tuple[CocoData, CocoData | N
     warn_if_training_split(ann, val_ann, "AP", "detected (--val-ann is the training annotations)")
     val_images = Path(d.val_images).expanduser() if d.val_images else images
     val = load_coco(val_ann, val_images, categories=train_data.dataset["categories"])
-    return train_data, _limited(val, d.limit_images, seed)
+    val = _limited(val, d.limit_images, seed)
+    warn_beyond(val, "validation")
+    return train_data, val
+
+
+def warn_beyond(data: CocoData, split: str) -> None:
+    """Say how many boxes reach past their image: training clips them (and leaves out those with nothing
+    inside), while the COCO protocol scores the file as written, where no detector can match them exactly."""
+    clipped, dropped = boxes_beyond(data)
+    if not clipped + dropped:
+        return
+    parts = [f"{clipped} reach past their image" if clipped else "", f"{dropped} have no area inside it" if dropped else ""]
+    what = " and ".join(p for p in parts if p)
+    if split == "training":
+        warn_for_job(f"{data.ann_file}: {what} of the {split} boxes; training clips them to the image and leaves out "
+                     f"those with no area inside")
+    else:
+        warn_for_job(f"{data.ann_file}: {what} of the {split} boxes; they are scored as written (the COCO protocol), "
+                     f"so even a perfect detector, which predicts inside the image, cannot reach AP 100")
 
 
 def square_size(img_size: list[int]) -> int:
@@ -236,6 +255,7 @@ def evaluate(cfg) -> dict[str, Any]:
         model.roi_heads.score_thresh = cfg.run.min_score
         ann, images = coco_files(d.data, d.ann, d.images, d.split)
         data = _limited(load_coco(ann, images, categories=spec["categories"]), d.limit_images, cfg.run.seed)
+        warn_beyond(data, "scored")
         model.to(s.device)
         results = {"command": "detect eval", "checkpoint": str(weights), "annotations": str(ann),
                    "images": len(data), "min_score": cfg.run.min_score, "processes": s.info.world,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -284,6 +285,21 @@ def evaluate(cfg) -> dict[str, Any]:
 
 
 # --- predict ---------------------------------------------------------------------------------------
+def mask_names(paths: list[str]) -> list[str]:
+    """The file names of the predicted masks: ``<stem>.png``, and where images share a stem (``x.jpg`` and
+    ``x.png``, ``a/x.jpg`` and ``b/x.jpg``; letter case aside, for case-blind disks) ``<folder>_<file>.png``,
+    numbered if that still clashes: one image's mask was written over another's without a word."""
+    stems = Counter(Path(p).stem.lower() for p in paths)
+    names = [Path(p).stem if stems[Path(p).stem.lower()] == 1 else f"{Path(p).parent.name}_{Path(p).name}"
+             for p in paths]
+    seen: Counter[str] = Counter()
+    unique = []
+    for name in names:
+        seen[name.lower()] += 1
+        unique.append(name if seen[name.lower()] == 1 else f"{name}_{seen[name.lower()]}")
+    return [name + ".png" for name in unique]
+
+
 def predict(cfg) -> dict[str, Any]:
     check_eval(cfg.eval)
     out = Path(cfg.run.out).expanduser()
@@ -312,12 +328,14 @@ def predict(cfg) -> dict[str, Any]:
             return {}
         masks_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        for p, pred in zip(paths, preds):
-            mask_path = masks_dir / (Path(p).stem + ".png")
+        for p, pred, name in zip(paths, preds, mask_names(paths)):
+            mask_path = masks_dir / name
             with atomic_path(mask_path) as tmp:
                 Image.fromarray(pred.astype(np.uint8 if spec.num_classes < 256 else np.uint16)).save(tmp, format="PNG")
             written.append(str(mask_path))
         save_segmentation_figure(out, images, preds, targets, list(spec.classes), [Path(p).name for p in paths])
+        shared = any(Path(w).name != Path(p).stem + ".png" for p, w in zip(paths, written))
         print(f"segment predict: {len(paths)} image(s) -> {out} and {masks_dir}/ (class indices 0.."
-              f"{spec.num_classes - 1})", file=sys.stdout, flush=True)
+              f"{spec.num_classes - 1}" + ("; images that share a name have masks named <folder>_<file>.png" if shared
+                                           else "") + ")", file=sys.stdout, flush=True)
         return {"picture": str(out), "masks": written}

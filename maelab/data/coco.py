@@ -130,12 +130,16 @@ def load_coco(ann_file: str | os.PathLike, images_dir: str | os.PathLike, catego
         images[entry.id] = entry
     if not images:
         raise MaelabError(f"annotation file {path} lists no images")
+    annotations = []  # as read here: ids and crowd flags written as strings ("7", "0") become numbers
     for ann in data["annotations"]:
-        where = f"annotation file {path}: annotation {ann.get('id', '?')}"
+        where = f"annotation file {path}: annotation {ann.get('id', '?') if isinstance(ann, dict) else ann!r}"
         try:
             image_id, cat = int(ann["image_id"]), int(ann["category_id"])
-        except (KeyError, TypeError, ValueError):
-            raise MaelabError(f"{where} needs an image_id and a category_id") from None
+            crowd = int(ann.get("iscrowd") or 0)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise MaelabError(f"{where} needs an image_id and a category_id (and an iscrowd of 0 or 1, if any)") from None
+        ann = {**ann, "image_id": image_id, "category_id": cat, "iscrowd": crowd}
+        annotations.append(ann)
         if cat not in cat_names:
             raise MaelabError(f"{where} has category_id {cat}, which is not among the declared categories "
                               f"({len(cat_names)} ids, e.g. {sorted(cat_names)[:5]})")
@@ -152,6 +156,8 @@ def load_coco(ann_file: str | os.PathLike, images_dir: str | os.PathLike, catego
                               f"{root}, e.g. {missing[0]}")
         check_sizes(list(images.values()), path)
     cat_ids = sorted(cat_names)
+    data = {**data, "annotations": annotations, "images": [{**im, "id": int(im["id"])} for im in data["images"]],
+            "categories": [{**c, "id": int(c["id"])} for c in cats]}
     return CocoData(str(path), sorted(images.values(), key=lambda im: im.id), cat_ids,
                     [cat_names[c] for c in cat_ids], data)
 
@@ -215,6 +221,22 @@ def instance_targets(image: CocoImage, data: CocoData) -> dict[str, torch.Tensor
     return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor(cats, dtype=torch.int64),
             "masks": torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)}
+
+
+def boxes_beyond(data: CocoData) -> tuple[int, int]:
+    """(boxes that reach past their image, boxes with no area inside it) among the non-crowd annotations:
+    training clips the first and leaves out the second, while COCO scoring takes the file as written."""
+    clipped = dropped = 0
+    for image in data.images:
+        for ann in image.anns:
+            if ann.get("iscrowd", 0):
+                continue
+            x, y, bw, bh = (float(v) for v in ann["bbox"])
+            if min(x + bw, image.width) - max(x, 0.0) <= 0 or min(y + bh, image.height) - max(y, 0.0) <= 0:
+                dropped += 1
+            elif x < 0 or y < 0 or x + bw > image.width or y + bh > image.height:
+                clipped += 1
+    return clipped, dropped
 
 
 def has_targets(image: CocoImage) -> bool:

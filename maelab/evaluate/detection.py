@@ -50,18 +50,24 @@ def ground_truth(dataset: dict[str, Any], image_ids: list[int] | None = None) ->
     """A pycocotools ``COCO`` index over the annotation JSON (restricted to ``image_ids``), built quietly.
     Annotations without an ``area`` get their box area (COCOeval's area ranges need one). Every annotation
     gets its own id here (1, 2, ...): COCOeval takes id 0 for "unmatched" and merges annotations that share
-    an id, so a file numbered from 0, or with repeated or missing ids, would score a perfect detector low."""
+    an id, so a file numbered from 0, or with repeated or missing ids, would score a perfect detector low.
+
+    The ground truth is the file as training reads it (:func:`~maelab.data.coco.load_coco`): ids written
+    as strings (``"7"``) are numbers here too, or every detection, made with the number, would miss them
+    (AP 0 without a word); an annotation without a usable segmentation is scored against its box as mask,
+    as it is trained (pycocotools failed on it at the end of the first epoch)."""
     d = copy.copy(dataset)
     keep = set(image_ids) if image_ids is not None else None
-    d["images"] = [im for im in dataset["images"] if keep is None or int(im["id"]) in keep]
+    d["images"] = [{**im, "id": int(im["id"])} for im in dataset["images"] if keep is None or int(im["id"]) in keep]
+    d["categories"] = [{**c, "id": int(c["id"])} for c in dataset["categories"]]
     anns = []
     for i, a in enumerate(dataset["annotations"]):
         if keep is not None and int(a["image_id"]) not in keep:
             continue
-        a = dict(a)
-        a["id"] = i + 1
-        a.setdefault("iscrowd", 0)
-        a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
+        bbox = [float(v) for v in a["bbox"]]
+        a = {**a, "id": i + 1, "image_id": int(a["image_id"]), "category_id": int(a["category_id"]), "bbox": bbox,
+             "iscrowd": int(a.get("iscrowd") or 0), "segmentation": scored_segmentation(a, bbox)}
+        a["area"] = float(a["area"]) if a.get("area") is not None else bbox[2] * bbox[3]
         anns.append(a)
     d["annotations"] = anns
     gt = COCO()
@@ -69,6 +75,19 @@ def ground_truth(dataset: dict[str, Any], image_ids: list[int] | None = None) ->
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     return gt
+
+
+def scored_segmentation(ann: dict[str, Any], bbox: list[float]) -> Any:
+    """An annotation's segmentation as pycocotools can score it: its polygons of at least 3 points, its
+    RLE, or (none usable, as training decides) the box as a polygon."""
+    seg = ann.get("segmentation")
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        return seg
+    polygons = [[float(v) for v in p] for p in seg if isinstance(p, list) and len(p) >= 6] if isinstance(seg, list) else []
+    if polygons:
+        return polygons
+    x, y, w, h = bbox
+    return [[x, y, x + w, y, x + w, y + h, x, y + h]]
 
 
 def coco_ap(gt: COCO, results: list[dict[str, Any]], iou_types: tuple[str, ...] = ("bbox", "segm"),
