@@ -129,8 +129,15 @@ def test_bad_labels_give_clear_errors(tmp_path):
     Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(items.labels[1])
     with pytest.raises(MaelabError, match="single-channel"):
         read_label(items.labels[1], SPECS["camvid"])
+    binary = np.zeros((48, 64), bool)
+    binary[10:20, 5:9] = True
+    Image.fromarray(binary).convert("1").save(items.labels[1])  # a 1-bit mask is single-channel: classes 0, 1
+    assert read_label(items.labels[1], SPECS["camvid"]).tolist() == binary.astype(np.int64).tolist()
     os.remove(items.labels[1])
     with pytest.raises(MaelabError, match="1 image.*have no label PNG.*img001"):
+        scan_segmentation(root, "train", SPECS["camvid"])
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(Path(items.labels[1]).with_suffix(".jpg"))
+    with pytest.raises(MaelabError, match=r"holds img001\.jpg: labels must be PNG, as a JPEG's compression changes"):
         scan_segmentation(root, "train", SPECS["camvid"])
     with pytest.raises(MaelabError, match="has no split 'test'"):
         scan_segmentation(root, "test", SPECS["camvid"])

@@ -19,6 +19,7 @@ a resumed run sees the same pixels. Images go through :func:`maelab.data.folders
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,8 +178,12 @@ def scan_segmentation(root: str | Path, split: str, spec: LabelSpec, limit: int 
         raise MaelabError(f"no images in {image_dir} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     missing = [images[s] for s in images if s not in labels]
     if missing:
+        stem = Path(missing[0]).stem
+        other = sorted(f.name for f in label_dir.glob(glob.escape(stem) + ".*")) if label_dir.is_dir() else []
+        seen = (f"; {label_dir} holds {', '.join(other[:3])}: labels must be PNG, as a JPEG's compression "
+                f"changes the class values along every edge") if other else ""
         raise MaelabError(f"{len(missing)} image(s) in {image_dir} have no label PNG of the same name in {label_dir}, "
-                          f"e.g. {missing[0]} (expected {label_dir / (Path(missing[0]).stem + '.png')})")
+                          f"e.g. {missing[0]} (expected {label_dir / (stem + '.png')}){seen}")
     stems = sorted(images)
     if limit < 0:
         raise MaelabError(f"--limit-images must be 0 (all) or positive, got {limit}")
@@ -210,7 +215,9 @@ def read_label(path: str, spec: LabelSpec, size: tuple[int, int] | None = None) 
         raise MaelabError(f"label file {path} does not exist") from None
     except (OSError, ValueError, SyntaxError) as e:
         raise MaelabError(f"cannot read label file {path}: {e}") from None
-    if raw.ndim != 2 or mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+    if mode == "1":  # a 1-bit mask: classes 0 and 1
+        raw = raw.astype(np.uint8)
+    if raw.ndim != 2 or mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
         raise MaelabError(f"label {path} has mode {mode} ({raw.shape}); labels must be single-channel PNGs of class "
                           f"indices (mode L, P or 16-bit)")
     if size is not None and tuple(raw.shape) != tuple(size):
