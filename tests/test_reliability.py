@@ -7,6 +7,7 @@ import errno
 import os
 import subprocess
 import sys
+import re
 import time
 from pathlib import Path
 
@@ -428,3 +429,27 @@ def test_more_processes_than_images_is_refused_once_by_rank_0(tmp_path):
                      "step; run at most 1 process(es) (torchrun --nproc_per_node)"], text
     assert "exitcode  : 2" in text and done.returncode != 0  # the launcher's own report of the failure remains
     assert not out.exists()
+
+
+def test_an_unreadable_image_met_by_one_process_is_named_by_the_other_too(tmp_path):
+    """Under torchrun, the process that did not decode the bad image found the group broken and said
+    "another process of this job stopped ... run the same command again to resume": false advice, the same
+    command meets the same image. It now says which process stopped it, and why."""
+    import io
+
+    data, out = png_folder(tmp_path / "data", 15), tmp_path / "run"
+    noise = io.BytesIO()
+    Image.effect_noise((256, 256), 64).convert("RGB").save(noise, "JPEG", quality=95)
+    (data / "007.jpg").write_bytes(noise.getvalue()[: len(noise.getvalue()) // 3])  # a sound header, data cut
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "29547"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*torchrun, "-m", "maelab.cli", "pretrain", "--data", str(data), "--out", str(out), *FAST,
+                           "--batch-size", "2", "--num-workers", "0", "--in-memory", "no", "--img-size", "32"],
+                          env=env, capture_output=True, text=True, timeout=180)
+    text = done.stdout + done.stderr
+    lines = sorted(x for x in text.splitlines() if x.startswith("maelab: error: "))
+    assert len(lines) == 2 and lines[0].startswith(f"maelab: error: cannot read image {data / '007.jpg'}"), text
+    why = lines[0][len("maelab: error: "):]
+    assert re.fullmatch(rf"maelab: error: process [01]: stopped with process [01], which met an error: {re.escape(why)}",
+                        lines[1]), text
+    assert "run the same command again to resume" not in text and done.returncode != 0

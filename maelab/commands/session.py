@@ -32,7 +32,7 @@ from maelab.data.folders import ImageList
 from maelab.data.loader import choose_in_memory
 from maelab.data.workers import default_workers
 from maelab.config import load_yaml
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, SameOnEveryRank
 from maelab.evaluate.features import EvalSplit
 from maelab.io import check_writable_folder, refuse_out_inside, write_json
 from maelab.interop.encoders import resolve_encoder
@@ -40,7 +40,7 @@ from maelab.models.vit import EncoderWeights, describe, features_model
 from maelab.train import checkpoint as ckpt
 from maelab.train.budget import (CALIBRATION_SHARE, MARGIN, Deadline, check_history, parse_duration, plan_steps,
                                  process_age)
-from maelab.train.distributed import cleanup, init_distributed, reduce_values
+from maelab.train.distributed import cleanup, init_distributed, peer_error, reduce_values, tell_peers
 from maelab.train.loop import LoopResult, Trainer
 from maelab.train.precision import resolve_precision
 from maelab.train.run_lock import RunLock
@@ -166,10 +166,22 @@ class Session:
     def __enter__(self) -> "Session":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, tb) -> None:
+        """Under torchrun, an error this process alone met (an image it alone decodes) is left for the
+        others before the group goes, and a process that finds the group broken by it says that error: it
+        said "another process stopped ... run the same command again to resume", false advice for an
+        unreadable image."""
+        told = None
+        if isinstance(error, MaelabError) and not isinstance(error, SameOnEveryRank):
+            tell_peers(str(error).strip().split("\n")[0])
+        elif isinstance(error, RuntimeError) and self.info.enabled:  # a broken collective, maybe
+            told = peer_error()
         if self.lock is not None:
             self.lock.release()
         cleanup(self.info)
+        if told is not None:
+            raise MaelabError(f"process {self.info.rank}: stopped with process {told[0]}, which met an error: "
+                              f"{told[1]}") from error
 
     @property
     def is_main(self) -> bool:

@@ -119,6 +119,36 @@ def elastic_attempt_store(info: DistInfo):
     return dist.PrefixStore(f"maelab/attempt_{attempt}", base)
 
 
+STOPPED_BY = "maelab/stopped_by"  # the job store's key for the error that stopped one of its processes
+
+
+def tell_peers(message: str) -> None:
+    """Leave the error that stops this process in the job's store, for the processes that will find the
+    group broken: they said "another process stopped ... run the same command again to resume", false
+    advice for an unreadable image that one process alone decoded. Best effort: a store that cannot be
+    reached leaves them the plain peer-lost line."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.distributed_c10d._get_default_store().set(STOPPED_BY, f"{dist.get_rank()}\n{message}")
+    except Exception:  # noqa: BLE001 - the store went with a peer: nothing to tell
+        pass
+
+
+def peer_error() -> tuple[str, str] | None:
+    """(rank, error) left by :func:`tell_peers` of another process of this group, if any."""
+    if not dist.is_initialized():
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if not store.check([STOPPED_BY]):
+            return None
+        rank, message = store.get(STOPPED_BY).decode().split("\n", 1)
+        return rank, message
+    except Exception:  # noqa: BLE001 - no store any more: no word from the peer
+        return None
+
+
 def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device, fsdp: bool = False,
              activation_checkpointing: bool = False) -> torch.nn.Module:
     """The module the training loop calls: ``model`` itself (one process), DistributedDataParallel, or
