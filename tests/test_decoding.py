@@ -71,6 +71,20 @@ def _png(width: int, height: int, rows: bytes) -> bytes:
             + chunk(b"IEND", b""))
 
 
+def test_float_images_in_0_1_with_an_overshoot_are_not_read_as_0_255(tmp_path):
+    """A [0, 1] float TIFF with one resampling overshoot (1.02) was read on the 0-255 scale: mid-grey became
+    black. Nearly all values in [0, 1] means [0, 1]; the overshoot is clipped."""
+    half = np.full((8, 8), 0.5, np.float32)
+    over = half.copy()
+    over[0, 0] = 1.02
+    scale255 = np.full((8, 8), 128.0, np.float32)
+    for name, arr, expected in (("half", half, 128), ("over", over, 128), ("scale255", scale255, 128)):
+        Image.fromarray(arr, "F").save(tmp_path / f"{name}.tif")
+        pixels = np.asarray(open_rgb(str(tmp_path / f"{name}.tif")))
+        assert pixels[4, 4].tolist() == [expected] * 3, name
+    assert np.asarray(open_rgb(str(tmp_path / "over.tif")))[0, 0].tolist() == [255] * 3
+
+
 def test_a_png_whose_pixel_data_ends_early_is_unreadable(tmp_path):
     arr = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     rows = [b"\x00" + arr[r].tobytes() for r in range(64)]

@@ -234,6 +234,13 @@ def test_image_size_not_divisible_by_patch_is_a_clear_error():
         tiny(img_size=30)
     with pytest.raises(MaelabError, match="takes images of shape"):
         tiny()(torch.randn(1, 3, 40, 40))
+    # pixels as uint8, or float64 to a float32 model: torch said "Input type (unsigned char) and bias type ..."
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(MaelabError, match=r"takes ImageNet-normalised float images, got torch.uint8: .*normalize"):
+        tiny()(x.to(torch.uint8))
+    with pytest.raises(MaelabError, match=r"got torch.float64: .*x.float\(\) for float64"):
+        tiny().forward_features(x.double())
+    assert tiny().double()(x.double())[0].dtype == torch.float64  # a float64 model takes float64
 
 
 def test_features_never_mask():

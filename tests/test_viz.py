@@ -342,3 +342,15 @@ def test_long_row_labels_stay_beside_their_own_row():
     for box, row in zip(boxes, rows):
         assert row.y0 - 1 <= box.y0 and box.y1 <= row.y1 + 1  # within its own row's height
         assert box.x0 >= 0  # and inside the figure
+
+
+def test_a_ratio_that_would_hide_every_patch_is_titled_with_the_ratio_that_ran():
+    """4 patches at 0.9 keep one visible (75 % masked): the picture was titled "masked 90%"."""
+    import warnings
+
+    model = tiny_model(img_size=(16, 16))  # patch 8: 4 patches
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the model says it too; the title is what is checked here
+        fig = reconstruction_grid(model, batch(model, n=1), [0.5, 0.9])
+    titles = [t for t in figure_texts(fig) if t.startswith("masked")]
+    assert titles == ["masked 50%", "masked 75% (90% asked)"]

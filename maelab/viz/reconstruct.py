@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from maelab.data.folders import load_images
 from maelab.data.transforms import denormalize
 from maelab.errors import MaelabError
+from maelab.models.checks import num_visible
 from maelab.viz.curves import save_figure_atomic
 
 MASK_GREY = 0.5
@@ -106,8 +107,12 @@ def reconstruct(model, images: torch.Tensor, mask_ratio: float, seed: int = 0) -
 
 
 # --- figures --------------------------------------------------------------------------------------
-def _ratio_label(r: float) -> str:
-    return f"{r * 100:.4g}%"
+def _ratio_label(r: float, num_patches: int) -> str:
+    """"75%"; a ratio that would hide every patch (0.9 of 4) runs with one patch visible, and is titled
+    with the ratio that ran: "75% (90% asked)"."""
+    ran = 1 - num_visible(num_patches, r) / num_patches
+    asked = f"{r * 100:.4g}%"
+    return asked if int(num_patches * (1 - r)) >= 1 else f"{ran * 100:.4g}% ({asked} asked)"
 
 
 def row_title(path: str | os.PathLike) -> str:
@@ -234,7 +239,7 @@ def reconstruction_grid(
             for j, key in enumerate(PANELS):
                 title = None
                 if i == 0:
-                    title = f"masked {_ratio_label(r)}" if key == "masked" else _PANEL_TITLES[key]
+                    title = f"masked {_ratio_label(r, model.num_patches)}" if key == "masked" else _PANEL_TITLES[key]
                 show(fig.add_subplot(gs[i, 1 + 4 * k + 1 + j]), res[key][i], title)
 
     if caption:
