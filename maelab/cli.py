@@ -52,6 +52,34 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+NEGATIVE = re.compile(r"^-\.?\d")  # "-5m", "-1e-3": argparse reads them as flags ("expected one argument")
+
+
+def negative_values_joined(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--budget -5m`` as ``--budget=-5m``, for every flag of one value: argparse takes a value that starts
+    with "-" and is not a plain number for a flag, and says "expected one argument" where the flag's own
+    check says what is wrong with the value."""
+    single: set[str] = set()
+    parsers = [parser]
+    while parsers:
+        p = parsers.pop()
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += list(action.choices.values())
+            elif action.option_strings and action.nargs is None:
+                single.update(action.option_strings)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in single and i + 1 < len(argv) and NEGATIVE.match(argv[i + 1]) and argv[i + 1] not in single:
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def dispatch(args: argparse.Namespace) -> int:
     opts, command = args.command_options, load(args.command)
     if opts.Config is None:
@@ -147,7 +175,8 @@ def _output_closed() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(negative_values_joined(parser, argv))
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread: signals stay as they are

@@ -530,3 +530,26 @@ def test_errors_and_warnings_of_the_settings_are_said_by_rank_0_alone(capsys, tm
             monkeypatch.setattr(workers, "_CAPPED", set())
             workers.default_workers(10_000)
         assert len(caught) == (2 if said else 0), rank
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["pretrain", "--budget", "-5m"], "--budget '-5m' is not a duration"),
+    (["pretrain", "--base-lr", "-1e-3"], "--base-lr must be positive, got -0.001"),
+    (["knn", "--init", "none", "--temperature", "-.5"], "--temperature > 0, got 20, -0.5"),
+    (["segment", "train", "--init", "none", "--base-lr", "-2e-4"], "--base-lr must be positive"),
+])
+def test_a_negative_value_reaches_its_flags_own_check(capsys, tmp_path, argv, said):
+    """argparse took `-5m` and `-1e-3` for flags: "expected one argument", not what is wrong with the value."""
+    assert main([*argv, "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "expected one argument" not in err, err
+
+
+def test_a_flag_after_a_value_flag_is_still_a_flag():
+    from maelab.cli import negative_values_joined
+
+    parser = build_parser(["pretrain"])
+    assert negative_values_joined(parser, ["pretrain", "--budget", "--epochs", "3", "--seed", "-2x"]) == \
+        ["pretrain", "--budget", "--epochs", "3", "--seed=-2x"]
+    assert negative_values_joined(parser, ["pretrain", "--mask-ratio", "-1", "--img-size", "-3e1"]) == \
+        ["pretrain", "--mask-ratio=-1", "--img-size", "-3e1"]  # --img-size takes one or two: argparse reads them
