@@ -18,7 +18,13 @@ QUICK=${QUICK:-0}
 DATA=${DATA:-$REPO/../shared/datasets/cifar10}
 DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:--1}
-PY=${PYTHON:-python}
+# the repo's own environment (made by scripts/quickstart.sh or scripts/test.sh) unless PYTHON names another:
+# a bare `python` without torch ended in a ModuleNotFoundError traceback
+if [[ -z "${PYTHON:-}" && -x "$REPO/.venv/bin/python" ]]; then PY=$REPO/.venv/bin/python; else PY=${PYTHON:-python}; fi
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "cifar_eval.sh: $PY cannot import torch: run scripts/quickstart.sh once (it makes .venv), or set PYTHON=" >&2
+  exit 2
+fi
 if [[ "$QUICK" == 1 ]]; then
   OUT=${OUT:-$REPO/runs/cifar_eval_quick}
   PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-1}; LINPROBE_EPOCHS=${LINPROBE_EPOCHS:-1}; FINETUNE_EPOCHS=${FINETUNE_EPOCHS:-1}

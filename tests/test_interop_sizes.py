@@ -93,6 +93,36 @@ def test_a_learned_table_without_a_record_needs_a_size_that_factors(tmp_path):
     assert tuple(read_encoder(path, num_heads=2, img_size=(16, 64)).arch["img_size"]) == (16, 64)
 
 
+def test_convert_takes_the_img_size_its_error_asks_for(tmp_path, capsys):
+    """`convert` said "pass --img-size HEIGHT WIDTH" for a file whose learned table does not show its grid,
+    and then refused the flag ("unrecognized arguments"): such a file could be used with --init, never
+    converted. A full MAE and a classifier head both convert now; a classifier is not resized."""
+    mae = wide_mae()
+    with torch.no_grad():
+        mae.pos_embed.normal_(0, 0.02)
+        mae.decoder_pos_embed.normal_(0, 0.02)
+    path = tmp_path / "learned.pth"
+    torch.save({"model": mae.state_dict()}, path)
+    out = tmp_path / "m.safetensors"
+    assert main(["convert", str(path), str(out), "--to", "maelab"]) == 2
+    assert "pass --img-size HEIGHT WIDTH" in capsys.readouterr().err
+    assert main(["convert", str(path), str(out), "--to", "maelab", "--img-size", "16", "64"]) == 0
+    back = load_mae(out)[0]
+    assert back.img_size == (16, 64)  # the tables as they were, read on the 4x16 grid the flag names
+    assert torch.equal(back.pos_embed, mae.pos_embed) and torch.equal(back.decoder_pos_embed, mae.decoder_pos_embed)
+    vit = VisionTransformer(img_size=(16, 64), patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=5)
+    classifier = tmp_path / "cls.pth"
+    torch.save({"model": vit.state_dict()}, classifier)  # timm's learned table: random, no grid in it
+    assert main(["convert", str(classifier), str(tmp_path / "c.safetensors"), "--to", "timm", "--img-size", "16", "64",
+                 "--num-heads", "2"]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "c.safetensors"), str(tmp_path / "c2.safetensors"), "--to", "timm",
+                 "--img-size", "32", "32"]) == 2  # the export records 16x64: a classifier is not resized
+    assert "is a classifier for 16x64 px; convert does not resize a classifier" in capsys.readouterr().err
+    assert main(["convert", str(classifier), str(tmp_path / "c3.safetensors"), "--to", "timm", "--img-size", "0"]) == 2
+    assert "--img-size takes one side or height and width, positive" in capsys.readouterr().err
+
+
 def test_truncated_position_tables_are_refused_with_or_without_a_record(tmp_path):
     mae = wide_mae((32, 32))  # 8x8 = 64 patches; 49 of them look like a 7x7 (28 px) model
     path = export_official(mae, tmp_path / "m.pth")

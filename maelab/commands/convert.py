@@ -26,10 +26,19 @@ from maelab.io import save_weights
 
 
 def run(args: argparse.Namespace) -> Path:
-    out = convert(args.src, args.out, args.to, args.global_pool, args.hf_naming, not args.encoder_only, args.num_heads)
+    out = convert(args.src, args.out, args.to, args.global_pool, args.hf_naming, not args.encoder_only, args.num_heads,
+                  image_size(args.img_size))
     added = out.name != Path(args.out).expanduser().name
     print(f"wrote {out}" + (f" ({out.suffix} added: {args.out} had no file extension)" if added else ""))
     return out
+
+
+def image_size(img_size: list[int] | None) -> tuple[int, int] | None:
+    if img_size is None:
+        return None
+    if len(img_size) not in (1, 2) or min(img_size) < 1:
+        raise MaelabError(f"--img-size takes one side or height and width, positive, got {' '.join(map(str, img_size))}")
+    return (img_size[0], img_size[-1])
 
 
 TARGETS = ("maelab", "official", "timm", "hf")
@@ -73,21 +82,25 @@ def refuse_overwriting_source(src: str | Path, out: Path) -> None:
 
 
 def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None = None, hf_naming: str = "v5",
-            include_decoder: bool = True, num_heads: int | None = None) -> Path:
+            include_decoder: bool = True, num_heads: int | None = None, img_size: tuple[int, int] | None = None) -> Path:
     """Read ``src`` (maelab run/checkpoint/file, official ``.pth``, or Hugging Face folder; for ``to="timm"``
     also a maelab fine-tune run) and write ``out`` in the ``to`` format. Returns the written path, which
     has ``.safetensors`` / ``.pth`` appended when ``out`` had no suffix. ``global_pool`` (timm): ``token``
-    by default for an MAE; a fine-tuned classifier keeps its own."""
+    by default for an MAE; a fine-tuned classifier keeps its own. ``img_size``: see ``--img-size``."""
     if to not in TARGETS:
         raise MaelabError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     out = output_path(out, to)
     refuse_overwriting_source(src, out)
-    classifier = read_classifier(src, num_heads)
+    classifier = read_classifier(src, num_heads, img_size)
     if classifier is not None:
+        size = tuple(classifier[1]["vit"]["img_size"])
+        if img_size is not None and size != tuple(img_size):
+            raise MaelabError(f"{src} is a classifier for {size[0]}x{size[1]} px; convert does not resize a classifier "
+                              f"(--img-size {img_size[0]} {img_size[1]}): fine-tune it at the new size with --init")
         for note in classifier[1].get("notes", []):
             print(f"maelab convert: {note}", flush=True)
         return convert_classifier(src, *classifier, out, to, global_pool)
-    model, meta = load_mae(src)
+    model, meta = load_mae(src, img_size=img_size)
     for note in meta.get("notes", []):
         print(f"maelab convert: {note}", flush=True)
     if to != "timm" and not (to == "official" and not include_decoder):

@@ -114,11 +114,13 @@ def _read_encoder(p: Path, num_heads: int | None, img_size: tuple[int, int] | No
                                 record=read_record(weights_path), img_size=img_size)
 
 
-def read_classifier(path: str | Path, num_heads: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+def read_classifier(path: str | Path, num_heads: int | None = None,
+                    img_size: tuple[int, int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """(state dict, maelab ``vit`` metadata) when ``path`` holds a ViT classifier -- a maelab fine-tune, or an
     official / timm fine-tuned checkpoint (``head.*``; ``fc_norm`` without ``norm`` for the global-pool
     recipe) -- else None. The metadata is what a maelab fine-tune records, so the classifier can be
-    written as one, or as timm weights."""
+    written as one, or as timm weights. ``img_size``: the size of a file that records none and whose
+    position table does not show its grid."""
     p = Path(path).expanduser()
     found = maelab_file(p) if not (p.is_file() and check_weights_file(p) == TORCH) else None
     if found is not None:
@@ -134,7 +136,7 @@ def read_classifier(path: str | Path, num_heads: int | None = None) -> tuple[dic
         return None
     if "head.weight" not in sd or any(k.startswith(DECODER_PREFIXES) for k in sd):
         return None
-    enc = _from_vit_state_dict(sd, "official", str(p), num_heads=num_heads, record=record)
+    enc = _from_vit_state_dict(sd, "official", str(p), num_heads=num_heads, record=record, img_size=img_size)
     notes = [n for n in enc.notes if not n.startswith(DROPPED_NOTE)]  # the classifier keeps its head
     meta = vit_meta(enc.arch, tuple(enc.arch["img_size"]), num_classes=int(sd["head.weight"].shape[0]),
                     global_pool="avg" if pooled_norm(sd) else "token", init=str(p), notes=notes)

@@ -71,10 +71,11 @@ def not_an_mae(path: str | Path, meta: dict[str, Any], weights: dict[str, torch.
 
 
 def _mae_from_state_dict(sd: dict[str, torch.Tensor], record: dict[str, Any] | None,
-                         notes: list[str]) -> tuple[MaskedAutoencoder, str]:
-    """An official-layout state dict -> (model shaped like it, loaded strictly; "full" / "encoder" / "finetuned")."""
+                         notes: list[str], img_size: tuple[int, int] | None = None) -> tuple[MaskedAutoencoder, str]:
+    """An official-layout state dict -> (model shaped like it, loaded strictly; "full" / "encoder" / "finetuned").
+    ``img_size``: the size of a file that records none and whose position table does not show its grid."""
     kind = classify_official(sd)
-    kwargs = infer_mae_architecture(sd, record=record, notes=notes)
+    kwargs = infer_mae_architecture(sd, img_size=img_size, record=record, notes=notes)
     model = MaskedAutoencoder(**kwargs)
     assumed = [f"{kwargs[k]} {what}" for k, what in (("num_heads", "encoder"), ("decoder_num_heads", "decoder"))
                if k in kwargs and k not in (record or {})]
@@ -108,7 +109,7 @@ def load_mae(path: str | Path, device: str | torch.device = "cpu",
     the encoder (``meta["kind"]`` is then ``"encoder"`` or ``"finetuned"``; see :func:`require_decoder`).
     ``img_size`` other than the checkpoint's gives the resized model (:func:`resize_mae`); what loading
     did is listed in ``meta["notes"]``."""
-    model, meta = _load_mae(Path(path).expanduser())
+    model, meta = _load_mae(Path(path).expanduser(), None if img_size is None else pair(img_size))
     notes = meta.setdefault("notes", [])
     if img_size is not None and tuple(pair(img_size)) != tuple(model.img_size):
         old = model.img_size
@@ -118,10 +119,10 @@ def load_mae(path: str | Path, device: str | torch.device = "cpu",
     return model.to(device).eval(), meta
 
 
-def _load_mae(p: Path) -> tuple[MaskedAutoencoder, dict[str, Any]]:
+def _load_mae(p: Path, img_size: tuple[int, int] | None = None) -> tuple[MaskedAutoencoder, dict[str, Any]]:
     notes: list[str] = []
     if p.is_file() and check_weights_file(p) == TORCH:
-        model, kind = _mae_from_state_dict(*read_official(p), notes)
+        model, kind = _mae_from_state_dict(*read_official(p), notes, img_size)
         return model, {"arch": "mae", "preset": None, "source": "official", "kind": kind, "notes": notes}
     if p.is_dir() and (p / "config.json").is_file():
         model, kind = load_hf_folder(p)
@@ -134,6 +135,6 @@ def _load_mae(p: Path) -> tuple[MaskedAutoencoder, dict[str, Any]]:
         model.load_state_dict(weights)
         return model, meta
     if not meta and any(k.startswith("decoder_blocks.") for k in weights):  # official layout saved as safetensors
-        model, kind = _mae_from_state_dict(weights, read_record(weights_path), notes)
+        model, kind = _mae_from_state_dict(weights, read_record(weights_path), notes, img_size)
         return model, {"arch": "mae", "preset": None, "source": "official", "kind": kind, "notes": notes}
     raise not_an_mae(p, meta, weights)

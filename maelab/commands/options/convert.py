@@ -23,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "classifier keeps its own)")
     p.add_argument("--hf-naming", default="v5", choices=("v5", "v4"), help="transformers parameter names")
     p.add_argument("--encoder-only", action="store_true", help="official export: drop the decoder")
+    p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="PX",
+                   help="the image size (one side, or height width) of a file that records none and whose position "
+                        "table does not show its grid (timm / official files written elsewhere); an MAE that records "
+                        "another size is converted with its position tables resized to this one")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads of an official / timm classifier (not stored in those files; default: the "
                         "paper's table for its width)")
