@@ -354,3 +354,17 @@ def test_a_ratio_that_would_hide_every_patch_is_titled_with_the_ratio_that_ran()
         fig = reconstruction_grid(model, batch(model, n=1), [0.5, 0.9])
     titles = [t for t in figure_texts(fig) if t.startswith("masked")]
     assert titles == ["masked 50%", "masked 75% (90% asked)"]
+
+
+def test_visualize_of_a_one_channel_mae_says_why_it_cannot_draw(tmp_path, capsys):
+    """An MAE made in Python with in_chans=1 ended in the model's own "takes images of shape (N, 1, 28, 28),
+    got (1, 3, 28, 28)": a tensor the user never made."""
+    from maelab.cli import main
+    from maelab.interop import save_mae
+
+    torch.manual_seed(0)
+    save_mae(MaskedAutoencoder(img_size=(16, 16), in_chans=1, **TINY), tmp_path / "gray.safetensors")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    assert main(["visualize", "--checkpoint", str(tmp_path / "gray.safetensors"), "--images", str(tmp_path / "a.png"),
+                 "--out", str(tmp_path / "r.png")]) == 2
+    assert "takes 1-channel images; maelab reads every image as 3-channel RGB" in capsys.readouterr().err

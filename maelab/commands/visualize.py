@@ -62,6 +62,9 @@ def run(args: argparse.Namespace) -> Path:
         num_visible(1, r)  # the range, before the checkpoint is read
     model, meta = load_mae(args.checkpoint, pick_device(args.device), img_size=img_size_arg(args.img_size))
     require_decoder(meta, args.checkpoint, "a reconstruction")
+    if model.in_chans != 3:  # the model's own shape error named a tensor the user never made
+        raise MaelabError(f"the MAE of {args.checkpoint} takes {model.in_chans}-channel images; maelab reads every "
+                          f"image as 3-channel RGB, so its pictures need a 3-channel model")
     for note in meta.get("notes", []):
         print(f"maelab visualize: {note}", flush=True)
     for r in args.mask_ratio:
