@@ -22,7 +22,8 @@ from maelab.commands.options.detect import ACTIONS, CocoDataConfig
 from maelab.commands.options.sections import at_least, check_run_numbers, check_schedule
 from maelab.commands.session import Session, device_name, encoder_header
 from maelab.config import config_from_args
-from maelab.data.coco import CocoData, boxes_beyond, find_split, instance_targets, load_coco, pixels_of, read_image, training_images
+from maelab.data.coco import (CocoData, boxes_beyond, find_split, instance_targets, load_coco, pixels_of, read_image,
+                              training_images)
 from maelab.data.detection_feed import DetectionFeeder
 from maelab.data.folders import image_files, open_rgb
 from maelab.data.loader import StepPlan
