@@ -386,3 +386,20 @@ def test_an_evaluation_view_caps_the_long_side_of_a_thin_strip():
     x, size = eval_image(Image.new("RGB", (960, 720)), 512)  # CamVid's shape: the short-side rule alone
     assert x.shape == (1, 3, 512, 683) and size == (720, 960)
     assert eval_image(Image.new("RGB", (40, 30)), None)[0].shape == (1, 3, 30, 40)
+
+
+def test_a_bad_dataset_under_torchrun_is_said_once(tmp_path):
+    """Every process scans the same files, and each printed the same error: once per process."""
+    import subprocess
+    import sys
+
+    root = synthetic(tmp_path / "d", n_train=2, n_val=1)
+    (root / "train" / "labels" / "img001.png").write_bytes(b"not a png")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "29549"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*torchrun, "-m", "maelab.cli", "segment", "train", "--data", str(root), "--init", "none",
+                           "--model", "mae_vit_tiny_patch16", "--img-size", "32", "--batch-size", "2", "--num-workers",
+                           "0", "--out", str(tmp_path / "r")], env=env, capture_output=True, text=True, timeout=180)
+    text = done.stdout + done.stderr
+    lines = [x for x in text.splitlines() if x.startswith("maelab: error: ")]
+    assert len(lines) == 1 and "cannot read label file" in lines[0], text
