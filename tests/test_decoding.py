@@ -73,7 +73,8 @@ def _png(width: int, height: int, rows: bytes) -> bytes:
 
 def test_float_images_in_0_1_with_an_overshoot_are_not_read_as_0_255(tmp_path):
     """A [0, 1] float TIFF with one resampling overshoot (1.02) was read on the 0-255 scale: mid-grey became
-    black. Nearly all values in [0, 1] means [0, 1]; the overshoot is clipped."""
+    black. Values that stay under 1.5 are on the [0, 1] scale (the overshoot clipped); a dark 0-255 image
+    with a few bright pixels stays 0-255."""
     half = np.full((8, 8), 0.5, np.float32)
     over = half.copy()
     over[0, 0] = 1.02
@@ -83,6 +84,10 @@ def test_float_images_in_0_1_with_an_overshoot_are_not_read_as_0_255(tmp_path):
         pixels = np.asarray(open_rgb(str(tmp_path / f"{name}.tif")))
         assert pixels[4, 4].tolist() == [expected] * 3, name
     assert np.asarray(open_rgb(str(tmp_path / "over.tif")))[0, 0].tolist() == [255] * 3
+    night = np.random.default_rng(0).uniform(0, 1, (20, 20)).astype(np.float32)  # a dark 0-255 image, a few stars
+    night[::7, ::7] = 200.0
+    Image.fromarray(night, "F").save(tmp_path / "night.tif")
+    assert np.asarray(open_rgb(str(tmp_path / "night.tif"))).mean() < 30  # stays dark, not multiplied by 255
 
 
 def test_a_png_whose_pixel_data_ends_early_is_unreadable(tmp_path):

@@ -238,9 +238,13 @@ def test_image_size_not_divisible_by_patch_is_a_clear_error():
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(MaelabError, match=r"takes ImageNet-normalised float images, got torch.uint8: .*normalize"):
         tiny()(x.to(torch.uint8))
-    with pytest.raises(MaelabError, match=r"got torch.float64: .*x.float\(\) for float64"):
+    with pytest.raises(MaelabError, match=r"weights are torch.float32 and the images torch.float64: x.to\(torch.float32\)"):
         tiny().forward_features(x.double())
+    with pytest.raises(MaelabError, match=r"weights are torch.float64 and the images torch.float32: x.to\(torch.float64\)"):
+        tiny().double()(x)
     assert tiny().double()(x.double())[0].dtype == torch.float64  # a float64 model takes float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for the model: any float input
+        assert torch.isfinite(tiny()(x.bfloat16())[0])
 
 
 def test_features_never_mask():

@@ -114,6 +114,29 @@ def test_two_images_of_one_stem_are_refused(tmp_path):
         scan_segmentation(data, "train", SPECS["camvid"])
 
 
+def test_2_and_4_bit_grayscale_labels_keep_their_values(tmp_path):
+    """Pillow reads a 2- / 4-bit grayscale PNG scaled to 8 bits (x85 / x17): class 1 came out as 85,
+    refused as outside the classes, or taken as class 85 / 17 by a spec with that many."""
+    import struct
+    import zlib
+
+    def gray_png(path, arr, bits):
+        rows = []
+        for row in arr:
+            packed = "".join(format(int(v), f"0{bits}b") for v in row)
+            packed += "0" * (-len(packed) % 8)
+            rows.append(b"\x00" + int(packed, 2).to_bytes(len(packed) // 8, "big"))
+        chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))  # noqa: E731
+        h, w = arr.shape
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bits, 0, 0, 0, 0))
+                         + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+
+    for bits in (2, 4):
+        arr = np.arange(8 * 16).reshape(8, 16) % (2**bits)
+        gray_png(tmp_path / f"l{bits}.png", arr, bits)
+        assert read_label(str(tmp_path / f"l{bits}.png"), label_spec("custom", 300)).tolist() == arr.tolist()
+
+
 def test_bad_labels_give_clear_errors(tmp_path):
     root = synthetic(tmp_path / "d", n_train=2, n_val=1)
     items = scan_segmentation(root, "train", SPECS["camvid"])
@@ -137,7 +160,10 @@ def test_bad_labels_give_clear_errors(tmp_path):
     with pytest.raises(MaelabError, match="1 image.*have no label PNG.*img001"):
         scan_segmentation(root, "train", SPECS["camvid"])
     Image.fromarray(np.zeros((48, 64), np.uint8)).save(Path(items.labels[1]).with_suffix(".jpg"))
-    with pytest.raises(MaelabError, match=r"holds img001\.jpg: labels must be PNG, as a JPEG's compression changes"):
+    with pytest.raises(MaelabError, match=r"holds img001\.jpg: labels are read from PNG files only, as a JPEG's"):
+        scan_segmentation(root, "train", SPECS["camvid"])
+    Path(items.labels[1]).with_suffix(".jpg").rename(Path(items.labels[1]).with_suffix(".tif"))
+    with pytest.raises(MaelabError, match=r"holds img001\.tif: labels are read from PNG files only\)?$"):
         scan_segmentation(root, "train", SPECS["camvid"])
     with pytest.raises(MaelabError, match="has no split 'test'"):
         scan_segmentation(root, "test", SPECS["camvid"])

@@ -140,7 +140,9 @@ def test_grid_layout_titles_and_no_caption_for_raw_pixels():
     fig = reconstruction_grid(model, batch(model, n=2), [0.75, 0.9], seed=0, titles=["first", "second"])
     assert len(fig.axes) == 2 * (1 + 3 * 2)
     texts = figure_texts(fig)
-    for t in ("original", "masked 75%", "masked 90%", "reconstruction", "reconstruction + visible", "first", "second"):
+    # 24 patches: 0.9 keeps int(2.4) = 2, so 91.7 % are hidden, and the title says what the picture shows
+    for t in ("original", "masked 75%", "masked 91.7% (90% asked)", "reconstruction", "reconstruction + visible",
+              "first", "second"):
         assert t in texts, t
     assert not any("norm-pix" in t for t in texts)
 
@@ -354,6 +356,9 @@ def test_a_ratio_that_would_hide_every_patch_is_titled_with_the_ratio_that_ran()
         fig = reconstruction_grid(model, batch(model, n=1), [0.5, 0.9])
     titles = [t for t in figure_texts(fig) if t.startswith("masked")]
     assert titles == ["masked 50%", "masked 75% (90% asked)"]
+    model = tiny_model(img_size=(16, 40))  # 2 x 5 = 10 patches: 0.75 keeps 2 (80 %), 0.9 keeps 1 (90 %)
+    fig = reconstruction_grid(model, batch(model, n=1), [0.75, 0.9])
+    assert [t for t in figure_texts(fig) if t.startswith("masked")] == ["masked 80% (75% asked)", "masked 90%"]
 
 
 def test_visualize_of_a_one_channel_mae_says_why_it_cannot_draw(tmp_path, capsys):

@@ -97,14 +97,15 @@ def warn_beyond(data: CocoData, split: str) -> None:
     clipped, dropped = boxes_beyond(data)
     if not clipped + dropped:
         return
-    parts = [f"{clipped} reach past their image" if clipped else "", f"{dropped} have no area inside it" if dropped else ""]
-    what = " and ".join(p for p in parts if p)
+    parts = ([f"{clipped} reach{'es' if clipped == 1 else ''} more than a pixel past its image"] if clipped else []) + \
+        ([f"{dropped} ha{'s' if dropped == 1 else 've'} no area inside it"] if dropped else [])
+    what = f"of the {split} boxes, " + " and ".join(parts)
     if split == "training":
-        warn_for_job(f"{data.ann_file}: {what} of the {split} boxes; training clips them to the image and leaves out "
-                     f"those with no area inside")
+        warn_for_job(f"{data.ann_file}: {what}; training clips such boxes to the image and leaves out those with no "
+                     f"area inside")
     else:
-        warn_for_job(f"{data.ann_file}: {what} of the {split} boxes; they are scored as written (the COCO protocol), "
-                     f"so even a perfect detector, which predicts inside the image, cannot reach AP 100")
+        warn_for_job(f"{data.ann_file}: {what}; they are scored as written (the COCO protocol), so even a perfect "
+                     f"detector, which predicts inside the image, cannot match them exactly")
 
 
 def square_size(img_size: list[int]) -> int:

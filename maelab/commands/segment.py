@@ -13,6 +13,7 @@ window); ``predict`` draws the predicted masks of any images (with the ground tr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -295,13 +296,20 @@ def mask_names(paths: list[str]) -> list[str]:
     ``x.png``, ``a/x.jpg`` and ``b/x.jpg``; letter case aside, for case-blind disks) ``<folder>_<file>.png``,
     numbered if that still clashes: one image's mask was written over another's without a word."""
     stems = Counter(Path(p).stem.lower() for p in paths)
-    names = [Path(p).stem if stems[Path(p).stem.lower()] == 1 else f"{Path(p).parent.name}_{Path(p).name}"
-             for p in paths]
-    seen: Counter[str] = Counter()
-    unique = []
+    names = [Path(p).stem if stems[Path(p).stem.lower()] == 1
+             else f"{Path(os.path.abspath(p)).parent.name or 'root'}_{Path(p).name}" for p in paths]
+    taken = {name.lower() for name in names}  # a number added may not give another image's own name
+    used: set[str] = set()
+    unique: list[str] = []
     for name in names:
-        seen[name.lower()] += 1
-        unique.append(name if seen[name.lower()] == 1 else f"{name}_{seen[name.lower()]}")
+        if name.lower() in used:
+            k = 2
+            while f"{name}_{k}".lower() in taken:
+                k += 1
+            name = f"{name}_{k}"
+            taken.add(name.lower())
+        used.add(name.lower())
+        unique.append(name)
     return [name + ".png" for name in unique]
 
 

@@ -223,9 +223,13 @@ def instance_targets(image: CocoImage, data: CocoData) -> dict[str, torch.Tensor
             "masks": torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.uint8)}
 
 
+BEYOND_PX = 1.0  # a box past its image by less (float rounding) still matches its clipped self at IoU > 0.9
+
+
 def boxes_beyond(data: CocoData) -> tuple[int, int]:
-    """(boxes that reach past their image, boxes with no area inside it) among the non-crowd annotations:
-    training clips the first and leaves out the second, while COCO scoring takes the file as written."""
+    """(boxes that reach more than :data:`BEYOND_PX` past their image, boxes with no area inside it) among
+    the non-crowd annotations: training clips the first and leaves out the second, while COCO scoring
+    takes the file as written."""
     clipped = dropped = 0
     for image in data.images:
         for ann in image.anns:
@@ -234,7 +238,7 @@ def boxes_beyond(data: CocoData) -> tuple[int, int]:
             x, y, bw, bh = (float(v) for v in ann["bbox"])
             if min(x + bw, image.width) - max(x, 0.0) <= 0 or min(y + bh, image.height) - max(y, 0.0) <= 0:
                 dropped += 1
-            elif x < 0 or y < 0 or x + bw > image.width or y + bh > image.height:
+            elif min(x, y) < -BEYOND_PX or x + bw > image.width + BEYOND_PX or y + bh > image.height + BEYOND_PX:
                 clipped += 1
     return clipped, dropped
 

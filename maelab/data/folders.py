@@ -136,20 +136,23 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
 
 
+FLOAT_UNIT_MAX = 1.5  # a float image whose values stay under this is on the [0, 1] scale
+
+
 def to_rgb(img: Image.Image, bits: int | None = None) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. 16-bit integer grayscale is scaled by its bit depth (never by its
     values); 32-bit integer grayscale by the range its values use (a 32-bit container scaled by 2^32
-    would be black); float images in [0, 1] by 255 (99 % of the values in it: an overshoot is clipped);
-    other float images as 0-255; transparency (RGBA, LA, palette or
+    would be black); float images whose values stay under :data:`FLOAT_UNIT_MAX` by 255 (a [0, 1] image with an
+    overshoot, clipped), other float images as 0-255; transparency (RGBA, LA, palette or
     ``transparency`` info) is composited over white; everything else (L, 1, P, CMYK, ...) is converted.
     ``bits``: the bit depth when ``img`` is a copy that lost its file header (see :func:`bit_depth`)."""
     mode = img.mode
     bits = bits or (bit_depth(img) if mode.startswith("I") else 8)
     if mode.startswith("I;16") or mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        if mode == "F":  # [0, 1] when 99 % of the values are: a resampling overshoot (1.02) is clipped, not
-            if arr.size and np.isfinite(arr).any() and np.nanpercentile(arr, 99) <= 1.0:  # read as 0-255 (black)
-                arr = arr * 255.0
+        if mode == "F":  # [0, 1] up to an overshoot (1.02 after resampling: clipped, it was read as 0-255, black);
+            if arr.size and np.isfinite(arr).any() and np.nanmax(arr) <= FLOAT_UNIT_MAX:  # a 0-255 image that
+                arr = arr * 255.0  # stays under 1.5 is black on either reading
         elif bits > 16:
             low, high = min(float(arr.min()), 0.0), float(arr.max()) if arr.size else 0.0
             arr = (arr - low) * (255.0 / max(high - low, 1.0))

@@ -180,8 +180,9 @@ def scan_segmentation(root: str | Path, split: str, spec: LabelSpec, limit: int 
     if missing:
         stem = Path(missing[0]).stem
         other = sorted(f.name for f in label_dir.glob(glob.escape(stem) + ".*")) if label_dir.is_dir() else []
-        seen = (f"; {label_dir} holds {', '.join(other[:3])}: labels must be PNG, as a JPEG's compression "
-                f"changes the class values along every edge") if other else ""
+        jpeg = any(Path(n).suffix.lower() in (".jpg", ".jpeg") for n in other)
+        seen = (f"; {label_dir} holds {', '.join(other[:3])}: labels are read from PNG files only"
+                + (", as a JPEG's compression changes the class values along every edge" if jpeg else "")) if other else ""
         raise MaelabError(f"{len(missing)} image(s) in {image_dir} have no label PNG of the same name in {label_dir}, "
                           f"e.g. {missing[0]} (expected {label_dir / (stem + '.png')}){seen}")
     stems = sorted(images)
@@ -204,6 +205,16 @@ def scan_segmentation(root: str | Path, split: str, spec: LabelSpec, limit: int 
     return out
 
 
+def png_gray_bits(path: str) -> int | None:
+    """The bit depth of a grayscale PNG, from its header (IHDR: depth at byte 24, colour type 0 at 25)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return None
+    return head[24] if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[25] == 0 else None
+
+
 def read_label(path: str, spec: LabelSpec, size: tuple[int, int] | None = None) -> np.ndarray:
     """(H, W) int64 targets of a label PNG (class indices or :data:`IGNORE`)."""
     try:
@@ -217,9 +228,11 @@ def read_label(path: str, spec: LabelSpec, size: tuple[int, int] | None = None) 
         raise MaelabError(f"cannot read label file {path}: {e}") from None
     if mode == "1":  # a 1-bit mask: classes 0 and 1
         raw = raw.astype(np.uint8)
+    elif mode == "L" and (bits := png_gray_bits(path)) in (2, 4):  # Pillow scales 2- / 4-bit samples to 8 bits
+        raw = raw // (255 // (2**bits - 1))  # (x85, x17): the file holds 0..3 / 0..15
     if raw.ndim != 2 or mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
         raise MaelabError(f"label {path} has mode {mode} ({raw.shape}); labels must be single-channel PNGs of class "
-                          f"indices (mode L, P or 16-bit)")
+                          f"indices (mode 1, L, P or 16-bit)")
     if size is not None and tuple(raw.shape) != tuple(size):
         raise MaelabError(f"label {path} is {raw.shape[1]}x{raw.shape[0]} but its image is {size[1]}x{size[0]} "
                           f"(width x height)")

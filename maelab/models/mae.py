@@ -176,12 +176,14 @@ class MaskedAutoencoder(nn.Module):
                 f"this model takes images of shape (N, {self.in_chans}, {self.img_size[0]}, "
                 f"{self.img_size[1]}), got {tuple(imgs.shape)}"
             )
+        # torch's own "Input type (unsigned char) and bias type (float) should be the same" says less
         weight = self.patch_embed.proj.weight.dtype
-        if not imgs.is_floating_point() or (imgs.dtype == torch.float64) != (weight == torch.float64):
-            # torch's own "Input type (unsigned char) and bias type (float) should be the same" says less
-            raise MaelabError(f"this model ({weight}) takes ImageNet-normalised float images, got {imgs.dtype}: "
-                              f"maelab.data.transforms.normalize(x.float() / 255) for uint8 pixels"
-                              + (", x.float() for float64" if imgs.dtype == torch.float64 else ""))
+        if not imgs.is_floating_point():
+            raise MaelabError(f"this model takes ImageNet-normalised float images, got {imgs.dtype}: "
+                              f"maelab.data.transforms.normalize(x.float() / 255) for uint8 pixels")
+        if imgs.dtype != weight and not torch.is_autocast_enabled(imgs.device.type):
+            raise MaelabError(f"this model's weights are {weight} and the images {imgs.dtype}: x.to({weight}), or "
+                              f"run it under torch.autocast")
         attention_for_autocast(self, imgs.device)
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
