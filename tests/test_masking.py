@@ -24,8 +24,10 @@ def masks(kind: str, n: int = 6, grid=(8, 8), ratio: float = 0.75, seed: int = 0
     return mask.reshape(n, *grid)
 
 
-@pytest.mark.parametrize("kind", MASK_TYPES)
-@pytest.mark.parametrize("ratio,grid", [(0.75, (8, 8)), (0.5, (8, 8)), (0.9, (14, 14)), (0.75, (4, 16))])
+@pytest.mark.parametrize("kind,ratio,grid", [
+    *[(kind, ratio, grid) for kind in ("random", "block")
+      for ratio, grid in ((0.75, (8, 8)), (0.5, (8, 8)), (0.9, (14, 14)), (0.75, (4, 16)))],
+    ("grid", 0.75, (8, 8)), ("grid", 0.75, (4, 16)), ("grid", 8 / 9, (9, 9)), ("grid", 0.9375, (16, 16))])
 def test_every_strategy_masks_exactly_the_count_of_random_masking(kind, ratio, grid):
     m = masks(kind, grid=grid, ratio=ratio)
     length = grid[0] * grid[1]
@@ -44,6 +46,44 @@ def test_grid_keeps_one_patch_of_every_two_by_two():
         kept = (m == 0).nonzero()
         assert len(kept) == 16
         assert len({int(r) % 2 for r, _ in kept}) == 1 and len({int(c) % 2 for _, c in kept}) == 1
+
+
+@pytest.mark.parametrize("ratio, grid, k", [(8 / 9, (9, 9), 3), (0.9375, (16, 16), 4), (0.75, (6, 10), 2)])
+def test_grid_keeps_one_patch_of_every_k_by_k(ratio, grid, k):
+    for m in masks("grid", n=4, grid=grid, ratio=ratio):
+        kept = (m == 0).nonzero()
+        assert len(kept) == grid[0] * grid[1] // (k * k)
+        assert len({int(r) % k for r, _ in kept}) == 1 and len({int(c) % k for _, c in kept}) == 1
+
+
+def test_grid_masking_refuses_a_ratio_without_a_lattice_and_warns_on_an_uneven_grid():
+    """At 0.5 the lattice step rounded to 1 and "grid" was random masking; at 0.6 a lattice plus random
+    patches; on 7x7 the lattice's size depended on its offset. None of it was said."""
+    from maelab.models.masking import check_mask_type
+
+    for ratio in (0.5, 0.6, 0.9):
+        with pytest.raises(MaelabError, match=f"--mask-ratio {ratio:g} has no such lattice"):
+            check_mask_type("grid", (8, 8), ratio)
+        with pytest.raises(MaelabError, match="grid masking needs a ratio 1 - 1/k"):
+            mask_noise("grid", 1, (8, 8), ratio, torch.Generator())
+    with pytest.warns(UserWarning, match="the 7x7 patch grid is not a multiple of 2"):
+        check_mask_type("grid", (7, 7), 0.75)
+    check_mask_type("random", (7, 7), 0.5)  # the other types take any ratio
+
+
+@pytest.mark.parametrize("ratio, grid", [(0.75, (8, 8)), (0.75, (14, 14)), (0.5, (8, 8)), (0.9, (7, 7))])
+def test_block_masks_cover_exactly_the_count_so_no_block_has_a_hole(ratio, grid):
+    """A rectangle that overshot the count was kept and the surplus unmasked again at random: visible holes
+    inside half of the samples' blocks. Covering exactly the count leaves the tiebreak nothing to undo."""
+    from maelab.models.masking import _cover_with_blocks
+
+    length = grid[0] * grid[1]
+    target = length - num_visible(length, ratio)
+    covered = _cover_with_blocks(256, *grid, target, torch.Generator().manual_seed(0))
+    assert (covered.flatten(1).sum(1) == target).all()
+    noise = mask_noise("block", 64, grid, ratio, torch.Generator().manual_seed(1))
+    _, mask, _, _ = random_masking(torch.zeros(64, length, 4), ratio, noise=noise)
+    assert torch.equal(mask.bool(), noise >= 1)  # what is masked is exactly the blocks (noise 1 + tiebreak)
 
 
 def test_block_masks_are_clumped_unlike_random_ones():

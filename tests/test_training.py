@@ -184,6 +184,17 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(cifar_t
     assert [d.name for d in ckpt.list_checkpoints(tmp_path)] == ["epoch_0002"]  # the timed ones are gone
 
 
+def test_two_processes_train_the_symmetric_variant_whose_decoder_mask_token_is_unused(cifar_tiny, tmp_path):
+    """With --encoder-mask-tokens the decoder's mask token gets no gradient; DDP waited for it and stopped at
+    the second step ("Expected to have finished reduction in the prior iteration")."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port", "29563"]
+    proc = _cli(*torchrun, "-m", "maelab.cli", "pretrain", *_flags(cifar_tiny, tmp_path, 8), "--encoder-mask-tokens",
+                "--limit-images", "32", threads=1)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "encoder_mask_token" in final_weights(tmp_path)
+
+
 def test_a_killed_run_resumes_to_the_uninterrupted_weights(cifar_tiny, tmp_path, reference_run):
     flags = _flags(cifar_tiny, tmp_path, 16)
     proc = _cli(sys.executable, "-m", "maelab.cli", "pretrain", *flags)

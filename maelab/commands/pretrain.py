@@ -21,6 +21,7 @@ from maelab.errors import MaelabError
 from maelab.evaluate.knn import pretrain_knn_monitor
 from maelab.interop.mae_weights import model_meta
 from maelab.models.mae import MaskedAutoencoder
+from maelab.models.masking import check_mask_type
 from maelab.train.loop import LoopResult, Trainer
 from maelab.train.budget import timed
 from maelab.train.checkpoint import read_meta
@@ -36,6 +37,7 @@ def run(cfg: PretrainConfig) -> LoopResult:
     kwargs = model_kwargs(cfg)
     torch.manual_seed(cfg.run.seed)
     model = MaskedAutoencoder(**kwargs)  # validates sizes before any file is written
+    check_mask_type(cfg.model.mask_type, model.grid, model.mask_ratio)
     with Session(cfg.run.device, cfg.run.precision) as s:
         run_dir, resume = s.run_folder(cfg.run, cfg.data.data, cfg.monitor.knn_data)
         workers = default_workers(cfg.data.num_workers)

@@ -27,6 +27,7 @@ from maelab.data.splits import LEGACY_VAL_NAMES, check_same_classes, default_val
 from maelab.errors import MaelabError, RunInterrupted, SameOnEveryRank, Terminated
 from maelab.io import write_json
 from maelab.models.mae import MaskedAutoencoder
+from maelab.models.masking import check_mask_type
 from maelab.train.precision import native_bf16
 
 
@@ -37,7 +38,8 @@ def check_buildable(cfg: PretrainConfig) -> None:
     divide, a decoder width its heads do not divide)."""
     validate(cfg)
     with torch.device("meta"):
-        MaskedAutoencoder(**model_kwargs(cfg))
+        model = MaskedAutoencoder(**model_kwargs(cfg))
+    check_mask_type(cfg.model.mask_type, model.grid, model.mask_ratio)
 
 
 def check_chain_data(d: ChainDataConfig) -> None:

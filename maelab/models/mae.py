@@ -144,6 +144,12 @@ class MaskedAutoencoder(nn.Module):
         self.initialize_weights()
 
     @property
+    def has_unused_parameters(self) -> bool:
+        """With mask tokens in the encoder, the decoder's ``mask_token`` is never used (kept, so checkpoints
+        keep one layout): multi-process training must not wait for its gradient."""
+        return self.encoder_mask_tokens
+
+    @property
     def num_patches(self) -> int:
         return self.grid[0] * self.grid[1]
 

@@ -172,7 +172,10 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo, device: torch.device, fsdp:
         fully_shard(model)
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # a model with a parameter its forward never uses (the decoder's mask token when the encoder takes the
+    # mask tokens) says so: DDP waits for every gradient and failed at the second step otherwise
+    unused = bool(getattr(model, "has_unused_parameters", False))
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
 
 
 def share_buffers(module: torch.nn.Module, info: DistInfo) -> None:
