@@ -373,3 +373,20 @@ def test_visualize_of_a_one_channel_mae_says_why_it_cannot_draw(tmp_path, capsys
     assert main(["visualize", "--checkpoint", str(tmp_path / "gray.safetensors"), "--images", str(tmp_path / "a.png"),
                  "--out", str(tmp_path / "r.png")]) == 2
     assert "takes 1-channel images; maelab reads every image as 3-channel RGB" in capsys.readouterr().err
+
+
+def test_pictures_of_a_block_or_grid_run_show_its_own_masks():
+    """Pictures always drew random masks: a run trained on blocks showed scattered patches, titled as if
+    they were its masks."""
+    from maelab.viz import reconstruct
+
+    model = tiny_model(img_size=(32, 32))  # patch 8: a 4 x 4 grid
+    x = batch(model, n=2)
+    grid = reconstruct(model, x, 0.75, seed=1, mask_type="grid")["mask"][:, 0, ::8, ::8]  # one pixel per patch
+    for m in grid:
+        kept = (m == 0).nonzero()
+        assert len(kept) == 4 and len({int(r) % 2 for r, _ in kept}) == 1 and len({int(c) % 2 for _, c in kept}) == 1
+    assert not torch.equal(reconstruct(model, x, 0.75, seed=1, mask_type="block")["mask"],
+                           reconstruct(model, x, 0.75, seed=1)["mask"])
+    fig = reconstruction_grid(model, x, [0.75, 0.9], mask_type="grid")  # no lattice at 0.9: random there
+    assert [t for t in figure_texts(fig) if t.startswith("masked")] == ["masked 75%, grid", "masked 93.8% (90% asked)"]

@@ -73,7 +73,8 @@ def run(cfg: PretrainConfig) -> LoopResult:
             m = viewed() if picture or knn else None
             if s.is_main and picture:
                 save_reconstruction_grid(m, vis, [cfg.model.mask_ratio], run_dir / "reconstructions" /
-                                         f"epoch_{epoch + 1:04d}.png", seed=cfg.run.seed, titles=titles)
+                                         f"epoch_{epoch + 1:04d}.png", seed=cfg.run.seed, titles=titles,
+                                         mask_type=cfg.model.mask_type)
             if s.is_main and knn:
                 return knn_monitor(m)  # rank 0 only; the others wait at the checkpoint barrier
             return {}
@@ -92,7 +93,7 @@ def run(cfg: PretrainConfig) -> LoopResult:
             if not s.is_main:
                 return 0.0, 0.0
             ratios = sorted({cfg.model.mask_ratio, 0.75, 0.9})
-            picture = timed(reconstruction_grid, m, vis, ratios, 0, titles)
+            picture = timed(lambda: reconstruction_grid(m, vis, ratios, 0, titles, mask_type=cfg.model.mask_type))
             if knn_monitor is not None:
                 knn_monitor.splits()
             knn = timed(knn_monitor, m) if knn_monitor is not None else 0.0
@@ -154,7 +155,7 @@ def stream_workers(requested: int, workers: int, resume: Path | None, say: bool)
 def finish_pictures(model: MaskedAutoencoder, run_dir, vis, cfg: PretrainConfig, titles=None) -> None:
     ratios = sorted({cfg.model.mask_ratio, 0.75, 0.9})
     out = save_reconstruction_grid(model, vis, ratios, run_dir / "reconstruction.png", seed=cfg.run.seed,
-                                   titles=titles)
+                                   titles=titles, mask_type=cfg.model.mask_type)
     curve = run_dir / "loss_curve.png"
     try:
         plot_curves(run_dir / "metrics.jsonl", curve)

@@ -14,6 +14,7 @@ from maelab.errors import MaelabError
 from maelab.interop.encoders import img_size_arg
 from maelab.interop.mae_weights import load_mae, require_decoder
 from maelab.models.checks import check_masks_something, num_visible, warn_if_one_is_kept
+from maelab.models.masking import check_mask_type
 from maelab.train.distributed import pick_device
 from maelab.viz import PICTURE_IMAGES, save_reconstruction_grid
 from maelab.viz.reconstruct import row_title
@@ -70,12 +71,14 @@ def run(args: argparse.Namespace) -> Path:
     for r in args.mask_ratio:
         check_masks_something(model.num_patches, r)
         warn_if_one_is_kept(model.num_patches, r)
+        check_mask_type(args.mask_type, model.grid, r)
     if not args.images:
         images, titles = run_images(Path(args.checkpoint))
     elif len(args.images) == 1 and is_shard_source(args.images[0]):
         images, titles = sample_of(args.images[0])  # shards: a spread sample of them
     else:
         images, titles = args.images, None
-    out = save_reconstruction_grid(model, images, args.mask_ratio, out, seed=args.seed, titles=titles)
+    out = save_reconstruction_grid(model, images, args.mask_ratio, out, seed=args.seed, titles=titles,
+                                   mask_type=args.mask_type)
     print(f"wrote {out}")
     return out

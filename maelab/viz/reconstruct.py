@@ -30,6 +30,7 @@ from maelab.data.folders import load_images
 from maelab.data.transforms import denormalize
 from maelab.errors import MaelabError
 from maelab.models.checks import num_visible
+from maelab.models.masking import grid_step, mask_noise
 from maelab.viz.curves import save_figure_atomic
 
 MASK_GREY = 0.5
@@ -48,7 +49,8 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
 
 
 # --- reconstruction -------------------------------------------------------------------------------
-def reconstruct(model, images: torch.Tensor, mask_ratio: float, seed: int = 0) -> dict[str, torch.Tensor]:
+def reconstruct(model, images: torch.Tensor, mask_ratio: float, seed: int = 0,
+                mask_type: str = "random") -> dict[str, torch.Tensor]:
     """Mask ``images`` (ImageNet-normalised, (N, 3, H, W) or (3, H, W)) with ``mask_ratio`` and run
     the MAE. Returns CPU float32 tensors in [0, 1] pixel space:
 
@@ -71,9 +73,12 @@ def reconstruct(model, images: torch.Tensor, mask_ratio: float, seed: int = 0) -
     model._check_input(images)
     n, length = images.shape[0], model.num_patches
 
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
-    noise = torch.rand(n, length, generator=gen, device=device)
+    if mask_type == "random":
+        gen = torch.Generator(device=device)
+        gen.manual_seed(int(seed))
+        noise = torch.rand(n, length, generator=gen, device=device)
+    else:  # block / grid masks, as the run that trained with them drew them (on the CPU)
+        noise = mask_noise(mask_type, n, model.grid, mask_ratio, torch.Generator().manual_seed(int(seed)), device)
 
     was_training = model.training
     model.eval()
@@ -167,6 +172,7 @@ def reconstruction_grid(
     seed: int = 0,
     titles: Sequence[str] | None = None,
     panel_height: float = 1.6,
+    mask_type: str = "random",
 ) -> Figure:
     """A figure with one row per image: ``original | masked (r%) | reconstruction |
     reconstruction + visible`` for each mask ratio ``r`` (the original shown once per row).
@@ -174,6 +180,8 @@ def reconstruction_grid(
     ``images``: ImageNet-normalised (N, 3, H, W) tensor, or a list of image paths (loaded with
     :func:`load_images_for_model`; titles default to "folder/file", i.e. the class and the file of an ImageFolder). ``titles``: one label per row.
     ``panel_height``: inches per panel; the width follows the image aspect ratio (non-square works).
+    ``mask_type``: the masks drawn (a block / grid run's pictures show its own kind, named in the title;
+    random where the kind has none, see :func:`picture_mask_type`).
     A norm-pix model gets :data:`NORM_PIX_CAPTION` under the grid.
     """
     if isinstance(mask_ratios, (int, float)):
@@ -182,7 +190,8 @@ def reconstruction_grid(
     if not mask_ratios:
         raise MaelabError("give at least one mask ratio")
     images, titles = _prepare(model, images, titles)
-    results = [reconstruct(model, images, r, seed=seed) for r in mask_ratios]
+    kinds = [picture_mask_type(mask_type, r) for r in mask_ratios]
+    results = [reconstruct(model, images, r, seed=seed, mask_type=k) for r, k in zip(mask_ratios, kinds)]
     n = images.shape[0]
     height, width = model.img_size
 
@@ -238,12 +247,19 @@ def reconstruction_grid(
             for j, key in enumerate(PANELS):
                 title = None
                 if i == 0:
-                    title = f"masked {_ratio_label(r, model.num_patches)}" if key == "masked" else _PANEL_TITLES[key]
+                    kind = "" if kinds[k] == "random" else f", {kinds[k]}"
+                    title = f"masked {_ratio_label(r, model.num_patches)}{kind}" if key == "masked" else _PANEL_TITLES[key]
                 show(fig.add_subplot(gs[i, 1 + 4 * k + 1 + j]), res[key][i], title)
 
     if caption:
         fig.text(0.5, 0.12 / fig_h, caption, ha="center", va="bottom", fontsize=8, style="italic")
     return fig
+
+
+def picture_mask_type(mask_type: str, mask_ratio: float) -> str:
+    """The masks a picture at ``mask_ratio`` draws: the run's own kind (block, grid), or random where that
+    kind has no mask (grid at a ratio without a lattice: a run at 0.75 is also drawn at 0.9)."""
+    return "random" if mask_type == "grid" and grid_step(mask_ratio) is None else mask_type
 
 
 def save_reconstruction_grid(
@@ -255,10 +271,12 @@ def save_reconstruction_grid(
     titles: Sequence[str] | None = None,
     panel_height: float = 1.6,
     dpi: int = 100,
+    mask_type: str = "random",
 ) -> Path:
     """:func:`reconstruction_grid` written as a PNG to ``path`` atomically (temp file in the same
     folder, then ``os.replace``). Returns the path."""
-    fig = reconstruction_grid(model, images, mask_ratios, seed=seed, titles=titles, panel_height=panel_height)
+    fig = reconstruction_grid(model, images, mask_ratios, seed=seed, titles=titles, panel_height=panel_height,
+                              mask_type=mask_type)
     return save_figure_atomic(fig, path, dpi=dpi)
 
 

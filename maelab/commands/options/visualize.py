@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from maelab.choices import PICTURE_IMAGES, RECONSTRUCTION_PNG
+from maelab.choices import MASK_TYPES, PICTURE_IMAGES, RECONSTRUCTION_PNG
 
 
 NAME = "visualize"
@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", nargs="+", help=f"image files, or one shard set of `maelab shards make` "
                    f"({PICTURE_IMAGES} of its samples; default: {PICTURE_IMAGES} images of the run's data)")
     p.add_argument("--mask-ratio", nargs="+", type=float, default=[0.75], help="one or more mask ratios")
+    p.add_argument("--mask-type", default="random", choices=MASK_TYPES,
+                   help="which patches are masked: random, block or grid (as `maelab pretrain --mask-type`; grid "
+                        "needs a lattice ratio: 0.75, 0.889, 0.9375)")
     p.add_argument("--seed", type=int, default=0, help="masking seed (same seed, same picture)")
     p.add_argument("--out", default=RECONSTRUCTION_PNG,
                    help=f"output PNG; a folder (existing, or written with a trailing /) gets {RECONSTRUCTION_PNG}")
