@@ -459,3 +459,19 @@ def test_sigterm_to_a_chain_waits_for_the_step_and_says_how_to_resume(tmp_path, 
     finally:
         signal.signal(signal.SIGTERM, before)
     assert (tmp_path / "saved").is_file() and stopped.value.exit_code == 143
+
+
+def test_the_steps_of_a_run_sized_by_epochs_are_read_from_its_log(tmp_path):
+    """`ablate --budget none --pretrain-epochs 1` showed "–" in its steps column: only a budget records
+    max_steps. The log's last step is what such a run took."""
+    from maelab.commands.steps import steps_taken
+
+    run = tmp_path / "pretrain"
+    run.mkdir()
+    (run / "config.yaml").write_text("optim:\n  epochs: 1\n")
+    assert steps_taken(run) is None  # nothing logged yet
+    (run / "metrics.jsonl").write_text('{"step": 2, "epoch": 0, "loss": 1.0}\n{"step": 4, "epoch": 1, "epoch_loss": 1}\n'
+                                       '{"step": 4, "epo')  # a line cut by a crash
+    assert steps_taken(run) == 4
+    (run / "config.yaml").write_text("optim:\n  epochs: 1\n  max_steps: 9\n")
+    assert steps_taken(run) == 9  # a budget's plan

@@ -24,8 +24,8 @@ from matplotlib.figure import Figure
 from maelab.commands.options.ablate import AblateConfig, NAME
 from maelab.commands.options.pretrain import PretrainConfig
 from maelab.commands.steps import (Chain, check_buildable, check_chain_data, check_chain_splits, check_image_counts,
-                                   chains_code, invoked, length_flags, machine, no_budget, recorded_optim,
-                                   refuse_torchrun, STEPS)
+                                   chains_code, invoked, length_flags, machine, no_budget,
+                                   refuse_torchrun, steps_taken, STEPS)
 from maelab.config import add_config_args, config_from_args, is_switch, load_yaml
 from maelab.data.splits import subset_seed
 from maelab.errors import MaelabError
@@ -244,7 +244,7 @@ def run_value(cfg: AblateConfig, value: str, folder: Path, seed: int) -> dict[st
                         timing.is_file())
     if seconds is not None:
         write_json(timing, {"pretrain_s": seconds,
-                            "pretrain_steps": recorded_optim(pre).get("max_steps")})
+                            "pretrain_steps": steps_taken(pre)})
     result = {**result, "value": value, "seed": seed, "subset_seed": subsets, **json.loads(timing.read_text())}
     if "knn" in cfg.sweep.evaluate:
         result["knn_top1"] = chain.knn(str(pre), "knn")["knn_top1"]

@@ -22,7 +22,8 @@ from maelab.commands.options import finetune as finetune_options, linprobe as li
 from maelab.commands.options.recipe import NAME, RecipeConfig
 from maelab.commands.options.pretrain import PretrainConfig
 from maelab.commands.steps import (Chain, check_buildable, check_chain_data, check_chain_splits, check_split_paths,
-                                   invoked, length_flags, machine, no_budget, recorded_optim, refuse_torchrun)
+                                   invoked, length_flags, machine, no_budget, recorded_optim, refuse_torchrun,
+                                   steps_taken)
 from maelab.config import build_config, load_yaml, resolve_preset
 from maelab.data.folders import scan_images, spread_sample
 from maelab.data.shards import is_shard_source
@@ -125,9 +126,9 @@ def run(cfg: RecipeConfig) -> dict[str, Any]:
         "finetune_scratch_top1": ft_scratch["val_top1"],
         "minutes": clock.minutes,
         # read back from the runs' own configs and outputs: what ran, not what was asked
-        "pretrain_steps": recorded_optim(pre).get("max_steps"),
-        "finetune_steps": {"mae": recorded_optim(out / "finetune_mae").get("max_steps"),
-                           "scratch": recorded_optim(out / "finetune_scratch").get("max_steps")},
+        "pretrain_steps": steps_taken(pre),
+        "finetune_steps": {"mae": steps_taken(out / "finetune_mae"),
+                           "scratch": steps_taken(out / "finetune_scratch")},
         "probe": {k: probe_optim.get(k) for k in ("epochs", "base_lr")},
         "evaluated_images": {"train": knn_mae.get("train_images"), "val": knn_mae.get("val_images")},
         "pictures": str(pictures), "curves": curves, "command": invoked(NAME),

@@ -411,6 +411,27 @@ def recorded_optim(run: Path) -> dict[str, Any]:
     return load_yaml(run / "config.yaml").get("optim") or {}
 
 
+def steps_taken(run: Path) -> int | None:
+    """The optimiser steps a finished run took: the ``max_steps`` its budget planned, or, for a run sized by
+    epochs (``--budget none``), the last step its ``metrics.jsonl`` logged (the steps column was empty)."""
+    planned = recorded_optim(run).get("max_steps")
+    if planned:
+        return int(planned)
+    last = None
+    try:
+        with open(run / "metrics.jsonl") as f:
+            for line in f:
+                try:
+                    step = json.loads(line).get("step")
+                except ValueError:  # a line cut by a crash: the others still count
+                    continue
+                if isinstance(step, int):
+                    last = step if last is None else max(last, step)
+    except OSError:
+        return None
+    return last
+
+
 def length_flags(budget: str | None, epochs: int | None) -> list[str]:
     """``--budget B``, or with no budget (``none``) ``--epochs N`` (nothing: the preset's epochs)."""
     if not no_budget(budget):
