@@ -21,7 +21,7 @@ from maelab import __version__
 from maelab.commands import COMMANDS, load, options_of
 from maelab.config import add_config_args, config_from_args
 from maelab.data.workers import kill_orphaned_workers
-from maelab.errors import MaelabError, RunInterrupted, SameOnEveryRank, Terminated, is_disk_full, megabytes
+from maelab.errors import MaelabError, RunInterrupted, Terminated, is_disk_full, megabytes, said_by_this_rank
 
 CONFIG_NOTE = " Every flag is a config field; --config loads a YAML preset first (flags override it)."
 
@@ -134,7 +134,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, *, 
     """maelab's own warnings are messages to the user: one ``maelab: warning:`` line, without the source file
     and line Python adds (other libraries' warnings keep them: they help to report a problem upstream)."""
     if str(filename).startswith(PACKAGE):
-        print(f"maelab: warning: {_one_line(message)}", file=file or sys.stderr, flush=True)
+        if said_by_this_rank():  # under torchrun, a warning before the group is joined is every process's alike
+            print(f"maelab: warning: {_one_line(message)}", file=file or sys.stderr, flush=True)
     else:
         show(message, category, filename, lineno, file, line)
 
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"maelab: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except MaelabError as e:
-        if not isinstance(e, SameOnEveryRank) or os.environ.get("RANK", "0") == "0":
+        if said_by_this_rank(e):
             print(f"maelab: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:

@@ -19,6 +19,25 @@ class SameOnEveryRank(MaelabError):
     data and the number of processes: only rank 0 prints it, so the job says it once."""
 
 
+class _Job:
+    """Whether this process has begun to join its torchrun job's group. Before that a command has only read
+    its settings and the files every process reads alike, so an error then is the same on every rank."""
+
+    joining = False
+
+
+def joining_job() -> None:
+    _Job.joining = True
+
+
+def said_by_this_rank(error: Exception | None = None) -> bool:
+    """Whether this process says ``error`` (None: a warning): every process its own, except what every
+    process meets alike (:class:`SameOnEveryRank`, or anything before the group is joined), which rank 0
+    alone says."""
+    alike = isinstance(error, SameOnEveryRank) or not _Job.joining
+    return not alike or os.environ.get("RANK", "0") == "0"
+
+
 def warn_for_job(message: str, stacklevel: int = 2) -> None:
     """A warning that every process of a torchrun job would give alike (it depends only on the settings and
     the data): given by rank 0 alone, so the job says it once."""

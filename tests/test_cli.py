@@ -553,3 +553,26 @@ def test_a_flag_after_a_value_flag_is_still_a_flag():
         ["pretrain", "--budget", "--epochs", "3", "--seed=-2x"]
     assert negative_values_joined(parser, ["pretrain", "--mask-ratio", "-1", "--img-size", "-3e1"]) == \
         ["pretrain", "--mask-ratio=-1", "--img-size", "-3e1"]  # --img-size takes one or two: argparse reads them
+
+
+def test_what_every_process_meets_before_joining_the_job_is_said_once(capsys, tmp_path, monkeypatch):
+    """Under torchrun, a settings error of `validate` (`--mask-ratio 1.5`) or a warning while the model is
+    built (a ratio that hides every patch) was printed by every process: before the group is joined a
+    command has read only what every process reads alike. After it, each process says its own errors."""
+    from maelab import errors
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(errors._Job, "joining", False)
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["pretrain", "--data", str(tmp_path / "data"), "--mask-ratio", "1.5"]) == 2
+        assert ("maelab: error: mask ratio (--mask-ratio) must be in [0, 1)" in capsys.readouterr().err) == said
+        assert main(["pretrain", "--data", str(tmp_path / "data"), "--mask-ratio", "0.999", "--mask-type", "grid",
+                     "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert ("maelab: warning: mask ratio 0.999 would hide all" in err) == said, err
+        assert ("--mask-type grid keeps one patch of every k x k" in err) == said, err
+    monkeypatch.setattr(errors._Job, "joining", True)  # joined: an error may be this process's alone
+    assert errors.said_by_this_rank(errors.MaelabError("cannot read image x.jpg"))
+    assert not errors.said_by_this_rank(errors.SameOnEveryRank("no such folder"))

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from maelab.errors import MaelabError
+from maelab.errors import MaelabError, joining_job
 
 
 @dataclass
@@ -73,6 +73,7 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
 
 def init_distributed(requested_device: str) -> tuple[DistInfo, torch.device]:
     """Read torchrun's environment, pick the device, join the process group if there are several."""
+    joining_job()  # from here on an error may be this process's alone (its device, its part of the data)
     info = DistInfo.from_env()
     device = pick_device(requested_device, info.local_rank)
     if device.type == "cuda":
