@@ -401,3 +401,22 @@ def test_hf_layer_norm_eps_is_honoured_both_ways(tmp_path, eps):
 
     with torch.no_grad():
         assert_same_outputs(expected, load_mae(tmp_path / "m.safetensors")[0](x, noise=noise))
+
+
+def test_a_folder_written_again_and_stopped_keeps_its_old_config_and_weights(tmp_path, monkeypatch):
+    """config.json was written first, straight into the folder: a stop while the weights were written left
+    the new config beside the old weights (a model that never existed, loaded without a word)."""
+    from maelab.interop import huggingface
+
+    old = MaskedAutoencoder(**TINY, mask_ratio=0.75)
+    folder = tmp_path / "hf"
+    save_hf_pretrained(old, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # a Ctrl-C / SIGTERM while the weights are written
+
+    monkeypatch.setattr(huggingface, "save_file", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        save_hf_pretrained(MaskedAutoencoder(**TINY, mask_ratio=0.6), folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # all old, no temp file left

@@ -463,9 +463,14 @@ def save_hf_pretrained(model: nn.Module, directory: str | os.PathLike, naming: s
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    config.save_pretrained(directory)
-    with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:  # whole file, umask permissions
-        save_file(sd, tmp, metadata={"format": "pt"})
+    # both files are written in full under temporary names and only then put in place, together: written
+    # one after the other, a stop between them left a folder written again with the new config.json beside
+    # the old weights, which loaded as a model that never existed
+    # (the weights, inner, are synced and renamed first: the config's small sync is all that lies between)
+    with atomic_path(os.path.join(directory, "config.json")) as config_file, \
+            atomic_path(os.path.join(directory, "model.safetensors")) as weights:
+        config.to_json_file(config_file, use_diff=True)  # what save_pretrained writes
+        save_file(sd, weights, metadata={"format": "pt"})  # whole file, umask permissions
     return directory
 
 
