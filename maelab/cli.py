@@ -160,6 +160,19 @@ def _peer_lost(err: BaseException) -> str | None:
             f"the same command again to resume")
 
 
+TRAINING = {"pretrain", "finetune", "linprobe", "recipe", "ablate"}  # and `segment train`, `detect train`
+
+
+def _stopped_where(args: argparse.Namespace) -> str:
+    """What a SIGTERM outside a training loop leaves: a training command keeps its checkpoints; the others
+    (features, knn, convert, ...) write each output whole or not at all. They were told of "checkpoints"."""
+    action = getattr(args, "action", None) or getattr(args, "segment_command", None)
+    if args.command in TRAINING or action == "train":
+        return "outside the training loop; checkpoints already written are kept"
+    return (f"before `maelab {args.command}` finished; every file it writes appears whole or not at all, so "
+            f"running it again makes what is missing")
+
+
 def _output_closed() -> int:
     """Point stdout and stderr at /dev/null (Python's own advice: the flush at exit would fail again); the
     status a shell gives SIGPIPE. Returning lets the error's frames go, and with them the loaders whose
@@ -190,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         return _output_closed()
     except Terminated:
         if os.environ.get("RANK", "0") == "0":
-            print("maelab: stopped by SIGTERM outside the training loop; checkpoints already written are kept",
-                  file=sys.stderr)
+            print(f"maelab: stopped by SIGTERM {_stopped_where(args)}", file=sys.stderr)
         return 128 + signal.SIGTERM
     except RunInterrupted as e:
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
@@ -229,6 +241,8 @@ def entry() -> None:
     process's. A torchrun worker of a group of several ends through :func:`end_process`, which skips the
     interpreter's finalisation (see there why)."""
     code = main()
+    if code == 0:  # the work is done and written: a SIGTERM while the interpreter winds down (a second or two)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # made a finished run exit 143, read as killed
     if "maelab.train.distributed" in sys.modules:  # loaded by every command that can run under torchrun
         from maelab.train.distributed import DistInfo, end_process
 

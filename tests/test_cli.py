@@ -576,3 +576,43 @@ def test_what_every_process_meets_before_joining_the_job_is_said_once(capsys, tm
     monkeypatch.setattr(errors._Job, "joining", True)  # joined: an error may be this process's alone
     assert errors.said_by_this_rank(errors.MaelabError("cannot read image x.jpg"))
     assert not errors.said_by_this_rank(errors.SameOnEveryRank("no such folder"))
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["pretrain"], "outside the training loop; checkpoints already written are kept"),
+    (["segment", "train"], "outside the training loop; checkpoints already written are kept"),
+    (["knn"], "before `maelab knn` finished; every file it writes appears whole or not at all"),
+    (["segment", "predict"], "before `maelab segment` finished"),
+])
+def test_a_sigterm_outside_training_says_what_it_leaves(capsys, monkeypatch, argv, said):
+    """`features`, `knn`, `convert` were told "checkpoints already written are kept": they have none."""
+    import maelab.cli as cli
+    from maelab.errors import Terminated
+
+    def dispatch(args):
+        raise Terminated
+
+    monkeypatch.setattr(cli, "dispatch", dispatch)
+    assert cli.main(argv) == 143
+    err = capsys.readouterr().err
+    assert err.startswith("maelab: stopped by SIGTERM ") and said in err and err.count("\n") == 1, err
+
+
+def test_a_sigterm_after_the_work_is_done_does_not_turn_success_into_143(monkeypatch):
+    """A SIGTERM in the second or two while a finished command's interpreter winds down ended it with 143
+    and no word: a scheduler (or a recipe step) read a complete run as killed."""
+    import signal
+
+    import maelab.cli as cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        for code, ignored in ((0, True), (2, False)):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            monkeypatch.setattr(cli, "main", lambda code=code: code)
+            with pytest.raises(SystemExit) as done:
+                cli.entry()
+            assert done.value.code == code
+            assert (signal.getsignal(signal.SIGTERM) == signal.SIG_IGN) == ignored
+    finally:
+        signal.signal(signal.SIGTERM, before)

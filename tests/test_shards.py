@@ -101,6 +101,18 @@ def test_a_killed_make_leaves_no_shard_set_and_a_rerun_completes(folder, tmp_pat
     assert sh.open_shards(str(out)).total == 39 and not list(out.glob("*tmp*"))
 
 
+def test_a_rerun_with_fewer_shards_names_the_killed_runs_extra_ones(folder, tmp_path):
+    """A killed run of 8 shards, then a complete one of 2: the 6 extra tars stayed beside the new set without a
+    word, and a pattern over the folder read their images twice."""
+    out = tmp_path / "set"
+    sh.make_shards(scan_images(folder), out, 5, progress=False)
+    (out / SHARD_MANIFEST).unlink()  # as if killed before its manifest
+    with pytest.warns(UserWarning, match=r"also holds 6 shard\(s\) this set does not list \(train-0002.tar"):
+        sh.make_shards(scan_images(folder), out, 20, progress=False)
+    assert sh.open_shards(str(out)).total == 39  # the manifest lists the new 2; nothing is deleted
+    assert len(list(out.glob("train-*.tar"))) == 8
+
+
 def test_two_ranks_times_two_workers_read_every_sample_exactly_once(shard_dir):
     shards = sh.open_shards(str(shard_dir))
     for epoch in (0, 1):

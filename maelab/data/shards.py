@@ -112,6 +112,14 @@ def make_shards(images: ImageList, out: str | Path, shard_size: int, prefix: str
     manifest = {"format": FORMAT, "total": len(images), "classes": images.classes, "shards": shards,
                 "source": str(root), "shard_size": shard_size, "seed": seed}
     write_json(out / SHARD_MANIFEST, manifest)
+    ours = {sh["name"] for sh in shards}
+    others = sorted(p.name for p in out.glob(f"{prefix}-*.tar") if p.name not in ours and re.fullmatch(
+        rf"{re.escape(prefix)}-\d+\.tar", p.name))
+    if others:  # an earlier, killed run's shards (or the user's): never deleted, but a pattern would read them
+        warnings.warn(f"{out} also holds {len(others)} shard(s) this set does not list ({', '.join(others[:3])}"
+                      f"{', ...' if len(others) > 3 else ''}), from an earlier run: `--data {out}` reads only the "
+                      f"{len(shards)} in {SHARD_MANIFEST}, but a pattern or glob over the folder would read them "
+                      f"too; remove them", stacklevel=2)
     return manifest
 
 
