@@ -44,7 +44,7 @@ def test_the_quick_chain_on_a_tiny_subset(tmp_path):
     assert json.loads((tmp_path / "r" / "results.json").read_text())["minutes"] == res["minutes"]
     assert "pre-training" in again.stderr
     assert res["probe"] == {"epochs": 2, "base_lr": 4.0} and res["evaluated_images"] == {"train": 32, "val": 16}
-    assert res["pretrain_steps"] is None  # epochs, not a budget: no step count was planned
+    assert res["pretrain_steps"] == 4 and res["finetune_steps"] == {"mae": 4, "scratch": 4}  # 1 epoch, 32 images, batch 8: from the logs
     assert res["command"] == "maelab recipe " + " ".join(args)  # quoted by the results page
     assert res["code"].startswith("maelab ")  # + the commit when it runs from a checkout
     changed = recipe(*args, "--probe-base-lr", "2", cwd=tmp_path)  # another probe in the same folder: refused
@@ -55,7 +55,8 @@ def test_the_quick_chain_on_a_tiny_subset(tmp_path):
     assert f"| fine-tune from scratch (same budget) | {res['finetune_scratch_top1']:.2f} |" in text
     assert "## `recipe_full`" in text and "Not run yet" in text
     assert f"Command: `maelab recipe --config recipe_quick --data {data} --batch-size 8 " in text
-    assert "What ran: evaluations on 32 train / 16 validation images; linear probe 2 epochs at LARS base lr 4.0" in text
+    assert ("What ran: 4 pre-training steps; fine-tune 4 steps from the MAE encoder, 4 from scratch; evaluations on 32 "
+            "train / 16 validation images; linear probe 2 epochs at LARS base lr 4.0") in text
     assert f"Code: {res['code']}." in text
     assert "![reconstructions](results/runs/r/reconstruction.png)" in text  # archived next to the page, shown from a clone
     kept = tmp_path / "results" / "runs" / "r"
