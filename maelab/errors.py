@@ -21,7 +21,7 @@ class SameOnEveryRank(MaelabError):
 
 class _Job:
     """Whether this process has begun to join its torchrun job's group. Before that a command has only read
-    its settings and the files every process reads alike, so an error then is the same on every rank."""
+    its settings and the files of its node, so an error then is the same on every process of a node."""
 
     joining = False
 
@@ -32,10 +32,12 @@ def joining_job() -> None:
 
 def said_by_this_rank(error: Exception | None = None) -> bool:
     """Whether this process says ``error`` (None: a warning): every process its own, except what every
-    process meets alike (:class:`SameOnEveryRank`, or anything before the group is joined), which rank 0
-    alone says."""
-    alike = isinstance(error, SameOnEveryRank) or not _Job.joining
-    return not alike or os.environ.get("RANK", "0") == "0"
+    process meets alike: a :class:`SameOnEveryRank` error, said by rank 0 alone; and anything before the
+    group is joined, which depends on the settings and on what the node holds (a --config file, its CPU
+    count), said by each node's first process (rank 0 alone would hide a file missing on another node)."""
+    if isinstance(error, SameOnEveryRank):
+        return os.environ.get("RANK", "0") == "0"
+    return _Job.joining or os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def warn_for_job(message: str, stacklevel: int = 2) -> None:

@@ -427,6 +427,13 @@ def test_a_sweep_with_a_subset_seed_passes_it_to_every_step_and_refuses_other_su
         ablate_cmd.run_value(cfg, "1", old, 1)
     cfg.data.subset_seed = None
     assert ablate_cmd.run_value(cfg, "1", old, 1)["knn_top1"] == 9.0  # its own subsets: read back
+    # a value timed before steps were read from the log (sized by epochs: no max_steps) gets them on the next run
+    timed = tmp_path / "seed=1"
+    (timed / "pretrain.json").write_text(json.dumps({"pretrain_s": 1.0, "pretrain_steps": None}))
+    (timed / "pretrain" / "config.yaml").write_text("optim:\n  epochs: 1\n")
+    (timed / "pretrain" / "metrics.jsonl").write_text('{"step": 6, "epoch": 1, "epoch_loss": 1.0}\n')
+    cfg.data.subset_seed = 0
+    assert ablate_cmd.run_value(cfg, "1", timed, 1)["pretrain_steps"] == 6
 
 
 def test_the_results_page_says_which_runs_were_scored_on_other_subsets(tmp_path):

@@ -558,7 +558,8 @@ def test_a_flag_after_a_value_flag_is_still_a_flag():
 def test_what_every_process_meets_before_joining_the_job_is_said_once(capsys, tmp_path, monkeypatch):
     """Under torchrun, a settings error of `validate` (`--mask-ratio 1.5`) or a warning while the model is
     built (a ratio that hides every patch) was printed by every process: before the group is joined a
-    command has read only what every process reads alike. After it, each process says its own errors."""
+    command has read only its settings and its node's files, so each node's first process says it. After
+    it, each process says its own errors."""
     from maelab import errors
 
     (tmp_path / "data").mkdir()
@@ -566,6 +567,7 @@ def test_what_every_process_meets_before_joining_the_job_is_said_once(capsys, tm
     monkeypatch.setattr(errors._Job, "joining", False)
     for rank, said in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)  # one node
         assert main(["pretrain", "--data", str(tmp_path / "data"), "--mask-ratio", "1.5"]) == 2
         assert ("maelab: error: mask ratio (--mask-ratio) must be in [0, 1)" in capsys.readouterr().err) == said
         assert main(["pretrain", "--data", str(tmp_path / "data"), "--mask-ratio", "0.999", "--mask-type", "grid",
@@ -573,9 +575,14 @@ def test_what_every_process_meets_before_joining_the_job_is_said_once(capsys, tm
         err = capsys.readouterr().err
         assert ("maelab: warning: mask ratio 0.999 would hide all" in err) == said, err
         assert ("--mask-type grid keeps one patch of every k x k" in err) == said, err
+    monkeypatch.setenv("RANK", "3")  # the first process of the second node: its files may differ (a --config
+    monkeypatch.setenv("LOCAL_RANK", "0")  # missing there alone), so it speaks for its node
+    assert main(["pretrain", "--config", str(tmp_path / "nothere.yaml"), "--data", str(tmp_path / "data")]) == 2
+    assert "maelab: error: " in capsys.readouterr().err
+    assert not errors.said_by_this_rank(errors.SameOnEveryRank("no such folder"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(errors._Job, "joining", True)  # joined: an error may be this process's alone
     assert errors.said_by_this_rank(errors.MaelabError("cannot read image x.jpg"))
-    assert not errors.said_by_this_rank(errors.SameOnEveryRank("no such folder"))
 
 
 @pytest.mark.parametrize("argv, said", [

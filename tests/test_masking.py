@@ -68,6 +68,10 @@ def test_grid_masking_refuses_a_ratio_without_a_lattice_and_warns_on_an_uneven_g
             mask_noise("grid", 1, (8, 8), ratio, torch.Generator())
     with pytest.warns(UserWarning, match="the 7x7 patch grid is not a multiple of 2"):
         check_mask_type("grid", (7, 7), 0.75)
+    for ratio, kept, fix in ((0.889, 15, "0.8888888888888888"), (0.751, 35, "0.75")):  # within 1 %, one short
+        with pytest.raises(MaelabError, match=rf"keeps int\(144 x \(1 - {ratio:g}\)\) = {kept} patches, but the "
+                                              rf"\d+x\d+ lattice .* has {kept + 1}: give --mask-ratio {fix}$"):
+            check_mask_type("grid", (12, 12) if ratio > 0.8 else (8, 18), ratio)
     check_mask_type("random", (7, 7), 0.5)  # the other types take any ratio
 
 

@@ -246,6 +246,8 @@ def run_value(cfg: AblateConfig, value: str, folder: Path, seed: int) -> dict[st
         write_json(timing, {"pretrain_s": seconds,
                             "pretrain_steps": steps_taken(pre)})
     result = {**result, "value": value, "seed": seed, "subset_seed": subsets, **json.loads(timing.read_text())}
+    if result.get("pretrain_steps") is None:  # timed before steps were read from the log (a run sized by epochs)
+        result["pretrain_steps"] = steps_taken(pre)
     if "knn" in cfg.sweep.evaluate:
         result["knn_top1"] = chain.knn(str(pre), "knn")["knn_top1"]
     if "linprobe" in cfg.sweep.evaluate:

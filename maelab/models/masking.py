@@ -5,7 +5,7 @@ with the lowest noise): the paper's uniform random sampling and the two alternat
 * ``block``: BEiT-style block-wise masking -- random rectangles (aspect 0.3-3.3, at least 4 patches, fewer
   only for the last few) are masked until exactly enough patches are covered: a rectangle that would
   cover more than are left is drawn again (BEiT's rule), so blocks are solid, never holed to fit the count.
-* ``grid``: a regular lattice is kept: one patch of every k x k (ratio 1 - 1/k^2: 0.75, 0.889, 0.9375),
+* ``grid``: a regular lattice is kept: one patch of every k x k (ratio 1 - 1/k^2: 0.75, 8/9, 0.9375),
   at a random offset. Other ratios have no lattice and are refused (:func:`check_mask_type`); on a grid k
   does not divide, the lattice's size depends on its offset and random patches make up the exact count
   (said as a warning).
@@ -26,7 +26,7 @@ import warnings
 from maelab.errors import MaelabError, SameOnEveryRank
 from maelab.models.checks import num_visible
 
-GRID_RATIOS = "0.75, 0.889, 0.9375"  # 1 - 1/k^2 for k = 2, 3, 4
+GRID_RATIOS = "0.75, 0.8888888888888888, 0.9375"  # 1 - 1/k^2 for k = 2, 3, 4 (8/9 in full: 0.889 keeps too few)
 
 
 def grid_step(mask_ratio: float) -> int | None:
@@ -48,6 +48,11 @@ def check_mask_type(kind: str, grid: tuple[int, int], mask_ratio: float) -> None
         raise SameOnEveryRank(f"--mask-type grid keeps one patch of every k x k, so its ratios are 1 - 1/k^2 ({GRID_RATIOS}, "
                           f"...); --mask-ratio {mask_ratio:g} has no such lattice: use --mask-type random or block")
     rows, cols = grid
+    length, lattice = rows * cols, (rows // k) * (cols // k)
+    if not (rows % k or cols % k) and num_visible(length, mask_ratio) != lattice:
+        raise SameOnEveryRank(f"--mask-type grid at --mask-ratio {mask_ratio:g} keeps int({length} x (1 - {mask_ratio:g})) "
+                              f"= {num_visible(length, mask_ratio)} patches, but the {k}x{k} lattice of the {rows}x{cols} "
+                              f"grid has {lattice}: give --mask-ratio {1 - 1 / k**2!r}")
     if rows % k or cols % k:
         warnings.warn(f"--mask-type grid at --mask-ratio {mask_ratio:g} keeps one patch of every {k}x{k}, but the "
                       f"{rows}x{cols} patch grid is not a multiple of {k}: the lattice kept depends on its offset, and "

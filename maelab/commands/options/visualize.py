@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-ratio", nargs="+", type=float, default=[0.75], help="one or more mask ratios")
     p.add_argument("--mask-type", default="random", choices=MASK_TYPES,
                    help="which patches are masked: random, block or grid (as `maelab pretrain --mask-type`; grid "
-                        "needs a lattice ratio: 0.75, 0.889, 0.9375)")
+                        "needs a lattice ratio: 0.75, 0.8888888888888888, 0.9375)")
     p.add_argument("--seed", type=int, default=0, help="masking seed (same seed, same picture)")
     p.add_argument("--out", default=RECONSTRUCTION_PNG,
                    help=f"output PNG; a folder (existing, or written with a trailing /) gets {RECONSTRUCTION_PNG}")
