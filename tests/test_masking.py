@@ -126,3 +126,21 @@ def test_a_ratio_that_would_hide_every_patch_says_the_ratio_that_runs():
         warnings.simplefilter("error")
         MaskedAutoencoder(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
                           decoder_depth=1, decoder_num_heads=2, mask_ratio=0.98)  # 1 of 64 visible: as asked
+
+
+def test_a_grid_run_begun_at_a_ratio_without_a_lattice_still_resumes(cifar_tiny, tmp_path):
+    """Such a run, begun before those ratios were refused, could not be resumed by any command: grid was
+    refused, and random was a changed setting. It resumes with the masks it began with, and says so."""
+    common = dict(data=str(cifar_tiny), out=str(tmp_path), model="mae_vit_tiny_patch4", decoder_depth=1,
+                  batch_size=16, vis_every=0, device="cpu", num_workers=0, mask_ratio=0.5, warmup_epochs=0)
+    run_pretrain(build_config(PretrainConfig, dict(common, epochs=1)))
+    config = tmp_path / "config.yaml"  # as the code of then recorded it
+    config.write_text(config.read_text().replace("mask_type: random", "mask_type: grid"))
+    with pytest.warns(UserWarning, match="began with --mask-type grid at --mask-ratio 0.5, before grid masking"):
+        result = run_pretrain(build_config(PretrainConfig, dict(common, epochs=2, mask_type="grid")))
+    assert result.global_step == 8
+    with pytest.raises(MaelabError, match="has no such lattice"):  # a new run at that ratio is refused
+        run_pretrain(build_config(PretrainConfig, dict(common, epochs=1, mask_type="grid", out=str(tmp_path / "new"))))
+    g = torch.Generator().manual_seed(0)
+    legacy = mask_noise("grid", 2, (8, 8), 0.5, g, legacy_grid=True)  # step 1: every patch alike, random masks
+    assert legacy.shape == (2, 64) and bool((legacy < 1).all())

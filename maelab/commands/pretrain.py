@@ -10,6 +10,7 @@ import torch
 
 from maelab.commands.options.pretrain import PretrainConfig, model_kwargs, validate
 from maelab.commands.session import Session
+from maelab.config import load_yaml
 from maelab.data.folders import ImageList, prepare_images, spread_sample
 from maelab.data.loader import Feeder, choose_in_memory, plan_for
 from maelab.data.shards import (STREAM_WORKERS, ShardFeeder, ShardPlan, is_shard_source, open_shards, shard_images,
@@ -21,7 +22,7 @@ from maelab.errors import MaelabError
 from maelab.evaluate.knn import pretrain_knn_monitor
 from maelab.interop.mae_weights import model_meta
 from maelab.models.mae import MaskedAutoencoder
-from maelab.models.masking import check_mask_type
+from maelab.models.masking import check_mask_type, legacy_grid_run
 from maelab.train.loop import LoopResult, Trainer
 from maelab.train.budget import timed
 from maelab.train.checkpoint import read_meta
@@ -37,7 +38,11 @@ def run(cfg: PretrainConfig) -> LoopResult:
     kwargs = model_kwargs(cfg)
     torch.manual_seed(cfg.run.seed)
     model = MaskedAutoencoder(**kwargs)  # validates sizes before any file is written
-    check_mask_type(cfg.model.mask_type, model.grid, model.mask_ratio)
+    run_config = Path(cfg.run.out or ".").expanduser() / "config.yaml"  # a run to resume, if any
+    recorded = (load_yaml(run_config).get("model") or {}) if cfg.run.out and run_config.is_file() else {}
+    legacy_grid = legacy_grid_run(cfg.model.mask_type, model.mask_ratio, recorded)
+    if not legacy_grid:
+        check_mask_type(cfg.model.mask_type, model.grid, model.mask_ratio)
     with Session(cfg.run.device, cfg.run.precision) as s:
         run_dir, resume = s.run_folder(cfg.run, cfg.data.data, cfg.monitor.knn_data)
         workers = default_workers(cfg.data.num_workers)
@@ -80,7 +85,7 @@ def run(cfg: PretrainConfig) -> LoopResult:
             return {}
 
         task = PretrainTask(model, model_meta(cfg.model.model, kwargs), cfg.run.seed, cfg.optim.weight_decay,
-                            epoch_hook, cfg.model.mask_type)
+                            epoch_hook, cfg.model.mask_type, legacy_grid)
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
         cfg.model.img_size = list(model.img_size)  # config.yaml records the size the run trains at
         trainer = Trainer(task, feeder, cfg.optim, cfg.run, run_dir, s.info, s.device,

@@ -37,6 +37,19 @@ def grid_step(mask_ratio: float) -> int | None:
     return k if k >= 2 and abs(k * k * (1 - mask_ratio) - 1) < 0.01 else None
 
 
+def legacy_grid_run(kind: str, mask_ratio: float, recorded: dict) -> bool:
+    """Whether a run to resume began with grid masking at a ratio without a lattice (before such ratios
+    were refused): it continues with the masks it began with, said as a warning, rather than being lost."""
+    if kind != "grid" or grid_step(mask_ratio) is not None:
+        return False
+    if recorded.get("mask_type") != "grid" or recorded.get("mask_ratio") != mask_ratio:
+        return False
+    warnings.warn(f"this run began with --mask-type grid at --mask-ratio {mask_ratio:g}, before grid masking took "
+                  f"lattice ratios only ({GRID_RATIOS}); it resumes with the masks it began with (at ratios under "
+                  f"0.56 those are random masks), so its results are not a grid run's", stacklevel=2)
+    return True
+
+
 def check_mask_type(kind: str, grid: tuple[int, int], mask_ratio: float) -> None:
     """Grid masking needs a lattice ratio: at 0.5 the step rounded to 1 and the "grid" was random masking,
     and other ratios mixed a lattice with random patches, without a word. A grid the step does not divide
@@ -60,8 +73,9 @@ def check_mask_type(kind: str, grid: tuple[int, int], mask_ratio: float) -> None
 
 
 def mask_noise(kind: str, n: int, grid: tuple[int, int], mask_ratio: float, generator: torch.Generator,
-               device: torch.device | str = "cpu") -> torch.Tensor:
-    """(n, rows * cols) noise whose highest values are the patches to mask."""
+               device: torch.device | str = "cpu", legacy_grid: bool = False) -> torch.Tensor:
+    """(n, rows * cols) noise whose highest values are the patches to mask. ``legacy_grid``: the grid rule
+    of before lattice ratios were required (step ``round(1 / sqrt(1 - r))``), for a run that began with it."""
     if kind not in MASK_TYPES:
         raise MaelabError(f"mask type must be one of {', '.join(MASK_TYPES)}, got {kind!r}")
     rows, cols = grid
@@ -74,7 +88,7 @@ def mask_noise(kind: str, n: int, grid: tuple[int, int], mask_ratio: float, gene
     if kind == "block":
         preferred = _cover_with_blocks(n, rows, cols, to_mask, generator)
     else:
-        step = grid_step(mask_ratio)
+        step = max(1, round(1 / math.sqrt(max(1e-6, 1 - mask_ratio)))) if legacy_grid else grid_step(mask_ratio)
         if step is None:
             raise MaelabError(f"grid masking needs a ratio 1 - 1/k^2 ({GRID_RATIOS}), got {mask_ratio:g}")
         offsets = torch.randint(0, step, (n, 2, 1, 1), generator=generator, device=gen_device)

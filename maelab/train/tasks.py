@@ -23,9 +23,10 @@ class PretrainTask:
     process and each accumulation micro-step takes its rows of the same noise."""
 
     def __init__(self, model: MaskedAutoencoder, model_meta: dict[str, Any], seed: int, weight_decay: float,
-                 epoch_hook: Callable[[int, bool], dict[str, float]] | None = None, mask_type: str = "random"):
+                 epoch_hook: Callable[[int, bool], dict[str, float]] | None = None, mask_type: str = "random",
+                 legacy_grid: bool = False):
         self.model, self._meta, self.seed, self.weight_decay = model, model_meta, seed, weight_decay
-        self.mask_type = mask_type
+        self.mask_type, self.legacy_grid = mask_type, legacy_grid
         self.epoch_hook = epoch_hook
 
     def noise(self, batch: Batch) -> torch.Tensor:
@@ -35,7 +36,8 @@ class PretrainTask:
             full = torch.rand(batch.global_size, self.model.num_patches, generator=g, device=device)
         else:  # block / grid masks are drawn on the CPU (a few batched tensor ops), then moved
             g = make_generator(self.seed, 5, batch.epoch, batch.step)
-            full = mask_noise(self.mask_type, batch.global_size, self.model.grid, self.model.mask_ratio, g, device)
+            full = mask_noise(self.mask_type, batch.global_size, self.model.grid, self.model.mask_ratio, g, device,
+                              self.legacy_grid)
         return full[batch.offset : batch.offset + batch.images.shape[0]]
 
     def forward(self, runner: torch.nn.Module, batch: Batch):
