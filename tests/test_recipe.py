@@ -44,7 +44,8 @@ def test_the_quick_chain_on_a_tiny_subset(tmp_path):
     assert json.loads((tmp_path / "r" / "results.json").read_text())["minutes"] == res["minutes"]
     assert "pre-training" in again.stderr
     assert res["probe"] == {"epochs": 2, "base_lr": 4.0} and res["evaluated_images"] == {"train": 32, "val": 16}
-    assert res["pretrain_steps"] == 4 and res["finetune_steps"] == {"mae": 4, "scratch": 4}  # 1 epoch, 32 images, batch 8: from the logs
+    # 1 epoch of 32 images at batch 8, read from the logs (no budget planned them)
+    assert res["pretrain_steps"] == 4 and res["finetune_steps"] == {"mae": 4, "scratch": 4}
     assert res["command"] == "maelab recipe " + " ".join(args)  # quoted by the results page
     assert res["code"].startswith("maelab ")  # + the commit when it runs from a checkout
     changed = recipe(*args, "--probe-base-lr", "2", cwd=tmp_path)  # another probe in the same folder: refused

@@ -58,8 +58,9 @@ def check_mask_type(kind: str, grid: tuple[int, int], mask_ratio: float) -> None
         return
     k = grid_step(mask_ratio)
     if k is None:
-        raise SameOnEveryRank(f"--mask-type grid keeps one patch of every k x k, so its ratios are 1 - 1/k^2 ({GRID_RATIOS}, "
-                          f"...); --mask-ratio {mask_ratio:g} has no such lattice: use --mask-type random or block")
+        raise SameOnEveryRank(f"--mask-type grid keeps one patch of every k x k, so its ratios are 1 - 1/k^2 "
+                              f"({GRID_RATIOS}, ...); --mask-ratio {mask_ratio:g} has no such lattice: use --mask-type "
+                              f"random or block")
     rows, cols = grid
     length, lattice = rows * cols, (rows // k) * (cols // k)
     if not (rows % k or cols % k) and num_visible(length, mask_ratio) != lattice:
