@@ -533,7 +533,7 @@ def test_errors_and_warnings_of_the_settings_are_said_by_rank_0_alone(capsys, tm
 
 
 @pytest.mark.parametrize("argv, said", [
-    (["pretrain", "--budget", "-5m"], "--budget '-5m' is not a duration"),
+    (["pretrain", "--budget", "-5m"], "--budget must be longer than zero, got '-5m'"),
     (["pretrain", "--base-lr", "-1e-3"], "--base-lr must be positive, got -0.001"),
     (["knn", "--init", "none", "--temperature", "-.5"], "--temperature > 0, got 20, -0.5"),
     (["segment", "train", "--init", "none", "--base-lr", "-2e-4"], "--base-lr must be positive"),

@@ -315,8 +315,8 @@ def test_boxes_that_reach_past_their_image_are_counted_for_each_split(coco, tmp_
     with pytest.warns(UserWarning) as said:
         load_train_val(cfg, 0)
     messages = [str(w.message) for w in said]
-    assert any("of the training boxes, 1 reaches more than a pixel past its image and 2 have no area inside it; "
-               "training clips" in m for m in messages), messages
+    assert any("of the training boxes, 1 reaches more than a pixel past its image and 2 have no area inside its "
+               "image; training clips" in m for m in messages), messages
     assert any("of the validation boxes, 1 reaches" in m and "they are scored as written (the COCO protocol)" in m
                for m in messages), messages
     anns[0]["bbox"] = [-0.5, 2.0, 20.0, 5.0]  # float rounding past the edge: matches its clipped self, not counted

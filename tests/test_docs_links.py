@@ -49,3 +49,17 @@ def test_every_relative_link_of_the_readme_and_the_docs_resolves():
             if not re.match(r"[a-z]+:", link) and not (page.parent / link).exists():
                 broken.append(f"{page.relative_to(REPO)}: {link}")
     assert len(pages) > 5 and not broken, broken
+
+
+def test_the_detection_results_script_keeps_the_pages_own_description():
+    """`python scripts/detection_results.py` rewrote docs/transfer_detection.md from its own copy of the
+    description above the results, undoing every edit made to the page since that copy was written."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("detection_results", repo / "scripts" / "detection_results.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    page = repo / "docs" / "transfer_detection.md"
+    kept = "\n".join(["## Detection", "", script.usage(page), "### Results at CPU scale (coco128)"])
+    assert page.read_text().startswith(kept)

@@ -126,6 +126,9 @@ def test_a_ratio_that_would_hide_every_patch_says_the_ratio_that_runs():
         warnings.simplefilter("error")
         MaskedAutoencoder(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
                           decoder_depth=1, decoder_num_heads=2, mask_ratio=0.98)  # 1 of 64 visible: as asked
+        # 0.9 of 10 patches keeps exactly one: int(10 * (1 - 0.9)) is 0 by float rounding, but nothing changes
+        MaskedAutoencoder(img_size=(8, 20), patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16,
+                          decoder_depth=1, decoder_num_heads=2, mask_ratio=0.9)
 
 
 def test_a_grid_run_begun_at_a_ratio_without_a_lattice_still_resumes(cifar_tiny, tmp_path):

@@ -98,7 +98,7 @@ def warn_beyond(data: CocoData, split: str) -> None:
     if not clipped + dropped:
         return
     parts = ([f"{clipped} reach{'es' if clipped == 1 else ''} more than a pixel past its image"] if clipped else []) + \
-        ([f"{dropped} ha{'s' if dropped == 1 else 've'} no area inside it"] if dropped else [])
+        ([f"{dropped} ha{'s' if dropped == 1 else 've'} no area inside its image"] if dropped else [])
     what = f"of the {split} boxes, " + " and ".join(parts)
     if split == "training":
         warn_for_job(f"{data.ann_file}: {what}; training clips such boxes to the image and leaves out those with no "

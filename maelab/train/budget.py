@@ -111,6 +111,8 @@ def timed_sample(run: Callable[[list[int]], Any], total: int, sample: int = SAMP
 def parse_duration(text: str, flag: str = "--budget") -> float:
     """``"90s"``, ``"30m"``, ``"2h"``, ``"1h30m"``, ``"1.5h"`` -> seconds; ``flag`` names it in an error."""
     s = str(text).strip().lower().replace(" ", "")
+    if s.startswith("-") and len(s) > 1:  # "-5m" is a duration, a negative one
+        raise MaelabError(f"{flag} must be longer than zero, got {text!r}")
     parts = _PART.findall(s)
     if not s or "".join(n + u for n, u in parts) != s:
         raise MaelabError(f"{flag} {text!r} is not a duration: use a number with a unit, e.g. 90s, 30m, 2h, 1h30m")
