@@ -21,7 +21,8 @@ from maelab import __version__
 from maelab.commands import COMMANDS, load, options_of
 from maelab.config import add_config_args, config_from_args
 from maelab.data.workers import kill_orphaned_workers
-from maelab.errors import MaelabError, RunInterrupted, Terminated, is_disk_full, megabytes, said_by_this_rank
+from maelab.errors import (MaelabError, RunInterrupted, Terminated, is_disk_full, megabytes, rank_zero,
+                           said_by_this_rank)
 
 CONFIG_NOTE = " Every flag is a config field; --config loads a YAML preset first (flags override it)."
 
@@ -202,11 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of the output went away (`maelab ... | head`): stop quietly, as shell tools do
         return _output_closed()
     except Terminated:
-        if os.environ.get("RANK", "0") == "0":
+        if rank_zero():
             print(f"maelab: stopped by SIGTERM {_stopped_where(args)}", file=sys.stderr)
         return 128 + signal.SIGTERM
     except RunInterrupted as e:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        if rank_zero():  # under torchrun, rank 0 speaks for the run
             print(f"maelab: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except MaelabError as e:

@@ -8,6 +8,7 @@ import errno
 import os
 import signal
 import warnings
+from contextlib import contextmanager
 
 
 class MaelabError(Exception):
@@ -30,20 +31,37 @@ def joining_job() -> None:
     _Job.joining = True
 
 
+def rank_zero() -> bool:
+    """Whether this is the first process of a torchrun job (or the only process)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+@contextmanager
+def same_on_every_rank():
+    """Errors raised inside become :class:`SameOnEveryRank`: for reading what every process reads alike
+    (a dataset's files), so a torchrun job says a bad file once, not once per process."""
+    try:
+        yield
+    except SameOnEveryRank:
+        raise
+    except MaelabError as e:
+        raise SameOnEveryRank(str(e)) from None
+
+
 def said_by_this_rank(error: Exception | None = None) -> bool:
     """Whether this process says ``error`` (None: a warning): every process its own, except what every
     process meets alike: a :class:`SameOnEveryRank` error, said by rank 0 alone; and anything before the
     group is joined, which depends on the settings and on what the node holds (a --config file, its CPU
     count), said by each node's first process (rank 0 alone would hide a file missing on another node)."""
     if isinstance(error, SameOnEveryRank):
-        return os.environ.get("RANK", "0") == "0"
+        return rank_zero()
     return _Job.joining or os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def warn_for_job(message: str, stacklevel: int = 2) -> None:
     """A warning that every process of a torchrun job would give alike (it depends only on the settings and
     the data): given by rank 0 alone, so the job says it once."""
-    if os.environ.get("RANK", "0") == "0":
+    if rank_zero():
         warnings.warn(message, stacklevel=stacklevel + 1)
 
 

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from maelab.errors import MaelabError
-from maelab.interop.encoders import read_classifier
+from maelab.interop.encoders import img_size_arg, read_classifier
 from maelab.interop.formats import size_record
 from maelab.interop.huggingface import is_vit_mae_folder, save_hf_pretrained
 from maelab.interop.mae_weights import load_mae, require_decoder, save_mae
@@ -27,18 +27,10 @@ from maelab.io import save_weights
 
 def run(args: argparse.Namespace) -> Path:
     out = convert(args.src, args.out, args.to, args.global_pool, args.hf_naming, not args.encoder_only, args.num_heads,
-                  image_size(args.img_size))
+                  img_size_arg(args.img_size))
     added = out.name != Path(args.out).expanduser().name
     print(f"wrote {out}" + (f" ({out.suffix} added: {args.out} had no file extension)" if added else ""))
     return out
-
-
-def image_size(img_size: list[int] | None) -> tuple[int, int] | None:
-    if img_size is None:
-        return None
-    if len(img_size) not in (1, 2) or min(img_size) < 1:
-        raise MaelabError(f"--img-size takes one side or height and width, positive, got {' '.join(map(str, img_size))}")
-    return (img_size[0], img_size[-1])
 
 
 TARGETS = ("maelab", "official", "timm", "hf")

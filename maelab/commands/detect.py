@@ -30,7 +30,7 @@ from maelab.data.loader import StepPlan
 from maelab.data.lsj import check_scale_range
 from maelab.data.splits import warn_if_training_split
 from maelab.data.workers import default_workers
-from maelab.errors import MaelabError, SameOnEveryRank, warn_for_job
+from maelab.errors import MaelabError, same_on_every_rank, warn_for_job
 from maelab.interop.encoders import resolve_encoder
 from maelab.io import check_output_file, write_json
 from maelab.train.budget import timed_sample
@@ -155,12 +155,8 @@ def train(cfg) -> dict[str, Any]:
     m, d, r = cfg.model, cfg.data, cfg.run
     with Session(r.device, r.precision, r.seed) as s:
         run_dir, resume = s.run_folder(r)
-        try:
+        with same_on_every_rank():  # every process reads the same files: under torchrun, said once
             train_all, val = load_train_val(d, r.seed)
-        except SameOnEveryRank:
-            raise
-        except MaelabError as e:  # every process reads the same files: under torchrun, said once
-            raise SameOnEveryRank(str(e)) from None
         train_data, skipped = training_images(train_all, d.empty_images)
         enc, arch, _ = resolve_encoder(argparse.Namespace(init=m.init, model=m.model, num_heads=m.num_heads,
                                                           img_size=[size, size]))

@@ -33,7 +33,7 @@ from maelab.data.segmentation import (SPECS, LabelSpec, SegAugment, SegList, Seg
                                       scan_segmentation)
 from maelab.data.splits import warn_if_training_split
 from maelab.data.workers import default_workers
-from maelab.errors import MaelabError, SameOnEveryRank
+from maelab.errors import MaelabError, same_on_every_rank
 from maelab.interop.encoders import resolve_encoder
 from maelab.io import atomic_path, check_output_file, check_writable_folder, read_weights, write_json
 from maelab.models.checks import pair
@@ -81,12 +81,8 @@ def split_items(data: SegDataConfig, spec: LabelSpec, which: str, seed: int) -> 
     if not data.data:
         raise MaelabError("--data is required: the dataset root (CamVid or ADE20K layout)")
     name = (data.train_split if which == "train" else data.val_split) or spec.splits[0 if which == "train" else 1]
-    try:
+    with same_on_every_rank():  # every process scans the same files: under torchrun, said once
         return scan_segmentation(data.data, name, spec, data.limit_images, seed)
-    except SameOnEveryRank:
-        raise
-    except MaelabError as e:  # every process scans the same files: under torchrun, said once
-        raise SameOnEveryRank(str(e)) from None
 
 
 def inference_settings(ev: SegEvalConfig, crop: tuple[int, int], base_size: int | None) -> dict[str, Any]:

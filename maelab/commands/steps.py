@@ -29,6 +29,7 @@ from maelab.io import write_json
 from maelab.models.mae import MaskedAutoencoder
 from maelab.models.masking import check_mask_type
 from maelab.train.precision import native_bf16
+from maelab.viz.curves import read_metrics
 
 
 def check_buildable(cfg: PretrainConfig) -> None:
@@ -417,19 +418,11 @@ def steps_taken(run: Path) -> int | None:
     planned = recorded_optim(run).get("max_steps")
     if planned:
         return int(planned)
-    last = None
     try:
-        with open(run / "metrics.jsonl") as f:
-            for line in f:
-                try:
-                    step = json.loads(line).get("step")
-                except ValueError:  # a line cut by a crash: the others still count
-                    continue
-                if isinstance(step, int):
-                    last = step if last is None else max(last, step)
-    except OSError:
+        records = read_metrics(run / "metrics.jsonl")  # a line cut by a crash is skipped, the others count
+    except MaelabError:
         return None
-    return last
+    return max((r["step"] for r in records if isinstance(r.get("step"), int)), default=None)
 
 
 def length_flags(budget: str | None, epochs: int | None) -> list[str]:

@@ -179,15 +179,30 @@ def check_sizes(images: list[CocoImage], ann_file: Path) -> None:
                           f"and masks would not line up")
 
 
+def usable_segmentation(seg: Any) -> list | dict | None:
+    """The part of a COCO segmentation a mask comes from: an RLE, or the polygons of at least 3 points;
+    None when there is none (the box is the mask then, in training and in scoring alike)."""
+    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        return seg
+    polygons = [p for p in seg if isinstance(p, list) and len(p) >= 6] if isinstance(seg, list) else []
+    return polygons or None
+
+
+def box_inside(bbox: Any, height: int, width: int) -> tuple[float, float, float, float] | None:
+    """A COCO box ``[x, y, w, h]`` clipped to its image as ``(x1, y1, x2, y2)``, or None when no area of it
+    is inside: what training takes from it."""
+    x, y, bw, bh = (float(v) for v in bbox)
+    x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + bw, width), min(y + bh, height)
+    return (x1, y1, x2, y2) if x2 - x1 > 0 and y2 - y1 > 0 else None
+
+
 def decode_mask(seg: Any, height: int, width: int, where: str) -> np.ndarray | None:
     """(height, width) uint8 mask of a COCO segmentation (polygons, RLE with string or list counts), or
     None when there is none."""
+    seg = usable_segmentation(seg)
     if isinstance(seg, list):
-        polygons = [p for p in seg if isinstance(p, list) and len(p) >= 6]
-        if not polygons:
-            return None
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+    elif seg is not None:
         if [int(v) for v in seg["size"]] != [height, width]:
             raise MaelabError(f"{where}: its RLE mask is {seg['size'][1]}x{seg['size'][0]} but the image is "
                               f"{width}x{height}")
@@ -206,10 +221,10 @@ def instance_targets(image: CocoImage, data: CocoData) -> dict[str, torch.Tensor
     for ann in image.anns:
         if ann.get("iscrowd", 0):
             continue
-        x, y, bw, bh = (float(v) for v in ann["bbox"])
-        x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + bw, w), min(y + bh, h)
-        if x2 - x1 <= 0 or y2 - y1 <= 0:
+        box = box_inside(ann["bbox"], h, w)
+        if box is None:
             continue
+        x1, y1, x2, y2 = box
         where = f"{data.ann_file}: annotation {ann.get('id', '?')} of image {image.id}"
         m = decode_mask(ann.get("segmentation"), h, w, where)
         if m is None:
@@ -236,7 +251,7 @@ def boxes_beyond(data: CocoData) -> tuple[int, int]:
             if ann.get("iscrowd", 0):
                 continue
             x, y, bw, bh = (float(v) for v in ann["bbox"])
-            if min(x + bw, image.width) - max(x, 0.0) <= 0 or min(y + bh, image.height) - max(y, 0.0) <= 0:
+            if box_inside(ann["bbox"], image.height, image.width) is None:
                 dropped += 1
             elif min(x, y) < -BEYOND_PX or x + bw > image.width + BEYOND_PX or y + bh > image.height + BEYOND_PX:
                 clipped += 1
@@ -245,9 +260,8 @@ def boxes_beyond(data: CocoData) -> tuple[int, int]:
 
 def has_targets(image: CocoImage) -> bool:
     """Whether an image has an annotation a training target comes from (not a crowd, a box with area)."""
-    return any(not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0
-               and a["bbox"][0] < image.width and a["bbox"][1] < image.height
-               and a["bbox"][0] + a["bbox"][2] > 0 and a["bbox"][1] + a["bbox"][3] > 0 for a in image.anns)
+    return any(not a.get("iscrowd", 0) and box_inside(a["bbox"], image.height, image.width) is not None
+               for a in image.anns)
 
 
 def training_images(data: CocoData, empty: str) -> tuple[CocoData, int]:

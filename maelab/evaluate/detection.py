@@ -19,6 +19,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from maelab.data.coco import usable_segmentation
+
 AP_KEYS = ("AP", "AP50", "AP75")  # COCOeval.stats[0:3]
 
 
@@ -80,12 +82,11 @@ def ground_truth(dataset: dict[str, Any], image_ids: list[int] | None = None) ->
 def scored_segmentation(ann: dict[str, Any], bbox: list[float]) -> Any:
     """An annotation's segmentation as pycocotools can score it: its polygons of at least 3 points, its
     RLE, or (none usable, as training decides) the box as a polygon."""
-    seg = ann.get("segmentation")
-    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
+    seg = usable_segmentation(ann.get("segmentation"))
+    if isinstance(seg, list):
+        return [[float(v) for v in p] for p in seg]
+    if seg is not None:
         return seg
-    polygons = [[float(v) for v in p] for p in seg if isinstance(p, list) and len(p) >= 6] if isinstance(seg, list) else []
-    if polygons:
-        return polygons
     x, y, w, h = bbox
     return [[x, y, x + w, y, x + w, y + h, x, y + h]]
 

@@ -194,7 +194,8 @@ def img_size_arg(img_size: list[int] | None) -> tuple[int, int] | None:
     if not img_size:
         return None
     if len(img_size) not in (1, 2) or min(img_size) < 1:
-        raise MaelabError(f"--img-size takes one or two positive numbers, got {img_size}")
+        raise MaelabError(f"--img-size takes one side or height and width, positive, got "
+                          f"{' '.join(map(str, img_size))}")
     return pair(img_size)
 
 

@@ -35,9 +35,14 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     return max(1, int(num_patches * (1 - mask_ratio)))
 
 
+def ratio_run(num_patches: int, mask_ratio: float) -> float:
+    """The share of patches a ratio hides once :func:`num_visible` has rounded (0.9 of 64 keeps 6: 0.906)."""
+    return 1 - num_visible(num_patches, mask_ratio) / num_patches
+
+
 def warn_if_one_is_kept(num_patches: int, mask_ratio: float) -> None:
     """A ratio that would hide every patch (0.999 of 64) keeps one visible: said, with the ratio that runs."""
-    ran = 1 - num_visible(num_patches, mask_ratio) / num_patches  # 0.9 of 10 keeps one: int(0.99999...) is 0
+    ran = ratio_run(num_patches, mask_ratio)  # 0.9 of 10 keeps one, though int(10 * (1 - 0.9)) is 0
     if num_patches > 1 and int(num_patches * (1 - mask_ratio)) < 1 and abs(ran - mask_ratio) > 1e-9:
         warnings.warn(f"mask ratio {mask_ratio:g} would hide all {num_patches} patches; one stays visible (the encoder "
                       f"needs a token), so the ratio that runs is {1 - 1 / num_patches:.4g}", stacklevel=3)

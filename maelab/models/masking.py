@@ -29,11 +29,16 @@ from maelab.models.checks import num_visible
 GRID_RATIOS = "0.75, 0.8888888888888888, 0.9375"  # 1 - 1/k^2 for k = 2, 3, 4 (8/9 in full: 0.889 keeps too few)
 
 
+def nearest_step(mask_ratio: float) -> int:
+    """The lattice step whose 1 - 1/k^2 is nearest ``mask_ratio`` (at least 1)."""
+    return max(1, round(1 / math.sqrt(max(1e-6, 1 - mask_ratio))))
+
+
 def grid_step(mask_ratio: float) -> int | None:
     """k when ``mask_ratio`` is 1 - 1/k^2 (k >= 2; to 1 %, so 0.889 is 8/9), else None."""
     if not 0 <= mask_ratio < 1:
         return None
-    k = round(1 / math.sqrt(1 - mask_ratio))
+    k = nearest_step(mask_ratio)
     return k if k >= 2 and abs(k * k * (1 - mask_ratio) - 1) < 0.01 else None
 
 
@@ -62,10 +67,10 @@ def check_mask_type(kind: str, grid: tuple[int, int], mask_ratio: float) -> None
                               f"({GRID_RATIOS}, ...); --mask-ratio {mask_ratio:g} has no such lattice: use --mask-type "
                               f"random or block")
     rows, cols = grid
-    length, lattice = rows * cols, (rows // k) * (cols // k)
-    if not (rows % k or cols % k) and num_visible(length, mask_ratio) != lattice:
+    length, lattice, kept = rows * cols, (rows // k) * (cols // k), num_visible(rows * cols, mask_ratio)
+    if not (rows % k or cols % k) and kept != lattice:
         raise SameOnEveryRank(f"--mask-type grid at --mask-ratio {mask_ratio:g} keeps int({length} x (1 - {mask_ratio:g})) "
-                              f"= {num_visible(length, mask_ratio)} patches, but the {k}x{k} lattice of the {rows}x{cols} "
+                              f"= {kept} patches, but the {k}x{k} lattice of the {rows}x{cols} "
                               f"grid has {lattice}: give --mask-ratio {1 - 1 / k**2!r}")
     if rows % k or cols % k:
         warnings.warn(f"--mask-type grid at --mask-ratio {mask_ratio:g} keeps one patch of every {k}x{k}, but the "
@@ -89,7 +94,7 @@ def mask_noise(kind: str, n: int, grid: tuple[int, int], mask_ratio: float, gene
     if kind == "block":
         preferred = _cover_with_blocks(n, rows, cols, to_mask, generator)
     else:
-        step = max(1, round(1 / math.sqrt(max(1e-6, 1 - mask_ratio)))) if legacy_grid else grid_step(mask_ratio)
+        step = nearest_step(mask_ratio) if legacy_grid else grid_step(mask_ratio)
         if step is None:
             raise MaelabError(f"grid masking needs a ratio 1 - 1/k^2 ({GRID_RATIOS}), got {mask_ratio:g}")
         offsets = torch.randint(0, step, (n, 2, 1, 1), generator=generator, device=gen_device)

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from maelab.data.folders import load_images
 from maelab.data.transforms import denormalize
 from maelab.errors import MaelabError
-from maelab.models.checks import num_visible
+from maelab.models.checks import ratio_run
 from maelab.models.masking import grid_step, mask_noise
 from maelab.viz.curves import save_figure_atomic
 
@@ -71,14 +71,11 @@ def reconstruct(model, images: torch.Tensor, mask_ratio: float, seed: int = 0,
     imgs = images.detach().to(device=device, dtype=torch.float32)  # full precision for display
     images = imgs.to(dtype)
     model._check_input(images)
-    n, length = images.shape[0], model.num_patches
+    n = images.shape[0]
 
-    if mask_type == "random":
-        gen = torch.Generator(device=device)
-        gen.manual_seed(int(seed))
-        noise = torch.rand(n, length, generator=gen, device=device)
-    else:  # block / grid masks, as the run that trained with them drew them (on the CPU)
-        noise = mask_noise(mask_type, n, model.grid, mask_ratio, torch.Generator().manual_seed(int(seed)), device)
+    # random noise is drawn on the model's device; block / grid masks on the CPU, as training draws them
+    gen = torch.Generator(device=device if mask_type == "random" else "cpu").manual_seed(int(seed))
+    noise = mask_noise(mask_type, n, model.grid, mask_ratio, gen, device)
 
     was_training = model.training
     model.eval()
@@ -115,7 +112,7 @@ def reconstruct(model, images: torch.Tensor, mask_ratio: float, seed: int = 0,
 def _ratio_label(r: float, num_patches: int) -> str:
     """The share of patches the picture hides: "75%", "90.6%" (0.9 of 64 keeps 6); "(75% asked)" beside it
     when the two are a point or more apart (0.75 of 10 patches keeps 2: 80%; 0.9 of 4 keeps one: 75%)."""
-    ran, asked = 100 * (1 - num_visible(num_patches, r) / num_patches), 100 * r
+    ran, asked = 100 * ratio_run(num_patches, r), 100 * r
     return f"{ran:.3g}%" + (f" ({asked:.4g}% asked)" if abs(ran - asked) >= 1 else "")
 
 
