@@ -119,14 +119,43 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     return removed
 
 
+def _remove_killed_writes(folder: Path, name: str) -> None:
+    """Remove what a killed writer of ``name`` left in ``folder`` (its scratch folder, with the safetensors
+    writer's own hidden temp file of the whole weights inside, or its temp file): only entries named by
+    :func:`temp_prefix` for this very name whose process is gone, so a user's own hidden files are never touched."""
+    own = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.[^.]+\.(d|tmp)$")
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = own.match(p.name)
+        if not m or _alive(int(m.group(1))) or p.is_symlink():
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
 @contextmanager
-def atomic_path(path: str | Path):
+def atomic_path(path: str | Path, scratch_folder: bool = False):
     """Yield a temp path beside ``path`` to write to; on success fsync it and rename it over
-    ``path`` (then fsync the folder); on any failure remove it. Readers never see a partial file."""
+    ``path`` (then fsync the folder); on any failure remove it. Readers never see a partial file.
+
+    ``scratch_folder``: the temp path lies in a hidden folder of its own, named for this process. For
+    writers that make temp files of their own beside their target (safetensors does, unnamed): a SIGKILL
+    then leaves one folder that the next write of ``path`` knows as a dead process's and removes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
-    os.close(fd)
+    box = None
+    if scratch_folder:
+        _remove_killed_writes(path.parent, path.name)
+        box = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".d"))
+        tmp = str(box / path.name)
+    else:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
+        os.close(fd)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -137,6 +166,9 @@ def atomic_path(path: str | Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        if box is not None:
+            shutil.rmtree(box, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -152,7 +184,7 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor], metadata
     """Weights as safetensors, atomically; ``metadata`` (JSON-able) goes into the header under ``maelab``."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     header = {"maelab": json.dumps(metadata)} if metadata else None
-    with atomic_path(path) as tmp:
+    with atomic_path(path, scratch_folder=True) as tmp:
         save_file(tensors, tmp, metadata=header)
 
 

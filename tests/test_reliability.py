@@ -258,6 +258,42 @@ def test_temp_checkpoints_a_killed_run_left_are_removed_and_live_ones_kept(capsy
         live.wait()
 
 
+KILLED_WRITER = """
+import os, signal, sys, torch
+from safetensors.torch import save_file
+from maelab.io import atomic_path
+with atomic_path(sys.argv[1], scratch_folder=True) as tmp:
+    save_file({"w": torch.zeros(10)}, tmp)
+    # what safetensors keeps beside its target while it writes (its own unnamed temp file)
+    open(os.path.join(os.path.dirname(tmp), ".tmpab12cd"), "wb").write(b"half of a big model")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_weights_a_killed_writer_left_are_removed_by_the_next_write_and_nothing_else(tmp_path):
+    import torch
+    from maelab.io import read_weights, save_weights
+
+    out = tmp_path / "out.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    left = [p for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].name.startswith(".out.safetensors.") and (left[0] / ".tmpab12cd").exists()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        users = [tmp_path / ".out.safetensors.bak", tmp_path / f".out.safetensors.{live.pid}.q1w2e3r4.d",
+                 tmp_path / ".other.safetensors.99999999.q1w2e3r4.d"]  # another file's: not this write's to remove
+        for p in users:
+            p.mkdir()
+        save_weights(out, {"w": torch.ones(3)})
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, *(p.name for p in users)])
+        assert read_weights(out)[0]["w"].sum() == 3
+    finally:
+        live.kill()
+        live.wait()
+
+
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("maelab: error: ")]

@@ -468,7 +468,7 @@ def save_hf_pretrained(model: nn.Module, directory: str | os.PathLike, naming: s
     # the old weights, which loaded as a model that never existed
     # (the weights, inner, are synced and renamed first: the config's small sync is all that lies between)
     with atomic_path(os.path.join(directory, "config.json")) as config_file, \
-            atomic_path(os.path.join(directory, "model.safetensors")) as weights:
+            atomic_path(os.path.join(directory, "model.safetensors"), scratch_folder=True) as weights:
         config.to_json_file(config_file, use_diff=True)  # what save_pretrained writes
         save_file(sd, weights, metadata={"format": "pt"})  # whole file, umask permissions
     return directory

@@ -367,6 +367,6 @@ def save_official(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLik
     obj: dict[str, Any] = {"model": dict(state_dict)}
     if record is not None:
         obj[SIZE_KEY] = record
-    with atomic_path(path) as tmp:
+    with atomic_path(path, scratch_folder=True) as tmp:
         torch.save(obj, tmp)
     return path

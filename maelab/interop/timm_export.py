@@ -95,7 +95,7 @@ def save_timm_checkpoint(
               if isinstance(model, nn.Module) else None)
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_path(path) as tmp:  # never a half-written file; the umask's permissions
+    with atomic_path(path, scratch_folder=True) as tmp:  # never a half-written file; the umask's permissions
         save_file(sd, tmp, metadata={"format": "pt", "global_pool": global_pool, **(record_metadata(record) if record else {})})
     return path
 
@@ -120,7 +120,7 @@ def save_timm_classifier(
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, scratch_folder=True) as tmp:
         save_file(sd, tmp, metadata={"format": "pt", "global_pool": pool, "num_classes": str(num_classes),
                                      **record_metadata(size_record(arch["img_size"], arch["patch_size"],
                                                                    arch.get("norm_eps", 1e-6), heads=arch))})
