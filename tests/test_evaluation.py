@@ -129,6 +129,19 @@ def test_top5_is_reported_only_with_more_than_five_classes():
         assert (acc["knn_top5"] is None) == (top5 is None)
 
 
+def test_knn_top5_counts_only_classes_that_got_a_vote():
+    from maelab.evaluate.knn import knn_accuracy
+
+    # the bank holds classes 0 and 1 only; one query of each of the 10 classes, every one nearest to class 0
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    queries = torch.tensor([[1.0, 0.05]]).repeat(10, 1)
+    acc = knn_accuracy(bank, torch.tensor([0, 0, 1]), queries, torch.arange(10), num_classes=10, k=3)
+    # top-5 hits are the queries of classes 0 and 1; zero-vote classes (2..9) tie and used to fill the top-5
+    assert acc == {"knn_top1": 10.0, "knn_top5": 20.0}
+    acc = knn_accuracy(bank, torch.tensor([0, 0, 1]), queries, torch.arange(10), num_classes=10, k=1)
+    assert acc["knn_top5"] == acc["knn_top1"] == 10.0  # one neighbour: one guess
+
+
 def test_knn_vote_weighting_matches_hand_computation():
     from maelab.evaluate.knn import knn_scores
 
@@ -253,11 +266,12 @@ def test_cached_feature_probe_equals_running_the_encoder(dataset, mae_ckpt, tmp_
 
 
 # --- fine-tuning ----------------------------------------------------------------------------------
-def test_layer_decay_scales_follow_the_official_rule():
+@pytest.mark.parametrize("pool", ["avg", "token"])
+def test_layer_decay_scales_follow_the_official_rule(pool):
     from maelab.models.vit import build_vit, vit_arch
     from maelab.train.optim import layer_decay_groups
 
-    model = build_vit(vit_arch(TINY), num_classes=5, global_pool="avg")
+    model = build_vit(vit_arch(TINY), num_classes=5, global_pool=pool)
     scale, decay = {}, {}
     for g in layer_decay_groups(model, 0.05, 0.5):
         for p in g["params"]:
@@ -268,9 +282,13 @@ def test_layer_decay_scales_follow_the_official_rule():
     assert scale[named["pos_embed"]] == 0.5 ** (depth + 1)
     for i in range(depth):
         assert scale[named[f"blocks.{i}.attn.qkv.weight"]] == 0.5 ** (depth - i)
-    assert scale[named["head.weight"]] == scale[named["fc_norm.weight"]] == 1.0
+    # the head and the norm before it (fc_norm after the mean pool, the final norm of the cls token) at 1, as
+    # in the official param_groups_lrd: timm's grouping put the final norm in the last block's layer
+    final_norm = "fc_norm" if pool == "avg" else "norm"
+    assert scale[named["head.weight"]] == scale[named[f"{final_norm}.weight"]] == scale[named[f"{final_norm}.bias"]] == 1.0
+    assert set(scale.values()) == {0.5 ** k for k in range(depth + 2)}
     assert decay[named["head.weight"]] == 0.05 and decay[named["blocks.0.mlp.fc1.weight"]] == 0.05
-    for name in ("head.bias", "fc_norm.weight", "blocks.1.norm1.bias", "cls_token", "pos_embed"):
+    for name in ("head.bias", f"{final_norm}.weight", "blocks.1.norm1.bias", "cls_token", "pos_embed"):
         assert decay[named[name]] == 0.0, name
 
 

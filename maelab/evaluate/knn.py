@@ -52,11 +52,12 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feat
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
                  query_labels: torch.Tensor, num_classes: int, k: int = 20, temperature: float = 0.07,
                  chunk: int = 512) -> dict[str, float]:
-    """Top-1 / top-5 (percent) of weighted kNN; top-5 is None for 5 classes or fewer (always 100 there)."""
+    """Top-1 / top-5 (percent) of weighted kNN; top-5 is None for 5 classes or fewer (always 100 there),
+    and counts only classes that got a vote (with k = 1 it equals top-1)."""
     if query_feats.shape[0] == 0:
         raise MaelabError("kNN needs at least one query image")
     scores = knn_scores(train_feats, train_labels, query_feats, num_classes, k, temperature, chunk)
-    correct = topk_correct(scores, query_labels.to(scores.device), (1, 5))
+    correct = topk_correct(scores, query_labels.to(scores.device), (1, 5), votes=True)
     n = query_feats.shape[0]
     return {"knn_top1": 100.0 * float(correct[1]) / n, "knn_top5": top5_percent(float(correct[5]), n, num_classes)}
 

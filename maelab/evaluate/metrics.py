@@ -11,13 +11,18 @@ import torch.nn.functional as F
 from maelab.train.precision import autocast
 
 
-def topk_correct(scores: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, torch.Tensor]:
+def topk_correct(scores: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5),
+                 votes: bool = False) -> dict[int, torch.Tensor]:
     """Number of rows whose target is among the ``k`` highest scores, per ``k`` (capped by the number
     of classes, so top-5 of a 3-class problem is top-3; reports leave top-k out when ``k`` >= the number
-    of classes, see :func:`top5_percent`)."""
+    of classes, see :func:`top5_percent`). ``votes``: the scores are kNN votes, and a class with none is
+    no guess: with fewer voted classes than ``k`` (k = 1, or a class the bank lacks) the zero-vote ties
+    used to fill the top-k in topk's order and count as hits."""
     num_classes = scores.shape[1]
-    top = scores.topk(min(max(ks), num_classes), dim=1).indices
+    values, top = scores.topk(min(max(ks), num_classes), dim=1)
     hit = top.eq(targets.view(-1, 1))
+    if votes:
+        hit &= values > 0
     return {k: hit[:, : min(k, num_classes)].any(dim=1).sum() for k in ks}
 
 

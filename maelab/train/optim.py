@@ -75,7 +75,27 @@ def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay:
     ``layer_decay ** (depth + 1)``, the head and its norm 1. ``set_lr`` applies ``lr_scale``. No weight
     decay on 1-D parameters, tokens and position embeddings."""
     no_decay = set(NO_DECAY) | set(getattr(model, "no_weight_decay", lambda: ())())
-    return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
+    view = _FinalNormOnTop(model) if hasattr(model, "group_matcher") else model
+    return param_groups_layer_decay(view, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
+
+
+class _FinalNormOnTop:
+    """A model's grouping for layer decay with its final ``norm`` beside the head (scale 1), as in BEiT and
+    the MAE fine-tuning: timm's ViT ``group_matcher`` puts it in the last block's layer, so with the cls
+    token pool (where that norm is a LayerNorm, not an identity) it trained at ``layer_decay`` x the lr."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def named_parameters(self, *args, **kwargs):
+        return self.model.named_parameters(*args, **kwargs)
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        matcher = dict(self.model.group_matcher(coarse))
+        blocks = matcher.get("blocks")
+        if isinstance(blocks, (list, tuple)):  # [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]: drop the second
+            matcher["blocks"] = [rule for rule in blocks if not (isinstance(rule, tuple) and rule[0] == r"^norm")]
+        return matcher
 
 
 def lars_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
