@@ -277,6 +277,17 @@ def test_a_budget_run_re_plans_and_records_the_plan(cifar_tiny, tmp_path, monkey
     assert "re-planned at step 4" in capfd.readouterr().err
 
 
+def test_a_re_plan_that_fits_no_more_steps_ends_the_run_there(cifar_tiny, tmp_path, monkeypatch):
+    """With no time left at a check, one step more used to be added anyway: past the budget, and (after a
+    plan already over) at a fresh warm-up's learning rate 0, so it changed nothing."""
+    fix_plan(monkeypatch, 12, replan=True)
+    monkeypatch.setattr(loop, "fit_steps", lambda available, step_s, per_epoch, epoch_s, done, epochs: done)
+    result = run_pretrain(cfg_for(cifar_tiny, tmp_path / "r", budget="10m"))
+    assert result.global_step == 4  # the first check, at step 4: nothing more fits
+    recorded = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["optim"]
+    assert (recorded["plan_history"], recorded["max_steps"]) == ([12, 4, 4], 4)
+
+
 def test_a_run_resumed_after_a_re_plan_takes_the_same_steps(cifar_tiny, tmp_path, monkeypatch):
     replanned(monkeypatch, 10)
     run_pretrain(cfg_for(cifar_tiny, tmp_path / "reference", budget="10m"))

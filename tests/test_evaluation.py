@@ -601,6 +601,46 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(dataset, mae_ckpt, tmp_path
     assert "the step's preset sets the warm-up: more epochs for this step, or a budget" in capsys.readouterr().err
 
 
+def test_a_resume_that_would_change_what_the_head_means_is_refused(dataset, mae_ckpt, tmp_path, capsys):
+    """A fine-tune resumed after a class folder was renamed went on with output 1 meaning another class; a
+    probe resumed with --init a run that had trained on in the meantime finished its head on other features."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    ft = ["finetune", "--init", str(mae_ckpt), "--data", str(data / "train"), "--batch-size", "6",
+          "--warmup-epochs", "0", "--out", str(tmp_path / "ft"), *QUIET]
+    assert main([*ft, "--epochs", "1"]) == 0
+    for split in ("train", "test"):
+        (data / split / "class1").rename(data / split / "zebra")
+    assert "was trained on 3 classes and the data now has 3 that differ (gone: class1; new: zebra)" in _error(
+        capsys, [*ft, "--epochs", "2"])
+    for split in ("train", "test"):
+        (data / split / "zebra").rename(data / split / "class1")
+    assert main([*ft, "--epochs", "2"]) == 0
+
+    run = tmp_path / "pretraining"  # `--init` a run that saves a newer checkpoint before the probe resumes
+
+    def checkpoint(name):
+        (run / "checkpoints" / name).mkdir(parents=True)
+        shutil.copy(mae_ckpt, run / "checkpoints" / name / "model.safetensors")
+        for file in ("meta.json", "state.pt"):
+            (run / "checkpoints" / name / file).write_text("{}")
+        (run / "checkpoints" / "latest").write_text(name)
+        return (run / "checkpoints" / name / "model.safetensors").resolve()
+
+    first = checkpoint("epoch_0001")
+    lp = ["linprobe", "--init", str(run), "--data", str(data / "train"), "--batch-size", "6",
+          "--warmup-epochs", "0", "--out", str(tmp_path / "lp"), *QUIET]
+    assert main([*lp, "--epochs", "1"]) == 0
+    newer = checkpoint("epoch_0003")
+    msg = _error(capsys, [*lp, "--epochs", "2"])
+    assert f"trained on the features of {first}, and --init now gives {newer}" in msg, msg
+    assert f"Start over with another --out, with --init {first.parent} to probe the encoder" in msg
+    (run / "checkpoints" / "latest").write_text("epoch_0001")
+    assert main([*lp, "--epochs", "2"]) == 0  # the same encoder again: resumes
+
+
 def test_linprobe_with_augmentation_end_to_end(dataset, mae_ckpt, tmp_path):
     out = tmp_path / "lp"
     assert main(["linprobe", "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--epochs", "1",
@@ -669,14 +709,29 @@ def test_features_of_a_flat_folder_over_labelled_ones_leave_no_stale_labels(data
     assert "holds a line break" in capsys.readouterr().err
 
 
-def test_pretrain_knn_monitor_logs_knn_accuracy(dataset, tmp_path):
+def test_pretrain_knn_monitor_logs_knn_accuracy(dataset, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
     out = tmp_path / "pt"
-    assert main(["pretrain", "--data", str(dataset / "train"), "--model", "mae_vit_tiny_patch4", "--img-size", "16",
-                 "--epochs", "1", "--batch-size", "12", "--knn-every", "1", "--knn-max", "10", "--vis-every", "0",
-                 "--out", str(out), *QUIET]) == 0
+    args = ["pretrain", "--data", str(data / "train"), "--model", "mae_vit_tiny_patch4", "--img-size", "16",
+            "--batch-size", "12", "--knn-every", "1", "--knn-max", "10", "--vis-every", "0", "--warmup-epochs", "0",
+            "--out", str(out), *QUIET]
+    assert main([*args, "--epochs", "1"]) == 0
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     summary = [r for r in rows if "knn_top1" in r]
     assert len(summary) == 1 and summary[0]["epoch"] == 1 and 0 <= summary[0]["knn_top1"] <= 100
+    # the query folder found beside --data is said and recorded, so a resume that finds another one says so
+    assert f"kNN monitor queries {data / 'test'} (the folder beside --data" in capsys.readouterr().out
+    assert yaml.safe_load((out / "config.yaml").read_text())["monitor"]["knn_data"] == str(data / "test")
+    shutil.copytree(data / "test", data / "val")
+    shutil.copy(data / "train" / "class0" / "000.png", data / "train" / "class0" / "extra.png")
+    assert main([*args, "--epochs", "2"]) == 0
+    captured = capsys.readouterr()
+    assert f"monitor.knn_data: '{data / 'test'}' -> '{data / 'val'}'" in captured.out + captured.err
+    # an image added between the runs: the run goes on, said (24 -> 25 images, the same 2 steps per epoch)
+    assert "was trained on 24 images and the data now has 25" in captured.err, captured.err
 
 
 def test_a_budget_plan_counts_the_knn_monitors_decoding_once_not_every_epoch(dataset, tmp_path, monkeypatch):

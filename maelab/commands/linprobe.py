@@ -16,6 +16,7 @@ The validation features never change (frozen encoder, fixed view), so they are a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -120,7 +121,8 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
             return evaluate_classifier(head, val_batches() if batches is None else batches, s.device, s.precision)
 
         meta = {"arch": "linprobe", "dim": arch["embed_dim"], "num_classes": num_classes, "classes": train.classes,
-                "global_pool": pool, "init": cfg.model.init, "encoder": describe(dict(arch, img_size=size))}
+                "global_pool": pool, "init": cfg.model.init, "encoder": describe(dict(arch, img_size=size)),
+                "encoder_weights": str(Path(enc.path).resolve()) if enc else None}  # a resume checks it
         task = LinprobeTask(head, None if cached else encoder, pool, meta,
                             lars_param_groups(head, cfg.optim.weight_decay), evaluate, cfg.run.seed, s.info.rank)
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)

@@ -65,7 +65,7 @@ def run(cfg: PretrainConfig) -> LoopResult:
             vis, titles, count = spread_sample(images, PICTURE_IMAGES, cfg.data.bad_files), None, len(images)
         model.to(s.device)
         bank = images if isinstance(images, ImageList) else shard_images(cfg.data.data) if cfg.monitor.knn_every else None
-        knn_monitor = pretrain_knn_monitor(cfg, bank, model.img_size, s.device, workers, s.precision)
+        knn_monitor = pretrain_knn_monitor(cfg, bank, model.img_size, s.device, workers, s.precision, s.is_main)
 
         def viewed():
             """The model for rank 0's pictures and kNN (a plain copy under FSDP; every rank calls this)."""

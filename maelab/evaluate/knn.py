@@ -98,7 +98,7 @@ class KnnMonitor:
 
 
 def pretrain_knn_monitor(cfg, images: ImageList, size: tuple[int, int], device: torch.device,
-                         num_workers: int = 0, precision: str = "fp32") -> KnnMonitor | None:
+                         num_workers: int = 0, precision: str = "fp32", say: bool = False) -> KnnMonitor | None:
     """The ``--knn-every`` monitor of `maelab pretrain` (None when off), checked before training starts:
     the bank is the (labelled) pre-training data, the queries ``--knn-data`` or a sibling val / test
     folder, each subsampled to ``--knn-max`` images."""
@@ -114,6 +114,11 @@ def pretrain_knn_monitor(cfg, images: ImageList, size: tuple[int, int], device: 
     if not queries_root:
         raise MaelabError(f"--knn-every needs labelled held-out images: pass --knn-data (no sibling val / test "
                           f"folder next to {cfg.data.data})")
+    if not m.knn_data:  # recorded in config.yaml: a resume that finds another folder says so among its changes
+        m.knn_data = str(queries_root)
+        if say:
+            print(f"maelab: kNN monitor queries {queries_root} (the folder beside --data; --knn-data chooses another)",
+                  flush=True)
     warn_if_training_split(cfg.data.data, queries_root, "kNN accuracy (--knn-data)",
                            "classified (each image finds itself)")
     queries = labelled_split(queries_root, cfg.data.bad_files, "kNN data")

@@ -19,6 +19,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,8 +196,9 @@ class Trainer:
         t0, s0, ends0 = self._clock
         step_s = (now - t0 - (sum(self._epoch_ends) - ends0)) / (self.global_step - s0)
         per_epoch = float(np.mean(self._epoch_ends)) if self._epoch_ends else d.per_epoch_s
-        total = max(self.global_step + 1, fit_steps(d.ends_at - now, step_s, self.steps_per_epoch, per_epoch,
-                                                    self.global_step, self.epoch))
+        # when not one more step fits, the run ends here (a step added then ran at a fresh warm-up's lr 0, past
+        # the budget)
+        total = fit_steps(d.ends_at - now, step_s, self.steps_per_epoch, per_epoch, self.global_step, self.epoch)
         total = int(reduce_values([total], self.info, self.device, dist.ReduceOp.MIN)[0])  # the slowest one's plan
         old = self.total_steps
         self._clock = (now, self.global_step, sum(self._epoch_ends))
@@ -275,6 +277,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
             "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
+            "images": getattr(getattr(self.feeder, "plan", None), "n", None),
             "rng": rng_state(), "epoch_loss_sum": self.epoch_partial[0], "epoch_steps": self.epoch_partial[1],
         }
 
@@ -359,6 +362,7 @@ class Trainer:
     def resume_from(self, folder: Path) -> None:
         weights, state = ckpt.read_checkpoint(folder)
         check_state_dict(self.task.model, weights, f"checkpoint {folder}")
+        self._check_same_run(folder, state)
         if state["global_batch"] != self.global_batch:
             raise MaelabError(
                 f"checkpoint {folder} was trained with a global batch of {state['global_batch']}, this run "
@@ -377,6 +381,33 @@ class Trainer:
         if self.step:  # a mid-epoch checkpoint: the epoch's loss so far, so the epoch mean stays whole
             self.epoch_partial = (float(state.get("epoch_loss_sum", 0.0)), int(state.get("epoch_steps", 0)))
         set_rng_state(state["rng"])
+
+    def _check_same_run(self, folder: Path, state: dict[str, Any]) -> None:
+        """What a resumed run learns must keep its meaning: the classes its head was trained on (a renamed or
+        re-ordered class folder swapped what its outputs mean, without a word) and the frozen encoder a probe's
+        head sits on (``--init`` of a run still training reads a newer checkpoint at every start). A changed
+        number of images is said: the run goes on, no longer the one an uninterrupted run would have made."""
+        was, now = ckpt.read_meta(folder).get("model") or {}, self.task.meta()
+        if was.get("classes") is not None and now.get("classes") is not None and was["classes"] != now["classes"]:
+            gone = [c for c in was["classes"] if c not in now["classes"]]
+            new = [c for c in now["classes"] if c not in was["classes"]]
+            change = "; ".join(part for part in (f"gone: {', '.join(map(str, gone[:5]))}" if gone else "",
+                                                 f"new: {', '.join(map(str, new[:5]))}" if new else "") if part)
+            raise MaelabError(f"checkpoint {folder} was trained on {len(was['classes'])} classes and the data now has "
+                              f"{len(now['classes'])} that differ ({change or 'another order'}): each output of the "
+                              f"head would change its meaning. Resume with the class folders the run began with, "
+                              f"or start over with another --out")
+        if was.get("encoder_weights") and now.get("encoder_weights") and was["encoder_weights"] != now["encoder_weights"]:
+            raise MaelabError(f"checkpoint {folder}'s head was trained on the features of {was['encoder_weights']}, "
+                              f"and --init now gives {now['encoder_weights']} (a run that trained on in the "
+                              f"meantime?): the head cannot go on with other features. Start over with another "
+                              f"--out, with --init {Path(was['encoder_weights']).parent} to probe the encoder this "
+                              f"run began with")
+        images = getattr(getattr(self.feeder, "plan", None), "n", None)
+        if state.get("images") and images and state["images"] != images:
+            warnings.warn(f"checkpoint {folder} was trained on {state['images']} images and the data now has {images}: "
+                          f"the run goes on with them, but it is no longer the run one uninterrupted command would "
+                          f"have made")
 
     # --- the loop ----------------------------------------------------------------------------------
     def fit(self) -> LoopResult:
