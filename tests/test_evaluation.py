@@ -666,6 +666,32 @@ def test_knn_end_to_end_separates_coloured_classes(dataset, mae_ckpt, tmp_path, 
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
+def test_features_stopped_before_the_features_file_leave_no_old_features_beside_new_paths(
+        dataset, mae_ckpt, tmp_path, monkeypatch, capsys, suffix):
+    """A second `features --out f.npy` on other images that failed after its side files (a full disk) left the
+    first run's f.npy beside the new f.paths.txt: as many rows, so read as one set."""
+    from maelab.commands import features
+
+    out = tmp_path / f"f{suffix}"
+    args = ["features", "--init", str(mae_ckpt), "--out", str(out), *QUIET[:2]]
+    assert main([*args, "--data", str(dataset / "test")]) == 0
+    write, save = features.atomic_write_bytes, features.save_weights
+
+    def full_disk(path, *a, **k):
+        if Path(path) == out:
+            raise OSError(28, "No space left on device")
+        return (write if suffix == ".npy" else save)(path, *a, **k)
+
+    monkeypatch.setattr(features, "atomic_write_bytes" if suffix == ".npy" else "save_weights", full_disk)
+    other = tmp_path / "other"
+    for p in (dataset / "test").rglob("*.png"):
+        (other / p.parent.name).mkdir(parents=True, exist_ok=True)
+        (other / p.parent.name / f"x{p.name}").write_bytes(p.read_bytes())
+    assert main([*args, "--data", str(other)]) == 2
+    assert not out.exists() and "x000.png" in (tmp_path / "f.paths.txt").read_text()
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors"])
 def test_features_end_to_end_with_paths(dataset, mae_ckpt, tmp_path, suffix):
     from maelab.evaluate.features import encode
     from maelab.commands.features import read_features

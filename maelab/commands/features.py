@@ -37,9 +37,12 @@ def _sidecar(out: Path, suffix: str) -> Path:
 
 def write_features(out: Path, feats: torch.Tensor, labels: torch.Tensor | None, paths: list[str],
                    classes: list[str], info: dict[str, Any]) -> list[Path]:
-    """Write the features and their side files; the features file last, so a run killed half-way leaves no
-    features file beside another run's side files (:func:`read_features` checks the row counts)."""
+    """Write the features and their side files; an earlier features file at ``out`` is removed first and the new
+    one written last, so a run stopped half-way (a full disk, Ctrl-C) leaves no features file beside another
+    run's side files: the old rows beside the new paths were read as one set when both had as many rows
+    (:func:`read_features` checks only the counts)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
     written = []
     if out.suffix == ".npy":
         label_files = [_sidecar(out, ".labels.npy"), _sidecar(out, ".classes.txt")]
