@@ -322,6 +322,14 @@ def test_segment_train_eval_predict_with_resume(capsys, tmp_path, camvid_tiny):
     assert sorted(p.name for p in (tmp_path / "s_masks").iterdir()) == \
         ["a_x.jpg.png", "a_y.jpg.png", "a_y.png.png", "b_x.jpg.png", "z.png"]
     assert "images that share a name have masks named <folder>_<file>.png" in out
+    # --limit leaves images out with a word; masks of an earlier predict into the same --out are named, kept
+    code, out, err = run_cli(capsys, "segment", "predict", "--checkpoint", str(run_dir), "--images",
+                             str(tmp_path / "same" / "a"), "--limit", "2", "--out", str(tmp_path / "s.png"))
+    assert code == 0, err
+    assert "maelab: warning: --images holds 4 images: only the first 2 (sorted) are taken (--limit 2" in err, err
+    assert "s_masks also holds 5 mask(s) not of these images (a_x.jpg.png, a_y.jpg.png, a_y.png.png, ...)" in err, err
+    assert sorted(p.name for p in (tmp_path / "s_masks").iterdir()) == \
+        ["a_x.jpg.png", "a_y.jpg.png", "a_y.png.png", "b_x.jpg.png", "x.png", "y.png", "z.png"]
 
 
 def test_a_bad_validation_label_after_training_an_epoch_keeps_that_epoch(capsys, tmp_path):

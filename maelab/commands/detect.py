@@ -280,7 +280,7 @@ def predict(cfg) -> dict[str, Any]:
     if out.suffix.lower() != ".png":
         raise MaelabError(f"--out {out} must be a .png file")
     check_output_file(out)
-    paths = [Path(p) for p in image_files(cfg.input.images, "--images", cfg.input.max_images)]
+    paths = [Path(p) for p in image_files(cfg.input.images, "--images", cfg.input.max_images, "--max-images")]
     with Session(cfg.run.device, cfg.run.precision) as s:
         model, spec, weights = load_detector(cfg.model.checkpoint)
         model.to(s.device)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -343,6 +344,11 @@ def predict(cfg) -> dict[str, Any]:
                 Image.fromarray(pred.astype(np.uint8 if spec.num_classes < 256 else np.uint16)).save(tmp, format="PNG")
             written.append(str(mask_path))
         save_segmentation_figure(out, images, preds, targets, list(spec.classes), [Path(p).name for p in paths])
+        others = sorted(f.name for f in masks_dir.glob("*.png") if str(f) not in set(written))
+        if others:  # not deleted: the folder may hold what the user keeps there
+            warnings.warn(f"{masks_dir} also holds {len(others)} mask(s) not of these images ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}), from an earlier predict into the same --out? "
+                          f"They are left there")
         shared = any(Path(w).name != Path(p).stem + ".png" for p, w in zip(paths, written))
         print(f"segment predict: {len(paths)} image(s) -> {out} and {masks_dir}/ (class indices 0.."
               f"{spec.num_classes - 1}" + ("; images that share a name have masks named <folder>_<file>.png" if shared

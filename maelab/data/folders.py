@@ -64,9 +64,11 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def image_files(entries: list[str], flag: str = "--images", limit: int = 0) -> list[str]:
+def image_files(entries: list[str], flag: str = "--images", limit: int = 0, limit_flag: str = "--limit") -> list[str]:
     """Images named on a command line (``predict``): files as given, folders by the images directly in
-    them (sorted), each file once; the first ``limit`` (0 = all). A missing path or no image at all is an error."""
+    them (sorted), each file once; the first ``limit`` (0 = all), with a warning naming ``limit_flag`` when
+    that leaves images out (a folder of 12 gave 8 masks without a word). A missing path or no image at all is
+    an error."""
     if not entries:
         raise MaelabError(f"{flag} is required: image files or folders of images")
     found: list[str] = []
@@ -84,7 +86,11 @@ def image_files(entries: list[str], flag: str = "--images", limit: int = 0) -> l
     for f in found:
         unique.setdefault(os.path.realpath(f), f)
     found = list(unique.values())
-    return found[:limit] if limit > 0 else found
+    if 0 < limit < len(found):
+        warnings.warn(f"{flag} holds {len(found)} images: only the first {limit} (sorted) are taken ({limit_flag} "
+                      f"{limit}; a larger {limit_flag} for more)")
+        found = found[:limit]
+    return found
 
 
 def _inside_itself(root: Path, rel: Path) -> bool:
