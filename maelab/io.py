@@ -85,6 +85,7 @@ def temp_prefix(name: str) -> str:
 
 
 _TEMP_PID = re.compile(r"^\..+?\.(\d+)\.")
+_OLD_TEMP = re.compile(r"^\.[^.]+\.[a-z0-9_]{8}(\.tmp)?$")  # mkdtemp / mkstemp names before pids were recorded
 
 
 def _alive(pid: int) -> bool:
@@ -100,7 +101,8 @@ def _alive(pid: int) -> bool:
 def remove_stale_temps(folder: str | Path) -> list[Path]:
     """Remove the hidden temp files and folders in ``folder`` that no live process is writing: a SIGKILL
     mid-write leaves them behind. One whose writer's pid (:func:`temp_prefix`) is alive is kept; one
-    naming no pid (written before pids were recorded) is stale. Returns what was removed."""
+    naming no pid (written before pids were recorded, ``.epoch_0001.x8dk3l2q``) is stale; other hidden names
+    (a user's ``.gitkeep``) are not maelab's and stay. Returns what was removed."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
@@ -109,7 +111,7 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
         if not p.name.startswith("."):
             continue
         m = _TEMP_PID.match(p.name)
-        if m and _alive(int(m.group(1))):
+        if m and _alive(int(m.group(1))) or not m and not _OLD_TEMP.match(p.name):  # (a user's .gitkeep stays)
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

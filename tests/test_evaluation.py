@@ -448,6 +448,18 @@ def test_train_and_val_class_folders_must_match(capsys, dataset, mae_ckpt, tmp_p
     msg = _error(capsys, ["knn", "--init", str(mae_ckpt), "--data", str(tmp_path / "train"),
                           "--val-data", str(tmp_path / "val"), *QUIET[:2]])
     assert "only in the validation split: class3 (its folder in the training split holds no images)" in msg, msg
+    # a validation split with one class of the training split's three names the ones it lacks (it said only
+    # "has 1 class folder(s); classification needs at least 2"); a name in other letter case is said as such
+    make_folder(tmp_path / "one", 1, 2)
+    msg = _error(capsys, ["knn", "--init", str(mae_ckpt), "--data", str(dataset / "train"),
+                          "--val-data", str(tmp_path / "one"), *QUIET[:2]])
+    assert "only in the training split: class1, class2" in msg, msg
+    from maelab.data.folders import ImageList
+    from maelab.data.splits import check_same_classes
+
+    with pytest.raises(MaelabError, match=r"only in the training split: Street \(the validation split writes it in "
+                                          r"other letter case\)"):
+        check_same_classes(ImageList("t", [], [], ["Street", "coco"]), ImageList("v", [], [], ["coco", "street"]))
 
 
 def test_the_training_split_as_validation_split_is_warned_about(dataset, mae_ckpt, capsys):

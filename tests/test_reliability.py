@@ -8,7 +8,9 @@ import os
 import subprocess
 import sys
 import re
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -256,6 +258,80 @@ def test_temp_checkpoints_a_killed_run_left_are_removed_and_live_ones_kept(capsy
     finally:
         live.kill()
         live.wait()
+
+
+def test_an_out_folder_holding_someone_elses_config_is_refused_and_left_as_it_was(capsys, tmp_path):
+    """A folder with the user's own config.yaml / metrics.jsonl (or another command's run stopped before its
+    first checkpoint) was taken over: both files rewritten, hidden files in checkpoints/ deleted."""
+    from maelab.cli import main
+
+    data, out = tmp_path / "data", tmp_path / "project"
+    png_folder(data / "a", 4), png_folder(data / "b", 4)
+    (out / "checkpoints").mkdir(parents=True)
+    files = {out / "config.yaml": "project: my-paper\nlr: 0.1\n", out / "metrics.jsonl": '{"step": 5, "acc": 0.9}\n',
+             out / "checkpoints" / ".gitkeep": ""}
+    for path, text in files.items():
+        path.write_text(text)
+    args = ["pretrain", "--data", str(data), *FAST, "--num-workers", "0"]
+    assert main([*args, "--out", str(out)]) == 2
+    assert f"--out {out} holds a config.yaml that is not this command's" in _error_line(capsys)
+    assert all(path.read_text() == text for path, text in files.items())
+    # a pre-training stopped before its first checkpoint: a probe into its folder is refused, a pre-training
+    # (the same command run again) starts it over, keeping the user's hidden file in checkpoints/
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # it said "cannot write ...: File exists"
+    assert main([*args, "--out", str(tmp_path / "dangling")]) == 2
+    assert f"is a link to {tmp_path / 'gone'}, which does not exist" in _error_line(capsys)
+    killed = tmp_path / "killed"
+    assert main([*args, "--out", str(killed)]) == 0
+    shutil.copy(ckpt_latest(killed) / "model.safetensors", tmp_path / "mae.safetensors")
+    shutil.rmtree(killed / "checkpoints")
+    (killed / "checkpoints").mkdir()
+    (killed / "checkpoints" / ".gitkeep").write_text("")
+    assert main(["linprobe", "--init", str(tmp_path / "mae.safetensors"), "--data", str(data), "--val-data", str(data),
+                 "--num-workers", "0", "--batch-size", "4", "--out", str(killed)]) == 2
+    assert "holds a config.yaml that is not this command's (it has settings this command does not:" in \
+        _error_line(capsys)
+    assert main([*args, "--out", str(killed)]) == 0
+    assert (killed / "checkpoints" / ".gitkeep").exists() and ckpt_latest(killed).name == "epoch_0001"
+
+
+def test_reading_a_run_that_another_process_is_training_is_warned_about(tmp_path):
+    """`convert runs/live ...` six times during its training gave six different files without a word."""
+    from maelab.train.checkpoint import resolve_weights_path
+    from maelab.train.run_lock import LOCK_NAME, RunLock
+
+    run = tmp_path / "live"
+    (run / "checkpoints" / "epoch_0003").mkdir(parents=True)
+    for name in ("model.safetensors", "meta.json", "state.pt"):
+        (run / "checkpoints" / "epoch_0003" / name).write_text("{}")
+    (run / "checkpoints" / "latest").write_text("epoch_0003")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no one trains it: no warning
+        assert resolve_weights_path(run).parent.name == "epoch_0003"
+    holder = subprocess.Popen([sys.executable, "-c", f"import fcntl, os, time; fd = os.open({str(run / LOCK_NAME)!r}, "
+                               f"os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
+                               f"time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.warns(UserWarning, match=rf"live is being trained by process {holder.pid}: reading its newest "
+                                             rf"checkpoint, epoch_0003, which that run will replace"):
+            resolve_weights_path(run)
+    finally:
+        holder.kill()
+        holder.wait()
+    own = RunLock(run)  # this process's own run: no warning
+    own.take()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            resolve_weights_path(run)
+    finally:
+        own.release()
+
+
+def ckpt_latest(run):
+    from maelab.train.checkpoint import latest_checkpoint
+    return latest_checkpoint(run)
 
 
 KILLED_WRITER = """

@@ -69,6 +69,9 @@ def find_resume(resume: str, run_dir: Path) -> Path | None:
     that ``--out`` can hold a run."""
     if run_dir.exists() and not run_dir.is_dir():
         raise MaelabError(f"--out {run_dir} exists and is not a folder; choose a folder for the run")
+    if run_dir.is_symlink() and not run_dir.exists():  # it said "cannot write ...: File exists"
+        raise MaelabError(f"--out {run_dir} is a link to {os.readlink(run_dir)}, which does not exist: create that "
+                          f"folder, or choose another --out")
     check_writable_folder(run_dir, "--out", run_dir)
     existing = ckpt.latest_checkpoint(run_dir)
     if resume == "never":

@@ -60,7 +60,7 @@ def check_chain_splits(data: str, val: str | Path | None, pretrain_images: int, 
     if val is None:
         raise MaelabError(f"--val-data is required (no sibling val / validation / test folder next to {data})")
     train = labelled_split(data, what="--data")
-    check_same_classes(train, labelled_split(str(val), what="--val-data"), "--data", "--val-data")
+    check_same_classes(train, labelled_split(str(val), what="--val-data", min_classes=1), "--data", "--val-data")
     n = min(pretrain_images, len(train)) if pretrain_images else len(train)
     if n < batch_size:
         raise MaelabError(f"pre-training takes whole batches of --batch-size {batch_size}, but it would read {n} "

@@ -45,8 +45,11 @@ def warn_if_split_root(images: ImageList, flag: str = "--data") -> None:
                      f"training split alone")
 
 
-def labelled_split(root: str | Path, bad_files: str = "error", what: str = "training split") -> ImageList:
-    """The images of an ImageFolder tree (or of local tar shards); every image must sit inside a class folder."""
+def labelled_split(root: str | Path, bad_files: str = "error", what: str = "training split",
+                   min_classes: int = 2) -> ImageList:
+    """The images of an ImageFolder tree (or of local tar shards); every image must sit inside a class folder.
+    A split checked against another (validation) takes ``min_classes=1``: the class check then names the
+    classes it lacks."""
     if not str(root):
         raise SameOnEveryRank(f"no {what} given")
     images = prepare_any(str(root), bad_files)
@@ -57,9 +60,9 @@ def labelled_split(root: str | Path, bad_files: str = "error", what: str = "trai
     if outside:
         raise SameOnEveryRank(f"the {what} {root} must be an ImageFolder tree (<class>/<image>), but "
                               f"{len(outside)} image(s) are outside a class folder, e.g. {outside[0]}")
-    if len(images.classes) < 2:
+    if len(images.classes) < min_classes:
         raise SameOnEveryRank(f"the {what} {root} has {len(images.classes)} class folder(s); classification needs "
-                              f"at least 2")
+                              f"at least {min_classes}")
     return images
 
 
@@ -79,6 +82,8 @@ def check_same_classes(train: ImageList, val: ImageList, train_name: str = "trai
         def why(n: str) -> str:
             if nfc(n) in {nfc(o) for o in other_only}:
                 return f" (the {other_name} writes it with other Unicode characters)"
+            if nfc(n).casefold() in {nfc(o).casefold() for o in other_only}:  # class names are case-sensitive
+                return f" (the {other_name} writes it in other letter case)"
             empty = (Path(other.root).expanduser() / n).is_dir()
             return f" (its folder in the {other_name} holds no images)" if empty else ""
         return ", ".join(n + why(n) for n in names[:5])
@@ -120,7 +125,7 @@ def classification_splits(data: str, val_data: str, bad_files: str = "error",
         raise SameOnEveryRank(f"no validation split: pass --val-data (no sibling {'/'.join(VAL_NAMES)} folder "
                               f"next to {data}){hint}")
     train_images = labelled_split(data, bad_files, "training split")
-    val_images = labelled_split(val, bad_files, "validation split")
+    val_images = labelled_split(val, bad_files, "validation split", min_classes=1)
     warn_if_training_split(data, val, "accuracy", "classified (kNN: each image finds itself)")
     check_same_classes(train_images, val_images)
     check_num_classes(num_classes, train_images, str(data))

@@ -121,7 +121,7 @@ def pretrain_knn_monitor(cfg, images: ImageList, size: tuple[int, int], device: 
                   flush=True)
     warn_if_training_split(cfg.data.data, queries_root, "kNN accuracy (--knn-data)",
                            "classified (each image finds itself)")
-    queries = labelled_split(queries_root, cfg.data.bad_files, "kNN data")
+    queries = labelled_split(queries_root, cfg.data.bad_files, "kNN data", min_classes=1)
     return KnnMonitor(images, queries, size, device, m.knn_max, cfg.data.batch_size, num_workers,
                       subset_seed(cfg.data, cfg.run.seed), precision=precision, in_memory=cfg.data.in_memory,
                       bad_files=cfg.data.bad_files)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from safetensors import SafetensorError
 
 from maelab.errors import MaelabError, is_disk_full, megabytes
 from maelab.io import atomic_path, atomic_write_bytes, default_mode, fsync_dir, read_weights, save_weights, temp_prefix
+from maelab.train.run_lock import writer_of
 
 WEIGHTS, STATE, META, LATEST = "model.safetensors", "state.pt", "meta.json", "latest"
 
@@ -171,6 +173,9 @@ def resolve_weights_path(path: str | Path) -> Path:
     latest = latest_checkpoint(p)
     if latest is None and (p / LATEST).is_file():  # the checkpoints/ folder itself
         latest = latest_checkpoint(p.parent)
+    if latest is not None and (pid := writer_of(p)) is not None:
+        warnings.warn(f"{p} is being trained by process {pid}: reading its newest checkpoint, {latest.name}, which "
+                      f"that run will replace (name a checkpoint folder, e.g. {latest}, to read a fixed one)")
     if latest is None:
         # a recipe's steps (pretrain/, ...); an ablate sweep's (mask-ratio=0.75/pretrain, ...)
         runs = sorted(str(r.parent) for pattern in ("*/config.yaml", "*=*/*/config.yaml") for r in p.glob(pattern))

@@ -42,7 +42,7 @@ from maelab.train.distributed import (DistInfo, barrier, full_state, full_value,
 from maelab.train.logs import RunLogger
 from maelab.train.optim import SCHEDULES, set_lr
 from maelab.train.precision import autocast, resolve_precision
-from maelab.train.run_config import check_resume, recorded
+from maelab.train.run_config import check_fresh_start, check_resume, recorded
 from maelab.train.run_lock import RunLock
 
 
@@ -334,6 +334,8 @@ class Trainer:
         if resume is not None:
             changes = check_resume(Path(resume).parent.parent / "config.yaml", settings)
             self.resume_from(resume)
+        elif not (lock is not None and lock.deferred):  # (a deferred lock: the folder was not there at start)
+            check_fresh_start(self.run_dir / "config.yaml", settings)
         if self.epoch < self.optim_cfg.epochs:
             self.feeder.check_start(self.epoch, self.step)
         if lock is not None and self.info.is_main:

@@ -69,6 +69,27 @@ def _same(key: str, old: Any, new: Any) -> bool:
     return old == new
 
 
+def check_fresh_start(saved_file: Path, config: dict[str, Any]) -> None:
+    """A run folder without a checkpoint starts over (its run was stopped before the first one), but only
+    when its ``config.yaml`` is this command's: another command's run stopped that early, or a file of the
+    user's, was overwritten without a word, and its ``metrics.jsonl`` cut back with it."""
+    if not saved_file.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_file.read_text())
+    except (OSError, yaml.YAMLError):
+        saved = None
+    now = _flat(recorded(config))
+    flat = _flat(saved) if isinstance(saved, dict) else {}
+    extra = sorted(set(flat) - set(now))
+    if len(extra) >= 2 or not set(flat) & set(now):
+        has = f" (it has settings this command does not: {', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})" \
+            if extra else ""
+        raise MaelabError(f"--out {saved_file.parent} holds a config.yaml that is not this command's{has}: another "
+                          f"command's run, or not a maelab run. Starting here would overwrite it and the "
+                          f"metrics.jsonl beside it; choose another --out")
+
+
 def check_resume(saved_file: Path, config: dict[str, Any]) -> list[str]:
     """Compare this run's settings with the ones recorded beside the checkpoint it resumes.
 

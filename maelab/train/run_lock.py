@@ -80,3 +80,23 @@ class RunLock:
             _HELD.discard(self._fd)
             os.close(self._fd)  # closing the descriptor drops the lock
             self._fd = None
+
+
+def writer_of(run_dir: str | os.PathLike) -> int | None:
+    """The pid of another process that holds ``run_dir``'s lock (a run being trained there), read from
+    ``/proc/locks`` without touching the lock itself; None when there is none, or where this cannot be
+    known (no ``/proc``)."""
+    path = Path(run_dir) / LOCK_NAME
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            table = f.read()
+    except OSError:
+        return None
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():  # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2147137 0 EOF"
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode and fields[4].isdigit():
+            pid = int(fields[4])
+            return pid if pid != os.getpid() else None
+    return None
