@@ -84,8 +84,15 @@ def temp_prefix(name: str) -> str:
     return f".{name}.{os.getpid()}."
 
 
-_TEMP_PID = re.compile(r"^\..+?\.(\d+)\.")
-_OLD_TEMP = re.compile(r"^\.[^.]+\.[a-z0-9_]{8}(\.tmp)?$")  # mkdtemp / mkstemp names before pids were recorded
+def _temp_shape(name: str) -> re.Pattern:
+    """The exact names :func:`temp_prefix` gives (``name`` a regex): ``.<name>.<pid>.`` then tempfile's 8
+    random characters (``.tmp`` for a file, ``.d`` for a scratch folder, nothing for a checkpoint folder), or
+    ``old`` (a checkpoint being replaced). A user's ``.notes.2024.txt`` does not match."""
+    return re.compile(rf"^\.({name})\.(\d+)\.([a-z0-9_]{{8}}(\.tmp|\.d)?|old)$")
+
+
+_ANY_TEMP = _temp_shape(".+")
+_OLD_TEMP = re.compile(r"^\.(epoch_\d+|step_\d+|latest)\.[a-z0-9_]{8}(\.tmp)?$")  # checkpoints' before pids
 
 
 def _alive(pid: int) -> bool:
@@ -98,20 +105,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str | Path) -> list[Path]:
+def remove_stale_temps(folder: str | Path, name: str | None = None) -> list[Path]:
     """Remove the hidden temp files and folders in ``folder`` that no live process is writing: a SIGKILL
-    mid-write leaves them behind. One whose writer's pid (:func:`temp_prefix`) is alive is kept; one
-    naming no pid (written before pids were recorded, ``.epoch_0001.x8dk3l2q``) is stale; other hidden names
-    (a user's ``.gitkeep``) are not maelab's and stay. Returns what was removed."""
-    removed = []
+    mid-write leaves them behind (for a weights file, a scratch folder with the safetensors writer's own
+    temp file of the whole weights inside). Only names of :func:`temp_prefix`'s exact shape count, one whose
+    writer's pid is alive is kept, and a checkpoint's temp named before pids were recorded
+    (``.epoch_0001.x8dk3l2q``) is stale; a user's hidden files (``.gitkeep``, ``.notes.2024.txt``) are not
+    maelab's and stay. ``name``: only the temps of that file. Returns what was removed."""
+    removed: list[Path] = []
     folder = Path(folder)
-    if not folder.is_dir():
+    shape = _ANY_TEMP if name is None else _temp_shape(re.escape(name))
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
         return removed
-    for p in folder.iterdir():
-        if not p.name.startswith("."):
-            continue
-        m = _TEMP_PID.match(p.name)
-        if m and _alive(int(m.group(1))) or not m and not _OLD_TEMP.match(p.name):  # (a user's .gitkeep stays)
+    for p in entries:
+        m = shape.match(p.name)
+        if m and _alive(int(m.group(2))) or not m and (name is not None or not _OLD_TEMP.match(p.name)):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -119,25 +129,6 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     return removed
-
-
-def _remove_killed_writes(folder: Path, name: str) -> None:
-    """Remove what a killed writer of ``name`` left in ``folder`` (its scratch folder, with the safetensors
-    writer's own hidden temp file of the whole weights inside, or its temp file): only entries named by
-    :func:`temp_prefix` for this very name whose process is gone, so a user's own hidden files are never touched."""
-    own = re.compile(rf"^\.{re.escape(name)}\.(\d+)\.[^.]+\.(d|tmp)$")
-    try:
-        entries = list(folder.iterdir())
-    except OSError:
-        return
-    for p in entries:
-        m = own.match(p.name)
-        if not m or _alive(int(m.group(1))) or p.is_symlink():
-            continue
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -152,7 +143,7 @@ def atomic_path(path: str | Path, scratch_folder: bool = False):
     path.parent.mkdir(parents=True, exist_ok=True)
     box = None
     if scratch_folder:
-        _remove_killed_writes(path.parent, path.name)
+        remove_stale_temps(path.parent, path.name)
         box = Path(tempfile.mkdtemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".d"))
         tmp = str(box / path.name)
     else:

@@ -140,6 +140,11 @@ def test_knn_top5_counts_only_classes_that_got_a_vote():
     assert acc == {"knn_top1": 10.0, "knn_top5": 20.0}
     acc = knn_accuracy(bank, torch.tensor([0, 0, 1]), queries, torch.arange(10), num_classes=10, k=1)
     assert acc["knn_top5"] == acc["knn_top1"] == 10.0  # one neighbour: one guess
+    # at a small T a far neighbour's vote underflows to 0 in float32, but it still voted for its class
+    bank, angle = torch.tensor([[1.0, 0.0], [-0.2, 0.98]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    for t in (0.07, 0.005):
+        acc = knn_accuracy(bank, torch.tensor([0, 1]), angle, torch.tensor([0, 1]), num_classes=10, k=2, temperature=t)
+        assert acc == {"knn_top1": 50.0, "knn_top5": 100.0}, t
 
 
 def test_knn_vote_weighting_matches_hand_computation():

@@ -241,7 +241,7 @@ def test_temp_checkpoints_a_killed_run_left_are_removed_and_live_ones_kept(capsy
     live = subprocess.Popen(["sleep", "60"])
     try:
         stale = [root / f".epoch_0001.{dead.pid}.k2j4x_9a", root / ".epoch_0001.x8dk3l2q",  # (old naming)
-                 root / f".latest.{dead.pid}.abc.tmp"]
+                 root / f".latest.{dead.pid}.abcdefgh.tmp"]
         kept = root / f".epoch_0002.{live.pid}.q1w2e3r4"
         for p in [*stale[:2], kept]:
             (p / "model.safetensors").parent.mkdir(parents=True)
@@ -274,8 +274,12 @@ def test_an_out_folder_holding_someone_elses_config_is_refused_and_left_as_it_wa
         path.write_text(text)
     args = ["pretrain", "--data", str(data), *FAST, "--num-workers", "0"]
     assert main([*args, "--out", str(out)]) == 2
-    assert f"--out {out} holds a config.yaml that is not this command's" in _error_line(capsys)
+    assert f"--out {out} holds a config.yaml that this command did not write" in _error_line(capsys)
     assert all(path.read_text() == text for path, text in files.items())
+    (out / "config.yaml").write_text("optim:\n  epochs: 1\n")  # a preset of the user's, in sections: refused too
+    assert main([*args, "--out", str(out)]) == 2
+    assert "this command did not write" in _error_line(capsys) and (out / "metrics.jsonl").read_text() == \
+        files[out / "metrics.jsonl"]
     # a pre-training stopped before its first checkpoint: a probe into its folder is refused, a pre-training
     # (the same command run again) starts it over, keeping the user's hidden file in checkpoints/
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # it said "cannot write ...: File exists"
@@ -286,13 +290,14 @@ def test_an_out_folder_holding_someone_elses_config_is_refused_and_left_as_it_wa
     shutil.copy(ckpt_latest(killed) / "model.safetensors", tmp_path / "mae.safetensors")
     shutil.rmtree(killed / "checkpoints")
     (killed / "checkpoints").mkdir()
-    (killed / "checkpoints" / ".gitkeep").write_text("")
+    for name in (".gitkeep", ".notes.2024.txt", ".backup.20240101"):  # the user's, not maelab temps
+        (killed / "checkpoints" / name).write_text("")
     assert main(["linprobe", "--init", str(tmp_path / "mae.safetensors"), "--data", str(data), "--val-data", str(data),
                  "--num-workers", "0", "--batch-size", "4", "--out", str(killed)]) == 2
-    assert "holds a config.yaml that is not this command's (it has settings this command does not:" in \
-        _error_line(capsys)
+    assert "holds a config.yaml that this command did not write" in _error_line(capsys)
     assert main([*args, "--out", str(killed)]) == 0
-    assert (killed / "checkpoints" / ".gitkeep").exists() and ckpt_latest(killed).name == "epoch_0001"
+    assert ckpt_latest(killed).name == "epoch_0001"
+    assert all((killed / "checkpoints" / n).exists() for n in (".gitkeep", ".notes.2024.txt", ".backup.20240101"))
 
 
 def test_reading_a_run_that_another_process_is_training_is_warned_about(tmp_path):

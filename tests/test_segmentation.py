@@ -326,7 +326,7 @@ def test_segment_train_eval_predict_with_resume(capsys, tmp_path, camvid_tiny):
     code, out, err = run_cli(capsys, "segment", "predict", "--checkpoint", str(run_dir), "--images",
                              str(tmp_path / "same" / "a"), "--limit", "2", "--out", str(tmp_path / "s.png"))
     assert code == 0, err
-    assert "maelab: warning: --images holds 4 images: only the first 2 (sorted) are taken (--limit 2" in err, err
+    assert "maelab: warning: --images holds 4 images: only the first 2 are taken (files in the order given, a folder's images sorted; --limit 2" in err, err
     assert "s_masks also holds 5 mask(s) not of these images (a_x.jpg.png, a_y.jpg.png, a_y.png.png, ...)" in err, err
     assert sorted(p.name for p in (tmp_path / "s_masks").iterdir()) == \
         ["a_x.jpg.png", "a_y.jpg.png", "a_y.png.png", "b_x.jpg.png", "x.png", "y.png", "z.png"]

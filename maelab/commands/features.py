@@ -25,7 +25,7 @@ from maelab.commands.session import Session, encoder_header
 from maelab.data.shards import prepare_any
 from maelab.errors import MaelabError
 from maelab.evaluate.features import extract_features, gather_split
-from maelab.io import atomic_write_bytes, check_output_file, read_weights, save_weights
+from maelab.io import atomic_write_bytes, check_output_file, read_weights, remove_stale_temps, save_weights
 from maelab.models.vit import describe
 
 FORMATS = (".npy", ".safetensors")
@@ -43,6 +43,7 @@ def write_features(out: Path, feats: torch.Tensor, labels: torch.Tensor | None, 
     (:func:`read_features` checks only the counts)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
+    remove_stale_temps(out.parent, out.name)  # a killed run's temp file of a .npy (GBs for ImageNet)
     written = []
     if out.suffix == ".npy":
         label_files = [_sidecar(out, ".labels.npy"), _sidecar(out, ".classes.txt")]

@@ -87,8 +87,8 @@ def image_files(entries: list[str], flag: str = "--images", limit: int = 0, limi
         unique.setdefault(os.path.realpath(f), f)
     found = list(unique.values())
     if 0 < limit < len(found):
-        warnings.warn(f"{flag} holds {len(found)} images: only the first {limit} (sorted) are taken ({limit_flag} "
-                      f"{limit}; a larger {limit_flag} for more)")
+        warnings.warn(f"{flag} holds {len(found)} images: only the first {limit} are taken (files in the order given, "
+                      f"a folder's images sorted; {limit_flag} {limit}; a larger {limit_flag} for more)")
         found = found[:limit]
     return found
 

@@ -26,11 +26,13 @@ from maelab.evaluate.metrics import top5_percent, topk_correct
 
 @torch.no_grad()
 def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
-               num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 512) -> torch.Tensor:
+               num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 512,
+               with_voted: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(Q, num_classes) summed votes ``sum_j exp(cos(q, x_j) / T)`` over the ``k`` nearest ``x_j``, each
     query's divided by its nearest neighbour's vote ``exp(cos(q, x_1) / T)``: one factor per query, so the
     same ranking, and finite where ``exp(1 / T)`` alone overflows (T < 0.0113 in float32 made every vote
-    inf, and the tie went to class 0)."""
+    inf, and the tie went to class 0). ``with_voted``: also (Q, num_classes) True where a neighbour voted
+    for the class (at a small T a far neighbour's vote underflows to 0 but is still a vote)."""
     if train_feats.shape[0] == 0:
         raise MaelabError("kNN needs at least one training feature")
     if k < 1 or temperature <= 0:
@@ -38,7 +40,7 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feat
     k = min(k, train_feats.shape[0])
     bank = F.normalize(train_feats.float(), dim=1)
     labels = train_labels.to(bank.device)
-    out = []
+    out, voted = [], []
     for start in range(0, query_feats.shape[0], chunk):
         q = F.normalize(query_feats[start : start + chunk].float().to(bank.device), dim=1)
         sims, idx = (q @ bank.T).topk(k, dim=1)
@@ -46,7 +48,11 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feat
         votes = torch.zeros(q.shape[0], num_classes, device=bank.device)
         votes.scatter_add_(1, labels[idx], weights)
         out.append(votes)
-    return torch.cat(out) if out else torch.zeros(0, num_classes, device=bank.device)
+        if with_voted:
+            voted.append(torch.zeros_like(votes, dtype=torch.bool).scatter_(1, labels[idx], True))
+    empty = torch.zeros(0, num_classes, device=bank.device)
+    scores = torch.cat(out) if out else empty
+    return (scores, torch.cat(voted) if voted else empty.bool()) if with_voted else scores
 
 
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
@@ -56,8 +62,8 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fe
     and counts only classes that got a vote (with k = 1 it equals top-1)."""
     if query_feats.shape[0] == 0:
         raise MaelabError("kNN needs at least one query image")
-    scores = knn_scores(train_feats, train_labels, query_feats, num_classes, k, temperature, chunk)
-    correct = topk_correct(scores, query_labels.to(scores.device), (1, 5), votes=True)
+    scores, voted = knn_scores(train_feats, train_labels, query_feats, num_classes, k, temperature, chunk, True)
+    correct = topk_correct(scores, query_labels.to(scores.device), (1, 5), voted=voted)
     n = query_feats.shape[0]
     return {"knn_top1": 100.0 * float(correct[1]) / n, "knn_top5": top5_percent(float(correct[5]), n, num_classes)}
 

@@ -12,17 +12,19 @@ from maelab.train.precision import autocast
 
 
 def topk_correct(scores: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5),
-                 votes: bool = False) -> dict[int, torch.Tensor]:
+                 voted: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """Number of rows whose target is among the ``k`` highest scores, per ``k`` (capped by the number
     of classes, so top-5 of a 3-class problem is top-3; reports leave top-k out when ``k`` >= the number
-    of classes, see :func:`top5_percent`). ``votes``: the scores are kNN votes, and a class with none is
-    no guess: with fewer voted classes than ``k`` (k = 1, or a class the bank lacks) the zero-vote ties
-    used to fill the top-k in topk's order and count as hits."""
+    of classes, see :func:`top5_percent`). ``voted``: (rows, classes) True where a kNN neighbour voted for
+    the class; a class with no vote is no guess: with fewer voted classes than ``k`` (k = 1, or a class the
+    bank lacks) the zero-vote ties used to fill the top-k in topk's order and count as hits."""
     num_classes = scores.shape[1]
-    values, top = scores.topk(min(max(ks), num_classes), dim=1)
+    if voted is not None:  # a voted class ranks above every class without a vote, even at a vote of 0.0
+        scores = scores.masked_fill(~voted, float("-inf"))
+    top = scores.topk(min(max(ks), num_classes), dim=1).indices
     hit = top.eq(targets.view(-1, 1))
-    if votes:
-        hit &= values > 0
+    if voted is not None:
+        hit &= voted.gather(1, top)
     return {k: hit[:, : min(k, num_classes)].any(dim=1).sum() for k in ks}
 
 

@@ -19,6 +19,7 @@ import random
 import signal
 import sys
 import time
+import unicodedata
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -390,7 +391,12 @@ class Trainer:
         head sits on (``--init`` of a run still training reads a newer checkpoint at every start). A changed
         number of images is said: the run goes on, no longer the one an uninterrupted run would have made."""
         was, now = ckpt.read_meta(folder).get("model") or {}, self.task.meta()
-        if was.get("classes") is not None and now.get("classes") is not None and was["classes"] != now["classes"]:
+
+        def same_names(a: list, b: list) -> bool:  # a folder copied from macOS writes accents decomposed
+            return [unicodedata.normalize("NFC", str(c)) for c in a] == [unicodedata.normalize("NFC", str(c)) for c in b]
+
+        if was.get("classes") is not None and now.get("classes") is not None and not same_names(was["classes"],
+                                                                                             now["classes"]):
             gone = [c for c in was["classes"] if c not in now["classes"]]
             new = [c for c in now["classes"] if c not in was["classes"]]
             change = "; ".join(part for part in (f"gone: {', '.join(map(str, gone[:5]))}" if gone else "",

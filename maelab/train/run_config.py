@@ -71,8 +71,9 @@ def _same(key: str, old: Any, new: Any) -> bool:
 
 def check_fresh_start(saved_file: Path, config: dict[str, Any]) -> None:
     """A run folder without a checkpoint starts over (its run was stopped before the first one), but only
-    when its ``config.yaml`` is this command's: another command's run stopped that early, or a file of the
-    user's, was overwritten without a word, and its ``metrics.jsonl`` cut back with it."""
+    when its ``config.yaml`` is one this command wrote: such a file records every setting of the command
+    (a newer maelab may add a few). Another command's run stopped that early, or a file of the user's (a
+    preset, notes), was overwritten without a word, and the ``metrics.jsonl`` beside it cut back."""
     if not saved_file.is_file():
         return
     try:
@@ -81,13 +82,12 @@ def check_fresh_start(saved_file: Path, config: dict[str, Any]) -> None:
         saved = None
     now = _flat(recorded(config))
     flat = _flat(saved) if isinstance(saved, dict) else {}
-    extra = sorted(set(flat) - set(now))
-    if len(extra) >= 2 or not set(flat) & set(now):
-        has = f" (it has settings this command does not: {', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})" \
-            if extra else ""
-        raise MaelabError(f"--out {saved_file.parent} holds a config.yaml that is not this command's{has}: another "
-                          f"command's run, or not a maelab run. Starting here would overwrite it and the "
-                          f"metrics.jsonl beside it; choose another --out")
+    extra, missing = set(flat) - set(now), set(now) - set(flat)
+    if len(extra) >= 2 or len(missing) > max(3, len(now) // 10):
+        raise MaelabError(f"--out {saved_file.parent} holds a config.yaml that this command did not write (a run's "
+                          f"config.yaml records every setting of its command): another command's run, or a file "
+                          f"of yours. Starting here would overwrite it and the metrics.jsonl beside it; choose "
+                          f"another --out")
 
 
 def check_resume(saved_file: Path, config: dict[str, Any]) -> list[str]:

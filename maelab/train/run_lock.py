@@ -84,8 +84,9 @@ class RunLock:
 
 def writer_of(run_dir: str | os.PathLike) -> int | None:
     """The pid of another process that holds ``run_dir``'s lock (a run being trained there), read from
-    ``/proc/locks`` without touching the lock itself; None when there is none, or where this cannot be
-    known (no ``/proc``)."""
+    ``/proc/locks`` without touching the lock itself; None when there is none. Best effort, on this host:
+    a run trained on another node of a shared file system, or a file system whose ``/proc/locks`` device
+    differs from ``stat``'s (btrfs subvolumes), is not seen."""
     path = Path(run_dir) / LOCK_NAME
     try:
         st = os.stat(path)

@@ -92,7 +92,7 @@ class SegCheckpointConfig:
 class PredictConfig:
     images: list[str] = option([], "image files or folders of images")
     labels: str = option("", "folder of label PNGs with the images' stems: drawn beside the prediction")
-    limit: int = option(8, "draw at most this many images (the first, sorted)")
+    limit: int = option(8, "predict and draw at most this many images (the first: files in the order given, a folder's sorted; 0 = all)")
     base_size: int | None = option(None, "short side the images are resized to for inference, the long side "
                                      "at most 4 times that (default: the training crop's short side)")
 
