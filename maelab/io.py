@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -69,7 +70,10 @@ def refuse_out_inside(out: str | Path, *inputs: str | None) -> None:
     an image folder, a class of them), and a resume would train on other images than the run began with."""
     if not out:
         return
-    target = Path(out).expanduser().resolve()
+    try:
+        target = Path(out).expanduser().resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop ("Symlink loop from ...")
+        raise SameOnEveryRank(f"--out {out} cannot be resolved to a folder: {e}") from None
     for data in inputs:
         root = Path(data).expanduser().resolve() if data else None
         if root is not None and root.is_dir() and (target == root or root in target.parents):
@@ -260,3 +264,17 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     except (SafetensorError, OSError, ValueError) as e:
         raise MaelabError(f"cannot read weights {path}: {e}{damaged(e, path)}") from None
     return tensors, info
+
+
+def file_digest(path: str | Path, part: int = 8 << 20) -> str:
+    """A fingerprint of a (weights) file's content: its size and a hash of its first and last ``part``
+    bytes -- other weights written to the same path differ there, at a few milliseconds for a GB file."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(part))
+        if size > 2 * part:
+            f.seek(size - part)
+        h.update(f.read(part))
+    return h.hexdigest()[:16]

@@ -297,6 +297,25 @@ def test_layer_decay_scales_follow_the_official_rule(pool):
         assert decay[named[name]] == 0.0, name
 
 
+def test_a_token_pool_fine_tune_begun_before_the_final_norm_regrouping_resumes(dataset, mae_ckpt, tmp_path, capsys,
+                                                                               monkeypatch):
+    """Runs begun with timm's grouping (the final norm in the last block's layer) stopped with torch's "loaded
+    state dict contains a parameter group that doesn't match" once the norm moved beside the head."""
+    from maelab.commands import finetune
+    from maelab.train.optim import layer_decay_groups
+
+    args = ["finetune", "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--batch-size", "6",
+            "--global-pool", "token", "--warmup-epochs", "0", "--out", str(tmp_path / "ft"), *QUIET]
+    with monkeypatch.context() as m:  # the grouping of the code that began the run
+        m.setattr(finetune, "layer_decay_groups", lambda model, wd, ld, final_norm_on_top=True:
+                  layer_decay_groups(model, wd, ld, False))
+        assert main([*args, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--epochs", "2"]) == 0
+    assert "was saved by an earlier maelab: its final norm keeps the last block's lr scale" in capsys.readouterr().err
+    assert json.loads((tmp_path / "ft" / "results.json").read_text())["final_epoch"] == 2
+
+
 def _finetune_cfg(init: str, **kw):
     from maelab.commands.finetune import FinetuneConfig
     from maelab.config import build_config
@@ -656,6 +675,11 @@ def test_a_resume_that_would_change_what_the_head_means_is_refused(dataset, mae_
     assert f"Start over with another --out, with --init {first.parent} to probe the encoder" in msg
     (run / "checkpoints" / "latest").write_text("epoch_0001")
     assert main([*lp, "--epochs", "2"]) == 0  # the same encoder again: resumes
+    other = tiny_mae()  # other weights written to the very file the probe began on
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    save_mae(other, first)
+    assert "which now holds other weights (written again since)" in _error(capsys, [*lp, "--epochs", "3"])
 
 
 def test_linprobe_with_augmentation_end_to_end(dataset, mae_ckpt, tmp_path):

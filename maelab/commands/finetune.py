@@ -138,6 +138,10 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         groups = layer_decay_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay)
         task = FinetuneTask(model, meta, groups, evaluate, cfg.run.seed, s.info.rank,
                             make_mixup(cfg, num_classes), cfg.augment.smoothing)
+        if cfg.model.global_pool == "token":  # a run begun before its final norm got the head's lr scale
+            task.legacy_groups = (layer_decay_groups(model, cfg.optim.weight_decay, cfg.optim.layer_decay, False),
+                                  "its final norm keeps the last block's lr scale (layer decay x the lr), as when "
+                                  "it began; runs started now give it the head's scale 1, as the official code")
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)
         cfg.model.img_size = list(size)  # config.yaml records the size the run trains at
         trainer = Trainer(task=task, feeder=feeder, optim=cfg.optim, run=cfg.run, run_dir=run_dir, info=s.info,

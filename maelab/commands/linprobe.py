@@ -29,6 +29,7 @@ from maelab.data.splits import load_splits
 from maelab.data.transforms import EvalTransform, PretrainTransform
 from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
+from maelab.io import file_digest
 from maelab.evaluate.features import extract_features, gather_split
 from maelab.evaluate.metrics import evaluate_classifier
 from maelab.models.heads import LinearProbeHead
@@ -122,7 +123,9 @@ def run(cfg: LinprobeConfig) -> dict[str, Any]:
 
         meta = {"arch": "linprobe", "dim": arch["embed_dim"], "num_classes": num_classes, "classes": train.classes,
                 "global_pool": pool, "init": cfg.model.init, "encoder": describe(dict(arch, img_size=size)),
-                "encoder_weights": str(Path(enc.path).resolve()) if enc else None}  # a resume checks it
+                # a resume checks both: --init of a run trained on since, or other weights written to the same file
+                "encoder_weights": str(Path(enc.path).resolve()) if enc else None,
+                "encoder_digest": file_digest(enc.path) if enc and Path(enc.path).is_file() else None}
         task = LinprobeTask(head, None if cached else encoder, pool, meta,
                             lars_param_groups(head, cfg.optim.weight_decay), evaluate, cfg.run.seed, s.info.rank)
         lr = scaled_lr(cfg.optim.base_lr, cfg.optim.lr, plan.global_size)

@@ -99,8 +99,11 @@ def check_same_classes(train: ImageList, val: ImageList, train_name: str = "trai
         detail.append(f"only in the {train_name}: {named(only_train, val, val_name, only_val)}")
     if only_val:
         detail.append(f"only in the {val_name}: {named(only_val, train, train_name, only_train)}")
-    raise SameOnEveryRank(f"the {train_name} ({len(train.classes)} classes) and the {val_name} "
-                          f"({len(val.classes)} classes) must have the same class folders ({'; '.join(detail)})")
+    def count(n: int) -> str:
+        return f"{n} class{'es' if n != 1 else ''}"
+
+    raise SameOnEveryRank(f"the {train_name} ({count(len(train.classes))}) and the {val_name} "
+                          f"({count(len(val.classes))}) must have the same class folders ({'; '.join(detail)})")
 
 
 def check_num_classes(expected: int | None, images: ImageList, where: str) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import random
@@ -143,6 +144,7 @@ class Trainer:
         runner = wrap_ddp(task.model, info, device, getattr(run, "fsdp", False),
                           getattr(run, "activation_checkpointing", False))
         self.optimizer = optimizer_factory(task.param_groups())
+        self._optimizer_factory = optimizer_factory
         self.runner = torch.compile(runner) if run.compile else runner
         self.ddp = runner
         self.epoch, self.step, self.global_step = 0, 0, 0
@@ -373,10 +375,12 @@ class Trainer:
         if state["steps_per_epoch"] != self.steps_per_epoch:
             raise MaelabError(f"checkpoint {folder} had {state['steps_per_epoch']} steps per epoch, this data "
                               f"gives {self.steps_per_epoch}: is it the same dataset?")
+        self._warn_changed_images(folder, state)
         if is_sharded(self.task.model):  # the single-process format, whichever way it was saved
             load_full_state(self.task.model, self.optimizer, weights, state["optimizer"])
         else:
             self.task.model.load_state_dict(weights)
+            self._match_saved_groups(folder, state["optimizer"])
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -384,6 +388,25 @@ class Trainer:
         if self.step:  # a mid-epoch checkpoint: the epoch's loss so far, so the epoch mean stays whole
             self.epoch_partial = (float(state.get("epoch_loss_sum", 0.0)), int(state.get("epoch_steps", 0)))
         set_rng_state(state["rng"])
+
+    def _match_saved_groups(self, folder: Path, saved: dict[str, Any]) -> None:
+        """Resume the optimizer with the parameter groups its checkpoint was saved with: a task whose grouping
+        changed in a newer maelab offers the old one (``legacy_groups``), which a run begun with it keeps; any
+        other mismatch is one line (torch said "loaded state dict contains a parameter group that doesn't
+        match the size of optimizer's group")."""
+        def sizes(groups) -> list[int]:
+            return [len(g["params"]) for g in groups]
+
+        if sizes(saved["param_groups"]) == sizes(self.optimizer.param_groups):
+            return
+        legacy = getattr(self.task, "legacy_groups", None)
+        if legacy is not None and sizes(legacy[0]) == sizes(saved["param_groups"]):
+            self.optimizer = self._optimizer_factory(legacy[0])
+            warnings.warn(f"checkpoint {folder} was saved by an earlier maelab: {legacy[1]}")
+            return
+        raise MaelabError(f"checkpoint {folder}'s optimizer has {len(saved['param_groups'])} parameter groups of "
+                          f"other sizes than this run's {len(self.optimizer.param_groups)} (saved by another maelab "
+                          f"version?): it cannot be resumed here; start over with another --out")
 
     def _check_same_run(self, folder: Path, state: dict[str, Any]) -> None:
         """What a resumed run learns must keep its meaning: the classes its head was trained on (a renamed or
@@ -395,6 +418,12 @@ class Trainer:
         def same_names(a: list, b: list) -> bool:  # a folder copied from macOS writes accents decomposed
             return [unicodedata.normalize("NFC", str(c)) for c in a] == [unicodedata.normalize("NFC", str(c)) for c in b]
 
+        if was.get("categories") is not None and now.get("categories") is not None \
+                and was["categories"] != json.loads(json.dumps(now["categories"])):  # detection: COCO ids and names
+            raise MaelabError(f"checkpoint {folder} was trained on other categories than the annotations now give "
+                              f"(ids and names; e.g. {was['categories'][:3]} against {now['categories'][:3]}): each "
+                              f"class output of the heads would change its meaning. Resume with the annotation files "
+                              f"the run began with, or start over with another --out")
         if was.get("classes") is not None and now.get("classes") is not None and not same_names(was["classes"],
                                                                                              now["classes"]):
             gone = [c for c in was["classes"] if c not in now["classes"]]
@@ -411,6 +440,13 @@ class Trainer:
                               f"meantime?): the head cannot go on with other features. Start over with another "
                               f"--out, with --init {Path(was['encoder_weights']).parent} to probe the encoder this "
                               f"run began with")
+        if was.get("encoder_digest") and now.get("encoder_digest") and was["encoder_digest"] != now["encoder_digest"]:
+            raise MaelabError(f"checkpoint {folder}'s head was trained on the features of {was['encoder_weights']}, "
+                              f"which now holds other weights (written again since): the head cannot go on with other "
+                              f"features. Start over with another --out")
+
+    def _warn_changed_images(self, folder: Path, state: dict[str, Any]) -> None:
+        """Said once the resume's refusals have passed (a count that also changed the steps per epoch is refused)."""
         images = getattr(getattr(self.feeder, "plan", None), "n", None)
         if state.get("images") and images and state["images"] != images:
             warnings.warn(f"checkpoint {folder} was trained on {state['images']} images and the data now has {images}: "

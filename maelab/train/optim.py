@@ -69,13 +69,15 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 # --- fine-tuning and linear probing ----------------------------------------------------------------
-def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+def layer_decay_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float,
+                       final_norm_on_top: bool = True) -> list[dict]:
     """Layer-wise lr decay (BEiT / MAE fine-tuning) with timm's ``param_groups_layer_decay``: block
     ``i`` of ``depth`` gets ``lr_scale = layer_decay ** (depth - i)``, the embeddings
     ``layer_decay ** (depth + 1)``, the head and its norm 1. ``set_lr`` applies ``lr_scale``. No weight
-    decay on 1-D parameters, tokens and position embeddings."""
+    decay on 1-D parameters, tokens and position embeddings. ``final_norm_on_top=False``: timm's own grouping
+    (the final norm in the last block's layer), which runs begun before 2026-12-07 were saved with."""
     no_decay = set(NO_DECAY) | set(getattr(model, "no_weight_decay", lambda: ())())
-    view = _FinalNormOnTop(model) if hasattr(model, "group_matcher") else model
+    view = _FinalNormOnTop(model) if final_norm_on_top and hasattr(model, "group_matcher") else model
     return param_groups_layer_decay(view, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
 
 

@@ -86,8 +86,8 @@ def check_fresh_start(saved_file: Path, config: dict[str, Any]) -> None:
     if len(extra) >= 2 or len(missing) > max(3, len(now) // 10):
         raise MaelabError(f"--out {saved_file.parent} holds a config.yaml that this command did not write (a run's "
                           f"config.yaml records every setting of its command): another command's run, or a file "
-                          f"of yours. Starting here would overwrite it and the metrics.jsonl beside it; choose "
-                          f"another --out")
+                          f"of yours (a preset kept there? keep it under another name). Starting here would "
+                          f"overwrite it and the metrics.jsonl beside it; choose another --out")
 
 
 def check_resume(saved_file: Path, config: dict[str, Any]) -> list[str]:

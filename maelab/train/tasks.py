@@ -62,6 +62,7 @@ class SupervisedTask:
     def __init__(self, model: torch.nn.Module, model_meta: dict[str, Any], groups: list[dict],
                  evaluate: Callable[[int, bool], dict[str, float]]):
         self.model, self._meta, self._groups, self.evaluate = model, model_meta, groups, evaluate
+        self.legacy_groups: tuple[list[dict], str] | None = None  # (groups, why): see Trainer.resume_from
         self.model.train()
 
     def param_groups(self) -> list[dict]:
