@@ -168,8 +168,8 @@ def atomic_path(path: str | Path, scratch_folder: bool = False):
             shutil.rmtree(box, ignore_errors=True)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | Path, data: bytes, scratch_folder: bool = False) -> None:
+    with atomic_path(path, scratch_folder) as tmp:
         Path(tmp).write_bytes(data)
 
 

@@ -25,7 +25,7 @@ from maelab.commands.session import Session, encoder_header
 from maelab.data.shards import prepare_any
 from maelab.errors import MaelabError
 from maelab.evaluate.features import extract_features, gather_split
-from maelab.io import atomic_write_bytes, check_output_file, read_weights, remove_stale_temps, save_weights
+from maelab.io import atomic_write_bytes, check_output_file, read_weights, save_weights
 from maelab.models.vit import describe
 
 FORMATS = (".npy", ".safetensors")
@@ -43,7 +43,6 @@ def write_features(out: Path, feats: torch.Tensor, labels: torch.Tensor | None, 
     (:func:`read_features` checks only the counts)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
-    remove_stale_temps(out.parent, out.name)  # a killed run's temp file of a .npy (GBs for ImageNet)
     written = []
     if out.suffix == ".npy":
         label_files = [_sidecar(out, ".labels.npy"), _sidecar(out, ".classes.txt")]
@@ -61,7 +60,7 @@ def write_features(out: Path, feats: torch.Tensor, labels: torch.Tensor | None, 
     if out.suffix == ".npy":
         buf = io.BytesIO()
         np.save(buf, feats.numpy().astype(np.float32))
-        atomic_write_bytes(out, buf.getvalue())
+        atomic_write_bytes(out, buf.getvalue(), scratch_folder=True)  # (a killed run's GBs removed by the next)
     else:
         tensors = {"features": feats.float().contiguous()}
         if labels is not None:

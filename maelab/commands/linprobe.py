@@ -29,9 +29,9 @@ from maelab.data.splits import load_splits
 from maelab.data.transforms import EvalTransform, PretrainTransform
 from maelab.data.workers import default_workers
 from maelab.errors import MaelabError
-from maelab.io import file_digest
 from maelab.evaluate.features import extract_features, gather_split
 from maelab.evaluate.metrics import evaluate_classifier
+from maelab.io import file_digest
 from maelab.models.heads import LinearProbeHead
 from maelab.models.vit import describe
 from maelab.train.budget import timed_pass

@@ -344,7 +344,8 @@ def predict(cfg) -> dict[str, Any]:
                 Image.fromarray(pred.astype(np.uint8 if spec.num_classes < 256 else np.uint16)).save(tmp, format="PNG")
             written.append(str(mask_path))
         save_segmentation_figure(out, images, preds, targets, list(spec.classes), [Path(p).name for p in paths])
-        others = sorted(f.name for f in masks_dir.glob("*.png") if str(f) not in set(written))
+        kept = set(written)
+        others = sorted(f.name for f in masks_dir.glob("*.png") if str(f) not in kept)
         if others:  # not deleted: the folder may hold what the user keeps there
             warnings.warn(f"{masks_dir} also holds {len(others)} mask(s) not of these images ({', '.join(others[:3])}"
                           f"{', ...' if len(others) > 3 else ''}), from an earlier predict into the same --out? "

@@ -173,8 +173,9 @@ def resolve_weights_path(path: str | Path) -> Path:
     latest = latest_checkpoint(p)
     if latest is None and (p / LATEST).is_file():  # the checkpoints/ folder itself
         latest = latest_checkpoint(p.parent)
-    if latest is not None and (pid := writer_of(latest.parent.parent)) is not None:
-        warnings.warn(f"{latest.parent.parent} is being trained by process {pid}: reading its newest checkpoint, {latest.name}, which "
+    run = latest.parent.parent if latest is not None else None
+    if run is not None and (pid := writer_of(run)) is not None:
+        warnings.warn(f"{run} is being trained by process {pid}: reading its newest checkpoint, {latest.name}, which "
                       f"that run will replace (name a checkpoint folder, e.g. {latest}, to read a fixed one)")
     if latest is None:
         # a recipe's steps (pretrain/, ...); an ablate sweep's (mask-ratio=0.75/pretrain, ...)

@@ -280,7 +280,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
             "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
-            "images": getattr(getattr(self.feeder, "plan", None), "n", None),
+            "images": self._images(),
             "rng": rng_state(), "epoch_loss_sum": self.epoch_partial[0], "epoch_steps": self.epoch_partial[1],
         }
 
@@ -434,20 +434,26 @@ class Trainer:
                               f"{len(now['classes'])} that differ ({change or 'another order'}): each output of the "
                               f"head would change its meaning. Resume with the class folders the run began with, "
                               f"or start over with another --out")
-        if was.get("encoder_weights") and now.get("encoder_weights") and was["encoder_weights"] != now["encoder_weights"]:
-            raise MaelabError(f"checkpoint {folder}'s head was trained on the features of {was['encoder_weights']}, "
-                              f"and --init now gives {now['encoder_weights']} (a run that trained on in the "
-                              f"meantime?): the head cannot go on with other features. Start over with another "
-                              f"--out, with --init {Path(was['encoder_weights']).parent} to probe the encoder this "
-                              f"run began with")
-        if was.get("encoder_digest") and now.get("encoder_digest") and was["encoder_digest"] != now["encoder_digest"]:
-            raise MaelabError(f"checkpoint {folder}'s head was trained on the features of {was['encoder_weights']}, "
-                              f"which now holds other weights (written again since): the head cannot go on with other "
-                              f"features. Start over with another --out")
+        if was.get("encoder_weights") and now.get("encoder_weights"):
+            moved = was["encoder_weights"] != now["encoder_weights"]
+            rewritten = bool(was.get("encoder_digest") and now.get("encoder_digest")) \
+                and was["encoder_digest"] != now["encoder_digest"]
+            if moved or rewritten:
+                why = (f"and --init now gives {now['encoder_weights']} (a run that trained on in the meantime?)"
+                       if moved else "which now holds other weights (written again since)")
+                hint = (f", with --init {Path(was['encoder_weights']).parent} to probe the encoder this run began with"
+                        if moved else "")
+                raise MaelabError(f"checkpoint {folder}'s head was trained on the features of {was['encoder_weights']}, "
+                                  f"{why}: the head cannot go on with other features. Start over with another "
+                                  f"--out{hint}")
+
+    def _images(self) -> int | None:
+        """The number of images an epoch plans (None for a feeder without a plan)."""
+        return getattr(getattr(self.feeder, "plan", None), "n", None)
 
     def _warn_changed_images(self, folder: Path, state: dict[str, Any]) -> None:
         """Said once the resume's refusals have passed (a count that also changed the steps per epoch is refused)."""
-        images = getattr(getattr(self.feeder, "plan", None), "n", None)
+        images = self._images()
         if state.get("images") and images and state["images"] != images:
             warnings.warn(f"checkpoint {folder} was trained on {state['images']} images and the data now has {images}: "
                           f"the run goes on with them, but it is no longer the run one uninterrupted command would "
