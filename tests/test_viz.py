@@ -375,6 +375,14 @@ def test_visualize_of_a_one_channel_mae_says_why_it_cannot_draw(tmp_path, capsys
     assert "takes 1-channel images; maelab reads every image as 3-channel RGB" in capsys.readouterr().err
 
 
+def test_reconstruct_of_a_one_channel_mae_is_refused_not_tinted():
+    """reconstruct() undid ImageNet's three channel statistics on a grey model's output: its pictures came out
+    tinted (a grey 0 became (0.49, 0.46, 0.41)), without a word."""
+    model = MaskedAutoencoder(img_size=(16, 16), in_chans=1, **TINY)
+    with pytest.raises(MaelabError, match="takes 1-channel images; reconstruction pictures are drawn in RGB"):
+        reconstruct(model, torch.zeros(1, 1, 16, 16), 0.75)
+
+
 def test_pictures_of_a_block_or_grid_run_show_its_own_masks():
     """Pictures always drew random masks: a run trained on blocks showed scattered patches, titled as if
     they were its masks."""

@@ -67,6 +67,9 @@ def reconstruct(model, images: torch.Tensor, mask_ratio: float, seed: int = 0,
         raise MaelabError(f"images must be a tensor of shape (N, 3, H, W), got {type(images).__name__}")
     if images.ndim == 3:
         images = images.unsqueeze(0)
+    if model.in_chans != 3:  # denormalize() undoes ImageNet's RGB statistics: a grey image came out tinted
+        raise MaelabError(f"this MAE takes {model.in_chans}-channel images; reconstruction pictures are drawn in "
+                          f"RGB with ImageNet's statistics, so they need a 3-channel model")
     device, dtype = _model_device_dtype(model)
     imgs = images.detach().to(device=device, dtype=torch.float32)  # full precision for display
     images = imgs.to(dtype)
