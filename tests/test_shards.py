@@ -433,3 +433,37 @@ def test_shards_without_labels_are_named_as_such_by_the_labelled_commands(folder
     with pytest.raises(MaelabError, match=r"needs a class label for every sample, but 3 sample\(s\) of its shards "
                                           r"have no .cls"):
         labelled_split(str(tmp_path / "nocls-0000.tar"))
+
+
+def test_a_resume_whose_process_count_changes_the_epoch_names_the_process_count(shard_dir, tmp_path, capsys):
+    """Shards go to the processes whole, so with an uneven last shard each process count gives its own epoch
+    length: a 2-process run resumed by 1 process was refused with "is it the same dataset?", which sends a
+    user requeued on fewer nodes looking for corrupt data. (The state is edited to say what a 2-process run's
+    would: one process on 2 cores cannot run a torchrun pair in the default suite's time.)"""
+    args = ["pretrain", "--data", str(shard_dir), "--model", "mae_vit_tiny_patch4", "--decoder-depth", "1",
+            "--img-size", "16", "--batch-size", "4", "--epochs", "2", "--vis-every", "0", "--device", "cpu",
+            "--num-workers", "0", "--out", str(tmp_path / "run")]
+    assert main([*args, "--epochs", "1"]) == 0
+    last = ckpt.latest_checkpoint(tmp_path / "run")
+    state = torch.load(last / ckpt.STATE, weights_only=True)
+    assert state["world"] == 1  # recorded from now on
+    state.update(world=2, steps_per_epoch=state["steps_per_epoch"] - 1)
+    torch.save(state, last / ckpt.STATE)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "these shards give 9 with 1 process(es)" in err and "resume with 2 process(es)" in err
+    assert "same dataset" not in err
+    del state["world"]  # a checkpoint from before the count was recorded
+    torch.save(state, last / ckpt.STATE)
+    assert main(args) == 2
+    assert "resume with the number of processes it was trained with" in capsys.readouterr().err
+    # every process compares the same checkpoint: said by rank 0 alone under torchrun, not once per process
+    cfg = build_config(PretrainConfig, dict(data=str(shard_dir), out=str(tmp_path / "run"), model="mae_vit_tiny_patch4",
+                                            decoder_depth=1, img_size=[16], batch_size=4, epochs=2, vis_every=0,
+                                            device="cpu", num_workers=0))
+    with pytest.raises(SameOnEveryRank, match="steps per epoch"):
+        run_pretrain(cfg)
+    cfg.data.batch_size = 2
+    with pytest.raises(SameOnEveryRank, match="global batch of 4"):
+        run_pretrain(cfg)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 import yaml
 
 from maelab.data.loader import Batch, Feeder
-from maelab.errors import MaelabError, RunInterrupted
+from maelab.errors import MaelabError, RunInterrupted, same_on_every_rank
 from maelab.io import atomic_write_bytes, remove_stale_temps
 from maelab.models.attention import fused_attention_wanted, set_attention_kernel
 from maelab.models.state_dicts import check_state_dict
@@ -279,7 +279,7 @@ class Trainer:
             "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else {},
             "epoch": self.epoch, "step": self.step, "global_step": self.global_step,
-            "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
+            "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch, "world": self.info.world,
             "images": self._images(),
             "rng": rng_state(), "epoch_loss_sum": self.epoch_partial[0], "epoch_steps": self.epoch_partial[1],
         }
@@ -335,7 +335,8 @@ class Trainer:
         settings = dataclasses.asdict(config)
         changes: list[str] = []
         if resume is not None:
-            changes = check_resume(Path(resume).parent.parent / "config.yaml", settings)
+            with same_on_every_rank():  # every process compares the same two configs: said once
+                changes = check_resume(Path(resume).parent.parent / "config.yaml", settings)
             self.resume_from(resume)
         elif not (lock is not None and lock.deferred):  # (a deferred lock: the folder was not there at start)
             check_fresh_start(self.run_dir / "config.yaml", settings)
@@ -366,15 +367,15 @@ class Trainer:
 
     def resume_from(self, folder: Path) -> None:
         weights, state = ckpt.read_checkpoint(folder)
-        check_state_dict(self.task.model, weights, f"checkpoint {folder}")
-        self._check_same_run(folder, state)
-        if state["global_batch"] != self.global_batch:
-            raise MaelabError(
-                f"checkpoint {folder} was trained with a global batch of {state['global_batch']}, this run "
-                f"has {self.global_batch} (batch size x accumulation x processes must stay the same to resume)")
-        if state["steps_per_epoch"] != self.steps_per_epoch:
-            raise MaelabError(f"checkpoint {folder} had {state['steps_per_epoch']} steps per epoch, this data "
-                              f"gives {self.steps_per_epoch}: is it the same dataset?")
+        with same_on_every_rank():  # every process compares the same checkpoint: a torchrun job says it once
+            check_state_dict(self.task.model, weights, f"checkpoint {folder}")
+            self._check_same_run(folder, state)
+            if state["global_batch"] != self.global_batch:
+                raise MaelabError(
+                    f"checkpoint {folder} was trained with a global batch of {state['global_batch']}, this run "
+                    f"has {self.global_batch} (batch size x accumulation x processes must stay the same to resume)")
+            if state["steps_per_epoch"] != self.steps_per_epoch:
+                raise MaelabError(self._epoch_length_changed(folder, state))
         self._warn_changed_images(folder, state)
         if is_sharded(self.task.model):  # the single-process format, whichever way it was saved
             load_full_state(self.task.model, self.optimizer, weights, state["optimizer"])
@@ -388,6 +389,23 @@ class Trainer:
         if self.step:  # a mid-epoch checkpoint: the epoch's loss so far, so the epoch mean stays whole
             self.epoch_partial = (float(state.get("epoch_loss_sum", 0.0)), int(state.get("epoch_steps", 0)))
         set_rng_state(state["rng"])
+
+    def _epoch_length_changed(self, folder: Path, state: dict[str, Any]) -> str:
+        """Why an epoch's length changed. Shards go to the processes whole, so with an uneven last shard each
+        number of processes gives its own epoch length (the smallest share sets it): "is it the same
+        dataset?" sent a job requeued on fewer nodes looking for corrupt data."""
+        was, now = state["steps_per_epoch"], self.steps_per_epoch
+        saved_world = state.get("world")  # recorded since 2026-12-07
+        if not hasattr(getattr(self.feeder, "plan", None), "rank_shards"):  # folder data: world-independent
+            return f"checkpoint {folder} had {was} steps per epoch, this data gives {now}: is it the same dataset?"
+        trained = f"{saved_world} process(es)" if saved_world else "the number of processes it was trained with"
+        if saved_world is not None and saved_world == self.info.world:
+            return (f"checkpoint {folder} had {was} steps per epoch, these shards give {now} with the same "
+                    f"{saved_world} process(es): are they the same shards?")
+        return (f"checkpoint {folder} had {was} steps per epoch; these shards give {now} with {self.info.world} "
+                f"process(es) (each process reads whole shards and the smallest share sets an epoch's length, so "
+                f"shards of uneven sizes give each number of processes its own): resume with {trained}, or write "
+                f"the shards so that every process gets as many samples (maelab shards make --shard-size)")
 
     def _match_saved_groups(self, folder: Path, saved: dict[str, Any]) -> None:
         """Resume the optimizer with the parameter groups its checkpoint was saved with: a task whose grouping
