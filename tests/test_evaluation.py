@@ -691,6 +691,21 @@ def test_linprobe_with_augmentation_end_to_end(dataset, mae_ckpt, tmp_path):
     assert (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()
 
 
+def test_a_probe_head_given_as_an_encoder_names_the_weights_it_probed(dataset, mae_ckpt, tmp_path, capsys):
+    """The refusal named the probe's --init: a run folder's --init now gives its newest checkpoint, which may
+    have trained on since. It names the weights file the head was trained on (here behind a link, as --init)."""
+    init = tmp_path / "latest.safetensors"
+    init.symlink_to(mae_ckpt)
+    out = tmp_path / "lp"
+    assert main(["linprobe", "--init", str(init), "--data", str(dataset / "train"), "--epochs", "1",
+                 "--batch-size", "6", "--out", str(out), *QUIET]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(out), str(tmp_path / "lp.safetensors"), "--to", "timm"]) == 2
+    assert f"point at the encoder it probed ({mae_ckpt.resolve()})" in capsys.readouterr().err
+    assert main(["knn", "--init", str(out), "--data", str(dataset / "train")]) == 2
+    assert f"point at the encoder it probed ({mae_ckpt.resolve()})" in capsys.readouterr().err
+
+
 def test_knn_end_to_end_separates_coloured_classes(dataset, mae_ckpt, tmp_path, capsys):
     out = tmp_path / "knn.json"
     assert main(["knn", "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--global-pool", "avg",

@@ -179,6 +179,32 @@ def test_head_counts_survive_the_official_and_timm_layouts(tmp_path):
     assert "attention heads: 1 encoder, 1 decoder (the paper's table for these widths" in " ".join(meta["notes"])
 
 
+def test_convert_num_heads_gives_the_heads_of_a_file_that_does_not_record_them(tmp_path, capsys):
+    """`convert --num-heads 4` of an official .pth wrote the paper's table's count (1 for width 64) without a word,
+    though the docs say convert takes it; a count contradicting a file's own record is refused."""
+    from maelab.cli import main
+    from maelab.interop.mae_weights import load_mae, save_mae
+
+    model = MaskedAutoencoder(**dict(TINY, num_heads=4, decoder_num_heads=8))
+    torch.save({"model": model.state_dict()}, tmp_path / "bare.pth")  # the official code's: no head counts
+    assert main(["convert", str(tmp_path / "bare.pth"), str(tmp_path / "m.safetensors"), "--to", "maelab",
+                 "--num-heads", "4"]) == 0
+    back, _ = load_mae(tmp_path / "m.safetensors")
+    assert back.init_kwargs["num_heads"] == 4
+    out = capsys.readouterr().out
+    assert "1 decoder (the paper's table" in out and "4 encoder" not in out  # given, not assumed
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():  # the decoder's heads are assumed (1 of 8): only the encoder is compared
+        assert torch.equal(back.forward_encoder(x, 0.75, noise=noise)[0], model.forward_encoder(x, 0.75, noise=noise)[0])
+    save_mae(model, tmp_path / "own.safetensors")
+    for src in ("own.safetensors", "m.safetensors"):
+        assert main(["convert", str(tmp_path / src), str(tmp_path / "x.pth"), "--to", "official", "--num-heads", "2"]) == 2
+        assert "records 4 encoder attention heads, not 2: leave --num-heads out" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "bare.pth"), str(tmp_path / "y.pth"), "--to", "official",
+                 "--num-heads", "3"]) == 2
+    assert "not divisible" in capsys.readouterr().err  # width 64, 3 heads: one line, not timm's assertion
+
+
 def test_infer_architecture_reads_paper_sizes_from_shapes():
     # ViT-L/16 + reference decoder, shapes only (meta tensors: nothing allocated, so the position table
     # cannot show its grid: the size to try is given, and taken because its grid has the table's rows).

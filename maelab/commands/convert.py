@@ -92,7 +92,7 @@ def convert(src: str | Path, out: str | Path, to: str, global_pool: str | None =
         for note in classifier[1].get("notes", []):
             print(f"maelab convert: {note}", flush=True)
         return convert_classifier(src, *classifier, out, to, global_pool)
-    model, meta = load_mae(src, img_size=img_size)
+    model, meta = load_mae(src, img_size=img_size, num_heads=num_heads)
     for note in meta.get("notes", []):
         print(f"maelab convert: {note}", flush=True)
     if to != "timm" and not (to == "official" and not include_decoder):

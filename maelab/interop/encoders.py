@@ -18,7 +18,7 @@ import torch.nn as nn
 from maelab.errors import MaelabError, SameOnEveryRank
 from maelab.interop.formats import TORCH, check_weights_file, maelab_file, read_record
 from maelab.interop.huggingface import load_hf_pretrained_dir
-from maelab.interop.mae_weights import load_mae
+from maelab.interop.mae_weights import load_mae, probed_encoder
 from maelab.interop.official import classify_official, infer_mae_architecture, read_official
 from maelab.io import read_weights
 from maelab.models.checks import pair
@@ -107,7 +107,7 @@ def _read_encoder(p: Path, num_heads: int | None, img_size: tuple[int, int] | No
         return _from_vit_state_dict(weights, "maelab-finetune", str(weights_path), vit_arch(meta["vit"]))
     if arch_name == "linprobe":
         raise MaelabError(f"{weights_path} is a linear-probe head; point at the encoder it probed "
-                          f"({meta.get('init', 'see its config.yaml')})")
+                          f"({probed_encoder(meta)})")
     if arch_name is not None:
         raise MaelabError(f"{weights_path} holds a {arch_name!r} model, not a ViT encoder")
     return _from_vit_state_dict(weights, "timm", str(weights_path), num_heads=num_heads,

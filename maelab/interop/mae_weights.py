@@ -36,6 +36,12 @@ NEEDS_MAE = ("reconstructions and the maelab / official / hf formats need an MAE
              "`maelab pretrain` run, an official MAE .pth, a Hugging Face ViTMAE folder)")
 
 
+def probed_encoder(meta: dict[str, Any]) -> str:
+    """The encoder a linear-probe head was trained on: the weights file it read (its ``--init`` may name a run
+    that has trained on since, whose newest checkpoint is another encoder)."""
+    return meta.get("encoder_weights") or meta.get("init") or "see its config.yaml"
+
+
 def not_an_mae(path: str | Path, meta: dict[str, Any], weights: dict[str, torch.Tensor] | None = None) -> MaelabError:
     """The error for a weights file that holds no Masked Autoencoder: what it is and what it is good for."""
     arch = meta.get("arch")
@@ -49,8 +55,7 @@ def not_an_mae(path: str | Path, meta: dict[str, Any], weights: dict[str, torch.
                            f"`maelab convert {path} OUT.safetensors --to timm`; {NEEDS_MAE}")
     if arch == "linprobe":
         return MaelabError(f"{path} is a linear-probe head (BatchNorm + Linear on frozen features), not an MAE: it "
-                           f"holds no encoder or decoder; point at the encoder it probed "
-                           f"({meta.get('init') or 'see its config.yaml'})")
+                           f"holds no encoder or decoder; point at the encoder it probed ({probed_encoder(meta)})")
     if arch is not None:
         return MaelabError(f"{path} holds a maelab {arch!r} model, not an MAE; {NEEDS_MAE}")
     keys = sorted(weights or {})
@@ -70,15 +75,18 @@ def not_an_mae(path: str | Path, meta: dict[str, Any], weights: dict[str, torch.
                        f"parameter names{': ' + shown if shown else ''})")
 
 
-def _mae_from_state_dict(sd: dict[str, torch.Tensor], record: dict[str, Any] | None,
-                         notes: list[str], img_size: tuple[int, int] | None = None) -> tuple[MaskedAutoencoder, str]:
+def _mae_from_state_dict(sd: dict[str, torch.Tensor], record: dict[str, Any] | None, notes: list[str],
+                         img_size: tuple[int, int] | None = None, num_heads: int | None = None
+                         ) -> tuple[MaskedAutoencoder, str]:
     """An official-layout state dict -> (model shaped like it, loaded strictly; "full" / "encoder" / "finetuned").
-    ``img_size``: the size of a file that records none and whose position table does not show its grid."""
+    ``img_size``: the size of a file that records none and whose position table does not show its grid;
+    ``num_heads``: the encoder's heads (else the record's, else the paper's table)."""
     kind = classify_official(sd)
-    kwargs = infer_mae_architecture(sd, img_size=img_size, record=record, notes=notes)
+    kwargs = infer_mae_architecture(sd, img_size=img_size, num_heads=num_heads, record=record, notes=notes)
     model = MaskedAutoencoder(**kwargs)
+    given = {"num_heads"} if num_heads is not None else set()
     assumed = [f"{kwargs[k]} {what}" for k, what in (("num_heads", "encoder"), ("decoder_num_heads", "decoder"))
-               if k in kwargs and k not in (record or {})]
+               if k in kwargs and k not in (record or {}) and k not in given]
     if assumed:  # files maelab wrote record them
         notes.append(f"attention heads: {', '.join(assumed)} (the paper's table for these widths; the file does not "
                      f"record them)")
@@ -101,15 +109,21 @@ def save_mae(model: MaskedAutoencoder, path: str | Path, preset: str | None = No
     return path
 
 
-def load_mae(path: str | Path, device: str | torch.device = "cpu",
-             img_size: int | tuple[int, int] | None = None) -> tuple[MaskedAutoencoder, dict[str, Any]]:
+def load_mae(path: str | Path, device: str | torch.device = "cpu", img_size: int | tuple[int, int] | None = None,
+             num_heads: int | None = None) -> tuple[MaskedAutoencoder, dict[str, Any]]:
     """(model in eval mode, its metadata) from a run folder, checkpoint folder, weights file (maelab
     safetensors, or an official-layout ``.pth`` / safetensors), or a Hugging Face ViTMAE folder. The
     file format is recognised by content, not by name. Official files that lack the decoder load into
     the encoder (``meta["kind"]`` is then ``"encoder"`` or ``"finetuned"``; see :func:`require_decoder`).
-    ``img_size`` other than the checkpoint's gives the resized model (:func:`resize_mae`); what loading
-    did is listed in ``meta["notes"]``."""
-    model, meta = _load_mae(Path(path).expanduser(), None if img_size is None else pair(img_size))
+    ``img_size`` other than the checkpoint's gives the resized model (:func:`resize_mae`); ``num_heads``: the
+    encoder's attention heads, for an official file that does not record them (a count contradicting a
+    file's own record is refused); what loading did is listed in ``meta["notes"]``."""
+    if num_heads is not None and num_heads < 1:
+        raise MaelabError(f"--num-heads must be at least 1, got {num_heads}")
+    model, meta = _load_mae(Path(path).expanduser(), None if img_size is None else pair(img_size), num_heads)
+    heads = int(model.blocks[0].attn.num_heads)
+    if num_heads is not None and heads != num_heads:  # maelab / HF files record theirs (official: checked on reading)
+        raise MaelabError(f"{path} records {heads} encoder attention heads, not {num_heads}: leave --num-heads out")
     notes = meta.setdefault("notes", [])
     if img_size is not None and tuple(pair(img_size)) != tuple(model.img_size):
         old = model.img_size
@@ -119,10 +133,11 @@ def load_mae(path: str | Path, device: str | torch.device = "cpu",
     return model.to(device).eval(), meta
 
 
-def _load_mae(p: Path, img_size: tuple[int, int] | None = None) -> tuple[MaskedAutoencoder, dict[str, Any]]:
+def _load_mae(p: Path, img_size: tuple[int, int] | None = None,
+              num_heads: int | None = None) -> tuple[MaskedAutoencoder, dict[str, Any]]:
     notes: list[str] = []
     if p.is_file() and check_weights_file(p) == TORCH:
-        model, kind = _mae_from_state_dict(*read_official(p), notes, img_size)
+        model, kind = _mae_from_state_dict(*read_official(p), notes, img_size, num_heads)
         return model, {"arch": "mae", "preset": None, "source": "official", "kind": kind, "notes": notes}
     if p.is_dir() and (p / "config.json").is_file():
         model, kind = load_hf_folder(p)
@@ -135,6 +150,6 @@ def _load_mae(p: Path, img_size: tuple[int, int] | None = None) -> tuple[MaskedA
         model.load_state_dict(weights)
         return model, meta
     if not meta and any(k.startswith("decoder_blocks.") for k in weights):  # official layout saved as safetensors
-        model, kind = _mae_from_state_dict(weights, read_record(weights_path), notes, img_size)
+        model, kind = _mae_from_state_dict(weights, read_record(weights_path), notes, img_size, num_heads)
         return model, {"arch": "mae", "preset": None, "source": "official", "kind": kind, "notes": notes}
     raise not_an_mae(p, meta, weights)

@@ -28,5 +28,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "table does not show its grid (timm / official files written elsewhere); an MAE that records "
                         "another size is converted with its position tables resized to this one")
     p.add_argument("--num-heads", type=int, default=None,
-                   help="attention heads of an official / timm classifier (not stored in those files; default: the "
-                        "paper's table for its width)")
+                   help="encoder attention heads of a file that does not record them (an official .pth or timm "
+                        "classifier; default: the paper's table for its width); a count contradicting the file's own "
+                        "record is refused")
