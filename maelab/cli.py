@@ -188,10 +188,22 @@ def _output_closed() -> int:
     return 128 + signal.SIGPIPE
 
 
+def innermost_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub-)command ``args`` were parsed for, e.g. `segment eval`'s."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        chosen = getattr(args, subs[0].dest, None) if subs else None
+        if chosen not in (subs[0].choices if subs else {}):
+            return parser
+        parser = subs[0].choices[chosen]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    args = parser.parse_args(negative_values_joined(parser, argv))
+    args, unknown = parser.parse_known_args(negative_values_joined(parser, argv))
+    if unknown:  # said with the usage of the command that was given (argparse: the top level's, no flags)
+        innermost_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread: signals stay as they are

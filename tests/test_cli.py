@@ -31,8 +31,8 @@ def _one_clear_line(err: str):
 
 @pytest.mark.parametrize("extra,message", [
     (["--img-size", "30"], "not divisible by the patch size"),
-    (["--mask-ratio", "1.0"], "mask ratio (--mask-ratio) must be in [0, 1)"),
-    (["--mask-ratio", "-0.5"], "mask ratio (--mask-ratio) must be in [0, 1)"),
+    (["--mask-ratio", "1.0"], "mask ratio (--mask-ratio) must be in (0, 1)"),
+    (["--mask-ratio", "-0.5"], "mask ratio (--mask-ratio) must be in (0, 1)"),
     (["--model", "mae_vit_gigantic"], "unknown model"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--save-every", "-2"], "--save-every must be at least 1"),  # kept a checkpoint every epoch
@@ -75,6 +75,22 @@ def test_unknown_flag_is_rejected_by_the_parser(capsys):
         main(["pretrain", "--no-such-flag", "1"])
     assert e.value.code == 2
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, usage", [
+    (["knn", "--bogus"], "usage: maelab knn "),
+    (["detect", "eval", "--val-ann", "a.json"], "usage: maelab detect eval "),  # train's flag: eval's are listed
+    (["segment", "eval", "--pictures", "2"], "usage: maelab segment eval "),  # training's: it did nothing here
+    (["segment", "predict", "--hflip"], "usage: maelab segment predict "),
+])
+def test_an_unknown_flag_is_said_with_the_usage_of_the_command_given(argv, usage, capsys):
+    """argparse said it under the top level's usage ("maelab [-h] [--version] <command> ..."), which lists no
+    flag of the command that was typed. segment eval / predict listed training's flags and ignored them."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    flag = next(a for a in argv if a.startswith("--"))
+    assert e.value.code == 2 and err.startswith(usage) and f"unrecognized arguments: {flag}" in err
 
 
 # `maelab ...`, `python -m maelab.cli ...` or `torchrun ... -m maelab.cli ...`, after any VAR=value
@@ -569,7 +585,7 @@ def test_what_every_process_meets_before_joining_the_job_is_said_once(capsys, tm
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setenv("LOCAL_RANK", rank)  # one node
         assert main(["pretrain", "--data", str(tmp_path / "data"), "--mask-ratio", "1.5"]) == 2
-        assert ("maelab: error: mask ratio (--mask-ratio) must be in [0, 1)" in capsys.readouterr().err) == said
+        assert ("maelab: error: mask ratio (--mask-ratio) must be in (0, 1)" in capsys.readouterr().err) == said
         assert main(["pretrain", "--data", str(tmp_path / "data"), "--mask-ratio", "0.999", "--mask-type", "grid",
                      "--out", str(tmp_path / "r")]) == 2
         err = capsys.readouterr().err

@@ -758,6 +758,8 @@ def test_features_end_to_end_with_paths(dataset, mae_ckpt, tmp_path, suffix):
     got = read_features(out)
     assert got["features"].shape == (12, 32) and len(got["paths"]) == 12
     assert got["classes"] == ["class0", "class1", "class2"] and got["labels"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    if suffix == ".safetensors":  # the header records what ran, as every command's results do
+        assert (got["meta"]["device"], got["meta"]["precision"]) == ("cpu", "fp32")
     first = np.asarray(Image.open(got["paths"][0]), dtype=np.float32) / 255.0
     from maelab.data.transforms import normalize
 

@@ -21,7 +21,7 @@ import torch
 
 from maelab.commands.options.features import FeaturesConfig
 from maelab.commands.options.sections import check_data_numbers
-from maelab.commands.session import Session, encoder_header
+from maelab.commands.session import Session, device_name, encoder_header
 from maelab.data.shards import prepare_any
 from maelab.errors import MaelabError
 from maelab.evaluate.features import extract_features, gather_split
@@ -135,7 +135,7 @@ def run(cfg: FeaturesConfig) -> dict[str, Any]:
             rows, names = index.tolist(), images.names()
             paths = [names[i] for i in rows]
             meta = {"init": cfg.model.init, "source": enc.source if enc else "none", "global_pool": cfg.model.global_pool,
-                    "encoder": describe(dict(arch, img_size=size)), "root": images.root, "precision": s.precision}
+                    "encoder": describe(dict(arch, img_size=size)), "root": images.root, "device": device_name(s.device), "precision": s.precision}
             if images.sources is not None:  # shard samples: where each one is inside its shard, too
                 meta["members"] = [images.paths[i] for i in rows]
             written = write_features(out, feats, labels if images.classes else None, paths, images.classes, meta)

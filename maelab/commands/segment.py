@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from maelab.commands.options.segment import SUBCOMMANDS, SegDataConfig, SegEvalConfig, SegModelConfig
+from maelab.commands.options.segment import (SUBCOMMANDS, SegDataConfig, SegEvalConfig, SegInferenceConfig,
+                                             SegModelConfig, SegSplitConfig)
 from maelab.commands.options.sections import at_least, check_run_numbers, check_schedule
 from maelab.commands.session import Session, device_name, encoder_header, epoch_results
 from maelab.config import config_from_args
@@ -58,27 +59,27 @@ def run(args: argparse.Namespace):
 
 
 # --- shared pieces ---------------------------------------------------------------------------------
-def spec_of(data: SegDataConfig) -> LabelSpec:
+def spec_of(data: SegSplitConfig) -> LabelSpec:
     return label_spec(data.dataset, data.num_classes, data.ignore_value)
 
 
-def check_data(data: SegDataConfig) -> None:
+def check_data(data: SegSplitConfig) -> None:
     at_least(batch_size=(data.batch_size, 1), limit_images=(data.limit_images, 0))
     default_workers(data.num_workers)
     if data.base_size is not None:
         at_least(base_size=(data.base_size, 1))
-    r = data.ratio_range
-    if len(r) != 2 or not 0 < r[0] <= r[1]:
+    if isinstance(data, SegDataConfig) and (len(r := data.ratio_range) != 2 or not 0 < r[0] <= r[1]):
         raise MaelabError(f"--ratio-range takes two numbers 0 < low <= high, got {r}")
 
 
-def check_eval(ev: SegEvalConfig) -> None:
-    at_least(eval_every=(ev.eval_every, 1), pictures=(ev.pictures, 0))
+def check_eval(ev: SegInferenceConfig) -> None:
+    if isinstance(ev, SegEvalConfig):  # training's
+        at_least(eval_every=(ev.eval_every, 1), pictures=(ev.pictures, 0))
     if ev.eval_stride is not None and (len(ev.eval_stride) not in (1, 2) or min(ev.eval_stride) < 1):
         raise MaelabError(f"--eval-stride takes one or two positive numbers, got {ev.eval_stride}")
 
 
-def split_items(data: SegDataConfig, spec: LabelSpec, which: str, seed: int) -> SegList:
+def split_items(data: SegSplitConfig, spec: LabelSpec, which: str, seed: int) -> SegList:
     if not data.data:
         raise MaelabError("--data is required: the dataset root (CamVid or ADE20K layout)")
     name = (data.train_split if which == "train" else data.val_split) or spec.splits[0 if which == "train" else 1]
@@ -86,7 +87,7 @@ def split_items(data: SegDataConfig, spec: LabelSpec, which: str, seed: int) -> 
         return scan_segmentation(data.data, name, spec, data.limit_images, seed)
 
 
-def inference_settings(ev: SegEvalConfig, crop: tuple[int, int], base_size: int | None) -> dict[str, Any]:
+def inference_settings(ev: SegInferenceConfig, crop: tuple[int, int], base_size: int | None) -> dict[str, Any]:
     stride = pair(ev.eval_stride) if ev.eval_stride else (max(1, crop[0] * 2 // 3), max(1, crop[1] * 2 // 3))
     return dict(mode=ev.eval_mode, base_size=base_size or min(crop), crop=crop, stride=stride)
 
@@ -132,7 +133,7 @@ def load_segmenter(path: str) -> tuple[UPerNetSegmenter, dict[str, Any], LabelSp
     return model.eval(), meta, spec
 
 
-def check_same_spec(trained: LabelSpec, data: SegDataConfig) -> LabelSpec:
+def check_same_spec(trained: LabelSpec, data: SegSplitConfig) -> LabelSpec:
     """Evaluation labels are read as the model was trained on them; a --dataset other than the default
     (camvid) that reads them differently is an error, not a silently wrong mIoU."""
     if data.dataset != "camvid" or data.num_classes is not None:

@@ -35,31 +35,43 @@ class SegModelConfig:
 
 
 @dataclass
-class SegDataConfig:
+class SegSplitConfig:
+    """The data of one split, as evaluation reads it."""
     data: str = option("", "dataset root: <split>/images + <split>/labels (CamVid) or images/<split> + "
                        "annotations/<split> (ADE20K)")
     dataset: str = option("camvid", "what label values mean: camvid (0-10, 11 = void), ade20k (1-150, 0 = ignored) "
                           "or custom (--num-classes, --ignore-value)", choices=("camvid", "ade20k", "custom"))
     num_classes: int | None = option(None, "classes of a custom dataset (labels 0..N-1)")
     ignore_value: int | None = option(None, "label value ignored in a custom dataset")
-    train_split: str | None = option(None, "training split name (default: train, or training for ADE20K)")
     val_split: str | None = option(None, "validation split name (default: val, or validation for ADE20K)")
     batch_size: int = option(8, "images per process per (micro-)batch (at least 2: the head uses BatchNorm)")
     num_workers: int = option(-1, "data-loading processes; -1 = one per CPU core, at most 8")
     limit_images: int = option(0, "a fixed seeded random subset of N images of each split (0 = all); for quick runs")
     base_size: int | None = option(None, "short side the images are resized to before the random ratio, and for "
                                      "evaluation (default: the crop's short side; ADE20K recipe 512)")
+
+
+@dataclass
+class SegDataConfig(SegSplitConfig):
+    """Training's data: the evaluation split's settings, the training split and its augmentation (eval and
+    predict do not take these: they listed them and did nothing with them)."""
+    train_split: str | None = option(None, "training split name (default: train, or training for ADE20K)")
     ratio_range: list[float] = option([0.5, 2.0], "random resize: base size x a ratio drawn from this range")
     hflip: bool = option(True, "random horizontal flip")
     photometric: bool = option(True, "random brightness / contrast / saturation / hue (mmseg PhotoMetricDistortion)")
 
 
 @dataclass
-class SegEvalConfig:
+class SegInferenceConfig:
     eval_mode: str = option("whole", "inference: the whole image at once, or sliding crop-sized windows",
                             choices=SEGMENT_MODES)
     eval_stride: list[int] | None = option(None, "sliding-window stride in pixels (default: 2/3 of the crop, "
                                              "as 341 for 512)")
+
+
+@dataclass
+class SegEvalConfig(SegInferenceConfig):
+    """Inference, and when training evaluates and draws."""
     eval_every: int = option(1, "evaluate on the validation split every N epochs (and always after the last)")
     pictures: int = option(4, "validation images drawn at the end of training (0 = none)")
 
@@ -105,10 +117,10 @@ class PredictRunConfig(ProcessConfig):
 
 TrainConfig = command_config("SegmentTrainConfig", __name__, model=SegModelConfig, data=SegDataConfig,
                              eval=SegEvalConfig, optim=SegOptimConfig, run=SegTrainRunConfig)
-EvalConfig = command_config("SegmentEvalConfig", __name__, weights=SegCheckpointConfig, data=SegDataConfig,
-                            eval=SegEvalConfig, run=EvalRunConfig)
+EvalConfig = command_config("SegmentEvalConfig", __name__, weights=SegCheckpointConfig, data=SegSplitConfig,
+                            eval=SegInferenceConfig, run=EvalRunConfig)
 PredictCommandConfig = command_config("SegmentPredictConfig", __name__, weights=SegCheckpointConfig,
-                                      predict=PredictConfig, eval=SegEvalConfig,
+                                      predict=PredictConfig, eval=SegInferenceConfig,
                                       run=PredictRunConfig)
 SUBCOMMANDS = {"train": TrainConfig, "eval": EvalConfig, "predict": PredictCommandConfig}
 SUB_HELP = {"train": "train UPerNet on the encoder (resumes a run found in --out)",

@@ -24,5 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default="train", help="shard file names: PREFIX-0000.tar, ... (default: train)")
     p.add_argument("--seed", type=int, default=0, help="seed of the order the images are packed in")
     p.add_argument("--bad-files", default="error", choices=("error", "skip"),
-                   help="skip: leave out files that fail a quick probe (as for folders); error: pack them as they are")
+                   help="error (default): pack every file's bytes as they are, unchecked (a sample that cannot be decoded "
+                        "is met when training reads it, which then stops naming it or, with --bad-files skip, "
+                        "replaces it); skip: leave out files that fail a quick probe now (as for folders)")
     p.add_argument("--limit-images", type=int, default=0, help="pack a fixed seeded subset of N images (0 = all)")
