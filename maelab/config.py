@@ -196,11 +196,16 @@ def _flatten(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
 def build_config(cls: type, overrides: dict[str, Any] | None = None, yaml_path: str | None = None):
     """Defaults, then the YAML preset, then explicit overrides; every value type-checked."""
     flat: dict[str, Any] = {}
+    leaves = _leaf_fields(cls)
     if yaml_path:
         path = resolve_preset(yaml_path)
         flat.update(_flatten(cls, load_yaml(path), str(path)))
+        for name, value in flat.items():  # checked here even where a flag overrides it: the preset is broken
+            try:                          # for its next use, which the user would meet without the flag
+                _coerce(value, _field_type(cls, leaves[name][0], name), name)
+            except MaelabError as e:
+                raise MaelabError(f"{e} (in {path})") from None
     flat.update(_flatten(cls, overrides or {}, "the command line"))
-    leaves = _leaf_fields(cls)
     hints = typing.get_type_hints(cls)
     sections: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}

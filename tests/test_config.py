@@ -75,6 +75,16 @@ def test_yaml_values_of_another_kind_are_refused_not_converted(tmp_path, text, m
     assert message in str(refused.value)
 
 
+def test_a_bad_preset_value_is_refused_even_where_a_flag_overrides_it(tmp_path):
+    """`batch_size: ten` in a preset went unnoticed as long as --batch-size was given: the preset stayed broken
+    for its next use. The error names the file."""
+    y = tmp_path / "p.yaml"
+    y.write_text("data:\n  batch_size: ten\n")
+    with pytest.raises(MaelabError, match=f"batch_size: cannot read 'ten' as int \\(in {y}\\)"):
+        build_config(PretrainConfig, {"batch_size": 2}, str(y))
+
+
+
 def test_a_config_that_is_not_text_is_a_clear_error(tmp_path):
     y = tmp_path / "binary.yaml"
     y.write_bytes(b"\xff\xfe garbage")
