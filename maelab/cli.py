@@ -99,6 +99,15 @@ def _one_line(err: BaseException) -> str:
     return msg.splitlines()[0] if msg else type(err).__name__
 
 
+def _is_file(p: Path) -> bool:
+    """Whether ``p`` exists and is no folder; False where it cannot be looked at (a folder without read
+    permission above it: Path.exists raises PermissionError, inside the handler of the error being said)."""
+    try:
+        return p.exists() and not p.is_dir()
+    except OSError:
+        return False
+
+
 def _os_error_line(err: OSError, out: str | None) -> str:
     """One line for a file-system error that escaped a command: the path, what went wrong, and, when the
     path is (inside) the command's output, that it could not be written."""
@@ -113,9 +122,10 @@ def _os_error_line(err: OSError, out: str | None) -> str:
         temp_of_target = where.parent == target.absolute().parent and where.name.startswith(f".{target.name}.")
         if where in target.absolute().parents or temp_of_target:  # on the way to --out: name --out itself
             path, writing = target, True
-    blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-    if isinstance(err, (FileExistsError, NotADirectoryError)) and blocked is not None:
-        reason = f"{blocked} is a file, not a folder"
+    if isinstance(err, (FileExistsError, NotADirectoryError)):
+        blocked = next((p for p in (path, *path.parents) if _is_file(p)), None)
+        if blocked is not None:
+            reason = f"{blocked} is a file, not a folder"
     return f"cannot {'write' if writing else 'use'} {path}: {reason}"
 
 

@@ -112,7 +112,10 @@ def _scalar(value: Any, tp: type) -> Any:
     if isinstance(value, (list, tuple, dict)) or (number and isinstance(value, bool)) \
             or (tp is int and isinstance(value, float) and not value.is_integer()):
         raise ValueError(value)
-    return tp(value)
+    out = tp(value)
+    if tp is float and out != out:  # NaN passes every range check ("> 0" and "<= 1" alike are False for it
+        raise ValueError(value)  # only where written as "not x > 0"): a kNN at T=nan scored at chance
+    return out
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -136,6 +139,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def resolve_preset(path_or_name: str) -> Path:
     p = Path(path_or_name)
+    if p.expanduser().is_dir():
+        raise MaelabError(f"config {path_or_name} is a folder: give a YAML file, or a preset's name")
     candidates = [p, CONFIG_DIR / p, CONFIG_DIR / f"{path_or_name}.yaml"]
     for c in candidates:
         if c.is_file():
@@ -164,6 +169,11 @@ class _UniqueKeys(yaml.SafeLoader):
 def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.load(Path(path).read_text(), Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader
+    except yaml.MarkedYAMLError as e:  # its first line ("while parsing a flow mapping") says neither where nor what
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = "; ".join(str(x) for x in (e.problem, e.context) if x) or str(e).splitlines()[0]
+        raise MaelabError(f"cannot read config {path}: {where}{what}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise MaelabError(f"cannot read config {path}: {e}".splitlines()[0]) from None
     if data is None:

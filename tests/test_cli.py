@@ -551,14 +551,27 @@ def test_errors_and_warnings_of_the_settings_are_said_by_rank_0_alone(capsys, tm
 @pytest.mark.parametrize("argv, said", [
     (["pretrain", "--budget", "-5m"], "--budget must be longer than zero, got '-5m'"),
     (["pretrain", "--base-lr", "-1e-3"], "--base-lr must be positive, got -0.001"),
-    (["knn", "--init", "none", "--temperature", "-.5"], "--temperature > 0, got 20, -0.5"),
+    (["knn", "--init", "none", "--temperature", "-.5"], "--temperature a positive finite number, got 20, -0.5"),
     (["segment", "train", "--init", "none", "--base-lr", "-2e-4"], "--base-lr must be positive"),
+    # values no range check written "x < 0" / "x <= 0" refused: inf (a kNN of equal votes), nan (any flag), a score
+    # threshold outside [0, 1] (nothing or everything drawn)
+    (["knn", "--init", "none", "--temperature", "inf"], "--temperature a positive finite number, got 20, inf"),
+    (["knn", "--init", "none", "--temperature", "nan"], "temperature: cannot read 'nan' as float"),
+    (["segment", "train", "--init", "none", "--aux-weight", "inf"], "--aux-weight must be >= 0 and finite, got inf"),
+    (["detect", "train", "--init", "none", "--score-threshold", "2"], "--score-threshold must be in [0, 1], got 2"),
 ])
 def test_a_negative_value_reaches_its_flags_own_check(capsys, tmp_path, argv, said):
-    """argparse took `-5m` and `-1e-3` for flags: "expected one argument", not what is wrong with the value."""
+    """argparse took `-5m` and `-1e-3` for flags: "expected one argument", not what is wrong with the value.
+    (And other values out of range are said.)"""
     assert main([*argv, "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert said in err and "expected one argument" not in err, err
+
+
+def test_detect_predict_refuses_a_score_threshold_out_of_range(capsys, tmp_path):
+    assert main(["detect", "predict", "--checkpoint", "x", "--images", str(tmp_path), "--score-threshold", "-1",
+                 "--out", str(tmp_path / "d.png")]) == 2
+    assert "--score-threshold must be in [0, 1], got -1" in capsys.readouterr().err
 
 
 def test_a_flag_after_a_value_flag_is_still_a_flag():

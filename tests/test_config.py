@@ -51,7 +51,9 @@ def test_unknown_field_and_bad_type_are_clear_errors(tmp_path):
     ("optim:\n  lr: 0.1\n  lr: 0.2\n", "cannot read config .*: the key 'lr' is given twice"),  # YAML keeps the last
     ("lr: 0.1\noptim:\n  lr: 0.2\n", "config field 'lr' is given twice in .*: keep one"),
     ("optim:\n  epochs: 2\noptim:\n  base_lr: 0.1\n", "the key 'optim' is given twice"),
-    ("? [a, b]\n: 1\n", "cannot read config .*: while constructing a mapping"),  # the check meets no unhashable key
+    ("? [a, b]\n: 1\n", "cannot read config .*: line 1, column 3: found unhashable key"),
+    ("model: {model: mae\n  bad: [\n", "cannot read config .*: line 2, column 6: expected ',' or '}', but got ':'; "
+                                        "while parsing a flow mapping"),  # where, and what (its first line said neither)  # the check meets no unhashable key
 ])
 def test_a_setting_given_twice_is_refused_not_left_to_the_last_line(tmp_path, text, message):
     y = tmp_path / "twice.yaml"
@@ -66,6 +68,7 @@ def test_a_setting_given_twice_is_refused_not_left_to_the_last_line(tmp_path, te
     ("run:\n  out: [a, b]\n", "out: cannot read ['a', 'b'] as str"),
     ("model:\n  img_size: [32, yes]\n", "img_size: cannot read [32, True] as a list of int"),
     ("epochs: 1.5\n", "epochs: cannot read 1.5 as int"),
+    ("optim:\n  base_lr: .nan\n", "base_lr: cannot read nan as float"),  # it passed range checks written "x <= 0"
 ])
 def test_yaml_values_of_another_kind_are_refused_not_converted(tmp_path, text, message):
     y = tmp_path / "c.yaml"
@@ -83,6 +86,13 @@ def test_a_bad_preset_value_is_refused_even_where_a_flag_overrides_it(tmp_path):
     with pytest.raises(MaelabError, match=f"batch_size: cannot read 'ten' as int \\(in {y}\\)"):
         build_config(PretrainConfig, {"batch_size": 2}, str(y))
 
+
+
+def test_a_config_folder_is_said_to_be_a_folder(tmp_path):
+    with pytest.raises(MaelabError, match="is a folder: give a YAML file"):  # it said "not found"
+        build_config(PretrainConfig, yaml_path=str(tmp_path))
+    with pytest.raises(MaelabError, match="mask_ratio: cannot read 'nan' as float"):  # a flag's NaN alike
+        build_config(PretrainConfig, {"mask_ratio": "nan"})
 
 
 def test_a_config_that_is_not_text_is_a_clear_error(tmp_path):

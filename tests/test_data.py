@@ -67,6 +67,37 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
         scan_images(tmp_path)
 
 
+def test_a_folder_that_cannot_be_listed_is_said_not_passed_over(tmp_path, monkeypatch):
+    """os.walk passes over a folder it cannot list without a word: a class folder without read permission
+    was dropped and the run trained on the rest (or "needs at least 2 classes" with two folders there); an
+    unreadable --data root gave a traceback inside the error's own handler. (Run as root, the tests stand the
+    permission error in.)"""
+    import os
+
+    from maelab.cli import _os_error_line
+
+    _save(tmp_path / "a" / "x.png", "RGB")
+    _save(tmp_path / "b" / "y.png", "RGB")
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path).endswith("b"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(MaelabError, match=f"cannot list {tmp_path / 'b'}: Permission denied"):
+        scan_images(tmp_path)
+    monkeypatch.undo()
+
+    def no_looking(self, *a, **k):  # Python 3.11's Path.exists raises for a folder it may not look into
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(tmp_path), "exists", no_looking)
+    for err in (PermissionError(13, "Permission denied", "d/index.json"), NotADirectoryError(20, "Not a directory", "d/x")):
+        assert _os_error_line(err, None).startswith("cannot use d/")
+
+
 def test_gif_and_jfif_are_images_and_other_files_are_counted_aloud(tmp_path):
     """Pillow reads both (a GIF gives its first frame); they were left out without a word. Files of other
     extensions (.heic from a phone, notes) are still left out, but the count is said."""

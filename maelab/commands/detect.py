@@ -116,6 +116,12 @@ def square_size(img_size: list[int]) -> int:
 
 
 # --- train -----------------------------------------------------------------------------------------
+def check_score(flag: str, value: float) -> None:
+    """A detection score threshold: scores are probabilities (2 drew nothing, -1 everything, without a word)."""
+    if not 0 <= value <= 1:
+        raise MaelabError(f"{flag} must be in [0, 1], got {value}")
+
+
 def validate(cfg) -> int:
     m, d, o = cfg.model, cfg.data, cfg.optim
     size = square_size(m.img_size)
@@ -126,6 +132,7 @@ def validate(cfg) -> int:
     default_workers(d.num_workers)
     if not 0 < o.layer_decay <= 1:
         raise MaelabError(f"--layer-decay must be in (0, 1], got {o.layer_decay}")
+    check_score("--score-threshold", cfg.run.score_threshold)
     if not 0 <= m.drop_path < 1:
         raise MaelabError(f"--drop-path must be in [0, 1), got {m.drop_path}")
     if len(cfg.augment.scale_range) != 2:
@@ -246,8 +253,7 @@ def draw_split(model, data: CocoData, spec: dict[str, Any], path: Path, count: i
 def evaluate(cfg) -> dict[str, Any]:
     d = cfg.data
     at_least(batch_size=(d.batch_size, 1), limit_images=(d.limit_images, 0))
-    if not 0 <= cfg.run.min_score <= 1:
-        raise MaelabError(f"--min-score must be in [0, 1], got {cfg.run.min_score}")
+    check_score("--min-score", cfg.run.min_score)
     workers = default_workers(d.num_workers)
     if cfg.run.out:
         check_output_file(cfg.run.out)
@@ -274,6 +280,7 @@ def evaluate(cfg) -> dict[str, Any]:
 # --- predict ---------------------------------------------------------------------------------------
 def predict(cfg) -> dict[str, Any]:
     at_least(max_images=(cfg.input.max_images, 1))
+    check_score("--score-threshold", cfg.run.score_threshold)
     if not cfg.model.checkpoint:
         raise MaelabError("--checkpoint is required: a `maelab detect train` run folder")
     out = Path(cfg.run.out).expanduser()

@@ -23,8 +23,9 @@ from maelab.models.vit import describe
 
 def run(cfg: KnnConfig) -> dict[str, Any]:
     check_data_numbers(cfg.data)
-    if cfg.knn.k < 1 or cfg.knn.temperature <= 0:
-        raise MaelabError(f"--k must be >= 1 and --temperature > 0, got {cfg.knn.k}, {cfg.knn.temperature}")
+    if cfg.knn.k < 1 or not 0 < cfg.knn.temperature < float("inf"):  # inf: every neighbour's vote the same
+        raise MaelabError(f"--k must be >= 1 and --temperature a positive finite number, got {cfg.knn.k}, "
+                          f"{cfg.knn.temperature}")
     if cfg.run.out:
         check_output_file(cfg.run.out)
     with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:

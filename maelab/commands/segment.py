@@ -182,8 +182,8 @@ def validate_train(cfg) -> None:
         raise MaelabError(f"--layer-decay must be in (0, 1], got {cfg.optim.layer_decay}")
     if cfg.data.batch_size < 2:
         raise MaelabError(f"--batch-size must be at least 2 (the UPerNet head uses BatchNorm), got {cfg.data.batch_size}")
-    if cfg.model.aux_weight < 0:
-        raise MaelabError(f"--aux-weight must be >= 0, got {cfg.model.aux_weight}")
+    if not 0 <= cfg.model.aux_weight < float("inf"):
+        raise MaelabError(f"--aux-weight must be >= 0 and finite, got {cfg.model.aux_weight}")
     spec_of(cfg.data)
 
 

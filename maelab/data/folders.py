@@ -110,7 +110,10 @@ def scan_images(root: str | os.PathLike) -> ImageList:
     paths: list[str] = []
     tops: list[str] = []
     left_out: Counter[str] = Counter()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    def unreadable(err: OSError) -> None:  # os.walk passed over a folder it could not list without a word: a
+        raise SameOnEveryRank(f"cannot list {err.filename}: {err.strerror or err}")  # class silently gone
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         rel = Path(dirpath).relative_to(root)
         if _inside_itself(root, rel):  # a symlink cycle: do not walk forever
             dirnames[:] = []
