@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from maelab.errors import MaelabError, SameOnEveryRank
+from maelab.errors import MaelabError, SameOnEveryRank, warn_for_job
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped inside the package
 
@@ -245,8 +245,16 @@ def check_seed(value: int | None, flag: str = "--seed") -> None:
 
 def config_from_args(cls: type, args: argparse.Namespace):
     leaves = _leaf_fields(cls)
-    overrides = {k: v for k, v in vars(args).items() if k in leaves}
-    return build_config(cls, overrides, getattr(args, "config", None))
+    overrides = {k: v for k, v in vars(args).items() if k in leaves}  # the flags given (defaults are suppressed)
+    cfg = build_config(cls, overrides, getattr(args, "config", None))
+    budget = getattr(getattr(cfg, "optim", None), "budget", None)
+    if budget and str(budget).lower() != "none":
+        typed = [f"--{k.replace('_', '-')} {overrides[k]}" for k in ("epochs", "max_steps") if k in overrides]
+        if typed:  # the help says so, but a number typed on the same line was dropped without a word
+            warn_for_job(f"{' and '.join(typed)} given with --budget {budget}: the budget sets the run's length (the "
+                         f"steps that fit in it), so {'they are' if len(typed) > 1 else 'it is'} not used; leave "
+                         f"--budget out to train for a fixed length")
+    return cfg
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

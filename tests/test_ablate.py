@@ -116,6 +116,11 @@ def test_a_mask_ratio_sweep_writes_a_table_and_a_plot(tmp_path):
     (["--setting", "out", "--values", "a", "b"], "--setting out is not a setting to sweep: every value's run"),
     (["--setting", "data", "--values", "x", "y"], "--setting data is not a setting to sweep: every evaluation"),
     (["--setting", "limit_images", "--values", "5", "6"], "not a setting to sweep: ablate's --pretrain-images"),
+    # the budget sets every run's length: the rows were alike and labelled as different lengths
+    (["--setting", "epochs", "--values", "1", "2"], "--setting epochs under --budget 5m: the budget sets every run's"),
+    (["--setting", "max-steps", "--values", "5", "9", "--budget", "2m"], "every value would train alike"),
+    (["--setting", "mask-ratio", "--values", "0.5", "--budget", "none", "--pretrain-epochs", "0"],
+     "--pretrain-epochs must be at least 1 (leave it out for the preset's), got 0"),  # 0 ran the preset's 200
 ])
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)

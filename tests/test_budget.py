@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import yaml
@@ -54,6 +55,27 @@ def test_durations(text, seconds):
 def test_bad_durations_are_refused_with_examples(text):
     with pytest.raises(MaelabError, match="budget"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--epochs", "1"], "--epochs 1 given with --budget 20s: the budget sets the run's length"),
+    (["--epochs", "1", "--max-steps", "2"], "--epochs 1 and --max-steps 2 given with --budget 20s"),
+    ([], None),  # a preset's epochs are what a budget replaces, said in the help: nothing to warn about
+])
+def test_a_length_typed_beside_a_budget_is_said_to_be_unused(flags, said):
+    """`--budget 20s --epochs 1` ran 9 epochs without a word (and an ablation of epochs under a budget gave
+    every value the same run)."""
+    import argparse
+
+    from maelab.config import add_config_args, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, PretrainConfig)
+    args = parser.parse_args(["--budget", "20s", *flags])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config_from_args(PretrainConfig, args)
+    assert [str(w.message) for w in caught if said and said in str(w.message)] or (said is None and not caught)
 
 
 def test_the_planner_fits_steps_and_epoch_work_into_what_is_left():

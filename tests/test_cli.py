@@ -559,6 +559,9 @@ def test_errors_and_warnings_of_the_settings_are_said_by_rank_0_alone(capsys, tm
     (["knn", "--init", "none", "--temperature", "nan"], "temperature: cannot read 'nan' as float"),
     (["segment", "train", "--init", "none", "--aux-weight", "inf"], "--aux-weight must be >= 0 and finite, got inf"),
     (["detect", "train", "--init", "none", "--score-threshold", "2"], "--score-threshold must be in [0, 1], got 2"),
+    # said before the encoder is read, naming the flag (the neck said "takes 4 feature maps, got 2")
+    (["segment", "train", "--init", "none", "--out-indices", "1", "2"], "--out-indices takes 4 block numbers"),
+    (["segment", "train", "--init", "none", "--num-classes", "0"], "--num-classes 0: camvid's classes are fixed"),
 ])
 def test_a_negative_value_reaches_its_flags_own_check(capsys, tmp_path, argv, said):
     """argparse took `-5m` and `-1e-3` for flags: "expected one argument", not what is wrong with the value.

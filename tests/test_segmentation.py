@@ -169,6 +169,11 @@ def test_bad_labels_give_clear_errors(tmp_path):
         scan_segmentation(root, "test", SPECS["camvid"])
     with pytest.raises(MaelabError, match="--num-classes"):
         label_spec("custom")
+    # with a named dataset they were recorded and did nothing (CamVid's 11 classes trained)
+    with pytest.raises(MaelabError, match=r"--num-classes 0: camvid's classes are fixed \(11\)"):
+        label_spec("camvid", 0)
+    with pytest.raises(MaelabError, match="--ignore-value 300: ade20k's classes are fixed"):
+        label_spec("ade20k", None, 300)
 
 
 def test_joint_augmentation_keeps_image_and_mask_aligned(tmp_path):
@@ -330,6 +335,10 @@ def test_segment_train_eval_predict_with_resume(capsys, tmp_path, camvid_tiny):
     assert "s_masks also holds 5 mask(s) not of these images (a_x.jpg.png, a_y.jpg.png, a_y.png.png, ...)" in err, err
     assert sorted(p.name for p in (tmp_path / "s_masks").iterdir()) == \
         ["a_x.jpg.png", "a_y.jpg.png", "a_y.png.png", "b_x.jpg.png", "x.png", "y.png", "z.png"]
+    # the picture is a PNG: a .jpg name held PNG bytes
+    code, out, err = run_cli(capsys, "segment", "predict", "--checkpoint", str(run_dir), "--images", str(first),
+                             "--out", str(tmp_path / "s.jpg"))
+    assert code == 2 and "--out " in err and "s.jpg must be a .png file" in err and not (tmp_path / "s.jpg").exists()
 
 
 def test_a_bad_validation_label_after_training_an_epoch_keeps_that_epoch(capsys, tmp_path):

@@ -69,6 +69,13 @@ def validate(cfg: AblateConfig) -> None:
     parse_duration(cfg.run.finetune_budget, "--finetune-budget")
     if not no_budget(cfg.run.budget):
         parse_duration(cfg.run.budget)
+        if flag_name(sw.setting) in ("epochs", "max-steps"):  # every value trained alike, labelled as different
+            raise MaelabError(f"--setting {sw.setting} under --budget {cfg.run.budget}: the budget sets every run's "
+                              f"length (the steps that fit in it), so every value would train alike; sweep it with "
+                              f"--budget none")
+    if cfg.run.pretrain_epochs is not None and cfg.run.pretrain_epochs < 1:
+        raise MaelabError(f"--pretrain-epochs must be at least 1 (leave it out for the preset's), got "
+                          f"{cfg.run.pretrain_epochs}")
     check_chain_data(cfg.data)
     check_image_counts(pretrain_images=cfg.data.pretrain_images)
     if len(set(cfg.run.seeds)) != len(cfg.run.seeds):

@@ -182,6 +182,10 @@ def validate_train(cfg) -> None:
         raise MaelabError(f"--layer-decay must be in (0, 1], got {cfg.optim.layer_decay}")
     if cfg.data.batch_size < 2:
         raise MaelabError(f"--batch-size must be at least 2 (the UPerNet head uses BatchNorm), got {cfg.data.batch_size}")
+    m = cfg.model
+    if m.out_indices is not None and len(m.out_indices) != len(STRIDES):  # the neck said it, after the encoder loaded
+        raise MaelabError(f"--out-indices takes {len(STRIDES)} block numbers, one per level of the UPerNet pyramid "
+                          f"(strides {', '.join(map(str, STRIDES))}), got {len(m.out_indices)}: {m.out_indices}")
     if not 0 <= cfg.model.aux_weight < float("inf"):
         raise MaelabError(f"--aux-weight must be >= 0 and finite, got {cfg.model.aux_weight}")
     spec_of(cfg.data)
@@ -314,6 +318,8 @@ def mask_names(paths: list[str]) -> list[str]:
 def predict(cfg) -> dict[str, Any]:
     check_eval(cfg.eval)
     out = Path(cfg.run.out).expanduser()
+    if out.suffix.lower() != ".png":  # a PNG was written under a .jpg name
+        raise MaelabError(f"--out {out} must be a .png file (the picture is a PNG; the masks go beside it)")
     check_output_file(out)
     masks_dir = out.with_name(out.stem + "_masks")
     check_writable_folder(masks_dir, "--out", masks_dir)

@@ -101,6 +101,11 @@ SPECS = {
 def label_spec(dataset: str, num_classes: int | None = None, ignore_value: int | None = None) -> LabelSpec:
     """The named spec, or ``custom``: classes ``0..num_classes-1`` and ``ignore_value`` ignored."""
     if dataset in SPECS:
+        given = [f"--{flag} {v}" for flag, v in (("num-classes", num_classes), ("ignore-value", ignore_value)) if v is not None]
+        if given:  # they were recorded in config.yaml and did nothing: the spec's own classes were trained
+            spec = SPECS[dataset]
+            raise MaelabError(f"{' '.join(given)}: {dataset}'s classes are fixed ({len(spec.classes)}); those flags "
+                              f"describe a --dataset custom")
         return SPECS[dataset]
     if dataset != "custom":
         raise MaelabError(f"--dataset must be one of {', '.join([*SPECS, 'custom'])}, got {dataset!r}")

@@ -40,7 +40,7 @@ class SweepRunConfig(ProcessConfig):
     preset: str = option("pretrain_cifar10_tiny", "`maelab pretrain` preset every value starts from")
     img_size: int = option(0, "input size of every pre-training (0: the preset's); the evaluations take the encoder's")
     budget: str = option("5m", "wall-clock budget of each pre-training (none: --pretrain-epochs, else the preset's)")
-    pretrain_epochs: int | None = option(None, "pre-training epochs when --budget is none")
+    pretrain_epochs: int | None = option(None, "pre-training epochs when --budget is none (default: the preset's)")
     finetune_budget: str = option("5m", "wall-clock budget of each fine-tune (with --evaluate finetune)")
     probe_epochs: int = option(90, "linear-probe epochs (on cached features: seconds per epoch)")
     probe_base_lr: float = option(4.0, "linear-probe LARS base lr (lr = base x batch / 256); the paper's 0.1 is "
