@@ -370,6 +370,11 @@ def test_convert_explains_encoder_only_and_non_checkpoint_files(capsys, tmp_path
     assert "--init of finetune" in line and "use `maelab convert`" not in line
     enc_pth = tmp_path / "enc.pth"
     assert run(capsys, "convert", str(mae_file), str(enc_pth), "--to", "official", "--encoder-only")[0] == 0
+    for flags, said in ((["--to", "timm", "--encoder-only"], "--encoder-only shapes a --to official export"),
+                        (["--to", "official", "--global-pool", "avg"], "--global-pool shapes a --to timm export"),
+                        (["--to", "official", "--hf-naming", "v4"], "--hf-naming shapes a --to hf export")):
+        code, _, err = run(capsys, "convert", str(mae_file), str(tmp_path / "x"), *flags)  # were passed over
+        assert code == 2 and said in _one_clear_line(err) and not list(tmp_path.glob("x*"))
     code, _, err = run(capsys, "convert", str(enc_pth), str(tmp_path / "b2"), "--to", "hf")
     assert code == 2 and "encoder-only checkpoint" in _one_clear_line(err) and "--to timm" in _one_clear_line(err)
     text = tmp_path / "notes.pth"

@@ -25,9 +25,15 @@ from maelab.interop.timm_export import save_timm_checkpoint, save_timm_classifie
 from maelab.io import save_weights
 
 
+ONLY_FOR = {"global_pool": "timm", "hf_naming": "hf", "encoder_only": "official"}  # flag -> the --to it shapes
+
+
 def run(args: argparse.Namespace) -> Path:
-    out = convert(args.src, args.out, args.to, args.global_pool, args.hf_naming, not args.encoder_only, args.num_heads,
-                  img_size_arg(args.img_size))
+    for name, target in ONLY_FOR.items():  # given for another format, they were passed over without a word
+        if getattr(args, name) not in (None, False) and args.to != target:
+            raise MaelabError(f"--{name.replace('_', '-')} shapes a --to {target} export; it does nothing for --to {args.to}")
+    out = convert(args.src, args.out, args.to, args.global_pool, args.hf_naming or "v5", not args.encoder_only,
+                  args.num_heads, img_size_arg(args.img_size))
     added = out.name != Path(args.out).expanduser().name
     print(f"wrote {out}" + (f" ({out.suffix} added: {args.out} had no file extension)" if added else ""))
     return out

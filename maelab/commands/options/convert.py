@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--global-pool", default=None, choices=("token", "avg"),
                    help="timm export: head pooling the checkpoint is meant for (default: token; a fine-tuned "
                         "classifier keeps its own)")
-    p.add_argument("--hf-naming", default="v5", choices=("v5", "v4"), help="transformers parameter names")
+    p.add_argument("--hf-naming", default=None, choices=("v5", "v4"),
+                   help="Hugging Face export: transformers parameter names (default: v5)")
     p.add_argument("--encoder-only", action="store_true", help="official export: drop the decoder")
     p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="PX",
                    help="the image size (one side, or height width) of a file that records none and whose position "
