@@ -193,8 +193,9 @@ def _flatten(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
             part = _flatten(cls, value or {}, source)  # `optim:` with nothing under it: an empty section
         elif key in leaves:
             part = {key: value}
-        elif key in sections:
-            raise MaelabError(f"config section {key!r} in {source} must hold `field: value` lines, got {value!r}")
+        elif key in sections:  # `augment: false` of a linprobe preset given to finetune, whose augment is a section
+            raise MaelabError(f"config section {key!r} in {source} must hold `field: value` lines, got {value!r} "
+                              f"(is it another command's preset?)")
         else:
             raise MaelabError(f"unknown config field {key!r} in {source}; valid fields: {', '.join(leaves)}")
         if twice := sorted(set(part) & set(flat)):
@@ -215,13 +216,15 @@ def build_config(cls: type, overrides: dict[str, Any] | None = None, yaml_path: 
                 _coerce(value, _field_type(cls, leaves[name][0], name), name)
             except MaelabError as e:
                 raise MaelabError(f"{e} (in {path})") from None
-    flat.update(_flatten(cls, overrides or {}, "the command line"))
+    typed = _flatten(cls, overrides or {}, "the command line")
+    flat.update(typed)
     hints = typing.get_type_hints(cls)
     sections: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}
     for name, value in flat.items():
         section, _ = leaves[name]
-        value = _coerce(value, _field_type(cls, section, name), name)
+        said = "--" + name.replace("_", "-") if name in typed else name  # as the user wrote it
+        value = _coerce(value, _field_type(cls, section, name), said)
         if name in SEED_FIELDS:
             for seed in value if isinstance(value, list) else [value]:
                 check_seed(seed, "--" + name.replace("_", "-"))

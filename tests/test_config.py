@@ -91,7 +91,7 @@ def test_a_bad_preset_value_is_refused_even_where_a_flag_overrides_it(tmp_path):
 def test_a_config_folder_is_said_to_be_a_folder(tmp_path):
     with pytest.raises(MaelabError, match="is a folder: give a YAML file"):  # it said "not found"
         build_config(PretrainConfig, yaml_path=str(tmp_path))
-    with pytest.raises(MaelabError, match="mask_ratio: cannot read 'nan' as float"):  # a flag's NaN alike
+    with pytest.raises(MaelabError, match="--mask-ratio: cannot read 'nan' as float"):  # a flag's NaN alike, named as typed
         build_config(PretrainConfig, {"mask_ratio": "nan"})
 
 

@@ -56,8 +56,8 @@ def warn_endless_warmup(trainer: Trainer) -> None:
     warmup = getattr(o, "warmup_epochs", 0) * trainer.steps_per_epoch
     if 0 < trainer.total_steps <= warmup:
         fix = ("the step's preset sets the warm-up: more epochs for this step, or a budget (which sizes the warm-up), "
-               "avoid it" if os.environ.get(CHAIN_STEP) else "a shorter --warmup-epochs (or more --epochs) needs a "
-               "new --out, as this run's folder keeps its settings")
+               "avoid it" if os.environ.get(CHAIN_STEP) else "a shorter --warmup-epochs (or more --epochs) avoids it: "
+               "stop this run and start that one in another --out (this folder now keeps this run's settings)")
         warnings.warn(f"--warmup-epochs {o.warmup_epochs:g} is not shorter than the run ({o.epochs} epoch(s), "
                       f"{trainer.total_steps} steps): the learning rate climbs the whole run, reaching "
                       f"{trainer.lr_at(0, trainer.total_steps - 1):.3g} of {trainer.peak_lr:.3g} at the end, and never "
