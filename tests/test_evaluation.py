@@ -760,6 +760,12 @@ def test_features_end_to_end_with_paths(dataset, mae_ckpt, tmp_path, suffix):
     assert got["classes"] == ["class0", "class1", "class2"] and got["labels"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
     if suffix == ".safetensors":  # the header records what ran, as every command's results do
         assert (got["meta"]["device"], got["meta"]["precision"]) == ("cpu", "fp32")
+    # the other format under the same name would replace emb.paths.txt under these rows: refused, nothing written
+    other = out.with_suffix(".npy" if suffix == ".safetensors" else ".safetensors")
+    before = (tmp_path / "emb.paths.txt").read_bytes()
+    assert main(["features", "--init", str(mae_ckpt), "--data", str(dataset / "train"), "--out", str(other),
+                 *QUIET[:2]]) == 2
+    assert not other.exists() and (tmp_path / "emb.paths.txt").read_bytes() == before
     first = np.asarray(Image.open(got["paths"][0]), dtype=np.float32) / 255.0
     from maelab.data.transforms import normalize
 

@@ -119,6 +119,11 @@ def run(cfg: FeaturesConfig) -> dict[str, Any]:
     if out.suffix not in FORMATS:
         raise MaelabError(f"--out must end in {' or '.join(FORMATS)}, got {out}")
     check_output_file(out)
+    other = next((out.with_suffix(f) for f in FORMATS if f != out.suffix and out.with_suffix(f).is_file()), None)
+    if other is not None:  # f.npy and f.safetensors share f.paths.txt: writing one gave the other another run's paths
+        raise MaelabError(f"{other} is beside --out {out}: features of one name share {_sidecar(out, '.paths.txt').name}, "
+                          f"which this run would replace under that file's rows; give --out another name (or remove "
+                          f"{other.name})")
     if not cfg.data.data:
         raise MaelabError("--data is required: a folder of images (ImageFolder tree or flat)")
     with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:
