@@ -144,6 +144,8 @@ def atomic_path(path: str | Path, scratch_folder: bool = False):
     writers that make temp files of their own beside their target (safetensors does, unnamed): a SIGKILL
     then leaves one folder that the next write of ``path`` knows as a dead process's and removes."""
     path = Path(path)
+    if path.is_dir():  # os.replace said "Is a directory" naming the temp file
+        raise MaelabError(f"{path} is a folder: give the name of the file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     box = None
     if scratch_folder:

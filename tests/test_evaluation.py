@@ -190,6 +190,32 @@ def test_knn_chunking_does_not_change_scores():
 
 
 # --- linear probe ---------------------------------------------------------------------------------
+def test_knn_refuses_inputs_it_would_score_wrongly_or_fail_on_deep_inside(dataset, mae_ckpt, tmp_path, capsys):
+    """NaN features (a diverged encoder) scored at chance, 10 %, and were reported; labels out of range, of
+    another length or float ended in torch's "index 5 is out of bounds for dimension 1" and the like."""
+    from maelab.evaluate.knn import knn_accuracy
+    from maelab.interop import save_mae
+
+    f, y = torch.randn(8, 4), torch.arange(8) % 2
+    for args, said in (((f, y, f, y, 2), None),
+                       ((f, y, torch.full_like(f, float("nan")), y, 2), "query features are not finite"),
+                       ((f, y + 3, f, y, 2), r"bank labels must lie in 0..1 \(num_classes=2\), got 3..4"),
+                       ((f, y[:5], f, y, 2), "bank labels must be one integer tensor of 8 class indices"),
+                       ((f, y, f, y.float(), 2), "query labels must be one integer tensor"),
+                       ((f, y, f[:, :3], y, 2), "one width, got .8, 4. and .8, 3.")):
+        if said is None:
+            assert 0 <= knn_accuracy(*args, k=3)["knn_top1"] <= 100
+            continue
+        with pytest.raises(MaelabError, match=said):
+            knn_accuracy(*args, k=3)
+    diverged = tiny_mae()
+    with torch.no_grad():
+        diverged.norm.weight.fill_(float("nan"))
+    save_mae(diverged, tmp_path / "nan.safetensors")
+    assert main(["knn", "--init", str(tmp_path / "nan.safetensors"), "--data", str(dataset / "train"), *QUIET[:2]]) == 2
+    assert "the encoder gives non-finite features (NaN / inf)" in capsys.readouterr().err
+
+
 def test_linear_probe_head_is_batchnorm_without_affine_then_linear():
     from maelab.models.heads import LinearProbeHead
 

@@ -366,3 +366,41 @@ def test_downstream_commands_refuse_an_encoder_of_other_channels_and_name_a_fitt
                                           r"checkpoint's; over a --config preset's model, --model mae_vit_tiny_patch4 "
                                           r"fits it\)"):
         encoder_for(str(tiny), "mae_vit_tiny_patch16")
+
+
+def test_the_writers_take_a_compiled_or_wrapped_model_and_refuse_what_they_cannot_write(tmp_path):
+    """A torch.compile'd model saved without a word under `_orig_mod.` keys, then loaded as no MAE; a wrapper
+    or another module ended in AttributeError; safetensors bytes were written under `.pth` (timm and torch.load
+    failed on them later); a folder as the target was an IsADirectoryError naming a temp path."""
+    from maelab.interop.huggingface import save_hf_pretrained
+    from maelab.interop.mae_weights import load_mae, save_mae
+    from maelab.interop.timm_export import save_timm_checkpoint
+
+    model = MaskedAutoencoder(**TINY)
+    for wrapped in (torch.compile(model), torch.nn.DataParallel(model)):  # compile is lazy: nothing compiles here
+        back, _ = load_mae(save_mae(wrapped, tmp_path / "m.safetensors"))
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
+        assert load_mae(export_official(wrapped, tmp_path / "m.pth"))[0].init_kwargs == model.init_kwargs
+        save_timm_checkpoint(wrapped, tmp_path / "t.safetensors")
+    save_hf_pretrained(torch.compile(model), tmp_path / "hf")
+    assert load_mae(tmp_path / "hf")[0].init_kwargs["embed_dim"] == TINY["embed_dim"]
+    with pytest.raises(MaelabError, match="save_mae takes a maelab MaskedAutoencoder, got Linear"):
+        save_mae(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
+    for write, name, said in ((save_mae, "m2.pth", "name it m2.safetensors"),
+                              (save_timm_checkpoint, "e.bin", "name it e.safetensors"),
+                              (export_official, "o.safetensors", "name it o.pth")):
+        with pytest.raises(MaelabError, match=said):
+            write(model, tmp_path / name)
+        assert not (tmp_path / name).exists()
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(MaelabError, match="folder is a folder: give the name of the file"):
+        save_mae(model, tmp_path / "folder")
+    (tmp_path / "f.txt").write_text("notes")
+    with pytest.raises(MaelabError, match="f.txt is a file: a Hugging Face model is a folder"):
+        save_hf_pretrained(model, tmp_path / "f.txt")
+    # loading builds a model whose random init is overwritten: a seeded notebook's next draws stay its own
+    torch.manual_seed(1)
+    load_mae(tmp_path / "m.safetensors")
+    drawn = torch.rand(3)
+    torch.manual_seed(1)
+    assert torch.equal(drawn, torch.rand(3))

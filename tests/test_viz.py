@@ -383,6 +383,16 @@ def test_reconstruct_of_a_one_channel_mae_is_refused_not_tinted():
         reconstruct(model, torch.zeros(1, 1, 16, 16), 0.75)
 
 
+def test_reconstruct_of_uint8_pixels_is_refused_as_the_model_refuses_them():
+    """reconstruct() cast to float before the model's own check: uint8 pixels (0-255) were drawn as a white
+    picture and reconstructed from garbage, without a word; the model itself refuses them, saying how to fix it."""
+    model = MaskedAutoencoder(img_size=(16, 16), **TINY)
+    with pytest.raises(MaelabError, match="takes ImageNet-normalised float images, got torch.uint8"):
+        reconstruct(model, torch.zeros(1, 3, 16, 16, dtype=torch.uint8), 0.75)
+    with pytest.raises(MaelabError, match="an empty batch"):  # the loss of no patches was NaN
+        model(torch.zeros(0, 3, 16, 16))
+
+
 def test_pictures_of_a_block_or_grid_run_show_its_own_masks():
     """Pictures always drew random masks: a run trained on blocks showed scattered patches, titled as if
     they were its masks."""

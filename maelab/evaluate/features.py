@@ -111,6 +111,7 @@ def extract_features(model: nn.Module, split: EvalSplit, device: torch.device, g
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(features float32 on the CPU, labels, dataset indices) of this process's shard, in eval mode
     (the model's mode is restored afterwards)."""
+    device = torch.device(device)  # "cpu" as load_mae takes it
     was_training = model.training
     model.eval()
     feats, labels, index = [], [], []
@@ -121,6 +122,9 @@ def extract_features(model: nn.Module, split: EvalSplit, device: torch.device, g
         for x, y, i in it:
             with autocast(device, precision):
                 f = encode(model, x, global_pool)
+            if not bool(torch.isfinite(f).all()):  # a diverged encoder's NaN features scored a kNN at chance
+                raise MaelabError("the encoder gives non-finite features (NaN / inf): its weights hold NaN or inf "
+                                  "(a run that diverged?); evaluate an earlier checkpoint of it")
             feats.append(f.float().cpu())
             labels.append(y)
             index.append(i)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +21,22 @@ from maelab.io import SAFETENSORS, TORCH, read_header, read_metadata, weights_fo
 from maelab.train.checkpoint import resolve_weights_path
 
 SIZE_KEY = "maelab_size"  # where official / timm files written by maelab record what their format cannot say
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+
+
+def check_suffix(path: str | os.PathLike, writes: str) -> None:
+    """Refuse to write one format under the other's suffix (``writes``: "safetensors" or "official", a
+    torch.save pickle): timm, torch.load and safetensors users pick the reader by the suffix, so safetensors
+    bytes named ``.pth`` failed in their tools, far from here."""
+    suffix = Path(path).suffix.lower()
+    if writes == "safetensors" and suffix in TORCH_SUFFIXES:
+        raise MaelabError(f"{path}: this writes safetensors, which torch.load and timm do not read under {suffix}; "
+                          f"name it {Path(path).stem}.safetensors")
+    if writes == "official" and suffix == ".safetensors":
+        raise MaelabError(f"{path}: the official layout is a torch.save checkpoint, not safetensors; name it "
+                          f"{Path(path).stem}.pth")
+
+
 def check_weights_file(path: str | Path) -> str:
     """``"torch"`` or ``"safetensors"`` (see :func:`weights_format`); any other file is a one-line error."""
     fmt = weights_format(path)

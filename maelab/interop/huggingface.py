@@ -32,7 +32,7 @@ from maelab.errors import MaelabError
 from maelab.interop.formats import SAFETENSORS, check_weights_file, load_torch
 from maelab.interop.official import load_into_mae
 from maelab.io import atomic_path
-from maelab.models.mae import MaskedAutoencoder
+from maelab.models.mae import MaskedAutoencoder, as_mae
 from maelab.models.state_dicts import few
 
 NAMINGS = ("v5", "v4")
@@ -458,10 +458,13 @@ def save_hf_pretrained(model: nn.Module, directory: str | os.PathLike, naming: s
     """Write ``config.json`` + ``model.safetensors`` that ``ViTMAEForPreTraining.from_pretrained``
     loads (``naming="v4"`` writes the 4.x hub names, which transformers 5.x renames on load)."""
     _check_naming(naming)
+    model = as_mae(model, "save_hf_pretrained")
     config = hf_config_from_mae(model)
     sd = mae_to_hf_state_dict(model.state_dict(), naming=naming)
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):  # os.makedirs's FileExistsError
+        raise MaelabError(f"{directory} is a file: a Hugging Face model is a folder (config.json + model.safetensors)")
     os.makedirs(directory, exist_ok=True)
     # both files are written in full under temporary names and only then put in place, together: written
     # one after the other, a stop between them left a folder written again with the new config.json beside
@@ -479,6 +482,7 @@ def hf_model_from_mae(model: nn.Module, encoder_only: bool = False, mask_ratio: 
     ``model``'s weights, loaded strictly (``mask_ratio``: see :func:`hf_config_from_mae`)."""
     from transformers import ViTMAEForPreTraining, ViTMAEModel
 
+    model = as_mae(model, "hf_model_from_mae")
     config = hf_config_from_mae(model, mask_ratio)
     hf = (ViTMAEModel if encoder_only else ViTMAEForPreTraining)(config)
     naming = detect_hf_naming(hf.state_dict())  # whichever major version is installed

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 
 from maelab.errors import MaelabError
-from maelab.interop.formats import TORCH, check_weights_file, read_record
+from maelab.interop.formats import TORCH, check_suffix, check_weights_file, read_record
 from maelab.interop.huggingface import detect_hf_naming, load_hf_folder
 from maelab.interop.official import classify_official, infer_mae_architecture, load_into_mae, read_official, resize_mae
 from maelab.io import read_weights, save_weights
 from maelab.models.checks import pair
-from maelab.models.mae import MaskedAutoencoder
+from maelab.models.mae import MaskedAutoencoder, as_mae
 from maelab.models.state_dicts import check_state_dict
 from maelab.models.vit import describe, vit_arch
 from maelab.train.checkpoint import resolve_weights_path
@@ -103,7 +103,9 @@ def require_decoder(meta: dict[str, Any], path: str | Path, what: str, hint: str
 
 def save_mae(model: MaskedAutoencoder, path: str | Path, preset: str | None = None) -> Path:
     """A self-describing maelab weights file (safetensors + constructor arguments in the header)."""
+    model = as_mae(model, "save_mae")
     path = Path(path)
+    check_suffix(path, "safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_weights(path, model.state_dict(), model_meta(preset, model.init_kwargs))
     return path
@@ -120,7 +122,8 @@ def load_mae(path: str | Path, device: str | torch.device = "cpu", img_size: int
     file's own record is refused); what loading did is listed in ``meta["notes"]``."""
     if num_heads is not None and num_heads < 1:
         raise MaelabError(f"--num-heads must be at least 1, got {num_heads}")
-    model, meta = _load_mae(Path(path).expanduser(), None if img_size is None else pair(img_size), num_heads)
+    with torch.random.fork_rng(devices=[]):  # the random init it overwrites took a seeded notebook's draws
+        model, meta = _load_mae(Path(path).expanduser(), None if img_size is None else pair(img_size), num_heads)
     heads = int(model.blocks[0].attn.num_heads)
     if num_heads is not None and heads != num_heads:  # maelab / HF files record theirs (official: checked on reading)
         raise MaelabError(f"{path} records {heads} encoder attention heads, not {num_heads}: leave --num-heads out")

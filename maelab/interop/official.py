@@ -16,11 +16,11 @@ from typing import Any, Mapping
 import torch
 
 from maelab.errors import MaelabError
-from maelab.interop.formats import (SAFETENSORS, SIZE_KEY, check_weights_file, load_torch, objective_of, read_record,
+from maelab.interop.formats import (SAFETENSORS, SIZE_KEY, check_suffix, check_weights_file, load_torch, objective_of, read_record,
                                     size_record)
 from maelab.io import atomic_path, read_weights
 from maelab.models.checks import pair
-from maelab.models.mae import MaskedAutoencoder
+from maelab.models.mae import MaskedAutoencoder, as_mae
 from maelab.models.pos_embed import resize_pos_embed, sincos_grid, structure_grid
 from maelab.models.state_dicts import DECODER_PREFIXES, ENCODER_PREFIXES, HEAD_PREFIXES, few, state_dict_mismatch
 
@@ -348,6 +348,8 @@ def export_official(model: torch.nn.Module, path: str | os.PathLike, include_dec
     False, like ``mae_pretrain_*.pth``), plus a ``maelab_size`` entry (image size, patch size, LayerNorm
     eps, head counts, and the objective: ``norm_pix_loss``, ``mask_ratio``) that the official code ignores and
     maelab reads back. Written atomically. Returns the path."""
+    model = as_mae(model, "export_official")
+    check_suffix(path, "official")
     sd = model.state_dict()
     if not include_decoder:
         sd = {k: v for k, v in sd.items() if k.startswith(ENCODER_PREFIXES)}

@@ -18,8 +18,9 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
 from maelab.errors import MaelabError
-from maelab.interop.formats import record_metadata, size_record
+from maelab.interop.formats import check_suffix, record_metadata, size_record
 from maelab.io import atomic_path
+from maelab.models.mae import as_mae
 from maelab.models.state_dicts import ENCODER_PREFIXES, state_dict_mismatch
 from maelab.models.vit import build_vit, check_pool, vit_arch
 
@@ -33,7 +34,7 @@ def to_timm_state_dict(
     ``global_pool="avg"`` renames ``norm.*`` to ``fc_norm.*`` (timm's layout for average pooling)."""
     check_pool(global_pool)
     if isinstance(mae_model_or_encoder_sd, nn.Module):
-        sd = mae_model_or_encoder_sd.state_dict()
+        sd = as_mae(mae_model_or_encoder_sd, "the timm export").state_dict()
     elif isinstance(mae_model_or_encoder_sd, Mapping):
         sd = mae_model_or_encoder_sd
     else:
@@ -88,6 +89,9 @@ def save_timm_checkpoint(
     """Write the encoder as a timm ``.safetensors`` file, loadable with
     ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), num_classes=0)``
     or ``timm.create_model(name, checkpoint_path=path, num_classes=0)``. Returns the path."""
+    check_suffix(path, "safetensors")
+    if isinstance(model, nn.Module):
+        model = as_mae(model, "save_timm_checkpoint")
     sd = to_timm_state_dict(model, global_pool)
     sd = {k: v.to("cpu").contiguous().clone() for k, v in sd.items()}
     record = (size_record(model.img_size, model.patch_size, getattr(model, "norm_eps", 1e-6),

@@ -182,6 +182,8 @@ class MaskedAutoencoder(nn.Module):
                 f"this model takes images of shape (N, {self.in_chans}, {self.img_size[0]}, "
                 f"{self.img_size[1]}), got {tuple(imgs.shape)}"
             )
+        if imgs.shape[0] == 0:  # the loss of no patches is 0 / 0: NaN, without a word
+            raise MaelabError("this model got an empty batch (0 images)")
         # torch's own "Input type (unsigned char) and bias type (float) should be the same" says less
         weight = self.patch_embed.proj.weight.dtype
         if not imgs.is_floating_point():
@@ -297,3 +299,18 @@ def create_model(name: str, **overrides: Any) -> MaskedAutoencoder:
 
     Any constructor argument can be overridden (``img_size=(32, 64)`` for non-square inputs)."""
     return MaskedAutoencoder(**preset_kwargs(name, **overrides))
+
+
+def as_mae(model: Any, what: str) -> MaskedAutoencoder:
+    """The :class:`MaskedAutoencoder` behind ``torch.compile`` / DDP / DataParallel wrappers, for writers that
+    read its constructor arguments and state dict: a compiled model's keys start with ``_orig_mod.``, so its
+    file saved without a word and then loaded as no MAE (and a wrapper has no ``init_kwargs``)."""
+    while True:
+        if isinstance(model, MaskedAutoencoder):
+            return model
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if inner is None and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if inner is None:
+            raise MaelabError(f"{what} takes a maelab MaskedAutoencoder, got {type(model).__name__}")
+        model = inner

@@ -70,6 +70,8 @@ def reconstruct(model, images: torch.Tensor, mask_ratio: float, seed: int = 0,
     if model.in_chans != 3:  # denormalize() undoes ImageNet's RGB statistics: a grey image came out tinted
         raise MaelabError(f"this MAE takes {model.in_chans}-channel images; reconstruction pictures are drawn in "
                           f"RGB with ImageNet's statistics, so they need a 3-channel model")
+    if not images.is_floating_point():  # uint8 pixels were cast to float and drawn as white, without a word
+        model._check_input(images)
     device, dtype = _model_device_dtype(model)
     imgs = images.detach().to(device=device, dtype=torch.float32)  # full precision for display
     images = imgs.to(dtype)
