@@ -53,7 +53,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-NEGATIVE = re.compile(r"^-\.?\d")  # "-5m", "-1e-3": argparse reads them as flags ("expected one argument")
+NEGATIVE = re.compile(r"^-(\.?\d|inf|nan)", re.IGNORECASE)  # "-5m", "-1e-3", "-inf": argparse reads them as flags
 
 
 def negative_values_joined(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:

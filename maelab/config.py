@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from maelab.errors import MaelabError, SameOnEveryRank, warn_for_job
+from maelab.errors import MaelabError, SameOnEveryRank
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped inside the package
 
@@ -97,6 +97,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 return False
             raise ValueError(value)
         return _scalar(value, inner)
+    except _NotANumber:
+        many = isinstance(value, (list, tuple))
+        shown = " ".join(str(v) for v in value) if many else str(value)
+        raise MaelabError(f"{name} must be {'numbers' if many else 'a number'}, got {shown}") from None
     except (TypeError, ValueError):
         if typing.get_origin(inner) is list:  # `list` alone would not say of what
             what = f"a list of {typing.get_args(inner)[0].__name__}"
@@ -114,8 +118,12 @@ def _scalar(value: Any, tp: type) -> Any:
         raise ValueError(value)
     out = tp(value)
     if tp is float and out != out:  # NaN passes every range check ("> 0" and "<= 1" alike are False for it
-        raise ValueError(value)  # only where written as "not x > 0"): a kNN at T=nan scored at chance
+        raise _NotANumber(value)  # only where written as "not x > 0"): a kNN at T=nan scored at chance
     return out
+
+
+class _NotANumber(ValueError):
+    """A float setting given as NaN."""
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -250,13 +258,7 @@ def config_from_args(cls: type, args: argparse.Namespace):
     leaves = _leaf_fields(cls)
     overrides = {k: v for k, v in vars(args).items() if k in leaves}  # the flags given (defaults are suppressed)
     cfg = build_config(cls, overrides, getattr(args, "config", None))
-    budget = getattr(getattr(cfg, "optim", None), "budget", None)
-    if budget and str(budget).lower() != "none":
-        typed = [f"--{k.replace('_', '-')} {overrides[k]}" for k in ("epochs", "max_steps") if k in overrides]
-        if typed:  # the help says so, but a number typed on the same line was dropped without a word
-            warn_for_job(f"{' and '.join(typed)} given with --budget {budget}: the budget sets the run's length (the "
-                         f"steps that fit in it), so {'they are' if len(typed) > 1 else 'it is'} not used; leave "
-                         f"--budget out to train for a fixed length")
+    cfg.typed_flags = {k: overrides[k] for k in overrides}  # what the user typed (not a setting: not recorded)
     return cfg
 
 

@@ -57,25 +57,26 @@ def test_bad_durations_are_refused_with_examples(text):
         parse_duration(text)
 
 
-@pytest.mark.parametrize("flags, said", [
-    (["--epochs", "1"], "--epochs 1 given with --budget 20s: the budget sets the run's length"),
-    (["--epochs", "1", "--max-steps", "2"], "--epochs 1 and --max-steps 2 given with --budget 20s"),
+@pytest.mark.parametrize("typed, said", [
+    (["epochs"], "--epochs 1 given with --budget 20s: the budget sets the run's length"),
+    (["epochs", "max_steps"], "--epochs 1 and --max-steps 2 given with --budget 20s"),
     ([], None),  # a preset's epochs are what a budget replaces, said in the help: nothing to warn about
 ])
-def test_a_length_typed_beside_a_budget_is_said_to_be_unused(flags, said):
+def test_a_length_typed_beside_a_budget_is_said_to_be_unused(tmp_path, typed, said):
     """`--budget 20s --epochs 1` ran 9 epochs without a word (and an ablation of epochs under a budget gave
-    every value the same run)."""
-    import argparse
+    every value the same run). Said once the budget is known to be valid (here: a resumed run's plan)."""
+    from types import SimpleNamespace
 
-    from maelab.config import add_config_args, config_from_args
+    from maelab.commands.session import Session
 
-    parser = argparse.ArgumentParser()
-    add_config_args(parser, PretrainConfig)
-    args = parser.parse_args(["--budget", "20s", *flags])
+    cfg = build_config(PretrainConfig, {"budget": "20s", "epochs": 1, "max_steps": 2})
+    cfg.typed_flags = {k: getattr(cfg.optim, k) for k in typed}  # as config_from_args sets it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"optim": {"max_steps": 5, "epochs": 1, "budget": "20s"}}))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        config_from_args(PretrainConfig, args)
+        Session.plan_budget(SimpleNamespace(), None, cfg, tmp_path / "checkpoints" / "epoch_0001")
     assert [str(w.message) for w in caught if said and said in str(w.message)] or (said is None and not caught)
+    assert cfg.optim.max_steps == 5  # the recorded plan, as before
 
 
 def test_the_planner_fits_steps_and_epoch_work_into_what_is_left():

@@ -561,7 +561,7 @@ def test_errors_and_warnings_of_the_settings_are_said_by_rank_0_alone(capsys, tm
     # values no range check written "x < 0" / "x <= 0" refused: inf (a kNN of equal votes), nan (any flag), a score
     # threshold outside [0, 1] (nothing or everything drawn)
     (["knn", "--init", "none", "--temperature", "inf"], "--temperature a positive finite number, got 20, inf"),
-    (["knn", "--init", "none", "--temperature", "nan"], "temperature: cannot read 'nan' as float"),
+    (["knn", "--init", "none", "--temperature", "nan"], "--temperature must be a number, got nan"),
     (["segment", "train", "--init", "none", "--aux-weight", "inf"], "--aux-weight must be >= 0 and finite, got inf"),
     (["detect", "train", "--init", "none", "--score-threshold", "2"], "--score-threshold must be in [0, 1], got 2"),
     # said before the encoder is read, naming the flag (the neck said "takes 4 feature maps, got 2")

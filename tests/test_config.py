@@ -68,7 +68,7 @@ def test_a_setting_given_twice_is_refused_not_left_to_the_last_line(tmp_path, te
     ("run:\n  out: [a, b]\n", "out: cannot read ['a', 'b'] as str"),
     ("model:\n  img_size: [32, yes]\n", "img_size: cannot read [32, True] as a list of int"),
     ("epochs: 1.5\n", "epochs: cannot read 1.5 as int"),
-    ("optim:\n  base_lr: .nan\n", "base_lr: cannot read nan as float"),  # it passed range checks written "x <= 0"
+    ("optim:\n  base_lr: .nan\n", "base_lr must be a number, got nan"),  # it passed range checks written "x <= 0"
 ])
 def test_yaml_values_of_another_kind_are_refused_not_converted(tmp_path, text, message):
     y = tmp_path / "c.yaml"
@@ -91,7 +91,7 @@ def test_a_bad_preset_value_is_refused_even_where_a_flag_overrides_it(tmp_path):
 def test_a_config_folder_is_said_to_be_a_folder(tmp_path):
     with pytest.raises(MaelabError, match="is a folder: give a YAML file"):  # it said "not found"
         build_config(PretrainConfig, yaml_path=str(tmp_path))
-    with pytest.raises(MaelabError, match="--mask-ratio: cannot read 'nan' as float"):  # a flag's NaN alike, named as typed
+    with pytest.raises(MaelabError, match="--mask-ratio must be a number, got nan"):  # a flag's NaN alike, named as typed
         build_config(PretrainConfig, {"mask_ratio": "nan"})
 
 

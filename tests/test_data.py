@@ -69,9 +69,10 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
 
 def test_a_folder_that_cannot_be_listed_is_said_not_passed_over(tmp_path, monkeypatch):
     """os.walk passes over a folder it cannot list without a word: a class folder without read permission
-    was dropped and the run trained on the rest (or "needs at least 2 classes" with two folders there); an
-    unreadable --data root gave a traceback inside the error's own handler. (Run as root, the tests stand the
-    permission error in.)"""
+    was dropped and the run trained on the rest (or "needs at least 2 classes" with two folders there): said
+    now, and an unreadable --data itself refused (it gave a traceback inside the error's own handler). A
+    volume's root-only `lost+found` stays silent: refusing it broke `--data /mnt/disk` (review). (Run as
+    root, the tests stand the permission error in.)"""
     import os
 
     from maelab.cli import _os_error_line
@@ -80,13 +81,23 @@ def test_a_folder_that_cannot_be_listed_is_said_not_passed_over(tmp_path, monkey
     _save(tmp_path / "b" / "y.png", "RGB")
     scandir = os.scandir
 
+    (tmp_path / "lost+found").mkdir()
+    refused = ["b", "lost+found"]
+
     def refusing(path="."):
-        if os.fspath(path).endswith("b"):
+        if os.path.basename(os.fspath(path)) in refused:
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return scandir(path)
 
     monkeypatch.setattr(os, "scandir", refusing)
-    with pytest.raises(MaelabError, match=f"cannot list {tmp_path / 'b'}: Permission denied"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = scan_images(tmp_path)
+    assert [str(w.message) for w in caught] == [f"1 folder(s) under {tmp_path} could not be listed, so their images "
+                                                f"are left out: {tmp_path / 'b'} (Permission denied)"]
+    assert len(found) == 1
+    refused.append(tmp_path.name)
+    with pytest.raises(MaelabError, match=f"cannot list {tmp_path}: Permission denied"):
         scan_images(tmp_path)
     monkeypatch.undo()
 

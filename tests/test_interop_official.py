@@ -199,7 +199,7 @@ def test_convert_num_heads_gives_the_heads_of_a_file_that_does_not_record_them(t
     save_mae(model, tmp_path / "own.safetensors")
     for src in ("own.safetensors", "m.safetensors"):
         assert main(["convert", str(tmp_path / src), str(tmp_path / "x.pth"), "--to", "official", "--num-heads", "2"]) == 2
-        assert "records 4 encoder attention heads, not 2: leave --num-heads out" in capsys.readouterr().err
+        assert "records 4 attention heads (its num_heads), not 2: leave the head count out" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "bare.pth"), str(tmp_path / "y.pth"), "--to", "official",
                  "--num-heads", "3"]) == 2
     assert "not divisible" in capsys.readouterr().err  # width 64, 3 heads: one line, not timm's assertion
@@ -396,7 +396,7 @@ def test_the_writers_take_a_compiled_or_wrapped_model_and_refuse_what_they_canno
     with pytest.raises(MaelabError, match="folder is a folder: give the name of the file"):
         save_mae(model, tmp_path / "folder")
     (tmp_path / "f.txt").write_text("notes")
-    with pytest.raises(MaelabError, match="f.txt is a file: a Hugging Face model is a folder"):
+    with pytest.raises(MaelabError, match="f.txt is a file, not a folder"):
         save_hf_pretrained(model, tmp_path / "f.txt")
     # loading builds a model whose random init is overwritten: a seeded notebook's next draws stay its own
     torch.manual_seed(1)

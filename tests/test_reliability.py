@@ -386,7 +386,7 @@ def _error_line(capsys) -> str:
     (["--keep", "-1"], "--keep must be 0 (keep all) or more, got -1"),
     (["--num-workers", "-5"], "--num-workers must be 0 or more, or -1 for one per CPU core, got -5"),
     (["--save-every-minutes", "-1"], "--save-every-minutes must be 0 (epoch ends only) or a positive number"),
-    (["--save-every-minutes", "nan"], "--save-every-minutes: cannot read 'nan' as float"),  # every float alike
+    (["--save-every-minutes", "nan"], "--save-every-minutes must be a number, got nan"),  # every float alike
 ])
 def test_negative_keep_and_worker_counts_are_refused_before_anything_is_written(capsys, tmp_path, flags, message):
     from maelab.cli import main

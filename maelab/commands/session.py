@@ -32,7 +32,7 @@ from maelab.data.folders import ImageList
 from maelab.data.loader import choose_in_memory
 from maelab.data.workers import default_workers
 from maelab.config import load_yaml
-from maelab.errors import MaelabError, SameOnEveryRank
+from maelab.errors import MaelabError, SameOnEveryRank, warn_for_job
 from maelab.evaluate.features import EvalSplit
 from maelab.io import check_writable_folder, refuse_out_inside, write_json
 from maelab.interop.encoders import resolve_encoder
@@ -234,6 +234,11 @@ class Session:
         o = cfg.optim
         if not o.budget:
             return
+        typed = getattr(cfg, "typed_flags", {})  # set by the CLI (config_from_args)
+        if given := [f"--{k.replace('_', '-')} {typed[k]}" for k in ("epochs", "max_steps") if k in typed]:
+            warn_for_job(f"{' and '.join(given)} given with --budget {o.budget}: the budget sets the run's length "
+                         f"(the steps that fit in it), so {'they are' if len(given) > 1 else 'it is'} not used; leave "
+                         f"--budget out to train for a fixed length")  # the help said so; the line typed was dropped
         if resume is not None:
             config = Path(resume).parent.parent / "config.yaml"
             recorded = (load_yaml(config).get("optim") or {})

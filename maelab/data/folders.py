@@ -110,8 +110,13 @@ def scan_images(root: str | os.PathLike) -> ImageList:
     paths: list[str] = []
     tops: list[str] = []
     left_out: Counter[str] = Counter()
-    def unreadable(err: OSError) -> None:  # os.walk passed over a folder it could not list without a word: a
-        raise SameOnEveryRank(f"cannot list {err.filename}: {err.strerror or err}")  # class silently gone
+    unlisted: list[str] = []
+
+    def unreadable(err: OSError) -> None:  # os.walk passed over a folder it could not list without a word: a class
+        if Path(os.fspath(err.filename)) == root:  # folder was silently gone (said below; the root itself: refused)
+            raise SameOnEveryRank(f"cannot list {root}: {err.strerror or err}")
+        if Path(os.fspath(err.filename)).name != "lost+found":  # a file system's own, never data
+            unlisted.append(f"{err.filename} ({err.strerror or err})")
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         rel = Path(dirpath).relative_to(root)
@@ -126,6 +131,9 @@ def scan_images(root: str | os.PathLike) -> ImageList:
                 tops.append(top)
             elif not name.startswith("."):
                 left_out[Path(name).suffix.lower() or "(no extension)"] += 1
+    if unlisted and os.environ.get("RANK", "0") == "0":  # said once under torchrun
+        warnings.warn(f"{len(unlisted)} folder(s) under {root} could not be listed, so their images are left out: "
+                      f"{', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''}", stacklevel=2)
     if not paths:
         tars = left_out.get(".tar", 0)
         raise MaelabError(f"no images found under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})" + (

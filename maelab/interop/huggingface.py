@@ -464,7 +464,7 @@ def save_hf_pretrained(model: nn.Module, directory: str | os.PathLike, naming: s
     sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     directory = os.fspath(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):  # os.makedirs's FileExistsError
-        raise MaelabError(f"{directory} is a file: a Hugging Face model is a folder (config.json + model.safetensors)")
+        raise MaelabError(f"cannot write {directory}: {directory} is a file, not a folder")  # as the CLI says it
     os.makedirs(directory, exist_ok=True)
     # both files are written in full under temporary names and only then put in place, together: written
     # one after the other, a stop between them left a folder written again with the new config.json beside

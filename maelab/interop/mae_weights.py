@@ -126,7 +126,8 @@ def load_mae(path: str | Path, device: str | torch.device = "cpu", img_size: int
         model, meta = _load_mae(Path(path).expanduser(), None if img_size is None else pair(img_size), num_heads)
     heads = int(model.blocks[0].attn.num_heads)
     if num_heads is not None and heads != num_heads:  # maelab / HF files record theirs (official: checked on reading)
-        raise MaelabError(f"{path} records {heads} encoder attention heads, not {num_heads}: leave --num-heads out")
+        raise MaelabError(f"{path} records {heads} attention heads (its num_heads), not {num_heads}: leave the head "
+                          f"count out")
     notes = meta.setdefault("notes", [])
     if img_size is not None and tuple(pair(img_size)) != tuple(model.img_size):
         old = model.img_size

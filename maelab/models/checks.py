@@ -31,7 +31,7 @@ def pair(size: Any) -> tuple[int, int]:
 def num_visible(num_patches: int, mask_ratio: float) -> int:
     """Patches kept per sample: ``int(L * (1 - r))``, the same for every sample so batches stay dense."""
     if not 0.0 <= mask_ratio < 1.0:
-        raise MaelabError(f"mask ratio (--mask-ratio) must be in (0, 1) to train (0: no masking, for features), got {mask_ratio}")
+        raise MaelabError(f"mask ratio (--mask-ratio) must be in (0, 1), got {mask_ratio}")
     return max(1, int(num_patches * (1 - mask_ratio)))
 
 
