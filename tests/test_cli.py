@@ -567,6 +567,8 @@ def test_errors_and_warnings_of_the_settings_are_said_by_rank_0_alone(capsys, tm
     # said before the encoder is read, naming the flag (the neck said "takes 4 feature maps, got 2")
     (["segment", "train", "--init", "none", "--out-indices", "1", "2"], "--out-indices takes 4 block numbers"),
     (["segment", "train", "--init", "none", "--num-classes", "0"], "--num-classes 0: camvid's classes are fixed"),
+    (["segment", "train", "--init", "none", "--ratio-range", "2", "1"], "--ratio-range takes two numbers 0 < low"),
+    (["segment", "train", "--init", "none", "--pictures", "-1"], "--pictures must be"),
 ])
 def test_a_negative_value_reaches_its_flags_own_check(capsys, tmp_path, argv, said):
     """argparse took `-5m` and `-1e-3` for flags: "expected one argument", not what is wrong with the value.

@@ -338,7 +338,7 @@ def test_segment_train_eval_predict_with_resume(capsys, tmp_path, camvid_tiny):
     # the picture is a PNG: a .jpg name held PNG bytes
     code, out, err = run_cli(capsys, "segment", "predict", "--checkpoint", str(run_dir), "--images", str(first),
                              "--out", str(tmp_path / "s.jpg"))
-    assert code == 2 and "--out " in err and "s.jpg must be a .png file" in err and not (tmp_path / "s.jpg").exists()
+    assert code == 2 and "s.jpg: segment predict writes a PNG; name the file s.png" in err and not (tmp_path / "s.jpg").exists()
 
 
 def test_a_bad_validation_label_after_training_an_epoch_keeps_that_epoch(capsys, tmp_path):

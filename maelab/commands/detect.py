@@ -38,6 +38,7 @@ from maelab.train.loop import Trainer
 from maelab.train.optim import adamw, scaled_lr
 from maelab.transfer.detection import (DetectTask, build_detector, detect, detector_groups, detector_spec,
                                        evaluate_detector, load_detector)
+from maelab.viz.curves import png_out
 from maelab.viz.detection import save_detection_grid
 
 
@@ -283,9 +284,7 @@ def predict(cfg) -> dict[str, Any]:
     check_score("--score-threshold", cfg.run.score_threshold)
     if not cfg.model.checkpoint:
         raise MaelabError("--checkpoint is required: a `maelab detect train` run folder")
-    out = Path(cfg.run.out).expanduser()
-    if out.suffix.lower() != ".png":
-        raise MaelabError(f"--out {out} must be a .png file")
+    out = png_out(cfg.run.out, "detect predict")
     check_output_file(out)
     paths = [Path(p) for p in image_files(cfg.input.images, "--images", cfg.input.max_images, "--max-images")]
     with Session(cfg.run.device, cfg.run.precision) as s:

@@ -47,7 +47,7 @@ from maelab.train.optim import adamw, scaled_lr
 from maelab.train.precision import autocast
 from maelab.transfer.backbone import STRIDES, ViTBackbone, layer_decay_groups
 from maelab.transfer.segment import SegmentTask, UPerNetSegmenter, evaluate_segmenter, predict_mask
-from maelab.viz.curves import plot_curves
+from maelab.viz.curves import plot_curves, png_out
 from maelab.viz.segmentation import save_segmentation_figure
 
 
@@ -68,13 +68,16 @@ def check_data(data: SegSplitConfig) -> None:
     default_workers(data.num_workers)
     if data.base_size is not None:
         at_least(base_size=(data.base_size, 1))
-    if isinstance(data, SegDataConfig) and (len(r := data.ratio_range) != 2 or not 0 < r[0] <= r[1]):
+
+
+def check_training_settings(data: SegDataConfig, ev: SegEvalConfig) -> None:
+    """What only training takes: the augmentation's resize range, when it evaluates and draws."""
+    if len(r := data.ratio_range) != 2 or not 0 < r[0] <= r[1]:
         raise MaelabError(f"--ratio-range takes two numbers 0 < low <= high, got {r}")
+    at_least(eval_every=(ev.eval_every, 1), pictures=(ev.pictures, 0))
 
 
 def check_eval(ev: SegInferenceConfig) -> None:
-    if isinstance(ev, SegEvalConfig):  # training's
-        at_least(eval_every=(ev.eval_every, 1), pictures=(ev.pictures, 0))
     if ev.eval_stride is not None and (len(ev.eval_stride) not in (1, 2) or min(ev.eval_stride) < 1):
         raise MaelabError(f"--eval-stride takes one or two positive numbers, got {ev.eval_stride}")
 
@@ -176,6 +179,7 @@ def print_metrics(what: str, m: dict[str, Any], prefix: str = "val") -> None:
 def validate_train(cfg) -> None:
     check_data(cfg.data)
     check_eval(cfg.eval)
+    check_training_settings(cfg.data, cfg.eval)
     check_schedule(cfg.optim, cfg.data.batch_size)
     check_run_numbers(cfg.run)
     if not 0 < cfg.optim.layer_decay <= 1:
@@ -317,9 +321,7 @@ def mask_names(paths: list[str]) -> list[str]:
 
 def predict(cfg) -> dict[str, Any]:
     check_eval(cfg.eval)
-    out = Path(cfg.run.out).expanduser()
-    if out.suffix.lower() != ".png":  # a PNG was written under a .jpg name
-        raise MaelabError(f"--out {out} must be a .png file (the picture is a PNG; the masks go beside it)")
+    out = png_out(cfg.run.out, "segment predict", " (its masks go beside it, in <name>_masks/)")
     check_output_file(out)
     masks_dir = out.with_name(out.stem + "_masks")
     check_writable_folder(masks_dir, "--out", masks_dir)

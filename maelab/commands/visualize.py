@@ -17,6 +17,7 @@ from maelab.models.checks import check_masks_something, num_visible, warn_if_one
 from maelab.models.masking import check_mask_type
 from maelab.train.distributed import pick_device
 from maelab.viz import PICTURE_IMAGES, save_reconstruction_grid
+from maelab.viz.curves import png_out
 from maelab.viz.reconstruct import row_title
 
 
@@ -26,10 +27,7 @@ def output_path(out: str) -> Path:
     path = Path(out).expanduser()
     if out.endswith(("/", os.sep)) or path.is_dir():
         return path / RECONSTRUCTION_PNG
-    if path.suffix.lower() != ".png":
-        raise MaelabError(f"--out {out}: visualize writes a PNG; name the file {path.stem}.png "
-                          f"(or end --out with / for a folder)")
-    return path
+    return png_out(out, "visualize", " (or end --out with / for a folder)")
 
 
 def sample_of(data: str) -> tuple[list[str], list[str]]:

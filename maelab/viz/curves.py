@@ -25,6 +25,15 @@ from maelab.io import atomic_path
 _NOT_METRICS = {"step", "epoch", "loss", "lr", "time", "timestamp", "wall_time", "elapsed", "iter"}
 
 
+def png_out(out: str | os.PathLike, what: str, alternative: str = "") -> Path:
+    """``--out`` of a command that draws (``what``): a ``.png`` name, as the picture is always a PNG (a
+    ``.jpg`` name held PNG bytes that viewers and tools picking a reader by the suffix failed on)."""
+    path = Path(out).expanduser()
+    if path.suffix.lower() != ".png":
+        raise MaelabError(f"--out {out}: {what} writes a PNG; name the file {path.stem}.png{alternative}")
+    return path
+
+
 def save_figure_atomic(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Write ``fig`` as a PNG to ``path`` atomically (readers never see a half-written file)."""
     path = Path(path)
