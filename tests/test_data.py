@@ -69,20 +69,19 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
 
 def test_a_folder_that_cannot_be_listed_is_said_not_passed_over(tmp_path, monkeypatch):
     """os.walk passes over a folder it cannot list without a word: a class folder without read permission
-    was dropped and the run trained on the rest (or "needs at least 2 classes" with two folders there): said
-    now, and an unreadable --data itself refused (it gave a traceback inside the error's own handler). A
-    volume's root-only `lost+found` stays silent: refusing it broke `--data /mnt/disk` (review). (Run as
-    root, the tests stand the permission error in.)"""
+    was dropped and the run trained on the rest, the classes after it renumbered (or "needs at least 2
+    classes" with two folders there): refused, as an unreadable --data (a traceback inside the error's own
+    handler); a folder deeper down is left out with a warning. A volume's root-only `lost+found` stays
+    silent: refusing it broke `--data /mnt/disk` (review). (Run as root, the tests stand the error in.)"""
     import os
 
     from maelab.cli import _os_error_line
 
     _save(tmp_path / "a" / "x.png", "RGB")
-    _save(tmp_path / "b" / "y.png", "RGB")
+    _save(tmp_path / "b" / "deep" / "y.png", "RGB")
     scandir = os.scandir
-
     (tmp_path / "lost+found").mkdir()
-    refused = ["b", "lost+found"]
+    refused = ["deep", "lost+found"]
 
     def refusing(path="."):
         if os.path.basename(os.fspath(path)) in refused:
@@ -94,11 +93,12 @@ def test_a_folder_that_cannot_be_listed_is_said_not_passed_over(tmp_path, monkey
         warnings.simplefilter("always")
         found = scan_images(tmp_path)
     assert [str(w.message) for w in caught] == [f"1 folder(s) under {tmp_path} could not be listed, so their images "
-                                                f"are left out: {tmp_path / 'b'} (Permission denied)"]
+                                                f"are left out: {tmp_path / 'b' / 'deep'} (Permission denied)"]
     assert len(found) == 1
-    refused.append(tmp_path.name)
-    with pytest.raises(MaelabError, match=f"cannot list {tmp_path}: Permission denied"):
-        scan_images(tmp_path)
+    for folder, named in (("b", tmp_path / "b"), (tmp_path.name, tmp_path)):  # a class folder, --data itself
+        refused.append(folder)
+        with pytest.raises(MaelabError, match=f"cannot list {named}: Permission denied"):
+            scan_images(tmp_path)
     monkeypatch.undo()
 
     def no_looking(self, *a, **k):  # Python 3.11's Path.exists raises for a folder it may not look into

@@ -216,6 +216,24 @@ def test_knn_refuses_inputs_it_would_score_wrongly_or_fail_on_deep_inside(datase
     assert "the encoder gives non-finite features (NaN / inf)" in capsys.readouterr().err
 
 
+def test_a_batch_whose_every_image_is_skipped_gives_no_rows_not_an_error(tmp_path):
+    """Under bad_files="skip" a batch of only unreadable images reached the model empty, which refuses an empty
+    batch (its loss of no patches was NaN): extract_features passes over it (review)."""
+    import warnings
+
+    from maelab.data.folders import scan_images
+    from maelab.evaluate.features import EvalSplit, extract_features
+
+    make_folder(tmp_path / "d", 1, 3, seed=0)
+    for name in ("y0.jpg", "y1.jpg"):
+        (tmp_path / "d" / "class0" / name).write_text("junk")
+    split = EvalSplit(scan_images(tmp_path / "d"), (16, 16), 2, False, 0, bad_files="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each skipped file is named
+        feats, labels, index = extract_features(tiny_mae(), split, "cpu")
+    assert feats.shape == (3, 32) and len(labels) == len(index) == 3
+
+
 def test_linear_probe_head_is_batchnorm_without_affine_then_linear():
     from maelab.models.heads import LinearProbeHead
 

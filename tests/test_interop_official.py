@@ -399,8 +399,17 @@ def test_the_writers_take_a_compiled_or_wrapped_model_and_refuse_what_they_canno
     with pytest.raises(MaelabError, match="f.txt is a file, not a folder"):
         save_hf_pretrained(model, tmp_path / "f.txt")
     # loading builds a model whose random init is overwritten: a seeded notebook's next draws stay its own
-    torch.manual_seed(1)
-    load_mae(tmp_path / "m.safetensors")
-    drawn = torch.rand(3)
-    torch.manual_seed(1)
-    assert torch.equal(drawn, torch.rand(3))
+    for load in (lambda: load_mae(tmp_path / "m.safetensors"), lambda: load_mae(tmp_path / "m.safetensors", img_size=48),
+                 lambda: mae_from_official(tmp_path / "m.pth"), lambda: load_mae(tmp_path / "hf")):
+        torch.manual_seed(1)
+        load()
+        drawn = torch.rand(3)
+        torch.manual_seed(1)
+        assert torch.equal(drawn, torch.rand(3))
+    from maelab.interop.timm_export import save_timm_classifier, to_timm_state_dict
+    from maelab.models.vit import build_vit, vit_arch
+
+    arch = vit_arch(dict(img_size=[32, 32], patch_size=8, embed_dim=64, depth=2, num_heads=2))
+    with pytest.raises(MaelabError, match="name it c.safetensors"):  # a classifier's writer alike
+        save_timm_classifier(build_vit(arch, 10, "token").state_dict(), {"vit": arch, "num_classes": 10}, tmp_path / "c.pth")
+    assert "blocks.0.attn.qkv.weight" in to_timm_state_dict(build_vit(arch, 0, "token"))  # a module of encoder names

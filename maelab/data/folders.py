@@ -112,11 +112,13 @@ def scan_images(root: str | os.PathLike) -> ImageList:
     left_out: Counter[str] = Counter()
     unlisted: list[str] = []
 
-    def unreadable(err: OSError) -> None:  # os.walk passed over a folder it could not list without a word: a class
-        if Path(os.fspath(err.filename)) == root:  # folder was silently gone (said below; the root itself: refused)
-            raise SameOnEveryRank(f"cannot list {root}: {err.strerror or err}")
-        if Path(os.fspath(err.filename)).name != "lost+found":  # a file system's own, never data
-            unlisted.append(f"{err.filename} ({err.strerror or err})")
+    def unreadable(err: OSError) -> None:  # os.walk passed over a folder it could not list without a word
+        folder = Path(os.fspath(err.filename))
+        if folder.name == "lost+found":  # a file system's own (root-only at a volume's top), never data
+            return
+        if folder == root or folder.parent == root:  # --data, or a class: left out, it renumbered the classes
+            raise SameOnEveryRank(f"cannot list {folder}: {err.strerror or err}")  # after it
+        unlisted.append(f"{folder} ({err.strerror or err})")  # deeper: its images are left out, said below
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         rel = Path(dirpath).relative_to(root)

@@ -120,6 +120,8 @@ def extract_features(model: nn.Module, split: EvalSplit, device: torch.device, g
         it = tqdm(it, total=split.num_batches, desc="features", unit="batch", leave=False, disable=None)
     try:
         for x, y, i in it:
+            if not len(x):  # every image of the batch unreadable and skipped (--bad-files skip)
+                continue
             with autocast(device, precision):
                 f = encode(model, x, global_pool)
             if not bool(torch.isfinite(f).all()):  # a diverged encoder's NaN features scored a kNN at chance

@@ -25,24 +25,26 @@ from maelab.evaluate.metrics import top5_percent, topk_correct
 
 
 @torch.no_grad()
+def check_labels(name: str, labels: Any, rows: int, num_classes: int) -> None:
+    """One integer class index in ``0..num_classes-1`` per feature row."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.shape != (rows,):
+        raise MaelabError(f"kNN's {name} labels must be one integer tensor of {rows} class indices, got "
+                          f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        raise MaelabError(f"kNN's {name} labels must lie in 0..{num_classes - 1} (num_classes={num_classes}), "
+                          f"got {int(labels.min())}..{int(labels.max())}")
+
+
 def check_knn_inputs(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feats: torch.Tensor,
-                     num_classes: int, query_labels: torch.Tensor | None = None) -> None:
+                     num_classes: int) -> None:
     """Shapes, label range and finite features, said in one line: torch's own errors ("index 5 is out of bounds
     for dimension 1") named none of them, and NaN features (a diverged encoder) scored at chance."""
-    if not all(isinstance(t, torch.Tensor) for t in (train_feats, train_labels, query_feats)):
+    if not all(isinstance(t, torch.Tensor) for t in (train_feats, query_feats)):
         raise MaelabError("kNN takes tensors: features (N, D) and integer labels (N,)")
     if train_feats.ndim != 2 or query_feats.ndim != 2 or train_feats.shape[1] != query_feats.shape[1]:
         raise MaelabError(f"kNN needs (N, D) bank and query features of one width, got {tuple(train_feats.shape)} "
                           f"and {tuple(query_feats.shape)}")
-    for name, labels, feats in (("bank", train_labels, train_feats), ("query", query_labels, query_feats)):
-        if labels is None:
-            continue
-        if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.shape != (feats.shape[0],):
-            raise MaelabError(f"kNN's {name} labels must be one integer tensor of {feats.shape[0]} class indices, got "
-                              f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
-        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
-            raise MaelabError(f"kNN's {name} labels must lie in 0..{num_classes - 1} (num_classes={num_classes}), "
-                              f"got {int(labels.min())}..{int(labels.max())}")
+    check_labels("bank", train_labels, train_feats.shape[0], num_classes)
     for name, feats in (("bank", train_feats), ("query", query_feats)):
         if not bool(torch.isfinite(feats).all()):
             raise MaelabError(f"the {name} features are not finite (NaN / inf): the encoder's weights or its input "
@@ -87,7 +89,7 @@ def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, query_fe
     and counts only classes that got a vote (with k = 1 it equals top-1)."""
     if query_feats.shape[0] == 0:
         raise MaelabError("kNN needs at least one query image")
-    check_knn_inputs(train_feats, train_labels, query_feats, num_classes, query_labels)
+    check_labels("query", query_labels, query_feats.shape[0], num_classes)  # the rest: in knn_scores
     scores, voted = knn_scores(train_feats, train_labels, query_feats, num_classes, k, temperature, chunk, True)
     correct = topk_correct(scores, query_labels.to(scores.device), (1, 5), voted=voted)
     n = query_feats.shape[0]

@@ -19,6 +19,7 @@ from maelab.errors import MaelabError, SameOnEveryRank
 from maelab.interop.formats import TORCH, check_weights_file, maelab_file, read_record
 from maelab.interop.huggingface import load_hf_pretrained_dir
 from maelab.interop.mae_weights import load_mae, probed_encoder
+from maelab.models.mae import keeps_rng
 from maelab.interop.official import classify_official, infer_mae_architecture, read_official
 from maelab.io import read_weights
 from maelab.models.checks import pair
@@ -61,6 +62,7 @@ def _from_vit_state_dict(sd: dict[str, torch.Tensor], source: str, path: str,
     return EncoderWeights(sd, arch, source, path, None, notes)
 
 
+@keeps_rng
 def read_encoder(path: str | Path, num_heads: int | None = None,
                  img_size: tuple[int, int] | None = None) -> EncoderWeights:
     """Encoder weights from a maelab run / checkpoint folder / ``.safetensors`` (pre-training or

@@ -32,7 +32,7 @@ from maelab.errors import MaelabError
 from maelab.interop.formats import SAFETENSORS, check_weights_file, load_torch
 from maelab.interop.official import load_into_mae
 from maelab.io import atomic_path
-from maelab.models.mae import MaskedAutoencoder, as_mae
+from maelab.models.mae import MaskedAutoencoder, as_mae, keeps_rng
 from maelab.models.state_dicts import few
 
 NAMINGS = ("v5", "v4")
@@ -249,6 +249,7 @@ def hf_config_from_mae(model: nn.Module, mask_ratio: float | None = None):
     (exact GELU), no dropout. HF ViTMAE supports square images only. ``mask_ratio`` overrides the
     model's (e.g. 0.0: a ``ViTMAEModel`` that returns every patch, which a maelab model refuses as its
     default ratio)."""
+    model = as_mae(model, "hf_config_from_mae")
     from transformers import ViTMAEConfig
 
     h, w = model.img_size
@@ -387,6 +388,7 @@ def is_vit_mae_folder(path: str | os.PathLike) -> bool:
         return False
 
 
+@keeps_rng
 def load_hf_pretrained_dir(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     """A maelab :class:`MaskedAutoencoder` from a local HF ViTMAE folder (``config.json`` +
     ``model.safetensors`` / ``pytorch_model.bin``, sharded or not; 4.x or 5.x names).
@@ -397,6 +399,7 @@ def load_hf_pretrained_dir(path: str | os.PathLike, **overrides: Any) -> nn.Modu
     return load_hf_folder(path, **overrides)[0]
 
 
+@keeps_rng
 def load_hf_folder(path: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, str]:
     """:func:`load_hf_pretrained_dir` and what the folder held: ``"full"`` (``ViTMAEForPreTraining``) or
     ``"encoder"`` (``ViTMAEModel``: the decoder is a fresh one, which reconstructions and conversions that

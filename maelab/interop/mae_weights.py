@@ -19,7 +19,7 @@ from maelab.interop.huggingface import detect_hf_naming, load_hf_folder
 from maelab.interop.official import classify_official, infer_mae_architecture, load_into_mae, read_official, resize_mae
 from maelab.io import read_weights, save_weights
 from maelab.models.checks import pair
-from maelab.models.mae import MaskedAutoencoder, as_mae
+from maelab.models.mae import MaskedAutoencoder, as_mae, keeps_rng
 from maelab.models.state_dicts import check_state_dict
 from maelab.models.vit import describe, vit_arch
 from maelab.train.checkpoint import resolve_weights_path
@@ -111,6 +111,7 @@ def save_mae(model: MaskedAutoencoder, path: str | Path, preset: str | None = No
     return path
 
 
+@keeps_rng  # the random init the weights overwrite drew from the caller's stream
 def load_mae(path: str | Path, device: str | torch.device = "cpu", img_size: int | tuple[int, int] | None = None,
              num_heads: int | None = None) -> tuple[MaskedAutoencoder, dict[str, Any]]:
     """(model in eval mode, its metadata) from a run folder, checkpoint folder, weights file (maelab
@@ -122,8 +123,7 @@ def load_mae(path: str | Path, device: str | torch.device = "cpu", img_size: int
     file's own record is refused); what loading did is listed in ``meta["notes"]``."""
     if num_heads is not None and num_heads < 1:
         raise MaelabError(f"--num-heads must be at least 1, got {num_heads}")
-    with torch.random.fork_rng(devices=[]):  # the random init it overwrites took a seeded notebook's draws
-        model, meta = _load_mae(Path(path).expanduser(), None if img_size is None else pair(img_size), num_heads)
+    model, meta = _load_mae(Path(path).expanduser(), None if img_size is None else pair(img_size), num_heads)
     heads = int(model.blocks[0].attn.num_heads)
     if num_heads is not None and heads != num_heads:  # maelab / HF files record theirs (official: checked on reading)
         raise MaelabError(f"{path} records {heads} attention heads (its num_heads), not {num_heads}: leave the head "

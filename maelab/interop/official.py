@@ -20,7 +20,7 @@ from maelab.interop.formats import (SAFETENSORS, SIZE_KEY, check_suffix, check_w
                                     size_record)
 from maelab.io import atomic_path, read_weights
 from maelab.models.checks import pair
-from maelab.models.mae import MaskedAutoencoder, as_mae
+from maelab.models.mae import MaskedAutoencoder, as_mae, keeps_rng
 from maelab.models.pos_embed import resize_pos_embed, sincos_grid, structure_grid
 from maelab.models.state_dicts import DECODER_PREFIXES, ENCODER_PREFIXES, HEAD_PREFIXES, few, state_dict_mismatch
 
@@ -310,6 +310,7 @@ def load_into_mae(
     return {"kind": kind, "missing": missing, "ignored": ignored}
 
 
+@keeps_rng
 def resize_mae(model: MaskedAutoencoder, img_size: int | tuple[int, int]) -> MaskedAutoencoder:
     """The same MAE for another input size (e.g. reconstructions at 384 from a 224 checkpoint): every weight
     is kept; the position tables become the new grid's sin-cos tables when they are the fixed sin-cos
@@ -327,6 +328,7 @@ def resize_mae(model: MaskedAutoencoder, img_size: int | tuple[int, int]) -> Mas
     return resized.to(next(model.parameters()).device).train(model.training)
 
 
+@keeps_rng
 def mae_from_official(path: str | os.PathLike, **overrides: Any) -> torch.nn.Module:
     """Build a :class:`MaskedAutoencoder` shaped like the checkpoint at ``path`` and load it.
 
@@ -349,7 +351,7 @@ def export_official(model: torch.nn.Module, path: str | os.PathLike, include_dec
     eps, head counts, and the objective: ``norm_pix_loss``, ``mask_ratio``) that the official code ignores and
     maelab reads back. Written atomically. Returns the path."""
     model = as_mae(model, "export_official")
-    check_suffix(path, "official")
+    check_suffix(path, "official")  # before the work; save_official checks it too, for its own callers
     sd = model.state_dict()
     if not include_decoder:
         sd = {k: v for k, v in sd.items() if k.startswith(ENCODER_PREFIXES)}
@@ -364,6 +366,7 @@ def export_official(model: torch.nn.Module, path: str | os.PathLike, include_dec
 def save_official(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
                   record: dict[str, Any] | None) -> str:
     """``torch.save({"model": state_dict, "maelab_size": record})`` atomically (never a half-written file)."""
+    check_suffix(path, "official")
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     obj: dict[str, Any] = {"model": dict(state_dict)}

@@ -20,7 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 from maelab.errors import MaelabError
 from maelab.interop.formats import check_suffix, record_metadata, size_record
 from maelab.io import atomic_path
-from maelab.models.mae import as_mae
+from maelab.models.mae import as_mae, unwrapped
 from maelab.models.state_dicts import ENCODER_PREFIXES, state_dict_mismatch
 from maelab.models.vit import build_vit, check_pool, vit_arch
 
@@ -34,7 +34,7 @@ def to_timm_state_dict(
     ``global_pool="avg"`` renames ``norm.*`` to ``fc_norm.*`` (timm's layout for average pooling)."""
     check_pool(global_pool)
     if isinstance(mae_model_or_encoder_sd, nn.Module):
-        sd = as_mae(mae_model_or_encoder_sd, "the timm export").state_dict()
+        sd = unwrapped(mae_model_or_encoder_sd).state_dict()  # an MAE, or a module of its encoder's names
     elif isinstance(mae_model_or_encoder_sd, Mapping):
         sd = mae_model_or_encoder_sd
     else:
@@ -51,6 +51,7 @@ def to_timm_state_dict(
 def timm_kwargs(model: nn.Module, global_pool: str = "token") -> dict[str, Any]:
     """``VisionTransformer`` constructor kwargs matching a :class:`MaskedAutoencoder`'s encoder."""
     check_pool(global_pool)
+    model = as_mae(model, "timm_kwargs")
     blk = model.blocks[0]
     embed_dim = int(model.embed_dim)
     return dict(
@@ -112,6 +113,7 @@ def save_timm_classifier(
     state dict, head included) as a timm ``.safetensors`` file, after checking that it loads strictly
     into ``VisionTransformer(num_classes=meta["num_classes"], global_pool=meta["global_pool"])``. The
     pooling is the one it was fine-tuned with; ``global_pool`` may only repeat it. Returns the path."""
+    check_suffix(path, "safetensors")
     pool = meta.get("global_pool", "token")
     if global_pool is not None and global_pool != pool:
         raise MaelabError(f"this classifier was fine-tuned with global pool {pool!r}: its head and norm only "

@@ -10,6 +10,7 @@ Parameter names follow the official release (encoder = timm ``VisionTransformer`
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 from typing import Any
 
@@ -301,16 +302,32 @@ def create_model(name: str, **overrides: Any) -> MaskedAutoencoder:
     return MaskedAutoencoder(**preset_kwargs(name, **overrides))
 
 
-def as_mae(model: Any, what: str) -> MaskedAutoencoder:
-    """The :class:`MaskedAutoencoder` behind ``torch.compile`` / DDP / DataParallel wrappers, for writers that
-    read its constructor arguments and state dict: a compiled model's keys start with ``_orig_mod.``, so its
-    file saved without a word and then loaded as no MAE (and a wrapper has no ``init_kwargs``)."""
+def unwrapped(model: Any) -> Any:
+    """The module behind ``torch.compile`` / DDP / DataParallel wrappers (itself when there is none)."""
     while True:
-        if isinstance(model, MaskedAutoencoder):
-            return model
         inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
         if inner is None and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             inner = model.module
         if inner is None:
-            raise MaelabError(f"{what} takes a maelab MaskedAutoencoder, got {type(model).__name__}")
+            return model
         model = inner
+
+
+def as_mae(model: Any, what: str) -> MaskedAutoencoder:
+    """The :class:`MaskedAutoencoder` behind wrappers (:func:`unwrapped`), for writers that read its constructor
+    arguments and state dict: a compiled model's keys start with ``_orig_mod.``, so its file saved without a
+    word and then loaded as no MAE (and a wrapper has no ``init_kwargs``)."""
+    inner = unwrapped(model)
+    if not isinstance(inner, MaskedAutoencoder):
+        raise MaelabError(f"{what} takes a maelab MaskedAutoencoder, got {type(inner).__name__}")
+    return inner
+
+
+def keeps_rng(fn):
+    """Run ``fn`` with the CPU random state restored afterwards: a loader builds a model whose random init the
+    weights overwrite, and that init drew from the caller's (a seeded notebook's) random stream."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+    return wrapper
