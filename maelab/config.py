@@ -147,12 +147,12 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
 
 def resolve_preset(path_or_name: str) -> Path:
     p = Path(path_or_name)
-    if p.expanduser().is_dir():
-        raise MaelabError(f"config {path_or_name} is a folder: give a YAML file, or a preset's name")
     candidates = [p, CONFIG_DIR / p, CONFIG_DIR / f"{path_or_name}.yaml"]
     for c in candidates:
         if c.is_file():
             return c
+    if p.expanduser().is_dir():  # (after the presets: a run folder named like one, --out recipe_quick, is no config)
+        raise MaelabError(f"config {path_or_name} is a folder: give a YAML file, or a preset's name")
     names = sorted(x.stem for x in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
     raise MaelabError(f"config {path_or_name!r} not found (presets: {', '.join(names) or 'none'})")
 

@@ -88,9 +88,12 @@ def test_a_bad_preset_value_is_refused_even_where_a_flag_overrides_it(tmp_path):
 
 
 
-def test_a_config_folder_is_said_to_be_a_folder(tmp_path):
+def test_a_config_folder_is_said_to_be_a_folder(tmp_path, monkeypatch):
     with pytest.raises(MaelabError, match="is a folder: give a YAML file"):  # it said "not found"
         build_config(PretrainConfig, yaml_path=str(tmp_path))
+    (tmp_path / "pretrain_cifar10_tiny").mkdir()  # a run folder named like a preset (--out pretrain_cifar10_tiny)
+    monkeypatch.chdir(tmp_path)
+    assert build_config(PretrainConfig, yaml_path="pretrain_cifar10_tiny").model.model == "mae_vit_tiny_patch4"
     with pytest.raises(MaelabError, match="--mask-ratio must be a number, got nan"):  # a flag's NaN alike, named as typed
         build_config(PretrainConfig, {"mask_ratio": "nan"})
 
