@@ -17,7 +17,7 @@ from pathlib import Path
 
 from maelab.errors import MaelabError
 from maelab.interop.encoders import img_size_arg, read_classifier
-from maelab.interop.formats import size_record
+from maelab.interop.formats import TORCH_SUFFIXES, size_record
 from maelab.interop.huggingface import is_vit_mae_folder, save_hf_pretrained
 from maelab.interop.mae_weights import load_mae, require_decoder, save_mae
 from maelab.interop.official import export_official, save_official
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> Path:
 
 TARGETS = ("maelab", "official", "timm", "hf")
 SUFFIX = {"maelab": ".safetensors", "official": ".pth", "timm": ".safetensors"}
-SUFFIXES = {"maelab": (".safetensors",), "official": (".pth", ".pt", ".bin"), "timm": (".safetensors",)}
+SUFFIXES = {"maelab": (".safetensors",), "official": TORCH_SUFFIXES, "timm": (".safetensors",)}
 WRITES = {"maelab": "safetensors", "official": "a torch.save checkpoint", "timm": "safetensors"}
 
 

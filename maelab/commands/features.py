@@ -140,7 +140,8 @@ def run(cfg: FeaturesConfig) -> dict[str, Any]:
             rows, names = index.tolist(), images.names()
             paths = [names[i] for i in rows]
             meta = {"init": cfg.model.init, "source": enc.source if enc else "none", "global_pool": cfg.model.global_pool,
-                    "encoder": describe(dict(arch, img_size=size)), "root": images.root, "device": device_name(s.device), "precision": s.precision}
+                    "encoder": describe(dict(arch, img_size=size)), "root": images.root,
+                    "device": device_name(s.device), "precision": s.precision}
             if images.sources is not None:  # shard samples: where each one is inside its shard, too
                 meta["members"] = [images.paths[i] for i in rows]
             written = write_features(out, feats, labels if images.classes else None, paths, images.classes, meta)

@@ -14,18 +14,15 @@ from maelab.commands.options.knn import KnnConfig
 from maelab.commands.options.sections import check_data_numbers
 from maelab.commands.session import Session, device_name, encoder_header
 from maelab.data.splits import load_splits
-from maelab.errors import MaelabError
 from maelab.evaluate.features import extract_features, gather_split
-from maelab.evaluate.knn import knn_accuracy
+from maelab.evaluate.knn import check_knn_settings, knn_accuracy
 from maelab.io import check_output_file, write_json
 from maelab.models.vit import describe
 
 
 def run(cfg: KnnConfig) -> dict[str, Any]:
     check_data_numbers(cfg.data)
-    if cfg.knn.k < 1 or not 0 < cfg.knn.temperature < float("inf"):  # inf: every neighbour's vote the same
-        raise MaelabError(f"--k must be >= 1 and --temperature a positive finite number, got {cfg.knn.k}, "
-                          f"{cfg.knn.temperature}")
+    check_knn_settings(cfg.knn.k, cfg.knn.temperature)  # before the features are extracted
     if cfg.run.out:
         check_output_file(cfg.run.out)
     with Session(cfg.run.device, cfg.run.precision, cfg.run.seed) as s:

@@ -29,7 +29,7 @@ from maelab.choices import SHARD_MANIFEST
 from maelab.data.seeding import make_generator
 from maelab.data.transforms import EvalTransform
 from maelab.data.workers import cpu_cores
-from maelab.errors import MaelabError, SameOnEveryRank
+from maelab.errors import MaelabError, SameOnEveryRank, warn_for_job
 
 # torchvision's list, plus what Pillow reads that cameras and the web write (a GIF gives its first frame)
 IMAGE_EXTENSIONS = tuple(sorted(set(IMG_EXTENSIONS) | {".jpeg", ".jfif", ".tif", ".tiff", ".webp", ".gif"}))
@@ -133,9 +133,9 @@ def scan_images(root: str | os.PathLike) -> ImageList:
                 tops.append(top)
             elif not name.startswith("."):
                 left_out[Path(name).suffix.lower() or "(no extension)"] += 1
-    if unlisted and os.environ.get("RANK", "0") == "0":  # said once under torchrun
-        warnings.warn(f"{len(unlisted)} folder(s) under {root} could not be listed, so their images are left out: "
-                      f"{', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''}", stacklevel=2)
+    if unlisted:  # said once under torchrun
+        warn_for_job(f"{len(unlisted)} folder(s) under {root} could not be listed, so their images are left out: "
+                     f"{', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''}")
     if not paths:
         tars = left_out.get(".tar", 0)
         raise MaelabError(f"no images found under {root} (looked for {', '.join(IMAGE_EXTENSIONS)})" + (

@@ -66,15 +66,17 @@ def labelled_split(root: str | Path, bad_files: str = "error", what: str = "trai
     return images
 
 
+def nfc(name: str) -> str:
+    """A class name with composed accents: macOS writes names decomposed, Linux usually composed."""
+    return unicodedata.normalize("NFC", str(name))
+
+
 def check_same_classes(train: ImageList, val: ImageList, train_name: str = "training split",
                        val_name: str = "validation split") -> None:
     if train.classes == val.classes:
         return
     only_train = sorted(set(train.classes) - set(val.classes))
     only_val = sorted(set(val.classes) - set(train.classes))
-
-    def nfc(name: str) -> str:  # composed accents; macOS writes names decomposed, Linux usually composed
-        return unicodedata.normalize("NFC", name)
 
     def named(names: list[str], other: ImageList, other_name: str, other_only: list[str]) -> str:
         """A class folder that the other split has, but without images, or that it spells with other Unicode

@@ -25,6 +25,12 @@ from maelab.evaluate.metrics import top5_percent, topk_correct
 
 
 @torch.no_grad()
+def check_knn_settings(k: int, temperature: float) -> None:
+    """k >= 1 and a positive finite T (inf: every neighbour's vote the same; NaN scored at chance)."""
+    if k < 1 or not 0 < temperature < float("inf"):
+        raise MaelabError(f"--k must be >= 1 and --temperature a positive finite number, got {k}, {temperature}")
+
+
 def check_labels(name: str, labels: Any, rows: int, num_classes: int) -> None:
     """One integer class index in ``0..num_classes-1`` per feature row."""
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.shape != (rows,):
@@ -61,8 +67,7 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, query_feat
     for the class (at a small T a far neighbour's vote underflows to 0 but is still a vote)."""
     if train_feats.shape[0] == 0:
         raise MaelabError("kNN needs at least one training feature")
-    if k < 1 or not 0 < temperature < float("inf"):
-        raise MaelabError(f"kNN needs k >= 1 and a positive finite temperature, got k={k}, T={temperature}")
+    check_knn_settings(k, temperature)
     check_knn_inputs(train_feats, train_labels, query_feats, num_classes)
     k = min(k, train_feats.shape[0])
     bank = F.normalize(train_feats.float(), dim=1)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from maelab.errors import MaelabError, SameOnEveryRank
 from maelab.interop.formats import TORCH, check_weights_file, maelab_file, read_record
 from maelab.interop.huggingface import load_hf_pretrained_dir
-from maelab.interop.mae_weights import load_mae, probed_encoder
+from maelab.interop.mae_weights import check_num_heads, load_mae, probed_encoder
 from maelab.models.mae import keeps_rng
 from maelab.interop.official import classify_official, infer_mae_architecture, read_official
 from maelab.io import read_weights
@@ -75,7 +75,7 @@ def read_encoder(path: str | Path, num_heads: int | None = None,
     written elsewhere do not record their image size either: ``img_size`` (``--img-size``) is taken as
     theirs when its patch grid has exactly the position table's rows, else the table must show its grid
     (:func:`~maelab.interop.official.patch_grid`)."""
-    _check_num_heads(num_heads)
+    check_num_heads(num_heads)
     enc = _read_encoder(Path(path).expanduser(), num_heads, img_size)
     if num_heads is not None and int(enc.arch["num_heads"]) != int(num_heads):
         raise MaelabError(f"{enc.path} records {enc.arch['num_heads']} attention heads; --num-heads {num_heads} "
@@ -83,11 +83,6 @@ def read_encoder(path: str | Path, num_heads: int | None = None,
     if enc.arch["embed_dim"] % enc.arch["num_heads"]:
         raise MaelabError(f"width {enc.arch['embed_dim']} is not divisible by {enc.arch['num_heads']} heads")
     return enc
-
-
-def _check_num_heads(num_heads: int | None) -> None:
-    if num_heads is not None and num_heads < 1:
-        raise MaelabError(f"--num-heads must be at least 1, got {num_heads}")
 
 
 def _read_encoder(p: Path, num_heads: int | None, img_size: tuple[int, int] | None) -> EncoderWeights:
@@ -182,7 +177,7 @@ def arch_for(enc: EncoderWeights | None, preset: str | None, num_heads: int | No
     """The checkpoint's architecture, or the preset's for a random init (``num_heads`` overrides it)."""
     if enc is not None:
         return dict(enc.arch)
-    _check_num_heads(num_heads)
+    check_num_heads(num_heads)
     arch = vit_arch(preset_kwargs(preset))
     if num_heads:
         if arch["embed_dim"] % num_heads:

@@ -36,6 +36,11 @@ NEEDS_MAE = ("reconstructions and the maelab / official / hf formats need an MAE
              "`maelab pretrain` run, an official MAE .pth, a Hugging Face ViTMAE folder)")
 
 
+def check_num_heads(num_heads: int | None) -> None:
+    if num_heads is not None and num_heads < 1:
+        raise MaelabError(f"--num-heads must be at least 1, got {num_heads}")
+
+
 def probed_encoder(meta: dict[str, Any]) -> str:
     """The encoder a linear-probe head was trained on: the weights file it read (its ``--init`` may name a run
     that has trained on since, whose newest checkpoint is another encoder)."""
@@ -121,8 +126,7 @@ def load_mae(path: str | Path, device: str | torch.device = "cpu", img_size: int
     ``img_size`` other than the checkpoint's gives the resized model (:func:`resize_mae`); ``num_heads``: the
     encoder's attention heads, for an official file that does not record them (a count contradicting a
     file's own record is refused); what loading did is listed in ``meta["notes"]``."""
-    if num_heads is not None and num_heads < 1:
-        raise MaelabError(f"--num-heads must be at least 1, got {num_heads}")
+    check_num_heads(num_heads)
     model, meta = _load_mae(Path(path).expanduser(), None if img_size is None else pair(img_size), num_heads)
     heads = int(model.blocks[0].attn.num_heads)
     if num_heads is not None and heads != num_heads:  # maelab / HF files record theirs (official: checked on reading)

@@ -351,7 +351,6 @@ def export_official(model: torch.nn.Module, path: str | os.PathLike, include_dec
     eps, head counts, and the objective: ``norm_pix_loss``, ``mask_ratio``) that the official code ignores and
     maelab reads back. Written atomically. Returns the path."""
     model = as_mae(model, "export_official")
-    check_suffix(path, "official")  # before the work; save_official checks it too, for its own callers
     sd = model.state_dict()
     if not include_decoder:
         sd = {k: v for k, v in sd.items() if k.startswith(ENCODER_PREFIXES)}

@@ -20,7 +20,6 @@ import random
 import signal
 import sys
 import time
-import unicodedata
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import torch.distributed as dist
 import yaml
 
 from maelab.data.loader import Batch, Feeder
+from maelab.data.splits import nfc
 from maelab.errors import MaelabError, RunInterrupted, same_on_every_rank
 from maelab.io import atomic_write_bytes, remove_stale_temps
 from maelab.models.attention import fused_attention_wanted, set_attention_kernel
@@ -433,17 +433,13 @@ class Trainer:
         number of images is said: the run goes on, no longer the one an uninterrupted run would have made."""
         was, now = ckpt.read_meta(folder).get("model") or {}, self.task.meta()
 
-        def same_names(a: list, b: list) -> bool:  # a folder copied from macOS writes accents decomposed
-            return [unicodedata.normalize("NFC", str(c)) for c in a] == [unicodedata.normalize("NFC", str(c)) for c in b]
-
         if was.get("categories") is not None and now.get("categories") is not None \
                 and was["categories"] != json.loads(json.dumps(now["categories"])):  # detection: COCO ids and names
             raise MaelabError(f"checkpoint {folder} was trained on other categories than the annotations now give "
                               f"(ids and names; e.g. {was['categories'][:3]} against {now['categories'][:3]}): each "
                               f"class output of the heads would change its meaning. Resume with the annotation files "
                               f"the run began with, or start over with another --out")
-        if was.get("classes") is not None and now.get("classes") is not None and not same_names(was["classes"],
-                                                                                             now["classes"]):
+        if was.get("classes") is not None and now.get("classes") is not None and [nfc(c) for c in was["classes"]] != [nfc(c) for c in now["classes"]]:
             gone = [c for c in was["classes"] if c not in now["classes"]]
             new = [c for c in now["classes"] if c not in was["classes"]]
             change = "; ".join(part for part in (f"gone: {', '.join(map(str, gone[:5]))}" if gone else "",
